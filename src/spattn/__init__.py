@@ -1,0 +1,39 @@
+"""spattn: sparse attention for PyTorch that balances efficiency against contextual coverage.
+
+Describe a pattern, compile it to a block-sparse Layout, run attention on it:
+
+    >>> import torch, spattn
+    >>> q = k = v = torch.randn(1, 2, 256, 64)
+    >>> out = spattn.attention(q, k, v, spattn.Sinks(16) | spattn.Window(64), causal=True)
+"""
+
+from spattn.patterns import (
+    BlockLayout,
+    Budgeted,
+    Causal,
+    Dilated,
+    Document,
+    Full,
+    Global,
+    Intersection,
+    Layout,
+    Pattern,
+    PerHead,
+    RandomBlocks,
+    Sinks,
+    Strided,
+    Union,
+    Window,
+    compile,
+    pattern_from_dict,
+)
+
+from spattn.ops.attention import attention, choose_backend
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BlockLayout", "Budgeted", "Causal", "Dilated", "Document", "Full", "Global", "Intersection", "Layout",
+    "Pattern", "PerHead", "RandomBlocks", "Sinks", "Strided", "Union", "Window", "compile", "pattern_from_dict",
+    "attention", "choose_backend",
+]

@@ -1,0 +1,162 @@
+"""``spattn.attention``: validate inputs, compile patterns, pick a backend, run it."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from spattn.patterns.base import Pattern
+from spattn.patterns.compile import compile as compile_pattern
+from spattn.patterns.layout import Layout
+
+logger = logging.getLogger("spattn")
+
+BACKENDS = ("auto", "reference", "dense", "flex", "triton")
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_DENSE_MAX_PAIRS = 1 << 16  # auto uses the dense backend on CPU below this many (query, key) pairs
+
+
+def _check_inputs(query, key, value) -> None:
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape [B, H, L, D], got {tuple(t.shape)}")
+        if t.dtype not in _FLOATS:
+            raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32, float64), got {t.dtype}")
+    if key.dtype != query.dtype or value.dtype != query.dtype:
+        raise TypeError(f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
+    if key.device != query.device or value.device != query.device:
+        raise ValueError(f"query, key and value must be on one device, got {query.device}, {key.device}, {value.device}")
+    B, H, Lq, D = query.shape
+    if key.shape[0] != B or value.shape[0] != B:
+        raise ValueError(f"batch sizes differ: query {B}, key {key.shape[0]}, value {value.shape[0]}")
+    if key.shape[-1] != D:
+        raise ValueError(f"key head dim must equal query head dim {D}, got {key.shape[-1]} (key shape {tuple(key.shape)})")
+    if value.shape[1] != key.shape[1] or value.shape[2] != key.shape[2]:
+        raise ValueError(f"value must have shape [B, Hkv, Lk, Dv] matching key {tuple(key.shape)}, got {tuple(value.shape)}")
+    Hk = key.shape[1]
+    if Hk == 0 or H % Hk != 0:
+        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hk}) for GQA/MQA")
+    if Lq == 0 or key.shape[2] == 0:
+        raise ValueError(f"query and key lengths must be >= 1, got Lq={Lq}, Lk={key.shape[2]}")
+    if key.shape[2] < Lq:
+        raise ValueError(f"key length ({key.shape[2]}) must be >= query length ({Lq}): queries are aligned bottom-right")
+
+
+def _check_layout(layout: Layout, query: torch.Tensor, key: torch.Tensor, causal: bool) -> None:
+    B, H, Lq, _ = query.shape
+    Lk = key.shape[2]
+    if layout.q_len != Lq or layout.kv_len != Lk:
+        raise ValueError(f"layout was compiled for q_len={layout.q_len}, kv_len={layout.kv_len}, but the inputs have Lq={Lq}, Lk={Lk}")
+    if layout.batch not in (1, B):
+        raise ValueError(f"layout has batch {layout.batch}, expected 1 or {B}")
+    if layout.heads not in (1, H):
+        raise ValueError(f"layout has {layout.heads} heads, expected 1 or {H} (query heads)")
+    if layout.device != query.device:
+        raise ValueError(f"layout is on {layout.device} but the inputs are on {query.device}: use layout.to(device)")
+    if causal and not layout.causal:
+        raise ValueError("causal=True but the layout was compiled with causal=False: compile it with causal=True")
+
+
+def choose_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: Layout) -> tuple[str, str]:
+    """The backend ``backend="auto"`` runs for these inputs, and why."""
+    if query.is_cuda:
+        try:
+            from spattn.ops.attention.impl import triton as triton_impl
+
+            reason = triton_impl.supports(query, key, value, layout)
+        except ImportError as exc:
+            reason = f"triton unavailable ({exc}); pip install 'spattn[gpu]'"
+        if reason is None:
+            return "triton", "CUDA inputs supported by the triton kernels"
+        return "reference", f"triton cannot run: {reason}"
+    if query.shape[2] * key.shape[2] <= _DENSE_MAX_PAIRS:
+        return "dense", f"short input ({query.shape[2]}x{key.shape[2]} pairs) on {query.device.type}: dense is cheaper"
+    return "reference", f"no GPU kernels on {query.device.type}: blockwise reference"
+
+
+def attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    layout_or_pattern: Layout | Pattern,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    backend: str = "auto",
+    return_lse: bool = False,
+    block_size: int = 128,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse attention over the pairs a pattern or Layout allows.
+
+    Args:
+        query: ``[B, H, Lq, D]``.
+        key: ``[B, Hkv, Lk, D]`` with ``H % Hkv == 0`` (GQA/MQA, no copies) and ``Lk >= Lq``
+            (queries aligned bottom-right, as in KV-cache decoding).
+        value: ``[B, Hkv, Lk, Dv]``.
+        layout_or_pattern: a :class:`Layout` compiled for these shapes, or a :class:`Pattern` (compiled here
+            with ``block_size``; dynamic patterns see ``query``/``key``).
+        causal: intersect with ``Causal()``.
+        scale: softmax scale, default ``1 / sqrt(D)``.
+        backend: ``"auto"`` (triton on CUDA when supported, dense for tiny CPU inputs, else reference;
+            see :func:`choose_backend`), ``"reference"``, ``"dense"``, ``"flex"`` or ``"triton"``. A named
+            backend never falls back: it raises if it cannot run.
+        return_lse: also return the log-sum-exp, float32 ``[B, H, Lq]``.
+
+    Returns:
+        ``[B, H, Lq, Dv]`` in the input dtype, or ``(out, lse)``. Rows with nothing to attend to give 0
+        (lse ``-inf``) with finite gradients.
+
+    Example:
+        >>> q = torch.randn(1, 4, 1000, 64); k = v = torch.randn(1, 2, 1000, 64)
+        >>> out = attention(q, k, v, Sinks(64) | Window(256), causal=True)
+    """
+    _check_inputs(query, key, value)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    B, H, Lq, D = query.shape
+    if isinstance(layout_or_pattern, Pattern):
+        layout = compile_pattern(
+            layout_or_pattern, Lq, key.shape[2], causal=causal, block_size=block_size, batch=B, heads=H,
+            device=query.device, query=query, key=key,
+        )
+    elif isinstance(layout_or_pattern, Layout):
+        layout = layout_or_pattern
+    else:
+        raise TypeError(f"layout_or_pattern must be a spattn Layout or Pattern, got {type(layout_or_pattern).__name__}")
+    _check_layout(layout, query, key, causal)
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    elif not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+
+    if backend == "auto":
+        backend, reason = choose_backend(query, key, value, layout)
+        logger.debug("spattn.attention: backend=%s (%s)", backend, reason)
+    if backend == "reference":
+        from spattn.ops.attention.impl.reference import attention_reference as run
+    elif backend == "dense":
+        if Lq * key.shape[2] > 1 << 26:
+            raise ValueError(f"backend='dense' would materialise {Lq}x{key.shape[2]} scores; use 'reference' or 'triton'")
+        from spattn.ops.attention.impl.dense import attention_dense as run
+    elif backend == "flex":
+        from spattn.ops.attention.impl import flex
+
+        reason = flex.available()
+        if reason:
+            raise RuntimeError(f"backend='flex' cannot run: {reason}")
+        run = flex.attention_flex
+    else:  # triton
+        try:
+            from spattn.ops.attention.impl import triton as triton_impl
+        except ImportError as exc:
+            raise RuntimeError(f"backend='triton' cannot run: {exc}; pip install 'spattn[gpu]'") from exc
+        reason = triton_impl.supports(query, key, value, layout)
+        if reason is not None:
+            raise RuntimeError(f"backend='triton' cannot run: {reason}")
+        run = triton_impl.attention_triton
+    out, lse = run(query, key, value, layout, scale=float(scale), return_lse=return_lse)
+    return (out, lse) if return_lse else out

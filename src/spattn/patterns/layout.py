@@ -1,0 +1,270 @@
+"""The block-sparse Layout: what a pattern compiles to and what every attention backend runs on.
+
+Format (the FlexAttention ``BlockMask`` layout, plus explicit masks for partial blocks)
+-------------------------------------------------------------------------------------
+Notation: ``Bl``/``Hl`` are the layout's batch/head sizes (1 means "the same for every batch / head"),
+``NQ = ceil(q_len / block_size)``, ``NK = ceil(kv_len / block_size)``, ``bs = block_size``.
+
+Query blocks tile the *query index* ``i`` in ``[0, q_len)``; key blocks tile the key index ``j`` in
+``[0, kv_len)``. Queries are aligned bottom-right: query ``i`` sits at absolute position
+``i + kv_len - q_len`` (FlashAttention / KV-cache convention); patterns are defined on absolute positions.
+
+Forward tables (per query block, the key blocks it visits; valid entries first, sorted ascending, the
+rest of the last dimension is padding and must not be read):
+
+* ``full_kv_num_blocks`` int32 ``[Bl, Hl, NQ]`` and ``full_kv_indices`` int32 ``[Bl, Hl, NQ, W]``: key blocks in
+  which every in-bounds (i, j) pair is allowed. Kernels only apply the bounds check (i < q_len, j < kv_len).
+* ``kv_num_blocks`` int32 ``[Bl, Hl, NQ]``, ``kv_indices`` int32 ``[Bl, Hl, NQ, W]`` and ``kv_mask_ids`` int32
+  ``[Bl, Hl, NQ, W]``: *partial* key blocks. Entry ``e`` of row ``(b, h, qb)`` is key block
+  ``kv_indices[b, h, qb, e]`` and its token-level mask is ``masks[kv_mask_ids[b, h, qb, e]]``.
+* ``masks`` bool ``[M, bs, bs]``: the distinct token masks of partial blocks (deduplicated), ``masks[m][r, c]``
+  is True when query ``qb * bs + r`` may attend key ``kb * bs + c``. Out-of-bounds rows/columns are False.
+
+Transposed tables (per key block, the query blocks that visit it; for backward dK/dV), same conventions:
+``full_q_num_blocks [Bl, Hl, NK]``, ``full_q_indices [Bl, Hl, NK, W']``, ``q_num_blocks``, ``q_indices``,
+``q_mask_ids`` (the mask id is the same mask ``[r = query offset, c = key offset]``, not transposed).
+
+Full and partial sets are disjoint; a block absent from both is skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+
+_FIELDS = (
+    "kv_num_blocks",
+    "kv_indices",
+    "kv_mask_ids",
+    "full_kv_num_blocks",
+    "full_kv_indices",
+    "q_num_blocks",
+    "q_indices",
+    "q_mask_ids",
+    "full_q_num_blocks",
+    "full_q_indices",
+    "masks",
+)
+
+
+@dataclasses.dataclass(eq=False)
+class Layout:
+    """A compiled block-sparse attention layout (see the module docstring for the exact format).
+
+    Build one with :func:`spattn.compile`. Tables have shape ``[Bl, Hl, ...]`` where ``Bl`` is 1 or the
+    batch size and ``Hl`` is 1 or the number of query heads.
+
+    Example:
+        >>> import spattn
+        >>> layout = spattn.compile(spattn.Sinks(4) | spattn.Window(16), 64, 64, causal=True, block_size=16)
+        >>> layout.density() < 1
+        True
+    """
+
+    q_len: int
+    kv_len: int
+    block_size: int
+    kv_num_blocks: torch.Tensor
+    kv_indices: torch.Tensor
+    kv_mask_ids: torch.Tensor
+    full_kv_num_blocks: torch.Tensor
+    full_kv_indices: torch.Tensor
+    q_num_blocks: torch.Tensor
+    q_indices: torch.Tensor
+    q_mask_ids: torch.Tensor
+    full_q_num_blocks: torch.Tensor
+    full_q_indices: torch.Tensor
+    masks: torch.Tensor
+    pattern: Any = None
+    causal: bool = False
+    info: dict = dataclasses.field(default_factory=dict)
+
+    # ------------------------------------------------------------------ shape facts
+    @property
+    def batch(self) -> int:
+        """Batch size of the tables (1 = shared by every sequence)."""
+        return self.kv_num_blocks.shape[0]
+
+    @property
+    def heads(self) -> int:
+        """Head count of the tables (1 = shared by every head)."""
+        return self.kv_num_blocks.shape[1]
+
+    @property
+    def num_q_blocks(self) -> int:
+        return self.kv_num_blocks.shape[2]
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.q_num_blocks.shape[2]
+
+    @property
+    def device(self) -> torch.device:
+        return self.kv_num_blocks.device
+
+    @property
+    def offset(self) -> int:
+        """Absolute position of query 0 (``kv_len - q_len``)."""
+        return self.kv_len - self.q_len
+
+    def to(self, device: torch.device | str) -> Layout:
+        """The same layout with every table on ``device``."""
+        return dataclasses.replace(self, **{f: getattr(self, f).to(device) for f in _FIELDS})
+
+    def tables(self) -> dict[str, torch.Tensor]:
+        """All tables by name (the kernels' inputs)."""
+        return {f: getattr(self, f) for f in _FIELDS}
+
+    # ------------------------------------------------------------------ dense views (small lengths)
+    def block_status(self) -> torch.Tensor:
+        """int8 ``[Bl, Hl, NQ, NK]``: 0 skipped, 1 partial, 2 full."""
+        Bl, Hl, NQ = self.kv_num_blocks.shape
+        out = torch.zeros(Bl, Hl, NQ, self.num_kv_blocks + 1, dtype=torch.int8, device=self.device)
+        for num, idx, value in (
+            (self.kv_num_blocks, self.kv_indices, 1),
+            (self.full_kv_num_blocks, self.full_kv_indices, 2),
+        ):
+            valid = torch.arange(idx.shape[-1], device=self.device) < num[..., None]
+            col = torch.where(valid, idx.long(), self.num_kv_blocks)
+            out.scatter_(-1, col, torch.full_like(col, value, dtype=torch.int8))
+        return out[..., : self.num_kv_blocks]
+
+    def to_dense(self) -> torch.Tensor:
+        """bool ``[Bl, Hl, q_len, kv_len]``: the exact token-level mask. For tests and small lengths only."""
+        if self.q_len * self.kv_len > 1 << 26:
+            raise ValueError(
+                f"to_dense() would allocate {self.q_len}x{self.kv_len} per head; it is meant for small lengths"
+            )
+        bs = self.block_size
+        Bl, Hl, NQ = self.kv_num_blocks.shape
+        NK = self.num_kv_blocks
+        dense = torch.zeros(Bl, Hl, NQ * bs, NK * bs, dtype=torch.bool, device=self.device)
+        view = dense.view(Bl, Hl, NQ, bs, NK, bs)
+        for b in range(Bl):
+            for h in range(Hl):
+                for qb in range(NQ):
+                    n_full = int(self.full_kv_num_blocks[b, h, qb])
+                    for kb in self.full_kv_indices[b, h, qb, :n_full].tolist():
+                        view[b, h, qb, :, kb, :] = True
+                    n_part = int(self.kv_num_blocks[b, h, qb])
+                    for kb, m in zip(
+                        self.kv_indices[b, h, qb, :n_part].tolist(),
+                        self.kv_mask_ids[b, h, qb, :n_part].tolist(),
+                    ):
+                        view[b, h, qb, :, kb, :] = self.masks[m]
+        return dense[:, :, : self.q_len, : self.kv_len]
+
+    # ------------------------------------------------------------------ counts
+    def _row_keys(self) -> torch.Tensor:
+        """float64 ``[Bl, Hl, NQ]``: allowed (query, key) pairs per query block, exact."""
+        bs = self.block_size
+        NQ, NK = self.num_q_blocks, self.num_kv_blocks
+        q_rows = torch.full((NQ,), bs, dtype=torch.float64, device=self.device)
+        q_rows[-1] = self.q_len - (NQ - 1) * bs
+        k_cols = torch.full((NK + 1,), bs, dtype=torch.float64, device=self.device)
+        k_cols[NK - 1] = self.kv_len - (NK - 1) * bs
+        k_cols[NK] = 0
+        valid = torch.arange(self.full_kv_indices.shape[-1], device=self.device) < self.full_kv_num_blocks[..., None]
+        cols = torch.where(valid, self.full_kv_indices.long(), NK)
+        full = k_cols[cols].sum(-1) * q_rows
+        mask_pairs = self.masks.flatten(1).sum(-1).double() if self.masks.numel() else self.masks.new_zeros(0).double()
+        valid = torch.arange(self.kv_mask_ids.shape[-1], device=self.device) < self.kv_num_blocks[..., None]
+        mask_pairs = torch.cat([mask_pairs, mask_pairs.new_zeros(1)])
+        ids = torch.where(valid, self.kv_mask_ids.long(), mask_pairs.numel() - 1)
+        partial = mask_pairs[ids].sum(-1)
+        return full + partial
+
+    def allowed_pairs(self) -> torch.Tensor:
+        """float64 ``[Bl, Hl]``: number of allowed (query, key) pairs, exact at token level."""
+        return self._row_keys().sum(-1)
+
+    def density(self, level: str = "token") -> float:
+        """Fraction of (query, key) pairs computed, averaged over batch and heads.
+
+        ``level="token"``: allowed pairs / (q_len * kv_len) — what the pattern keeps.
+        ``level="block"``: visited blocks (full + partial) / (NQ * NK) — what a block-sparse kernel pays for.
+        """
+        if level == "token":
+            return float(self.allowed_pairs().mean() / (self.q_len * self.kv_len))
+        if level == "block":
+            visited = (self.kv_num_blocks + self.full_kv_num_blocks).double().sum(-1).mean()
+            return float(visited / (self.num_q_blocks * self.num_kv_blocks))
+        raise ValueError(f"level must be 'token' or 'block', got {level!r}")
+
+    def flops(self, head_dim: int, *, batch: int | None = None, heads: int | None = None, level: str = "token") -> float:
+        """Forward FLOPs (4 * pairs * head_dim: QK^T and PV) summed over batch and heads.
+
+        ``level="token"`` counts allowed pairs (useful FLOPs); ``level="block"`` counts what a block kernel
+        computes (visited blocks times block area, tails clipped). ``batch``/``heads`` expand shared tables.
+        """
+        B = batch if batch is not None else self.batch
+        H = heads if heads is not None else self.heads
+        if level == "token":
+            pairs = self.allowed_pairs().mean() * B * H
+        elif level == "block":
+            pairs = self.density("block") * self.q_len * self.kv_len * B * H
+        else:
+            raise ValueError(f"level must be 'token' or 'block', got {level!r}")
+        return float(4.0 * pairs * head_dim)
+
+    def keys_per_query(self) -> torch.Tensor:
+        """float64 ``[Bl, Hl, NQ]``: mean allowed keys per query in each query block."""
+        bs = self.block_size
+        rows = torch.full((self.num_q_blocks,), bs, dtype=torch.float64, device=self.device)
+        rows[-1] = self.q_len - (self.num_q_blocks - 1) * bs
+        return self._row_keys() / rows
+
+    # ------------------------------------------------------------------ pictures
+    def to_string(self, batch: int = 0, head: int = 0, max_size: int = 64) -> str:
+        """A █/▒/░ grid of the block status (█ full, ▒ partial, ░ skipped), downsampled to ``max_size``."""
+        status = self.block_status()[min(batch, self.batch - 1), min(head, self.heads - 1)].float()
+        NQ, NK = status.shape
+        step = max(1, math.ceil(max(NQ, NK) / max_size))
+        if step > 1:
+            pad = torch.nn.functional.pad(status, (0, (-NK) % step, 0, (-NQ) % step), value=0.0)
+            status = torch.nn.functional.max_pool2d(pad[None, None], step)[0, 0]
+        chars = {0: "░", 1: "▒", 2: "█"}
+        return "\n".join("".join(chars[int(v)] for v in row) for row in status.tolist())
+
+    def plot(self, batch: int = 0, head: int = 0, ax: Any = None, title: str | None = None) -> Any:
+        """Draw the block status with matplotlib (``pip install 'spattn[viz]'``). Returns the Axes."""
+        from spattn._optional import require
+
+        plt = require("matplotlib.pyplot", extra="viz")
+        status = self.block_status()[min(batch, self.batch - 1), min(head, self.heads - 1)].cpu().numpy()
+        if ax is None:
+            _, ax = plt.subplots(figsize=(4, 4))
+        from matplotlib.colors import ListedColormap
+
+        ax.imshow(status, cmap=ListedColormap(["#f4f4f4", "#8fb3d9", "#1f4e79"]), vmin=0, vmax=2, interpolation="nearest")
+        ax.set_xlabel(f"key block ({self.block_size} tokens)")
+        ax.set_ylabel("query block")
+        ax.set_title(title or f"density {self.density():.3f}")
+        return ax
+
+    def __repr__(self) -> str:
+        return (
+            f"Layout(q_len={self.q_len}, kv_len={self.kv_len}, block_size={self.block_size}, "
+            f"batch={self.batch}, heads={self.heads}, blocks={self.num_q_blocks}x{self.num_kv_blocks}, "
+            f"density={self.density():.4f} (block {self.density('block'):.4f}), masks={self.masks.shape[0]}, "
+            f"causal={self.causal}, device={self.device})"
+        )
+
+    # ------------------------------------------------------------------ torch BlockMask
+    def to_block_mask(self) -> Any:
+        """Convert to torch's FlexAttention ``BlockMask`` (same tables; partial blocks get a mask_mod
+        that reads this layout's masks). Requires torch with ``torch.nn.attention.flex_attention``."""
+        from spattn.patterns.blockmask import layout_to_block_mask
+
+        return layout_to_block_mask(self)
+
+    @classmethod
+    def from_block_mask(cls, block_mask: Any, *, mask_mod_exact: bool = True) -> Layout:
+        """Build a Layout from torch's ``BlockMask``; partial blocks are resolved at token level by
+        evaluating its ``mask_mod`` inside those blocks only."""
+        from spattn.patterns.blockmask import block_mask_to_layout
+
+        return block_mask_to_layout(block_mask)
