@@ -1,0 +1,99 @@
+"""Triton block-sparse attention (forward, backward, split-K decode) over a :class:`spattn.Layout`.
+
+Entry points for ``spattn.attention(..., backend="triton")``: :func:`attention_triton` and :func:`supports`.
+Triton is imported lazily (the ``gpu`` extra); kernels never see patterns, only the Layout's block tables.
+CPU tensors run through Triton's interpreter (tests); CUDA tensors through compiled kernels.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+DECODE_MAX_QUERIES = 16
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def supports(query: Tensor, key: Tensor, value: Tensor, layout: Any) -> str | None:
+    """None when the triton path can run these inputs, else a human-readable reason."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed (pip install 'spattn[gpu]')"
+    if query.device.type != "cuda":
+        return f"the triton backend needs CUDA tensors (query is on {query.device.type})"
+    return _check(query, key, value, layout)
+
+
+def _check(query: Tensor, key: Tensor, value: Tensor, layout: Any) -> str | None:
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        return "query, key and value must be 4-D [B, H, L, D]"
+    if query.dtype not in _DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
+        return f"dtypes must match and be one of fp16/bf16/fp32 (got {query.dtype}, {key.dtype}, {value.dtype})"
+    B, H, Lq, D = query.shape
+    if key.shape != value.shape or key.shape[0] != B or key.shape[3] != D:
+        return f"key/value shapes {tuple(key.shape)}/{tuple(value.shape)} do not match query {tuple(query.shape)}"
+    if H % key.shape[1]:
+        return f"query heads ({H}) must be a multiple of key heads ({key.shape[1]})"
+    if D > 256 or D < 1:
+        return f"head dim {D} is not supported (1..256)"
+    bs = layout.block_size
+    if bs < 16 or bs & (bs - 1):
+        return f"layout block_size {bs} must be a power of two >= 16"
+    if layout.q_len != Lq or layout.kv_len != key.shape[2]:
+        return f"layout is for q_len={layout.q_len}, kv_len={layout.kv_len} but inputs have {Lq}, {key.shape[2]}"
+    if layout.batch not in (1, B) or layout.heads not in (1, H):
+        return f"layout tables [{layout.batch}, {layout.heads}] do not broadcast to batch {B}, heads {H}"
+    if layout.device != query.device:
+        return f"layout is on {layout.device}, inputs on {query.device}"
+    return None
+
+
+def _kind(layout: Any) -> str:
+    pattern = getattr(layout, "pattern", None)
+    name = type(pattern).__name__ if pattern is not None else "custom"
+    return f"{name}{'+causal' if getattr(layout, 'causal', False) else ''}"
+
+
+def attention_triton(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    layout: Any,
+    *,
+    scale: float,
+    return_lse: bool,
+    deterministic: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Block-sparse attention with the Triton kernels.
+
+    Args:
+        query: [B, H, Lq, D]; key, value: [B, Hkv, Lk, D] with H % Hkv == 0 (GQA reads K/V in place).
+        layout: a :class:`spattn.Layout` for (Lq, Lk); tables [Bl, Hl, ...] with Bl in (1, B), Hl in (1, H).
+        scale: softmax scale. return_lse: also return the log-sum-exp. deterministic: request bitwise
+            reproducible gradients (every current configuration already is).
+
+    Returns:
+        (out [B, H, Lq, D] in the input dtype, lse float32 [B, H, Lq] natural log or None). Rows with no
+        allowed key give out 0, lse -inf, and finite (zero) gradients. Lq <= 16 uses the split-K decode kernel.
+    """
+    reason = _check(query, key, value, layout)
+    if reason is not None:
+        raise ValueError(f"triton attention cannot run: {reason}")
+    from ._op import attention_forward_op
+
+    use_decode = query.shape[2] <= DECODE_MAX_QUERIES and query.shape[2] <= layout.block_size
+    out, lse = attention_forward_op(
+        query, key, value,
+        layout.kv_num_blocks, layout.kv_indices, layout.kv_mask_ids,
+        layout.full_kv_num_blocks, layout.full_kv_indices,
+        layout.q_num_blocks, layout.q_indices, layout.q_mask_ids,
+        layout.full_q_num_blocks, layout.full_q_indices,
+        layout.masks, float(scale), _kind(layout), use_decode, deterministic,
+    )
+    return out, (lse if return_lse else None)
+
+
+__all__ = ["attention_triton", "supports", "DECODE_MAX_QUERIES"]

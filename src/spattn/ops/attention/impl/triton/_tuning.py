@@ -1,0 +1,132 @@
+"""Kernel configurations: built-in defaults plus a small autotuner whose choices are cached in memory and on
+disk, keyed by (kernel, head dim, dtype, pattern kind, GPU name).
+
+``SPATTN_TRITON_AUTOTUNE=0`` turns tuning off (defaults only); ``SPATTN_TRITON_CACHE`` moves the cache
+file (default ``~/.cache/spattn/triton-configs.json``). Tuning never runs under CUDA graph capture or on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from collections.abc import Callable
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    def fit(self, block_size: int) -> Config:
+        return dataclasses.replace(self, block_m=min(self.block_m, block_size), block_n=min(self.block_n, block_size))
+
+
+INTERPRETER = Config(32, 32, 4, 1)
+
+# defaults: (kernel, D <= 64) -> config; measured on an H200 (see benchmarks/NOTES-kernels.md)
+_DEFAULTS: dict[tuple[str, bool], Config] = {
+    ("fwd", True): Config(128, 64, 4, 3),
+    ("fwd", False): Config(128, 64, 8, 3),
+    ("dq", True): Config(64, 64, 4, 3),
+    ("dq", False): Config(64, 64, 4, 3),
+    ("dkdv", True): Config(64, 64, 4, 3),
+    ("dkdv", False): Config(64, 64, 4, 3),
+    ("decode", True): Config(16, 64, 4, 3),
+    ("decode", False): Config(16, 64, 4, 3),
+}
+
+_CANDIDATES: dict[str, list[Config]] = {
+    "fwd": [
+        Config(128, 64, 4, 3), Config(128, 64, 8, 3), Config(128, 128, 8, 3), Config(128, 64, 8, 4),
+        Config(64, 64, 4, 3), Config(128, 128, 8, 2),
+    ],
+    "dq": [Config(64, 64, 4, 3), Config(128, 64, 8, 3), Config(64, 128, 8, 2), Config(64, 64, 8, 2)],
+    "dkdv": [Config(64, 64, 4, 3), Config(64, 128, 8, 3), Config(128, 64, 8, 2), Config(64, 64, 8, 2)],
+    "decode": [Config(16, 64, 4, 3), Config(16, 128, 4, 3), Config(16, 64, 4, 4), Config(16, 128, 8, 3)],
+}
+
+_memory: dict[str, Config] = {}
+_loaded = False
+
+
+def _cache_path() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("SPATTN_TRITON_CACHE", "~/.cache/spattn/triton-configs.json")).expanduser()
+
+
+def _load() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    try:
+        data = json.loads(_cache_path().read_text())
+        for key, cfg in data.items():
+            _memory.setdefault(key, Config(**cfg))
+    except (OSError, ValueError, TypeError):
+        pass
+
+
+def _save() -> None:
+    try:
+        path = _cache_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({k: dataclasses.asdict(v) for k, v in _memory.items()}, indent=1, sort_keys=True))
+    except OSError:
+        pass
+
+
+def cache_key(kernel: str, head_dim: int, dtype: torch.dtype, kind: str, device: torch.device) -> str:
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return f"{kernel}|D{head_dim}|{str(dtype).removeprefix('torch.')}|{kind}|{gpu}"
+
+
+def default(kernel: str, head_dim: int) -> Config:
+    return _DEFAULTS[(kernel, head_dim <= 64)]
+
+
+def choose(
+    kernel: str,
+    head_dim: int,
+    dtype: torch.dtype,
+    kind: str,
+    device: torch.device,
+    block_size: int,
+    bench: Callable[[Config], float] | None = None,
+) -> Config:
+    """The config for this key: cached, else tuned with ``bench(config) -> ms`` when allowed, else the default."""
+    if device.type != "cuda":
+        return INTERPRETER.fit(block_size)
+    _load()
+    key = cache_key(kernel, head_dim, dtype, kind, device) + f"|bs{block_size}"
+    if key in _memory:
+        return _memory[key]
+    allowed = os.environ.get("SPATTN_TRITON_AUTOTUNE", "1") != "0" and not torch.cuda.is_current_stream_capturing()
+    if bench is None or not allowed:
+        return default(kernel, head_dim).fit(block_size)
+    seen: dict[Config, float] = {}
+    for cfg in _CANDIDATES[kernel]:
+        cfg = cfg.fit(block_size)
+        if cfg in seen:
+            continue
+        try:
+            seen[cfg] = bench(cfg)
+        except Exception:  # noqa: BLE001 - a config that fails to compile (e.g. out of shared memory) is skipped
+            seen[cfg] = float("inf")
+    best = min(seen, key=seen.__getitem__)
+    if seen[best] == float("inf"):
+        best = default(kernel, head_dim).fit(block_size)
+    _memory[key] = best
+    _save()
+    return best
+
+
+def chosen() -> dict[str, dict]:
+    """Every cached choice (for benchmark records)."""
+    _load()
+    return {k: dataclasses.asdict(v) for k, v in _memory.items()}
