@@ -1,0 +1,24 @@
+"""Dynamic, query-aware block selection: selectors (query, key) -> block scores, budget rules, and the
+``TopK`` / ``TopP`` patterns that compose with the fixed ones.
+
+    >>> import torch, spattn
+    >>> from spattn.selectors import TopP
+    >>> q = k = v = torch.randn(1, 2, 512, 32)
+    >>> out = spattn.attention(q, k, v, spattn.Sinks(16) | spattn.Window(64) | TopP("pooled", 0.9), causal=True)
+
+Selectors (``get_selector(name, **options)``): ``pooled``, ``vertical_slash`` (``last``), ``antidiagonal``
+(``stride``), ``bounds`` (``reduce``). Each has ``scores`` (fast, on device) and ``reference`` (float64 loops).
+"""
+
+from spattn.selectors.common import Selector, get_selector, register_selector, selector_names
+from spattn.selectors.pooled import Pooled
+from spattn.selectors.vertical_slash import VerticalSlash
+from spattn.selectors.antidiagonal import Antidiagonal
+from spattn.selectors.bounds import Bounds
+from spattn.selectors.budget import top_k, top_p
+from spattn.selectors.patterns import TopK, TopP
+
+__all__ = [
+    "Selector", "get_selector", "register_selector", "selector_names", "Pooled", "VerticalSlash", "Antidiagonal",
+    "Bounds", "top_k", "top_p", "TopK", "TopP",
+]
