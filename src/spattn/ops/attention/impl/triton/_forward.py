@@ -33,7 +33,7 @@ def attn_fwd_kernel(
     D: tl.constexpr, DP: tl.constexpr, BS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows (causal) first
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
@@ -63,7 +63,10 @@ def attn_fwd_kernel(
         kb = tl.load(f_row + e)
         for sub in tl.static_range(BS // BLOCK_N):
             cols = kb * BS + sub * BLOCK_N + offs_n
-            if EVEN_N:
+            if EVEN_N and D == DP:
+                k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :])
+                v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :])
+            elif EVEN_N:
                 k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :], mask=mask_d[None, :], other=0.0)
                 v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :], mask=mask_d[None, :], other=0.0)
             else:
