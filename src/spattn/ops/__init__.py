@@ -1,5 +1,3 @@
-"""Operators. One folder per op: ``api.py`` validates and dispatches, ``impl/`` holds the backends."""
+"""Operators. One folder per op: ``api.py`` validates and dispatches, ``impl/`` holds the backends.
 
-from spattn.ops.attention import attention, choose_backend
-
-__all__ = ["attention", "choose_backend"]
+The public entry point is ``spattn.attention`` (``spattn.ops.attention.api.attention``)."""

@@ -47,6 +47,9 @@ def attention_reference(
     bs, NQ, NK = layout.block_size, layout.num_q_blocks, layout.num_kv_blocks
     group = H // Hk
     dev = query.device
+    out_dtype = query.dtype
+    if out_dtype in (torch.float16, torch.bfloat16):  # the oracle computes in float32 (autograd casts back)
+        query, key, value = query.float(), key.float(), value.float()
 
     kp = F.pad(key, (0, 0, 0, NK * bs - Lk)).view(B, Hk, NK, bs, D)
     vp = F.pad(value, (0, 0, 0, NK * bs - Lk)).view(B, Hk, NK, bs, Dv)
@@ -81,4 +84,4 @@ def attention_reference(
         lses.append(lse)
     out = torch.cat(outs, 2).reshape(B, H, NQ * bs, Dv)[:, :, :Lq]
     lse = torch.cat(lses, 2).reshape(B, H, NQ * bs)[:, :, :Lq].float() if return_lse else None
-    return out.to(query.dtype), lse
+    return out.to(out_dtype), lse

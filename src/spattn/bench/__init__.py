@@ -1,0 +1,1 @@
+"""Benchmarks: a registry of rows plus one driver; results are JSON with machine, versions and commit."""

@@ -1,0 +1,1 @@
+"""The ``spattn`` command line (typer)."""

@@ -1,0 +1,159 @@
+"""Reference (and dense / flex) attention against a float64 dense masked attention."""
+
+import math
+
+import pytest
+import torch
+
+import spattn
+from tests.tolerance import assert_within
+
+
+def golden(q, k, v, allowed, scale):
+    """float64 dense masked attention with GQA by repetition; empty rows give 0 and lse -inf."""
+    H, Hk = q.shape[1], k.shape[1]
+    k = k.double().repeat_interleave(H // Hk, 1)
+    v = v.double().repeat_interleave(H // Hk, 1)
+    s = q.double() @ k.transpose(-1, -2) * scale
+    s = s.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0)[..., None])
+    p = torch.where(allowed, p, 0)
+    return p @ v, lse
+
+
+def plain_lowp(q, k, v, allowed, scale):
+    """A plain same-dtype implementation (the baseline error of the tolerance rule)."""
+    H, Hk = q.shape[1], k.shape[1]
+    k = k.repeat_interleave(H // Hk, 1)
+    v = v.repeat_interleave(H // Hk, 1)
+    s = (q @ k.transpose(-1, -2)).float() * scale
+    s = s.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0)[..., None]).masked_fill(~allowed, 0)
+    return (p.to(q.dtype) @ v), lse
+
+
+CASES = [
+    pytest.param(1, 2, 2, 1, 1, 64, id="B1-L1-H2-D64"),
+    pytest.param(2, 4, 2, 63, 63, 64, id="B2-L63-H4-D64-gqa"),
+    pytest.param(1, 2, 1, 127, 127, 80, id="B1-L127-H2-D80-mqa"),
+    pytest.param(1, 2, 2, 200, 200, 128, id="B1-L200-H2-D128"),
+    pytest.param(1, 4, 2, 7, 300, 64, id="B1-Lq7-Lk300-decode-gqa"),
+    pytest.param(1, 2, 2, 1, 333, 32, id="B1-Lq1-Lk333-decode"),
+    pytest.param(1, 2, 2, 1025, 1025, 64, id="B1-L1025-H2-D64"),
+]
+
+PATTERNS = {
+    "sinks-window": spattn.Sinks(8) | spattn.Window(40),
+    "strided-global": spattn.Strided(5) | spattn.Global((3, 50)),
+    "random": spattn.RandomBlocks(2, block=32) | spattn.Window(10),
+}
+
+
+def _inputs(B, H, Hk, Lq, Lk, D, dtype, requires_grad=False):
+    q = torch.randn(B, H, Lq, D, dtype=dtype)
+    k = torch.randn(B, Hk, Lk, D, dtype=dtype)
+    v = torch.randn(B, Hk, Lk, D, dtype=dtype)
+    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+@pytest.mark.parametrize("B,H,Hk,Lq,Lk,D", CASES)
+@pytest.mark.parametrize("name", list(PATTERNS))
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_forward_and_backward(B, H, Hk, Lq, Lk, D, name, causal, dtype):
+    if Lq >= 1025 and (dtype != torch.float32 or name != "sinks-window"):
+        pytest.skip("one long case is enough")
+    pattern = PATTERNS[name]
+    layout = spattn.compile(pattern, Lq, Lk, causal=causal, block_size=32, heads=H)
+    allowed = layout.to_dense().expand(B, H, Lq, Lk)
+    q, k, v = _inputs(B, H, Hk, Lq, Lk, D, dtype, requires_grad=True)
+    scale = 1 / math.sqrt(D)
+    out, lse = spattn.attention(q, k, v, layout, causal=causal, backend="reference", return_lse=True)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    gold, gold_lse = golden(q64, k64, v64, allowed, scale)
+    ql, kl, vl = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    base, base_lse = plain_lowp(ql, kl, vl, allowed, scale)
+    eps = 1e-5 if dtype == torch.float32 else 1e-3
+    assert out.dtype == dtype and out.shape == (B, H, Lq, D)
+    assert_within(out, gold, base, eps=eps, what="out")
+    assert_within(lse, gold_lse, base_lse, eps=eps, what="lse")
+    do = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)
+    gq, gk, gv = torch.autograd.grad(gold, (q64, k64, v64), do.double())
+    bq, bk, bv = torch.autograd.grad(base, (ql, kl, vl), do)
+    for name_, fast, g, b in (("dq", dq, gq, bq), ("dk", dk, gk, bk), ("dv", dv, gv, bv)):
+        assert_within(fast, g, b, eps=eps, what=name_)
+
+
+def test_gradcheck_float64():
+    q, k, v = _inputs(1, 2, 1, 10, 19, 4, torch.float64, requires_grad=True)
+    layout = spattn.compile(spattn.Sinks(3) | spattn.Window(4) | spattn.Strided(7), 10, 19, causal=True, block_size=8)
+    fn = lambda q, k, v: spattn.attention(q, k, v, layout, causal=True, backend="reference")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+def test_empty_rows_give_zero_and_finite_gradients():
+    L = 50
+    ids = torch.tensor([[0] * 20 + [-1] * 10 + [1] * 20])  # the 10 padding queries attend nothing
+    layout = spattn.compile(spattn.Document(ids), L, causal=True, block_size=16, batch=1)
+    for backend in ("reference", "dense"):
+        q, k, v = _inputs(1, 2, 2, L, L, 16, torch.float32, requires_grad=True)
+        out, lse = spattn.attention(q, k, v, layout, causal=True, backend=backend, return_lse=True)
+        assert torch.all(out[:, :, 20:30] == 0)
+        assert torch.all(torch.isneginf(lse[:, :, 20:30]))
+        assert torch.isfinite(lse[:, :, :20]).all()
+        (out.sum() + lse[:, :, :20].sum()).backward()
+        for t in (q, k, v):
+            assert torch.isfinite(t.grad).all()
+
+
+def test_full_pattern_equals_sdpa():
+    q, k, v = _inputs(2, 4, 2, 100, 100, 32, torch.float64)
+    out = spattn.attention(q, k, v, spattn.Full(), causal=True, backend="reference")
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert torch.allclose(out, ref, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", ["dense", "flex"])
+def test_other_backends_agree(backend):
+    if backend == "flex":
+        pytest.importorskip("torch.nn.attention.flex_attention")
+    q, k, v = _inputs(1, 4, 2, 130, 150, 32, torch.float32)
+    layout = spattn.compile(spattn.Sinks(4) | spattn.Window(30) | spattn.Global((77,)), 130, 150, causal=True, block_size=32)
+    ref, ref_lse = spattn.attention(q, k, v, layout, causal=True, backend="reference", return_lse=True)
+    out, lse = spattn.attention(q, k, v, layout, causal=True, backend=backend, return_lse=True)
+    assert torch.allclose(out, ref, atol=2e-5) and torch.allclose(lse, ref_lse, atol=2e-5)
+
+
+def test_auto_backend_and_reason():
+    q, k, v = _inputs(1, 2, 2, 64, 64, 16, torch.float32)
+    layout = spattn.compile(spattn.Window(8), 64, block_size=16)
+    name, reason = spattn.choose_backend(q, k, v, layout)
+    assert name == "dense" and "short" in reason
+    q, k, v = _inputs(1, 2, 2, 512, 512, 16, torch.float32)
+    layout = spattn.compile(spattn.Window(8), 512)
+    name, reason = spattn.choose_backend(q, k, v, layout)
+    assert name == "reference" and "no GPU" in reason
+    out = spattn.attention(q, k, v, layout)
+    assert torch.allclose(out, spattn.attention(q, k, v, layout, backend="dense"), atol=1e-5)
+
+
+def test_reference_memory_is_not_quadratic(monkeypatch):
+    """The reference never allocates an Lq x Lk score tensor: watch the largest einsum output."""
+    import spattn.ops.attention.impl.reference as ref
+
+    biggest = []
+    real = torch.einsum
+
+    def spy(eq, *ops):
+        out = real(eq, *ops)
+        biggest.append(out.numel())
+        return out
+
+    monkeypatch.setattr(ref.torch, "einsum", spy)
+    L = 4096
+    q, k, v = _inputs(1, 1, 1, L, L, 16, torch.float32)
+    spattn.attention(q, k, v, spattn.Sinks(64) | spattn.Window(256), causal=True, backend="reference")
+    assert max(biggest) < L * L / 4
