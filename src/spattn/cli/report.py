@@ -1,0 +1,70 @@
+"""``spattn report``: which sparse pattern saves the most compute for a model on a text, with the evidence."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+
+import typer
+
+from spattn.report.config import FAMILIES, SELECTORS
+
+
+def _floats(text: str, name: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{name} must be comma-separated numbers, got {text!r}") from None
+
+
+def _names(text: str | None) -> tuple[str, ...] | None:
+    return None if text is None else tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def report_command(
+    model: str = typer.Option("smollm2", help="'smollm2' (SmolLM2-135M, offline) or a local Hugging Face model directory."),
+    text: str = typer.Option("austen", "--text", help="Corpus name ('austen', 'kjv') or a text file."),
+    output: str = typer.Option("spattn-report", "--output", "-o", help="Output directory."),
+    budgets: str = typer.Option("0.05,0.1,0.25", help="Comma-separated fractions of the dense keys, each in (0, 1]."),
+    chunk_length: int | None = typer.Option(None, help="Tokens per chunk (default 1024; --quick 512)."),
+    calibration_chunks: int | None = typer.Option(None, help="Chunks captured to measure recall and fit (default 1)."),
+    eval_chunks: int | None = typer.Option(None, help="Held-out chunks for perplexity (default 2; --quick 1)."),
+    block_size: int = typer.Option(64, help="Block size of the compiled layouts and of dynamic selection."),
+    families: str | None = typer.Option(None, help=f"Candidate families, comma-separated, from {','.join(FAMILIES)}."),
+    selectors: str | None = typer.Option(None, help=f"Selectors of the TopP family, from {','.join(SELECTORS)}."),
+    device: str = typer.Option("auto", help="'auto' (CUDA when present), 'cpu' or 'cuda'."),
+    seed: int = typer.Option(0, help="Seed of random patterns and timing inputs."),
+    repeats: int | None = typer.Option(None, help="Timed repetitions for latency (median; default 3, --quick 2)."),
+    quick: bool = typer.Option(False, "--quick", help="Shorter chunks, fewer candidates: a first look in minutes."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a report already in the output directory."),
+    fresh: bool = typer.Option(False, "--fresh", help="With --overwrite: recompute cached stages too."),
+) -> None:
+    """Find the sparse attention pattern that saves the most compute for a model while keeping what it needs.
+
+    Captures the model's real attention on calibration chunks, fits candidate patterns (windows, sinks,
+    strided and random reach, Budgeted, dynamic TopP per selector) to each budget, measures their cost,
+    latency, recall per layer and head, reachability and held-out perplexity, and writes report.html,
+    results.json and figures. Re-running after an interruption resumes from cached stages.
+    """
+    import torch
+
+    from spattn._optional import MissingExtraError
+    from spattn.report import OutputExistsError, ReportConfig, run_report
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    options = dict(
+        model=model, text=text, budgets=_floats(budgets, "--budgets"), chunk_length=chunk_length,
+        calibration_chunks=calibration_chunks, eval_chunks=eval_chunks, block_size=block_size,
+        families=_names(families), selectors=_names(selectors), device=device, seed=seed, latency_repeats=repeats,
+    )
+    try:
+        if quick:
+            config = ReportConfig.quick_defaults(**options)
+        else:
+            config = ReportConfig(**{k: v for k, v in options.items() if v is not None})
+        command = " ".join(shlex.quote(a) for a in ["spattn", *sys.argv[1:]])
+        run_report(config, output, overwrite=overwrite, fresh=fresh, command=command)
+    except (OutputExistsError, FileNotFoundError, MissingExtraError, ValueError, TypeError) as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None

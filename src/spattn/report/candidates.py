@@ -1,0 +1,177 @@
+"""Candidate patterns, each fitted to a budget: the largest setting whose measured cost stays within it.
+
+Cost is counted at token level against dense *causal* attention: kept (query, key) pairs / (L (L + 1) / 2),
+i.e. the fraction of the dense keys a query reads, averaged over queries, heads, layers and (for dynamic
+patterns) the calibration chunks. The block-level fraction (what a block-sparse kernel visits) is reported
+beside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+import spattn
+from spattn.patterns import Pattern
+
+FAMILY_TITLES = {
+    "window": "sliding window",
+    "sinks_window": "sinks + window",
+    "strided": "window + strided reach",
+    "random": "sinks + window + random blocks",
+    "budgeted": "Budgeted (sinks, window, block strides)",
+    "top_p": "sinks + window + dynamic TopP",
+}
+
+
+@dataclasses.dataclass
+class Candidate:
+    """One pattern at one budget (``pattern`` None: the family could not fit the budget; ``note`` says why)."""
+
+    id: str
+    family: str
+    budget: float
+    pattern: Pattern | None
+    label: str
+    parameter: dict[str, Any]
+    dynamic: bool
+    selector: str | None = None
+    note: str | None = None
+
+
+def causal_pairs(length: int) -> int:
+    return length * (length + 1) // 2
+
+
+def layout_cost(layout: spattn.Layout) -> tuple[float, float]:
+    """(token-level, block-level) cost of a causal self-attention layout against dense causal attention."""
+    L = layout.q_len
+    keys = float(layout.allowed_pairs().mean()) / causal_pairs(L)
+    nb = layout.num_q_blocks
+    visited = float((layout.kv_num_blocks + layout.full_kv_num_blocks).double().sum(-1).mean())
+    return keys, visited / (nb * (nb + 1) // 2)
+
+
+def _static_cost(pattern: Pattern, length: int, block_size: int) -> float:
+    return layout_cost(spattn.compile(pattern, length, length, causal=True, block_size=block_size))[0]
+
+
+def _fit_int(build: Callable[[int], Pattern], lo: int, hi: int, cost: Callable[[Pattern], float],
+             budget: float) -> tuple[int, Pattern] | None:
+    """Largest p in [lo, hi] with cost(build(p)) <= budget (cost nondecreasing in p), or None."""
+    if cost(build(lo)) > budget:
+        return None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if cost(build(mid)) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo, build(lo)
+
+
+def _fmt(pattern: Pattern) -> str:
+    """Short human label of a pattern (numbers are the pattern's own fields, stored in results.json)."""
+    from spattn.patterns.base import Union
+
+    if isinstance(pattern, Union):
+        return " | ".join(_fmt(p) for p in pattern.parts)
+    name = type(pattern).__name__
+    d = pattern.to_dict()
+    d.pop("type", None)
+    shown = {
+        "Window": ["left"], "Sinks": ["n"], "Strided": ["stride"], "RandomBlocks": ["per_row", "block"],
+        "Budgeted": ["keys_per_query", "sinks"], "TopP": ["selector", "mass"], "TopK": ["selector", "blocks"],
+    }.get(name)
+    if shown is None:
+        return repr(pattern)
+    args = []
+    for key in shown:
+        v = d.get(key)
+        args.append(repr(v) if isinstance(v, str) else (f"{v:.4g}" if isinstance(v, float) else str(v)))
+    return f"{name}({', '.join(args)})"
+
+
+def safeguards(budget_keys: float) -> tuple[int, int]:
+    """(sinks, window) kept by the families that add long-range reach: a quarter of the budget is local."""
+    sinks = int(min(64, max(4, budget_keys // 8)))
+    window = int(max(0, budget_keys // 4))
+    return sinks, window
+
+
+def static_candidates(family: str, budget: float, length: int, block_size: int, seed: int) -> Candidate:
+    """Fit a static family to ``budget`` at causal self-attention over ``length`` tokens."""
+    K = budget * (length + 1) / 2  # keys per query on average
+    sinks, window = safeguards(K)
+    cost = lambda p: _static_cost(p, length, block_size)  # noqa: E731 - local shorthand
+    nk = -(-length // block_size)
+    if family == "window":
+        fit = _fit_int(lambda w: spattn.Window(w), 0, length, cost, budget)
+        name = "left"
+    elif family == "sinks_window":
+        fit = _fit_int(lambda w: spattn.Sinks(sinks) | spattn.Window(w), 0, length, cost, budget)
+        name = "left"
+    elif family == "strided":
+        half = int(K // 2)
+        fit = _fit_int(lambda p: spattn.Window(half) | spattn.Strided(length + 1 - p), 1, length, cost, budget)
+        name = "stride"
+    elif family == "random":
+        fit = _fit_int(lambda r: spattn.Sinks(sinks) | spattn.Window(window)
+                       | spattn.RandomBlocks(r, seed=seed, block=block_size), 0, nk, cost, budget)
+        name = "per_row"
+    elif family == "budgeted":
+        fit = _fit_int(lambda k: spattn.Budgeted(k, sinks=sinks), 1, length, cost, budget)
+        name = "keys_per_query"
+    else:
+        raise ValueError(f"unknown static family {family!r}")
+    cid = f"{family}@{budget:g}"
+    if fit is None:
+        return Candidate(cid, family, budget, None, "", {}, False,
+                         note=f"{FAMILY_TITLES[family]} cannot fit {budget:g} of the dense keys at {length} tokens")
+    value, pattern = fit
+    if family == "strided":
+        name, value = "stride", length + 1 - value
+    return Candidate(cid, family, budget, pattern, _fmt(pattern), {name: value}, False)
+
+
+def fit_dynamic(selector: str, budget: float, length: int, block_size: int, probes: list[tuple[torch.Tensor, torch.Tensor]],
+                iterations: int = 7) -> Candidate:
+    """Fit ``Sinks | Window | TopP(selector, mass)`` to ``budget``: bisect the mass on the cost measured on the
+    calibration probes (``[(query [1, H, L, D], key [1, Hkv, L, D]), ...]``, a few layers)."""
+    from spattn.selectors import TopP
+
+    K = budget * (length + 1) / 2
+    sinks, window = safeguards(K)
+    base = spattn.Sinks(sinks) | spattn.Window(window)
+
+    def build(mass: float) -> Pattern:
+        return base | TopP(selector, round(mass, 4))
+
+    def cost(p: Pattern) -> float:
+        vals = [layout_cost(spattn.compile(p, length, length, causal=True, block_size=block_size, query=q, key=k))[0]
+                for q, k in probes]
+        return sum(vals) / len(vals)
+
+    cid = f"top_p:{selector}@{budget:g}"
+    lo_mass = 0.01
+    if cost(build(lo_mass)) > budget:
+        c0 = cost(base)
+        return Candidate(cid, "top_p", budget, None, "", {}, True, selector=selector,
+                         note=(f"TopP({selector!r}) cannot fit {budget:g} of the dense keys with {block_size}-token "
+                               f"blocks (the safeguards alone cost {c0:.3g}; one selected block per query block "
+                               "already exceeds the budget)"))
+    lo, hi = lo_mass, 1.0
+    if cost(build(hi)) <= budget:
+        lo = hi
+    else:
+        for _ in range(iterations):
+            mid = (lo + hi) / 2
+            if cost(build(mid)) <= budget:
+                lo = mid
+            else:
+                hi = mid
+    pattern = build(lo)
+    return Candidate(cid, "top_p", budget, pattern, _fmt(pattern), {"mass": round(lo, 4)}, True, selector=selector)

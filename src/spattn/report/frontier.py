@@ -1,0 +1,36 @@
+"""Pareto frontiers (cost against model damage, cost against recall) and the recommendation per budget."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def pareto(points: list[tuple[str, float, float]], *, maximize: bool = False) -> list[str]:
+    """Ids of the non-dominated points ``(id, cost, value)``: lower cost and lower value (higher when
+    ``maximize``) are better. Returned in order of increasing cost."""
+    sign = -1.0 if maximize else 1.0
+    ordered = sorted(points, key=lambda p: (p[1], sign * p[2], p[0]))
+    out: list[str] = []
+    best = float("inf")
+    for pid, _, value in ordered:
+        v = sign * value
+        if v < best:
+            out.append(pid)
+            best = v
+    return out
+
+
+def recommend(candidates: list[dict[str, Any]], budgets: list[float]) -> list[dict[str, Any]]:
+    """Per budget, the candidate with the lowest held-out perplexity among those whose measured cost is within
+    the budget (ties: higher mean recall, then lower cost)."""
+    out = []
+    for b in budgets:
+        ok = [c for c in candidates if c["cost"]["keys_fraction"] <= b]
+        if not ok:
+            out.append({"budget": b, "candidate": None,
+                        "reason": "no candidate's measured cost is within this budget"})
+            continue
+        best = min(ok, key=lambda c: (c["model"]["perplexity"], -c["recall"]["mean"], c["cost"]["keys_fraction"], c["id"]))
+        out.append({"budget": b, "candidate": best["id"],
+                    "reason": "lowest held-out perplexity among the candidates whose measured cost is within the budget"})
+    return out

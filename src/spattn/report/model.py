@@ -1,0 +1,122 @@
+"""The model side of the report: load the model and the text, capture attention inputs, run dense and patched
+forwards, and score patched logits against dense ones."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spattn._optional import require
+
+
+def load_model(name: str, device: str) -> tuple[Any, Any, str]:
+    """``(model, tokenizer, description)`` for ``"smollm2"`` or a local Hugging Face model directory."""
+    require("transformers", extra="hf")
+    if name == "smollm2":
+        from spattn.integrations.models import load_smollm2
+
+        model, tokenizer = load_smollm2(device=device)
+        return model, tokenizer, "SmolLM2-135M-Instruct"
+    path = Path(name).expanduser()
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"unknown model {name!r}: give 'smollm2' (the embedded default) or a local Hugging Face model directory "
+            "holding config.json, the weights and a tokenizer (this machine cannot download from the hub)"
+        )
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path)).to(device).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
+    return model, tokenizer, path.name
+
+
+def model_facts(model: Any) -> dict[str, Any]:
+    cfg = model.config
+    heads = int(cfg.num_attention_heads)
+    return {
+        "layers": int(cfg.num_hidden_layers),
+        "heads": heads,
+        "kv_heads": int(getattr(cfg, "num_key_value_heads", None) or heads),
+        "head_dim": int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads),
+        "parameters": int(sum(p.numel() for p in model.parameters())),
+        "architecture": type(model).__name__,
+    }
+
+
+def load_chunks(text: str, tokenizer: Any, chunk_length: int, calibration: int, held_out: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Calibration chunks (the first ones) and held-out chunks (from the held-out tail, never overlapping),
+    int64 ``[C, chunk_length]`` / ``[E, chunk_length]``."""
+    from spattn.data.chunks import chunk, tokenize
+    from spattn.data.corpora import CORPORA, load_text
+
+    body = load_text(text)
+    ids = tokenize(body, tokenizer, cache=text in CORPORA)
+    need = (calibration + held_out) * chunk_length
+    if ids.numel() < need:
+        raise ValueError(
+            f"text too short: {text!r} has {ids.numel()} tokens but {calibration} calibration + {held_out} held-out "
+            f"chunks of {chunk_length} tokens need {need}; use a longer text, a shorter --chunk-length or fewer chunks"
+        )
+    chunks = chunk(ids, chunk_length, split="all")
+    total = chunks.shape[0]
+    start = max(calibration, total - max(held_out, round(0.1 * total)))
+    info = {"tokens": int(ids.numel()), "chunks_available": int(total), "calibration_indices": list(range(calibration)),
+            "held_out_indices": list(range(start, start + held_out))}
+    return chunks[:calibration].clone(), chunks[start : start + held_out].clone(), info
+
+
+@torch.no_grad()
+def capture(model: Any, ids: torch.Tensor, backend: str, block_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer ``(query [1, H, L, D], key [1, Hkv, L, D])`` float32 as the model sees them (after rotary),
+    recorded during one dense forward routed through spattn."""
+    from spattn.integrations import hf
+
+    got: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def record(module: Any, layer: int, query: torch.Tensor, key: torch.Tensor) -> None:
+        got[layer] = (query.detach().float().clone(), key.detach().float().clone())
+
+    with hf.patched(model, None, backend=backend, block_size=block_size), hf.hook(record):
+        model(ids.to(model.device))
+    return [got[i] for i in sorted(got)]
+
+
+@torch.no_grad()
+def logits(model: Any, ids: torch.Tensor, plan: Any = None, *, backend: str = "dense", block_size: int = 64) -> torch.Tensor:
+    """float32 ``[L, V]`` logits of one chunk: the model's own attention when ``plan`` is None, else patched."""
+    if plan is None:
+        return model(ids[None].to(model.device)).logits[0].float()
+    from spattn.integrations import hf
+
+    with hf.patched(model, plan, backend=backend, block_size=block_size):
+        return model(ids[None].to(model.device)).logits[0].float()
+
+
+def dense_reference(logits_dense: torch.Tensor, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What every candidate is compared with: dense log-probabilities, targets and top tokens."""
+    logp = torch.log_softmax(logits_dense[:-1].double(), dim=-1)
+    target = ids[1:].to(logp.device)
+    return {"logp": logp, "target": target, "top": logp.argmax(-1)}
+
+
+def compare(reference: dict[str, torch.Tensor], logits_sparse: torch.Tensor) -> dict[str, float]:
+    """Sums over the chunk's predicted tokens: negative log-likelihood, top-token agreements, KL(dense || sparse)."""
+    logq = torch.log_softmax(logits_sparse[:-1].double(), dim=-1)
+    target = reference["target"]
+    nll = -logq.gather(-1, target[:, None]).sum()
+    agree = (logq.argmax(-1) == reference["top"]).sum()
+    p = reference["logp"].exp()
+    kl = (p * (reference["logp"] - logq)).sum(-1).clamp_min(0).sum()
+    return {"nll": float(nll), "agree": float(agree), "kl": float(kl), "tokens": int(target.numel())}
+
+
+def dense_sums(reference: dict[str, torch.Tensor]) -> dict[str, float]:
+    nll = -reference["logp"].gather(-1, reference["target"][:, None]).sum()
+    return {"nll": float(nll), "tokens": int(reference["target"].numel())}
+
+
+def perplexity(nll: float, tokens: int) -> float:
+    return math.exp(nll / tokens)
