@@ -35,6 +35,29 @@ def _plt():
     return require("matplotlib.pyplot", extra="viz")
 
 
+def _plain_log(axis) -> None:
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    fmt = FuncFormatter(lambda v, _: f"{v:.3g}")
+    axis.set_major_formatter(fmt)
+    axis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+    axis.set_minor_formatter(fmt)
+
+
+def _int_ticks(ax, y: bool = True) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if y:
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _wrap(text: str, width: int = 34) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width, break_long_words=True))
+
+
 def _by_series(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = {}
     for r in sorted(records, key=lambda r: r["cost"]["keys_fraction"]):
@@ -78,8 +101,10 @@ def pareto_figure(results: dict[str, Any], path: Path) -> None:
         elif front is None:
             ax.axhline(dense["latency"]["spattn_causal_ms"], color="black", linewidth=1, label="dense (same backend)")
         ax.set_xscale("log")
+        _plain_log(ax.xaxis)
         if logy:
             ax.set_yscale("log")
+            _plain_log(ax.yaxis)
         ax.set_xlabel("cost: fraction of dense causal keys (log)")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.25)
@@ -102,9 +127,10 @@ def heatmap_figure(results: dict[str, Any], path: Path) -> None:
     for ax, (budget, r) in zip(axes[0], recs):
         im = ax.imshow(r["recall"]["per_layer_head_mean"], aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0,
                        interpolation="nearest")
-        ax.set_title(f"budget {budget:g}: {r['label']}", fontsize=8, wrap=True)
+        ax.set_title(_wrap(f"budget {budget:g}: {r['label']}"), fontsize=8)
         ax.set_xlabel("query head")
         ax.set_ylabel("layer")
+        _int_ticks(ax)
     for ax in axes[0][len(recs):]:
         ax.axis("off")
     if im is not None:
@@ -125,9 +151,11 @@ def layout_figure(results: dict[str, Any], path: Path) -> None:
         pic = r["picture"]
         ax.imshow(pic["block_status"], cmap=ListedColormap(["#f4f4f4", "#8fb3d9", "#1f4e79"]), vmin=0, vmax=2,
                   interpolation="nearest")
-        ax.set_title(f"budget {budget:g}: {r['label']}\n(layer {pic['layer']}, head {pic['head']})", fontsize=8)
+        ax.set_title(_wrap(f"budget {budget:g}: {r['label']}") + f"\n(layer {pic['layer']}, head {pic['head']})",
+                     fontsize=8)
         ax.set_xlabel(f"key block ({bs} tokens)")
         ax.set_ylabel("query block")
+        _int_ticks(ax)
     for ax in axes[0][len(recs):]:
         ax.axis("off")
     fig.tight_layout()
@@ -149,6 +177,7 @@ def reach_figure(results: dict[str, Any], path: Path) -> None:
         ax.set_title(f"budget {b:g}")
         ax.set_xlabel("layers")
         ax.grid(True, alpha=0.25)
+        _int_ticks(ax, y=False)
     axes[0][0].set_ylabel("reachable (token, source) pairs")
     handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:
@@ -171,6 +200,7 @@ def recall_layer_figure(results: dict[str, Any], path: Path) -> None:
                     label=series_label(r))
         ax.set_title(f"budget {b:g}")
         ax.set_xlabel("layer")
+        _int_ticks(ax, y=False)
         ax.set_ylim(0, 1.02)
         ax.grid(True, alpha=0.25)
     axes[0][0].set_ylabel("mean recall")

@@ -33,6 +33,23 @@ def load_model(name: str, device: str) -> tuple[Any, Any, str]:
     return model, tokenizer, path.name
 
 
+def preflight(model: str, text: str) -> None:
+    """Cheap checks before anything is written: the model path and the text source exist."""
+    if model != "smollm2":
+        path = Path(model).expanduser()
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"unknown model {model!r}: give 'smollm2' (the embedded default) or a local Hugging Face model "
+                "directory holding config.json, the weights and a tokenizer (this machine cannot download from the hub)"
+            )
+    from spattn.data.corpora import CORPORA
+
+    if text not in CORPORA and not text.startswith("hf:"):
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"text file not found: {path} (or give a corpus name: {sorted(CORPORA)})")
+
+
 def model_facts(model: Any) -> dict[str, Any]:
     cfg = model.config
     heads = int(cfg.num_attention_heads)

@@ -119,14 +119,15 @@ def run_report(config: ReportConfig, output: str | os.PathLike, *, overwrite: bo
     require("matplotlib", extra="viz")
     if torch.device(config.device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked but no CUDA GPU is available; use --device cpu")
+    from spattn.report import model as M
+
+    M.preflight(config.model, config.text)
     cache = StageCache(Path(output), config.digest(), overwrite=overwrite, fresh=fresh)
     if cache.resumed:
         console.print(f"[yellow]resuming[/] from cached stages in {cache.root}")
     timings: dict[str, float] = {}
     eval_backend, latency_backend = _backends(config)
     torch.manual_seed(config.seed)
-
-    from spattn.report import model as M
 
     with _Bars(console) as bars:
         t = time.perf_counter()

@@ -39,9 +39,7 @@ def render_html(results: dict[str, Any], folder: Path) -> str:
         figures.append({"data": data, "caption": FIGURES[name][2]})
     table = sorted(results["candidates"], key=lambda c: (c["budget"], c["model"]["perplexity"], c["id"]))
     view = dict(results)
-    view["data"] = dict(results["data"], text_name=results["data"]["text"],
-                        held_out_count=len(results["data"]["held_out_indices"]),
-                        calibration_count=len(results["data"]["calibration_indices"]))
+    view["data"] = dict(results["data"], text_name=results["data"]["text"])
     return template.render(
         r=view, recs=recs, figures=figures, table=table, f=_f, pct=_pct, sgn=_sgn,
         rec_ids={x["candidate"] for x in results["recommendations"] if x["candidate"]},

@@ -1,0 +1,237 @@
+"""``spattn report`` end to end on a tiny random Llama and a short generated text (CPU, well under a minute),
+plus the pure parts (frontier, recommendation, config errors)."""
+
+from __future__ import annotations
+
+import copy
+import html
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("matplotlib")
+jsonschema = pytest.importorskip("jsonschema")
+
+from typer.testing import CliRunner  # noqa: E402
+
+from spattn.cli.main import app  # noqa: E402
+from spattn.report.config import ReportConfig  # noqa: E402
+from spattn.report.frontier import pareto, recommend  # noqa: E402
+
+SCHEMA = Path(__file__).resolve().parents[1] / "src" / "spattn" / "report" / "schema.json"
+ARGS = ["--chunk-length", "128", "--block-size", "16", "--budgets", "0.1,0.5", "--families",
+        "window,random,budgeted,top_p", "--selectors", "pooled", "--calibration-chunks", "1", "--eval-chunks", "1",
+        "--repeats", "1", "--device", "cpu"]
+
+
+def _make_tiny(root: Path) -> tuple[Path, Path]:
+    """A 3-layer GQA Llama with random weights, a word-level tokenizer, and a ~1700-token text."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    rng = random.Random(0)
+    words = [f"w{a}{b}" for a in "abcdefgh" for b in "abcdefgh"]
+    text = "\n\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(20, 60))) + "." for _ in range(40))
+    vocab = {"[UNK]": 0, ".": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    cfg = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    torch.manual_seed(0)
+    model_dir = root / "tiny-llama"
+    transformers.LlamaForCausalLM(cfg).save_pretrained(model_dir)
+    fast.save_pretrained(model_dir)
+    text_path = root / "text.txt"
+    text_path.write_text(text)
+    return model_dir, text_path
+
+
+def _invoke(*args: str):
+    return CliRunner().invoke(app, ["report", *args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    model_dir, text_path = _make_tiny(root)
+    out = root / "out"
+    result = _invoke("--model", str(model_dir), "--text", str(text_path), "-o", str(out), *ARGS)
+    assert result.exit_code == 0, result.output
+    return {"root": root, "model": model_dir, "text": text_path, "out": out, "output": result.output,
+            "results": json.loads((out / "results.json").read_text())}
+
+
+def test_writes_html_json_and_pngs(tiny):
+    out = tiny["out"]
+    page = (out / "report.html").read_text()
+    assert page.startswith("<!doctype html>") and "</html>" in page
+    pngs = sorted((out / "figures").glob("*.png"))
+    assert {p.name for p in pngs} >= {"pareto.png", "recall_heatmaps.png", "layouts.png", "reachability.png"}
+    for p in pngs:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"figures/{p.name}" in tiny["results"]["figures"].values()
+    # self-contained: every figure is embedded, nothing is loaded from elsewhere
+    assert page.count("data:image/png;base64,") == len(tiny["results"]["figures"])
+    assert not re.search(r'src="(?!data:)', page) and "<link" not in page
+    assert "Pareto frontier" in tiny["output"]  # the terminal summary
+
+
+def test_results_validate_against_schema(tiny):
+    results = tiny["results"]
+    jsonschema.validate(results, json.loads(SCHEMA.read_text()))
+    assert results["model"]["layers"] == 3 and results["model"]["kv_heads"] == 2
+    assert len(results["candidates"]) + len(results["skipped"]) == 2 * 4
+    for c in results["candidates"]:
+        assert len(c["recall"]["per_layer_head_mean"]) == 3
+        assert all(len(row) == 4 for row in c["recall"]["per_layer_head_mean"])
+        assert len(c["reach"]["fraction"]) == 3
+    # the patched model with full attention reproduces the model's own perplexity
+    assert results["dense"]["patched_full_perplexity"] == pytest.approx(results["dense"]["perplexity"], rel=1e-4)
+    bad = copy.deepcopy(results)
+    bad["candidates"][0]["recall"]["mean"] = 1.5
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, json.loads(SCHEMA.read_text()))
+
+
+_NUM = re.compile(r"[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
+
+
+def _json_numbers(obj, acc: list[float]) -> list[float]:
+    if isinstance(obj, bool) or obj is None:
+        return acc
+    if isinstance(obj, (int, float)):
+        acc.append(float(obj))
+    elif isinstance(obj, str):
+        acc.extend(float(m) for m in _NUM.findall(obj))
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _json_numbers(k, acc)
+            _json_numbers(v, acc)
+    elif isinstance(obj, list):
+        for v in obj:
+            _json_numbers(v, acc)
+    return acc
+
+
+def _visible_text(page: str) -> str:
+    page = re.sub(r"<style.*?</style>", " ", page, flags=re.S)
+    page = re.sub(r'src="data:[^"]*"', " ", page)
+    page = re.sub(r"<[^>]+>", " ", page)
+    return html.unescape(page)
+
+
+def test_every_number_in_html_comes_from_json(tiny):
+    numbers = _json_numbers(tiny["results"], [])
+    shown = _NUM.findall(_visible_text((tiny["out"] / "report.html").read_text()))
+    assert len(shown) > 50
+    missing = []
+    for token in shown:
+        value = float(token)
+        decimals = len(token.split(".")[1]) if "." in token and "e" not in token.lower() else 0
+        tol = 0.5 * 10 ** (-decimals) + 1e-9
+        if not any(abs(x - value) <= tol or abs(100 * x - value) <= tol for x in numbers):
+            missing.append(token)
+    assert not missing, f"numbers in report.html that are not in results.json: {missing[:20]}"
+
+
+def test_recommended_pattern_costs_no_more_than_budget(tiny):
+    import spattn
+    from spattn.report.candidates import layout_cost
+
+    results = tiny["results"]
+    by_id = {c["id"]: c for c in results["candidates"]}
+    picked = [r for r in results["recommendations"] if r["candidate"]]
+    assert picked, "no recommendation at all"
+    for r in picked:
+        c = by_id[r["candidate"]]
+        assert c["cost"]["keys_fraction"] <= r["budget"]
+        if not c["dynamic"]:  # recompute the cost independently from the stored pattern
+            pattern = spattn.pattern_from_dict(c["pattern"])
+            layout = spattn.compile(pattern, 128, 128, causal=True, block_size=16)
+            assert layout_cost(layout)[0] <= r["budget"] + 1e-12
+            assert layout_cost(layout)[0] == pytest.approx(c["cost"]["keys_fraction"], rel=1e-5)
+    for c in results["candidates"]:
+        assert c["within_budget"] == (c["cost"]["keys_fraction"] <= c["budget"])
+
+
+def _strip_timings(results: dict) -> dict:
+    r = copy.deepcopy(results)
+    for key in ("timings", "command"):
+        r.pop(key)
+    r["environment"].pop("timestamp")
+    r["dense"].pop("latency")
+    for c in r["candidates"]:
+        c.pop("latency")
+    return r
+
+
+def test_same_seed_same_numbers_and_resume(tiny):
+    out2 = tiny["root"] / "out2"
+    result = _invoke("--model", str(tiny["model"]), "--text", str(tiny["text"]), "-o", str(out2), *ARGS)
+    assert result.exit_code == 0, result.output
+    again = json.loads((out2 / "results.json").read_text())
+    assert _strip_timings(again) == _strip_timings(tiny["results"])
+    # interrupt: mark the run unfinished and drop one finished candidate; re-running resumes from the rest
+    state = out2 / ".spattn-report" / "state.json"
+    state.write_text(json.dumps({"digest": again["digest"], "status": "running"}))
+    cands = sorted((out2 / ".spattn-report" / again["digest"] / "candidates").glob("*.json"))
+    assert len(cands) == 8
+    cands[0].unlink()
+    (out2 / "results.json").unlink()
+    result = _invoke("--model", str(tiny["model"]), "--text", str(tiny["text"]), "-o", str(out2), *ARGS)
+    assert result.exit_code == 0, result.output
+    assert "resuming" in result.output
+    resumed = json.loads((out2 / "results.json").read_text())
+    assert resumed["timings"]["resumed"] is True
+    assert _strip_timings(resumed) == _strip_timings(tiny["results"])
+
+
+def test_errors_a_person_can_act_on(tiny, tmp_path, monkeypatch):
+    base = ["--text", str(tiny["text"]), *ARGS]
+    r = _invoke("--model", str(tmp_path / "nope"), "-o", str(tmp_path / "a"), *base)
+    assert r.exit_code == 2 and "unknown model" in r.output and not (tmp_path / "a").exists()
+    r = _invoke("--model", str(tiny["model"]), "-o", str(tmp_path / "b"), *base, "--budgets", "0.1,1.5")
+    assert r.exit_code == 2 and "outside (0, 1]" in r.output
+    r = _invoke("--model", str(tiny["model"]), "-o", str(tiny["out"]), *base)
+    assert r.exit_code == 2 and "--overwrite" in r.output
+    short = tmp_path / "short.txt"
+    short.write_text("waa wab wac. " * 20)
+    r = _invoke("--model", str(tiny["model"]), "--text", str(short), "-o", str(tmp_path / "c"), *ARGS)
+    assert r.exit_code == 2 and "text too short" in r.output
+    r = _invoke("--model", str(tiny["model"]), "--text", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "d"), *ARGS)
+    assert r.exit_code == 2 and "not found" in r.output
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    r = _invoke("--model", str(tiny["model"]), "-o", str(tmp_path / "e"), *base)
+    assert r.exit_code == 2 and "spattn[viz]" in r.output
+
+
+def test_pareto_and_recommend():
+    pts = [("a", 0.1, 5.0), ("b", 0.2, 4.0), ("c", 0.3, 4.5), ("d", 0.05, 9.0), ("e", 0.2, 3.5)]
+    assert pareto(pts) == ["d", "a", "e"]
+    assert pareto([("x", 0.1, 0.5), ("y", 0.2, 0.4), ("z", 0.3, 0.9)], maximize=True) == ["x", "z"]
+    cands = [
+        {"id": "w", "cost": {"keys_fraction": 0.09}, "model": {"perplexity": 10.0}, "recall": {"mean": 0.5}},
+        {"id": "t", "cost": {"keys_fraction": 0.11}, "model": {"perplexity": 8.0}, "recall": {"mean": 0.7}},
+    ]
+    rec = recommend(cands, [0.05, 0.1, 0.2])
+    assert [r["candidate"] for r in rec] == [None, "w", "t"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"budgets": (0.0,)}, "outside (0, 1]"),
+    ({"budgets": ()}, "at least one"),
+    ({"chunk_length": 8}, "chunk_length"),
+    ({"families": ("windows",)}, "unknown candidate families"),
+    ({"block_size": 4096}, "block_size"),
+])
+def test_config_errors(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ReportConfig(**kwargs)
