@@ -20,7 +20,7 @@ from typing import ClassVar
 
 import torch
 
-from spattn.selectors.common import Selector, check_qk, default_scale, group_matmul, register_selector
+from spattn.selectors.common import Selector, check_qk, default_scale, group_matmul, matmul_dtype, register_selector
 
 _CHUNK_ELEMENTS = 1 << 27  # strided query rows x key tiles x batch x heads scored at once
 
@@ -49,14 +49,15 @@ class Antidiagonal(Selector):
         per = self._check(block_size)  # tiles per block side
         M, N = -(-Lq // S), -(-Lk // S)
         NQ, NK = -(-Lq // block_size), -(-Lk // block_size)
-        qs = torch.nn.functional.pad(query, (0, 0, 0, M * S - Lq)).unflatten(2, (M, S)).flip(3).flatten(3)
-        ks = torch.nn.functional.pad(key, (0, 0, 0, N * S - Lk)).unflatten(2, (N, S)).flatten(3)
+        cdt = matmul_dtype(query)
+        qs = torch.nn.functional.pad(query.to(cdt), (0, 0, 0, M * S - Lq)).unflatten(2, (M, S)).flip(3).flatten(3)
+        ks = torch.nn.functional.pad(key.to(cdt), (0, 0, 0, N * S - Lk)).unflatten(2, (N, S)).flatten(3)
         n = torch.arange(N, device=dev)
         rows = max(per, (_CHUNK_ELEMENTS // max(B * H * N, 1)) // per * per)  # whole query blocks per chunk
         out = []
         for m0 in range(0, M, rows):
             m = torch.arange(m0, min(m0 + rows, M), device=dev)
-            logits = group_matmul(qs[:, :, m0:m0 + rows], ks).float() * (scale / S)  # [B, H, r, N]
+            logits = group_matmul(qs[:, :, m0:m0 + rows], ks).float() * (scale / S)  # [B, H, r, N] (input dtype matmul)
             vis = (n * S < Lk)[None, :]
             if causal:
                 vis = vis & (n[None, :] * S <= m[:, None] * S + S - 1 + off)

@@ -19,7 +19,7 @@ from typing import ClassVar
 import torch
 
 from spattn.selectors.common import (
-    Selector, block_sizes, check_qk, default_scale, group_matmul, masked_softmax, pool, register_selector, restrict,
+    Selector, block_sizes, check_qk, default_scale, group_matmul, masked_softmax, matmul_dtype, pool, register_selector, restrict,
     visible_blocks,
 )
 
@@ -41,19 +41,20 @@ class Bounds(Selector):
     def scores(self, query, key, *, block_size, causal=False, scale=None, allowed=None):
         B, H, Hkv, Lq, Lk, D = check_qk(query, key, block_size)
         scale = default_scale(scale, D)
-        kmax = pool(key.float(), block_size, "amax")  # [B, Hkv, NK, D]
-        kmin = pool(key.float(), block_size, "amin")
+        cdt = matmul_dtype(query)
+        kmax = pool(key, block_size, "amax").to(cdt)  # [B, Hkv, NK, D] (max / min are exact in any dtype)
+        kmin = pool(key, block_size, "amin").to(cdt)
         NQ, bs = -(-Lq // block_size), block_size
         if self.reduce == "mean":
-            q = pool(query.float(), bs)
-            U = group_matmul(q.clamp_min(0), kmax) - group_matmul((-q).clamp_min(0), kmin)
+            q = pool(query.float(), bs).to(cdt)
+            U = group_matmul(q.clamp_min(0), kmax).float() - group_matmul((-q).clamp_min(0), kmin).float()
         else:
             NK = kmax.shape[2]
             rows = max(bs, (_CHUNK_ELEMENTS // max(B * H * NK, 1)) // bs * bs)  # whole query blocks per chunk
             parts = []
             for s in range(0, Lq, rows):
-                q = query[:, :, s:s + rows].float()
-                u = group_matmul(q.clamp_min(0), kmax) - group_matmul((-q).clamp_min(0), kmin)  # [B, H, r, NK]
+                q = query[:, :, s:s + rows].to(cdt)
+                u = group_matmul(q.clamp_min(0), kmax).float() - group_matmul((-q).clamp_min(0), kmin).float()  # [B, H, r, NK]
                 parts.append(pool(u, bs, "amax"))
             U = torch.cat(parts, dim=2)
         logits = U * scale + torch.log(block_sizes(Lk, bs, query.device).float())

@@ -160,3 +160,10 @@ def normalise(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
 def restrict(visible: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
     """``visible [NQ, NK]`` and an optional ``allowed`` bool ``[Bs, Hs, NQ, NK]`` (e.g. document blocks)."""
     return visible if allowed is None else visible & allowed
+
+
+def matmul_dtype(query: torch.Tensor) -> torch.dtype:
+    """Tensor-core dtype for score matmuls: the input's half type on CUDA, else float32."""
+    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
+        return query.dtype
+    return torch.float32

@@ -19,7 +19,7 @@ from typing import ClassVar
 import torch
 
 from spattn.selectors.common import (
-    Selector, block_sizes, check_qk, default_scale, group_matmul, normalise, register_selector, restrict, visible_blocks,
+    Selector, block_sizes, check_qk, default_scale, group_matmul, matmul_dtype, normalise, register_selector, restrict, visible_blocks,
 )
 
 
@@ -42,7 +42,8 @@ class VerticalSlash(Selector):
         R = min(self.last, Lq)
         a = torch.arange(Lq - R, Lq, device=dev) + off  # absolute probe positions [R]
         j = torch.arange(Lk, device=dev)
-        logits = group_matmul(query[:, :, Lq - R:].float(), key.float()) * scale  # [B, H, R, Lk]
+        cdt = matmul_dtype(query)
+        logits = group_matmul(query[:, :, Lq - R:].to(cdt), key.to(cdt)).float() * scale  # [B, H, R, Lk]
         if causal:
             logits = logits.masked_fill(j[None, :] > a[:, None], float("-inf"))
         p = torch.softmax(logits, -1)
