@@ -1,0 +1,305 @@
+"""``measure``: how much of the dense attention a sparse layout keeps, computed blockwise.
+
+One streaming pass over query chunks x key chunks (never an Lq x Lk tensor). For each query row it keeps,
+with one running max ``m`` shared by both sums (online softmax):
+
+* ``S = sum_j exp(s_j - m)`` over the keys the dense reference may see (all keys, or ``j <= i + offset``
+  when ``causal``), and ``K`` the same sum restricted to the keys the layout keeps; ``recall = K / S``;
+* with ``value``: the dense and the sparse output accumulators (``o = acc_dense / S``, ``o~ = acc_kept / K``);
+* with ``topk``: a running top-k of dense scores with a flag "kept by the layout", merged chunk by chunk.
+
+KL(p_sparse || p_dense), with p_sparse the renormalised restriction of p_dense to the kept keys, is exactly
+``-log(recall)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+
+from spattn.coverage import _tables
+from spattn.patterns.layout import Layout
+
+_CPU_ELEMENTS = 1 << 24
+_GPU_ELEMENTS = 1 << 28
+
+
+@dataclasses.dataclass(eq=False)
+class CoverageReport:
+    """What a sparse layout keeps of the dense attention, per batch, head and query.
+
+    Tensors are float64 for float64 inputs, else float32.
+
+    Attributes:
+        recall: [B, H, Lq] — fraction of the dense softmax mass on kept keys, in [0, 1]. Rows the
+            dense reference itself leaves empty (causal with q_len > kv_len) read 1.
+        kl: [B, H, Lq] — KL(p_sparse || p_dense) = -log(recall); ``inf`` where the layout keeps no key
+            of a row (recall 0), 0 for rows the dense reference leaves empty. Never NaN.
+        topk_overlap: [B, H, Lq] or None — fraction of the dense top-k keys (k = min(topk, keys the
+            row may see)) that the layout keeps; 1 for empty dense rows.
+        output_error: [B, H] or None (no ``value``) — ||o_sparse - o_dense||_F / ||o_dense||_F over
+            [Lq, D] per head (sparse rows with nothing kept output 0, like ``spattn.attention``).
+        output_abs_error: [B, H, Lq] or None — ||o_sparse - o_dense|| per query (bounded by
+            2 (1 - recall) max_j ||v_j||).
+        lse: [B, H, Lq] — dense log-sum-exp of the scaled scores (natural log, -inf for empty rows).
+        density: token density of the layout (kept pairs / all pairs, averaged over batch and heads).
+        topk: the k asked for (0 when not measured).
+        causal: whether the dense reference was causal.
+    """
+
+    recall: torch.Tensor
+    kl: torch.Tensor
+    topk_overlap: torch.Tensor | None
+    output_error: torch.Tensor | None
+    output_abs_error: torch.Tensor | None
+    lse: torch.Tensor
+    density: float
+    topk: int
+    causal: bool
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """Per-query metrics by name: ``recall``, ``kl`` and (when measured) ``topk_overlap``."""
+        out = {"recall": self.recall, "kl": self.kl}
+        if self.topk_overlap is not None:
+            out["topk_overlap"] = self.topk_overlap
+        return out
+
+    def per_head(self, metric: str = "recall", reduction: str = "mean") -> torch.Tensor:
+        """float64 [H]: ``metric`` reduced over batch and queries (``mean``, ``p5`` or ``min``).
+
+        ``metric="output_error"`` gives the mean over batch of the per-head relative output error.
+        """
+        if metric == "output_error":
+            if self.output_error is None:
+                raise ValueError("output_error was not measured: pass value= to measure()")
+            return self.output_error.double().mean(0)
+        values = self.metrics().get(metric)
+        if values is None:
+            raise ValueError(f"metric must be one of {sorted(self.metrics())} or 'output_error', got {metric!r}")
+        flat = values.double().transpose(0, 1).flatten(1)
+        return _reduce(flat, reduction)
+
+    def summary(self) -> dict[str, Any]:
+        """Plain-Python summary (JSON-ready): per head and overall mean, 5th percentile and minimum of each
+        per-query metric, the per-head output error when measured, and the density."""
+        out: dict[str, Any] = {"density": self.density, "topk": self.topk, "causal": self.causal,
+                               "overall": {}, "per_head": {}}
+        for name, values in self.metrics().items():
+            flat = values.double().flatten()[None]
+            out["overall"][name] = {r: float(_reduce(flat, r)[0]) for r in ("mean", "p5", "min")}
+            out["per_head"][name] = {r: self.per_head(name, r).tolist() for r in ("mean", "p5", "min")}
+        if self.output_error is not None:
+            err = self.output_error.double()
+            out["overall"]["output_error"] = {"mean": float(err.mean()), "max": float(err.max())}
+            out["per_head"]["output_error"] = err.mean(0).tolist()
+        return out
+
+    def __repr__(self) -> str:
+        B, H, Lq = self.recall.shape
+        s = self.summary()["overall"]
+        parts = [f"recall mean {s['recall']['mean']:.4f} p5 {s['recall']['p5']:.4f} min {s['recall']['min']:.4f}"]
+        if "topk_overlap" in s:
+            parts.append(f"top{self.topk} overlap {s['topk_overlap']['mean']:.4f}")
+        if "output_error" in s:
+            parts.append(f"output error {s['output_error']['mean']:.4g}")
+        return f"CoverageReport(B={B}, H={H}, Lq={Lq}, density={self.density:.4f}, " + ", ".join(parts) + ")"
+
+
+def _reduce(flat: torch.Tensor, reduction: str) -> torch.Tensor:
+    # flat: [N, n] float64 -> [N]; inf is allowed (kl), NaN never appears
+    if reduction == "mean":
+        return flat.mean(-1)
+    if reduction == "min":
+        return flat.amin(-1)
+    if reduction == "p5":
+        k = max(1, math.ceil(0.05 * flat.shape[-1]))  # nearest-rank 5th percentile
+        return flat.kthvalue(k, dim=-1).values
+    raise ValueError(f"reduction must be 'mean', 'p5' or 'min', got {reduction!r}")
+
+
+def _check_qk(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor | None = None) -> tuple[int, int, int, int, int]:
+    if not isinstance(query, torch.Tensor) or query.dim() != 4:
+        raise ValueError(f"query must be a [B, H, Lq, D] tensor, got {getattr(query, 'shape', type(query))}")
+    if not isinstance(key, torch.Tensor) or key.dim() != 4:
+        raise ValueError(f"key must be a [B, Hkv, Lk, D] tensor, got {getattr(key, 'shape', type(key))}")
+    B, H, Lq, D = query.shape
+    Bk, Hkv, Lk, Dk = key.shape
+    if Bk != B or Dk != D:
+        raise ValueError(f"key shape {tuple(key.shape)} does not match query shape {tuple(query.shape)}")
+    if Hkv == 0 or H % Hkv:
+        raise ValueError(f"key heads ({Hkv}) must divide query heads ({H})")
+    if key.device != query.device:
+        raise ValueError(f"key is on {key.device}, query on {query.device}")
+    if value is not None:
+        if not isinstance(value, torch.Tensor) or value.dim() != 4 or value.shape[:3] != key.shape[:3]:
+            raise ValueError(
+                f"value must be [B, Hkv, Lk, Dv] matching key {tuple(key.shape[:3])}, got {getattr(value, 'shape', None)}"
+            )
+        if value.device != query.device:
+            raise ValueError(f"value is on {value.device}, query on {query.device}")
+    if Lq == 0 or Lk == 0:
+        raise ValueError(f"query and key lengths must be positive, got {Lq} and {Lk}")
+    return B, H, Hkv, Lq, Lk
+
+
+def default_chunk(batch_heads: int, block_size: int, device: torch.device) -> int:
+    """Tokens per query/key chunk so that one score tile holds about 2^24 (CPU) or 2^28 (GPU) elements."""
+    budget = _GPU_ELEMENTS if device.type == "cuda" else _CPU_ELEMENTS
+    side = int(math.isqrt(max(1, budget // max(1, batch_heads))))
+    return max(block_size, side // block_size * block_size)
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def measure(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    layout_or_pattern: Any,
+    *,
+    value: torch.Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    topk: int = 16,
+    chunk: int | None = None,
+    block_size: int | None = None,
+) -> CoverageReport:
+    """Measure how much of the dense attention a sparse layout keeps, blockwise (never an Lq x Lk tensor).
+
+    Args:
+        query: [B, H, Lq, D].
+        key: [B, Hkv, Lk, D], Hkv divides H (GQA: query head h reads key head h // (H // Hkv)).
+        layout_or_pattern: a :class:`spattn.Layout` for (Lq, Lk) (batch/heads 1 or B/H; dynamic layouts
+            welcome), or a pattern, compiled with ``spattn.compile(..., query=query, key=key)``.
+        value: optional [B, Hkv, Lk, Dv]; adds ``output_error`` and ``output_abs_error``.
+        causal: compare against causal dense attention (queries aligned bottom-right: query i sits at
+            position i + Lk - Lq); the layout's kept keys are also restricted to the causal ones.
+        scale: score scale, default 1/sqrt(D).
+        topk: k of the top-k overlap (0 to skip it). Default 16.
+        chunk: tokens per query and key chunk (rounded to the layout block size); default: about 2^24
+            score elements per tile on CPU, 2^28 on GPU.
+        block_size: block size when compiling a pattern (default: spattn.compile's).
+
+    Returns:
+        :class:`CoverageReport`.
+
+    Example:
+        >>> import torch, spattn
+        >>> q, k = torch.randn(1, 2, 256, 32), torch.randn(1, 2, 256, 32)
+        >>> report = spattn.coverage.measure(q, k, spattn.Sinks(4) | spattn.Window(64), causal=True)
+        >>> report.recall.shape
+        torch.Size([1, 2, 256])
+    """
+    B, H, Hkv, Lq, Lk = _check_qk(query, key, value)
+    if not isinstance(topk, int) or topk < 0:
+        raise ValueError(f"topk must be a non-negative int, got {topk!r}")
+    dev = query.device
+    layout = _tables.as_layout(layout_or_pattern, Lq, Lk, causal=causal, batch=B, heads=H, device=dev,
+                               query=query, key=key, block_size=block_size)
+    bs = layout.block_size
+    if chunk is None:
+        chunk = default_chunk(B * H, bs, dev)
+    if not isinstance(chunk, int) or chunk <= 0:
+        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+    chunk = max(bs, chunk // bs * bs)
+    G = H // Hkv
+    D = query.shape[-1]
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    cdt = _compute_dtype(query)
+    offset = Lk - Lq
+    masks_ext = _tables.extended_masks(layout)
+    k_all = key.to(cdt)
+    v_all = value.to(cdt) if value is not None else None
+    Dv = value.shape[-1] if value is not None else 0
+
+    recall = torch.empty(B, H, Lq, dtype=cdt, device=dev)
+    kl = torch.empty_like(recall)
+    lse = torch.empty_like(recall)
+    overlap = torch.empty_like(recall) if topk else None
+    abs_err = torch.empty_like(recall) if value is not None else None
+    sq_err = torch.zeros(B, H, dtype=torch.float64, device=dev) if value is not None else None
+    sq_ref = torch.zeros_like(sq_err) if value is not None else None
+    for i0 in range(0, Lq, chunk):
+        i1 = min(Lq, i0 + chunk)
+        cq = i1 - i0
+        bmap = _tables.block_map(layout, i0 // bs, (i1 - 1) // bs + 1)
+        q = (query[:, :, i0:i1].to(cdt) * scale).view(B, Hkv, G, cq, D)
+        m = torch.full((B, H, cq), -math.inf, dtype=cdt, device=dev)
+        S = torch.zeros_like(m)
+        K = torch.zeros_like(m)
+        acc_d = torch.zeros(B, H, cq, Dv, dtype=cdt, device=dev) if value is not None else None
+        acc_s = torch.zeros_like(acc_d) if value is not None else None
+        top_v = torch.full((B, H, cq, topk), -math.inf, dtype=cdt, device=dev) if topk else None
+        top_f = torch.zeros(B, H, cq, topk, dtype=torch.bool, device=dev) if topk else None
+        last_pos = i1 - 1 + offset
+        for j0 in range(0, Lk, chunk):
+            if causal and j0 > last_pos:
+                break  # every later key is in the future of every query of this chunk
+            j1 = min(Lk, j0 + chunk)
+            ck = j1 - j0
+            s = torch.matmul(q, k_all[:, :, None, j0:j1].transpose(-1, -2)).view(B, H, cq, ck)
+            kept = _tables.chunk_mask(layout, bmap, masks_ext, j0 // bs, (j1 - 1) // bs + 1, cq, ck)
+            if causal and j1 - 1 > i0 + offset:  # the chunk crosses the diagonal
+                qi = torch.arange(i0, i1, device=dev)[:, None] + offset
+                kj = torch.arange(j0, j1, device=dev)[None, :]
+                allowed = kj <= qi
+                s = s.masked_fill(~allowed, -math.inf)
+                kept = kept & allowed
+            m_new = torch.maximum(m, s.amax(-1))
+            m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
+            alpha = torch.exp(m - m_safe)
+            p = torch.exp(s - m_safe[..., None])
+            pk = p * kept
+            S = S * alpha + p.sum(-1)
+            K = K * alpha + pk.sum(-1)
+            if value is not None:
+                v = v_all[:, :, None, j0:j1]
+                acc_d = acc_d * alpha[..., None] + torch.matmul(p.view(B, Hkv, G, cq, ck), v).view(B, H, cq, Dv)
+                acc_s = acc_s * alpha[..., None] + torch.matmul(pk.view(B, Hkv, G, cq, ck), v).view(B, H, cq, Dv)
+            if topk:
+                kept_b = kept.expand(B, H, cq, ck)
+                cand_v = torch.cat([top_v, s], -1)
+                cand_f = torch.cat([top_f, kept_b], -1)
+                top_v, idx = cand_v.topk(topk, dim=-1)
+                top_f = cand_f.gather(-1, idx)
+            m = m_new
+        nonempty = S > 0
+        r = torch.where(nonempty, K / torch.where(nonempty, S, torch.ones_like(S)), torch.ones_like(S))
+        r = r.clamp(max=1.0)
+        recall[:, :, i0:i1] = r
+        kl[:, :, i0:i1] = torch.where(r > 0, -torch.log(torch.where(r > 0, r, torch.ones_like(r))),
+                                      torch.full_like(r, math.inf))
+        lse[:, :, i0:i1] = torch.where(nonempty, m + torch.log(torch.where(nonempty, S, torch.ones_like(S))),
+                                       torch.full_like(S, -math.inf))
+        if topk:
+            finite = torch.isfinite(top_v)
+            n = finite.sum(-1)
+            hit = (top_f & finite).sum(-1)
+            overlap[:, :, i0:i1] = torch.where(n > 0, hit / n.clamp(min=1), torch.ones_like(S))
+        if value is not None:
+            one = torch.ones_like(S)
+            o_d = acc_d / torch.where(nonempty, S, one)[..., None]
+            o_s = acc_s / torch.where(K > 0, K, one)[..., None]
+            diff = (o_s - o_d).double()
+            abs_err[:, :, i0:i1] = diff.norm(dim=-1).to(cdt)
+            sq_err += diff.square().sum((-1, -2))
+            sq_ref += o_d.double().square().sum((-1, -2))
+    output_error = None
+    if value is not None:
+        output_error = torch.where(sq_ref > 0, (sq_err / torch.where(sq_ref > 0, sq_ref, torch.ones_like(sq_ref))).sqrt(),
+                                   torch.where(sq_err > 0, torch.full_like(sq_err, math.inf), torch.zeros_like(sq_err))).to(cdt)
+    return CoverageReport(
+        recall=recall, kl=kl, topk_overlap=overlap, output_error=output_error, output_abs_error=abs_err,
+        lse=lse, density=_density(layout, causal), topk=topk, causal=causal,
+    )
+
+
+def _density(layout: Layout, causal: bool) -> float:
+    try:
+        return layout.density()
+    except Exception:  # noqa: BLE001 - density is informative only; never fail a measurement on it
+        return float("nan")
