@@ -24,6 +24,7 @@ A ``--time-budget`` (seconds) skips the optional parts (flex, recall) of later r
 Writes JSON (machine, versions, git commit, command) and prints a table.
 """
 
+# ruff: noqa: E402 - the import path must be fixed (stdlib name clash, see below) before the other imports
 from __future__ import annotations
 
 import os
@@ -47,9 +48,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(_HERE, "..", "src"))
 
-import spattn  # noqa: E402  (path set above so the script runs from a checkout)
-from spattn.patterns.base import Context  # noqa: E402
-from spattn.selectors import TopK, TopP  # noqa: E402
+import spattn
+from spattn.patterns.base import Context
+from spattn.selectors import TopK, TopP
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -133,7 +134,7 @@ def synthetic(B, H, Hkv, L, D, *, seed, device, dtype, kind="structured"):
     hot[:4] = True
     k = k + a * u * hot.to(device)[None, None, :, None]
     v = randn(B, Hkv, L, D)
-    return q.to(dtype), k.to(dtype), v.to(dtype)
+    return q.to(dtype).contiguous(), k.to(dtype).contiguous(), v.to(dtype).contiguous()
 
 
 # ------------------------------------------------------------------------------------------- backends
@@ -209,7 +210,8 @@ def dense_fn(q, k, v):
 
         try:
             with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-                F.scaled_dot_product_attention(q[:, :, :128], k[:, :, :128], v[:, :, :128], is_causal=True, enable_gqa=gqa)
+                probe = (q[:, :, :128], k[:, :, :128], v[:, :, :128])
+                F.scaled_dot_product_attention(*probe, is_causal=True, enable_gqa=gqa)
 
             def run():
                 with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
@@ -415,7 +417,7 @@ def main(argv=None) -> dict:
     p.add_argument("--no-flex", dest="flex", action="store_false")
     p.add_argument("--recall-heads", type=int, default=1)
     p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--time-budget", type=float, default=210.0, help="seconds; optional parts are skipped after it")
+    p.add_argument("--time-budget", type=float, default=150.0, help="seconds; optional parts are skipped after it")
     p.add_argument("--quick", action="store_true", help="smoke run: short lengths, two selectors")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -438,7 +440,8 @@ def main(argv=None) -> dict:
 
     result = {"benchmark": "selectors", "machine": machine_info(), "config": vars(args), "device": str(device),
               "dtype": str(dtype).removeprefix("torch."), "sparse_backend": backend,
-              "coverage": "spattn.coverage" if _coverage() is not None else "local fallback", "rows": []}
+              "coverage": "spattn.coverage" if _coverage() is not None else "local fallback",
+              "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None, "rows": []}
     print(f"device={device} backend={backend} dtype={dtype} coverage={result['coverage']}", flush=True)
     for L in sorted(args.lengths, reverse=True):  # largest first: the headline rows fit the time budget
         for Hkv in args.kv_heads:

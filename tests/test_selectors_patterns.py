@@ -152,10 +152,10 @@ def test_autograd_flows_and_usage():
     out2 = spattn.attention(q, k, v, layout, causal=True, backend="reference")
     grads2 = torch.autograd.grad(out2.square().sum(), (q, k, v))
     assert torch.equal(out, out2)
-    for a, b in zip(grads, grads2):
+    for a, b in zip(grads, grads2, strict=True):
         assert torch.isfinite(a).all() and torch.equal(a, b)
-    out3 = spattn.attention(q.detach(), k.detach(), v.detach(), spattn.Sinks(64) | spattn.Window(1024) | TopP("pooled", 0.95),
-                            causal=True)
+    usage = spattn.Sinks(64) | spattn.Window(1024) | TopP("pooled", 0.95)
+    out3 = spattn.attention(q.detach(), k.detach(), v.detach(), usage, causal=True)
     assert out3.shape == (1, 4, 300, 16) and torch.isfinite(out3).all()
 
 
@@ -182,3 +182,14 @@ def test_json_round_trip_and_errors():
         TopK("pooled", 1, sharing="all")
     with pytest.raises(ValueError, match="query= and key="):
         spattn.compile(TopK("pooled", 1), 64)
+
+
+def test_non_contiguous_inputs_select_the_same_blocks():
+    torch.manual_seed(7)
+    q, k = torch.randn(1, 2, 200, 16) * 2, torch.randn(1, 2, 200, 16) * 2
+    qt, kt = q.transpose(2, 3).contiguous().transpose(2, 3), k.transpose(2, 3).contiguous().transpose(2, 3)
+    assert not qt.is_contiguous() and not kt.is_contiguous()
+    for name, opts in SELECTORS:
+        _, a = _dense(TopK(name, 2, options=opts), q, k)
+        _, b = _dense(TopK(name, 2, options=opts), qt, kt)
+        assert torch.equal(a, b), name

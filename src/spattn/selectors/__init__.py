@@ -10,13 +10,13 @@ Selectors (``get_selector(name, **options)``): ``pooled``, ``vertical_slash`` (`
 (``stride``), ``bounds`` (``reduce``). Each has ``scores`` (fast, on device) and ``reference`` (float64 loops).
 """
 
-from spattn.selectors.common import Selector, get_selector, register_selector, selector_names
-from spattn.selectors.pooled import Pooled
-from spattn.selectors.vertical_slash import VerticalSlash
 from spattn.selectors.antidiagonal import Antidiagonal
 from spattn.selectors.bounds import Bounds
 from spattn.selectors.budget import top_k, top_p
+from spattn.selectors.common import Selector, get_selector, register_selector, selector_names
 from spattn.selectors.patterns import TopK, TopP
+from spattn.selectors.pooled import Pooled
+from spattn.selectors.vertical_slash import VerticalSlash
 
 __all__ = [
     "Selector", "get_selector", "register_selector", "selector_names", "Pooled", "VerticalSlash", "Antidiagonal",

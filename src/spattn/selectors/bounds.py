@@ -19,7 +19,16 @@ from typing import ClassVar
 import torch
 
 from spattn.selectors.common import (
-    Selector, block_sizes, check_qk, default_scale, group_matmul, masked_softmax, matmul_dtype, pool, register_selector, restrict,
+    Selector,
+    block_sizes,
+    check_qk,
+    default_scale,
+    group_matmul,
+    masked_softmax,
+    matmul_dtype,
+    pool,
+    register_selector,
+    restrict,
     visible_blocks,
 )
 
@@ -44,7 +53,7 @@ class Bounds(Selector):
         cdt = matmul_dtype(query)
         kmax = pool(key, block_size, "amax").to(cdt)  # [B, Hkv, NK, D] (max / min are exact in any dtype)
         kmin = pool(key, block_size, "amin").to(cdt)
-        NQ, bs = -(-Lq // block_size), block_size
+        bs = block_size
         if self.reduce == "mean":
             q = pool(query.float(), bs).to(cdt)
             U = group_matmul(q.clamp_min(0), kmax).float() - group_matmul((-q).clamp_min(0), kmin).float()
@@ -54,7 +63,8 @@ class Bounds(Selector):
             parts = []
             for s in range(0, Lq, rows):
                 q = query[:, :, s:s + rows].to(cdt)
-                u = group_matmul(q.clamp_min(0), kmax).float() - group_matmul((-q).clamp_min(0), kmin).float()  # [B, H, r, NK]
+                # [B, H, r, NK]
+                u = group_matmul(q.clamp_min(0), kmax).float() - group_matmul((-q).clamp_min(0), kmin).float()
                 parts.append(pool(u, bs, "amax"))
             U = torch.cat(parts, dim=2)
         logits = U * scale + torch.log(block_sizes(Lk, bs, query.device).float())

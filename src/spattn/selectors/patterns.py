@@ -55,7 +55,8 @@ def _budget_value(value: Any, name: str, kind: type, lo: float, hi: float | None
         raise ValueError(f"{name} must not be empty")
     for v in values:
         if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int):
-            raise TypeError(f"{name} must be {'a number' if kind is float else 'an int'} or a per-head sequence, got {v!r}")
+            what = "a number" if kind is float else "an int"
+            raise TypeError(f"{name} must be {what} or a per-head sequence, got {v!r}")
         if v < lo or (hi is not None and v > hi) or (kind is float and not lo < v):
             raise ValueError(f"{name} out of range: got {v!r}")
     return tuple(values) if isinstance(value, (list, tuple)) else value
@@ -117,11 +118,11 @@ class _Dynamic(BlockSelection):
         if q is None or k is None:
             raise ValueError(f"{type(self).__name__} is dynamic: compile it with query= and key=")
         if q.dim() != 4 or k.dim() != 4:
-            raise ValueError(f"query/key must be [B, H, L, D] / [B, Hkv, L, D], got {tuple(q.shape)} / {tuple(k.shape)}")
+            raise ValueError(f"query/key must be [B, H, L, D] / [B, Hkv, L, D], got {tuple(q.shape)}, {tuple(k.shape)}")
         B, H, Lq, _ = q.shape
         Hkv, Lk = k.shape[1], k.shape[2]
         if Lq != ctx.q_len or Lk != ctx.kv_len:
-            raise ValueError(f"query/key lengths ({Lq}, {Lk}) differ from compile's q_len={ctx.q_len}, kv_len={ctx.kv_len}")
+            raise ValueError(f"query/key lengths ({Lq}, {Lk}) differ from q_len={ctx.q_len}, kv_len={ctx.kv_len}")
         if ctx.heads is not None and ctx.heads != H:
             raise ValueError(f"query has {H} heads but compile got heads={ctx.heads}")
         if ctx.batch is not None and ctx.batch != B:

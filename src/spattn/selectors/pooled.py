@@ -18,7 +18,15 @@ from typing import ClassVar
 import torch
 
 from spattn.selectors.common import (
-    Selector, block_sizes, check_qk, default_scale, group_matmul, masked_softmax, pool, register_selector, restrict,
+    Selector,
+    block_sizes,
+    check_qk,
+    default_scale,
+    group_matmul,
+    masked_softmax,
+    pool,
+    register_selector,
+    restrict,
     visible_blocks,
 )
 

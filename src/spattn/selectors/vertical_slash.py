@@ -19,7 +19,15 @@ from typing import ClassVar
 import torch
 
 from spattn.selectors.common import (
-    Selector, block_sizes, check_qk, default_scale, group_matmul, matmul_dtype, normalise, register_selector, restrict, visible_blocks,
+    Selector,
+    check_qk,
+    default_scale,
+    group_matmul,
+    matmul_dtype,
+    normalise,
+    register_selector,
+    restrict,
+    visible_blocks,
 )
 
 
