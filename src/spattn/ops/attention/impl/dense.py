@@ -26,5 +26,5 @@ def attention_dense(
     if return_lse:
         k = key.repeat_interleave(H // Hk, dim=1) if Hk != H else key
         scores = torch.matmul(query.float(), k.float().transpose(-1, -2)) * scale
-        _, lse = masked_softmax_lse(scores, allowed)
+        _, lse = masked_softmax_lse(scores, ~allowed)
     return out, lse

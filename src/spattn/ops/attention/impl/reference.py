@@ -1,8 +1,10 @@
 """Reference block-sparse attention: blockwise PyTorch that gathers only the kept key blocks.
 
 Memory is proportional to (queries x kept keys), never Lq x Lk; autograd works; CPU and GPU.
-Notation: B batch, H query heads, Hk key/value heads (H % Hk == 0), NQ/NK query/key blocks, bs block size,
-W kept key blocks per query block (full + partial), C query blocks processed together.
+Notation: B batch, H query heads, Hk key/value heads, G = H // Hk query heads per kv head, NQ/NK query/key
+blocks, bs block size, W kept key blocks per query block (full + partial), C query blocks per chunk.
+When the layout is shared by all heads (Hl == 1) each kv head's blocks are gathered once for its G query
+heads (GQA without copies of K/V beyond the gathered chunk).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from spattn.ops.attention.impl.common import masked_softmax_lse
+from spattn.ops.attention.impl.common import masked_softmax_lse as _softmax_lse
 from spattn.patterns.layout import Layout
 
 _CHUNK_ELEMENTS = 1 << 23  # score elements per chunk (B*H*C*bs*W*bs)
@@ -44,8 +46,9 @@ def attention_reference(
     """out ``[B, H, Lq, Dv]`` and lse float32 ``[B, H, Lq]`` (or None). Inputs already validated."""
     B, H, Lq, D = query.shape
     Hk, Lk, Dv = key.shape[1], key.shape[2], value.shape[-1]
+    G = H // Hk
     bs, NQ, NK = layout.block_size, layout.num_q_blocks, layout.num_kv_blocks
-    group = H // Hk
+    Bl, Hl = layout.batch, layout.heads
     dev = query.device
     out_dtype = query.dtype
     if out_dtype in (torch.float16, torch.bfloat16):  # the oracle computes in float32 (autograd casts back)
@@ -53,35 +56,48 @@ def attention_reference(
 
     kp = F.pad(key, (0, 0, 0, NK * bs - Lk)).view(B, Hk, NK, bs, D)
     vp = F.pad(value, (0, 0, 0, NK * bs - Lk)).view(B, Hk, NK, bs, Dv)
-    qp = F.pad(query, (0, 0, 0, NQ * bs - Lq)).view(B, H, NQ, bs, D)
+    qp = F.pad(query * scale, (0, 0, 0, NQ * bs - Lq)).view(B, Hk, G, NQ, bs, D)
 
-    idx, slot = _entries(layout)
+    idx, slot = _entries(layout)  # [Bl, Hl, NQ, W]
     W = idx.shape[-1]
-    idx = idx.expand(B, H, NQ, W)
-    slot = slot.expand(B, H, NQ, W)
-    masks = torch.cat(
-        [layout.masks, torch.ones(1, bs, bs, dtype=torch.bool, device=dev), torch.zeros(1, bs, bs, dtype=torch.bool, device=dev)]
-    )
+    ones = torch.ones(1, bs, bs, dtype=torch.bool, device=dev)
+    blocked = ~torch.cat([layout.masks, ones, ~ones])  # per slot: True where the pair is NOT allowed
     col = torch.arange(bs, device=dev)
     b_ix = torch.arange(B, device=dev)[:, None, None, None]
-    hk_ix = (torch.arange(H, device=dev) // group)[None, :, None, None]
+    if Hl == 1:  # gather per kv head: [B, Hk, C, W, bs, D]
+        h_ix = torch.arange(Hk, device=dev)[None, :, None, None]
+    else:  # per query head: [B, H, C, W, bs, D]
+        h_ix = (torch.arange(H, device=dev) // G)[None, :, None, None]
 
     C = max(1, _CHUNK_ELEMENTS // max(1, B * H * bs * W * bs))
     outs, lses = [], []
     for c0 in range(0, NQ, C):
         c1 = min(NQ, c0 + C)
-        ic, sc = idx[:, :, c0:c1], slot[:, :, c0:c1]
-        kb = kp[b_ix, hk_ix, ic]  # [B, H, C, W, bs, D]
-        vb = vp[b_ix, hk_ix, ic]
-        scores = torch.einsum("bhcrd,bhcwsd->bhcrws", qp[:, :, c0:c1], kb) * scale
-        allowed = masks[sc]  # [B, H, C, W, r, s]
-        allowed = allowed & ((ic * bs)[..., None] + col < Lk)[..., None, :]
-        allowed = allowed.permute(0, 1, 2, 4, 3, 5)  # [B, H, C, r, W, s]
         n = c1 - c0
-        p, lse = masked_softmax_lse(scores.reshape(B, H, n, bs, W * bs), allowed.reshape(B, H, n, bs, W * bs))
-        out = torch.einsum("bhcrws,bhcwsd->bhcrd", p.view(B, H, n, bs, W, bs).to(vb.dtype), vb)
-        outs.append(out)
+        ic, sc = idx[:, :, c0:c1], slot[:, :, c0:c1]
+        mask = blocked[sc]  # [Bl, Hl, n, W, r, s]
+        if Lk % bs:
+            mask = mask | ((ic * bs)[..., None] + col >= Lk)[..., None, :]
+        mask = mask.permute(0, 1, 2, 4, 3, 5).reshape(Bl, Hl, n, bs, W * bs)
+        kb = kp[b_ix, h_ix, ic]
+        vb = vp[b_ix, h_ix, ic]
+        qc = qp[:, :, :, c0:c1]  # [B, Hk, G, n, bs, D]
+        if Hl == 1:
+            qx = qc.permute(0, 1, 3, 2, 4, 5).reshape(B, Hk, n, G * bs, D)
+            s = torch.matmul(qx, kb.view(B, Hk, n, W * bs, D).transpose(-1, -2))  # [B, Hk, n, G*bs, W*bs]
+            p, lse = _softmax_lse(s.view(B, Hk, n, G, bs, W * bs), mask[:, :, :, None], return_lse)
+            o = torch.matmul(p.view(B, Hk, n, G * bs, W * bs), vb.view(B, Hk, n, W * bs, Dv))
+            o = o.view(B, Hk, n, G, bs, Dv)
+            lse = lse.transpose(2, 3) if return_lse else None
+            o = o.transpose(2, 3)  # [B, Hk, G, n, bs, Dv]
+        else:
+            kb = kb.view(B, Hk, G, n, W * bs, D)
+            vb = vb.view(B, Hk, G, n, W * bs, Dv)
+            s = torch.matmul(qc, kb.transpose(-1, -2))  # [B, Hk, G, n, bs, W*bs]
+            p, lse = _softmax_lse(s, mask.view(Bl, Hk, G, n, bs, W * bs), return_lse)
+            o = torch.matmul(p, vb)
+        outs.append(o)
         lses.append(lse)
-    out = torch.cat(outs, 2).reshape(B, H, NQ * bs, Dv)[:, :, :Lq]
-    lse = torch.cat(lses, 2).reshape(B, H, NQ * bs)[:, :, :Lq].float() if return_lse else None
+    out = torch.cat(outs, 3).reshape(B, H, NQ * bs, Dv)[:, :, :Lq]
+    lse = torch.cat(lses, 3).reshape(B, H, NQ * bs)[:, :, :Lq].float() if return_lse else None
     return out.to(out_dtype), lse
