@@ -258,3 +258,15 @@ def test_long_compile_is_block_linear():
     assert layout.masks.shape[0] <= 8  # masks deduplicated: memory proportional to kept blocks
     assert layout.kv_indices.shape[-1] <= 4 and layout.full_kv_indices.shape[-1] <= 34
     assert elapsed < 30  # generous: a correctness-of-complexity check, not a speed target
+
+
+def test_plot_draws_the_block_status(tmp_path):
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    layout = spattn.compile(spattn.Sinks(16) | spattn.Window(64), 512, causal=True, block_size=32)
+    ax = layout.plot()
+    image = ax.get_images()[0].get_array()
+    assert image.shape == (16, 16)
+    assert torch.equal(torch.as_tensor(image.data), layout.block_status()[0, 0].to(torch.as_tensor(image.data).dtype))
+    ax.figure.savefig(tmp_path / "layout.png")
+    assert (tmp_path / "layout.png").stat().st_size > 1000
