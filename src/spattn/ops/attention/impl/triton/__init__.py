@@ -82,9 +82,23 @@ def attention_triton(
     reason = _check(query, key, value, layout)
     if reason is not None:
         raise ValueError(f"triton attention cannot run: {reason}")
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0 for the triton kernels, got {scale}")
+    use_decode = query.shape[2] <= DECODE_MAX_QUERIES and query.shape[2] <= layout.block_size
+    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    if not needs_grad and not torch.compiler.is_compiling():
+        # eager inference: call the launcher directly (the custom op's dispatch costs tens of microseconds,
+        # which is the whole budget of a decode step)
+        from . import _launch
+
+        run = _launch.decode if use_decode else _launch.forward
+        out, lse = run(
+            query, key, value, layout.kv_num_blocks, layout.kv_indices, layout.kv_mask_ids,
+            layout.full_kv_num_blocks, layout.full_kv_indices, layout.masks, float(scale), _kind(layout),
+        )
+        return out, (lse if return_lse else None)
     from ._op import attention_forward_op
 
-    use_decode = query.shape[2] <= DECODE_MAX_QUERIES and query.shape[2] <= layout.block_size
     out, lse = attention_forward_op(
         query, key, value,
         layout.kv_num_blocks, layout.kv_indices, layout.kv_mask_ids,

@@ -3,7 +3,8 @@
 Notation: B batch, H query heads, G = H // Hkv query heads per kv head, Lq/Lk query/key lengths,
 D head dim (DP = D padded to a power of two), BS the layout block size, BLOCK_M/BLOCK_N the kernel tiles
 (BLOCK_M and BLOCK_N divide BS: a layout block is visited as BS // BLOCK_N sub-tiles).
-Scores live in the log2 domain: s = q.k * scale * log2(e); lse is returned in natural log.
+Scores s = q.k stay raw; the running max m lives in the log2 domain (m = max(s) * scale * log2(e), needs
+scale > 0) so p = exp2(s * qk_scale - m) is one FMA and an exp2 per score; lse is returned in natural log.
 
 Note [empty rows]: a row that sees no key keeps m = -inf and l = 0; we subtract a "safe" max (0 when
 m = -inf) so exp2 never sees -inf - -inf, and finish with out = 0, lse = -inf.
@@ -73,13 +74,13 @@ def attn_fwd_kernel(
                 kmask = (cols[:, None] < Lk) & mask_d[None, :]
                 k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :], mask=kmask, other=0.0)
                 v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :], mask=kmask, other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
+            s = tl.dot(q, tl.trans(k))
             if not EVEN_N:
                 s = tl.where(cols[None, :] < Lk, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
+            p = tl.exp2(s * qk_scale - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
@@ -98,12 +99,12 @@ def attn_fwd_kernel(
             k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :], mask=kmask, other=0.0)
             v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :], mask=kmask, other=0.0)
             tile = tl.load(MASKS + mid * (BS * BS) + rows[:, None] * BS + (sub * BLOCK_N + offs_n)[None, :])
-            s = tl.dot(q, tl.trans(k)) * qk_scale
+            s = tl.dot(q, tl.trans(k))
             s = tl.where(tile != 0, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
+            p = tl.exp2(s * qk_scale - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new

@@ -84,8 +84,7 @@ class DualKernel:
 
     def __getitem__(self, grid: Any) -> Callable:
         def launch(*args: Any, **kwargs: Any) -> Any:
-            cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
-            if cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            if args[0].is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
                 return self.compiled()[grid](*args, **kwargs)
             with _interpret_env():
                 return self.interpreted()[grid](*args, **kwargs)

@@ -8,6 +8,7 @@ file (default ``~/.cache/spattn/triton-configs.json``). Tuning never runs under 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -81,8 +82,13 @@ def _save() -> None:
         pass
 
 
+@functools.lru_cache(maxsize=None)
+def _gpu_name(index: int | None) -> str:
+    return torch.cuda.get_device_name(index)
+
+
 def cache_key(kernel: str, head_dim: int, dtype: torch.dtype, kind: str, device: torch.device) -> str:
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    gpu = _gpu_name(device.index) if device.type == "cuda" else "cpu"
     return f"{kernel}|D{head_dim}|{str(dtype).removeprefix('torch.')}|{kind}|{gpu}"
 
 
