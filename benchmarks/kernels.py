@@ -333,6 +333,42 @@ def device_build(lengths) -> list[dict]:
     return rows
 
 
+# ----------------------------------------------------------------------------------------------- host overhead
+def overhead(L=4096, B=1, H=16, D=128) -> dict:
+    """Host time per call and GPU kernel times (profiler) for a short, sparse case where launch costs show."""
+    pattern, _ = _pattern("random10%", L)
+    layout = spattn.compile(pattern, L, L, causal=True, device="cuda")
+    q, k, v, do = (torch.randn(B, H, L, D, device="cuda").bfloat16() for _ in range(4))
+    qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+    fwd = lambda: tri.attention_triton(q, k, v, layout, scale=D**-0.5, return_lse=False)  # noqa: E731
+    fb = lambda: tri.attention_triton(qg, kg, vg, layout, scale=D**-0.5, return_lse=False)[0].backward(do)  # noqa: E731
+    out = {}
+    for name, fn, n in (("fwd", fwd, 200), ("fwd_bwd", fb, 50)):
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        out[f"{name}_host_us_per_call"] = (t1 - t0) / n * 1e6
+        out[f"{name}_wall_us_per_call"] = (time.perf_counter() - t0) / n * 1e6
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                fn()
+            torch.cuda.synchronize()
+        kern = {}
+        for e in prof.key_averages():
+            if e.device_type.name == "CUDA":
+                kern[e.key[:60]] = getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) / 10
+        out[f"{name}_gpu_us_by_kernel"] = dict(sorted(kern.items(), key=lambda kv: -kv[1])[:8])
+    print("  overhead", out, flush=True)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -361,9 +397,9 @@ def main() -> None:
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    import torch._dynamo
+    import torch._dynamo as dynamo
 
-    torch._dynamo.config.cache_size_limit = 64
+    dynamo.config.cache_size_limit = 64
     from spattn.ops.attention.impl.triton import _tuning
 
     t_start = time.time()
@@ -381,6 +417,12 @@ def main() -> None:
         os.environ["SPATTN_TRITON_AUTOTUNE"] = "0"  # defaults only: the grid checks numerics, not speed
         record["correctness"] = correctness_grid()
         os.environ["SPATTN_TRITON_AUTOTUNE"] = tune
+        save()
+    if "overhead" not in skip:
+        try:
+            record["overhead"] = overhead()
+        except Exception as exc:  # noqa: BLE001
+            record["overhead"] = {"error": repr(exc)[:300]}
         save()
     if "build" not in skip:
         record["device_build"] = device_build([16384, 131072])

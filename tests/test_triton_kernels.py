@@ -199,3 +199,13 @@ def test_supports_reasons():
     assert tri._check(q, k, v, layout) is None
     with pytest.raises(ValueError, match="q_len"):
         tri.attention_triton(q[:, :, :32], k, v, layout, scale=1.0, return_lse=False)
+
+
+@needs_interp
+def test_forward_merged_loop_variant(monkeypatch):
+    from spattn.ops.attention.impl.triton import _tuning
+
+    monkeypatch.setattr(_tuning, "INTERPRETER", _tuning.Config(32, 16, 4, 1, merged=True))
+    q, k, v = _qkv(1, 2, 1, 100, 130, 32, torch.float32, seed=11)
+    layout = spattn.compile(spattn.Sinks(8) | spattn.Window(40), 100, 130, causal=True, block_size=32, device=DEVICE)
+    _compare(q, k, v, layout, backward=False)

@@ -32,7 +32,7 @@ def attn_fwd_kernel(
     sti_b, sti_h, sti_q,  # strides of partial [*, *, NQ, W] tables
     stf_b, stf_h, stf_q,  # strides of full [*, *, NQ, WF] tables
     D: tl.constexpr, DP: tl.constexpr, BS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, MERGED: tl.constexpr,
 ):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows (causal) first
     pid_bh = tl.program_id(1)
@@ -57,50 +57,37 @@ def attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DP], tl.float32)
 
-    # ---- full blocks: bounds only
-    n_full = tl.load(FKV_NUM + b * stn_b + h * stn_h + qb)
-    f_row = FKV_IDX + b * stf_b + h * stf_h + qb * stf_q
-    for e in range(0, n_full):
-        kb = tl.load(f_row + e)
-        for sub in tl.static_range(BS // BLOCK_N):
+    if MERGED:
+        # Note [merged loop]: one software-pipelined loop over (full entries, then partial entries) x sub-tiles,
+        # so short rows (windows) pay one pipeline ramp instead of two; full entries skip the mask load
+        # (predicated off) but pay one select per score.
+        n_full = tl.load(FKV_NUM + b * stn_b + h * stn_h + qb)
+        n_part = tl.load(KV_NUM + b * stn_b + h * stn_h + qb)
+        f_row = FKV_IDX + b * stf_b + h * stf_h + qb * stf_q
+        p_row = KV_IDX + b * sti_b + h * sti_h + qb * sti_q
+        id_row = KV_MID + b * sti_b + h * sti_h + qb * sti_q
+        rows = r0 + tl.arange(0, BLOCK_M)
+        for it in range(0, (n_full + n_part) * (BS // BLOCK_N)):
+            e = it // (BS // BLOCK_N)
+            sub = it - e * (BS // BLOCK_N)
+            is_part = e >= n_full
+            kb = tl.load(f_row + e, mask=e < n_full, other=0) + tl.load(p_row + (e - n_full), mask=is_part, other=0)
+            mid = tl.load(id_row + (e - n_full), mask=is_part, other=0).to(tl.int64)
             cols = kb * BS + sub * BLOCK_N + offs_n
             if EVEN_N and D == DP:
                 k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :])
                 v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :])
-            elif EVEN_N:
-                k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :], mask=mask_d[None, :], other=0.0)
-                v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :], mask=mask_d[None, :], other=0.0)
             else:
                 kmask = (cols[:, None] < Lk) & mask_d[None, :]
                 k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :], mask=kmask, other=0.0)
                 v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :], mask=kmask, other=0.0)
-            s = tl.dot(q, tl.trans(k))
+            tile = tl.load(MASKS + mid * (BS * BS) + rows[:, None] * BS + (sub * BLOCK_N + offs_n)[None, :],
+                           mask=is_part, other=1)
+            keep = tile != 0
             if not EVEN_N:
-                s = tl.where(cols[None, :] < Lk, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s * qk_scale - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
-
-    # ---- partial blocks: token masks
-    n_part = tl.load(KV_NUM + b * stn_b + h * stn_h + qb)
-    p_row = KV_IDX + b * sti_b + h * sti_h + qb * sti_q
-    id_row = KV_MID + b * sti_b + h * sti_h + qb * sti_q
-    rows = r0 + tl.arange(0, BLOCK_M)
-    for e in range(0, n_part):
-        kb = tl.load(p_row + e)
-        mid = tl.load(id_row + e).to(tl.int64)
-        for sub in tl.static_range(BS // BLOCK_N):
-            cols = kb * BS + sub * BLOCK_N + offs_n
-            kmask = (cols[:, None] < Lk) & mask_d[None, :]
-            k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :], mask=kmask, other=0.0)
-            v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :], mask=kmask, other=0.0)
-            tile = tl.load(MASKS + mid * (BS * BS) + rows[:, None] * BS + (sub * BLOCK_N + offs_n)[None, :])
+                keep = keep & (cols[None, :] < Lk)
             s = tl.dot(q, tl.trans(k))
-            s = tl.where(tile != 0, s, float("-inf"))
+            s = tl.where(keep, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp2(m_i - m_safe)
@@ -108,6 +95,58 @@ def attn_fwd_kernel(
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
+    else:
+        # ---- full blocks: bounds only
+        n_full = tl.load(FKV_NUM + b * stn_b + h * stn_h + qb)
+        f_row = FKV_IDX + b * stf_b + h * stf_h + qb * stf_q
+        for e in range(0, n_full):
+            kb = tl.load(f_row + e)
+            for sub in tl.static_range(BS // BLOCK_N):
+                cols = kb * BS + sub * BLOCK_N + offs_n
+                if EVEN_N and D == DP:
+                    k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :])
+                    v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :])
+                elif EVEN_N:
+                    k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :], mask=mask_d[None, :], other=0.0)
+                    v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :], mask=mask_d[None, :], other=0.0)
+                else:
+                    kmask = (cols[:, None] < Lk) & mask_d[None, :]
+                    k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :], mask=kmask, other=0.0)
+                    v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :], mask=kmask, other=0.0)
+                s = tl.dot(q, tl.trans(k))
+                if not EVEN_N:
+                    s = tl.where(cols[None, :] < Lk, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m_i - m_safe)
+                p = tl.exp2(s * qk_scale - m_safe[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                m_i = m_new
+
+        # ---- partial blocks: token masks
+        n_part = tl.load(KV_NUM + b * stn_b + h * stn_h + qb)
+        p_row = KV_IDX + b * sti_b + h * sti_h + qb * sti_q
+        id_row = KV_MID + b * sti_b + h * sti_h + qb * sti_q
+        rows = r0 + tl.arange(0, BLOCK_M)
+        for e in range(0, n_part):
+            kb = tl.load(p_row + e)
+            mid = tl.load(id_row + e).to(tl.int64)
+            for sub in tl.static_range(BS // BLOCK_N):
+                cols = kb * BS + sub * BLOCK_N + offs_n
+                kmask = (cols[:, None] < Lk) & mask_d[None, :]
+                k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :], mask=kmask, other=0.0)
+                v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :], mask=kmask, other=0.0)
+                tile = tl.load(MASKS + mid * (BS * BS) + rows[:, None] * BS + (sub * BLOCK_N + offs_n)[None, :])
+                s = tl.dot(q, tl.trans(k))
+                s = tl.where(tile != 0, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m_i - m_safe)
+                p = tl.exp2(s * qk_scale - m_safe[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                m_i = m_new
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]

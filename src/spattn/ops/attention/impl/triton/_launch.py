@@ -66,7 +66,7 @@ def forward(q, k, v, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx, masks, scale: flo
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2), H * Lq, Lq,
             *_s2(kv_num), *_s3(kv_idx), *_s3(fkv_idx),
-            D=D, DP=_dp(D), BS=bs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EVEN_N=Lk % cfg.block_n == 0,
+            D=D, DP=_dp(D), BS=bs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EVEN_N=Lk % cfg.block_n == 0, MERGED=cfg.merged,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 

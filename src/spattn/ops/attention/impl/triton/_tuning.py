@@ -23,6 +23,7 @@ class Config:
     block_n: int
     num_warps: int
     num_stages: int
+    merged: bool = False  # forward only: one loop over full + partial entries (Note [merged loop])
 
     def fit(self, block_size: int) -> Config:
         return dataclasses.replace(self, block_m=min(self.block_m, block_size), block_n=min(self.block_n, block_size))
@@ -46,6 +47,7 @@ _CANDIDATES: dict[str, list[Config]] = {
     "fwd": [
         Config(128, 64, 4, 3), Config(128, 64, 8, 3), Config(128, 128, 8, 3), Config(128, 64, 8, 4),
         Config(64, 64, 4, 3), Config(128, 128, 8, 2),
+        Config(128, 64, 8, 3, True), Config(128, 64, 8, 4, True), Config(128, 128, 8, 2, True),
     ],
     "dq": [Config(64, 64, 4, 3), Config(128, 64, 8, 3), Config(64, 128, 8, 2), Config(64, 64, 8, 2)],
     "dkdv": [Config(64, 64, 4, 3), Config(64, 128, 8, 3), Config(128, 64, 8, 2), Config(64, 64, 8, 2)],
