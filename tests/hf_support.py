@@ -55,6 +55,6 @@ def tiny_bert(seed: int = 0):
     torch.manual_seed(seed)
     config = transformers.BertConfig(
         vocab_size=120, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=3,
-        max_position_embeddings=256, attn_implementation="sdpa",
+        max_position_embeddings=256, initializer_range=0.3, attn_implementation="sdpa",
     )
     return transformers.BertModel(config, add_pooling_layer=False).eval()
