@@ -99,7 +99,8 @@ def test_results_validate_against_schema(tiny):
         jsonschema.validate(bad, json.loads(SCHEMA.read_text()))
 
 
-_NUM = re.compile(r"[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
+# a number standing on its own (not part of a name such as a commit hash or "SmolLM2")
+_NUM = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?(?![\w])")
 
 
 def _json_numbers(obj, acc: list[float]) -> list[float]:
@@ -235,3 +236,74 @@ def test_pareto_and_recommend():
 def test_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         ReportConfig(**kwargs)
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def _screenshot(page: Path, shot: Path, height: int = 2400) -> None:
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as profile:
+        subprocess.run(
+            [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}", f"--screenshot={shot}", f"--window-size=1280,{height}", page.as_uri()],
+            capture_output=True, timeout=120, check=False,
+        )
+    assert shot.is_file(), "chromium wrote no screenshot"
+
+
+def _colourful(shot: Path) -> float:
+    """Fraction of clearly coloured pixels (plots and heatmaps; the page itself is white, grey and text)."""
+    import matplotlib.image
+    import numpy as np
+
+    img = matplotlib.image.imread(shot)[..., :3]
+    return float(((img.max(-1) - img.min(-1)) > 0.3).mean())
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)")
+def test_report_renders_in_headless_chromium(tiny, tmp_path):
+    """The page renders from disk with its figures and tables: compare with the same page without images."""
+    import matplotlib.image
+
+    page = tiny["out"] / "report.html"
+    shot = tmp_path / "report.png"
+    _screenshot(page, shot)
+    img = matplotlib.image.imread(shot)
+    assert img.shape[1] == 1280
+    bare_page = tmp_path / "bare.html"
+    bare_page.write_text(re.sub(r"<img [^>]*>", "", page.read_text()))
+    bare = tmp_path / "bare.png"
+    _screenshot(bare_page, bare)
+    with_figures, without = _colourful(shot), _colourful(bare)
+    assert with_figures > 0.02 and with_figures > 5 * without, (with_figures, without)
+    # the text-only version still shows tables and cards: far from a blank page
+    bare_img = matplotlib.image.imread(bare)[..., :3]
+    assert float((bare_img.mean(-1) < 0.5).mean()) > 0.005
+
+
+@pytest.mark.parametrize("length, block", [(64, 16), (100, 32)])
+def test_fast_recall_matches_coverage_measure(length, block):
+    """The report's layer-shared dense path gives the recall spattn.coverage.measure computes blockwise."""
+    import torch
+
+    import spattn
+    from spattn.coverage.measure import measure
+    from spattn.report.evaluate import dense_probs, token_mask
+    from spattn.selectors import TopP
+
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 4, length, 16, generator=gen, dtype=torch.float64)
+    k = torch.randn(1, 2, length, 16, generator=gen, dtype=torch.float64)
+    for pattern in (spattn.Sinks(3) | spattn.Window(10), spattn.Window(5) | spattn.Strided(7),
+                    spattn.Sinks(4) | spattn.Window(4) | spattn.RandomBlocks(1, seed=2, block=block),
+                    spattn.Sinks(4) | spattn.Window(4) | TopP("pooled", 0.5)):
+        layout = spattn.compile(pattern, length, length, causal=True, block_size=block, query=q, key=k)
+        mask = token_mask(layout)
+        assert torch.equal(mask, layout.to_dense()[0] & torch.ones(length, length, dtype=torch.bool).tril())
+        fast = (dense_probs(q, k) * mask).sum(-1)
+        ref = measure(q, k, layout, causal=True, topk=0).recall[0]
+        torch.testing.assert_close(fast, ref, rtol=0, atol=1e-12)

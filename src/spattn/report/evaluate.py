@@ -63,11 +63,11 @@ def latency_inputs(captures: Captures, seed: int) -> tuple[torch.Tensor, torch.T
     return q, k, v
 
 
-def dense_latency(captures: Captures, backend: str, repeats: int, seed: int) -> dict[str, Any]:
+def dense_latency(captures: Captures, backend: str, repeats: int, seed: int, block_size: int) -> dict[str, Any]:
     q, k, v = latency_inputs(captures, seed)
     rep = q.shape[1] // k.shape[1]
     ms_spattn = time_call(lambda: spattn.attention(q, k, v, spattn.Causal(), causal=True, backend=backend,
-                                                   block_size=64), repeats, q.device)
+                                                   block_size=block_size), repeats, q.device)
     kr, vr = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
     ms_sdpa = time_call(lambda: torch.nn.functional.scaled_dot_product_attention(q, kr, vr, is_causal=True),
                         repeats, q.device)
@@ -75,65 +75,126 @@ def dense_latency(captures: Captures, backend: str, repeats: int, seed: int) -> 
             "shape": [list(q.shape), list(k.shape)]}
 
 
-def measure_candidate(cand: Candidate, captures: Captures, *, block_size: int, head_dim: int,
-                      latency_backend: str, repeats: int, seed: int, progress=None) -> dict[str, Any]:
-    """Coverage, cost and latency of one fitted candidate on the calibration captures."""
+_DENSE_PROBS_MAX_LEN = 4096  # above this, recall goes through spattn.coverage.measure (never L x L)
+
+
+def dense_probs(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """float32 [H, L, L]: the dense causal attention probabilities of one layer (query [1, H, L, D], key
+    [1, Hkv, L, D]). Computed once per layer and shared by every candidate (short chunks only)."""
+    H, Hkv, L, D = query.shape[1], key.shape[1], query.shape[2], query.shape[3]
+    k = key[0].repeat_interleave(H // Hkv, 0)
+    scores = (query[0] @ k.transpose(-1, -2)) * D**-0.5
+    future = torch.ones(L, L, dtype=torch.bool, device=query.device).triu_(1)
+    return torch.softmax(scores.masked_fill_(future, float("-inf")), dim=-1)
+
+
+def token_mask(layout: spattn.Layout) -> torch.Tensor:
+    """bool [Hl, L, L]: the exact token mask of batch 0 of a self-attention layout, vectorised."""
+    bs, NQ, NK, L = layout.block_size, layout.num_q_blocks, layout.num_kv_blocks, layout.q_len
+    Hl = layout.heads
+    codes = torch.full((Hl, NQ, NK + 1), -1, dtype=torch.long, device=layout.device)  # -1 skipped
+    M = layout.masks.shape[0]
+    for num, idx, ids in ((layout.full_kv_num_blocks, layout.full_kv_indices, None),
+                          (layout.kv_num_blocks, layout.kv_indices, layout.kv_mask_ids)):
+        num, idx = num[0], idx[0]
+        if idx.shape[-1] == 0:
+            continue
+        valid = torch.arange(idx.shape[-1], device=layout.device) < num[..., None]
+        col = torch.where(valid, idx.long(), NK)
+        src = torch.full_like(col, M + 1) if ids is None else ids[0].long()
+        codes.scatter_(-1, col, src)
+    codes = codes[..., :NK]
+    codes = torch.where(codes < 0, M, codes)
+    ext = torch.cat([layout.masks.to(torch.bool), torch.zeros(1, bs, bs, dtype=torch.bool, device=layout.device),
+                     torch.ones(1, bs, bs, dtype=torch.bool, device=layout.device)])
+    tok = ext[codes].permute(0, 1, 3, 2, 4).reshape(Hl, NQ * bs, NK * bs)
+    return tok[:, :L, :L]
+
+
+class _Accumulator:
+    """Cost, FLOPs and per-query recall of one candidate, gathered layer by layer."""
+
+    def __init__(self, cand: Candidate, n_layers: int) -> None:
+        self.cand = cand
+        self.recalls: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
+        self.keys: list[float] = []
+        self.blocks: list[float] = []
+        self.flops_tok: list[float] = []
+        self.flops_blk: list[float] = []
+        self.layouts: list[spattn.Layout] = []  # chunk 0, one per layer
+        self.static: spattn.Layout | None = None
+
+
+def coverage_pass(cands: list[Candidate], captures: Captures, *, block_size: int, head_dim: int,
+                  progress=None) -> dict[str, dict[str, Any]]:
+    """Cost, recall per layer and head, reachability and a block picture of every candidate, on the
+    calibration captures. Layers outer, candidates inner: the dense attention of a layer is computed once."""
     measure, reachability = _coverage()
-    pattern = cand.pattern
     n_layers = len(captures[0])
     L = captures[0][0][0].shape[2]
     H = captures[0][0][0].shape[1]
-    static = None if cand.dynamic else spattn.compile(pattern, L, L, causal=True, block_size=block_size)
-    recalls: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
-    keys_cost, block_cost, flops_tok, flops_blk = [], [], [], []
-    chunk0_layouts: list[spattn.Layout] = []
+    accs = [_Accumulator(c, n_layers) for c in cands]
+    for acc in accs:
+        if not acc.cand.dynamic:
+            acc.static = spattn.compile(acc.cand.pattern, L, L, causal=True, block_size=block_size)
+    small = L <= _DENSE_PROBS_MAX_LEN
     for c, layers in enumerate(captures):
         for layer, (q, k) in enumerate(layers):
-            lay = static if static is not None else spattn.compile(
-                pattern, L, L, causal=True, block_size=block_size, query=q, key=k)
-            kc, bc = layout_cost(lay)
-            keys_cost.append(kc)
-            block_cost.append(bc)
-            flops_tok.append(lay.flops(head_dim, heads=H))
-            flops_blk.append(lay.flops(head_dim, heads=H, level="block"))
-            rep = measure(q, k, lay, causal=True, topk=0)
-            recalls[layer].append(rep.recall[0].double())  # [H, L]
-            if c == 0:
-                chunk0_layouts.append(lay)
+            probs = dense_probs(q, k) if small else None
+            for acc in accs:
+                lay = acc.static if acc.static is not None else spattn.compile(
+                    acc.cand.pattern, L, L, causal=True, block_size=block_size, query=q, key=k)
+                kc, bc = layout_cost(lay)
+                acc.keys.append(kc)
+                acc.blocks.append(bc)
+                acc.flops_tok.append(lay.flops(head_dim, heads=H))
+                acc.flops_blk.append(lay.flops(head_dim, heads=H, level="block"))
+                if probs is not None:
+                    recall = (probs * token_mask(lay)).sum(-1).double().clamp_(max=1.0)  # [H, L]
+                else:
+                    recall = measure(q, k, lay, causal=True, topk=0).recall[0].double()
+                acc.recalls[layer].append(recall)
+                if c == 0:
+                    acc.layouts.append(lay)
+            del probs
             if progress is not None:
-                progress()
-    per_layer = [torch.cat(r, dim=-1) for r in recalls]  # [H, C*L] each
-    allr = torch.stack(per_layer)  # [layers, H, C*L]
-    head_mean = allr.mean(-1)
-    head_p5 = torch.stack([torch.stack([torch.tensor(_p5(allr[i, h])) for h in range(H)]) for i in range(n_layers)])
-    reach = reachability(static if static is not None else chunk0_layouts, causal=True, max_layers=n_layers)
-    mid = chunk0_layouts[len(chunk0_layouts) // 2]
-    picture = mid.block_status()[0, 0].tolist()
-    q, k, v = latency_inputs(captures, seed)
-    lat = time_call(lambda: spattn.attention(q, k, v, pattern, causal=True, backend=latency_backend,
-                                             block_size=block_size), repeats, q.device)
+                progress(f"chunk {c + 1}, layer {layer + 1}/{n_layers}")
     dense_flops = 4.0 * causal_pairs(L) * head_dim * H
-    return {
-        "cost": {
-            "keys_fraction": sig(statistics.fmean(keys_cost)),
-            "keys_fraction_max": sig(max(keys_cost)),
-            "block_fraction": sig(statistics.fmean(block_cost)),
-            "attention_gflops": sig(sum(flops_tok) / len(captures) / 1e9),
-            "attention_gflops_block": sig(sum(flops_blk) / len(captures) / 1e9),
-            "dense_attention_gflops": sig(dense_flops * n_layers / 1e9),
-        },
-        "recall": {
-            "mean": sig(float(allr.mean())),
-            "p5": sig(_p5(allr)),
-            "min": sig(float(allr.min())),
-            "per_layer_mean": [sig(float(x)) for x in allr.mean(dim=(1, 2))],
-            "per_layer_head_mean": [[sig(float(x), 4) for x in row] for row in head_mean],
-            "per_layer_head_p5": [[sig(float(x), 4) for x in row] for row in head_p5],
-        },
-        "reach": {
-            "fraction": [sig(float(x)) for x in reach.fraction],
-            "layers_to_full": reach.layers_to_full,
-        },
-        "latency": {"backend": latency_backend, "median_ms": sig(lat, 4)},
-        "picture": {"layer": len(chunk0_layouts) // 2, "head": 0, "block_status": picture},
-    }
+    out = {}
+    for acc in accs:
+        allr = torch.stack([torch.cat(r, dim=-1) for r in acc.recalls])  # [layers, H, C*L]
+        head_p5 = [[sig(_p5(allr[i, h]), 4) for h in range(H)] for i in range(n_layers)]
+        reach = reachability(acc.static if acc.static is not None else acc.layouts, causal=True, max_layers=n_layers)
+        mid = acc.layouts[len(acc.layouts) // 2]
+        n_chunks = len(captures)
+        out[acc.cand.id] = {
+            "cost": {
+                "keys_fraction": sig(statistics.fmean(acc.keys)),
+                "keys_fraction_max": sig(max(acc.keys)),
+                "block_fraction": sig(statistics.fmean(acc.blocks)),
+                "attention_gflops": sig(sum(acc.flops_tok) / n_chunks / 1e9),
+                "attention_gflops_block": sig(sum(acc.flops_blk) / n_chunks / 1e9),
+                "dense_attention_gflops": sig(dense_flops * n_layers / 1e9),
+            },
+            "recall": {
+                "mean": sig(float(allr.mean())),
+                "p5": sig(_p5(allr)),
+                "min": sig(float(allr.min())),
+                "per_layer_mean": [sig(float(x)) for x in allr.mean(dim=(1, 2))],
+                "per_layer_head_mean": [[sig(float(x), 4) for x in row] for row in allr.mean(-1)],
+                "per_layer_head_p5": head_p5,
+            },
+            "reach": {"fraction": [sig(float(x)) for x in reach.fraction], "layers_to_full": reach.layers_to_full},
+            "picture": {"layer": len(acc.layouts) // 2, "head": 0, "block_status": mid.block_status()[0, 0].tolist()},
+        }
+    return out
+
+
+def candidate_latency(pattern, captures: Captures, *, block_size: int, backend: str, repeats: int,
+                      seed: int) -> dict[str, Any]:
+    """Median time of ``spattn.attention`` with the pattern (selection included for dynamic patterns) on the
+    middle layer of the first calibration chunk."""
+    q, k, v = latency_inputs(captures, seed)
+    ms = time_call(lambda: spattn.attention(q, k, v, pattern, causal=True, backend=backend, block_size=block_size),
+                   repeats, q.device)
+    return {"backend": backend, "median_ms": sig(ms, 4)}

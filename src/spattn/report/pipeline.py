@@ -16,7 +16,7 @@ import torch
 from spattn._optional import require
 from spattn.report import candidates as C
 from spattn.report.config import ReportConfig
-from spattn.report.evaluate import dense_latency, measure_candidate, sig
+from spattn.report.evaluate import candidate_latency, coverage_pass, dense_latency, sig
 from spattn.report.frontier import pareto, recommend
 from spattn.report.stages import StageCache
 
@@ -183,26 +183,53 @@ def run_report(config: ReportConfig, output: str | os.PathLike, *, overwrite: bo
                     "nll_sum": sig(nll, 10),
                     "tokens": int(tokens),
                     "patched_full_perplexity": sig(M.perplexity(nll_full, int(tokens))),
-                    "latency": dense_latency(captures, latency_backend, config.latency_repeats, config.seed),
+                    "latency": dense_latency(captures, latency_backend, config.latency_repeats, config.seed,
+                                             config.block_size),
                     "attention_gflops": sig(4.0 * C.causal_pairs(config.chunk_length) * facts["head_dim"]
                                             * facts["heads"] * facts["layers"] / 1e9),
                 }
                 cache.put("dense", dense)
 
-        t = time.perf_counter()
-        task = bars.stage("candidates (fit, coverage, model)", len(wanted))
         records: list[dict[str, Any]] = []
         skipped: list[dict[str, Any]] = []
+        cov_key = lambda cid: "coverage/" + cache.candidate_path(cid).split("/", 1)[1]  # noqa: E731
+        need_cov = [w for w in pending if cache.get(cov_key(w[0])) is None]
+        if need_cov:
+            t = time.perf_counter()
+            task = bars.stage("fit candidates to budgets", len(need_cov))
+            fitted = []
+            for cid, fam, b, sel in need_cov:
+                cand = _fit(config, fam, b, sel, captures)
+                if cand.pattern is None:
+                    cache.put(cov_key(cid), _base(cand, fam, b, sel) | {"pattern": None, "note": cand.note})
+                else:
+                    fitted.append(cand)
+                bars.advance(task, cid)
+            timings["fit"] = time.perf_counter() - t
+            t = time.perf_counter()
+            n_steps = len(captures) * len(captures[0])
+            task = bars.stage("coverage on captured attention", n_steps)
+            cov = {} if not fitted else coverage_pass(fitted, captures, block_size=config.block_size, head_dim=facts["head_dim"],
+                                progress=lambda d: bars.advance(task, d))
+            for cand in fitted:
+                cache.put(cov_key(cand.id), _base(cand, cand.family, cand.budget, cand.selector)
+                          | {"label": cand.label, "pattern": cand.pattern.to_dict(), "parameter": cand.parameter}
+                          | cov[cand.id])
+            timings["coverage"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        task = bars.stage("model damage and latency", len(wanted))
         for cid, fam, b, sel in wanted:
             rec = cache.get(cache.candidate_path(cid))
             if rec is None:
-                bars.advance(task, f"{cid}: fitting", 0)
-                rec = _run_candidate(config, fam, b, sel, captures, refs, model, facts, eval_backend, latency_backend,
-                                     dense, lambda d, c=cid: bars.advance(task, f"{c}: {d}", 0))
+                rec = cache.get(cov_key(cid))
+                if rec.get("pattern") is not None:
+                    bars.advance(task, f"{cid}", 0)
+                    rec = _finish_candidate(config, rec, captures, refs, model, dense, eval_backend, latency_backend)
                 cache.put(cache.candidate_path(cid), rec)
             (records if rec.get("pattern") is not None else skipped).append(rec)
             bars.advance(task, cid)
-        timings["candidates"] = time.perf_counter() - t
+        timings["model"] = time.perf_counter() - t
     del captures, refs
 
     t = time.perf_counter()
@@ -221,34 +248,38 @@ def run_report(config: ReportConfig, output: str | os.PathLike, *, overwrite: bo
     return results
 
 
-def _run_candidate(cfg: ReportConfig, family: str, budget: float, selector: str | None, captures: list, refs: list,
-                   model: Any, facts: dict, eval_backend: str, latency_backend: str, dense: dict, note) -> dict[str, Any]:
+def _fit(cfg: ReportConfig, family: str, budget: float, selector: str | None, captures: list) -> C.Candidate:
+    if family != "top_p":
+        return C.static_candidates(family, budget, cfg.chunk_length, cfg.block_size, cfg.seed)
+    try:
+        import spattn.selectors  # noqa: F401
+    except ImportError as exc:
+        return C.Candidate(_cid(family, budget, selector), family, budget, None, "", {}, True, selector=selector,
+                           note=f"dynamic selectors are not available in this install ({exc})")
+    layers = captures[0]
+    picks = sorted({0, len(layers) // 3, (2 * len(layers)) // 3, len(layers) - 1})
+    return C.fit_dynamic(selector, budget, cfg.chunk_length, cfg.block_size, [layers[i] for i in picks])
+
+
+def _base(cand: C.Candidate, family: str, budget: float, selector: str | None) -> dict[str, Any]:
+    return {"id": cand.id, "family": family, "family_title": C.FAMILY_TITLES[family], "budget": budget,
+            "selector": selector, "dynamic": cand.dynamic}
+
+
+def _finish_candidate(cfg: ReportConfig, rec: dict[str, Any], captures: list, refs: list, model: Any, dense: dict,
+                      eval_backend: str, latency_backend: str) -> dict[str, Any]:
+    """Latency and model damage of a candidate whose coverage is measured."""
+    import spattn
     from spattn.integrations.plan import Plan
     from spattn.report import model as M
 
-    L = cfg.chunk_length
-    if family == "top_p":
-        try:
-            import spattn.selectors  # noqa: F401
-        except ImportError as exc:
-            cand = C.Candidate(_cid(family, budget, selector), family, budget, None, "", {}, True, selector=selector,
-                               note=f"dynamic selectors are not available in this install ({exc})")
-        else:
-            layers = captures[0]
-            picks = sorted({0, len(layers) // 3, (2 * len(layers)) // 3, len(layers) - 1})
-            cand = C.fit_dynamic(selector, budget, L, cfg.block_size, [layers[i] for i in picks])
-    else:
-        cand = C.static_candidates(family, budget, L, cfg.block_size, cfg.seed)
-    base = {"id": cand.id, "family": family, "family_title": C.FAMILY_TITLES[family], "budget": budget,
-            "selector": selector, "dynamic": cand.dynamic}
-    if cand.pattern is None:
-        return {**base, "pattern": None, "note": cand.note}
-    note("coverage")
-    measured = measure_candidate(cand, captures, block_size=cfg.block_size, head_dim=facts["head_dim"],
-                                 latency_backend=latency_backend, repeats=cfg.latency_repeats, seed=cfg.seed)
-    note("model")
+    if rec["dynamic"]:
+        import spattn.selectors  # noqa: F401  (registers TopP for pattern_from_dict)
+    pattern = spattn.pattern_from_dict(rec["pattern"])
+    latency = candidate_latency(pattern, captures, block_size=cfg.block_size, backend=latency_backend,
+                                repeats=cfg.latency_repeats, seed=cfg.seed)
     nll = agree = kl = tokens = 0.0
-    plan = Plan.uniform(cand.pattern)
+    plan = Plan.uniform(pattern)
     for ref in refs:
         s = M.compare(ref, M.logits(model, ref["ids"], plan, backend=eval_backend, block_size=cfg.block_size))
         nll += s["nll"]
@@ -256,12 +287,8 @@ def _run_candidate(cfg: ReportConfig, family: str, budget: float, selector: str 
         kl += s["kl"]
         tokens += s["tokens"]
     ppl = M.perplexity(nll, int(tokens))
-    return {
-        **base,
-        "label": cand.label,
-        "pattern": cand.pattern.to_dict(),
-        "parameter": cand.parameter,
-        **measured,
+    return rec | {
+        "latency": latency,
         "model": {
             "perplexity": sig(ppl),
             "perplexity_delta": sig(ppl - dense["perplexity"]),
