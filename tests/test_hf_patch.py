@@ -203,3 +203,32 @@ def test_padding_segments():
     assert torch.equal(hf.padding_segments(additive, L, L, True), seg)
     with pytest.raises(ValueError, match="4D"):
         hf.padding_segments(torch.ones(2, L, dtype=torch.bool), L, L, True)
+
+
+def test_model_sliding_window_is_kept():
+    """A Mistral-style model's own sliding window (with and without padding) matches SDPA."""
+    torch.manual_seed(0)
+    config = transformers.MistralConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, sliding_window=8, attn_implementation="sdpa",
+    )
+    model = transformers.MistralForCausalLM(config).eval()
+    gold_model = transformers.MistralForCausalLM(config).eval()
+    gold_model.load_state_dict(model.state_dict())
+    gold_model = gold_model.double()
+    ids = torch.randint(0, 97, (2, 45))
+    mask = torch.ones(2, 45, dtype=torch.long)
+    mask[1, 30:] = 0
+    valid = mask.bool()
+    for m in (None, mask):
+        gold = _logits(gold_model, ids, m)
+        base = _logits(model, ids, m)
+        with hf.patched(model, None, backend="reference", block_size=16):
+            out = _logits(model, ids, m)
+        sel = valid if m is not None else torch.ones_like(valid)
+        assert_within(out[sel], gold[sel], base[sel], what=f"mistral sliding window, mask={m is not None}")
+    # the window matters at this length: without it the same weights give other logits
+    windowed = _logits(model, ids)
+    model.config.sliding_window = None
+    with hf.patched(model, None, backend="reference", block_size=16):
+        assert (_logits(model, ids) - windowed).abs().max() > 1e-3

@@ -10,8 +10,9 @@
   The attention function turns that boolean mask back into exact spattn terms: it reads which keys are
   padding, checks that the mask is exactly "causal (or bidirectional) and not padding", and intersects the
   layer's pattern with ``Document(segment_ids)`` where padding has id -1 (padding attends nothing, so the
-  outputs at padded positions are 0; the model ignores them). Any other mask (packed sequences, a model's
-  own sliding window, custom 4D masks) raises ``NotImplementedError`` rather than computing something else.
+  outputs at padded positions are 0; the model ignores them). A model's own causal sliding window (Mistral)
+  becomes ``& Window(sliding_window - 1)``. Any other mask (packed sequences, custom 4D masks) raises
+  ``NotImplementedError`` rather than computing something else.
 
 ``patch(model, plan)`` switches a loaded model to ``"spattn"`` with a plan; ``unpatch(model)`` restores the
 previous implementation; ``patched(model, plan)`` does both around a ``with`` block. A model loaded with
@@ -30,7 +31,7 @@ import torch
 
 from spattn._optional import require
 from spattn.integrations.plan import Plan, as_plan
-from spattn.patterns import Document, Full, Pattern
+from spattn.patterns import Document, Full, Pattern, Window
 
 NAME = "spattn"
 _BACKENDS = ("auto", "reference", "dense", "flex", "triton")
@@ -55,7 +56,7 @@ class _MaskMemo:
     """The last attention mask seen and what it became: every layer of one forward gets the same tensor."""
 
     ref: Any = None
-    result: tuple[tuple[int, int, bool] | None, torch.Tensor | None] = (None, None)
+    result: tuple[tuple | None, torch.Tensor | None] = (None, None)
     document: tuple[Any, Document] | None = None  # (segments tensor, its Document pattern)
 
 
@@ -110,15 +111,18 @@ def _keep_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return keep
 
 
-def padding_segments(attention_mask: torch.Tensor | None, q_len: int, kv_len: int, causal: bool) -> torch.Tensor | None:
+def padding_segments(
+    attention_mask: torch.Tensor | None, q_len: int, kv_len: int, causal: bool, window: int | None = None
+) -> torch.Tensor | None:
     """Segment ids int64 ``[B, kv_len]`` (0 = token, -1 = padding) exactly equivalent to a transformers
     attention mask, or ``None`` when there is no padding. ``attention_mask``: bool ``[B, 1, Lq, Lk]``
-    (True = attend) or an additive float mask. Raises ``NotImplementedError`` for any other mask shape
-    (packed sequences, sliding windows, custom masks)."""
+    (True = attend) or an additive float mask; ``window``: the model's own sliding window as a left extent
+    (key j seen by query i iff ``i - window <= j``), part of the expected mask. Raises
+    ``NotImplementedError`` for any other mask (packed sequences, custom masks)."""
     if attention_mask is None:
         return None
     memo_mask = _MEMO.ref() if _MEMO.ref is not None else None
-    if memo_mask is attention_mask and _MEMO.result[0] == (q_len, kv_len, causal):
+    if memo_mask is attention_mask and _MEMO.result[0] == (q_len, kv_len, causal, window):
         return _MEMO.result[1]
     keep = _keep_mask(attention_mask)
     if keep.shape[-2:] != (q_len, kv_len):
@@ -126,9 +130,12 @@ def padding_segments(attention_mask: torch.Tensor | None, q_len: int, kv_len: in
     key_valid = keep.any(dim=1)  # [B, Lk]; in both mask kinds a valid key is seen by some valid query
     query_valid = key_valid[:, kv_len - q_len :]  # queries sit at absolute positions kv_len - q_len + i
     expected = key_valid[:, None, :].expand_as(keep)
+    pos_q = torch.arange(q_len, device=keep.device)[:, None] + (kv_len - q_len)
+    pos_k = torch.arange(kv_len, device=keep.device)[None, :]
     if causal:
-        pos_q = torch.arange(q_len, device=keep.device)[:, None] + (kv_len - q_len)
-        expected = expected & (torch.arange(kv_len, device=keep.device)[None, :] <= pos_q)
+        expected = expected & (pos_k <= pos_q)
+    if window is not None:
+        expected = expected & (pos_k >= pos_q - window)
     bad = (keep != expected) & query_valid[:, :, None]
     if bool(bad.any()):
         raise NotImplementedError(
@@ -139,7 +146,7 @@ def padding_segments(attention_mask: torch.Tensor | None, q_len: int, kv_len: in
         )
     segments = None if bool(key_valid.all()) else torch.where(key_valid, 0, -1).long()
     _MEMO.ref = weakref.ref(attention_mask)
-    _MEMO.result = ((q_len, kv_len, causal), segments)
+    _MEMO.result = ((q_len, kv_len, causal, window), segments)
     return segments
 
 
@@ -173,18 +180,25 @@ def spattn_attention_forward(
         raise NotImplementedError("spattn: attention dropout is not supported; call model.eval() or set dropout=0")
     if kwargs.get("softcap") is not None:
         raise NotImplementedError("spattn: attention logit softcapping is not supported")
-    if kwargs.get("sliding_window") is not None:
-        raise NotImplementedError("spattn: models with their own sliding window are not supported yet")
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
+    # the model's own sliding window (Mistral...): transformers keeps key j for query i iff j > i - sliding_window
+    sliding = kwargs.get("sliding_window")
+    window = None
+    if sliding is not None:
+        if not causal:
+            raise NotImplementedError("spattn: bidirectional sliding-window models are not supported")
+        window = int(sliding) - 1
     q_len, kv_len = query.shape[2], key.shape[2]
     layer = layer_index(module)
     for hook in _HOOKS:
         hook(module, layer, query, key)
     plan: Plan | None = getattr(module, "_spattn_plan", None)
     pattern: Pattern | None = plan.pattern_for(layer) if plan is not None else None
-    segments = padding_segments(attention_mask, q_len, kv_len, causal)
+    segments = padding_segments(attention_mask, q_len, kv_len, causal, window)
     if pattern is None:
         pattern = Full()
+    if window is not None:
+        pattern = pattern & Window(window)
     if segments is not None:
         pattern = pattern & _document(segments)
     backend = getattr(module, "_spattn_backend", "auto")
