@@ -11,11 +11,13 @@ Both return ``(model, tokenizer)`` with the model in eval mode.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -99,16 +101,38 @@ def smollm2_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
     """Directory of the converted SmolLM2 safetensors copy, converting the GGUF file first if needed."""
     gguf = smollm2_gguf_path()
     target = _cache_dir(cache_dir) / "models" / _SMOLLM2_DIR
-    stamp = target / "spattn-source.json"
-    fresh = False
-    if stamp.is_file() and (target / "model.safetensors").is_file():
-        try:
-            fresh = json.loads(stamp.read_text()) == _source_stamp(gguf)
-        except (OSError, ValueError):
-            fresh = False
-    if not fresh:
-        _convert_smollm2(gguf, target)
+    if _is_fresh(target, gguf):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _lock(target.parent / f".{_SMOLLM2_DIR}.lock"):  # one converter at a time (parallel test workers)
+        if not _is_fresh(target, gguf):
+            _convert_smollm2(gguf, target)
     return target
+
+
+def _is_fresh(target: Path, gguf: Path) -> bool:
+    stamp = target / "spattn-source.json"
+    if not (stamp.is_file() and (target / "model.safetensors").is_file()):
+        return False
+    try:
+        return json.loads(stamp.read_text()) == _source_stamp(gguf)
+    except (OSError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def load_smollm2(
