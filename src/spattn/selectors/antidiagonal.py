@@ -64,10 +64,13 @@ class Antidiagonal(Selector):
             if allowed is not None:  # [Bs, Hs, NQ, NK] -> tiles of these rows
                 blk = allowed[:, :, (m * S) // block_size][..., (n * S) // block_size]
                 vis = vis & blk
-            logits = logits.masked_fill(~vis, -math.inf)
-            mx = logits.amax(-1, keepdim=True)
-            p = torch.exp(logits - torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx)))
-            p = p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
+            logits.masked_fill_(~vis, -math.inf)
+            if allowed is None:  # every row sees key tile 0: the fused softmax is safe
+                p = torch.softmax(logits, -1)
+            else:  # rows may see nothing: no NaN
+                mx = logits.amax(-1, keepdim=True)
+                p = torch.exp(logits - torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx)))
+                p = p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
             p = torch.nn.functional.pad(p, (0, NK * per - N)).unflatten(-1, (NK, per)).sum(-1)  # [B, H, r, NK]
             r = p.shape[2]
             p = torch.nn.functional.pad(p, (0, 0, 0, -r % per)).unflatten(2, (-1, per)).sum(3)

@@ -55,7 +55,7 @@ class Bounds(Selector):
         kmin = pool(key, block_size, "amin").to(cdt)
         bs = block_size
         if self.reduce == "mean":
-            q = pool(query.float(), bs).to(cdt)
+            q = pool(query, bs).to(cdt)
             U = group_matmul(q.clamp_min(0), kmax).float() - group_matmul((-q).clamp_min(0), kmin).float()
         else:
             NK = kmax.shape[2]

@@ -121,7 +121,7 @@ def pool(x: torch.Tensor, block_size: int, reduce: str = "mean") -> torch.Tensor
     pad = n * block_size - L
     if reduce == "mean":
         xp = torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x
-        xs = xp.unflatten(-2, (n, block_size)).sum(-2)
+        xs = xp.unflatten(-2, (n, block_size)).sum(-2, dtype=torch.float32 if x.dtype != torch.float64 else x.dtype)
         return xs / block_sizes(L, block_size, x.device).to(xs.dtype)[:, None]
     fill = -math.inf if reduce == "amax" else math.inf
     xp = torch.nn.functional.pad(x, (0, 0, 0, pad), value=fill).unflatten(-2, (n, block_size))

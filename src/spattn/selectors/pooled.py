@@ -41,8 +41,8 @@ class Pooled(Selector):
     def scores(self, query, key, *, block_size, causal=False, scale=None, allowed=None):
         B, H, Hkv, Lq, Lk, D = check_qk(query, key, block_size)
         scale = default_scale(scale, D)
-        qb = pool(query.float(), block_size)  # [B, H, NQ, D]
-        kb = pool(key.float(), block_size)  # [B, Hkv, NK, D]
+        qb = pool(query, block_size)  # [B, H, NQ, D] float32 (accumulated in float32, no copy of the input)
+        kb = pool(key, block_size)  # [B, Hkv, NK, D]
         logits = group_matmul(qb, kb) * scale + torch.log(block_sizes(Lk, block_size, query.device).float())
         return masked_softmax(logits, restrict(visible_blocks(Lq, Lk, block_size, causal, query.device), allowed))
 
