@@ -193,3 +193,14 @@ def test_non_contiguous_inputs_select_the_same_blocks():
         _, a = _dense(TopK(name, 2, options=opts), q, k)
         _, b = _dense(TopK(name, 2, options=opts), qt, kt)
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("backend", ["dense", "flex"])
+def test_dynamic_layout_runs_in_other_backends(backend):
+    torch.manual_seed(8)
+    q, k, v = torch.randn(1, 4, 160, 16), torch.randn(1, 2, 160, 16), torch.randn(1, 2, 160, 16)
+    pattern = spattn.Sinks(4) | spattn.Window(32) | TopK("bounds", 1, keep=(50,))
+    layout = spattn.compile(pattern, 160, 160, causal=True, block_size=BS, query=q, key=k)
+    ref = spattn.attention(q, k, v, layout, causal=True, backend="reference")
+    got = spattn.attention(q, k, v, layout, causal=True, backend=backend)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
