@@ -8,6 +8,7 @@
 
 Selectors (``get_selector(name, **options)``): ``pooled``, ``vertical_slash`` (``last``), ``antidiagonal``
 (``stride``), ``bounds`` (``reduce``). Each has ``scores`` (fast, on device) and ``reference`` (float64 loops).
+``LayoutBuilder`` builds ``static | TopK/TopP`` layouts for new inputs with no host synchronisation.
 """
 
 from spattn.selectors.antidiagonal import Antidiagonal
@@ -15,10 +16,11 @@ from spattn.selectors.bounds import Bounds
 from spattn.selectors.budget import top_k, top_p
 from spattn.selectors.common import Selector, get_selector, register_selector, selector_names
 from spattn.selectors.patterns import TopK, TopP
+from spattn.selectors.build import LayoutBuilder
 from spattn.selectors.pooled import Pooled
 from spattn.selectors.vertical_slash import VerticalSlash
 
 __all__ = [
     "Selector", "get_selector", "register_selector", "selector_names", "Pooled", "VerticalSlash", "Antidiagonal",
-    "Bounds", "top_k", "top_p", "TopK", "TopP",
+    "Bounds", "top_k", "top_p", "TopK", "TopP", "LayoutBuilder",
 ]
