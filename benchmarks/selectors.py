@@ -11,11 +11,12 @@ Per length x head configuration (MHA and GQA) x selector, on synthetic prefill i
 plus a few heavy key blocks (``--data random`` for pure noise), pattern ``Sinks(s) | Window(w) | TopP(sel, p)``
 (``--rule topk`` for ``TopK(sel, k)``), causal:
 
-1. selection: the dynamic part alone (scores + budget rule, given the safeguards), and ``spattn.compile``
-   (selection + safeguards + block tables), medians;
+1. selection: the dynamic part alone (scores + budget rule, given the safeguards), ``spattn.compile``
+   (selection + safeguards + block tables, with host syncs), and ``spattn.selectors.LayoutBuilder.build``
+   (selection + merge + fixed-width tables, checked host-sync free on CUDA), medians;
 2. sparse attention forward on the compiled layout (backend ``triton`` when importable on CUDA, else
    ``flex``; recorded), dense SDPA (flash on CUDA) and FlexAttention on the same layout via
-   ``layout.to_block_mask()``; end-to-end = compile + sparse attention;
+   ``layout.to_block_mask()``; end-to-end = compile + sparse attention, and build + attention in one call;
 3. correctness gate: sparse output against FlexAttention (or the reference) on the same layout;
 4. recall (``spattn.coverage.measure``) of the layout and of the oracle (``spattn.coverage.oracle_layout``)
    at the same blocks per query block, on ``--recall-heads`` query heads, with the selector's own estimate.
@@ -50,7 +51,7 @@ sys.path.insert(0, os.path.join(_HERE, "..", "src"))
 
 import spattn
 from spattn.patterns.base import Context
-from spattn.selectors import TopK, TopP
+from spattn.selectors import LayoutBuilder, TopK, TopP
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -356,11 +357,33 @@ def run_row(args, q, k, v, selector, device, backend, dense_ms, deadline) -> dic
     scorer = dyn.make_selector()
     row["scores_ms"] = timed(lambda: scorer.scores(q, k, block_size=bs, causal=True), device, reps=args.reps)
     row["compile_ms"] = wall(compile_layout, device, reps=max(3, args.reps // 2))
+    # 1b. the sync-free builder (static part compiled once per length, excluded; then selection + merge + pack)
+    t0 = time.perf_counter()
+    builder = LayoutBuilder(pattern, L, causal=True, block_size=bs, batch=q.shape[0], heads=H, device=q.device)
+    sync(device)
+    row["builder_init_ms"] = (time.perf_counter() - t0) * 1e3
+    built = builder.build(q, k)
+    row["builder_equals_compile"] = bool(torch.equal(built.block_status(), layout.block_status().expand_as(
+        built.block_status())))
+    if device.type == "cuda":
+        try:
+            torch.cuda.set_sync_debug_mode("error")
+            builder.build(q, k)
+            row["build_host_sync_free"] = True
+        except RuntimeError as exc:
+            row["build_host_sync_free"] = False
+            row["build_host_sync"] = str(exc)[:300]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    row["build_ms"] = timed(lambda: builder.build(q, k), device, reps=args.reps)
     # 2. sparse attention on the compiled layout
     run_sparse = lambda: spattn.attention(q, k, v, layout, causal=True, backend=backend)  # noqa: E731
     out = run_sparse()
     row["attention_ms"] = timed(run_sparse, device, reps=args.reps)
     row["end_to_end_ms"] = row["compile_ms"] + row["attention_ms"]
+    run_built = lambda: spattn.attention(q, k, v, builder.build(q, k), causal=True, backend=backend)  # noqa: E731
+    row["end_to_end_build_ms"] = timed(run_built, device, reps=args.reps)  # build + attention, one timed call
+    row["speedup_end_to_end_build_vs_dense"] = dense_ms / row["end_to_end_build_ms"]
     row["selection_fraction_of_attention"] = row["selection_ms"] / row["attention_ms"]
     row["dense_ms"] = dense_ms
     row["speedup_attention_vs_dense"] = dense_ms / row["attention_ms"]
@@ -495,7 +518,9 @@ def summary(row: dict) -> str:
         f"L={row['length']:>6} Hkv={row['kv_heads']:>2} {row['selector']:<15} dens={row['density']:.4f} "
         f"sel={row['selection_ms']:8.2f}ms comp={row['compile_ms']:8.2f}ms attn={row['attention_ms']:8.2f}ms "
         f"dense={row['dense_ms']:8.2f}ms flex={'-' if flex is None else f'{flex:8.2f}ms'} "
-        f"e2e x{row['speedup_end_to_end_vs_dense']:.2f} sel/attn={row['selection_fraction_of_attention']:.2f} "
+        f"build={row['build_ms']:7.2f}ms e2e x{row['speedup_end_to_end_vs_dense']:.2f} "
+        f"e2e(build) x{row['speedup_end_to_end_build_vs_dense']:.2f} "
+        f"sel/attn={row['selection_fraction_of_attention']:.2f} "
         f"recall={rec.get('recall', float('nan')):.3f} oracle={rec.get('oracle_recall', float('nan')):.3f} "
         f"est={row['estimated_mass']:.3f} gate={row.get('gate', {}).get('ok')}"
     )

@@ -7,7 +7,8 @@ import spattn
 from spattn.selectors import LayoutBuilder, TopK, TopP
 
 CASES = [
-    pytest.param(lambda: spattn.Sinks(5) | spattn.Window(40) | TopP("pooled", 0.8), 4, 2, 300, id="sinks-window-topp-gqa"),
+    pytest.param(lambda: spattn.Sinks(5) | spattn.Window(40) | TopP("pooled", 0.8), 4, 2, 300,
+                 id="topp-gqa"),
     pytest.param(lambda: spattn.Sinks(40) | spattn.Window(70) | TopK("antidiagonal", 2, options={"stride": 8}),
                  2, 2, 257, id="topk-antidiagonal"),
     pytest.param(lambda: TopK("bounds", 3), 2, 1, 200, id="topk-alone"),
