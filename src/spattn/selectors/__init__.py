@@ -14,9 +14,9 @@ Selectors (``get_selector(name, **options)``): ``pooled``, ``vertical_slash`` (`
 from spattn.selectors.antidiagonal import Antidiagonal
 from spattn.selectors.bounds import Bounds
 from spattn.selectors.budget import top_k, top_p
+from spattn.selectors.build import LayoutBuilder
 from spattn.selectors.common import Selector, get_selector, register_selector, selector_names
 from spattn.selectors.patterns import TopK, TopP
-from spattn.selectors.build import LayoutBuilder
 from spattn.selectors.pooled import Pooled
 from spattn.selectors.vertical_slash import VerticalSlash
 
