@@ -132,6 +132,10 @@ def static_candidates(family: str, budget: float, length: int, block_size: int, 
         return Candidate(cid, family, budget, None, "", {}, False,
                          note=f"{FAMILY_TITLES[family]} cannot fit {budget:g} of the dense keys at {length} tokens")
     value, pattern = fit
+    if family == "random" and value == 0:
+        return Candidate(cid, family, budget, None, "", {}, False,
+                         note=(f"random blocks cannot fit {budget:g} of the dense keys at {length} tokens: one random "
+                               f"{block_size}-token block per query block on top of the sinks and window exceeds it"))
     if family == "strided":
         name, value = "stride", length + 1 - value
     return Candidate(cid, family, budget, pattern, _fmt(pattern), {name: value}, False)
