@@ -156,6 +156,8 @@ def test_decode(shape, per_head):
 
 @needs_interp
 def test_custom_op_traces_fullgraph():
+    from spattn.ops.attention.impl.triton._op import TABLES
+
     q, k, v = _qkv(1, 2, 1, 64, 64, 32, torch.float32, seed=7)
     layout = spattn.compile(spattn.Sinks(4) | spattn.Window(16), 64, 64, causal=True, block_size=32, device=DEVICE)
 
@@ -170,10 +172,7 @@ def test_custom_op_traces_fullgraph():
     torch.testing.assert_close(got_lse, want_lse)
     torch.library.opcheck(
         torch.ops.spattn.triton_attention_forward.default,
-        (q, k, v, *[getattr(layout, n) for n in (
-            "kv_num_blocks", "kv_indices", "kv_mask_ids", "full_kv_num_blocks", "full_kv_indices",
-            "q_num_blocks", "q_indices", "q_mask_ids", "full_q_num_blocks", "full_q_indices", "masks")],
-         0.25, "test", False, False),
+        (q, k, v, [getattr(layout, n) for n in TABLES], 0.25, "test", False, False),
         test_utils=("test_schema", "test_faketensor"),
     )
 
@@ -209,3 +208,20 @@ def test_forward_merged_loop_variant(monkeypatch):
     q, k, v = _qkv(1, 2, 1, 100, 130, 32, torch.float32, seed=11)
     layout = spattn.compile(spattn.Sinks(8) | spattn.Window(40), 100, 130, causal=True, block_size=32, device=DEVICE)
     _compare(q, k, v, layout, backward=False)
+
+
+@needs_interp
+def test_custom_op_autograd_matches_eager_path():
+    from spattn.ops.attention.impl.triton._op import TABLES
+
+    q, k, v = _qkv(1, 2, 1, 40, 70, 32, torch.float32, seed=13)
+    layout = spattn.compile(spattn.Sinks(4) | spattn.Window(20), 40, 70, causal=True, block_size=32, device=DEVICE)
+    eager = _run(tri.attention_triton, q, k, v, layout, 0.3, True)
+
+    def via_op(q, k, v, layout, *, scale, return_lse):
+        tables = [getattr(layout, n) for n in TABLES]
+        return torch.ops.spattn.triton_attention_forward(q, k, v, tables, scale, "test", False, False)
+
+    op = _run(via_op, q, k, v, layout, 0.3, True)
+    for a, b in zip(eager, op, strict=True):
+        torch.testing.assert_close(a, b)

@@ -97,16 +97,13 @@ def attention_triton(
             layout.full_kv_num_blocks, layout.full_kv_indices, layout.masks, float(scale), _kind(layout),
         )
         return out, (lse if return_lse else None)
-    from ._op import attention_forward_op
+    from ._op import TABLES, EagerAttention, attention_forward_op
 
-    out, lse = attention_forward_op(
-        query, key, value,
-        layout.kv_num_blocks, layout.kv_indices, layout.kv_mask_ids,
-        layout.full_kv_num_blocks, layout.full_kv_indices,
-        layout.q_num_blocks, layout.q_indices, layout.q_mask_ids,
-        layout.full_q_num_blocks, layout.full_q_indices,
-        layout.masks, float(scale), _kind(layout), use_decode, deterministic,
-    )
+    tables = [getattr(layout, name) for name in TABLES]
+    if torch.compiler.is_compiling():
+        out, lse = attention_forward_op(query, key, value, tables, float(scale), _kind(layout), use_decode, deterministic)
+    else:
+        out, lse = EagerAttention.apply(query, key, value, float(scale), _kind(layout), use_decode, deterministic, *tables)
     return out, (lse if return_lse else None)
 
 
