@@ -205,7 +205,8 @@ def test_errors_a_person_can_act_on(tiny, tmp_path, monkeypatch):
     short.write_text("waa wab wac. " * 20)
     r = _invoke("--model", str(tiny["model"]), "--text", str(short), "-o", str(tmp_path / "c"), *ARGS)
     assert r.exit_code == 2 and "text too short" in r.output
-    r = _invoke("--model", str(tiny["model"]), "--text", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "d"), *ARGS)
+    missing = tmp_path / "missing.txt"
+    r = _invoke("--model", str(tiny["model"]), "--text", str(missing), "-o", str(tmp_path / "d"), *ARGS)
     assert r.exit_code == 2 and "not found" in r.output
     import sys
 
@@ -258,13 +259,13 @@ def _screenshot(page: Path, shot: Path, height: int = 2400) -> None:
 def _colourful(shot: Path) -> float:
     """Fraction of clearly coloured pixels (plots and heatmaps; the page itself is white, grey and text)."""
     import matplotlib.image
-    import numpy as np
 
     img = matplotlib.image.imread(shot)[..., :3]
     return float(((img.max(-1) - img.min(-1)) > 0.3).mean())
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)")
+@pytest.mark.skipif(not CHROMIUM.exists(),
+                    reason="needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)")
 def test_report_renders_in_headless_chromium(tiny, tmp_path):
     """The page renders from disk with its figures and tables: compare with the same page without images."""
     import matplotlib.image

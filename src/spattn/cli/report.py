@@ -22,7 +22,7 @@ def _names(text: str | None) -> tuple[str, ...] | None:
 
 
 def report_command(
-    model: str = typer.Option("smollm2", help="'smollm2' (SmolLM2-135M, offline) or a local Hugging Face model directory."),
+    model: str = typer.Option("smollm2", help="'smollm2' (SmolLM2-135M, offline) or a Hugging Face model folder."),
     text: str = typer.Option("austen", "--text", help="Corpus name ('austen', 'kjv') or a text file."),
     output: str = typer.Option("spattn-report", "--output", "-o", help="Output directory."),
     budgets: str = typer.Option("0.05,0.1,0.25", help="Comma-separated fractions of the dense keys, each in (0, 1]."),

@@ -141,8 +141,8 @@ def static_candidates(family: str, budget: float, length: int, block_size: int, 
     return Candidate(cid, family, budget, pattern, _fmt(pattern), {name: value}, False)
 
 
-def fit_dynamic(selector: str, budget: float, length: int, block_size: int, probes: list[tuple[torch.Tensor, torch.Tensor]],
-                iterations: int = 7) -> Candidate:
+def fit_dynamic(selector: str, budget: float, length: int, block_size: int,
+                probes: list[tuple[torch.Tensor, torch.Tensor]], iterations: int = 7) -> Candidate:
     """Fit ``Sinks | Window | TopP(selector, mass)`` to ``budget``: bisect the mass on the cost measured on the
     calibration probes (``[(query [1, H, L, D], key [1, Hkv, L, D]), ...]``, a few layers)."""
     from spattn.selectors import TopP

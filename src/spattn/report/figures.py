@@ -81,10 +81,11 @@ def pareto_figure(results: dict[str, Any], path: Path) -> None:
         (None, lambda r: r["latency"]["median_ms"], f"attention latency, ms ({results['backends']['latency']})", True),
     ]
     rec_ids = {r["id"] for _, r in _recommended(results)}
-    for ax, (front, value, ylabel, logy) in zip(axes, panels):
-        for key, rows in _by_series(recs).items():
-            ax.plot([r["cost"]["keys_fraction"] for r in rows], [value(r) for r in rows], marker=_MARKERS[rows[0]["family"]],
-                    color=color(rows[0]), label=series_label(rows[0]), linestyle="-", linewidth=0.8, markersize=6, alpha=0.9)
+    for ax, (front, value, ylabel, logy) in zip(axes, panels, strict=True):
+        for rows in _by_series(recs).values():
+            ax.plot([r["cost"]["keys_fraction"] for r in rows], [value(r) for r in rows],
+                    marker=_MARKERS[rows[0]["family"]], color=color(rows[0]), label=series_label(rows[0]),
+                    linestyle="-", linewidth=0.8, markersize=6, alpha=0.9)
         for r in recs:
             if r["id"] in rec_ids:
                 ax.scatter([r["cost"]["keys_fraction"]], [value(r)], s=260, facecolors="none", edgecolors="black",
@@ -124,7 +125,7 @@ def heatmap_figure(results: dict[str, Any], path: Path) -> None:
     n = max(1, len(recs))
     fig, axes = plt.subplots(1, n, figsize=(4.2 * n + 1, 5.2), squeeze=False)
     im = None
-    for ax, (budget, r) in zip(axes[0], recs):
+    for ax, (budget, r) in zip(axes[0], recs, strict=False):
         im = ax.imshow(r["recall"]["per_layer_head_mean"], aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0,
                        interpolation="nearest")
         ax.set_title(_wrap(f"budget {budget:g}: {r['label']}"), fontsize=8)
@@ -147,7 +148,7 @@ def layout_figure(results: dict[str, Any], path: Path) -> None:
     n = max(1, len(recs))
     fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.9), squeeze=False)
     bs = results["config"]["block_size"]
-    for ax, (budget, r) in zip(axes[0], recs):
+    for ax, (budget, r) in zip(axes[0], recs, strict=False):
         pic = r["picture"]
         ax.imshow(pic["block_status"], cmap=ListedColormap(["#f4f4f4", "#8fb3d9", "#1f4e79"]), vmin=0, vmax=2,
                   interpolation="nearest")
@@ -167,7 +168,7 @@ def reach_figure(results: dict[str, Any], path: Path) -> None:
     plt = _plt()
     budgets = results["config"]["budgets"]
     fig, axes = plt.subplots(1, len(budgets), figsize=(4.6 * len(budgets), 3.8), squeeze=False, sharey=True)
-    for ax, b in zip(axes[0], budgets):
+    for ax, b in zip(axes[0], budgets, strict=True):
         for r in results["candidates"]:
             if r["budget"] != b:
                 continue
@@ -191,7 +192,7 @@ def recall_layer_figure(results: dict[str, Any], path: Path) -> None:
     plt = _plt()
     budgets = results["config"]["budgets"]
     fig, axes = plt.subplots(1, len(budgets), figsize=(4.6 * len(budgets), 3.8), squeeze=False, sharey=True)
-    for ax, b in zip(axes[0], budgets):
+    for ax, b in zip(axes[0], budgets, strict=True):
         for r in results["candidates"]:
             if r["budget"] != b:
                 continue

@@ -30,7 +30,9 @@ def recommend(candidates: list[dict[str, Any]], budgets: list[float]) -> list[di
             out.append({"budget": b, "candidate": None,
                         "reason": "no candidate's measured cost is within this budget"})
             continue
-        best = min(ok, key=lambda c: (c["model"]["perplexity"], -c["recall"]["mean"], c["cost"]["keys_fraction"], c["id"]))
+        best = min(ok, key=lambda c: (c["model"]["perplexity"], -c["recall"]["mean"], c["cost"]["keys_fraction"],
+                                      c["id"]))
         out.append({"budget": b, "candidate": best["id"],
-                    "reason": "lowest held-out perplexity among the candidates whose measured cost is within the budget"})
+                    "reason": "lowest held-out perplexity among the candidates whose measured cost is within "
+                              "the budget"})
     return out

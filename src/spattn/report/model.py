@@ -63,7 +63,8 @@ def model_facts(model: Any) -> dict[str, Any]:
     }
 
 
-def load_chunks(text: str, tokenizer: Any, chunk_length: int, calibration: int, held_out: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def load_chunks(text: str, tokenizer: Any, chunk_length: int, calibration: int,
+                held_out: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Calibration chunks (the first ones) and held-out chunks (from the held-out tail, never overlapping),
     int64 ``[C, chunk_length]`` / ``[E, chunk_length]``."""
     from spattn.data.chunks import chunk, tokenize
@@ -102,7 +103,8 @@ def capture(model: Any, ids: torch.Tensor, backend: str, block_size: int) -> lis
 
 
 @torch.no_grad()
-def logits(model: Any, ids: torch.Tensor, plan: Any = None, *, backend: str = "dense", block_size: int = 64) -> torch.Tensor:
+def logits(model: Any, ids: torch.Tensor, plan: Any = None, *, backend: str = "dense",
+           block_size: int = 64) -> torch.Tensor:
     """float32 ``[L, V]`` logits of one chunk: the model's own attention when ``plan`` is None, else patched."""
     if plan is None:
         return model(ids[None].to(model.device)).logits[0].float()

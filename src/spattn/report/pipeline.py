@@ -27,7 +27,8 @@ def environment(device: str) -> dict[str, Any]:
     """Machine, versions and git commit of the spattn checkout (None when not in a git checkout)."""
     here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=False)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5,
+                             check=False)
         commit = out.stdout.strip() or None
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True,
                                text=True, timeout=5, check=False).stdout.strip() != ""
@@ -163,8 +164,8 @@ def run_report(config: ReportConfig, output: str | os.PathLike, *, overwrite: bo
                     sums = M.dense_sums(ref)
                     nll += sums["nll"]
                     tokens += sums["tokens"]
-                    from spattn.integrations.plan import Plan
                     import spattn
+                    from spattn.integrations.plan import Plan
 
                     full = M.compare(ref, M.logits(model, held[i], Plan.uniform(spattn.Full()), backend=eval_backend,
                                                    block_size=config.block_size))
@@ -209,8 +210,9 @@ def run_report(config: ReportConfig, output: str | os.PathLike, *, overwrite: bo
             t = time.perf_counter()
             n_steps = len(captures) * len(captures[0])
             task = bars.stage("coverage on captured attention", n_steps)
-            cov = {} if not fitted else coverage_pass(fitted, captures, block_size=config.block_size, head_dim=facts["head_dim"],
-                                progress=lambda d: bars.advance(task, d))
+            cov = {} if not fitted else coverage_pass(fitted, captures, block_size=config.block_size,
+                                                      head_dim=facts["head_dim"],
+                                                      progress=lambda d: bars.advance(task, d))
             for cand in fitted:
                 cache.put(cov_key(cand.id), _base(cand, cand.family, cand.budget, cand.selector)
                           | {"label": cand.label, "pattern": cand.pattern.to_dict(), "parameter": cand.parameter}
@@ -219,7 +221,7 @@ def run_report(config: ReportConfig, output: str | os.PathLike, *, overwrite: bo
 
         t = time.perf_counter()
         task = bars.stage("model damage and latency", len(wanted))
-        for cid, fam, b, sel in wanted:
+        for cid, *_ in wanted:
             rec = cache.get(cache.candidate_path(cid))
             if rec is None:
                 rec = cache.get(cov_key(cid))

@@ -58,8 +58,8 @@ class StageCache:
                 self.resumed = True
             elif not overwrite:
                 raise OutputExistsError(
-                    f"output directory {self.output} already exists and is not an unfinished run of this configuration; "
-                    "pass --overwrite to replace the report there, or choose another --output"
+                    f"output directory {self.output} already exists and is not an unfinished run of this "
+                    "configuration; pass --overwrite to replace the report there, or choose another --output"
                 )
             else:
                 for name in OUTPUTS:
