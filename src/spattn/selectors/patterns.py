@@ -207,7 +207,8 @@ class TopK(_Dynamic):
 
     Args:
         selector: ``"pooled"``, ``"vertical_slash"``, ``"antidiagonal"``, ``"bounds"`` or a Selector instance.
-        blocks: key blocks (of the compile block size) chosen per query block; an int or one per head.
+        blocks: key blocks (of the compile block size) chosen per query block; an int or one per selection
+            head (``Hkv`` heads with ``sharing="group"``, ``H`` with ``"head"``).
         options: selector options, e.g. ``{"stride": 16}`` for ``"antidiagonal"``.
         min_keys, max_keys: clamp the keys chosen per query (rounded to blocks; safeguards not counted).
         sharing: ``"group"`` (default: one selection per key/value head group, from the group's mean scores)
@@ -246,7 +247,7 @@ class TopP(_Dynamic):
 
     Args:
         selector: ``"pooled"``, ``"vertical_slash"``, ``"antidiagonal"``, ``"bounds"`` or a Selector instance.
-        mass: fraction in (0, 1], or one per head.
+        mass: fraction in (0, 1], or one per selection head (as ``TopK.blocks``).
         options, min_keys, max_keys, sharing, keep, within: as for :class:`TopK`.
 
     Example:
