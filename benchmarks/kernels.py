@@ -38,7 +38,7 @@ from spattn.ops.attention.impl import triton as tri
 from spattn.ops.attention.impl.reference import attention_reference
 
 
-def bench(fn, *, grad_to_none=None, warmup=25, rep=100) -> float:
+def bench(fn, *, grad_to_none=None, warmup=10, rep=60) -> float:
     from triton.testing import do_bench
 
     return float(do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median"))
@@ -326,6 +326,13 @@ def device_build(lengths) -> list[dict]:
                 torch.cuda.synchronize()
                 ts.append(time.perf_counter() - t0)
             row["compile_us_wall_median"] = sorted(ts)[len(ts) // 2] * 1e6
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                fn()
+                torch.cuda.synchronize()
+            ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:10]
+            row["profile_top_self_cpu_us"] = {e.key[:50]: e.self_cpu_time_total for e in ops}
         except Exception as exc:  # noqa: BLE001
             row["error"] = repr(exc)[:500]
         print("  build", row, flush=True)

@@ -113,6 +113,25 @@ def _band_terms(pattern, causal: bool) -> tuple[int | None, int | None, int, boo
     return left, right, sinks, causal
 
 
+def _sorted_unique_masks(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.unique(masks.flatten(1), dim=0, return_inverse=True)`` for a few masks [R, bs, bs], by pairwise
+    comparison at the first differing element (same lexicographic order, False < True)."""
+    flat = masks.flatten(1)
+    R = flat.shape[0]
+    diff = flat[:, None, :] != flat[None, :, :]  # [R, R, bs*bs]
+    first = diff.to(torch.uint8).argmax(-1)  # first differing position (0 when equal)
+    equal = ~diff.any(-1)
+    a_val = torch.gather(flat, 1, first).bool()  # value of row a at that position
+    less = ~equal & ~a_val  # a < b when a has False where they first differ
+    dup_of_earlier = (equal & torch.ones(R, R, dtype=torch.bool, device=flat.device).tril(-1)).any(-1)
+    keep = ~dup_of_earlier
+    rank = (less & keep[:, None]).sum(0)  # number of kept distinct masks strictly below each mask
+    n_unique = int(keep.sum())
+    out = torch.zeros(n_unique, flat.shape[1], dtype=flat.dtype, device=flat.device)
+    out[rank[keep]] = flat[keep]
+    return out.view(-1, *masks.shape[1:]), rank
+
+
 def supports_fast_build(pattern) -> bool:
     """True when :func:`build_layout` has a fast path for this pattern."""
     return _band_terms(pattern, False) is not None
@@ -211,10 +230,10 @@ def build_layout(
         if is_causal:
             touch |= p_k1 > p_qlo
         d = torch.where(touch, d, -big)
-        sig = torch.stack(
-            [d, torch.where(pk * bs < n, pk, -1), (pq == NQ - 1).long(), (pk == NK - 1).long()], dim=1
-        )
-        _, inverse = torch.unique(sig, dim=0, return_inverse=True)
+        # one int64 key per signature (1-D unique is a plain sort; unique(dim=0) is slow on CUDA)
+        sink_kb = torch.where(pk * bs < n, pk, -1) + 1
+        key = ((d + big) * (NK + 1) + sink_kb) * 4 + (pq == NQ - 1).long() * 2 + (pk == NK - 1).long()
+        _, inverse = torch.unique(key, return_inverse=True)
         n_rep = int(inverse.max()) + 1
         first = torch.full((n_rep,), pq.numel(), dtype=torch.long, device=dev)
         first.scatter_reduce_(0, inverse, torch.arange(pq.numel(), device=dev), reduce="amin")
@@ -235,8 +254,7 @@ def build_layout(
         keep = new == PARTIAL
         rep_id = torch.full((n_rep,), -1, dtype=torch.long, device=dev)
         if bool(keep.any()):
-            uniq, inv = torch.unique(rep[keep].flatten(1), dim=0, return_inverse=True)
-            masks = uniq.view(-1, bs, bs)
+            masks, inv = _sorted_unique_masks(rep[keep])
             rep_id[keep] = inv
         status[pq, pk] = new[inverse]
         mask_ids[pq, pk] = rep_id[inverse].to(torch.int32)

@@ -70,7 +70,7 @@ def forward(q, k, v, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx, masks, scale: flo
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
-    cfg = _tuning.choose("fwd", D, q.dtype, kind, q.device, bs, bench=lambda c: _bench(lambda: launch(c)))
+    cfg = _tuning.choose("fwd", D, q.dtype, kind, q.device, bs, bench=lambda c: _bench(lambda: launch(c)), pairs=Lq * Lk)
     launch(cfg)
     return o, lse
 
@@ -114,7 +114,7 @@ def decode(q, k, v, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx, masks, scale: floa
             D=D, DP=DP, SP=max(2, triton.next_power_of_2(S)), num_warps=4,
         )
 
-    cfg = _tuning.choose("decode", D, q.dtype, kind, q.device, bs, bench=lambda c: _bench(lambda: launch(c)))
+    cfg = _tuning.choose("decode", D, q.dtype, kind, q.device, bs, bench=lambda c: _bench(lambda: launch(c)), pairs=Lq * Lk)
     launch(cfg)
     return o, lse
 
@@ -169,8 +169,8 @@ def backward(do, q, k, v, o, lse, dlse, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
-    cfg = _tuning.choose("dq", D, q.dtype, kind, q.device, bs, bench=lambda c: _bench(lambda: launch_dq(c)))
+    cfg = _tuning.choose("dq", D, q.dtype, kind, q.device, bs, bench=lambda c: _bench(lambda: launch_dq(c)), pairs=Lq * Lk)
     launch_dq(cfg)
-    cfg = _tuning.choose("dkdv", D, q.dtype, kind, q.device, bs, bench=lambda c: _bench(lambda: launch_dkdv(c)))
+    cfg = _tuning.choose("dkdv", D, q.dtype, kind, q.device, bs, bench=lambda c: _bench(lambda: launch_dkdv(c)), pairs=Lq * Lk)
     launch_dkdv(cfg)
     return dq, dk, dv

@@ -34,23 +34,22 @@ INTERPRETER = Config(32, 32, 4, 1)
 # defaults: (kernel, D <= 64) -> config; measured on an H200 (see benchmarks/NOTES-kernels.md)
 _DEFAULTS: dict[tuple[str, bool], Config] = {
     ("fwd", True): Config(128, 64, 4, 3),
-    ("fwd", False): Config(128, 64, 8, 3),
+    ("fwd", False): Config(128, 64, 8, 4),
     ("dq", True): Config(64, 64, 4, 3),
-    ("dq", False): Config(64, 64, 4, 3),
+    ("dq", False): Config(128, 64, 8, 3),
     ("dkdv", True): Config(64, 64, 4, 3),
-    ("dkdv", False): Config(64, 64, 4, 3),
+    ("dkdv", False): Config(64, 128, 8, 3),
     ("decode", True): Config(16, 64, 4, 3),
     ("decode", False): Config(16, 64, 4, 3),
 }
 
 _CANDIDATES: dict[str, list[Config]] = {
     "fwd": [
-        Config(128, 64, 4, 3), Config(128, 64, 8, 3), Config(128, 128, 8, 3), Config(128, 64, 8, 4),
-        Config(64, 64, 4, 3), Config(128, 128, 8, 2),
-        Config(128, 64, 8, 3, True), Config(128, 64, 8, 4, True), Config(128, 128, 8, 2, True),
+        Config(128, 64, 8, 3), Config(128, 64, 8, 4), Config(128, 128, 8, 3), Config(128, 128, 8, 2),
+        Config(128, 64, 8, 3, True), Config(128, 64, 8, 4, True),
     ],
-    "dq": [Config(64, 64, 4, 3), Config(128, 64, 8, 3), Config(64, 128, 8, 2), Config(64, 64, 8, 2)],
-    "dkdv": [Config(64, 64, 4, 3), Config(64, 128, 8, 3), Config(128, 64, 8, 2), Config(64, 64, 8, 2)],
+    "dq": [Config(128, 64, 8, 3), Config(64, 64, 4, 3), Config(64, 128, 8, 2)],
+    "dkdv": [Config(64, 128, 8, 3), Config(64, 64, 4, 3), Config(128, 64, 8, 2)],
     "decode": [Config(16, 64, 4, 3), Config(16, 128, 4, 3), Config(16, 64, 4, 4), Config(16, 128, 8, 3)],
 }
 
@@ -106,12 +105,16 @@ def choose(
     device: torch.device,
     block_size: int,
     bench: Callable[[Config], float] | None = None,
+    pairs: int = 0,
 ) -> Config:
     """The config for this key: cached, else tuned with ``bench(config) -> ms`` when allowed, else the default."""
     if device.type != "cuda":
         return INTERPRETER.fit(block_size)
     _load()
-    key = cache_key(kernel, head_dim, dtype, kind, device) + f"|bs{block_size}"
+    # Note [length bucket]: short and long problems prefer different configs (measured: a config tuned at
+    # L=4096 lost 25% at L=131072), so the key carries a coarse size bucket.
+    bucket = "short" if pairs <= 1 << 26 else "long"
+    key = cache_key(kernel, head_dim, dtype, kind, device) + f"|bs{block_size}|{bucket}"
     if key in _memory:
         return _memory[key]
     allowed = os.environ.get("SPATTN_TRITON_AUTOTUNE", "1") != "0" and not torch.cuda.is_current_stream_capturing()
