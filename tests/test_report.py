@@ -308,3 +308,18 @@ def test_fast_recall_matches_coverage_measure(length, block):
         fast = (dense_probs(q, k) * mask).sum(-1)
         ref = measure(q, k, layout, causal=True, topk=0).recall[0]
         torch.testing.assert_close(fast, ref, rtol=0, atol=1e-12)
+
+
+def test_overwrite_reuses_cached_stages_of_the_same_configuration(tiny, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(tiny["out"], out)
+    (out / "notes.txt").write_text("not the report's")  # a file the report does not own survives
+    r = _invoke("--model", str(tiny["model"]), "--text", str(tiny["text"]), "-o", str(out), *ARGS, "--overwrite")
+    assert r.exit_code == 0, r.output
+    again = json.loads((out / "results.json").read_text())
+    assert again["timings"]["resumed"] is True
+    assert not {"dense", "capture", "coverage"} & set(again["timings"]["stages_s"])  # nothing recomputed
+    assert _strip_timings(again) == _strip_timings(tiny["results"])
+    assert (out / "notes.txt").read_text() == "not the report's"

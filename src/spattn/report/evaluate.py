@@ -195,6 +195,16 @@ def candidate_latency(pattern, captures: Captures, *, block_size: int, backend: 
     """Median time of ``spattn.attention`` with the pattern (selection included for dynamic patterns) on the
     middle layer of the first calibration chunk."""
     q, k, v = latency_inputs(captures, seed)
-    ms = time_call(lambda: spattn.attention(q, k, v, pattern, causal=True, backend=backend, block_size=block_size),
-                   repeats, q.device)
-    return {"backend": backend, "median_ms": sig(ms, 4)}
+    note = None
+    try:
+        ms = time_call(lambda: spattn.attention(q, k, v, pattern, causal=True, backend=backend,
+                                                block_size=block_size), repeats, q.device)
+    except RuntimeError as exc:  # e.g. a kernel that does not support this shape: say so, time what auto runs
+        note = f"{backend} could not run ({exc}); timed backend='auto'"
+        backend = "auto"
+        ms = time_call(lambda: spattn.attention(q, k, v, pattern, causal=True, backend="auto",
+                                                block_size=block_size), repeats, q.device)
+    out = {"backend": backend, "median_ms": sig(ms, 4)}
+    if note:
+        out["note"] = note
+    return out
