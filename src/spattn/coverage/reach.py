@@ -5,20 +5,22 @@ own state), or when layer n lets i read some token j (any head; the edge (i, j) 
 that held s after layer n - 1. With R_0 = I and A_n the (head-union) kept edges of layer n plus the identity:
 R_n = A_n R_{n-1} over the boolean semiring.
 
-Representation (exact, token level): R is a bitset, int64 [Lp, W] with W = ceil(L / 64); bit k of word w of
-row i says "source 64 w + k reaches token i". One layer, per query block qb:
+Representation (exact, token level): R is a bitset over sources, 64 per int64 word, stored by cells
+(row block rb of bs tokens, source word w). A cell whose rows all hold the same word is one word (``const``);
+only cells whose rows differ (the diagonal, the frontier of what has been reached) keep their bs rows. One
+layer, per query block qb:
 
-* full blocks: every row of qb ORs the block-OR of the rows of each full key block kb. The block-ORs are
-  unpacked to bits and multiplied by the 0/1 full-block matrix [NQ, NK] (a float matmul of small integers,
-  exact), then packed again.
-* partial blocks (mask m): row r of qb ORs the rows c of kb with m[r, c]. Per 64-source word, if all rows of
-  kb hold the same word (common far from the frontier), the result is that word for every row r whose mask row
-  is non-empty; only words that differ between rows of kb are combined row by row.
-* the residual ORs R itself. Padded rows stay zero.
+* full key blocks: every row of qb ORs the OR of the key block's rows (a gather + OR tree; a 0/1 float matmul
+  over unpacked bits when a row has many full blocks — exact small integers);
+* partial key blocks (mask m): row r ORs rows c of kb with m[r, c]. A source cell whose rows agree gives its
+  word to every row that reads something; a source cell whose rows differ is combined row by row — with a
+  sparse table of range ORs when every mask row is one run of columns (windows, causal diagonals), else
+  with a masked OR over bs x bs;
+* contributions already held by every row of qb are skipped (they cannot change anything); the residual keeps
+  R; cells whose rows agree again fold back to one word.
 
-Counting uses a SWAR popcount. Costs per layer: O(L W) word operations for the block ORs and counts, plus
-O(non-constant words x bs^2) for partial blocks (small for windows, sinks, strides; grows for random token
-masks). Memory: R twice (L^2 / 4 bytes) plus bounded chunks.
+Cost per layer: O(NB x W) words for the cells plus O(differing cells x bs log bs); memory O(NB x W + differing
+cells x bs) instead of L^2 / 64 words. Counting uses numpy's popcount (or a SWAR popcount off the CPU).
 """
 
 from __future__ import annotations
@@ -129,6 +131,21 @@ class _Edges:
     full_kb: torch.Tensor  # int64 [NQ, F] full key blocks per query block (NK = padding: a zero row)
     part_kb: torch.Tensor  # int64 [NQ, P] key block per slot (0 for padding)
     part_mask: torch.Tensor  # bool [NQ, P, bs, bs] (all False for padding)
+    rne: torch.Tensor = None  # bool [NQ, P, bs] rows that read something
+    lo: torch.Tensor = None  # int64 [NQ, P, bs] first / last column read by the row
+    hi: torch.Tensor = None
+    interval: torch.Tensor = None  # bool [NQ, P] every row reads one contiguous run of columns
+
+    def __post_init__(self):
+        m = self.part_mask
+        bs = self.bs
+        self.rne = m.any(-1)
+        col = torch.arange(bs, device=m.device)
+        self.lo = torch.where(self.rne, torch.where(m, col, bs).amin(-1), 0)  # empty rows: 0..0 (masked later)
+        self.hi = torch.where(self.rne, torch.where(m, col, -1).amax(-1), 0)
+        runs = m.sum(-1)
+        self.interval = ((runs == self.hi - self.lo + 1) | ~self.rne).all(-1)
+        self.any_part = bool(self.rne.any())
 
 
 def _edges(layout: Layout, batch: int, causal: bool) -> _Edges:
@@ -175,18 +192,103 @@ def _pad_rows(cells: torch.Tensor, rows: int, fill: int) -> tuple[torch.Tensor, 
     return table, slot
 
 
+# ---------------------------------------------------------------------------- state
+@dataclasses.dataclass
+class _State:
+    """R in cells (row block rb, source word w): ``const`` [NB, W] holds the AND of the cell's rows (its value
+    when every row agrees); the cells whose rows differ are listed in ``cells`` (sorted ids rb * W + w) with
+    their rows in ``rows`` [E, bs]. Padded rows of the last block mirror its first row (they never count)."""
+
+    const: torch.Tensor
+    cells: torch.Tensor
+    rows: torch.Tensor
+    nrows: torch.Tensor  # int64 [NB] real rows per block
+    L: int
+    bs: int
+
+    @property
+    def W(self) -> int:
+        return self.const.shape[1]
+
+
+def _initial(L: int, bs: int, device: torch.device) -> _State:
+    NB, W = math.ceil(L / bs), math.ceil(L / 64)
+    i = torch.arange(L, device=device)
+    cell = (i // bs) * W + i // 64
+    cells, pos = torch.unique(cell, return_inverse=True)
+    rows = torch.zeros(cells.numel(), bs, dtype=torch.int64, device=device)
+    rows[pos, i % bs] = torch.ones((), dtype=torch.int64, device=device) << (i % 64)
+    nrows = torch.full((NB,), bs, dtype=torch.int64, device=device)
+    nrows[-1] = L - (NB - 1) * bs
+    st = _State(torch.zeros(NB, W, dtype=torch.int64, device=device), cells, rows, nrows, L, bs)
+    return _settle(st, st.const, cells, rows)
+
+
+def _settle(st: _State, const: torch.Tensor, cells: torch.Tensor, rows: torch.Tensor) -> _State:
+    """Mirror padded rows, store each cell's AND in ``const`` and keep only cells whose rows differ."""
+    tail = int(st.nrows[-1])
+    if tail < st.bs and cells.numel():
+        last = cells // st.W == st.nrows.numel() - 1
+        rows[last, tail:] = rows[last, :1]
+    row_and = _tree(rows, 1, torch.bitwise_and) if cells.numel() else rows.new_zeros(0)
+    row_or = _tree(rows, 1, torch.bitwise_or) if cells.numel() else rows.new_zeros(0)
+    const = const.clone()
+    const.view(-1)[cells] = row_and
+    differ = row_and != row_or
+    return dataclasses.replace(st, const=const, cells=cells[differ], rows=rows[differ])
+
+
+def _block_or(st: _State) -> torch.Tensor:
+    out = st.const.clone()
+    if st.cells.numel():
+        out.view(-1)[st.cells] = _tree(st.rows, 1, torch.bitwise_or)
+    return out
+
+
+def _range_or(src: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """[n, bs]: OR of src[i, lo[i, r] .. hi[i, r]] (inclusive) per row r, with a sparse table of ORs."""
+    n, bs = src.shape
+    levels = [src]
+    while (1 << len(levels)) <= bs:
+        h = 1 << (len(levels) - 1)
+        nxt = levels[-1].clone()
+        nxt[:, : bs - h] |= levels[-1][:, h:]
+        levels.append(nxt)  # levels[k][i, c] = OR of src[i, c .. c + 2^k) (clipped)
+    table = torch.stack(levels)  # [K, n, bs]
+    length = hi - lo + 1
+    k = torch.floor(torch.log2(length.double())).long()
+    k = k - ((1 << k) > length).long() + ((1 << (k + 1)) <= length).long()  # guard float rounding
+    i = torch.arange(n, device=src.device)[:, None]
+    return table[k, i, lo] | table[k, i, hi - (1 << k) + 1]
+
+
+def _or_into(target: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
+    """target[index[k]] |= values[k] for every k, duplicates in ``index`` allowed."""
+    if index.numel() == 0:
+        return
+    order = torch.argsort(index, stable=True)
+    index, values = index[order], values[order]
+    first = torch.ones_like(index, dtype=torch.bool)
+    first[1:] = index[1:] != index[:-1]
+    start = torch.cummax(torch.where(first, torch.arange(index.numel(), device=index.device), 0), 0).values
+    rank = torch.arange(index.numel(), device=index.device) - start
+    for r in range(int(rank.max()) + 1):
+        sel = rank == r  # unique targets within one rank
+        target[index[sel]] = target[index[sel]] | values[sel]
+
+
 # ---------------------------------------------------------------------------- one layer
-def _step(R: torch.Tensor, e: _Edges, L: int) -> None:
-    """One layer, in place: R int64 [Lp, W] (rows >= L zero). Every read of the old state happens first."""
-    Lp, W = R.shape
-    bs = e.bs
+def _step(st: _State, e: _Edges) -> _State:
+    """One layer: rows of query block qb OR (block-uniform) ``add[qb]`` plus row-varying contributions."""
+    bs, W = st.bs, st.W
     NQ, NK = e.full.shape
-    Rv = R.view(Lp // bs, bs, W)
-    zero = torch.zeros((), dtype=R.dtype, device=R.device)
-    blk_or = _tree(Rv, 1, torch.bitwise_or)  # [NB, W] OR of each block's rows
-    blk_and = _tree(Rv, 1, torch.bitwise_and)  # [NB, W] AND of each block's rows
-    add = torch.zeros(NQ, W, dtype=R.dtype, device=R.device)  # OR added to every row of a query block
-    # full blocks
+    dev = st.const.device
+    zero = torch.zeros((), dtype=torch.int64, device=dev)
+    blk_or = _block_or(st)  # [NB, W]
+    exc = torch.zeros(NQ * W, dtype=torch.bool, device=dev)
+    exc[st.cells] = True
+    exc = exc.view(NQ, W)
+    add = torch.zeros(NQ, W, dtype=torch.int64, device=dev)
     F = e.full_kb.shape[1]
     if bool(e.full.any()):
         if F <= 64:
@@ -201,51 +303,91 @@ def _step(R: torch.Tensor, e: _Edges, L: int) -> None:
                 used = Fq.any(0).nonzero().squeeze(1)
                 if used.numel():
                     add[q0:q0 + rows_per] |= _pack((Fq[:, used] @ _unpack(blk_or[used], W * 64).float()) > 0, W)
-    # partial blocks
-    rows_updates: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    if bool(e.part_mask.any()):
+    tgt: list[torch.Tensor] = []  # row-varying contributions: target cell ids [n] and rows [n, bs]
+    val: list[torch.Tensor] = []
+    if e.any_part:
         kb = e.part_kb  # [NQ, P]
-        rne = e.part_mask.any(-1)  # [NQ, P, bs] rows that read something
-        live = rne.any(-1)  # [NQ, P]
-        bor, band = blk_or[kb], blk_and[kb]  # [NQ, P, W]
-        const = (bor == band) & live[..., None]
-        whole = live & rne.all(-1)  # every row of the query block reads something
-        add |= _tree(torch.where(const & whole[..., None], bor, zero), 1, torch.bitwise_or)
-        for q, p in (live & ~whole).nonzero().tolist():  # rows that read nothing: per row (rare)
-            words = torch.where(const[q, p], bor[q, p], zero)
-            rows = rne[q, p].nonzero().squeeze(1)
-            rows_updates.append((torch.tensor([q], device=R.device), rows, words))
-        tri = ((bor != band) & live[..., None]).nonzero()  # [n, 3] (query block, slot, word)
-        step = max(1, _CHUNK_WORDS // (bs * bs))
-        results = []
-        for t0 in range(0, tri.shape[0], step):
-            qi, pi, wi = tri[t0:t0 + step].unbind(1)
-            vals = Rv[kb[qi, pi], :, wi]  # [n, bs (key row c)]
-            sel = torch.where(e.part_mask[qi, pi], vals[:, None, :], zero)  # [n, bs (r), bs (c)]
-            results.append((qi, pi, wi, _tree(sel, 2, torch.bitwise_or)))  # [n, bs (r)]
+        rne = e.rne  # [NQ, P, bs]
+        live = rne.any(-1)
+        pad_rows = torch.arange(bs, device=dev) >= st.nrows[:, None]  # [NQ, bs] padded rows never matter
+        whole = live & (rne | pad_rows[:, None, :]).all(-1)
+        src_exc = exc[kb]  # [NQ, P, W]
+        src_const = st.const[kb]
+        add |= _tree(torch.where((whole[..., None] & ~src_exc), src_const, zero), 1, torch.bitwise_or)
+        # every row of qb already holds st.const | add: a contribution within it changes nothing, and a
+        # contribution from source cell (kb, w) lies within blk_or[kb, w]; only the rest needs rows
+        have = (st.const | add)[:, None, :]  # [NQ, 1, W]
+        news = (blk_or[kb] & ~have) != 0  # [NQ, P, W]
+        # ragged entries (some rows read nothing) with agreeing source rows: per row
+        q, p, w = ((live & ~whole)[..., None] & ~src_exc & news).nonzero().unbind(1)
+        if q.numel():
+            tgt.append(q * W + w)
+            val.append(torch.where(rne[q, p], src_const[q, p, w][:, None], zero))
+        # sources whose rows differ: a token-level product mask x rows
+        q, p, w = (live[..., None] & src_exc & news).nonzero().unbind(1)
+        if q.numel():
+            pos = torch.searchsorted(st.cells, kb[q, p] * W + w)
+            fast = e.interval[q, p]
+            step = max(1, _CHUNK_WORDS // (bs * bs))
+            for part, chunk in ((fast, bs * 16), (~fast, step)):
+                qs, ps, ws, poss = q[part], p[part], w[part], pos[part]
+                for t0 in range(0, qs.numel(), chunk):
+                    sl = slice(t0, t0 + chunk)
+                    src = st.rows[poss[sl]]  # [n, bs (c)]
+                    if part is fast:
+                        res = _range_or(src, e.lo[qs[sl], ps[sl]], e.hi[qs[sl], ps[sl]])
+                        res = torch.where(rne[qs[sl], ps[sl]], res, zero)
+                    else:
+                        sel = torch.where(e.part_mask[qs[sl], ps[sl]], src[:, None, :], zero)  # [n, bs (r), bs (c)]
+                        res = _tree(sel, 2, torch.bitwise_or)
+                    tgt.append(qs[sl] * W + ws[sl])
+                    val.append(res)
+    const = st.const | add
+    add_flat = add.view(-1)
+    if tgt:
+        t = torch.cat(tgt)
+        v = torch.cat(val)
+        cells = torch.unique(torch.cat([st.cells, t]))
     else:
-        results = []
-    # writes
-    Rv[:NQ] |= add[:, None, :]
-    for q, rows, words in rows_updates:
-        Rv[q, rows] |= words
-    for qi, pi, wi, val in results:
-        for p in pi.unique().tolist():  # (query block, word) pairs are unique within one slot
-            sel = pi == p
-            a, w = qi[sel], wi[sel]
-            Rv[a, :, w] = Rv[a, :, w] | val[sel]
-    if Lp > L:
-        R[L:] = 0
+        t = v = None
+        cells = st.cells
+    rows = const.view(-1)[cells][:, None].expand(-1, bs).clone()
+    if st.cells.numel():
+        old = torch.searchsorted(cells, st.cells)
+        rows[old] = st.rows | add_flat[st.cells][:, None]
+    if t is not None:
+        _or_into(rows, torch.searchsorted(cells, t), v)
+    return _settle(st, const, cells, rows)
+
+
+def _row_counts(st: _State) -> torch.Tensor:
+    """int64 [L]: reachable sources per token."""
+    pc = _count(st.const)  # per cell
+    per_block = pc.sum(-1)  # [NB] (exception cells counted with their AND; corrected below)
+    out = per_block[:, None].expand(-1, st.bs).clone()
+    if st.cells.numel():
+        rb = st.cells // st.W
+        corr = _count(st.rows) - pc.view(-1)[st.cells][:, None]  # [E, bs]
+        out.index_add_(0, rb, corr)
+    return out.reshape(-1)[: st.L]
+
+
+def _to_matrix(st: _State) -> torch.Tensor:
+    rows = st.const[:, None, :].expand(-1, st.bs, -1).clone()  # [NB, bs, W]
+    if st.cells.numel():
+        rb, w = st.cells // st.W, st.cells % st.W
+        rows[rb, :, w] = st.rows
+    return _unpack(rows.reshape(-1, st.W)[: st.L], st.L)
 
 
 def _count(R: torch.Tensor) -> torch.Tensor:
-    """int64 [rows]: set bits per row."""
+    """int64, set bits per element of an int64 tensor."""
     if R.device.type == "cpu":
         import numpy as np
 
         if hasattr(np, "bitwise_count"):
-            return torch.from_numpy(np.bitwise_count(R.numpy()).sum(-1, dtype=np.int64))
-    return _popcount(R).sum(-1)
+            return torch.from_numpy(np.bitwise_count(R.contiguous().numpy().view(np.uint64)).astype(np.int64))  # uint64: numpy counts |x| for signed ints
+    return _popcount(R)
 
 
 # ---------------------------------------------------------------------------- public
@@ -301,12 +443,10 @@ def reachability(
     if return_matrix and L > 16384:
         raise ValueError("return_matrix is meant for small lengths (L <= 16384)")
     dev = stack[0].device
-    mult = math.lcm(*{lay.block_size for lay in stack})
-    Lp = math.ceil(L / mult) * mult
-    W = math.ceil(L / 64)
-    R = torch.zeros(Lp, W, dtype=torch.int64, device=dev)
-    ar = torch.arange(L, device=dev)
-    R[ar, ar // 64] = torch.ones((), dtype=torch.int64, device=dev) << (ar % 64)
+    bs = stack[0].block_size
+    if any(lay.block_size != bs for lay in stack):
+        raise ValueError("every layout of the stack must use the same block_size")
+    st = _initial(L, bs, dev)
     allowed = L * (L + 1) // 2 if causal else L * L
     cache: dict[int, _Edges] = {}
     counts: list[int] = []
@@ -316,9 +456,11 @@ def reachability(
         lay = stack[i]
         key = id(lay)
         if key not in cache:
-            cache = {key: _edges(lay, batch, causal)} if len(cache) > 4 else {**cache, key: _edges(lay, batch, causal)}
-        _step(R, cache[key], L)
-        c = int(_count(R).sum())
+            if len(cache) > 4:
+                cache.clear()
+            cache[key] = _edges(lay, batch, causal)
+        st = _step(st, cache[key])
+        c = int(_row_counts(st).sum())
         counts.append(c)
         i += 1
         if c == prev and all(x is lay for x in stack[i:]):
@@ -329,7 +471,7 @@ def reachability(
     fraction = cnt.double() / allowed
     full = (cnt == allowed).nonzero()
     layers_to_full = int(full[0]) + 1 if full.numel() else None
-    receptive = _count(R[:L]).cpu()
-    matrix = _unpack(R[:L], L) if return_matrix else None
+    receptive = _row_counts(st).cpu()
+    matrix = _to_matrix(st) if return_matrix else None
     return Reachability(fraction=fraction, layers_to_full=layers_to_full, receptive_field=receptive,
                         counts=cnt, allowed=allowed, causal=causal, matrix=matrix)
