@@ -287,7 +287,7 @@ def recall(q, k, layout, *, heads: int, causal: bool = True) -> dict:
     lay = head_slice(layout, 0, h)
     status = lay.block_status()
     blocks = float((status > 0).sum(-1).double().mean())
-    budget = max(1, round(blocks))
+    budget = max(1, math.floor(blocks))  # the oracle never gets more blocks per row than the layout keeps
     cov = _coverage()
     if cov is not None:
         measure, oracle_layout = cov
