@@ -70,8 +70,9 @@ def forward(q, k, v, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx, masks, scale: flo
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
-    cfg = _tuning.choose("fwd", D, q.dtype, kind, q.device, bs, bench=lambda c: _bench(lambda: launch(c)), pairs=Lq * Lk)
-    launch(cfg)
+    cfg = _tuning.choose("fwd", D, q.dtype, kind, q.device, bs, bench=lambda c: _bench(lambda: launch(c)), pairs=Lq * Lk,
+                          even=Lk % bs == 0)
+    _tuning.run_with_fallback(launch, cfg)
     return o, lse
 
 
@@ -114,8 +115,9 @@ def decode(q, k, v, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx, masks, scale: floa
             D=D, DP=DP, SP=max(2, triton.next_power_of_2(S)), num_warps=4,
         )
 
-    cfg = _tuning.choose("decode", D, q.dtype, kind, q.device, bs, bench=lambda c: _bench(lambda: launch(c)), pairs=Lq * Lk)
-    launch(cfg)
+    cfg = _tuning.choose("decode", D, q.dtype, kind, q.device, bs, bench=lambda c: _bench(lambda: launch(c)), pairs=Lq * Lk,
+                          even=Lk % bs == 0)
+    _tuning.run_with_fallback(launch, cfg)
     return o, lse
 
 
@@ -169,8 +171,10 @@ def backward(do, q, k, v, o, lse, dlse, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
-    cfg = _tuning.choose("dq", D, q.dtype, kind, q.device, bs, bench=lambda c: _bench(lambda: launch_dq(c)), pairs=Lq * Lk)
-    launch_dq(cfg)
-    cfg = _tuning.choose("dkdv", D, q.dtype, kind, q.device, bs, bench=lambda c: _bench(lambda: launch_dkdv(c)), pairs=Lq * Lk)
-    launch_dkdv(cfg)
+    cfg = _tuning.choose("dq", D, q.dtype, kind, q.device, bs, bench=lambda c: _bench(lambda: launch_dq(c)), pairs=Lq * Lk,
+                          even=Lk % bs == 0 and Lq % bs == 0)
+    _tuning.run_with_fallback(launch_dq, cfg)
+    cfg = _tuning.choose("dkdv", D, q.dtype, kind, q.device, bs, bench=lambda c: _bench(lambda: launch_dkdv(c)), pairs=Lq * Lk,
+                          even=Lk % bs == 0 and Lq % bs == 0)
+    _tuning.run_with_fallback(launch_dkdv, cfg)
     return dq, dk, dv

@@ -34,7 +34,7 @@ INTERPRETER = Config(32, 32, 4, 1)
 # defaults: (kernel, D <= 64) -> config; measured on an H200 (see benchmarks/NOTES-kernels.md)
 _DEFAULTS: dict[tuple[str, bool], Config] = {
     ("fwd", True): Config(128, 64, 4, 3),
-    ("fwd", False): Config(128, 64, 8, 4),
+    ("fwd", False): Config(128, 64, 8, 3),
     ("dq", True): Config(64, 64, 4, 3),
     ("dq", False): Config(128, 64, 8, 3),
     ("dkdv", True): Config(64, 64, 4, 3),
@@ -106,6 +106,7 @@ def choose(
     block_size: int,
     bench: Callable[[Config], float] | None = None,
     pairs: int = 0,
+    even: bool = True,
 ) -> Config:
     """The config for this key: cached, else tuned with ``bench(config) -> ms`` when allowed, else the default."""
     if device.type != "cuda":
@@ -114,7 +115,9 @@ def choose(
     # Note [length bucket]: short and long problems prefer different configs (measured: a config tuned at
     # L=4096 lost 25% at L=131072), so the key carries a coarse size bucket.
     bucket = "short" if pairs <= 1 << 26 else "long"
-    key = cache_key(kernel, head_dim, dtype, kind, device) + f"|bs{block_size}|{bucket}"
+    # tails (lengths not a multiple of the tile) take masked loads, which need more shared memory: a
+    # config tuned on even lengths can run out of it there, so they are tuned apart
+    key = cache_key(kernel, head_dim, dtype, kind, device) + f"|bs{block_size}|{bucket}|{'even' if even else 'tail'}"
     if key in _memory:
         return _memory[key]
     allowed = os.environ.get("SPATTN_TRITON_AUTOTUNE", "1") != "0" and not torch.cuda.is_current_stream_capturing()
@@ -135,6 +138,24 @@ def choose(
     _memory[key] = best
     _save()
     return best
+
+
+def run_with_fallback(launch: Callable[[Config], None], cfg: Config) -> Config:
+    """Launch with ``cfg``; on an out-of-resources error retry with fewer pipeline stages, then smaller tiles."""
+    from triton.runtime.errors import OutOfResources
+
+    tries = [cfg]
+    for stages in range(cfg.num_stages - 1, 0, -1):
+        tries.append(dataclasses.replace(cfg, num_stages=stages))
+    tries.append(dataclasses.replace(cfg, block_m=min(cfg.block_m, 64), block_n=min(cfg.block_n, 64), num_stages=2))
+    for i, c in enumerate(tries):
+        try:
+            launch(c)
+            return c
+        except OutOfResources:
+            if i == len(tries) - 1:
+                raise
+    return cfg
 
 
 def chosen() -> dict[str, dict]:
