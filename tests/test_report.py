@@ -204,7 +204,7 @@ def test_errors_a_person_can_act_on(tiny, tmp_path, monkeypatch):
     short = tmp_path / "short.txt"
     short.write_text("waa wab wac. " * 20)
     r = _invoke("--model", str(tiny["model"]), "--text", str(short), "-o", str(tmp_path / "c"), *ARGS)
-    assert r.exit_code == 2 and "text too short" in r.output
+    assert r.exit_code == 2 and "text too short" in r.output and not (tmp_path / "c").exists()
     missing = tmp_path / "missing.txt"
     r = _invoke("--model", str(tiny["model"]), "--text", str(missing), "-o", str(tmp_path / "d"), *ARGS)
     assert r.exit_code == 2 and "not found" in r.output

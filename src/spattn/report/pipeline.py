@@ -133,17 +133,21 @@ def run_report(config: ReportConfig, output: str | os.PathLike, *, overwrite: bo
     with _Bars(console) as bars:
         t = time.perf_counter()
         task = bars.stage("load model and text", 2)
-        model, tokenizer, model_name = M.load_model(config.model, config.device)
-        facts = M.model_facts(model)
-        bars.advance(task, model_name)
-        data_path = cache.root / "data.pt"
-        if data_path.is_file():
-            saved = torch.load(data_path, weights_only=False)
-            calib, held, data_info = saved["calibration"], saved["held_out"], saved["info"]
-        else:
-            calib, held, data_info = M.load_chunks(config.text, tokenizer, config.chunk_length,
-                                                   config.calibration_chunks, config.eval_chunks)
-            torch.save({"calibration": calib, "held_out": held, "info": data_info}, data_path)
+        try:
+            model, tokenizer, model_name = M.load_model(config.model, config.device)
+            facts = M.model_facts(model)
+            bars.advance(task, model_name)
+            data_path = cache.root / "data.pt"
+            if data_path.is_file():
+                saved = torch.load(data_path, weights_only=False)
+                calib, held, data_info = saved["calibration"], saved["held_out"], saved["info"]
+            else:
+                calib, held, data_info = M.load_chunks(config.text, tokenizer, config.chunk_length,
+                                                       config.calibration_chunks, config.eval_chunks)
+                torch.save({"calibration": calib, "held_out": held, "info": data_info}, data_path)
+        except (ValueError, OSError, ImportError):
+            cache.discard()  # nothing was computed: leave no half-made output directory behind
+            raise
         bars.advance(task, f"{data_info['tokens']} tokens")
         timings["load"] = time.perf_counter() - t
 

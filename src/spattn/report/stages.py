@@ -43,6 +43,7 @@ class StageCache:
         self.output = Path(output)
         self.digest = digest
         self.resumed = False
+        self.created = not self.output.exists()
         state_path = self.output / STATE_DIR / "state.json"
         if self.output.exists() and not self.output.is_dir():
             raise OutputExistsError(f"output path {self.output} exists and is not a directory")
@@ -77,6 +78,11 @@ class StageCache:
         self.root = self.output / STATE_DIR / digest
         (self.root / "candidates").mkdir(parents=True, exist_ok=True)
         _write_json(state_path, {"digest": digest, "status": "running"})
+
+    def discard(self) -> None:
+        """Remove an output directory this run created (used when it fails before computing anything)."""
+        if self.created and self.output.is_dir():
+            shutil.rmtree(self.output)
 
     def finish(self) -> None:
         _write_json(self.output / STATE_DIR / "state.json", {"digest": self.digest, "status": "done"})
