@@ -1,0 +1,192 @@
+"""Coverage benchmark: the cost of ``spattn.coverage.measure`` against one dense attention forward.
+
+One script, one call (DESIGN.md "benchmarks are a registry plus one driver"):
+
+    PYTHONPATH=src python benchmarks/coverage.py --out benchmarks/results/h200/coverage.json                # GPU
+    PYTHONPATH=src python benchmarks/coverage.py --device cpu --lengths 8192 --heads 12 --kv-heads 12 \
+        --head-dim 64 --dtype float32 --reach-length 65536 --reach-layers 32 \
+        --out benchmarks/results/cpu/coverage.json                                                          # CPU
+
+Per length, on random causal prefill inputs [B, H, L, D] (GQA when --kv-heads < --heads), pattern
+``Sinks(64) | Window(w)``:
+
+1. dense forward: ``F.scaled_dot_product_attention`` (causal; flash on CUDA), median of repeats;
+2. ``measure`` (recall, KL, top-k overlap, output error with ``value``) — wall-clock median, and its ratio to
+   the dense forward; the same without value/top-k (``recall only``); ``block_mass`` at the layout's block size;
+3. correctness gate: on the first ``--gate-queries`` queries, measure's recall equals a dense float64 brute
+   force (max abs difference recorded, must be <= 1e-4);
+4. reachability of the same pattern at ``--reach-length`` tokens through ``--reach-layers`` layers (CPU or
+   GPU, whichever ``--device``), time and layers to full.
+
+Writes JSON (machine, versions, git commit, command) and prints a table.
+"""
+
+# ruff: noqa: E402 - the import path must be fixed (the `coverage` package name) before the other imports
+from __future__ import annotations
+
+import os
+import sys
+
+# this file is named like the third-party `coverage` package: drop the script's folder from the import path
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _HERE]
+
+import argparse
+import json
+import math
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(_HERE, "..", "src"))
+
+import spattn
+from spattn.bench.env import machine_info
+from spattn.coverage import block_mass, measure, reachability
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, repeats: int) -> tuple[float, object]:
+    """Median wall-clock seconds over ``repeats`` runs (after one warm-up when repeats > 1)."""
+    out = None
+    if repeats > 1:
+        out = fn()
+        sync(device)
+    times = []
+    for _ in range(max(1, repeats)):
+        sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def dense_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    G = q.shape[1] // k.shape[1]
+    if G > 1:
+        try:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        except TypeError:  # older torch: expand the key/value heads
+            k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def gate(q: torch.Tensor, k: torch.Tensor, layout: spattn.Layout, report, n: int) -> float:
+    """max |recall - brute force| on the last ``n`` queries of batch 0 (float64, dense over those rows)."""
+    L = q.shape[2]
+    n = min(n, L)
+    G = q.shape[1] // k.shape[1]
+    qq = q[0, :, L - n:].double()
+    kk = k[0].double().repeat_interleave(G, 0)
+    s = qq @ kk.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    rows = torch.arange(L - n, L, device=q.device)[:, None]
+    s = s.masked_fill(torch.arange(L, device=q.device)[None, :] > rows, -math.inf)
+    p = torch.softmax(s, -1)
+    # the layout's kept keys for those rows, from the tables (small slice of the dense view)
+    from spattn.coverage import _tables
+
+    bs = layout.block_size
+    qb0 = (L - n) // bs
+    bmap = _tables.block_map(layout, qb0, layout.num_q_blocks)
+    kept = _tables.chunk_mask(layout, bmap, _tables.extended_masks(layout), 0, layout.num_kv_blocks,
+                              layout.num_q_blocks * bs - qb0 * bs, L)
+    kept = kept[0, :, (L - n) - qb0 * bs:(L - n) - qb0 * bs + n]
+    want = (p * kept).sum(-1)
+    return float((report.recall[0, :, L - n:].double() - want).abs().max())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    ap.add_argument("--window", type=int, default=4096)
+    ap.add_argument("--sinks", type=int, default=64)
+    ap.add_argument("--block-size", type=int, default=128)
+    ap.add_argument("--topk", type=int, default=16)
+    ap.add_argument("--chunk", type=int, default=None, help="measure's chunk (tokens); default: its own")
+    ap.add_argument("--repeats", type=int, default=3, help="dense forward repeats (median)")
+    ap.add_argument("--measure-repeats", type=int, default=1)
+    ap.add_argument("--gate-queries", type=int, default=256)
+    ap.add_argument("--reach-length", type=int, default=65536)
+    ap.add_argument("--reach-layers", type=int, default=32)
+    ap.add_argument("--reach-window", type=int, default=1024)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    record = {**machine_info(), "benchmark": "coverage", "args": vars(args), "rows": [], "reachability": None}
+    pattern = spattn.Sinks(args.sinks) | spattn.Window(args.window)
+    for L in args.lengths:
+        torch.manual_seed(0)
+        B, H, Hkv, D = args.batch, args.heads, args.kv_heads, args.head_dim
+        q = torch.randn(B, H, L, D, device=device, dtype=dtype)
+        k = torch.randn(B, Hkv, L, D, device=device, dtype=dtype)
+        v = torch.randn(B, Hkv, L, D, device=device, dtype=dtype)
+        layout = spattn.compile(pattern, L, L, causal=True, block_size=args.block_size, device=device)
+        t_dense, _ = timed(lambda: dense_forward(q, k, v), device, args.repeats)
+        t_full, report = timed(lambda: measure(q, k, layout, value=v, causal=True, topk=args.topk, chunk=args.chunk),
+                               device, args.measure_repeats)
+        t_recall, _ = timed(lambda: measure(q, k, layout, causal=True, topk=0, chunk=args.chunk),
+                            device, args.measure_repeats)
+        t_mass, _ = timed(lambda: block_mass(q, k, args.block_size, True, chunk=args.chunk), device, 1)
+        gate_err = gate(q, k, layout, report, args.gate_queries)
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        s = report.summary()["overall"]
+        row = {
+            "length": L, "batch": B, "heads": H, "kv_heads": Hkv, "head_dim": D, "dtype": args.dtype,
+            "pattern": pattern.to_dict(), "density": layout.density(), "block_density": layout.density("block"),
+            "dense_forward_s": t_dense,
+            "measure_s": t_full, "measure_over_dense": t_full / t_dense,
+            "measure_recall_only_s": t_recall, "measure_recall_only_over_dense": t_recall / t_dense,
+            "block_mass_s": t_mass, "block_mass_over_dense": t_mass / t_dense,
+            "topk": args.topk, "gate_max_abs_recall_error": gate_err, "gate_passed": gate_err <= 1e-4,
+            "recall": s["recall"], "topk_overlap": s.get("topk_overlap"), "output_error": s.get("output_error"),
+            "peak_cuda_memory_bytes": peak,
+        }
+        record["rows"].append(row)
+        print(f"L={L:>7} B{B} H{H}/{Hkv} D{D} {args.dtype}  density {row['density']:.4f}  dense {t_dense:.4f}s  "
+              f"measure {t_full:.3f}s (x{row['measure_over_dense']:.1f})  recall-only {t_recall:.3f}s "
+              f"(x{row['measure_recall_only_over_dense']:.1f})  block_mass {t_mass:.3f}s  "
+              f"recall mean {s['recall']['mean']:.4f}  gate {'ok' if row['gate_passed'] else 'FAILED'} ({gate_err:.2e})",
+              flush=True)
+        del q, k, v, report
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if args.reach_length and args.reach_layers:
+        Lr = args.reach_length
+        rpat = spattn.Sinks(args.sinks) | spattn.Window(args.reach_window)
+        t0 = time.perf_counter()
+        rlay = spattn.compile(rpat, Lr, Lr, causal=True, block_size=args.block_size, device=device)
+        t_compile = time.perf_counter() - t0
+        t_reach, r = timed(lambda: reachability(rlay, causal=True, max_layers=args.reach_layers), device, 1)
+        record["reachability"] = {
+            "length": Lr, "layers": args.reach_layers, "pattern": rpat.to_dict(), "block_size": args.block_size,
+            "seconds": t_reach, "seconds_per_layer": t_reach / args.reach_layers, "compile_s": t_compile,
+            "layers_to_full": r.layers_to_full, "fraction": r.fraction.tolist(),
+            "receptive_field_last": int(r.receptive_field[-1]),
+        }
+        print(f"reachability L={Lr} layers={args.reach_layers} {t_reach:.2f}s ({t_reach / args.reach_layers:.3f}s/layer)"
+              f"  layers_to_full={r.layers_to_full}  fraction[-1]={float(r.fraction[-1]):.4f}", flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(record, f, indent=1)
+    print(f"wrote {args.out}\nrerun: {record['command']}")
+
+
+if __name__ == "__main__":
+    main()
