@@ -19,11 +19,11 @@ One script, one GPU call (DESIGN.md "benchmarks are a registry plus one driver")
 Writes JSON (machine, versions, git commit, command) and prints a short table last.
 """
 
+# ruff: noqa: B023 - the timing closures are called inside the loop iteration that defines them
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -215,9 +215,9 @@ def prefill(lengths, patterns, B=1, H=16, D=128, backward=True) -> list[dict]:
                 row["ok"] = False
                 row["error"] = repr(exc)[:500]
                 row["trace"] = traceback.format_exc()[-1500:]
-            print("  prefill", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != "trace"}, flush=True)
+            shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != "trace"}
+            print("  prefill", shown, flush=True)
             rows.append(row)
-        del q, k, v, do, qg, kg, vg
         torch.cuda.empty_cache()
     return rows
 
@@ -284,12 +284,12 @@ def decode(contexts, B=8, H=16, D=128, window=4096, kv_heads=(16, 2)) -> list[di
                     row["speedup_vs_flex"] = row["flex_ms"] / row["triton_ms"]
                 kv_bytes = 2 * B * Hkv * min(Lk, window + 1 + 128 + 64) * D * 2
                 row["kept_kv_gb_s_graph"] = kv_bytes / row["triton_graph_ms"] / 1e6
-                del q, k, v
             except Exception as exc:  # noqa: BLE001
                 row["ok"] = False
                 row["error"] = repr(exc)[:500]
                 row["trace"] = traceback.format_exc()[-1500:]
-            print("  decode", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "trace"}, flush=True)
+            shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "trace"}
+            print("  decode", shown, flush=True)
             rows.append(row)
             torch.cuda.empty_cache()
     return rows
@@ -307,7 +307,8 @@ def device_build(lengths) -> list[dict]:
             fn = lambda: db.build_layout(pattern, L, L, causal=True, device="cuda")  # noqa: E731
             lay = fn()
             ref = spattn.compile(pattern, L, L, causal=True, device="cuda")
-            row["same_as_compile"] = all(torch.equal(a, b) for a, b in zip(lay.tables().values(), ref.tables().values(), strict=True))
+            pairs = zip(lay.tables().values(), ref.tables().values(), strict=True)
+            row["same_as_compile"] = all(a.shape == b.shape and torch.equal(a, b) for a, b in pairs)
             torch.cuda.synchronize()
             ts = []
             for _ in range(20):
@@ -456,8 +457,10 @@ def summary(record: dict) -> None:
         print(f"correctness grid (bf16 vs float64 reference): {len(grid) - len(bad)}/{len(grid)} ok {bad or ''}")
     for r in record.get("device_build", []):
         print(f"device build L={r['L']}: {r.get('build_us_wall_median', float('nan')):.0f} us wall, "
-              f"same as compile: {r.get('same_as_compile')}, compile {r.get('compile_us_wall_median', float('nan')):.0f} us")
-    print("| L | pattern | density | triton fwd ms | flex fwd ms | sdpa fwd ms | fwd x flex | triton TFLOP/s (% peak) | "
+              f"same as compile: {r.get('same_as_compile')}, "
+              f"compile {r.get('compile_us_wall_median', float('nan')):.0f} us")
+    print("| L | pattern | density | triton fwd ms | flex fwd ms | sdpa fwd ms | fwd x flex | "
+          "triton TFLOP/s (% peak) | "
           "triton fwd+bwd ms | flex fwd+bwd ms | fwd+bwd x flex | ok |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in record.get("prefill", []):

@@ -102,7 +102,9 @@ def _qkv(B, H, Hkv, Lq, Lk, D, dtype, seed=0):
 
 CASES = [
     # id, (B, H, Hkv, Lq, Lk, D), pattern, causal, block_size, dtype
-    pytest.param((1, 2, 1, 200, 200, 64), spattn.Sinks(8) | spattn.Window(48), True, 64, torch.float32, id="L200-gqa-sinkwin"),
+    pytest.param(
+        (1, 2, 1, 200, 200, 64), spattn.Sinks(8) | spattn.Window(48), True, 64, torch.float32, id="L200-gqa-sinkwin"
+    ),
     pytest.param((1, 1, 1, 127, 127, 80), spattn.Causal(), False, 32, torch.float16, id="L127-D80-causal-fp16"),
     pytest.param((2, 2, 2, 63, 130, 32), spattn.Window(40, 8), True, 32, torch.float32, id="Lq63-Lk130-window"),
     pytest.param((1, 2, 2, 1, 1, 64), spattn.Full(), False, 64, torch.float16, id="L1-full"),

@@ -13,7 +13,9 @@ import torch
 from spattn.patterns.layout import Layout
 
 
-def _pack(sel: torch.Tensor, values: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _pack(
+    sel: torch.Tensor, values: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """sel bool [Bl, Hl, R, C] -> (count int32 [Bl, Hl, R], indices int32 [Bl, Hl, R, W], values gathered)."""
     count = sel.sum(-1)
     width = max(1, int(count.max())) if count.numel() else 1

@@ -101,9 +101,13 @@ def attention_triton(
 
     tables = [getattr(layout, name) for name in TABLES]
     if torch.compiler.is_compiling():
-        out, lse = attention_forward_op(query, key, value, tables, float(scale), _kind(layout), use_decode, deterministic)
+        out, lse = attention_forward_op(
+            query, key, value, tables, float(scale), _kind(layout), use_decode, deterministic
+        )
     else:
-        out, lse = EagerAttention.apply(query, key, value, float(scale), _kind(layout), use_decode, deterministic, *tables)
+        out, lse = EagerAttention.apply(
+            query, key, value, float(scale), _kind(layout), use_decode, deterministic, *tables
+        )
     return out, (lse if return_lse else None)
 
 

@@ -11,7 +11,6 @@ So full blocks need no score mask in backward.
 
 from __future__ import annotations
 
-import triton
 import triton.language as tl
 
 from ._jit import kernel
@@ -183,5 +182,7 @@ def attn_bwd_dkdv_kernel(
                 dk += tl.dot(dsT.to(q.dtype), q)
 
     dk = dk * scale
-    tl.store(DK + b * skgb + hk * skgh + offs_n[:, None] * skgn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kmask)
-    tl.store(DV + b * svgb + hk * svgh + offs_n[:, None] * svgn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kmask)
+    dk_ptrs = DK + b * skgb + hk * skgh + offs_n[:, None] * skgn + offs_d[None, :]
+    dv_ptrs = DV + b * svgb + hk * svgh + offs_n[:, None] * svgn + offs_d[None, :]
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kmask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kmask)

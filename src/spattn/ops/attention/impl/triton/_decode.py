@@ -10,7 +10,6 @@ Queries sit in query block 0 (Lq <= 16 <= BS), so the mask row of query i is i.
 
 from __future__ import annotations
 
-import triton
 import triton.language as tl
 
 from ._jit import kernel

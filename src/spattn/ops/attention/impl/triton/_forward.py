@@ -15,7 +15,6 @@ rows and columns are False by construction.
 
 from __future__ import annotations
 
-import triton
 import triton.language as tl
 
 from ._jit import kernel

@@ -14,7 +14,6 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-import torch
 import triton
 
 

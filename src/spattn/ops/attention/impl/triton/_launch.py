@@ -66,12 +66,14 @@ def forward(q, k, v, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx, masks, scale: flo
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2), H * Lq, Lq,
             *_s2(kv_num), *_s3(kv_idx), *_s3(fkv_idx),
-            D=D, DP=_dp(D), BS=bs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EVEN_N=Lk % cfg.block_n == 0, MERGED=cfg.merged,
+            D=D, DP=_dp(D), BS=bs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            EVEN_N=Lk % cfg.block_n == 0, MERGED=cfg.merged,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
-    cfg = _tuning.choose("fwd", D, q.dtype, kind, q.device, bs, bench=lambda c: _bench(lambda: launch(c)), pairs=Lq * Lk,
-                          even=Lk % bs == 0)
+    cfg = _tuning.choose(
+        "fwd", D, q.dtype, kind, q.device, bs, bench=lambda c: _bench(lambda: launch(c)), pairs=Lq * Lk,
+        even=Lk % bs == 0)
     _tuning.run_with_fallback(launch, cfg)
     return o, lse
 
@@ -115,8 +117,9 @@ def decode(q, k, v, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx, masks, scale: floa
             D=D, DP=DP, SP=max(2, triton.next_power_of_2(S)), num_warps=4,
         )
 
-    cfg = _tuning.choose("decode", D, q.dtype, kind, q.device, bs, bench=lambda c: _bench(lambda: launch(c)), pairs=Lq * Lk,
-                          even=Lk % bs == 0)
+    cfg = _tuning.choose(
+        "decode", D, q.dtype, kind, q.device, bs, bench=lambda c: _bench(lambda: launch(c)), pairs=Lq * Lk,
+        even=Lk % bs == 0)
     _tuning.run_with_fallback(launch, cfg)
     return o, lse
 
@@ -171,10 +174,12 @@ def backward(do, q, k, v, o, lse, dlse, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
-    cfg = _tuning.choose("dq", D, q.dtype, kind, q.device, bs, bench=lambda c: _bench(lambda: launch_dq(c)), pairs=Lq * Lk,
-                          even=Lk % bs == 0 and Lq % bs == 0)
+    cfg = _tuning.choose(
+        "dq", D, q.dtype, kind, q.device, bs, bench=lambda c: _bench(lambda: launch_dq(c)), pairs=Lq * Lk,
+        even=Lk % bs == 0 and Lq % bs == 0)
     _tuning.run_with_fallback(launch_dq, cfg)
-    cfg = _tuning.choose("dkdv", D, q.dtype, kind, q.device, bs, bench=lambda c: _bench(lambda: launch_dkdv(c)), pairs=Lq * Lk,
-                          even=Lk % bs == 0 and Lq % bs == 0)
+    cfg = _tuning.choose(
+        "dkdv", D, q.dtype, kind, q.device, bs, bench=lambda c: _bench(lambda: launch_dkdv(c)), pairs=Lq * Lk,
+        even=Lk % bs == 0 and Lq % bs == 0)
     _tuning.run_with_fallback(launch_dkdv, cfg)
     return dq, dk, dv

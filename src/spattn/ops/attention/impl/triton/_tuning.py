@@ -83,7 +83,7 @@ def _save() -> None:
         pass
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _gpu_name(index: int | None) -> str:
     return torch.cuda.get_device_name(index)
 
