@@ -132,8 +132,8 @@ def test_auto_backend_and_reason():
     layout = spattn.compile(spattn.Window(8), 64, block_size=16)
     name, reason = spattn.choose_backend(q, k, v, layout)
     assert name == "dense" and "short" in reason
-    q, k, v = _inputs(1, 2, 2, 512, 512, 16, torch.float32)
-    layout = spattn.compile(spattn.Window(8), 512)
+    q, k, v = _inputs(1, 2, 2, 2100, 2100, 16, torch.float32)
+    layout = spattn.compile(spattn.Window(8), 2100)
     name, reason = spattn.choose_backend(q, k, v, layout)
     assert name == "reference" and "no GPU" in reason
     out = spattn.attention(q, k, v, layout)

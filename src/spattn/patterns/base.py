@@ -38,6 +38,7 @@ class Context:
     query: torch.Tensor | None = None
     key: torch.Tensor | None = None
     kept: torch.Tensor | None = None  # status of blocks already kept by safeguards (for dynamic budgets)
+    allowed: torch.Tensor | None = None  # status of blocks a surrounding intersection allows at all
     cache: dict = dataclasses.field(default_factory=dict)
     info: dict = dataclasses.field(default_factory=dict)
 
@@ -112,7 +113,7 @@ class Pattern:
 
     # -- cached status (a pattern object may appear in several places of a tree) ---------------
     def status(self, ctx: Context) -> torch.Tensor:
-        key = ("status", id(self), None if ctx.kept is None else id(ctx.kept))
+        key = ("status", id(self), None if ctx.kept is None else id(ctx.kept), None if ctx.allowed is None else id(ctx.allowed))
         if key not in ctx.cache:
             ctx.cache[key] = as_4d(self.block_status(ctx))
         return ctx.cache[key]
@@ -139,7 +140,8 @@ def _status_signature(ctx: Context, part: Pattern, b, h, qb, kb) -> torch.Tensor
     st = part.status(ctx)
     s = st[b if st.shape[0] > 1 else 0, h if st.shape[1] > 1 else 0, qb, kb].long()
     sig = part.signature(ctx, b, h, qb, kb) if bool((s == PARTIAL).any()) else s.new_zeros(s.shape[0], 1)
-    return torch.where((s == PARTIAL)[:, None], sig, (-1 - s)[:, None].expand_as(sig))
+    sig = torch.where((s == PARTIAL)[:, None], sig, torch.zeros_like(sig))
+    return torch.cat([s[:, None], sig], dim=1)  # the status in its own column: no code can collide with it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,9 +194,13 @@ class Intersection(Pattern):
 
     def block_status(self, ctx: Context) -> torch.Tensor:
         out = None
+        saved = ctx.allowed
         for p in sorted(self.parts, key=lambda p: p.contains_dynamic()):
+            if p.contains_dynamic():  # dynamic parts spend their budget only where the static parts allow
+                ctx.allowed = out if saved is None or out is None else torch.minimum(saved, out)
             st = p.status(ctx)
             out = st if out is None else torch.minimum(out, st)
+        ctx.allowed = saved
         return out
 
     def token_mask(self, ctx, b, h, i, j):

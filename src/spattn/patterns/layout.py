@@ -138,23 +138,16 @@ class Layout:
             raise ValueError(
                 f"to_dense() would allocate {self.q_len}x{self.kv_len} per head; it is meant for small lengths"
             )
-        bs = self.block_size
-        Bl, Hl, NQ = self.kv_num_blocks.shape
-        NK = self.num_kv_blocks
-        dense = torch.zeros(Bl, Hl, NQ * bs, NK * bs, dtype=torch.bool, device=self.device)
-        view = dense.view(Bl, Hl, NQ, bs, NK, bs)
-        for b in range(Bl):
-            for h in range(Hl):
-                for qb in range(NQ):
-                    n_full = int(self.full_kv_num_blocks[b, h, qb])
-                    for kb in self.full_kv_indices[b, h, qb, :n_full].tolist():
-                        view[b, h, qb, :, kb, :] = True
-                    n_part = int(self.kv_num_blocks[b, h, qb])
-                    for kb, m in zip(
-                        self.kv_indices[b, h, qb, :n_part].tolist(),
-                        self.kv_mask_ids[b, h, qb, :n_part].tolist(),
-                    ):
-                        view[b, h, qb, :, kb, :] = self.masks[m]
+        bs, NQ, NK = self.block_size, self.num_q_blocks, self.num_kv_blocks
+        status = self.block_status().long()
+        M = self.masks.shape[0]
+        slot = torch.where(status == 2, M, M + 1)
+        valid = torch.arange(self.kv_indices.shape[-1], device=self.device) < self.kv_num_blocks[..., None]
+        b, h, qb, e = valid.nonzero().unbind(1)
+        slot[b, h, qb, self.kv_indices[b, h, qb, e].long()] = self.kv_mask_ids[b, h, qb, e].long()
+        ones = torch.ones(1, bs, bs, dtype=torch.bool, device=self.device)
+        tiles = torch.cat([self.masks, ones, ~ones])[slot]  # [Bl, Hl, NQ, NK, bs, bs]
+        dense = tiles.permute(0, 1, 2, 4, 3, 5).reshape(status.shape[0], status.shape[1], NQ * bs, NK * bs)
         return dense[:, :, : self.q_len, : self.kv_len]
 
     # ------------------------------------------------------------------ counts

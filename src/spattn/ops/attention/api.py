@@ -15,7 +15,7 @@ logger = logging.getLogger("spattn")
 
 BACKENDS = ("auto", "reference", "dense", "flex", "triton")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_DENSE_MAX_PAIRS = 1 << 16  # auto uses the dense backend on CPU below this many (query, key) pairs
+_DENSE_MAX_PAIRS = 1 << 22  # auto uses the dense backend on CPU up to this many (query, key) pairs (2048^2)
 
 
 def _check_inputs(query, key, value) -> None:

@@ -54,9 +54,9 @@ def attention_reference(
     if out_dtype in (torch.float16, torch.bfloat16):  # the oracle computes in float32 (autograd casts back)
         query, key, value = query.float(), key.float(), value.float()
 
-    kp = F.pad(key, (0, 0, 0, NK * bs - Lk)).view(B, Hk, NK, bs, D)
-    vp = F.pad(value, (0, 0, 0, NK * bs - Lk)).view(B, Hk, NK, bs, Dv)
-    qp = F.pad(query * scale, (0, 0, 0, NQ * bs - Lq)).view(B, Hk, G, NQ, bs, D)
+    kp = F.pad(key, (0, 0, 0, NK * bs - Lk)).reshape(B, Hk, NK, bs, D)
+    vp = F.pad(value, (0, 0, 0, NK * bs - Lk)).reshape(B, Hk, NK, bs, Dv)
+    qp = F.pad(query * scale, (0, 0, 0, NQ * bs - Lq)).reshape(B, Hk, G, NQ, bs, D)
 
     idx, slot = _entries(layout)  # [Bl, Hl, NQ, W]
     W = idx.shape[-1]
@@ -84,15 +84,15 @@ def attention_reference(
         qc = qp[:, :, :, c0:c1]  # [B, Hk, G, n, bs, D]
         if Hl == 1:
             qx = qc.permute(0, 1, 3, 2, 4, 5).reshape(B, Hk, n, G * bs, D)
-            s = torch.matmul(qx, kb.view(B, Hk, n, W * bs, D).transpose(-1, -2))  # [B, Hk, n, G*bs, W*bs]
+            s = torch.matmul(qx, kb.reshape(B, Hk, n, W * bs, D).transpose(-1, -2))  # [B, Hk, n, G*bs, W*bs]
             p, lse = _softmax_lse(s.view(B, Hk, n, G, bs, W * bs), mask[:, :, :, None], return_lse)
-            o = torch.matmul(p.view(B, Hk, n, G * bs, W * bs), vb.view(B, Hk, n, W * bs, Dv))
+            o = torch.matmul(p.view(B, Hk, n, G * bs, W * bs), vb.reshape(B, Hk, n, W * bs, Dv))
             o = o.view(B, Hk, n, G, bs, Dv)
             lse = lse.transpose(2, 3) if return_lse else None
             o = o.transpose(2, 3)  # [B, Hk, G, n, bs, Dv]
         else:
-            kb = kb.view(B, Hk, G, n, W * bs, D)
-            vb = vb.view(B, Hk, G, n, W * bs, Dv)
+            kb = kb.reshape(B, Hk, G, n, W * bs, D)
+            vb = vb.reshape(B, Hk, G, n, W * bs, Dv)
             s = torch.matmul(qc, kb.transpose(-1, -2))  # [B, Hk, G, n, bs, W*bs]
             p, lse = _softmax_lse(s, mask.view(Bl, Hk, G, n, bs, W * bs), return_lse)
             o = torch.matmul(p, vb)
