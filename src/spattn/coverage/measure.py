@@ -249,23 +249,25 @@ def measure(
                 allowed = kj <= qi
                 s = s.masked_fill(~allowed, -math.inf)
                 kept = kept & allowed
+            if topk:  # running top-k of dense scores with a "kept" flag: chunk top-k, then merge
+                cv, ci = s.topk(min(topk, ck), dim=-1)
+                cf = kept.expand(B, H, cq, ck).gather(-1, ci)
+                top_v, idx = torch.cat([top_v, cv], -1).topk(topk, dim=-1)
+                top_f = torch.cat([top_f, cf], -1).gather(-1, idx)
             m_new = torch.maximum(m, s.amax(-1))
             m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
             alpha = torch.exp(m - m_safe)
-            p = torch.exp(s - m_safe[..., None])
-            pk = p * kept
+            p = s.sub_(m_safe[..., None]).exp_()  # in place: s is not needed any more
+            keeps_any = bool(kept.any())
+            pk = torch.where(kept, p, torch.zeros((), dtype=cdt, device=dev)) if keeps_any else None
             S = S * alpha + p.sum(-1)
-            K = K * alpha + pk.sum(-1)
+            K = K * alpha + pk.sum(-1) if keeps_any else K * alpha
             if value is not None:
                 v = v_all[:, :, None, j0:j1]
                 acc_d = acc_d * alpha[..., None] + torch.matmul(p.view(B, Hkv, G, cq, ck), v).view(B, H, cq, Dv)
-                acc_s = acc_s * alpha[..., None] + torch.matmul(pk.view(B, Hkv, G, cq, ck), v).view(B, H, cq, Dv)
-            if topk:
-                kept_b = kept.expand(B, H, cq, ck)
-                cand_v = torch.cat([top_v, s], -1)
-                cand_f = torch.cat([top_f, kept_b], -1)
-                top_v, idx = cand_v.topk(topk, dim=-1)
-                top_f = cand_f.gather(-1, idx)
+                acc_s = acc_s * alpha[..., None]
+                if keeps_any:
+                    acc_s = acc_s + torch.matmul(pk.view(B, Hkv, G, cq, ck), v).view(B, H, cq, Dv)
             m = m_new
         nonempty = S > 0
         r = torch.where(nonempty, K / torch.where(nonempty, S, torch.ones_like(S)), torch.ones_like(S))
