@@ -106,9 +106,11 @@ def block_mass(
             m_new = torch.maximum(m, s.amax(-1))
             m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
             alpha = torch.exp(m - m_safe)
-            p = torch.exp(s - m_safe[..., None])
+            p = s.sub_(m_safe[..., None]).exp_()
             nk = math.ceil(ck / bs)
-            p = torch.nn.functional.pad(p, (0, nk * bs - ck)).view(B, H, cq, nk, bs)
+            if nk * bs != ck:
+                p = torch.nn.functional.pad(p, (0, nk * bs - ck))
+            p = p.view(B, H, cq, nk, bs)
             kb0 = j0 // bs
             S = S * alpha + p.sum((-1, -2))
             row_sum.mul_(alpha[..., None])
