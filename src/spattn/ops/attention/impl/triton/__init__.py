@@ -7,20 +7,20 @@ CPU tensors run through Triton's interpreter (tests); CUDA tensors through compi
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 import torch
 from torch import Tensor
 
 DECODE_MAX_QUERIES = 16
+_HAS_TRITON = importlib.util.find_spec("triton") is not None  # without importing it (and dynamo-friendly)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def supports(query: Tensor, key: Tensor, value: Tensor, layout: Any) -> str | None:
     """None when the triton path can run these inputs, else a human-readable reason."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
+    if not _HAS_TRITON:
         return "triton is not installed (pip install 'spattn[gpu]')"
     if query.device.type != "cuda":
         return f"the triton backend needs CUDA tensors (query is on {query.device.type})"
