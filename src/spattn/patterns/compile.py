@@ -90,6 +90,14 @@ def compile(  # noqa: A001 - the verb the whole project uses
         pattern, q_len, kv_len, causal=causal, block_size=block_size, batch=batch, heads=heads,
         device=device, query=query, key=key,
     )
+    if ctx.device.type == "cuda":
+        from spattn.patterns.device_build import build_layout, supports_fast_build
+
+        if supports_fast_build(pattern):  # banded built-ins: the same tables from a few fused device ops
+            layout = build_layout(pattern, ctx.q_len, ctx.kv_len, causal=causal, block_size=block_size, device=ctx.device)
+            layout.info["compile_seconds"] = time.perf_counter() - start
+            layout.info["builder"] = "device_build"
+            return layout
     status = full.status(ctx).contiguous()
     if heads is not None and status.shape[1] not in (1, heads):
         raise ValueError(f"pattern gives {status.shape[1]} heads but heads={heads}")

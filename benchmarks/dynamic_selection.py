@@ -2,9 +2,9 @@
 
 One script, one GPU call (DESIGN.md "benchmarks are a registry plus one driver"):
 
-    PYTHONPATH=src python benchmarks/selectors.py --out benchmarks/results/h200/selectors.json          # H200
-    PYTHONPATH=src python benchmarks/selectors.py --quick --out /tmp/selectors.json                     # smoke
-    PYTHONPATH=src python benchmarks/selectors.py --device cpu --lengths 1024 2048 --heads 4 --kv-heads 4 2 \
+    PYTHONPATH=src python benchmarks/dynamic_selection.py --out benchmarks/results/h200/selectors.json          # H200
+    PYTHONPATH=src python benchmarks/dynamic_selection.py --quick --out /tmp/selectors.json                     # smoke
+    PYTHONPATH=src python benchmarks/dynamic_selection.py --device cpu --lengths 1024 2048 --heads 4 --kv-heads 4 2 \
         --head-dim 64 --dtype float32 --out benchmarks/results/cpu/selectors.json                       # CPU
 
 Per length x head configuration (MHA and GQA) x selector, on synthetic prefill inputs with local structure
