@@ -212,7 +212,8 @@ def blocks_to_layout(selected: torch.Tensor, block_size: int, q_len: int, kv_len
         tok = selected.repeat_interleave(block_size, -2).repeat_interleave(block_size, -1)[..., :q_len, :kv_len]
         if causal:
             off = kv_len - q_len
-            tok = tok & (torch.arange(kv_len, device=device)[None, :] <= torch.arange(q_len, device=device)[:, None] + off)
+            rows = torch.arange(q_len, device=device)[:, None] + off
+            tok = tok & (torch.arange(kv_len, device=device)[None, :] <= rows)
         layout = layout_from_mask(tok.contiguous(), block_size, causal=causal)
     if info:
         layout.info.update(info)

@@ -120,7 +120,8 @@ def _reduce(flat: torch.Tensor, reduction: str) -> torch.Tensor:
     raise ValueError(f"reduction must be 'mean', 'p5' or 'min', got {reduction!r}")
 
 
-def _check_qk(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor | None = None) -> tuple[int, int, int, int, int]:
+def _check_qk(query: torch.Tensor, key: torch.Tensor,
+              value: torch.Tensor | None = None) -> tuple[int, int, int, int, int]:
     if not isinstance(query, torch.Tensor) or query.dim() != 4:
         raise ValueError(f"query must be a [B, H, Lq, D] tensor, got {getattr(query, 'shape', type(query))}")
     if not isinstance(key, torch.Tensor) or key.dim() != 4:
@@ -136,7 +137,8 @@ def _check_qk(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor | None
     if value is not None:
         if not isinstance(value, torch.Tensor) or value.dim() != 4 or value.shape[:3] != key.shape[:3]:
             raise ValueError(
-                f"value must be [B, Hkv, Lk, Dv] matching key {tuple(key.shape[:3])}, got {getattr(value, 'shape', None)}"
+                f"value must be [B, Hkv, Lk, Dv] matching key {tuple(key.shape[:3])}, "
+                f"got {getattr(value, 'shape', None)}"
             )
         if value.device != query.device:
             raise ValueError(f"value is on {value.device}, query on {query.device}")
@@ -292,8 +294,9 @@ def measure(
             sq_ref += o_d.double().square().sum((-1, -2))
     output_error = None
     if value is not None:
-        output_error = torch.where(sq_ref > 0, (sq_err / torch.where(sq_ref > 0, sq_ref, torch.ones_like(sq_ref))).sqrt(),
-                                   torch.where(sq_err > 0, torch.full_like(sq_err, math.inf), torch.zeros_like(sq_err))).to(cdt)
+        ratio = (sq_err / torch.where(sq_ref > 0, sq_ref, torch.ones_like(sq_ref))).sqrt()
+        no_ref = torch.where(sq_err > 0, torch.full_like(sq_err, math.inf), torch.zeros_like(sq_err))
+        output_error = torch.where(sq_ref > 0, ratio, no_ref).to(cdt)
     return CoverageReport(
         recall=recall, kl=kl, topk_overlap=overlap, output_error=output_error, output_abs_error=abs_err,
         lse=lse, density=_density(layout, causal), topk=topk, causal=causal,

@@ -39,9 +39,9 @@ def save(ax: Any, path: str | Path | None) -> list[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig = ax.figure
     fig.tight_layout()
-    targets = [path] if path.suffix.lower() in (".png", ".svg") else [path.with_suffix(".png"), path.with_suffix(".svg")]
     if path.suffix and path.suffix.lower() not in (".png", ".svg"):
         raise ValueError(f"path must end in .png or .svg (or have no suffix for both), got {str(path)!r}")
+    targets = [path] if path.suffix else [path.with_suffix(".png"), path.with_suffix(".svg")]
     for t in targets:
         fig.savefig(t, dpi=150)
     return targets
@@ -143,7 +143,7 @@ def plot_reachability(results: Any, *, labels: Sequence[str] | None = None, ax: 
     if len(labels) != len(results):
         raise ValueError(f"labels ({len(labels)}) must match results ({len(results)})")
     ax = _axes(ax, (5, 3.5))
-    for res, label in zip(results, labels):
+    for res, label in zip(results, labels, strict=True):
         n = torch.arange(1, res.num_layers + 1)
         ax.plot(n.numpy(), res.fraction.numpy(), marker="o", markersize=3, label=label)
         if res.layers_to_full is not None:

@@ -386,7 +386,8 @@ def _count(R: torch.Tensor) -> torch.Tensor:
         import numpy as np
 
         if hasattr(np, "bitwise_count"):
-            return torch.from_numpy(np.bitwise_count(R.contiguous().numpy().view(np.uint64)).astype(np.int64))  # uint64: numpy counts |x| for signed ints
+            words = R.contiguous().numpy().view(np.uint64)  # unsigned: numpy counts |x| for signed ints
+            return torch.from_numpy(np.bitwise_count(words).astype(np.int64))
     return _popcount(R)
 
 
