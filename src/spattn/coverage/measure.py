@@ -244,31 +244,50 @@ def measure(
             j1 = min(Lk, j0 + chunk)
             ck = j1 - j0
             s = torch.matmul(q, k_all[:, :, None, j0:j1].transpose(-1, -2)).view(B, H, cq, ck)
-            kept = _tables.chunk_mask(layout, bmap, masks_ext, j0 // bs, (j1 - 1) // bs + 1, cq, ck)
+            codes = bmap[..., j0 // bs:(j1 - 1) // bs + 1]
+            kept: torch.Tensor | bool  # True / False: the layout keeps every / no key of the tile
+            if bool((codes == _tables.NONE).all()):
+                kept = False
+            elif bool((codes == _tables.FULL).all()):
+                kept = True
+            else:
+                kept = _tables.chunk_mask(layout, bmap, masks_ext, j0 // bs, (j1 - 1) // bs + 1, cq, ck)
             if causal and j1 - 1 > i0 + offset:  # the chunk crosses the diagonal
                 qi = torch.arange(i0, i1, device=dev)[:, None] + offset
                 kj = torch.arange(j0, j1, device=dev)[None, :]
                 allowed = kj <= qi
                 s = s.masked_fill(~allowed, -math.inf)
-                kept = kept & allowed
+                if isinstance(kept, torch.Tensor):
+                    kept = kept & allowed  # (kept=True needs nothing: disallowed keys get p = 0)
             if topk:  # running top-k of dense scores with a "kept" flag: chunk top-k, then merge
                 cv, ci = s.topk(min(topk, ck), dim=-1)
-                cf = kept.expand(B, H, cq, ck).gather(-1, ci)
+                if isinstance(kept, torch.Tensor):
+                    cf = kept.expand(B, H, cq, ck).gather(-1, ci)
+                else:
+                    cf = torch.full(ci.shape, kept, dtype=torch.bool, device=dev)
                 top_v, idx = torch.cat([top_v, cv], -1).topk(topk, dim=-1)
                 top_f = torch.cat([top_f, cf], -1).gather(-1, idx)
             m_new = torch.maximum(m, s.amax(-1))
             m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
             alpha = torch.exp(m - m_safe)
             p = s.sub_(m_safe[..., None]).exp_()  # in place: s is not needed any more
-            keeps_any = bool(kept.any())
-            pk = torch.where(kept, p, torch.zeros((), dtype=cdt, device=dev)) if keeps_any else None
-            S = S * alpha + p.sum(-1)
-            K = K * alpha + pk.sum(-1) if keeps_any else K * alpha
+            p_sum = p.sum(-1)
+            S = S * alpha + p_sum
+            if kept is True:
+                K = K * alpha + p_sum  # the same numbers as S: recall is exactly 1 where everything is kept
+            elif kept is False:
+                K = K * alpha
+            else:
+                pk = torch.where(kept, p, torch.zeros((), dtype=cdt, device=dev))
+                K = K * alpha + pk.sum(-1)
             if value is not None:
                 v = v_all[:, :, None, j0:j1]
-                acc_d = acc_d * alpha[..., None] + torch.matmul(p.view(B, Hkv, G, cq, ck), v).view(B, H, cq, Dv)
+                pv = torch.matmul(p.view(B, Hkv, G, cq, ck), v).view(B, H, cq, Dv)
+                acc_d = acc_d * alpha[..., None] + pv
                 acc_s = acc_s * alpha[..., None]
-                if keeps_any:
+                if kept is True:
+                    acc_s = acc_s + pv
+                elif kept is not False:
                     acc_s = acc_s + torch.matmul(pk.view(B, Hkv, G, cq, ck), v).view(B, H, cq, Dv)
             m = m_new
         nonempty = S > 0
