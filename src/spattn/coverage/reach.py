@@ -383,8 +383,10 @@ def _to_matrix(st: _State) -> torch.Tensor:
 def _count(R: torch.Tensor) -> torch.Tensor:
     """int64, set bits per element of an int64 tensor."""
     if R.device.type == "cpu":
-        import numpy as np
-
+        try:
+            import numpy as np
+        except ImportError:  # numpy is optional for torch: fall back to the SWAR popcount
+            return _popcount(R)
         if hasattr(np, "bitwise_count"):
             words = R.contiguous().numpy().view(np.uint64)  # unsigned: numpy counts |x| for signed ints
             return torch.from_numpy(np.bitwise_count(words).astype(np.int64))
