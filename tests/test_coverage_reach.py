@@ -93,3 +93,13 @@ def test_errors():
         reachability(spattn.compile(spattn.Full(), 8, 16, block_size=4), causal=False, max_layers=2)
     with pytest.raises(TypeError, match="Layout"):
         reachability([1, 2], causal=True)
+
+
+def test_swar_popcount_matches_python():
+    from spattn.coverage.reach import _count, _popcount
+
+    x = torch.randint(-(1 << 63), (1 << 63) - 1, (1000,), dtype=torch.int64)
+    x[:3] = torch.tensor([-1, 0, -(1 << 63)])
+    want = torch.tensor([bin(v & ((1 << 64) - 1)).count("1") for v in x.tolist()])
+    assert torch.equal(_popcount(x), want)  # the GPU path
+    assert torch.equal(_count(x), want)  # the CPU path (numpy when present)
