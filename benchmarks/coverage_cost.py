@@ -2,8 +2,8 @@
 
 One script, one call (DESIGN.md "benchmarks are a registry plus one driver"):
 
-    PYTHONPATH=src python benchmarks/coverage.py --out benchmarks/results/h200/coverage.json                # GPU
-    PYTHONPATH=src python benchmarks/coverage.py --device cpu --lengths 8192 --heads 12 --kv-heads 12 \
+    PYTHONPATH=src python benchmarks/coverage_cost.py --out benchmarks/results/h200/coverage.json                # GPU
+    PYTHONPATH=src python benchmarks/coverage_cost.py --device cpu --lengths 8192 --heads 12 --kv-heads 12 \
         --head-dim 64 --dtype float32 --reach-length 65536 --reach-layers 32 \
         --out benchmarks/results/cpu/coverage.json                                                          # CPU
 
