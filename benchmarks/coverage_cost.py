@@ -22,15 +22,13 @@ Per length, on random causal prefill inputs [B, H, L, D] (GQA when --kv-heads < 
 Writes JSON (machine, versions, git commit, command) and prints a table.
 """
 
-# ruff: noqa: E402 - the import path must be fixed (the `coverage` package name) before the other imports
+# ruff: noqa: E402 - src/ is put on the import path before spattn is imported
 from __future__ import annotations
 
 import os
 import sys
 
-# this file is named like the third-party `coverage` package: drop the script's folder from the import path
 _HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _HERE]
 
 import argparse
 import json

@@ -25,16 +25,13 @@ A ``--time-budget`` (seconds) skips the optional parts (flex, recall) of later r
 Writes JSON (machine, versions, git commit, command) and prints a table.
 """
 
-# ruff: noqa: E402 - the import path must be fixed (stdlib name clash, see below) before the other imports
+# ruff: noqa: E402 - src/ is put on the import path before spattn is imported
 from __future__ import annotations
 
 import os
 import sys
 
-# this file is named like the stdlib module `selectors` (imported by subprocess, asyncio): drop the script's
-# folder from the import path before anything imports it
 _HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _HERE]
 
 import argparse
 import dataclasses
