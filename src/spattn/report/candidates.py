@@ -89,9 +89,10 @@ def _fmt(pattern: Pattern) -> str:
     if shown is None:
         return repr(pattern)
     args = []
-    for key in shown:
+    for n, key in enumerate(shown):
         v = d.get(key)
-        args.append(repr(v) if isinstance(v, str) else (f"{v:.4g}" if isinstance(v, float) else str(v)))
+        text = repr(v) if isinstance(v, str) else (f"{v:.4g}" if isinstance(v, float) else str(v))
+        args.append(text if n == 0 and len(shown) == 1 or isinstance(v, str) else f"{key}={text}")
     return f"{name}({', '.join(args)})"
 
 

@@ -58,6 +58,17 @@ def _wrap(text: str, width: int = 34) -> str:
     return "\n".join(textwrap.wrap(text, width, break_long_words=True))
 
 
+def _legend_below(fig, axes) -> None:
+    seen: dict[str, Any] = {}
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            seen.setdefault(lab, h)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    if seen:
+        fig.legend(list(seen.values()), list(seen), loc="lower center", ncol=min(len(seen), 5), frameon=False,
+                   fontsize=8)
+
+
 def _by_series(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = {}
     for r in sorted(records, key=lambda r: r["cost"]["keys_fraction"]):
@@ -167,7 +178,7 @@ def layout_figure(results: dict[str, Any], path: Path) -> None:
 def reach_figure(results: dict[str, Any], path: Path) -> None:
     plt = _plt()
     budgets = results["config"]["budgets"]
-    fig, axes = plt.subplots(1, len(budgets), figsize=(4.6 * len(budgets), 3.8), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(budgets), figsize=(4.6 * len(budgets), 4.4), squeeze=False, sharey=True)
     for ax, b in zip(axes[0], budgets, strict=True):
         for r in results["candidates"]:
             if r["budget"] != b:
@@ -180,10 +191,7 @@ def reach_figure(results: dict[str, Any], path: Path) -> None:
         ax.grid(True, alpha=0.25)
         _int_ticks(ax, y=False)
     axes[0][0].set_ylabel("reachable (token, source) pairs")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    if handles:
-        axes[0][-1].legend(handles, labels, fontsize=7, loc="lower right")
-    fig.tight_layout()
+    _legend_below(fig, axes[0])
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
@@ -191,7 +199,7 @@ def reach_figure(results: dict[str, Any], path: Path) -> None:
 def recall_layer_figure(results: dict[str, Any], path: Path) -> None:
     plt = _plt()
     budgets = results["config"]["budgets"]
-    fig, axes = plt.subplots(1, len(budgets), figsize=(4.6 * len(budgets), 3.8), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(budgets), figsize=(4.6 * len(budgets), 4.4), squeeze=False, sharey=True)
     for ax, b in zip(axes[0], budgets, strict=True):
         for r in results["candidates"]:
             if r["budget"] != b:
@@ -205,10 +213,7 @@ def recall_layer_figure(results: dict[str, Any], path: Path) -> None:
         ax.set_ylim(0, 1.02)
         ax.grid(True, alpha=0.25)
     axes[0][0].set_ylabel("mean recall")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    if handles:
-        axes[0][-1].legend(handles, labels, fontsize=7, loc="lower right")
-    fig.tight_layout()
+    _legend_below(fig, axes[0])
     fig.savefig(path, dpi=80)
     plt.close(fig)
 

@@ -20,6 +20,13 @@ def pareto(points: list[tuple[str, float, float]], *, maximize: bool = False) ->
     return out
 
 
+def _same_numbers(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Two candidates that compiled to the same layouts (same cost, recall and perplexity)."""
+    return (a["cost"]["keys_fraction"] == b["cost"]["keys_fraction"]
+            and a["cost"]["block_fraction"] == b["cost"]["block_fraction"]
+            and a["recall"]["mean"] == b["recall"]["mean"] and a["model"]["perplexity"] == b["model"]["perplexity"])
+
+
 def recommend(candidates: list[dict[str, Any]], budgets: list[float]) -> list[dict[str, Any]]:
     """Per budget, the candidate with the lowest held-out perplexity among those whose measured cost is within
     the budget (ties: higher mean recall, then lower cost)."""
@@ -32,7 +39,9 @@ def recommend(candidates: list[dict[str, Any]], budgets: list[float]) -> list[di
             continue
         best = min(ok, key=lambda c: (c["model"]["perplexity"], -c["recall"]["mean"], c["cost"]["keys_fraction"],
                                       c["id"]))
+        same = [c["id"] for c in ok if c is not best and _same_numbers(c, best)]
         out.append({"budget": b, "candidate": best["id"],
                     "reason": "lowest held-out perplexity among the candidates whose measured cost is within "
-                              "the budget"})
+                              "the budget",
+                    "same_as": same})
     return out

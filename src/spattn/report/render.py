@@ -31,8 +31,8 @@ def render_html(results: dict[str, Any], folder: Path) -> str:
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     template = env.from_string(Path(__file__).with_name("template.html").read_text())
     by_id = {c["id"]: c for c in results["candidates"]}
-    recs = [{"budget": x["budget"], "c": by_id.get(x["candidate"]), "reason": x["reason"]}
-            for x in results["recommendations"]]
+    recs = [{"budget": x["budget"], "c": by_id.get(x["candidate"]), "reason": x["reason"],
+             "same": [by_id[i] for i in x.get("same_as", []) if i in by_id]} for x in results["recommendations"]]
     figures = []
     for name, rel in results["figures"].items():
         data = base64.b64encode((folder / rel).read_bytes()).decode()
