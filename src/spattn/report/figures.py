@@ -171,7 +171,7 @@ def layout_figure(results: dict[str, Any], path: Path) -> None:
     for ax in axes[0][len(recs):]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(fig)
 
 
