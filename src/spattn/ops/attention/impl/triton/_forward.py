@@ -80,8 +80,10 @@ def attn_fwd_kernel(
                 kmask = (cols[:, None] < Lk) & mask_d[None, :]
                 k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :], mask=kmask, other=0.0)
                 v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :], mask=kmask, other=0.0)
+            # the mask is broadcast to the tile explicitly: newer interpreters reject a scalar mask on a block load
+            part_tile = (rows[:, None] * 0 + offs_n[None, :] * 0 + e) >= n_full
             tile = tl.load(MASKS + mid * (BS * BS) + rows[:, None] * BS + (sub * BLOCK_N + offs_n)[None, :],
-                           mask=is_part, other=1)
+                           mask=part_tile, other=1)
             keep = tile != 0
             if not EVEN_N:
                 keep = keep & (cols[None, :] < Lk)
