@@ -155,16 +155,20 @@ def load_smollm2(
         >>> model.config.num_hidden_layers, model.config.num_key_value_heads
         (30, 3)
     """
+    return _load("AutoModelForCausalLM", smollm2_checkpoint(cache_dir), attn_implementation, dtype, device)
+
+
+def _load(auto_class: str, path: Any, attn_implementation: str | None, dtype: Any, device: Any) -> tuple[Any, Any]:
+    """``(model in eval mode, tokenizer)`` from a local folder through a transformers Auto class."""
     transformers = require("transformers", extra="hf")
-    checkpoint = smollm2_checkpoint(cache_dir)
     _maybe_register(attn_implementation)
     kwargs: dict[str, Any] = {}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     if dtype is not None:
         kwargs["dtype"] = dtype
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint), **kwargs)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(checkpoint))
+    model = getattr(transformers, auto_class).from_pretrained(str(path), **kwargs)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
     if device is not None:
         model = model.to(device)
     return model.eval(), tokenizer
@@ -176,16 +180,4 @@ def load_minilm(*, attn_implementation: str | None = None, dtype: Any = None, de
     Sentence embeddings are the attention-mask-weighted mean of ``last_hidden_state``, L2-normalised
     (see :func:`spattn.eval.lm.sentence_embeddings`).
     """
-    transformers = require("transformers", extra="hf")
-    path = minilm_path()
-    _maybe_register(attn_implementation)
-    kwargs: dict[str, Any] = {}
-    if attn_implementation is not None:
-        kwargs["attn_implementation"] = attn_implementation
-    if dtype is not None:
-        kwargs["dtype"] = dtype
-    model = transformers.AutoModel.from_pretrained(str(path), **kwargs)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
-    if device is not None:
-        model = model.to(device)
-    return model.eval(), tokenizer
+    return _load("AutoModel", minilm_path(), attn_implementation, dtype, device)
