@@ -26,18 +26,9 @@ def _widen(idx: torch.Tensor, width: int) -> torch.Tensor:
 def layout_to_block_mask(layout: Layout) -> Any:
     """A ``BlockMask`` with the same full / partial tables; partial blocks read the layout's masks."""
     fa = _flex()
-    NQ, NK, bs = layout.num_q_blocks, layout.num_kv_blocks, layout.block_size
-    status = layout.block_status().long()
-    M = layout.masks.shape[0]
-    # slot per block: the partial mask id, M for a full block, M + 1 for a skipped one, so that the
-    # mask_mod is the exact predicate everywhere (eager flex evaluates it on every pair)
-    slot = torch.where(status == FULL, M, M + 1)
-    if (status == PARTIAL).any():
-        valid = torch.arange(layout.kv_indices.shape[-1], device=layout.device) < layout.kv_num_blocks[..., None]
-        b, h, qb, e = valid.nonzero().unbind(1)
-        slot[b, h, qb, layout.kv_indices[b, h, qb, e].long()] = layout.kv_mask_ids[b, h, qb, e].long()
-    ones = torch.ones(1, bs, bs, dtype=torch.bool, device=layout.device)
-    masks = torch.cat([layout.masks, ones, ~ones])
+    NK, bs = layout.num_kv_blocks, layout.block_size
+    # the mask_mod must be the exact predicate everywhere (eager flex evaluates it on every pair)
+    slot, masks = layout.mask_slots()
     Bl, Hl = layout.batch, layout.heads
 
     def mask_mod(b, h, q_idx, kv_idx):

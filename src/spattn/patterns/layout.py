@@ -132,6 +132,18 @@ class Layout:
             out.scatter_(-1, col, torch.full_like(col, value, dtype=torch.int8))
         return out[..., : self.num_kv_blocks]
 
+    def mask_slots(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense per-block view: slot int64 ``[Bl, Hl, NQ, NK]`` into tiles bool ``[M + 2, bs, bs]``, where tile
+        ``M`` is all True (a full block), ``M + 1`` all False (a skipped block), and the rest are ``masks``."""
+        status = self.block_status().long()
+        M = self.masks.shape[0]
+        slot = torch.where(status == 2, M, M + 1)
+        valid = torch.arange(self.kv_indices.shape[-1], device=self.device) < self.kv_num_blocks[..., None]
+        b, h, qb, e = valid.nonzero().unbind(1)
+        slot[b, h, qb, self.kv_indices[b, h, qb, e].long()] = self.kv_mask_ids[b, h, qb, e].long()
+        ones = torch.ones(1, self.block_size, self.block_size, dtype=torch.bool, device=self.device)
+        return slot, torch.cat([self.masks, ones, ~ones])
+
     def to_dense(self) -> torch.Tensor:
         """bool ``[Bl, Hl, q_len, kv_len]``: the exact token-level mask. For tests and small lengths only."""
         if self.q_len * self.kv_len > 1 << 26:
@@ -139,15 +151,8 @@ class Layout:
                 f"to_dense() would allocate {self.q_len}x{self.kv_len} per head; it is meant for small lengths"
             )
         bs, NQ, NK = self.block_size, self.num_q_blocks, self.num_kv_blocks
-        status = self.block_status().long()
-        M = self.masks.shape[0]
-        slot = torch.where(status == 2, M, M + 1)
-        valid = torch.arange(self.kv_indices.shape[-1], device=self.device) < self.kv_num_blocks[..., None]
-        b, h, qb, e = valid.nonzero().unbind(1)
-        slot[b, h, qb, self.kv_indices[b, h, qb, e].long()] = self.kv_mask_ids[b, h, qb, e].long()
-        ones = torch.ones(1, bs, bs, dtype=torch.bool, device=self.device)
-        tiles = torch.cat([self.masks, ones, ~ones])[slot]  # [Bl, Hl, NQ, NK, bs, bs]
-        dense = tiles.permute(0, 1, 2, 4, 3, 5).reshape(status.shape[0], status.shape[1], NQ * bs, NK * bs)
+        slot, tiles = self.mask_slots()
+        dense = tiles[slot].permute(0, 1, 2, 4, 3, 5).reshape(slot.shape[0], slot.shape[1], NQ * bs, NK * bs)
         return dense[:, :, : self.q_len, : self.kv_len]
 
     # ------------------------------------------------------------------ counts

@@ -62,7 +62,10 @@ def _check_layout(layout: Layout, query: torch.Tensor, key: torch.Tensor, causal
 
 
 def choose_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: Layout) -> tuple[str, str]:
-    """The backend ``backend="auto"`` runs for these inputs, and why."""
+    """The backend ``backend="auto"`` runs for these inputs, and why: ``(name, reason)``.
+
+    Takes the inputs of :func:`attention` (query ``[B, H, Lq, D]``, key/value ``[B, Hkv, Lk, D]``) and a Layout
+    compiled for them."""
     if query.is_cuda:
         try:
             from spattn.ops.attention.impl import triton as triton_impl
