@@ -6,33 +6,9 @@ import pytest
 import torch
 
 import spattn
-from tests.tolerance import assert_within
-
-
-def golden(q, k, v, allowed, scale):
-    """float64 dense masked attention with GQA by repetition; empty rows give 0 and lse -inf."""
-    H, Hk = q.shape[1], k.shape[1]
-    k = k.double().repeat_interleave(H // Hk, 1)
-    v = v.double().repeat_interleave(H // Hk, 1)
-    s = q.double() @ k.transpose(-1, -2) * scale
-    s = s.masked_fill(~allowed, float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0)[..., None])
-    p = torch.where(allowed, p, 0)
-    return p @ v, lse
-
-
-def plain_lowp(q, k, v, allowed, scale):
-    """A plain same-dtype implementation (the baseline error of the tolerance rule)."""
-    H, Hk = q.shape[1], k.shape[1]
-    k = k.repeat_interleave(H // Hk, 1)
-    v = v.repeat_interleave(H // Hk, 1)
-    s = (q @ k.transpose(-1, -2)).float() * scale
-    s = s.masked_fill(~allowed, float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0)[..., None]).masked_fill(~allowed, 0)
-    return (p.to(q.dtype) @ v), lse
-
+from spattn.testing import assert_within
+from spattn.testing import dense_attention as golden
+from spattn.testing import plain_attention as plain_lowp
 
 CASES = [
     pytest.param(1, 2, 2, 1, 1, 64, id="B1-L1-H2-D64"),

@@ -7,7 +7,7 @@ import spattn
 from spattn.eval.lm import compare_embeddings, sentence_embeddings
 from spattn.integrations import hf
 from tests.hf_support import minilm, minilm_float64
-from tests.tolerance import assert_within
+from spattn.testing import assert_within
 
 SENTENCES = [
     "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want "

@@ -7,7 +7,7 @@ import spattn
 from spattn.integrations import hf
 from spattn.integrations.plan import Plan
 from tests.hf_support import tiny_bert, tiny_llama, transformers
-from tests.tolerance import assert_within
+from spattn.testing import assert_within
 
 
 def _logits(model, ids, mask=None):

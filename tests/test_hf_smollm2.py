@@ -10,7 +10,7 @@ from spattn.data.chunks import text_chunks
 from spattn.eval.lm import compare_lm
 from spattn.integrations import hf
 from tests.hf_support import smollm2, smollm2_float64
-from tests.tolerance import assert_within
+from spattn.testing import assert_within
 
 LENGTH = 512
 
