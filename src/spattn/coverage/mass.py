@@ -13,8 +13,10 @@ from typing import Any
 
 import torch
 
-from spattn.coverage.measure import _check_qk, _compute_dtype, default_chunk
-from spattn.patterns.layout import Layout
+from spattn.coverage.measure import check_qk, compute_dtype, default_chunk
+from spattn.layout.layout import Layout
+from spattn.patterns.builtin import BlockLayout
+from spattn.patterns.compile import compile as compile_pattern
 
 
 @dataclasses.dataclass(eq=False)
@@ -66,7 +68,7 @@ def block_mass(
         >>> mass.sum.shape, round(float(mass.sum[0, 0, 0].sum()), 4)
         (torch.Size([1, 2, 4, 4]), 32.0)
     """
-    B, H, Hkv, Lq, Lk = _check_qk(query, key)
+    B, H, Hkv, Lq, Lk = check_qk(query, key)
     if not isinstance(block_size, int) or block_size <= 0:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     bs = block_size
@@ -78,7 +80,7 @@ def block_mass(
     G = H // Hkv
     D = query.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    cdt = _compute_dtype(query)
+    cdt = compute_dtype(query)
     NQ, NK = math.ceil(Lq / bs), math.ceil(Lk / bs)
     offset = Lk - Lq
     k_all = key.to(cdt)
@@ -200,21 +202,8 @@ def oracle_layout(
 def blocks_to_layout(selected: torch.Tensor, block_size: int, q_len: int, kv_len: int, *, causal: bool,
                      batch: int, heads: int, device: torch.device, info: dict[str, Any] | None = None) -> Layout:
     """Layout keeping the selected blocks (bool [B, H, NQ, NK]), intersected with causality when asked."""
-    import spattn
-
-    if hasattr(spattn, "compile") and hasattr(spattn, "BlockLayout"):
-        layout = spattn.compile(spattn.BlockLayout(selected, block=block_size), q_len, kv_len, causal=causal,
-                                block_size=block_size, batch=batch, heads=heads, device=device)
-    else:  # the core's compile is not there: build the exact tables ourselves
-        from spattn.coverage._tables import layout_from_mask
-
-        NQ, NK = selected.shape[-2:]
-        tok = selected.repeat_interleave(block_size, -2).repeat_interleave(block_size, -1)[..., :q_len, :kv_len]
-        if causal:
-            off = kv_len - q_len
-            rows = torch.arange(q_len, device=device)[:, None] + off
-            tok = tok & (torch.arange(kv_len, device=device)[None, :] <= rows)
-        layout = layout_from_mask(tok.contiguous(), block_size, causal=causal)
+    layout = compile_pattern(BlockLayout(selected, block=block_size), q_len, kv_len, causal=causal,
+                             block_size=block_size, batch=batch, heads=heads, device=device)
     if info:
         layout.info.update(info)
     return layout

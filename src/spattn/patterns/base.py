@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 
-EMPTY, PARTIAL, FULL = 0, 1, 2
+from spattn.layout.tables import EMPTY, FULL, PARTIAL
 
 
 @dataclasses.dataclass
@@ -37,8 +37,6 @@ class Context:
     heads: int | None = None
     query: torch.Tensor | None = None
     key: torch.Tensor | None = None
-    kept: torch.Tensor | None = None  # status of blocks already kept by safeguards (for dynamic budgets)
-    allowed: torch.Tensor | None = None  # status of blocks a surrounding intersection allows at all
     cache: dict = dataclasses.field(default_factory=dict)
     info: dict = dataclasses.field(default_factory=dict)
 
@@ -113,7 +111,7 @@ class Pattern:
 
     # -- cached status (a pattern object may appear in several places of a tree) ---------------
     def status(self, ctx: Context) -> torch.Tensor:
-        key = ("status", id(self), None if ctx.kept is None else id(ctx.kept), None if ctx.allowed is None else id(ctx.allowed))
+        key = ("status", id(self))
         if key not in ctx.cache:
             ctx.cache[key] = as_4d(self.block_status(ctx))
         return ctx.cache[key]
@@ -146,8 +144,8 @@ def _status_signature(ctx: Context, part: Pattern, b, h, qb, kb) -> torch.Tensor
 
 @dataclasses.dataclass(frozen=True)
 class Union(Pattern):
-    """Pairs allowed by any part. Safeguards (static parts) are evaluated first; dynamic parts spend their
-    budget on what the static parts do not already keep."""
+    """Pairs allowed by any part. Dynamic parts spend their budget on what the static parts (the safeguards) do
+    not already keep: ``spattn.compile`` selects them first, given that (``patterns.compile.select_dynamic``)."""
 
     parts: tuple[Pattern, ...]
     kind: ClassVar[str] = "union"
@@ -156,19 +154,10 @@ class Union(Pattern):
         return any(p.contains_dynamic() for p in self.parts)
 
     def block_status(self, ctx: Context) -> torch.Tensor:
-        static = [p for p in self.parts if not p.contains_dynamic()]
-        dynamic = [p for p in self.parts if p.contains_dynamic()]
         out = None
-        for p in static:
+        for p in self.parts:
             st = p.status(ctx)
             out = st if out is None else torch.maximum(out, st)
-        saved = ctx.kept
-        for p in dynamic:
-            kept = out if saved is None else (saved if out is None else torch.maximum(saved, out))
-            ctx.kept = kept
-            st = p.status(ctx)
-            out = st if out is None else torch.maximum(out, st)
-        ctx.kept = saved
         return out
 
     def token_mask(self, ctx, b, h, i, j):
@@ -184,7 +173,7 @@ class Union(Pattern):
 
 @dataclasses.dataclass(frozen=True)
 class Intersection(Pattern):
-    """Pairs allowed by every part."""
+    """Pairs allowed by every part. Dynamic parts select only where the static parts allow."""
 
     parts: tuple[Pattern, ...]
     kind: ClassVar[str] = "intersection"
@@ -194,13 +183,9 @@ class Intersection(Pattern):
 
     def block_status(self, ctx: Context) -> torch.Tensor:
         out = None
-        saved = ctx.allowed
-        for p in sorted(self.parts, key=lambda p: p.contains_dynamic()):
-            if p.contains_dynamic():  # dynamic parts spend their budget only where the static parts allow
-                ctx.allowed = out if saved is None or out is None else torch.minimum(saved, out)
+        for p in self.parts:
             st = p.status(ctx)
             out = st if out is None else torch.minimum(out, st)
-        ctx.allowed = saved
         return out
 
     def token_mask(self, ctx, b, h, i, j):

@@ -243,10 +243,15 @@ class BlockSelection(Pattern):
     def selection(self, ctx: Context) -> torch.Tensor:
         raise NotImplementedError
 
-    def cached_selection(self, ctx: Context) -> torch.Tensor:
+    def cached_selection(self, ctx: Context, *, kept: torch.Tensor | None = None,
+                         allowed: torch.Tensor | None = None) -> torch.Tensor:
+        """The selection, computed once per context. Dynamic subclasses implement
+        ``selection(ctx, *, kept, allowed)`` and receive the status of the static parts around them
+        (``spattn.patterns.compile.select_dynamic``, phase 2 of compile); static ones ``selection(ctx)``."""
         key = ("selection", id(self))
         if key not in ctx.cache:
-            sel = as_4d(self.selection(ctx)).to(device=ctx.device, dtype=torch.bool)
+            sel = self.selection(ctx, kept=kept, allowed=allowed) if self.dynamic else self.selection(ctx)
+            sel = as_4d(sel).to(device=ctx.device, dtype=torch.bool)
             g = self.granularity(ctx)
             want = (-(-ctx.q_len // g), -(-ctx.kv_len // g))
             if tuple(sel.shape[-2:]) != want:

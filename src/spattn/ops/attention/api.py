@@ -9,7 +9,7 @@ import torch
 
 from spattn.patterns.base import Pattern
 from spattn.patterns.compile import compile as compile_pattern
-from spattn.patterns.layout import Layout
+from spattn.layout.layout import Layout
 
 logger = logging.getLogger("spattn")
 
