@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import spattn
-from spattn.patterns.compile import brute_force_mask
 from spattn.layout import from_dense
 from spattn.patterns.banded import build_layout, supports_fast_build
+from spattn.patterns.compile import brute_force_mask
 
 S, W, C, F = spattn.Sinks, spattn.Window, spattn.Causal, spattn.Full
 PATTERNS = [

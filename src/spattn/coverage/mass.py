@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from spattn.coverage.measure import check_qk, compute_dtype, default_chunk
+from spattn._checks import check_int
+from spattn.coverage.measure import check_qk, chunk_tokens, compute_dtype
 from spattn.layout.layout import Layout
 from spattn.patterns.builtin import BlockLayout
 from spattn.patterns.compile import compile as compile_pattern
@@ -69,14 +70,9 @@ def block_mass(
         (torch.Size([1, 2, 4, 4]), 32.0)
     """
     B, H, Hkv, Lq, Lk = check_qk(query, key)
-    if not isinstance(block_size, int) or block_size <= 0:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-    bs = block_size
+    bs = check_int(block_size, "block_size", 1)
     dev = query.device
-    chunk = default_chunk(B * H, bs, dev) if chunk is None else chunk
-    if not isinstance(chunk, int) or chunk <= 0:
-        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
-    chunk = max(bs, chunk // bs * bs)
+    chunk = chunk_tokens(chunk, B * H, bs, dev)
     G = H // Hkv
     D = query.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
@@ -145,8 +141,7 @@ def select_blocks(scores: torch.Tensor, *, budget: int | None = None, mass: floa
     ranked = scores.gather(-1, order)
     rank = torch.arange(scores.shape[-1], device=scores.device)
     if budget is not None:
-        if not isinstance(budget, int) or budget < 0:
-            raise ValueError(f"budget must be a non-negative int (key blocks per query block), got {budget!r}")
+        check_int(budget, "budget (key blocks per query block)", 0)
         keep_sorted = rank < budget
     else:
         if not isinstance(mass, (int, float)) or not 0 < mass <= 1:

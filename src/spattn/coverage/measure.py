@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from spattn._checks import check_int
 from spattn.layout import tables
 from spattn.layout.dense import expand
 from spattn.layout.layout import Layout
@@ -150,11 +151,15 @@ def check_qk(query: torch.Tensor, key: torch.Tensor,
     return B, H, Hkv, Lq, Lk
 
 
-def default_chunk(batch_heads: int, block_size: int, device: torch.device) -> int:
-    """Tokens per query/key chunk so that one score tile holds about 2^24 (CPU) or 2^28 (GPU) elements."""
-    budget = _GPU_ELEMENTS if device.type == "cuda" else _CPU_ELEMENTS
-    side = int(math.isqrt(max(1, budget // max(1, batch_heads))))
-    return max(block_size, side // block_size * block_size)
+def chunk_tokens(chunk: int | None, batch_heads: int, block_size: int, device: torch.device) -> int:
+    """Tokens per query/key chunk: ``chunk`` rounded down to ``block_size`` (at least one block), or by default
+    so that one score tile holds about 2^24 (CPU) or 2^28 (GPU) elements."""
+    if chunk is None:
+        budget = _GPU_ELEMENTS if device.type == "cuda" else _CPU_ELEMENTS
+        chunk = int(math.isqrt(max(1, budget // max(1, batch_heads))))
+    else:
+        check_int(chunk, "chunk", 1)
+    return max(block_size, chunk // block_size * block_size)
 
 
 def as_layout(layout_or_pattern: Any, q_len: int, kv_len: int, *, causal: bool, batch: int, heads: int,
@@ -173,7 +178,9 @@ def as_layout(layout_or_pattern: Any, q_len: int, kv_len: int, *, causal: bool, 
             )
         return lay.to(device) if lay.device != device else lay
     if not isinstance(layout_or_pattern, Pattern):
-        raise TypeError(f"layout_or_pattern must be a spattn.Layout or a pattern, got {type(layout_or_pattern).__name__}")
+        raise TypeError(
+            f"layout_or_pattern must be a spattn.Layout or a pattern, got {type(layout_or_pattern).__name__}"
+        )
     kwargs: dict[str, Any] = dict(causal=causal, batch=batch, heads=heads, device=device, query=query, key=key)
     if block_size is not None:
         kwargs["block_size"] = block_size
@@ -223,17 +230,12 @@ def measure(
         torch.Size([1, 2, 256])
     """
     B, H, Hkv, Lq, Lk = check_qk(query, key, value)
-    if not isinstance(topk, int) or topk < 0:
-        raise ValueError(f"topk must be a non-negative int, got {topk!r}")
+    check_int(topk, "topk", 0)
     dev = query.device
     layout = as_layout(layout_or_pattern, Lq, Lk, causal=causal, batch=B, heads=H, device=dev,
-                               query=query, key=key, block_size=block_size)
+                       query=query, key=key, block_size=block_size)
     bs = layout.block_size
-    if chunk is None:
-        chunk = default_chunk(B * H, bs, dev)
-    if not isinstance(chunk, int) or chunk <= 0:
-        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
-    chunk = max(bs, chunk // bs * bs)
+    chunk = chunk_tokens(chunk, B * H, bs, dev)
     G = H // Hkv
     D = query.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)

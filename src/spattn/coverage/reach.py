@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from spattn._checks import check_int
 from spattn.layout import tables
 from spattn.layout.layout import Layout
 
@@ -434,8 +435,8 @@ def reachability(
             stack = stack[:max_layers]
     else:
         raise TypeError("layouts must be a spattn.Layout or a non-empty sequence of Layouts")
-    if max_layers is not None and (not isinstance(max_layers, int) or max_layers <= 0):
-        raise ValueError(f"max_layers must be a positive int, got {max_layers!r}")
+    if max_layers is not None:
+        check_int(max_layers, "max_layers", 1)
     L = stack[0].q_len
     for lay in stack:
         if lay.q_len != lay.kv_len or lay.q_len != L:

@@ -64,7 +64,8 @@ def block_mask_to_layout(block_mask: Any) -> Layout:
     b, h, qb, kb = (status == tables.PARTIAL).nonzero().unbind(1)
     if b.numel():
         r = torch.arange(bs, device=status.device)
-        inner = torch.vmap(torch.vmap(block_mask.mask_mod, in_dims=(None, None, None, 0)), in_dims=(None, None, 0, None))
+        per_key = torch.vmap(block_mask.mask_mod, in_dims=(None, None, None, 0))
+        inner = torch.vmap(per_key, in_dims=(None, None, 0, None))
         vals = torch.vmap(inner, in_dims=(0, 0, 0, 0))(b, h, qb[:, None] * bs + r, kb[:, None] * bs + r).bool()
         new, vals = tables.classify(vals, qb, kb, q_len=q_len, kv_len=kv_len)
         masks, ids = tables.dedupe(vals, new)

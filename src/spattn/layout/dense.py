@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from spattn._checks import check_int
 from spattn.layout import tables
 from spattn.layout.layout import Layout
 
@@ -39,8 +40,7 @@ def from_dense(mask: torch.Tensor, block_size: int = 128, **layout_kwargs: Any) 
     if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.dtype != torch.bool:
         raise ValueError(f"mask must be a bool tensor [Bl, Hl, q_len, kv_len], got "
                          f"{tuple(getattr(mask, 'shape', ()))} {getattr(mask, 'dtype', type(mask).__name__)}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+    check_int(block_size, "block_size", 1)
     Bl, Hl, Lq, Lk = mask.shape
     if Lq < 1 or Lk < 1:
         raise ValueError(f"mask must have q_len, kv_len >= 1, got {Lq}, {Lk}")

@@ -1,7 +1,6 @@
 """Patterns (declarative, frozen, JSON), their algebra, and the compiler to a block-sparse Layout."""
 
 from spattn.layout import Layout  # re-exported: spattn.patterns.Layout is the same class
-
 from spattn.patterns.base import EMPTY, FULL, PARTIAL, Context, Intersection, Pattern, Union
 from spattn.patterns.builtin import (
     BlockLayout,

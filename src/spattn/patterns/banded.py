@@ -9,11 +9,11 @@ import time
 
 import torch
 
+from spattn._checks import check_int
 from spattn.layout import tables
 from spattn.layout.layout import Layout
 from spattn.patterns.base import EMPTY, FULL, PARTIAL, Intersection, Union
 from spattn.patterns.builtin import Causal, Full, Sinks, Window
-
 
 # ----------------------------------------------------------------------------------------------------------
 # fast build for banded patterns: Sinks(n) | Window(left, right) | Causal() | Full() [& causal]
@@ -83,8 +83,7 @@ def build_layout(
     start = time.perf_counter()
     kv_len = q_len if kv_len is None else kv_len
     for name, value in (("q_len", q_len), ("kv_len", kv_len), ("block_size", block_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_int(value, name, 1)
     if kv_len < q_len:
         raise ValueError(f"kv_len ({kv_len}) must be >= q_len ({q_len}): queries are aligned bottom-right")
     terms = _band_terms(pattern, causal)

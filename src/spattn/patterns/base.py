@@ -17,6 +17,8 @@ rows have equal token masks, so the compiler evaluates one mask per distinct sig
 from __future__ import annotations
 
 import dataclasses
+import functools
+import operator
 from typing import Any, ClassVar
 
 import torch
@@ -142,58 +144,43 @@ def _status_signature(ctx: Context, part: Pattern, b, h, qb, kb) -> torch.Tensor
     return torch.cat([s[:, None], sig], dim=1)  # the status in its own column: no code can collide with it
 
 
+class Combination(Pattern):
+    """Union and intersection: ``parts`` combined pair by pair with ``join`` (``|`` / ``&``) and block by block
+    with ``combine`` (maximum / minimum of the status codes, EMPTY < PARTIAL < FULL)."""
+
+    parts: tuple[Pattern, ...]
+    join: ClassVar[Any]
+    combine: ClassVar[Any]
+
+    def contains_dynamic(self) -> bool:
+        return any(p.contains_dynamic() for p in self.parts)
+
+    def block_status(self, ctx: Context) -> torch.Tensor:
+        return functools.reduce(type(self).combine, [p.status(ctx) for p in self.parts])
+
+    def token_mask(self, ctx, b, h, i, j):
+        return functools.reduce(type(self).join, [p.token_mask(ctx, b, h, i, j) for p in self.parts])
+
+    def signature(self, ctx, b, h, qb, kb):
+        return torch.cat([_status_signature(ctx, p, b, h, qb, kb) for p in self.parts], dim=1)
+
+
 @dataclasses.dataclass(frozen=True)
-class Union(Pattern):
+class Union(Combination):
     """Pairs allowed by any part. Dynamic parts spend their budget on what the static parts (the safeguards) do
     not already keep: ``spattn.compile`` selects them first, given that (``patterns.compile.select_dynamic``)."""
 
     parts: tuple[Pattern, ...]
     kind: ClassVar[str] = "union"
-
-    def contains_dynamic(self) -> bool:
-        return any(p.contains_dynamic() for p in self.parts)
-
-    def block_status(self, ctx: Context) -> torch.Tensor:
-        out = None
-        for p in self.parts:
-            st = p.status(ctx)
-            out = st if out is None else torch.maximum(out, st)
-        return out
-
-    def token_mask(self, ctx, b, h, i, j):
-        out = None
-        for p in self.parts:
-            m = p.token_mask(ctx, b, h, i, j)
-            out = m if out is None else out | m
-        return out
-
-    def signature(self, ctx, b, h, qb, kb):
-        return torch.cat([_status_signature(ctx, p, b, h, qb, kb) for p in self.parts], dim=1)
+    join: ClassVar[Any] = operator.or_
+    combine: ClassVar[Any] = torch.maximum
 
 
 @dataclasses.dataclass(frozen=True)
-class Intersection(Pattern):
+class Intersection(Combination):
     """Pairs allowed by every part. Dynamic parts select only where the static parts allow."""
 
     parts: tuple[Pattern, ...]
     kind: ClassVar[str] = "intersection"
-
-    def contains_dynamic(self) -> bool:
-        return any(p.contains_dynamic() for p in self.parts)
-
-    def block_status(self, ctx: Context) -> torch.Tensor:
-        out = None
-        for p in self.parts:
-            st = p.status(ctx)
-            out = st if out is None else torch.minimum(out, st)
-        return out
-
-    def token_mask(self, ctx, b, h, i, j):
-        out = None
-        for p in self.parts:
-            m = p.token_mask(ctx, b, h, i, j)
-            out = m if out is None else out & m
-        return out
-
-    def signature(self, ctx, b, h, qb, kb):
-        return torch.cat([_status_signature(ctx, p, b, h, qb, kb) for p in self.parts], dim=1)
+    join: ClassVar[Any] = operator.and_
+    combine: ClassVar[Any] = torch.minimum

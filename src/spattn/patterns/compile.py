@@ -15,20 +15,13 @@ import time
 
 import torch
 
+from spattn._checks import check_int
 from spattn.layout import tables
 from spattn.layout.layout import Layout
-from spattn.patterns.base import PARTIAL, Context, Intersection, Pattern, Union
+from spattn.patterns.base import PARTIAL, Combination, Context, Pattern, Union
 from spattn.patterns.builtin import BlockSelection, Causal
 
 _MASK_CHUNK = 256  # representative blocks evaluated at once (each bs*bs booleans)
-
-
-def _check_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 def make_context(
@@ -46,15 +39,15 @@ def make_context(
 ) -> tuple[Pattern, Context]:
     if not isinstance(pattern, Pattern):
         raise TypeError(f"pattern must be a spattn Pattern, got {type(pattern).__name__}")
-    q_len = _check_int(q_len, "q_len", 1)
-    kv_len = q_len if kv_len is None else _check_int(kv_len, "kv_len", 1)
+    q_len = check_int(q_len, "q_len", 1)
+    kv_len = q_len if kv_len is None else check_int(kv_len, "kv_len", 1)
     if kv_len < q_len:
         raise ValueError(f"kv_len ({kv_len}) must be >= q_len ({q_len}): queries are aligned bottom-right")
-    block_size = _check_int(block_size, "block_size", 1)
+    block_size = check_int(block_size, "block_size", 1)
     if batch is not None:
-        _check_int(batch, "batch", 1)
+        check_int(batch, "batch", 1)
     if heads is not None:
-        _check_int(heads, "heads", 1)
+        check_int(heads, "heads", 1)
     if device is None:
         device = query.device if query is not None else torch.device("cpu")
     if pattern.contains_dynamic() and (query is None or key is None):
@@ -88,9 +81,9 @@ def select_dynamic(pattern: Pattern, ctx: Context, *, kept: torch.Tensor | None 
     """
     if not pattern.contains_dynamic():
         return
-    if isinstance(pattern, (Union, Intersection)):
+    if isinstance(pattern, Combination):
         is_union = isinstance(pattern, Union)
-        op = torch.maximum if is_union else torch.minimum
+        op = type(pattern).combine
         done = None
         for part in sorted(pattern.parts, key=lambda p: p.contains_dynamic()):  # static parts first
             if part.contains_dynamic():

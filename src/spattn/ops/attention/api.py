@@ -7,9 +7,9 @@ import math
 
 import torch
 
+from spattn.layout.layout import Layout
 from spattn.patterns.base import Pattern
 from spattn.patterns.compile import compile as compile_pattern
-from spattn.layout.layout import Layout
 
 logger = logging.getLogger("spattn")
 
