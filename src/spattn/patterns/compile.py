@@ -18,6 +18,7 @@ import torch
 from spattn._checks import check_int
 from spattn.layout import tables
 from spattn.layout.layout import Layout
+from spattn.patterns.banded import build_layout, supports_fast_build
 from spattn.patterns.base import PARTIAL, Combination, Context, Pattern, Union
 from spattn.patterns.builtin import BlockSelection, Causal
 
@@ -139,8 +140,6 @@ def compile(  # noqa: A001 - the verb the whole project uses
         device=device, query=query, key=key,
     )
     if ctx.device.type == "cuda":
-        from spattn.patterns.banded import build_layout, supports_fast_build
-
         if supports_fast_build(pattern):  # banded built-ins: the same tables from a few fused device ops
             layout = build_layout(pattern, ctx.q_len, ctx.kv_len, causal=causal, block_size=block_size, device=ctx.device)
             layout.info["compile_seconds"] = time.perf_counter() - start

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from spattn.layout import tables
 from spattn.layout.layout import Layout
-from spattn.ops.attention.impl.common import masked_softmax_lse as _softmax_lse
+from spattn.ops.attention.impl.common import masked_softmax_lse
 
 _CHUNK_ELEMENTS = 1 << 23  # score elements per chunk (B*H*C*bs*W*bs)
 
@@ -69,7 +69,7 @@ def attention_reference(
         if Hl == 1:
             qx = qc.permute(0, 1, 3, 2, 4, 5).reshape(B, Hk, n, G * bs, D)
             s = torch.matmul(qx, kb.reshape(B, Hk, n, W * bs, D).transpose(-1, -2))  # [B, Hk, n, G*bs, W*bs]
-            p, lse = _softmax_lse(s.view(B, Hk, n, G, bs, W * bs), mask[:, :, :, None], return_lse)
+            p, lse = masked_softmax_lse(s.view(B, Hk, n, G, bs, W * bs), mask[:, :, :, None], return_lse)
             o = torch.matmul(p.view(B, Hk, n, G * bs, W * bs), vb.reshape(B, Hk, n, W * bs, Dv))
             o = o.view(B, Hk, n, G, bs, Dv)
             lse = lse.transpose(2, 3) if return_lse else None
@@ -78,7 +78,7 @@ def attention_reference(
             kb = kb.reshape(B, Hk, G, n, W * bs, D)
             vb = vb.reshape(B, Hk, G, n, W * bs, Dv)
             s = torch.matmul(qc, kb.transpose(-1, -2))  # [B, Hk, G, n, bs, W*bs]
-            p, lse = _softmax_lse(s, mask.view(Bl, Hk, G, n, bs, W * bs), return_lse)
+            p, lse = masked_softmax_lse(s, mask.view(Bl, Hk, G, n, bs, W * bs), return_lse)
             o = torch.matmul(p, vb)
         outs.append(o)
         lses.append(lse)
