@@ -70,7 +70,7 @@ def test_transposed_tables_agree(view):
     assert table_entries(lay.full_kv_num_blocks, lay.full_kv_indices, None, False) == want_full
     assert table_entries(lay.full_q_num_blocks, lay.full_q_indices, None, True) == want_full
     for num, idx in ((lay.kv_num_blocks, lay.kv_indices), (lay.q_num_blocks, lay.q_indices)):
-        for n, row in zip(num.flatten().tolist(), idx.flatten(0, -2).tolist()):
+        for n, row in zip(num.flatten().tolist(), idx.flatten(0, -2).tolist(), strict=True):
             assert row[:n] == sorted(row[:n]) and all(v == 0 for v in row[n:])  # ascending, zero padding
 
 

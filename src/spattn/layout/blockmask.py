@@ -51,7 +51,9 @@ def block_mask_to_layout(block_mask: Any) -> Layout:
     """A Layout from a ``BlockMask``: its tables, with partial blocks resolved by evaluating its mask_mod."""
     bsq, bsk = block_mask.BLOCK_SIZE
     if bsq != bsk:
-        raise ValueError(f"spattn layouts use one block size for queries and keys, got BLOCK_SIZE={block_mask.BLOCK_SIZE}")
+        raise ValueError(
+            f"spattn layouts use one block size for queries and keys, got BLOCK_SIZE={block_mask.BLOCK_SIZE}"
+        )
     bs = int(bsq)
     q_len, kv_len = block_mask.seq_lengths
     NQ, NK = -(-q_len // bs), -(-kv_len // bs)
