@@ -11,14 +11,14 @@ share, a byte-exact communication count, a cost model and a many-rank simulation
 See ``docs/distributed.md``.
 """
 
+from spattn.distributed.apply import plan, set_sharding
 from spattn.distributed.comm import Traffic, count_bytes
 from spattn.distributed.context_parallel import context_parallel_attention
 from spattn.distributed.cost import layer_bytes, simulate
 from spattn.distributed.head_parallel import head_parallel_attention
-
 from spattn.distributed.sharding import Sharding, balance, shard, unshard, visited_blocks
 
 __all__ = [
     "Traffic", "count_bytes", "context_parallel_attention", "head_parallel_attention", "layer_bytes", "simulate",
- "Sharding", "balance", "shard", "unshard", "visited_blocks",
+    "plan", "set_sharding", "Sharding", "balance", "shard", "unshard", "visited_blocks",
 ]

@@ -51,7 +51,7 @@ def _deal(costs: list[float], world_size: int) -> list[list[int]]:
 
 
 def balance(
-    costs: torch.Tensor | Sequence[float], world_size: int, *, tolerance: float = 1.05,
+    costs: torch.Tensor | Sequence[float], world_size: int, *, tolerance: float = 1.1,
 ) -> tuple[tuple[int, ...], ...]:
     """Assign query blocks to ranks so that every rank does about the same work, keeping shards contiguous
     where that already balances (so that banded patterns exchange only neighbouring blocks).
@@ -59,13 +59,13 @@ def balance(
     The blocks are cut into ``K`` runs of consecutive blocks, ``K = W, 2W, 4W, ...`` up to one block per run,
     and the runs are dealt longest-first onto the least loaded rank with room (``K / W`` runs each: ``K = W``
     is a contiguous split, ``K = 2W`` pairs early and late runs as the head-tail balancer does for causal
-    masks). The coarsest cut whose max / mean per-rank work is within ``tolerance`` wins (else the most
+    masks). The coarsest cut whose max / mean per-rank work is within ``tolerance`` (default 1.1) wins (else the most
     balanced one).
 
     Args:
         costs: ``[NQ]`` work of each query block (e.g. :func:`visited_blocks`).
         world_size: ranks ``W`` (``1 <= W <= NQ``).
-        tolerance: accepted max / mean per-rank work (default 1.05).
+        tolerance: accepted max / mean per-rank work.
 
     Returns:
         Per rank, its blocks in ascending order.
