@@ -2,7 +2,8 @@
 on 8-1024 ranks, for causal Sinks(64) | Window(4096), dynamic selection and dense causal attention, in
 head-parallel and context-parallel mode (cost model: spattn.distributed.cost; no processes are started).
 
-    PYTHONPATH=src python benchmarks/distributed_simulation.py [--out benchmarks/results/cpu/distributed/simulation.json]
+    PYTHONPATH=src python benchmarks/distributed_simulation.py \
+        [--out benchmarks/results/cpu/distributed/simulation.json]
 
 Writes the JSON (machine, versions, commit, command, every row) and prints a markdown table of the forward +
 backward bytes per rank (max over ranks).
@@ -24,7 +25,8 @@ def table(result: dict) -> str:
     rows = result["rows"]
     lens = sorted({r["seq_len"] for r in rows})
     worlds = sorted({r["world_size"] for r in rows})
-    out = ["| tokens | ranks | window ctx | dynamic ctx | dense ctx | head (any pattern) |", "|---|---|---|---|---|---|"]
+    out = ["| tokens | ranks | window ctx | dynamic ctx | dense ctx | head (any pattern) |",
+           "|---|---|---|---|---|---|"]
     for L in lens:
         for W in worlds:
             got = {(r["pattern"], r["mode"]): r for r in rows if r["seq_len"] == L and r["world_size"] == W}

@@ -18,7 +18,6 @@ Rank 0 writes the JSON (machine, versions, commit, command, every row, and what 
 
 import argparse
 import json
-import math
 import statistics
 import time
 import traceback
@@ -156,12 +155,15 @@ def scaling(args, mesh, device, dtype, rank, W, passed):
                     gen = torch.Generator(device="cpu").manual_seed(rank)
                     q, k, v, g = (torch.randn(1, h, Lr, D, generator=gen).to(device, dtype) for h in (H, Hkv, Hkv, H))
                     leaves = [t.requires_grad_() for t in (q, k, v)]
-                    with torch.no_grad():
-                        forward = timed(lambda: run_mode(mode, pattern, *leaves, sharding, mesh), args.reps, device, group)
+                    def forward_only(mode=mode, pattern=pattern, leaves=leaves, sharding=sharding):
+                        with torch.no_grad():
+                            run_mode(mode, pattern, *leaves, sharding, mesh)
 
-                    def fwd_bwd():
+                    def fwd_bwd(mode=mode, pattern=pattern, leaves=leaves, sharding=sharding, g=g):
                         out = run_mode(mode, pattern, *leaves, sharding, mesh)
                         out.backward(g)
+
+                    forward = timed(forward_only, args.reps, device, group)
 
                     both = timed(fwd_bwd, args.reps, device, group)
                     with sd.count_bytes() as traffic:
@@ -234,7 +236,8 @@ def main():
                   "equality": [c for g in gathered for c in g], "scaling": rows,
                   "seconds": time.time() - started}
         kind = "h200" if cuda else "cpu"
-        out = Path(args.out or f"benchmarks/results/{kind}/distributed/multi_gpu_{W}{'_dry' if args.dry_run else ''}.json")
+        default = f"benchmarks/results/{kind}/distributed/multi_gpu_{W}{'_dry' if args.dry_run else ''}.json"
+        out = Path(args.out or default)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1, default=str) + "\n")
         print(f"wrote {out}")

@@ -13,7 +13,12 @@ import torch.distributed as dist
 
 import spattn
 from spattn.distributed import (
-    Sharding, context_parallel_attention, count_bytes, head_parallel_attention, layer_bytes, unshard,
+    Sharding,
+    context_parallel_attention,
+    count_bytes,
+    head_parallel_attention,
+    layer_bytes,
+    unshard,
 )
 from spattn.testing import max_err
 
@@ -77,7 +82,8 @@ def run_case(case, world, rank):
             "sent_backward": traffic.total("backward"),
             "model_forward": model["forward"][rank],
             "model_backward": model["backward"][rank],
-            "dense_kv_bytes": (world - 1) * sharding.local_length(rank) * B * Hkv * 2 * D * 8,  # an all-gather of the key/value rows
+            # what an all-gather of the key/value rows would send
+            "dense_kv_bytes": (world - 1) * sharding.local_length(rank) * B * Hkv * 2 * D * 8,
             "sent_kv_forward": traffic.by_name("forward").get("key_value", 0),
         }
     return found

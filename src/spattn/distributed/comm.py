@@ -1,11 +1,12 @@
 """The communication layer: torch.distributed functional collectives, with the bytes each rank sends counted.
 
 Every byte spattn's distributed attention moves goes through :func:`all_to_all` (autograd-aware, uneven
-splits along dim 0) or :func:`all_gather` (no gradient; small metadata and key summaries). Inside
-``with count_bytes() as traffic:`` each call adds what *this rank sends to other ranks* (what it keeps for
-itself is not traffic) to ``traffic``, tagged by a name and by phase: ``"forward"`` when the call runs,
-``"backward"`` when autograd runs the reverse all-to-all (counted from the gradient the output receives).
-The cost model (:mod:`spattn.distributed.cost`) predicts the same numbers; the tests check they agree.
+splits along dim 0) or :func:`all_gather` (``funcol.all_gather_single``, no gradient: small metadata and key
+summaries). Inside ``with count_bytes() as traffic:`` each call adds what *this rank sends to other ranks*
+(what it keeps for itself is not traffic) to ``traffic``, tagged by a name and by phase: ``"forward"`` when
+the call runs, ``"backward"`` when autograd runs the reverse all-to-all (counted from the gradient the
+output receives). The cost model (:mod:`spattn.distributed.cost`) predicts the same numbers; the tests check
+that the two agree.
 
 Byte accounting (``W`` ranks, ``e`` bytes per element):
 
@@ -121,5 +122,5 @@ def all_gather(tensor: torch.Tensor, group: dist.ProcessGroup, *, name: str) -> 
 
     world = dist.get_world_size(group)
     _record("forward", name, (world - 1) * tensor.numel() * tensor.element_size())
-    out = funcol.all_gather_tensor(tensor.detach().contiguous(), 0, group)
+    out = funcol.all_gather_single(tensor.detach().contiguous(), 0, group)
     return funcol.wait_tensor(out)

@@ -175,9 +175,9 @@ def context_parallel_attention(
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a 4-D tensor [B, H, L_r, D]")
     B, H, Lr, D = query.shape
-    Hkv, Dv = key.shape[1], value.shape[-1]
     if key.shape[2] != Lr or value.shape[2] != Lr:
-        raise ValueError(f"query, key and value must hold the same rows, got lengths {Lr}, {key.shape[2]}, {value.shape[2]}")
+        raise ValueError(f"query, key and value must hold the same rows, got lengths {Lr}, {key.shape[2]}, "
+                         f"{value.shape[2]}")
     layout = pattern if isinstance(pattern, Layout) else None
     if layout is None and not isinstance(pattern, Pattern):
         raise TypeError(f"pattern must be a spattn Pattern or Layout, got {type(pattern).__name__}")

@@ -205,7 +205,8 @@ def _bytes(mode, visited, sharding, *, heads, kv_heads, head_dim, value_dim, bat
     return {
         "forward": out["forward"].tolist(),
         "backward": out["backward"].tolist(),
-        "parts": {n: {ph: torch.as_tensor(v, dtype=torch.float64).tolist() for ph, v in p.items()} for n, p in parts.items()},
+        "parts": {n: {ph: torch.as_tensor(v, dtype=torch.float64).tolist() for ph, v in p.items()}
+                  for n, p in parts.items()},
     }
 
 

@@ -102,12 +102,14 @@ def head_parallel_attention(
     B, H, Lr, D = query.shape
     Hkv, Dv = key.shape[1], value.shape[-1]
     if key.shape[2] != Lr or value.shape[2] != Lr:
-        raise ValueError(f"query, key and value must hold the same rows, got lengths {Lr}, {key.shape[2]}, {value.shape[2]}")
+        raise ValueError(f"query, key and value must hold the same rows, got lengths {Lr}, {key.shape[2]}, "
+                         f"{value.shape[2]}")
     if Hkv == 0 or H % Hkv:
         raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
-    if sharding is not None and (sharding.world_size != W or sharding.local_length(rank) != Lr):
-        raise ValueError(f"sharding is for {sharding.world_size} ranks with {sharding.local_length(rank) if sharding.world_size == W else '?'} "
-                         f"rows on rank {rank}, but the group has {W} ranks and this rank holds {Lr} rows")
+    if sharding is not None and sharding.world_size != W:
+        raise ValueError(f"sharding is for {sharding.world_size} ranks, the group has {W}")
+    if sharding is not None and sharding.local_length(rank) != Lr:
+        raise ValueError(f"rank {rank} holds {Lr} rows but the sharding gives it {sharding.local_length(rank)}")
     hq = H // W if H % W == 0 else None
     kv_of = [kv_heads_for(t, W, H, Hkv) for t in range(W)]
     hk = len(kv_of[0])

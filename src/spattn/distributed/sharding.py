@@ -231,7 +231,8 @@ class Sharding:
             raise ValueError(f"expected {self.world_size} shards (one per rank), got {len(shards)}")
         for r, t in enumerate(shards):
             if t.shape[dim] != self.local_length(r):
-                raise ValueError(f"shard {r} has length {t.shape[dim]} along dim {dim}, expected {self.local_length(r)}")
+                raise ValueError(f"shard {r} has length {t.shape[dim]} along dim {dim}, "
+                                 f"expected {self.local_length(r)}")
         cat = torch.cat(list(shards), dim)
         inverse = torch.argsort(self.permutation()).to(cat.device)
         return cat.index_select(dim, inverse)
@@ -266,6 +267,6 @@ def unshard(local: torch.Tensor, sharding: Sharding, *, group=None, dim: int = 2
     longest = max(sharding.lengths())
     moved = local.movedim(dim, 0)
     padded = torch.nn.functional.pad(moved, (0, 0) * (moved.dim() - 1) + (0, longest - moved.shape[0]))
-    gathered = funcol.wait_tensor(funcol.all_gather_tensor_autograd(padded.contiguous(), 0, group))
+    gathered = funcol.wait_tensor(funcol.all_gather_single_autograd(padded.contiguous(), 0, group))
     pieces = [gathered[r * longest: r * longest + n] for r, n in enumerate(sharding.lengths())]
     return sharding.unshard([p.movedim(0, dim) for p in pieces], dim=dim)

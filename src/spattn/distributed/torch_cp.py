@@ -97,7 +97,8 @@ def flex_context_parallel_attention(query: torch.Tensor, key: torch.Tensor, valu
     key_ = (id(mesh), query.device.type)
     module = _MODULES.get(key_)
     if module is None:
-        style = attention_mod._ContextParallel(seq_dim=2, attention_type=attention_mod._ContextParallel.AttentionType.FLEX)
+        flex = attention_mod._ContextParallel.AttentionType.FLEX
+        style = attention_mod._ContextParallel(seq_dim=2, attention_type=flex)
         module = parallelize_module(_Flex(compiled=query.is_cuda), mesh, style)
         _MODULES[key_] = module
     block_mask = local_block_mask(layout, sharding, dist.get_rank(mesh.get_group()))
