@@ -39,6 +39,9 @@ def cases(world):
         dict(name="dense_causal", pattern=spattn.Causal(), L=600, H=H, Hkv=Hkv, causal=True),
         dict(name="mqa", pattern=spattn.Sinks(16) | spattn.Window(128), L=600, H=H, Hkv=1, causal=True,
              modes=("head",)),
+        # torch's own FlexAttention context parallelism through spattn's adapter (forward: Flex has no CPU backward)
+        dict(name="torch_flex", pattern=spattn.Sinks(16) | spattn.Window(100), L=64 * 3 * world, H=H, Hkv=Hkv,
+             causal=True, modes=("torch_flex",)),
     ]
 
 
@@ -56,6 +59,16 @@ def run_case(case, world, rank):
     ref = spattn.attention(qs, ks, vs, layout, causal=causal, backend="reference")
     (ref * grad).sum().backward()
     found = {}
+    if case["name"] == "torch_flex":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from spattn.distributed import torch_cp
+
+        sharding = torch_cp.ptrr_sharding(layout, world_size=world)
+        mesh = init_device_mesh("cpu", (world,))
+        out = torch_cp.flex_context_parallel_attention(*(sharding.shard(t, rank) for t in (q, k, v)), layout,
+                                                       mesh=mesh, sharding=sharding)
+        return {"torch_flex": {"out": max_err(out, sharding.shard(ref, rank))}}
     for mode in case.get("modes", ("context", "head")):
         sharding = (Sharding.balanced(layout, world_size=world) if mode == "context"
                     else Sharding.contiguous(L, world, block_size=BS))

@@ -17,7 +17,7 @@ import spattn
 from spattn.distributed import Sharding, balance, layer_bytes, simulate, visited_blocks
 
 WORLD = 3
-CASES = ["window", "topp_pooled", "topk_bounds", "document", "dense_causal", "mqa"]
+CASES = ["window", "topp_pooled", "topk_bounds", "document", "dense_causal", "mqa"]  # both modes, or head only (mqa)
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -47,6 +47,14 @@ def test_equal_to_single_process(ranks, case):
         for mode, got in found.items():
             for what in ("out", "unsharded_out", "dq", "dk", "dv"):  # float64: only summation order differs
                 assert got[what] <= 1e-12, f"{case} {mode} rank {rank}: {what} differs by {got[what]:.3e}"
+
+
+def test_torch_flex_context_parallelism_through_the_adapter(ranks):
+    for rank, results in enumerate(ranks):
+        found = results["torch_flex"]
+        assert "error" not in found, found.get("error")
+        err = found["torch_flex"]["out"]
+        assert err <= 1e-12, f"rank {rank}: torch's Flex CP differs by {err}"
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -58,23 +58,32 @@ def summary_kind(pattern: Pattern) -> str | None:
     return kinds.pop()
 
 
-def rows_layout(layout: Layout, rows: list[int], columns: torch.Tensor, *, q_len: int, kv_len: int) -> Layout:
-    """The layout of query blocks ``rows`` against key blocks ``columns`` (ascending), with the same token
-    masks: the global layout rewritten for one rank's query rows and its compact key set."""
-    dev = layout.device
-    rows_t = torch.tensor(rows, dtype=torch.long, device=dev)
-    columns = columns.to(dev)
-    status = layout.block_status()[:, :, rows_t][..., columns]
-    slot = layout.mask_slots()[0][:, :, rows_t][..., columns]
+def row_tables(layout: Layout, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block status int8 and mask slot int64, both ``[Bl, Hl, len(rows), NK]``, of query blocks ``rows``."""
+    rows_t = torch.tensor(rows, dtype=torch.long, device=layout.device)
+    slot = layout.mask_slots()[0][:, :, rows_t]
+    M = layout.masks.shape[0]
+    status = torch.where(slot == M, 2, torch.where(slot == M + 1, 0, 1)).to(torch.int8)
+    return status, slot
+
+
+def rows_layout(status: torch.Tensor, slot: torch.Tensor, layout: Layout, columns: torch.Tensor, *, q_len: int,
+                kv_len: int) -> Layout:
+    """The layout of one rank's query rows (``status`` / ``slot`` from :func:`row_tables`) against key blocks
+    ``columns``, in the order the keys are laid out (ascending for the compact key set; rank order for torch's
+    all-gather), with the global layout's token masks."""
+    columns = columns.to(status.device)
+    status, slot = status[..., columns], slot[..., columns]
     mask_ids = torch.where(status == 1, slot, -1).to(torch.int32)
     return layout_from_status(status, layout.masks, mask_ids, q_len=q_len, kv_len=kv_len,
                               block_size=layout.block_size, pattern=layout.pattern, causal=layout.causal)
 
 
-def needed_blocks(layout: Layout, rows: list[int]) -> torch.Tensor:
-    """bool ``[NK]``: key blocks visited by any of ``rows`` (any batch, any head)."""
-    status = layout.block_status()[:, :, torch.tensor(rows, dtype=torch.long, device=layout.device)]
-    return (status > 0).flatten(0, 2).any(0).cpu()
+def token_rows(starts: torch.Tensor, lengths: torch.Tensor, block_size: int) -> torch.Tensor:
+    """int64: the row indices ``starts[i] .. starts[i] + lengths[i] - 1`` of every block, concatenated."""
+    offsets = torch.arange(block_size)
+    rows = starts[:, None] + offsets
+    return rows[offsets[None, :] < lengths[:, None]]
 
 
 def _summaries(key: torch.Tensor, kind: str, block_size: int) -> torch.Tensor:
@@ -209,39 +218,32 @@ def context_parallel_attention(
         layout = layout.to(query.device)
 
     rows = list(sharding.blocks[rank])
-    need = needed_blocks(layout, rows)
+    status, slot = row_tables(layout, rows)
+    need = (status > 0).flatten(0, 2).any(0).cpu()
     need[rows] = True  # own key blocks are free and keep the compact keys at least as long as the queries
     needs = all_gather(need.to(torch.uint8).to(query.device), group, name="needed_blocks").view(W, -1).bool().cpu()
     owner = sharding.owner()
-    local_pos = torch.full((sharding.num_blocks,), -1, dtype=torch.long)  # first local row of each own block
     lengths = torch.tensor([sharding.block_length(b) for b in range(sharding.num_blocks)])
-    starts = torch.cumsum(lengths[rows], 0) - lengths[rows]
-    local_pos[rows] = starts
-
-    def tokens(blocks: torch.Tensor) -> torch.Tensor:  # local rows of own blocks, in block order
-        if blocks.numel() == 0:
-            return torch.zeros(0, dtype=torch.long)
-        return torch.cat([torch.arange(int(local_pos[b]), int(local_pos[b] + lengths[b])) for b in blocks.tolist()])
-
-    send_blocks = [torch.zeros(0, dtype=torch.long) if t == rank else
-                   torch.nonzero(needs[t] & (owner == rank)).flatten() for t in range(W)]
-    recv_blocks = [torch.zeros(0, dtype=torch.long) if s == rank else
-                   torch.nonzero(needs[rank] & (owner == s)).flatten() for s in range(W)]
-    send_index = torch.cat([tokens(b) for b in send_blocks]).to(query.device)
+    local_start = torch.full((sharding.num_blocks,), -1, dtype=torch.long)  # first local row of each own block
+    local_start[rows] = torch.cumsum(lengths[rows], 0) - lengths[rows]
+    empty = torch.zeros(0, dtype=torch.long)
+    send_blocks = [empty if t == rank else torch.nonzero(needs[t] & (owner == rank)).flatten() for t in range(W)]
+    recv_blocks = [empty if s == rank else torch.nonzero(needs[rank] & (owner == s)).flatten() for s in range(W)]
+    sent = torch.cat(send_blocks)
+    send_index = token_rows(local_start[sent], lengths[sent], bs).to(query.device)
     kv = torch.cat([key, value], -1)  # [B, Hkv, L_r, D + Dv]
     send = kv.index_select(2, send_index).permute(2, 0, 1, 3)  # [n, B, Hkv, D + Dv]
     recv = all_to_all(send, [int(lengths[b].sum()) for b in recv_blocks],
                       [int(lengths[b].sum()) for b in send_blocks], group, name="key_value")
-    # compact keys: own blocks and received blocks, sorted by global block index
-    pieces_blocks = torch.cat([torch.tensor(rows, dtype=torch.long)] + recv_blocks)
-    order = torch.argsort(pieces_blocks)
-    columns = pieces_blocks[order]
-    row_start = torch.cumsum(lengths[pieces_blocks], 0) - lengths[pieces_blocks]
-    index = torch.cat([torch.arange(int(row_start[i]), int(row_start[i] + lengths[pieces_blocks[i]]))
-                       for i in order.tolist()]).to(query.device)
+    # compact keys: own blocks then received blocks, reordered by global block index
+    pieces = torch.cat([torch.tensor(rows, dtype=torch.long)] + recv_blocks)
+    order = torch.argsort(pieces)
+    columns = pieces[order]
+    piece_start = torch.cumsum(lengths[pieces], 0) - lengths[pieces]
+    index = token_rows(piece_start[order], lengths[columns], bs).to(query.device)
     compact = torch.cat([kv.permute(2, 0, 1, 3), recv], 0).index_select(0, index).permute(1, 2, 0, 3)
     k_compact, v_compact = compact[..., :D], compact[..., D:]
-    local = rows_layout(layout, rows, columns, q_len=Lr, kv_len=int(lengths[columns].sum()))
+    local = rows_layout(status, slot, layout, columns, q_len=Lr, kv_len=int(lengths[columns].sum()))
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     return attention(query, k_compact, v_compact, local, causal=causal and local.causal, scale=scale,
                      backend=backend, return_lse=return_lse)

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import torch
 
+from spattn.distributed.context_parallel import row_tables, rows_layout
 from spattn.distributed.sharding import Sharding, visited_blocks
 from spattn.patterns.base import Pattern
 from spattn.patterns.compile import compile as compile_pattern
-from spattn.patterns.compile import layout_from_status
 from spattn.patterns.layout import Layout
 
 
@@ -52,14 +52,9 @@ def local_block_mask(layout: Layout, sharding: Sharding, rank: int):
                          f"multiple of world_size x block_size ({sharding.world_size} x {sharding.block_size})")
     if len({len(b) for b in sharding.blocks}) != 1:
         raise ValueError("torch's FlexAttention context parallelism needs the same number of blocks on every rank")
-    dev = layout.device
-    rows = torch.tensor(sharding.blocks[rank], device=dev)
-    columns = torch.tensor([b for blocks in sharding.blocks for b in blocks], device=dev)
-    status = layout.block_status()[:, :, rows][..., columns]
-    slot = layout.mask_slots()[0][:, :, rows][..., columns]
-    mask_ids = torch.where(status == 1, slot, -1).to(torch.int32)
-    local = layout_from_status(status, layout.masks, mask_ids, q_len=sharding.local_length(rank),
-                               kv_len=sharding.seq_len, block_size=layout.block_size, causal=layout.causal)
+    status, slot = row_tables(layout, list(sharding.blocks[rank]))
+    columns = torch.tensor([b for blocks in sharding.blocks for b in blocks])
+    local = rows_layout(status, slot, layout, columns, q_len=sharding.local_length(rank), kv_len=sharding.seq_len)
     return local.to_block_mask()
 
 
