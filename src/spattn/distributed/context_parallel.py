@@ -138,6 +138,27 @@ def _global_layout(pattern, query, key, sharding, rank, group, causal, B, H):
                            query=sur_query, key=sur_key)
 
 
+_SHARDINGS: dict = {}  # default shardings by (pattern, length, ranks, causal, block size, balanced)
+_SHARDINGS_SIZE = 32
+
+
+def _default_sharding(pattern, L: int, W: int, causal: bool, bs: int, balanced: bool) -> Sharding:
+    if not balanced:
+        return Sharding.contiguous(L, W, block_size=bs)
+    if isinstance(pattern, Layout):
+        return Sharding.balanced(pattern, world_size=W)
+    key = (pattern, L, W, causal, bs)
+    try:
+        found = _SHARDINGS.get(key)
+    except TypeError:  # a pattern holding unhashable values (a Document's tensor): no cache
+        return Sharding.balanced(pattern, L, world_size=W, causal=causal, block_size=bs)
+    if found is None:
+        found = _SHARDINGS[key] = Sharding.balanced(pattern, L, world_size=W, causal=causal, block_size=bs)
+        while len(_SHARDINGS) > _SHARDINGS_SIZE:
+            _SHARDINGS.pop(next(iter(_SHARDINGS)))
+    return found
+
+
 def context_parallel_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -197,11 +218,7 @@ def context_parallel_attention(
             lengths = all_gather(torch.tensor([Lr], dtype=torch.long, device=query.device), group, name="lengths")
             L = int(lengths.sum())
         bs = layout.block_size if layout is not None else block_size
-        if load_balance:
-            sharding = Sharding.balanced(layout if layout is not None else pattern, L, world_size=W, causal=causal,
-                                         block_size=bs)
-        else:
-            sharding = Sharding.contiguous(L, W, block_size=bs)
+        sharding = _default_sharding(pattern, L, W, causal, bs, bool(load_balance))
     if not isinstance(sharding, Sharding):
         raise TypeError(f"sharding must be a spattn.distributed.Sharding, got {type(sharding).__name__}")
     if sharding.world_size != W:
