@@ -114,6 +114,9 @@ def equality(args, mesh, device, dtype, rank, W):
                     row[f"{what}_err"], row[f"{what}_baseline_err"] = max_err(fast, gl), max_err(bl, gl)
                     assert_within(fast, gl, bl, k=2.0, eps=1e-6, what=f"{name} {mode} {what}")
                 row["passed"] = True
+            except NotImplementedError as exc:  # e.g. torch's Flex CP has no dynamic selection
+                row["passed"] = False
+                row["skipped"] = f"not supported: {exc}"
             except Exception as exc:  # recorded, and the scaling rows of this (pattern, mode) are skipped
                 row["passed"] = False
                 row["error"] = f"{type(exc).__name__}: {exc}"
@@ -146,7 +149,7 @@ def scaling(args, mesh, device, dtype, rank, W, passed):
             for mode in args.modes:
                 row = {"seq_len": L, "pattern": name, "mode": mode, "world_size": W}
                 if not passed.get((name, mode), False):
-                    row["skipped"] = "equality check did not pass"
+                    row["skipped"] = "not supported or equality check did not pass (see equality)"
                     rows.append(row)
                     continue
                 try:
