@@ -102,6 +102,25 @@ def run_case(case, world, rank):
     return found
 
 
+def rank_order_slices(world, rank):
+    """head_parallel_attention without a sharding: equal rank-order slices, and a clear error when unequal."""
+    torch.manual_seed(2)
+    L, H, Hkv, D = 64 * 2 * world, 2 * world, world, 8
+    q, k, v = torch.randn(1, H, L, D), torch.randn(1, Hkv, L, D), torch.randn(1, Hkv, L, D)
+    pattern = spattn.Sinks(8) | spattn.Window(40)
+    ref = spattn.attention(q, k, v, pattern, causal=True, backend="reference", block_size=BS)
+    rows = slice(rank * L // world, (rank + 1) * L // world)
+    out = head_parallel_attention(q[:, :, rows], k[:, :, rows], v[:, :, rows], pattern, causal=True, block_size=BS,
+                                  backend="reference")
+    n = L // world + (1 if rank == 0 else 0)
+    try:
+        head_parallel_attention(q[:, :, :n], k[:, :, :n], v[:, :, :n], pattern, causal=True, block_size=BS)
+        message = None
+    except ValueError as exc:
+        message = str(exc)
+    return {"out": max_err(out, ref[:, :, rows]), "uneven_error": message}
+
+
 def main():
     out_dir = sys.argv[1]
     dist.init_process_group("gloo")
@@ -113,6 +132,10 @@ def main():
             results[case["name"]] = run_case(case, world, rank)
         except Exception as exc:  # reported to the test, which fails with the message
             results[case["name"]] = {"error": f"{type(exc).__name__}: {exc}"}
+    try:
+        results["head_rank_order"] = rank_order_slices(world, rank)
+    except Exception as exc:
+        results["head_rank_order"] = {"error": f"{type(exc).__name__}: {exc}"}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
     dist.destroy_process_group()

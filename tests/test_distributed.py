@@ -57,6 +57,14 @@ def test_torch_flex_context_parallelism_through_the_adapter(ranks):
         assert err <= 1e-12, f"rank {rank}: torch's Flex CP differs by {err}"
 
 
+def test_head_parallel_rank_order_slices_without_a_sharding(ranks):
+    for results in ranks:
+        found = results["head_rank_order"]
+        assert "error" not in found, found.get("error")
+        assert found["out"] <= 1e-6
+        assert "different numbers of rows" in found["uneven_error"]
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_bytes_sent_match_the_cost_model(ranks, case):
     for rank, results in enumerate(ranks):

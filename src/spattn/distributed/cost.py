@@ -138,7 +138,8 @@ def layer_bytes(
         seq_len: ``L`` tokens; ``world_size``: ``W`` ranks; ``mode``: ``"head"`` or ``"context"``.
         heads, kv_heads, head_dim, value_dim (default head_dim), batch, dtype: the layer's shape.
         sharding: the rows of each rank (default: :meth:`Sharding.balanced` on the pattern for context,
-            :meth:`Sharding.contiguous` for head).
+            :meth:`Sharding.contiguous` for head). Calls made without ``sharding=`` also all-gather the local
+            lengths, ``8 (W - 1)`` bytes per rank, which this model does not count.
         summary: ``"pooled"`` or ``"bounds"`` when the pattern's selection runs from key summaries (context).
         return_lse: the head-parallel call also returns the log-sum-exp.
         expected_blocks: model a dynamic ``TopK``/``TopP`` choosing this many blocks per query block.

@@ -19,7 +19,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from spattn.distributed.comm import all_to_all, resolve_group
+from spattn.distributed.comm import all_gather, all_to_all, resolve_group
 from spattn.distributed.patterns import dynamic_parts
 from spattn.distributed.sharding import Sharding
 from spattn.ops.attention.api import attention
@@ -52,9 +52,13 @@ def slice_heads(layout: Layout, start: int, stop: int) -> Layout:
     return dataclasses.replace(layout, **tables)
 
 
-def _lengths(sharding: Sharding | None, local_len: int, world: int) -> tuple[list[int], torch.Tensor | None]:
-    if sharding is None:
-        return [local_len] * world, None
+def _lengths(sharding: Sharding | None, local_len: int, group, device) -> tuple[list[int], torch.Tensor | None]:
+    if sharding is None:  # rank-order slices: every rank must hold as many rows (8 bytes per rank to check)
+        lengths = all_gather(torch.tensor([local_len], dtype=torch.long, device=device), group, name="lengths")
+        lengths = lengths.tolist()
+        if len(set(lengths)) != 1:
+            raise ValueError(f"ranks hold different numbers of rows {lengths}: pass the sharding= they were cut with")
+        return lengths, None
     return sharding.lengths(), torch.argsort(sharding.permutation())
 
 
@@ -83,7 +87,8 @@ def head_parallel_attention(
             for the whole sequence (``q_len == kv_len == L``, heads 1 or ``H``).
         group: a ``ProcessGroup`` or a 1-D ``DeviceMesh`` (default: the default group).
         sharding: which global positions each rank's rows are (a :class:`Sharding`); default ``None`` means
-            every rank holds ``L_r`` rows and the sequence is their concatenation in rank order.
+            every rank holds ``L_r`` rows and the sequence is their concatenation in rank order (checked with a
+            small all-gather of the lengths, 8 bytes per rank, counted as ``"lengths"``).
         causal, scale, backend, block_size, return_lse: as in :func:`spattn.attention`.
 
     Returns:
@@ -113,7 +118,7 @@ def head_parallel_attention(
     hq = H // W if H % W == 0 else None
     kv_of = [kv_heads_for(t, W, H, Hkv) for t in range(W)]
     hk = len(kv_of[0])
-    lengths, inverse = _lengths(sharding, Lr, W)
+    lengths, inverse = _lengths(sharding, Lr, group, query.device)
     L = sum(lengths)
     dynamic = isinstance(pattern_or_layout, Pattern) and pattern_or_layout.contains_dynamic()
     G = H // Hkv
