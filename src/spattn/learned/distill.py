@@ -81,7 +81,7 @@ def train_gate(
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if log is not None:
             log(step, losses[-1])
     return losses

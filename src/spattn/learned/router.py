@@ -12,8 +12,8 @@ Training signals (``training=``):
 * ``"straight_through"``: the forward pass is the exact hard top-k attention; in the backward pass each kept
   block ``c`` of query block ``b`` carries a score bias ``log p[b, c] - stopgrad(log p[b, c])`` (value 0), so
   the LM loss reaches the routing probabilities ``p = softmax(logits / temperature)`` over the routable blocks.
-  This pass evaluates the masked attention densely (``[B, H, L, L]`` scores): meant for training at a few
-  thousand tokens. Evaluation (``model.eval()`` or no grad) runs the sparse layout through ``spattn.attention``.
+  The bias rides in extra head dimensions through ``spattn.attention`` on the same sparse layout (see
+  ``_straight_through``), so training stays sparse; key/value heads are repeated per query head. Evaluation (``model.eval()`` or no grad) runs the sparse layout through ``spattn.attention``.
 * ``"distill"`` (DeepSeek's indexer): the model trains through the sparse attention only; the scorer is trained
   by ``last["distill_loss"]`` = KL(block-pooled dense attention of the detached q/k || gate), which the
   trainer adds to the loss. With ``detach_inputs=True`` (default for ``"gate"``) the scorer's inputs are
@@ -44,21 +44,6 @@ from spattn.selectors.common import block_sizes, masked_softmax, pool, restrict,
 
 SCORERS = ("gate", "pooled")
 TRAINING = ("straight_through", "distill")
-
-
-def _masked_dense(query, key, value, mask, bias, scale):
-    """Dense masked attention with an additive score bias: out ``[B, H, Lq, Dv]``; rows with no key give 0."""
-    B, H, Lq, D = query.shape
-    G = H // key.shape[1]
-    k = key.repeat_interleave(G, 1) if G > 1 else key
-    v = value.repeat_interleave(G, 1) if G > 1 else value
-    s = (query * scale) @ k.transpose(-1, -2) + bias
-    s = s.masked_fill(~mask, -math.inf)
-    m = s.amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p = torch.exp(s - m)
-    p = p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
-    return p @ v
 
 
 class LearnedTopK(nn.Module):
@@ -182,12 +167,29 @@ class LearnedTopK(nn.Module):
             full_probs = self.last["logits"]
             self.last["distill_loss"] = distill_loss(full_probs, self.last["visible"], target)
         if self.mode == "straight_through" and self.training and torch.is_grad_enabled():
-            bs, Lq, Lk = self.block_size, query.shape[2], key.shape[2]
-            logp = torch.log(self.last["probs"].clamp_min(1e-12))
-            beta = torch.where(chosen, logp - logp.detach(), torch.zeros_like(logp))
-            bias = beta.repeat_interleave(bs, -2).repeat_interleave(bs, -1)[..., :Lq, :Lk]
-            return _masked_dense(query, key, value, layout.to_dense(), bias.to(query.dtype), scale)
+            return self._straight_through(query, key, value, layout, chosen, scale)
         return attention(query, key, value, layout, causal=causal, scale=scale, backend=self.backend)
+
+    def _straight_through(self, query, key, value, layout, chosen, scale):
+        """The hard layout's attention with a zero-valued block bias ``log p - stopgrad(log p)`` on the routed
+        blocks, through ``spattn.attention`` itself: the bias is written as extra head dimensions,
+        ``q' = [scale * q, onehot(query block)]`` and ``k' = [k, beta[:, key block]]``, so that
+        ``q' . k' = scale * q . k + beta[query block, key block]`` (scale 1, the same sparse layout)."""
+        B, H, Lq, D = query.shape
+        Hkv, Lk, bs = key.shape[1], key.shape[2], self.block_size
+        NQ = -(-Lq // bs)
+        logp = torch.log(self.last["probs"].clamp_min(1e-12))
+        beta = torch.where(chosen, logp - logp.detach(), torch.zeros_like(logp)).to(query.dtype)  # [B, H, NQ, NK]
+        qblock = torch.arange(Lq, device=query.device) // bs
+        onehot = torch.nn.functional.one_hot(qblock, NQ).to(query.dtype).expand(B, H, Lq, NQ)
+        kblock = torch.arange(Lk, device=query.device) // bs
+        kbias = beta.transpose(-1, -2)[:, :, kblock]  # [B, H, Lk, NQ]
+        G = H // Hkv
+        k_rep = key.repeat_interleave(G, 1) if G > 1 else key
+        q2 = torch.cat([query * scale, onehot], -1)
+        k2 = torch.cat([k_rep, kbias], -1)
+        v2 = value.repeat_interleave(G, 1) if G > 1 else value
+        return attention(q2, k2, v2, layout, causal=layout.causal, scale=1.0, backend=self.backend)
 
     def regularisers(self) -> dict[str, torch.Tensor]:
         """Losses this pattern asks the trainer to add (``distill_loss`` in ``"distill"`` training)."""
