@@ -140,21 +140,23 @@ class SparseAttention(nn.Module):
                                           device=q.device)}  # one length at a time
         return self._layouts[key]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, L, dim] -> [B, L, dim]``."""
-        q, k, v = self.project(x)
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """The attention itself: query ``[B, H, L, D]``, key/value ``[B, Hkv, L, D]`` -> ``[B, H, L, D]``."""
         scale = 1.0 / math.sqrt(self.head_dim)
         if self.pattern is not None:
-            out = self.pattern.attend(q, k, v, causal=self.causal, scale=scale)
-        elif self.static_pattern is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=scale,
-                                                 enable_gqa=self.num_heads != self.num_kv_heads)
-        elif self.static_pattern.contains_dynamic():
-            out = attention(q, k, v, self.static_pattern, causal=self.causal, scale=scale, backend=self.backend,
-                            block_size=self.block_size)
-        else:
-            out = attention(q, k, v, self._static_layout(self.static_pattern, q, k), causal=self.causal,
-                            scale=scale, backend=self.backend)
+            return self.pattern.attend(query, key, value, causal=self.causal, scale=scale)
+        if self.static_pattern is None:
+            return F.scaled_dot_product_attention(query, key, value, is_causal=self.causal, scale=scale,
+                                                  enable_gqa=self.num_heads != self.num_kv_heads)
+        if self.static_pattern.contains_dynamic():
+            return attention(query, key, value, self.static_pattern, causal=self.causal, scale=scale,
+                             backend=self.backend, block_size=self.block_size)
+        return attention(query, key, value, self._static_layout(self.static_pattern, query, key), causal=self.causal,
+                         scale=scale, backend=self.backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, L, dim] -> [B, L, dim]``."""
+        out = self.attend(*self.project(x))
         B, _, L, _ = out.shape
         return self.output_proj(out.transpose(1, 2).reshape(B, L, self.num_heads * self.head_dim))
 
