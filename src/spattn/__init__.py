@@ -34,6 +34,7 @@ from spattn.integrations import Plan, patch, patched, unpatch
 from spattn.capture import Capture, capture
 from spattn import coverage  # noqa: E402 - the coverage toolkit as spattn.coverage
 from spattn.patterns import Essential, essential_flags  # noqa: E402 - the essential-token safeguard
+from spattn import learned, nn  # noqa: E402 - learned sparsity (registers the 'gate' selector) and layers
 
 __version__ = "0.1.0"
 

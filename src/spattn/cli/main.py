@@ -1,4 +1,4 @@
-"""``spattn`` command: ``demo``, ``bench``, ``data``, ``report``."""
+"""``spattn`` command: ``demo``, ``bench``, ``data``, ``report``, ``train``."""
 
 from __future__ import annotations
 
@@ -48,6 +48,11 @@ def _mount_optional() -> None:
         data_mod = importlib.import_module("spattn.cli.data")
         app.add_typer(data_mod.data_app, name="data", help="Prepare offline corpora (Austen, KJV).")
     except ImportError:  # pragma: no cover - module not present in a partial install
+        pass
+    try:
+        train_mod = importlib.import_module("spattn.cli.train")
+        app.add_typer(train_mod.train_app, name="train", help="Learned sparsity: distil gates, train LMs and tasks.")
+    except ImportError:  # pragma: no cover
         pass
     try:
         report_mod = importlib.import_module("spattn.cli.report")

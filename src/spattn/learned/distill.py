@@ -99,6 +99,7 @@ def distill(
     reduce: str = "sum",
     path: str | os.PathLike | None = None,
     progress: Callable[[int, int, float], None] | None = None,
+    device: torch.device | str | None = None,
 ) -> dict[int, BlockGate]:
     """Distil one :class:`BlockGate` per layer of a **frozen** Hugging Face model.
 
@@ -115,9 +116,10 @@ def distill(
         layers: which layers get a gate (default all).
         reduce: target pooling, ``"sum"`` (mass, default) or ``"max"`` (SeerAttention's block max).
         progress: optional ``progress(layer_index, layers_total, final_loss)`` callback.
+        device: where the gates train (default: the model's device); captures stay on the CPU between layers.
 
     Returns:
-        ``{layer: BlockGate}`` (gates on CPU, ``meta`` saved with them holds the final losses).
+        ``{layer: BlockGate}`` (gates on CPU; the ``meta`` saved with them holds the final losses).
     """
     from spattn.capture import capture  # layer 5 (integrations): imported where used, never at import time
     from spattn.learned.checkpoint import save_gates
@@ -128,16 +130,19 @@ def distill(
     caps = [capture(model, chunks[i:i + 1], layers=None if layers is None else list(layers), mode="full")
             for i in range(chunks.shape[0])]
     first = caps[0]
+    if device is None:
+        device = next(model.parameters()).device
     wanted = first.layers
     gates: dict[int, BlockGate] = {}
     final: dict[str, float] = {}
     for n, layer in enumerate(wanted):
         q0, k0 = first.queries[layer], first.keys[layer]
-        gate = BlockGate(q0.shape[1], k0.shape[1], q0.shape[-1], block_size=block_size, hidden=hidden)
-        pairs = [(c.queries[layer], c.keys[layer]) for c in caps]
+        gate = BlockGate(q0.shape[1], k0.shape[1], q0.shape[-1], block_size=block_size, hidden=hidden).to(device)
+        pairs = [(c.queries[layer].to(device), c.keys[layer].to(device)) for c in caps]
         losses = train_gate(gate, pairs, steps=steps, lr=lr, causal=first.causal, scale=first.scale, reduce=reduce)
         gate.requires_grad_(False)
-        gates[layer] = gate
+        gates[layer] = gate.cpu()
+        del pairs
         final[str(layer)] = losses[-1]
         if progress is not None:
             progress(n, len(wanted), losses[-1])

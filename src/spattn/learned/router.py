@@ -54,6 +54,8 @@ class LearnedTopK(nn.Module):
         blocks: key blocks routed per query block, beyond the safeguards (an int >= 0).
         block_size: tokens per block (default 64).
         safeguard: a static pattern always kept (default ``None``); e.g. ``Sinks(16) | Window(128)``.
+        local: the last ``local`` key blocks up to each query's own block are always kept whole (MoBA keeps
+            the current block; default 1, 0 for none). Budget per query block: ``local + blocks``.
         scorer: ``"gate"`` (default) or ``"pooled"``; hidden: gate width (default 32).
         training: ``"straight_through"`` (default) or ``"distill"``.
         temperature: routing softmax temperature (default 1.0); noise: Gumbel noise scale on the ranking in
@@ -70,7 +72,8 @@ class LearnedTopK(nn.Module):
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int | None = None, head_dim: int = 64, *, blocks: int,
-                 block_size: int = 64, safeguard: Pattern | None = None, scorer: str = "gate", hidden: int = 32,
+                 block_size: int = 64, safeguard: Pattern | None = None, local: int = 1, scorer: str = "gate",
+                 hidden: int = 32,
                  training: str = "straight_through", temperature: float = 1.0, noise: float = 0.0,
                  drop: float = 0.0, detach_inputs: bool | None = None, sharing: str = "group",
                  backend: str = "auto") -> None:
@@ -87,7 +90,10 @@ class LearnedTopK(nn.Module):
         if training == "distill" and scorer != "gate":
             raise ValueError("training='distill' trains a gate: use scorer='gate'")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        if isinstance(local, bool) or not isinstance(local, int) or local < 0:
+            raise ValueError(f"local must be an int >= 0, got {local!r}")
         self.block_size, self.safeguard, self.scorer, self.mode = block_size, safeguard, scorer, training
+        self.local = local
         self.blocks, self.temperature, self.noise, self.drop = blocks, temperature, noise, drop
         self.detach_inputs = (scorer == "gate") if detach_inputs is None else bool(detach_inputs)
         self.sharing, self.backend = sharing, backend
@@ -109,15 +115,23 @@ class LearnedTopK(nn.Module):
 
     def _kept(self, q_len, kv_len, batch, causal, device) -> torch.Tensor:
         """bool ``[Bs, 1, NQ, NK]``: blocks the safeguard touches (cached per shape for batch-free safeguards)."""
-        NQ, NK = -(-q_len // self.block_size), -(-kv_len // self.block_size)
-        if self.safeguard is None:
-            return torch.zeros(1, 1, NQ, NK, dtype=torch.bool, device=device)
         key = (q_len, kv_len, batch, causal, str(device))
         if key not in self._kept_cache:
-            layout = compile(self.safeguard, q_len, kv_len, causal=causal, block_size=self.block_size, batch=batch,
-                             device=device)
-            self._kept_cache = {key: layout.block_status() != EMPTY}  # one shape at a time
+            band = self.local_blocks(q_len, kv_len, device)[None, None]
+            if self.safeguard is not None:
+                layout = compile(self.safeguard, q_len, kv_len, causal=causal, block_size=self.block_size,
+                                 batch=batch, device=device)
+                band = band | (layout.block_status() != EMPTY)
+            self._kept_cache = {key: band}  # one shape at a time
         return self._kept_cache[key]
+
+    def local_blocks(self, q_len: int, kv_len: int, device) -> torch.Tensor:
+        """bool ``[NQ, NK]``: the ``local`` key blocks ending at the last key each query block may see."""
+        bs = self.block_size
+        NQ, NK = -(-q_len // bs), -(-kv_len // bs)
+        last = (torch.clamp((torch.arange(NQ, device=device) + 1) * bs, max=q_len) - 1 + kv_len - q_len) // bs
+        kb = torch.arange(NK, device=device)
+        return (kb[None, :] <= last[:, None]) & (kb[None, :] > last[:, None] - self.local)
 
     def route(self, query: torch.Tensor, key: torch.Tensor, *, causal: bool) -> torch.Tensor:
         """bool ``[B, H, NQ, NK]``: the routed key blocks (safeguards excluded); fills ``last``."""
@@ -148,9 +162,9 @@ class LearnedTopK(nn.Module):
         return chosen
 
     def layout(self, query: torch.Tensor, key: torch.Tensor, chosen: torch.Tensor, *, causal: bool):
-        """The compiled Layout: the safeguard | the routed blocks."""
+        """The compiled Layout: the safeguard | the local blocks | the routed blocks."""
         B, H, Lq, _ = query.shape
-        pattern = BlockLayout(chosen, block=self.block_size)
+        pattern = BlockLayout(chosen | self.local_blocks(Lq, key.shape[2], query.device), block=self.block_size)
         if self.safeguard is not None:
             pattern = self.safeguard | pattern
         return compile(pattern, Lq, key.shape[2], causal=causal, block_size=self.block_size, batch=B, heads=H,
@@ -166,7 +180,7 @@ class LearnedTopK(nn.Module):
             target = block_targets(query, key, self.block_size, causal=causal, scale=scale)
             full_probs = self.last["logits"]
             self.last["distill_loss"] = distill_loss(full_probs, self.last["visible"], target)
-        if self.mode == "straight_through" and self.training and torch.is_grad_enabled():
+        if self.mode == "straight_through" and self.training and self.last["probs"].requires_grad:
             return self._straight_through(query, key, value, layout, chosen, scale)
         return attention(query, key, value, layout, causal=causal, scale=scale, backend=self.backend)
 
@@ -196,7 +210,7 @@ class LearnedTopK(nn.Module):
         return {k: v for k, v in self.last.items() if k == "distill_loss"}
 
     def extra_repr(self) -> str:
-        return (f"blocks={self.blocks}, block_size={self.block_size}, scorer={self.scorer!r}, training={self.mode!r}, "
+        return (f"blocks={self.blocks}, local={self.local}, block_size={self.block_size}, scorer={self.scorer!r}, training={self.mode!r}, "
                 f"safeguard={self.safeguard!r}")
 
 
