@@ -43,5 +43,5 @@ __all__ = [
     "Pattern", "PerHead", "RandomBlocks", "Sinks", "Strided", "Union", "Window", "compile", "pattern_from_dict",
     "attention", "choose_backend", "TopK", "TopP", "LayoutBuilder",
     "Plan", "patch", "patched", "unpatch", "Capture", "capture",
-    "Essential", "essential_flags",
+    "Essential", "essential_flags", "learned", "nn",
 ]

@@ -90,7 +90,6 @@ def _recall(model, chunks: torch.Tensor, gates_path: Path, layers: list[int], bu
         per = {k: [] for k in rows}
         for layer in layers:
             q, k = cap.queries[layer].to(device), cap.keys[layer].to(device)
-            L = q.shape[2]
             candidates = {
                 "gate": TopK(load(gates_path, layer), budget),
                 "pooled": TopK("pooled", budget),
@@ -172,8 +171,8 @@ def distil_recipe(
         entry["gap_closed"] = {k: (ppl["window"] - ppl[k]) / gap if gap > 0 else None for k in ("gate", "pooled")}
         results[name] = entry
         if progress:
-            _say(f"{name}: recall gate {entry['recall']['gate']['mean']:.3f} oracle {entry['recall']['oracle']['mean']:.3f}"
-                 f" window {entry['recall']['window']['mean']:.3f}; ppl {ppl}")
+            recall = {k: round(entry["recall"][k]["mean"], 3) for k in ("gate", "oracle", "window", "pooled")}
+            _say(f"{name}: recall {recall}; perplexity {ppl}")
     data = {
         "recipe": "distil", "model": "SmolLM2-135M", "train_corpus": corpus,
         "config": {"length": length, "train_chunks": int(train.shape[0]), "eval_chunks": eval_chunks, "steps": steps,
@@ -192,8 +191,9 @@ def attention_factory(variant: str, *, heads: int, kv_heads: int, head_dim: int,
                       temperature: float = 1.0, backend: str = "auto") -> Callable[[int], Any]:
     """``layer -> pattern`` for a variant at ``budget`` key blocks per query block: ``dense`` (None),
     ``window`` (``Window((budget - 1) * block_size)``: the ``budget`` latest blocks), ``pooled`` (the current
-    block + the ``budget - 1`` blocks of MoBA's mean-pooled-key routing, parameter-free) and ``learned`` / ``learned-reg`` (a :class:`LearnedTopK`, the
-    current block + ``budget - 1`` routed blocks; the two differ only by the trainer's regularisers)."""
+    block + the ``budget - 1`` blocks of MoBA's mean-pooled-key routing, parameter-free) and ``learned`` /
+    ``learned-reg`` (a :class:`LearnedTopK`, the current block + ``budget - 1`` routed blocks; the two differ
+    only by the trainer's regularisers)."""
     from spattn.learned import LearnedTopK
     from spattn.patterns import Window
 
@@ -287,7 +287,8 @@ def lm_recipe(
     def to(batch):
         return batch[0].to(dev), batch[1].to(dev)
 
-    held = [to(b) for b, _ in zip(lm_batches(held_ids, length, batch_size, seed=1234), range(eval_batches))]
+    stream = lm_batches(held_ids, length, batch_size, seed=1234)
+    held = [to(next(stream)) for _ in range(eval_batches)]
 
     def batches():
         return (to(b) for b in lm_batches(train_ids, length, batch_size, seed=0))
@@ -307,10 +308,13 @@ def lm_recipe(
                            temperature_end=temperature_end, progress=progress, meta={"recipe": "lm", **config})
     data = {"recipe": "lm", "config": config,
             "density_note": f"sparse variants keep {budget} key blocks of {block_size} per query block",
-            "runs": {k: {"final": v["final"], "history": v["history"], "seconds": v["seconds"]} for k, v in runs.items()},
-            "seconds": time.perf_counter() - start, "machine": machine_info()}
+            "runs": _runs(runs), "seconds": time.perf_counter() - start, "machine": machine_info()}
     _write(output / "results.json", data)
     return data
+
+
+def _runs(runs: dict[str, Any]) -> dict[str, Any]:
+    return {k: {"final": v["final"], "history": v["history"], "seconds": v["seconds"]} for k, v in runs.items()}
 
 
 def task_recipe(
@@ -372,8 +376,7 @@ def task_recipe(
     runs = _train_variants(make, batches, held, list(variants), steps=steps, lr=lr, output=output,
                            temperature_end=temperature_end, progress=progress, meta={"recipe": "task", **config})
     data = {"recipe": "task", "config": config,
-            "runs": {k: {"final": v["final"], "history": v["history"], "seconds": v["seconds"]} for k, v in runs.items()},
-            "seconds": time.perf_counter() - start, "machine": machine_info()}
+            "runs": _runs(runs), "seconds": time.perf_counter() - start, "machine": machine_info()}
     _write(output / "results.json", data)
     return data
 
@@ -383,13 +386,14 @@ def _variants(text: str) -> tuple[str, ...]:
     names = tuple(x.strip() for x in text.split(",") if x.strip())
     bad = [n for n in names if n not in VARIANTS]
     if bad or not names:
-        raise typer.BadParameter(f"unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}", param_hint="--variants")
+        raise typer.BadParameter(f"unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}",
+                                 param_hint="--variants")
     return names
 
 
 @train_app.command("distil")
 def distil_command(
-    output: Path = typer.Option(Path("runs/distil"), "--output", "-o", help="Folder for gates, results.json."),
+    output: str = typer.Option("runs/distil", "--output", "-o", help="Folder for gates, results.json."),
     corpus: str = typer.Option("austen", help="Training text (corpus name or file); held-out split is never used."),
     length: int = typer.Option(1024, help="Tokens per chunk (4096-8192 on a GPU)."),
     train_chunks: int = typer.Option(4, help="Calibration chunks the gates train on."),
@@ -402,15 +406,15 @@ def distil_command(
 ) -> None:
     """(a) Distil SeerAttention-style gates for frozen SmolLM2 on Austen; recall and perplexity vs window/oracle."""
     chosen = None if layers is None else [int(x) for x in layers.split(",") if x.strip()]
-    data = distil_recipe(output=output, corpus=corpus, length=length, train_chunks=train_chunks,
+    data = distil_recipe(output=Path(output), corpus=corpus, length=length, train_chunks=train_chunks,
                          eval_chunks=eval_chunks, steps=steps, block_size=block_size, budget=budget, layers=chosen,
                          device=device)
-    _say(f"wrote {output / 'results.json'} and {data['gates']}")
+    _say(f"wrote {Path(output) / 'results.json'} and {data['gates']}")
 
 
 @train_app.command("lm")
 def lm_command(
-    output: Path = typer.Option(Path("runs/lm"), "--output", "-o", help="Folder for logs, checkpoints, results."),
+    output: str = typer.Option("runs/lm", "--output", "-o", help="Folder for logs, checkpoints, results."),
     length: int = typer.Option(2048, help="Training context in tokens (bytes)."),
     steps: int = typer.Option(200, help="Training steps per variant."),
     batch_size: int = typer.Option(4, help="Sequences per step."),
@@ -422,14 +426,14 @@ def lm_command(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:
     """(b) Train small byte-level LMs from scratch on Austen + KJV: dense, window, learned at equal budget."""
-    lm_recipe(output=output, length=length, steps=steps, batch_size=batch_size, dim=dim, layers=layers,
+    lm_recipe(output=Path(output), length=length, steps=steps, batch_size=batch_size, dim=dim, layers=layers,
               budget=budget, block_size=block_size, variants=_variants(variants), device=device)
-    _say(f"wrote {output / 'results.json'}")
+    _say(f"wrote {Path(output) / 'results.json'}")
 
 
 @train_app.command("task")
 def task_command(
-    output: Path = typer.Option(Path("runs/task"), "--output", "-o", help="Folder for logs, checkpoints, results."),
+    output: str = typer.Option("runs/task", "--output", "-o", help="Folder for logs, checkpoints, results."),
     task: str = typer.Option("mqar", help="mqar (spattn.eval.tasks)."),
     length: int = typer.Option(256, help="Sequence length."),
     examples: int = typer.Option(2000, help="Training examples."),
@@ -440,6 +444,6 @@ def task_command(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:
     """(c) Train the evaluation suite's MQAR task with learned attention against fixed patterns at equal budget."""
-    task_recipe(output=output, task=task, length=length, examples=examples, steps=steps, budget=budget,
+    task_recipe(output=Path(output), task=task, length=length, examples=examples, steps=steps, budget=budget,
                 block_size=block_size, variants=_variants(variants), device=device)
-    _say(f"wrote {output / 'results.json'}")
+    _say(f"wrote {Path(output) / 'results.json'}")

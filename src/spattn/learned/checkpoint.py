@@ -57,7 +57,8 @@ def _header(path: str | os.PathLike) -> dict[str, str]:
     with safe.safe_open(str(path), framework="pt") as f:
         header = f.metadata() or {}
     if header.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a spattn gate checkpoint (format {header.get('format')!r}, expected {FORMAT!r})")
+        raise ValueError(f"{path} is not a spattn gate checkpoint (format {header.get('format')!r}, "
+                         f"expected {FORMAT!r})")
     return header
 
 

@@ -86,7 +86,7 @@ class BlockGate(nn.Module):
         bs = self.block_size
         dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
         qbar = pool(query, bs).to(dtype)  # [B, H, NQ, D]
-        kcat = torch.cat([pool(key, bs, "amax"), pool(key, bs, "amin"), pool(key, bs)], -1).to(dtype)  # [B, Hkv, NK, 3D]
+        kcat = torch.cat([pool(key, bs, "amax"), pool(key, bs, "amin"), pool(key, bs)], -1).to(dtype)  # [.., NK, 3D]
         u = torch.einsum("bhnd,hde->bhne", qbar, self.query_proj.to(dtype))
         v = torch.einsum("bgnd,gde->bgne", kcat, self.key_proj.to(dtype))
         if self.qk_norm:

@@ -13,7 +13,8 @@ Training signals (``training=``):
   block ``c`` of query block ``b`` carries a score bias ``log p[b, c] - stopgrad(log p[b, c])`` (value 0), so
   the LM loss reaches the routing probabilities ``p = softmax(logits / temperature)`` over the routable blocks.
   The bias rides in extra head dimensions through ``spattn.attention`` on the same sparse layout (see
-  ``_straight_through``), so training stays sparse; key/value heads are repeated per query head. Evaluation (``model.eval()`` or no grad) runs the sparse layout through ``spattn.attention``.
+  ``_straight_through``), so training stays sparse; key/value heads are repeated per query head.
+  Evaluation (``model.eval()`` or no grad) runs the sparse layout through ``spattn.attention``.
 * ``"distill"`` (DeepSeek's indexer): the model trains through the sparse attention only; the scorer is trained
   by ``last["distill_loss"]`` = KL(block-pooled dense attention of the detached q/k || gate), which the
   trainer adds to the loss. With ``detach_inputs=True`` (default for ``"gate"``) the scorer's inputs are
@@ -40,7 +41,7 @@ from spattn.learned.regularisers import drop_blocks
 from spattn.ops.attention import attention
 from spattn.patterns import EMPTY, BlockLayout, Pattern, compile
 from spattn.selectors.budget import top_k
-from spattn.selectors.common import block_sizes, masked_softmax, pool, restrict, visible_blocks
+from spattn.selectors.common import block_sizes, masked_softmax, pool, visible_blocks
 
 SCORERS = ("gate", "pooled")
 TRAINING = ("straight_through", "distill")
@@ -140,7 +141,7 @@ class LearnedTopK(nn.Module):
         q_in, k_in = (query.detach(), key.detach()) if self.detach_inputs else (query, key)
         logits, visible = self._logits(q_in, k_in, causal)
         kept = self._kept(Lq, Lk, B, causal, query.device)
-        routable = restrict(visible, None) & ~kept
+        routable = visible & ~kept
         probs = masked_softmax(logits / self.temperature, routable)
         rank = probs.detach()
         G = H // Hkv if self.sharing == "group" else 1
@@ -178,8 +179,7 @@ class LearnedTopK(nn.Module):
         layout = self.layout(query, key, chosen, causal=causal)
         if self.mode == "distill" and self.training and torch.is_grad_enabled():
             target = block_targets(query, key, self.block_size, causal=causal, scale=scale)
-            full_probs = self.last["logits"]
-            self.last["distill_loss"] = distill_loss(full_probs, self.last["visible"], target)
+            self.last["distill_loss"] = distill_loss(self.last["logits"], self.last["visible"], target)
         if self.mode == "straight_through" and self.training and self.last["probs"].requires_grad:
             return self._straight_through(query, key, value, layout, chosen, scale)
         return attention(query, key, value, layout, causal=causal, scale=scale, backend=self.backend)
@@ -210,8 +210,8 @@ class LearnedTopK(nn.Module):
         return {k: v for k, v in self.last.items() if k == "distill_loss"}
 
     def extra_repr(self) -> str:
-        return (f"blocks={self.blocks}, local={self.local}, block_size={self.block_size}, scorer={self.scorer!r}, training={self.mode!r}, "
-                f"safeguard={self.safeguard!r}")
+        return (f"blocks={self.blocks}, local={self.local}, block_size={self.block_size}, scorer={self.scorer!r}, "
+                f"training={self.mode!r}, safeguard={self.safeguard!r}")
 
 
 __all__ = ["LearnedTopK", "SCORERS", "TRAINING"]

@@ -56,7 +56,8 @@ def load(path: str | os.PathLike, layer: int = 0) -> Gate:
     """The ``gate`` selector of ``layer`` in a gate checkpoint (checked now, loaded once and cached).
 
     Example:
-        >>> pattern = Sinks(64) | Window(512) | TopK(spattn.learned.load("gates.safetensors", layer=3), 8)  # doctest: +SKIP
+        >>> gate = spattn.learned.load("gates.safetensors", layer=3)  # doctest: +SKIP
+        >>> pattern = Sinks(64) | Window(512) | TopK(gate, 8)  # doctest: +SKIP
     """
     selector = Gate(path=os.fspath(path), layer=layer)
     cached_gate(selector.path, layer)  # fail now, naming the file and layer, not at the first compile

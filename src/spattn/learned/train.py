@@ -15,7 +15,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -261,7 +261,8 @@ def fit(
             sched.step()
             if step % log_every == 0 or step == steps - 1:
                 record: dict[str, Any] = {"step": step, "loss": float(loss.detach()),
-                                          **{k: float(v.detach()) for k, v in terms.items()}, **selection_metrics(model)}
+                                          **{k: float(v.detach()) for k, v in terms.items()},
+                                          **selection_metrics(model)}
                 if layers:
                     record["temperature"] = float(layers[0].temperature)
                     record["blocks"] = int(layers[0].blocks)

@@ -17,9 +17,9 @@ from spattn.patterns.builtin import (
     Window,
 )
 from spattn.patterns.compile import brute_force_mask, compile, layout_from_status
+from spattn.patterns.essential import Essential, essential_flags  # registers itself
 from spattn.patterns.layout import Layout
 from spattn.patterns.serialize import pattern_from_dict, register_pattern
-from spattn.patterns.essential import Essential, essential_flags  # noqa: E402 - registers itself
 
 for _cls in (Union, Intersection, Full, Causal, Window, Sinks, Global, Dilated, Strided, RandomBlocks, BlockLayout,
              Document, PerHead, Budgeted):

@@ -65,7 +65,7 @@ class Essential(Pattern):
             if flags.dim() == 1:
                 flags = flags[None]
             if flags.dim() != 2:
-                raise ValueError(f"Essential.flags must be bool [B, kv_len] or [kv_len], got shape {tuple(flags.shape)}")
+                raise ValueError(f"Essential.flags must be bool [B, kv_len] or [kv_len], got {tuple(flags.shape)}")
             if flags.dtype != torch.bool:
                 if flags.dtype.is_floating_point or flags.dtype.is_complex:
                     raise TypeError(f"Essential.flags must be bool (or 0/1 integers), got {flags.dtype}")
@@ -187,7 +187,8 @@ def essential_flags(
             return torch.stack(rows)
         counts = torch.as_tensor(counts).long()
         if counts.dim() != 1 or int(ids.max()) >= counts.numel() or int(ids.min()) < 0:
-            raise ValueError(f"counts must be int [V] covering every id (max id {int(ids.max())}), got {tuple(counts.shape)}")
+            raise ValueError(f"counts must be int [V] covering every id (max id {int(ids.max())}), "
+                             f"got {tuple(counts.shape)}")
         return counts[ids] <= max_count
     if tokenizer is None:
         raise ValueError("rule='capitalised' needs tokenizer= (to decode the ids)")
