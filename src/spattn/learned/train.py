@@ -275,7 +275,7 @@ def fit(
                     log_file.write(json.dumps(record) + "\n")
                     log_file.flush()
             if bar is not None:
-                bar.update(task, advance=1, description=f"{description} loss {float(loss):.3f}")
+                bar.update(task, advance=1, description=f"{description} loss {float(loss.detach()):.3f}")
     finally:
         if bar is not None:
             bar.stop()
