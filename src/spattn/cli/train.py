@@ -14,6 +14,7 @@ The recipe functions (``distil_recipe``, ``lm_recipe``, ``task_recipe``) return 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -212,17 +213,35 @@ def attention_factory(variant: str, *, heads: int, kv_heads: int, head_dim: int,
                                       temperature=temperature, backend=backend)
 
 
-def _regularisers(variant: str):
+def parse_regularisers(text: str | None):
+    """``"entropy=0.05,balance=0.05,drop=0.1"`` -> :class:`~spattn.learned.train.Regularisers` (None: the
+    recipes' anti-collapse set)."""
     from spattn.learned.train import Regularisers
 
-    return Regularisers.anti_collapse() if variant == "learned-reg" else Regularisers()
+    if text is None:
+        return Regularisers.anti_collapse()
+    names = {f for f in Regularisers.__dataclass_fields__}
+    values = {}
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        name, _, value = item.partition("=")
+        if name not in names:
+            raise typer.BadParameter(f"unknown regulariser {name!r}; choose from {sorted(names)}",
+                                     param_hint="--regularisers")
+        try:
+            values[name] = float(value)
+        except ValueError:
+            raise typer.BadParameter(f"{name} needs a number, got {value!r}", param_hint="--regularisers") from None
+    try:
+        return Regularisers(**values)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--regularisers") from None
 
 
 def _train_variants(make_model: Callable[[str], torch.nn.Module], batches: Callable[[], Any], eval_batches: list,
                     variants: list[str], *, steps: int, lr: float, output: Path, temperature_end: float,
-                    progress: bool, meta: dict[str, Any]) -> dict[str, Any]:
+                    regularisers: Any, progress: bool, meta: dict[str, Any]) -> dict[str, Any]:
     from spattn.learned import Schedule
-    from spattn.learned.train import fit
+    from spattn.learned.train import Regularisers, fit
 
     runs = {}
     for variant in variants:
@@ -230,7 +249,8 @@ def _train_variants(make_model: Callable[[str], torch.nn.Module], batches: Calla
         model = make_model(variant)
         temperature = Schedule(1.0, temperature_end, steps, shape="exponential") if variant.startswith("learned") \
             else None
-        result = fit(model, batches(), steps=steps, lr=lr, regularisers=_regularisers(variant),
+        weights = regularisers if variant == "learned-reg" else Regularisers()
+        result = fit(model, batches(), steps=steps, lr=lr, regularisers=weights,
                      temperature=temperature, eval_batches=eval_batches, log_every=max(1, steps // 20),
                      log_path=output / f"{variant}.jsonl", checkpoint=output / f"{variant}.safetensors",
                      meta={**meta, "variant": variant}, progress=progress, description=variant)
@@ -267,6 +287,7 @@ def lm_recipe(
     lr: float = 3e-3,
     temperature_end: float = 0.1,
     variants: tuple[str, ...] = ("dense", "window", "learned", "learned-reg"),
+    regularisers: Any = None,
     eval_batches: int = 4,
     device: str = "auto",
     backend: str = "auto",
@@ -279,6 +300,7 @@ def lm_recipe(
     from spattn.nn import TransformerLM
 
     start = time.perf_counter()
+    regularisers = parse_regularisers(None) if regularisers is None else regularisers
     dev = _device(device)
     ids = _bytes(corpora)
     split = int(ids.numel() * 0.95)
@@ -302,10 +324,11 @@ def lm_recipe(
     config = {"corpora": list(corpora), "tokens": "utf-8 bytes (vocabulary 256)", "length": length, "steps": steps,
               "batch_size": batch_size, "dim": dim, "layers": layers, "heads": heads, "kv_heads": kv_heads,
               "budget_blocks": budget, "block_size": block_size, "lr": lr, "temperature_end": temperature_end,
-              "regularisers_learned_reg": _regularisers("learned-reg").__dict__, "train_tokens": int(split)}
+              "regularisers_learned_reg": dataclasses.asdict(regularisers), "train_tokens": int(split)}
     output = Path(output)
     runs = _train_variants(make, batches, held, list(variants), steps=steps, lr=lr, output=output,
-                           temperature_end=temperature_end, progress=progress, meta={"recipe": "lm", **config})
+                           temperature_end=temperature_end, regularisers=regularisers, progress=progress,
+                           meta={"recipe": "lm", **config})
     data = {"recipe": "lm", "config": config,
             "density_note": f"sparse variants keep {budget} key blocks of {block_size} per query block",
             "runs": _runs(runs), "seconds": time.perf_counter() - start, "machine": machine_info()}
@@ -334,6 +357,7 @@ def task_recipe(
     lr: float = 3e-3,
     temperature_end: float = 0.1,
     variants: tuple[str, ...] = ("dense", "window", "pooled", "learned", "learned-reg"),
+    regularisers: Any = None,
     device: str = "auto",
     backend: str = "auto",
     progress: bool = True,
@@ -348,6 +372,7 @@ def task_recipe(
     except ImportError as exc:  # the evaluation suite's task generators (a separate issue)
         raise RuntimeError(f"spattn train task needs spattn.eval.tasks (mqar / listops): {exc}") from exc
     start = time.perf_counter()
+    regularisers = parse_regularisers(None) if regularisers is None else regularisers
     dev = _device(device)
     if task == "mqar":
         vocab = 8192 if length >= 1024 else 512
@@ -371,10 +396,12 @@ def task_recipe(
 
     config = {"task": task, "examples": examples, "length": length, "steps": steps, "batch_size": batch_size,
               "dim": dim, "layers": layers, "heads": heads, "kv_heads": kv_heads, "budget_blocks": budget,
-              "block_size": block_size, "lr": lr, "vocab": vocab}
+              "block_size": block_size, "lr": lr, "vocab": vocab,
+              "regularisers_learned_reg": dataclasses.asdict(regularisers)}
     output = Path(output)
     runs = _train_variants(make, batches, held, list(variants), steps=steps, lr=lr, output=output,
-                           temperature_end=temperature_end, progress=progress, meta={"recipe": "task", **config})
+                           temperature_end=temperature_end, regularisers=regularisers, progress=progress,
+                           meta={"recipe": "task", **config})
     data = {"recipe": "task", "config": config,
             "runs": _runs(runs), "seconds": time.perf_counter() - start, "machine": machine_info()}
     _write(output / "results.json", data)
@@ -423,11 +450,14 @@ def lm_command(
     budget: int = typer.Option(4, help="Key blocks per query block for every sparse variant."),
     block_size: int = typer.Option(64, help="Block size."),
     variants: str = typer.Option("dense,window,learned,learned-reg", help=f"From {', '.join(VARIANTS)}."),
+    regularisers: str | None = typer.Option(None, help="Weights of the learned-reg variant, e.g. "
+                                            "'entropy=0.05,balance=0.05,drop=0.1,noise=0.5' (that is the default)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:
     """(b) Train small byte-level LMs from scratch on Austen + KJV: dense, window, learned at equal budget."""
     lm_recipe(output=Path(output), length=length, steps=steps, batch_size=batch_size, dim=dim, layers=layers,
-              budget=budget, block_size=block_size, variants=_variants(variants), device=device)
+              budget=budget, block_size=block_size, variants=_variants(variants),
+              regularisers=parse_regularisers(regularisers), device=device)
     _say(f"wrote {Path(output) / 'results.json'}")
 
 
@@ -441,9 +471,12 @@ def task_command(
     budget: int = typer.Option(2, help="Key blocks per query block for every sparse variant."),
     block_size: int = typer.Option(32, help="Block size."),
     variants: str = typer.Option("dense,window,pooled,learned,learned-reg", help=f"From {', '.join(VARIANTS)}."),
+    regularisers: str | None = typer.Option(None, help="Weights of the learned-reg variant, e.g. "
+                                            "'entropy=0.05,balance=0.05,drop=0.1,noise=0.5' (that is the default)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:
     """(c) Train the evaluation suite's MQAR task with learned attention against fixed patterns at equal budget."""
     task_recipe(output=Path(output), task=task, length=length, examples=examples, steps=steps, budget=budget,
-                block_size=block_size, variants=_variants(variants), device=device)
+                block_size=block_size, variants=_variants(variants), regularisers=parse_regularisers(regularisers),
+                device=device)
     _say(f"wrote {Path(output) / 'results.json'}")
