@@ -251,7 +251,7 @@ def _train_variants(make_model: Callable[[str], torch.nn.Module], batches: Calla
             else None
         weights = regularisers if variant == "learned-reg" else Regularisers()
         result = fit(model, batches(), steps=steps, lr=lr, regularisers=weights,
-                     temperature=temperature, eval_batches=eval_batches, log_every=max(1, steps // 20),
+                     temperature=temperature, eval_batches=eval_batches, log_every=max(1, steps // 8),
                      log_path=output / f"{variant}.jsonl", checkpoint=output / f"{variant}.safetensors",
                      meta={**meta, "variant": variant}, progress=progress, description=variant)
         runs[variant] = result
