@@ -1,4 +1,10 @@
-"""The built-in patterns. Semantics use absolute query position ``i`` and key position ``j``."""
+"""The built-in patterns. Semantics use absolute query position ``i`` and key position ``j``.
+
+Note [clamp]: a size parameter (window sides, sinks, dilation, stride, cell sizes) may be any Python int, or
+``None`` where it means "unbounded". Before it meets a tensor it is clamped to ``Context.reach`` (a distance no
+pair of the compiled lengths reaches), so every comparison is exact int64 arithmetic: ``Window(2**70)`` is
+``Window(None)``, which keeps every earlier key.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ from typing import ClassVar
 
 import torch
 
-from spattn._checks import check_int
+from spattn._checks import check_bool, check_bound, check_int
 from spattn.patterns.base import EMPTY, FULL, Context, Pattern, as_4d, status_from_bounds
 
 
@@ -61,24 +67,28 @@ class Causal(Pattern):
 class Window(Pattern):
     """``i - left <= j <= i + right`` (FlashAttention ``window_size`` semantics: left + right + 1 keys).
 
+    ``left`` / ``right``: ints ``>= 0`` of any size, or ``None`` for unbounded (``Window(None)`` is every earlier
+    key: causal; ``Window(None, None)`` is every key).
+
     Example: ``Window(1024)`` is a causal-style sliding window of the 1024 previous keys plus the query's own.
     """
 
-    left: int
-    right: int = 0
+    left: int | None
+    right: int | None = 0
     kind: ClassVar[str] = "window"
 
     def __post_init__(self):
-        check_int(self.left, "Window.left")
-        check_int(self.right, "Window.right")
+        check_bound(self.left, "Window.left")
+        check_bound(self.right, "Window.right")
 
     def block_status(self, ctx):
         dmin, dmax = _delta_range(ctx)
-        return status_from_bounds((dmin >= -self.right) & (dmax <= self.left), (dmax < -self.right) | (dmin > self.left))
+        left, right = ctx.clamp(self.left), ctx.clamp(self.right)
+        return status_from_bounds((dmin >= -right) & (dmax <= left), (dmax < -right) | (dmin > left))
 
     def token_mask(self, ctx, b, h, i, j):
         d = i - j
-        return (d <= self.left) & (d >= -self.right)
+        return (d <= ctx.clamp(self.left)) & (d >= -ctx.clamp(self.right))
 
     def signature(self, ctx, b, h, qb, kb):
         return _delta_signature(ctx, qb, kb)
@@ -96,11 +106,12 @@ class Sinks(Pattern):
 
     def block_status(self, ctx):
         klo, khi = ctx.k_range()
-        st = status_from_bounds(khi < self.n, klo >= self.n)
+        n = ctx.clamp(self.n)
+        st = status_from_bounds(khi < n, klo >= n)
         return st.expand(ctx.num_q_blocks, ctx.num_kv_blocks)
 
     def token_mask(self, ctx, b, h, i, j):
-        return (j < self.n) & (i >= -(1 << 62))
+        return (j < ctx.clamp(self.n)) & (i >= -(1 << 62))
 
     def signature(self, ctx, b, h, qb, kb):
         return kb[:, None]
@@ -114,7 +125,13 @@ class Global(Pattern):
     kind: ClassVar[str] = "global"
 
     def __post_init__(self):
-        tokens = tuple(sorted(set(check_int(t, "Global.tokens[...]") for t in self.tokens)))
+        tokens = self.tokens
+        if isinstance(tokens, torch.Tensor):
+            tokens = tokens.flatten().tolist()
+        if isinstance(tokens, (str, bytes)) or not isinstance(tokens, Sequence):
+            raise TypeError(f"Global.tokens must be a sequence of ints (positions), got {type(tokens).__name__}: "
+                            f"write Global(({tokens!r},)) for one position")
+        tokens = tuple(sorted(set(check_int(t, f"Global.tokens[{k}]") for k, t in enumerate(tokens))))
         object.__setattr__(self, "tokens", tokens)
 
     def _flags(self, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,31 +168,34 @@ class Global(Pattern):
 
 @dataclasses.dataclass(frozen=True)
 class Dilated(Pattern):
-    """``i - left <= j <= i + right`` and ``(i - j) % dilation == 0`` (LongNet / dilated sliding window)."""
+    """``i - left <= j <= i + right`` and ``(i - j) % dilation == 0`` (LongNet / dilated sliding window).
 
-    left: int
+    ``left`` / ``right``: ints ``>= 0`` of any size, or ``None`` for unbounded; ``dilation``: an int ``>= 1``."""
+
+    left: int | None
     dilation: int
-    right: int = 0
+    right: int | None = 0
     kind: ClassVar[str] = "dilated"
 
     def __post_init__(self):
-        check_int(self.left, "Dilated.left")
+        check_bound(self.left, "Dilated.left")
         check_int(self.dilation, "Dilated.dilation", 1)
-        check_int(self.right, "Dilated.right")
+        check_bound(self.right, "Dilated.right")
 
     def block_status(self, ctx):
         dmin, dmax = _delta_range(ctx)
-        lo = torch.clamp(dmin, min=-self.right)
-        hi = torch.clamp(dmax, max=self.left)
+        left, right, dilation = ctx.clamp(self.left), ctx.clamp(self.right), ctx.clamp(self.dilation)
+        lo = torch.clamp(dmin, min=-right)
+        hi = torch.clamp(dmax, max=left)
         # is there a multiple of `dilation` in [lo, hi]?
-        first = lo + (-lo) % self.dilation
+        first = lo + (-lo) % dilation
         empty = (hi < lo) | (first > hi)
-        full = (dmin >= -self.right) & (dmax <= self.left) & (self.dilation == 1)
+        full = (dmin >= -right) & (dmax <= left) & (dilation == 1)
         return status_from_bounds(full & torch.ones_like(empty), empty)
 
     def token_mask(self, ctx, b, h, i, j):
         d = i - j
-        return (d <= self.left) & (d >= -self.right) & (d % self.dilation == 0)
+        return (d <= ctx.clamp(self.left)) & (d >= -ctx.clamp(self.right)) & (d % ctx.clamp(self.dilation) == 0)
 
     def signature(self, ctx, b, h, qb, kb):
         return _delta_signature(ctx, qb, kb)
@@ -198,7 +218,7 @@ class Strided(Pattern):
         check_int(self.block, "Strided.block", 1)
 
     def block_status(self, ctx):
-        g, n = self.block, self.stride
+        g, n = ctx.clamp(self.block), ctx.clamp(self.stride)
         qlo, qhi = ctx.q_range()
         klo, khi = ctx.k_range()
         dmin = qlo // g - khi // g
@@ -209,10 +229,11 @@ class Strided(Pattern):
         return status_from_bounds(full & ~empty, empty)
 
     def token_mask(self, ctx, b, h, i, j):
-        return ((i // self.block) - (j // self.block)) % self.stride == 0
+        g, n = ctx.clamp(self.block), ctx.clamp(self.stride)
+        return ((i // g) - (j // g)) % n == 0
 
     def signature(self, ctx, b, h, qb, kb):
-        bs, g, n = ctx.block_size, self.block, self.stride
+        bs, g, n = ctx.block_size, ctx.clamp(self.block), ctx.clamp(self.stride)
         qlo = qb * bs + ctx.offset
         klo = kb * bs
         return torch.stack([qlo % g, klo % g, (qlo // g - klo // g) % n], dim=1)
@@ -231,7 +252,8 @@ class BlockSelection(Pattern):
     """
 
     def granularity(self, ctx: Context) -> int:
-        return self.block  # type: ignore[attr-defined]
+        """Cell size in tokens: ``block``, clamped to the lengths (one cell covers a whole axis, Note [clamp])."""
+        return min(self.block, max(ctx.q_len, ctx.kv_len))  # type: ignore[attr-defined]
 
     def selection(self, ctx: Context) -> torch.Tensor:
         raise NotImplementedError
@@ -311,7 +333,10 @@ class RandomBlocks(BlockSelection):
     def __post_init__(self):
         check_int(self.per_row, "RandomBlocks.per_row")
         check_int(self.seed, "RandomBlocks.seed")
+        if self.seed >= 1 << 62:
+            raise ValueError(f"RandomBlocks.seed must be < 2**62, got {self.seed}")
         check_int(self.block, "RandomBlocks.block", 1)
+        check_bool(self.per_head, "RandomBlocks.per_head")
 
     def selection(self, ctx):
         g = self.block
