@@ -136,6 +136,8 @@ def check_qk(query: torch.Tensor, key: torch.Tensor,
         raise ValueError(f"key shape {tuple(key.shape)} does not match query shape {tuple(query.shape)}")
     if Hkv == 0 or H % Hkv:
         raise ValueError(f"key heads ({Hkv}) must divide query heads ({H})")
+    if D == 0:
+        raise ValueError(f"query/key head dim D must be >= 1, got query shape {tuple(query.shape)}")
     if key.device != query.device:
         raise ValueError(f"key is on {key.device}, query on {query.device}")
     if value is not None:

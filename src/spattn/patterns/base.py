@@ -163,6 +163,17 @@ class Combination(Pattern):
     join: ClassVar[Any]
     combine: ClassVar[Any]
 
+    def __post_init__(self):
+        name = type(self).__name__
+        parts = self.parts
+        if isinstance(parts, Pattern) or not isinstance(parts, (tuple, list)):
+            raise TypeError(f"{name}.parts must be a tuple of patterns, got {type(parts).__name__}")
+        if not parts:
+            raise ValueError(f"{name}.parts must hold at least one pattern, got none")
+        for k, part in enumerate(parts):
+            _check_pattern(part, f"{name}.parts[{k}]")
+        object.__setattr__(self, "parts", tuple(parts))
+
     def contains_dynamic(self) -> bool:
         return any(p.contains_dynamic() for p in self.parts)
 

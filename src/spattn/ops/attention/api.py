@@ -37,6 +37,8 @@ def _check_inputs(query, key, value) -> None:
         raise ValueError(f"key head dim must equal query head dim {D}, got {key.shape[-1]} (key shape {tuple(key.shape)})")
     if value.shape[1] != key.shape[1] or value.shape[2] != key.shape[2]:
         raise ValueError(f"value must have shape [B, Hkv, Lk, Dv] matching key {tuple(key.shape)}, got {tuple(value.shape)}")
+    if D == 0 or value.shape[-1] == 0:
+        raise ValueError(f"head dims must be >= 1, got query/key D={D}, value Dv={value.shape[-1]}")
     Hk = key.shape[1]
     if Hk == 0 or H % Hk != 0:
         raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hk}) for GQA/MQA")
