@@ -245,9 +245,12 @@ class Layout:
         return layout_to_block_mask(self)
 
     @classmethod
-    def from_block_mask(cls, block_mask: Any, *, mask_mod_exact: bool = True) -> Layout:
-        """Build a Layout from torch's ``BlockMask``; partial blocks are resolved at token level by
-        evaluating its ``mask_mod`` inside those blocks only."""
+    def from_block_mask(cls, block_mask: Any, *, mask_mod: Any = None) -> Layout:
+        """Build a Layout from torch's ``BlockMask``; partial blocks are resolved at token level by evaluating
+        ``mask_mod(b, h, q_idx, kv_idx)`` (default: the BlockMask's own) inside those blocks only, and never past
+        the sequence ends. A BlockMask whose partial blocks have no mask_mod (torch's ``noop_mask``) warns and
+        keeps them as full blocks, which is what ``flex_attention`` computes for it. Any ``q_len`` / ``kv_len``
+        (cross-attention with more queries than keys included) converts and runs in ``spattn.attention``."""
         from spattn.layout.blockmask import block_mask_to_layout
 
-        return block_mask_to_layout(block_mask)
+        return block_mask_to_layout(block_mask, mask_mod)
