@@ -159,6 +159,19 @@ class Global(Pattern):
         empty = (q_count == 0)[:, None] & (k_count == 0)[None, :]
         return status_from_bounds(full, empty)
 
+    def signature(self, ctx, b, h, qb, kb):
+        """The hub flags of the block's queries and of its keys (as ids of distinct flag rows): blocks with equal
+        flags have equal masks, so a regular hub set needs a handful of masks, not one per block."""
+        key = ("global-signature", id(self))
+        if key not in ctx.cache:
+            flags, bs = self._flags(ctx), ctx.block_size
+            kflags = torch.nn.functional.pad(flags, (0, ctx.num_kv_blocks * bs - ctx.kv_len)).view(-1, bs)
+            qflags = torch.nn.functional.pad(flags[ctx.offset :], (0, ctx.num_q_blocks * bs - ctx.q_len)).view(-1, bs)
+            ctx.cache[key] = (torch.unique(qflags, dim=0, return_inverse=True)[1],
+                              torch.unique(kflags, dim=0, return_inverse=True)[1])
+        qid, kid = ctx.cache[key]
+        return torch.stack([qid[qb], kid[kb]], dim=1)
+
     def token_mask(self, ctx, b, h, i, j):
         flags = self._flags(ctx)
         qi = torch.clamp(i, 0, ctx.kv_len - 1)
