@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 
 from spattn._checks import check_bool, check_bound, check_int
-from spattn.patterns.base import EMPTY, FULL, Context, Pattern, as_4d, status_from_bounds
+from spattn.patterns.base import EMPTY, FULL, Context, Pattern, Union, as_4d, status_from_bounds
 
 
 def _delta_range(ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,13 +260,33 @@ class Strided(Pattern):
 class BlockSelection(Pattern):
     """Base class of patterns defined by a boolean selection over ``block``-sized cells.
 
-    Subclasses implement ``selection(ctx) -> bool [Bs, Hs, ceil(q_len / g), ceil(kv_len / g)]`` (query cells
-    tile the *query index* ``i - (kv_len - q_len)``, key cells tile ``j``) and ``granularity(ctx) -> g``.
+    Subclasses implement ``selection(ctx) -> bool [Bs, Hs, rows, ceil(kv_len / g)]`` and ``granularity(ctx) -> g``.
+    Key cells tile ``j``. Query cells tile the *query index* ``i - (kv_len - q_len)`` (``rows = ceil(q_len / g)``),
+    or, for subclasses with ``absolute_rows = True``, the absolute position ``i`` (bottom-right aligned: rows
+    ``offset // g .. (kv_len - 1) // g``, so that a row means the same positions whether compiled for the whole
+    sequence or for the last queries, Note [decode consistency]).
     """
+
+    absolute_rows: ClassVar[bool] = False
 
     def granularity(self, ctx: Context) -> int:
         """Cell size in tokens: ``block``, clamped to the lengths (one cell covers a whole axis, Note [clamp])."""
         return min(self.block, max(ctx.q_len, ctx.kv_len))  # type: ignore[attr-defined]
+
+    def row_cells(self, ctx: Context) -> tuple[int, int]:
+        """``(first, count)``: the cell index of the selection's row 0 and the number of rows (see the class)."""
+        g = self.granularity(ctx)
+        if self.absolute_rows:
+            first = ctx.offset // g
+            return first, (ctx.kv_len - 1) // g - first + 1
+        return 0, -(-ctx.q_len // g)
+
+    def _row_of(self, ctx: Context, index: torch.Tensor) -> torch.Tensor:
+        """Selection row of query *index* tensors (0 .. q_len - 1)."""
+        g = self.granularity(ctx)
+        if self.absolute_rows:
+            return (index + ctx.offset) // g - ctx.offset // g
+        return index // g
 
     def selection(self, ctx: Context) -> torch.Tensor:
         raise NotImplementedError
@@ -281,7 +301,7 @@ class BlockSelection(Pattern):
             sel = self.selection(ctx, kept=kept, allowed=allowed) if self.dynamic else self.selection(ctx)
             sel = as_4d(sel).to(device=ctx.device, dtype=torch.bool)
             g = self.granularity(ctx)
-            want = (-(-ctx.q_len // g), -(-ctx.kv_len // g))
+            want = (self.row_cells(ctx)[1], -(-ctx.kv_len // g))
             if tuple(sel.shape[-2:]) != want:
                 raise ValueError(
                     f"{type(self).__name__}: block selection has shape {tuple(sel.shape[-2:])} but q_len={ctx.q_len}, "
@@ -293,7 +313,7 @@ class BlockSelection(Pattern):
     def block_status(self, ctx):
         sel = self.cached_selection(ctx)
         g, bs = self.granularity(ctx), ctx.block_size
-        if g == bs:
+        if g == bs and (not self.absolute_rows or ctx.offset % g == 0):
             return torch.where(sel, FULL, EMPTY).to(torch.int8)
         # count selected cells in each compile block's rectangle with a 2-D prefix sum
         integral = torch.nn.functional.pad(sel.int().cumsum(-1).cumsum(-2), (1, 0, 1, 0))
@@ -301,7 +321,7 @@ class BlockSelection(Pattern):
         qhi = torch.clamp(qlo + bs, max=ctx.q_len) - 1
         klo = torch.arange(ctx.num_kv_blocks, device=ctx.device) * bs
         khi = torch.clamp(klo + bs, max=ctx.kv_len) - 1
-        r0, r1 = qlo // g, qhi // g + 1
+        r0, r1 = self._row_of(ctx, qlo), self._row_of(ctx, qhi) + 1
         c0, c1 = klo // g, khi // g + 1
         total = (
             integral[..., r1[:, None], c1[None, :]]
@@ -315,33 +335,38 @@ class BlockSelection(Pattern):
     def token_mask(self, ctx, b, h, i, j):
         sel = self.cached_selection(ctx)
         g = self.granularity(ctx)
-        qi = torch.clamp(i - ctx.offset, 0, ctx.q_len - 1) // g
+        qi = self._row_of(ctx, torch.clamp(i - ctx.offset, 0, ctx.q_len - 1))
         kj = torch.clamp(j, 0, ctx.kv_len - 1) // g
         bb = b if sel.shape[0] > 1 else torch.zeros_like(b)
         hh = h if sel.shape[1] > 1 else torch.zeros_like(h)
         return sel[bb, hh, qi, kj]
 
 
-def _random_selection(per_row: int, seed: int, heads: int, n_rows: int, n_cols: int, device) -> torch.Tensor:
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    scores = torch.rand(heads, n_rows, n_cols, generator=gen)
-    k = min(per_row, n_cols)
-    sel = torch.zeros(heads, n_rows, n_cols, dtype=torch.bool)
-    if k > 0:
-        sel.scatter_(-1, scores.topk(k, dim=-1).indices, True)
-    return sel.to(device)
+def _row_seed(seed: int, row: int) -> int:
+    """A 63-bit generator seed for one row of random cells (a hash: rows and seeds never share a stream)."""
+    import hashlib
+
+    digest = hashlib.blake2b(f"spattn-random-blocks:{seed}:{row}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 @dataclasses.dataclass(frozen=True)
 class RandomBlocks(BlockSelection):
-    """BigBird-style random reach: each query block gets ``per_row`` random key blocks of ``block`` tokens,
-    the same for a given ``seed``; different per head when ``per_head=True`` (head h uses seed + h)."""
+    """BigBird-style random reach: each query cell of ``block`` tokens gets ``per_row`` random key cells, the same
+    for a given ``seed``; different per head when ``per_head=True`` (head h uses seed + h).
+
+    Note [decode consistency]: query cells tile absolute positions (bottom-right aligned) and each cell's draw
+    depends only on (seed, cell) and its candidates: every key cell when compiled with ``causal=False``, the cells
+    up to its own when ``causal=True``. So a row keeps the same pairs whether compiled for the whole sequence or for
+    the last queries of a KV cache of any length (``generate`` agrees with the evaluation that chose the pattern).
+    """
 
     per_row: int
     seed: int = 0
     block: int = 128
     per_head: bool = False
     kind: ClassVar[str] = "random_blocks"
+    absolute_rows: ClassVar[bool] = True
 
     def __post_init__(self):
         check_int(self.per_row, "RandomBlocks.per_row")
@@ -352,14 +377,22 @@ class RandomBlocks(BlockSelection):
         check_bool(self.per_head, "RandomBlocks.per_head")
 
     def selection(self, ctx):
-        g = self.block
-        rows, cols = -(-ctx.q_len // g), -(-ctx.kv_len // g)
-        if not self.per_head:
-            return _random_selection(self.per_row, self.seed, 1, rows, cols, ctx.device)[None]
-        if ctx.heads is None:
+        g = self.granularity(ctx)
+        first, rows = self.row_cells(ctx)
+        cols = -(-ctx.kv_len // g)
+        if self.per_head and ctx.heads is None:
             raise ValueError("RandomBlocks(per_head=True) needs compile(..., heads=H)")
-        sel = [_random_selection(self.per_row, self.seed + h, 1, rows, cols, ctx.device) for h in range(ctx.heads)]
-        return torch.cat(sel)[None]
+        seeds = [self.seed + h for h in range(ctx.heads)] if self.per_head else [self.seed]
+        sel = torch.zeros(len(seeds), rows, cols, dtype=torch.bool)
+        for k, seed in enumerate(seeds):
+            for row in range(rows):
+                cell = first + row
+                n = min(cell + 1, cols) if ctx.causal else cols  # the candidates: Note [decode consistency]
+                take = min(self.per_row, n)
+                if take:
+                    gen = torch.Generator(device="cpu").manual_seed(_row_seed(seed, cell))
+                    sel[k, row, torch.rand(n, generator=gen).topk(take).indices] = True
+        return sel[None].to(ctx.device)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -506,6 +539,45 @@ class PerHead(Pattern):
 
 
 @dataclasses.dataclass(frozen=True)
+class _LeadingRows(Pattern):
+    """``i < n``: the first ``n`` query positions see every key (a part of a causal ``Budgeted``)."""
+
+    n: int
+    kind: ClassVar[str] = "leading_rows"
+
+    def block_status(self, ctx):
+        qlo, qhi = ctx.q_range()
+        n = ctx.clamp(self.n)
+        return status_from_bounds(qhi < n, qlo >= n).expand(ctx.num_q_blocks, ctx.num_kv_blocks)
+
+    def token_mask(self, ctx, b, h, i, j):
+        return (i < ctx.clamp(self.n)) & (j >= -(1 << 62))
+
+    def signature(self, ctx, b, h, qb, kb):
+        return qb[:, None]
+
+
+@dataclasses.dataclass(frozen=True)
+class _GrowingStride(BlockSelection):
+    """Cells of ``block`` tokens: query cell ``c`` keeps key cells ``kc`` with ``(c - kc) % stride(c) == 0``,
+    ``stride(c) = max(ceil((c + 1) / cells), 2)``: about ``cells`` cells of long-range reach for every row, whatever
+    its position (a part of a causal ``Budgeted``; absolute rows, Note [decode consistency])."""
+
+    cells: int
+    block: int
+    kind: ClassVar[str] = "growing_stride"
+    absolute_rows: ClassVar[bool] = True
+
+    def selection(self, ctx):
+        g = self.granularity(ctx)
+        first, rows = self.row_cells(ctx)
+        c = torch.arange(first, first + rows, device=ctx.device)[:, None]
+        kc = torch.arange(-(-ctx.kv_len // g), device=ctx.device)[None, :]
+        stride = torch.clamp(-(-(c + 1) // self.cells), min=2)
+        return (c - kc) % stride == 0
+
+
+@dataclasses.dataclass(frozen=True)
 class Budgeted(Pattern):
     """Keeps about ``keys_per_query`` keys per query at any length.
 
@@ -513,6 +585,11 @@ class Budgeted(Pattern):
     local window taking a ``local`` fraction of the rest of the budget, and block-strided long-range reach
     spending what is left. Keys per query never exceed ``min(kv_len, keys_per_query) + block_size``. When
     ``kv_len <= keys_per_query`` it is dense (``Full()``).
+
+    Compiled with ``causal=True`` the budget is spent per row (Note [decode consistency]): a query at position
+    ``i`` sees every key while ``i < keys_per_query``, else the sinks, the window and a block stride grown from its
+    own ``i + 1`` keys rather than from ``kv_len``, so that a decode step keeps the same keys as the full forward
+    pass at that position. ``resolve`` gives the whole-sequence (non-causal) form.
     """
 
     keys_per_query: int
@@ -550,10 +627,26 @@ class Budgeted(Pattern):
             out = out | p
         return out
 
+    def _resolve_causal(self, block_size: int) -> Pattern:
+        """The per-row form used under ``causal=True``: independent of the lengths (Note [decode consistency])."""
+        budget = self.keys_per_query
+        s = min(self.sinks, budget // 4)
+        rest = budget - s
+        w = max(int(self.local * rest) - 1, 0)
+        r = rest - (w + 1)
+        m = r // block_size
+        parts: list[Pattern] = [_LeadingRows(budget), Window(w if m >= 1 else w + r)]
+        if s:
+            parts.append(Sinks(s))
+        if m >= 1:
+            parts.append(_GrowingStride(m, block_size))
+        return Union(tuple(parts))
+
     def _resolved(self, ctx: Context) -> Pattern:
         key = ("resolved", id(self))
         if key not in ctx.cache:
-            ctx.cache[key] = self.resolve(ctx.kv_len, ctx.block_size)
+            ctx.cache[key] = (self._resolve_causal(ctx.block_size) if ctx.causal
+                              else self.resolve(ctx.kv_len, ctx.block_size))
         return ctx.cache[key]
 
     def block_status(self, ctx):
