@@ -39,7 +39,8 @@ def allowed(pattern, i: int, j: int) -> bool:
 
 def oracle_mask(pattern, q_len: int, kv_len: int, causal: bool) -> torch.Tensor:
     off = kv_len - q_len
-    rows = [[allowed(pattern, i + off, j) and (not causal or j <= i + off) for j in range(kv_len)] for i in range(q_len)]
+    rows = [[allowed(pattern, i + off, j) and (not causal or j <= i + off) for j in range(kv_len)]
+            for i in range(q_len)]
     return torch.tensor(rows, dtype=torch.bool)
 
 

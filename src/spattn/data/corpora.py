@@ -251,7 +251,8 @@ def _read_text_file(path: Path, max_chars: int | None) -> str:
     with open(path, "rb") as handle:
         head = handle.read(_SNIFF_BYTES)
     if b"\x00" in head:
-        raise ValueError(f"text file {path} looks binary (a NUL byte at offset {head.index(0)}): pass a UTF-8 text file")
+        raise ValueError(f"text file {path} looks binary (a NUL byte at offset {head.index(0)}): "
+                         "pass a UTF-8 text file")
     try:
         codecs.getincrementaldecoder("utf-8")("strict").decode(head, final=False)
     except UnicodeDecodeError as exc:
