@@ -76,7 +76,7 @@ def test_compiled_mask_equals_python_integers(pattern, q_len, extra, block_size,
         assert torch.equal(fast.to_dense()[0, 0], want), pattern
 
 
-@pytest.mark.parametrize("size", [2**31 - 1, 2**31, 2**32 + 5, 2**62, 2**70])
+@pytest.mark.parametrize("size", [2**31, 2**70])
 def test_huge_window_and_sinks_keep_everything_causal(size):
     q = torch.randn(1, 2, 96, 8)
     k, v = torch.randn(1, 2, 96, 8), torch.randn(1, 2, 96, 8)
