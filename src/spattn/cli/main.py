@@ -19,8 +19,8 @@ app = typer.Typer(
 
 @app.command()
 def demo(
-    length: int = typer.Option(1024, help="Sequence length of the toy attention."),
-    block_size: int = typer.Option(64, help="Block size of the compiled layouts."),
+    length: int = typer.Option(1024, min=1, help="Sequence length of the toy attention."),
+    block_size: int = typer.Option(64, min=1, help="Block size of the compiled layouts."),
     seed: int = typer.Option(0, help="Random seed of the toy inputs."),
 ) -> None:
     """Compile a few patterns, show their density and block picture, and check attention against dense."""
