@@ -71,7 +71,7 @@ def _backward(ctx, grad_out, grad_lse):
     dq, dk, dv = attention_backward_op(
         grad_out, grad_lse, query, key, value, out, lse, list(saved[5:]), ctx.scale, ctx.band, ctx.deterministic
     )
-    return dq, dk, dv, [None] * (len(saved) - 5), None, None, None, None
+    return dq, dk, dv, [None] * (len(saved) - 5), None, [None] * len(ctx.band), None, None
 
 
 attention_forward_op.register_autograd(_backward, setup_context=_setup_context)

@@ -30,7 +30,7 @@ class Config:
         return dataclasses.replace(self, block_m=min(self.block_m, block_size), block_n=min(self.block_n, block_size))
 
 
-INTERPRETER = Config(32, 32, 4, 1)
+INTERPRETER = Config(64, 64, 4, 1)  # CPU interpreter: large tiles = fewer (slow) programs
 
 # defaults: (kernel, D <= 64) -> config; measured on an H200 (see benchmarks/NOTES-kernels.md)
 _DEFAULTS: dict[tuple[str, bool], Config] = {
