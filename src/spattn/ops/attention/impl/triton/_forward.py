@@ -28,7 +28,7 @@ import triton.language as tl
 
 from ._primitives import band_keep, head_ptr, load_rows, row_ptr, store_rows
 
-LN2: tl.constexpr = 0.6931471805599453
+LN2 = tl.constexpr(0.6931471805599453)  # natural log of 2
 
 
 @triton.jit
