@@ -41,4 +41,4 @@ for D in (64, 128):
         cfgs["fwd"] = [T.Config(128, 64, 8 if D > 64 else 4, 3, pers)]
         _launch.forward(q, k, k, *T_, lay.masks, 0.1, band)
     _launch.decode(q[:, :, :1], k, k, *T_, lay.masks, 0.1, band)
-    _launch.backward(q, q, k, k, q, torch.zeros(1,4,L), None, *T_, lay.q_num_blocks, lay.q_indices, lay.q_mask_ids, lay.full_q_num_blocks, lay.full_q_indices, lay.masks, 0.1, band)
+    _launch.backward(q, q, k, k, q, torch.zeros(1,4,L), None, *T_, lay.q_num_blocks, lay.q_indices, lay.q_mask_ids, lay.full_q_num_blocks, lay.full_q_indices, lay.masks, 0.1)

@@ -1,7 +1,12 @@
 """Backward block-sparse attention kernels: delta preprocessing, dQ over the kv tables, dK/dV over the
 transposed (q) tables. Notation and stride tuples as in ``_forward.py``; ``LSE2`` is lse * log2(e) with empty
 rows set to +inf. Each gradient body is written once (``dq_block``, ``dkdv_block``) and specialised for full
-and partial blocks by ``IS_FULL`` (and BAND, Note [band] in ``_forward.py``).
+and partial blocks by ``IS_FULL``.
+
+Note [no band in backward]: the banded path of the forward (Note [band] in ``_forward.py``) was tried here too
+and measured slower on the H200 (fwd+bwd 0.80-0.85x Flex against 0.92-1.02x with stored masks; the tuner
+could only fit 64x64 tiles, see ``benchmarks/NOTES-kernels.md``), so the backward always walks the tables and
+reads the stored masks.
 
 Note [no atomics]: dQ and dK/dV are separate kernels, each program owns its output tile, and one dK/dV
 program loops over the G query heads of its kv head in a fixed order, so the backward is deterministic
@@ -16,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._primitives import band_keep, head_ptr, load_rows, row_ptr, store_rows
+from ._primitives import head_ptr, load_rows, row_ptr, store_rows
 
 
 @triton.jit
@@ -41,9 +46,8 @@ def attn_bwd_preprocess_kernel(
 
 @triton.jit
 def dq_block(
-    dq, q, do, lse2, delta, k_base, v_base, stride_k, stride_v, cols, Lk, offs_d, mask_ptrs, q_pos,
-    band_left, band_right, n_sinks, sink_min_d, qk_scale,
-    D: tl.constexpr, DP: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr, BAND: tl.constexpr,
+    dq, q, do, lse2, delta, k_base, v_base, stride_k, stride_v, cols, Lk, offs_d, mask_ptrs, qk_scale,
+    D: tl.constexpr, DP: tl.constexpr, IS_FULL: tl.constexpr, EVEN: tl.constexpr,
 ):
     """dQ += dS K over one BLOCK_N tile of key columns ``cols``."""
     k = load_rows(k_base, cols, stride_k, Lk, offs_d, D, DP, EVEN)
@@ -51,12 +55,7 @@ def dq_block(
     s = tl.dot(q, tl.trans(k)) * qk_scale
     p = tl.exp2(s - lse2[:, None])
     if not IS_FULL:
-        if BAND:
-            keep = band_keep(q_pos[:, None] - cols[None, :], cols[None, :], Lk, band_left, band_right, n_sinks,
-                             sink_min_d)
-        else:
-            keep = tl.load(mask_ptrs) != 0
-        p = tl.where(keep, p, 0.0)
+        p = tl.where(tl.load(mask_ptrs) != 0, p, 0.0)
     dp = tl.dot(do, tl.trans(v))
     ds = p * (dp - delta[:, None])
     return dq + tl.dot(ds.to(k.dtype), k)
@@ -66,10 +65,10 @@ def dq_block(
 def attn_bwd_dq_kernel(
     Q, K, V, DO, DQ, LSE2, DELTA,
     KV_NUM, KV_IDX, KV_MID, FKV_NUM, FKV_IDX, MASKS,
-    qk_scale, scale, Lq, Lk, H, G, offset, band_left, band_right, n_sinks, sink_min_d,
+    qk_scale, scale, Lq, Lk, H, G,
     sq, sk, sv, sdo, sdq, st_num, st_idx, st_full,
     D: tl.constexpr, DP: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN: tl.constexpr, BAND: tl.constexpr, FULL_RUN: tl.constexpr,
+    EVEN: tl.constexpr,
 ):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows (causal) first
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -81,7 +80,6 @@ def attn_bwd_dq_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, DP)
     rows = offs_m - qb * BS
-    q_pos = offset + offs_m
     q = load_rows(head_ptr(Q, sq, b, h), offs_m, sq[2], Lq, offs_d, D, DP, False)
     do = load_rows(head_ptr(DO, sdo, b, h), offs_m, sdo[2], Lq, offs_d, D, DP, False)
     lse2 = tl.load(LSE2 + pid_bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
@@ -92,18 +90,12 @@ def attn_bwd_dq_kernel(
 
     n_full = tl.load(FKV_NUM + b * st_num[0] + h * st_num[1] + qb)
     f_row = row_ptr(FKV_IDX, st_full, b, h, qb)
-    first = 0
-    if FULL_RUN:
-        first = tl.load(f_row)
     for e in range(0, n_full):
-        if FULL_RUN:
-            kb = first + e
-        else:
-            kb = tl.load(f_row + e)
+        kb = tl.load(f_row + e)
         for sub in tl.static_range(BS // BLOCK_N):
             cols = kb * BS + sub * BLOCK_N + offs_n
-            dq = dq_block(dq, q, do, lse2, delta, k_base, v_base, sk[2], sv[2], cols, Lk, offs_d, MASKS, q_pos,
-                          band_left, band_right, n_sinks, sink_min_d, qk_scale, D, DP, True, EVEN, BAND)
+            dq = dq_block(dq, q, do, lse2, delta, k_base, v_base, sk[2], sv[2], cols, Lk, offs_d, MASKS, qk_scale,
+                          D, DP, True, EVEN)
     n_part = tl.load(KV_NUM + b * st_num[0] + h * st_num[1] + qb)
     p_row = row_ptr(KV_IDX, st_idx, b, h, qb)
     id_row = row_ptr(KV_MID, st_idx, b, h, qb)
@@ -114,15 +106,14 @@ def attn_bwd_dq_kernel(
             cols = kb * BS + sub * BLOCK_N + offs_n
             mask_ptrs = MASKS + mid * (BS * BS) + rows[:, None] * BS + (sub * BLOCK_N + offs_n)[None, :]
             dq = dq_block(dq, q, do, lse2, delta, k_base, v_base, sk[2], sv[2], cols, Lk, offs_d, mask_ptrs,
-                          q_pos, band_left, band_right, n_sinks, sink_min_d, qk_scale, D, DP, False, EVEN, BAND)
+                          qk_scale, D, DP, False, EVEN)
     store_rows(head_ptr(DQ, sdq, b, h), offs_m, sdq[2], Lq, offs_d, dq * scale, D)
 
 
 @triton.jit
 def dkdv_block(
     dk, dv, k, v, q_base, do_base, stride_q, stride_do, LSE2, DELTA, row_base, rows, cols, Lq, Lk, offs_d,
-    mask_ptrs, offset, band_left, band_right, n_sinks, sink_min_d, qk_scale,
-    D: tl.constexpr, DP: tl.constexpr, IS_FULL: tl.constexpr, BAND: tl.constexpr,
+    mask_ptrs, qk_scale, D: tl.constexpr, DP: tl.constexpr, IS_FULL: tl.constexpr,
 ):
     """dV += P^T dO, dK += dS^T Q over one BLOCK_M tile of query rows ``rows`` (transposed scores)."""
     q = load_rows(q_base, rows, stride_q, Lq, offs_d, D, DP, False)
@@ -132,12 +123,7 @@ def dkdv_block(
     sT = tl.dot(k, tl.trans(q)) * qk_scale  # [BLOCK_N, BLOCK_M]
     pT = tl.exp2(sT - lse2[None, :])
     if not IS_FULL:
-        if BAND:
-            keep = band_keep((offset + rows)[None, :] - cols[:, None], cols[:, None], Lk, band_left, band_right,
-                             n_sinks, sink_min_d)
-        else:
-            keep = tl.load(mask_ptrs) != 0
-        pT = tl.where(keep, pT, 0.0)
+        pT = tl.where(tl.load(mask_ptrs) != 0, pT, 0.0)
     dv += tl.dot(pT.to(do.dtype), do)
     dpT = tl.dot(v, tl.trans(do))
     dsT = pT * (dpT - delta[None, :])
@@ -149,10 +135,9 @@ def dkdv_block(
 def attn_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE2, DELTA,
     Q_NUM, Q_IDX, Q_MID, FQ_NUM, FQ_IDX, MASKS,
-    qk_scale, scale, Lq, Lk, H, HKV, G, offset, band_left, band_right, n_sinks, sink_min_d,
+    qk_scale, scale, Lq, Lk, H, HKV, G,
     sq, sk, sv, sdo, sdk, sdv, st_num, st_idx, st_full,
     D: tl.constexpr, DP: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BAND: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -181,7 +166,7 @@ def attn_bwd_dkdv_kernel(
                 rows = qb * BS + sub * BLOCK_M + offs_m
                 dk, dv = dkdv_block(
                     dk, dv, k, v, q_base, do_base, sq[2], sdo[2], LSE2, DELTA, row_base, rows, offs_n, Lq, Lk,
-                    offs_d, MASKS, offset, band_left, band_right, n_sinks, sink_min_d, qk_scale, D, DP, True, BAND)
+                    offs_d, MASKS, qk_scale, D, DP, True)
         n_part = tl.load(Q_NUM + b * st_num[0] + h * st_num[1] + kb)
         p_row = row_ptr(Q_IDX, st_idx, b, h, kb)
         id_row = row_ptr(Q_MID, st_idx, b, h, kb)
@@ -193,7 +178,6 @@ def attn_bwd_dkdv_kernel(
                 mask_ptrs = MASKS + mid * (BS * BS) + (sub * BLOCK_M + offs_m)[None, :] * BS + cols[:, None]
                 dk, dv = dkdv_block(
                     dk, dv, k, v, q_base, do_base, sq[2], sdo[2], LSE2, DELTA, row_base, rows, offs_n, Lq, Lk,
-                    offs_d, mask_ptrs, offset, band_left, band_right, n_sinks, sink_min_d, qk_scale, D, DP, False,
-                    BAND)
+                    offs_d, mask_ptrs, qk_scale, D, DP, False)
     store_rows(head_ptr(DK, sdk, b, hk), offs_n, sdk[2], Lk, offs_d, dk * scale, D)
     store_rows(head_ptr(DV, sdv, b, hk), offs_n, sdv[2], Lk, offs_d, dv, D)

@@ -156,8 +156,9 @@ def decode(q, k, v, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx, masks, scale: floa
 
 
 def backward(do, q, k, v, o, lse, dlse, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx,
-             q_num, q_idx, q_mid, fq_num, fq_idx, masks, scale: float, band=()):
-    """(dq, dk, dv) in the input dtypes; ``dlse`` (or None) is the gradient flowing into lse."""
+             q_num, q_idx, q_mid, fq_num, fq_idx, masks, scale: float):
+    """(dq, dk, dv) in the input dtypes; ``dlse`` (or None) is the gradient flowing into lse. Always the stored
+    masks (Note [no band in backward] in ``_backward.py``)."""
     q, k, v, o, do = _lastdim(q), _lastdim(k), _lastdim(v), _lastdim(o), _lastdim(do)
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -178,32 +179,31 @@ def backward(do, q, k, v, o, lse, dlse, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    scalars, BAND, FULL_RUN = _band_args(band, Lk, Lq)
 
     def launch_dq(cfg: _tuning.Config) -> None:
         attn_bwd_dq_kernel[(triton.cdiv(Lq, cfg.block_m), B * H)](
             q, k, v, do, dq, lse2, delta, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx, m8,
-            scale * LOG2E, scale, Lq, Lk, H, G, *scalars,
+            scale * LOG2E, scale, Lq, Lk, H, G,
             _s3(q), _s3(k), _s3(v), _s3(do), _s3(dq), _s2(kv_num), _s3(kv_idx), _s3(fkv_idx),
             D=D, DP=DP, BS=bs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EVEN=Lk % bs == 0,
-            BAND=BAND, FULL_RUN=FULL_RUN, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
     def launch_dkdv(cfg: _tuning.Config) -> None:
         attn_bwd_dkdv_kernel[(triton.cdiv(Lk, cfg.block_n), B * Hkv)](
             q, k, v, do, dk, dv, lse2, delta, q_num, q_idx, q_mid, fq_num, fq_idx, m8,
-            scale * LOG2E, scale, Lq, Lk, H, Hkv, G, *scalars,
+            scale * LOG2E, scale, Lq, Lk, H, Hkv, G,
             _s3(q), _s3(k), _s3(v), _s3(do), _s3(dk), _s3(dv), _s2(q_num), _s3(q_idx), _s3(fq_idx),
-            D=D, DP=DP, BS=bs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BAND=BAND,
+            D=D, DP=DP, BS=bs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
     even = Lk % bs == 0 and Lq % bs == 0
-    key = _plan.facts(kv_idx, fkv_idx, triton.cdiv(Lk, bs), bs, G) + ("|band" if BAND else "")
+    key = _plan.facts(kv_idx, fkv_idx, triton.cdiv(Lk, bs), bs, G)
     cfg = _tuning.choose("dq", D, q.dtype, key, q.device, bs, bench=lambda c: _bench(lambda: launch_dq(c)),
                          pairs=Lq * Lk, even=even)
     _tuning.run_with_fallback(launch_dq, cfg)
-    key = _plan.facts(q_idx, fq_idx, triton.cdiv(Lq, bs), bs, G) + ("|band" if BAND else "")
+    key = _plan.facts(q_idx, fq_idx, triton.cdiv(Lq, bs), bs, G)
     cfg = _tuning.choose("dkdv", D, q.dtype, key, q.device, bs, bench=lambda c: _bench(lambda: launch_dkdv(c)),
                          pairs=Lq * Lk, even=even)
     _tuning.run_with_fallback(launch_dkdv, cfg)

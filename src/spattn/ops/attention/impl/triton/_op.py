@@ -40,11 +40,11 @@ def _(query, key, value, *args, **kwargs):
 @torch.library.custom_op("spattn::triton_attention_backward", mutates_args=())
 def attention_backward_op(
     grad_out: Tensor, grad_lse: Tensor | None, query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor,
-    tables: list[Tensor], scale: float, band: list[int], deterministic: bool,
+    tables: list[Tensor], scale: float, deterministic: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     # Note [no atomics] in _backward.py: every configuration is deterministic, so `deterministic` only
     # records the request (a faster atomic variant would have to honour it).
-    return _launch.backward(grad_out, query, key, value, out, lse, grad_lse, *tables, scale, band)
+    return _launch.backward(grad_out, query, key, value, out, lse, grad_lse, *tables, scale)
 
 
 @attention_backward_op.register_fake
@@ -69,7 +69,7 @@ def _backward(ctx, grad_out, grad_lse):
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     dq, dk, dv = attention_backward_op(
-        grad_out, grad_lse, query, key, value, out, lse, list(saved[5:]), ctx.scale, ctx.band, ctx.deterministic
+        grad_out, grad_lse, query, key, value, out, lse, list(saved[5:]), ctx.scale, ctx.deterministic
     )
     return dq, dk, dv, [None] * (len(saved) - 5), None, [None] * len(ctx.band), None, None
 
@@ -98,5 +98,5 @@ class EagerAttention(torch.autograd.Function):
         query, key, value, out, lse = saved[:5]
         if grad_out is None:
             grad_out = torch.zeros_like(out)
-        dq, dk, dv = _launch.backward(grad_out, query, key, value, out, lse, grad_lse, *saved[5:], ctx.scale, ctx.band)
+        dq, dk, dv = _launch.backward(grad_out, query, key, value, out, lse, grad_lse, *saved[5:], ctx.scale)
         return (dq, dk, dv) + (None,) * (4 + len(saved) - 5)
