@@ -46,6 +46,12 @@ def ceilings() -> dict:
     return {"matmul_bf16_tflops": 2 * 8192**3 / ms / 1e9, "copy_tb_s": 2 * x.numel() / ms_copy / 1e9}
 
 
+def failed(row: dict, exc: Exception) -> dict:
+    """Mark ``row`` failed with the error and the end of its traceback."""
+    row.update(ok=False, error=repr(exc)[:800], trace=traceback.format_exc()[-3000:])
+    return row
+
+
 # ----------------------------------------------------------------------------------------------- correctness
 def _grads(fn, q, k, v, do):
     q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
@@ -124,7 +130,7 @@ def correctness_grid() -> list[dict]:
                          "density": layout.density(), "banded": _plan.band(layout) is not None,
                          "persistent": persistent})
         except Exception as exc:  # noqa: BLE001 - record and continue: the table shows it
-            rows.append({"case": name, "ok": False, "error": repr(exc)[:800], "trace": traceback.format_exc()[-3000:]})
+            rows.append(failed({"case": name}, exc))
         finally:
             _tuning._DEFAULTS.update(saved)
         print(f"  check {name:32s} {'ok' if rows[-1]['ok'] else 'FAIL ' + rows[-1].get('error', '')[:300]}",
@@ -258,10 +264,8 @@ def prefill_row(L: int, pname: str, *, H: int = 16, Hkv: int = 16, D: int = 128,
                 row["speedup_fwdbwd_vs_flex"] = row["flex_fwdbwd_ms"] / row["triton_fwdbwd_ms"]
             if "sdpa_fwdbwd_ms" in row:
                 row["speedup_fwdbwd_vs_sdpa"] = row["sdpa_fwdbwd_ms"] / row["triton_fwdbwd_ms"]
-    except Exception as exc:  # noqa: BLE001
-        row["ok"] = False
-        row["error"] = repr(exc)[:500]
-        row["trace"] = traceback.format_exc()[-1500:]
+    except Exception as exc:  # noqa: BLE001 - a failed row is recorded, the run goes on
+        failed(row, exc)
     torch.cuda.empty_cache()
     return row
 
@@ -318,10 +322,8 @@ def decode_row(Lk: int, Hkv: int, B: int = 8, H: int = 16, D: int = 128, window:
         row["speedup_vs_sdpa_graph"] = row["sdpa_graph_ms"] / row["triton_graph_ms"]
         kv_bytes = 2 * B * Hkv * min(Lk, window + 1 + 128 + 64) * D * 2
         row["kept_kv_gb_s_graph"] = kv_bytes / row["triton_graph_ms"] / 1e6
-    except Exception as exc:  # noqa: BLE001
-        row["ok"] = False
-        row["error"] = repr(exc)[:500]
-        row["trace"] = traceback.format_exc()[-1500:]
+    except Exception as exc:  # noqa: BLE001 - a failed row is recorded, the run goes on
+        failed(row, exc)
     torch.cuda.empty_cache()
     return row
 
@@ -418,7 +420,8 @@ def print_summary(rec: dict) -> None:
         nan = float("nan")
         print(f"| {r['L']} | {r['pattern']} | {r['Hkv']} | {r['D']} | {r['density']:.3f} | {r['triton_fwd_ms']:.3f} | "
               f"{r.get('flex_fwd_ms', nan):.3f} | {r.get('speedup_fwd_vs_flex', nan):.2f} | "
-              f"{r['triton_fwd_tflops']:.0f} | {r.get('triton_fwdbwd_ms', nan):.3f} | {r.get('flex_fwdbwd_ms', nan):.3f} | "
+              f"{r['triton_fwd_tflops']:.0f} | {r.get('triton_fwdbwd_ms', nan):.3f} | "
+              f"{r.get('flex_fwdbwd_ms', nan):.3f} | "
               f"{r.get('speedup_fwdbwd_vs_flex', nan):.2f} | {r.get('speedup_fwd_vs_sdpa', nan):.1f} | {r['ok']} |")
     for r in rec.get("decode", []):
         if "triton_ms" in r:

@@ -1,6 +1,7 @@
 """CPU benchmark of the reference backend against dense SDPA (issue 2).
 
-The ``reference`` suite: ``spattn bench --suite reference`` or ``python benchmarks/run.py reference``: B=1, H=8, D=64, fp32,
+The ``reference`` suite (``spattn bench --suite reference`` or ``python benchmarks/run.py reference``):
+B=1, H=8, D=64, fp32,
 causal ``Sinks(64) | Window(512)``; median wall time of repeated runs, peak memory (a fresh subprocess per
 row, read from the OS high-water mark), density, speedup. Targets: memory linear in L (16384 under 1.5 GB),
 speedup >= 0.3 / density.
@@ -41,7 +42,8 @@ print(json.dumps(dict(mode=mode, L=L, median_s=median_s,
 
 
 def _row(mode: str, L: int, repeats: int) -> dict:
-    res = subprocess.run([sys.executable, "-c", _ROW, mode, str(L), str(repeats)], capture_output=True, text=True, check=True)
+    res = subprocess.run([sys.executable, "-c", _ROW, mode, str(L), str(repeats)], capture_output=True, text=True,
+                         check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -79,7 +81,8 @@ def run_reference_bench(lengths: list[int], repeats: int = 5) -> dict:
     for c in ("L", "density", "reference s", "dense SDPA s", "speedup", "target", "ref peak MB", "dense peak MB"):
         table.add_column(c, justify="right")
     for r in rows:
-        table.add_row(str(r["L"]), f"{r['density']:.4f}", f"{r['reference_median_s']:.3f}", f"{r['dense_sdpa_median_s']:.3f}",
+        table.add_row(str(r["L"]), f"{r['density']:.4f}", f"{r['reference_median_s']:.3f}",
+                      f"{r['dense_sdpa_median_s']:.3f}",
                       f"{r['speedup']:.1f}x", f"{r['target_speedup']:.1f}x", f"{r['reference_peak_rss_mb']:.0f}",
                       f"{r['dense_peak_rss_mb']:.0f}")
     Console().print(table)

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 import spattn
 from spattn.bench import record as bench_record
-from spattn.bench.timing import median_ms
+from spattn.bench.timing import median_ms, sync
 from spattn.patterns.base import Context
 from spattn.selectors import LayoutBuilder, TopK, TopP
 

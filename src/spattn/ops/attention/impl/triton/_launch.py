@@ -59,7 +59,10 @@ def _band_args(band: list[int] | tuple, Lk: int, Lq: int) -> tuple[tuple[int, ..
 
 
 def _num_sms(device: torch.device) -> int:
-    return _plan.sm_count(device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else 4
+    """The device's SM count (4 for the CPU interpreter, so persistent grids still stride)."""
+    if device.type != "cuda":
+        return 4
+    return _plan.sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def forward(q, k, v, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx, masks, scale: float, band=()):
