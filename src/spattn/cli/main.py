@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
-
 import typer
+
+from spattn.cli.data import data_app
+from spattn.cli.report import report_command
 
 app = typer.Typer(
     name="spattn",
@@ -56,21 +57,8 @@ def bench(
     typer.echo(f"wrote {path}")
 
 
-def _mount_optional() -> None:
-    """Sub-commands that live in their own modules (they import their extras lazily)."""
-    try:
-        data_mod = importlib.import_module("spattn.cli.data")
-        app.add_typer(data_mod.data_app, name="data", help="Prepare offline corpora (Austen, KJV).")
-    except ImportError:  # pragma: no cover - module not present in a partial install
-        pass
-    try:
-        report_mod = importlib.import_module("spattn.cli.report")
-        app.command(name="report")(report_mod.report_command)
-    except ImportError:  # pragma: no cover
-        pass
-
-
-_mount_optional()
+app.add_typer(data_app, name="data", help="Prepare offline corpora (Austen, KJV).")
+app.command(name="report")(report_command)
 
 
 def main() -> None:  # pragma: no cover - console entry
