@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._primitives import head_ptr, load_rows, row_ptr, store_rows
+from ._primitives import dot, head_ptr, load_rows, row_ptr, store_rows
 
 
 @triton.jit
@@ -52,13 +52,13 @@ def dq_block(
     """dQ += dS K over one BLOCK_N tile of key columns ``cols``."""
     k = load_rows(k_base, cols, stride_k, Lk, offs_d, D, DP, EVEN)
     v = load_rows(v_base, cols, stride_v, Lk, offs_d, D, DP, EVEN)
-    s = tl.dot(q, tl.trans(k)) * qk_scale
+    s = dot(q, tl.trans(k)) * qk_scale
     p = tl.exp2(s - lse2[:, None])
     if not IS_FULL:
         p = tl.where(tl.load(mask_ptrs) != 0, p, 0.0)
-    dp = tl.dot(do, tl.trans(v))
+    dp = dot(do, tl.trans(v))
     ds = p * (dp - delta[:, None])
-    return dq + tl.dot(ds.to(k.dtype), k)
+    return dq + dot(ds.to(k.dtype), k)
 
 
 @triton.jit
@@ -120,14 +120,14 @@ def dkdv_block(
     do = load_rows(do_base, rows, stride_do, Lq, offs_d, D, DP, False)
     lse2 = tl.load(LSE2 + row_base + rows, mask=rows < Lq, other=float("inf"))
     delta = tl.load(DELTA + row_base + rows, mask=rows < Lq, other=0.0)
-    sT = tl.dot(k, tl.trans(q)) * qk_scale  # [BLOCK_N, BLOCK_M]
+    sT = dot(k, tl.trans(q)) * qk_scale  # [BLOCK_N, BLOCK_M]
     pT = tl.exp2(sT - lse2[None, :])
     if not IS_FULL:
         pT = tl.where(tl.load(mask_ptrs) != 0, pT, 0.0)
-    dv += tl.dot(pT.to(do.dtype), do)
-    dpT = tl.dot(v, tl.trans(do))
+    dv += dot(pT.to(do.dtype), do)
+    dpT = dot(v, tl.trans(do))
     dsT = pT * (dpT - delta[None, :])
-    dk += tl.dot(dsT.to(q.dtype), q)
+    dk += dot(dsT.to(q.dtype), q)
     return dk, dv
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._primitives import band_keep, head_ptr, load_rows, row_ptr, store_rows
+from ._primitives import band_keep, dot, head_ptr, load_rows, row_ptr, store_rows
 
 LN2 = tl.constexpr(0.6931471805599453)  # natural log of 2
 
@@ -42,7 +42,7 @@ def forward_block(
     ``mask_ptrs`` or, with BAND, the closed form of Note [band]."""
     k = load_rows(k_base, cols, stride_k, Lk, offs_d, D, DP, EVEN)
     v = load_rows(v_base, cols, stride_v, Lk, offs_d, D, DP, EVEN)
-    s = tl.dot(q, tl.trans(k))
+    s = dot(q, tl.trans(k))
     if IS_FULL:
         if not EVEN:
             s = tl.where(cols[None, :] < Lk, s, float("-inf"))
@@ -58,7 +58,7 @@ def forward_block(
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s * qk_scale - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + dot(p.to(v.dtype), v)
     return acc, l_i, m_new
 
 

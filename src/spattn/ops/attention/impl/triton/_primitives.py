@@ -13,6 +13,17 @@ import triton.language as tl
 
 
 @triton.jit
+def dot(a, b):
+    """``tl.dot`` in the precision of the inputs. Note [fp32 dot]: Triton's default for float32 operands is TF32
+    (10-bit mantissa), which silently gives float32 callers ~1e-3 errors; float32 tiles use IEEE products instead
+    (slower; bf16 / fp16 tiles are unchanged)."""
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
 def head_ptr(ptr, strides, b, h):
     """The [L, D] (or [N, W]) slice of batch ``b``, head ``h``."""
     return ptr + b * strides[0] + h * strides[1]
