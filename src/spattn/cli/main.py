@@ -54,6 +54,7 @@ def _mount_optional() -> None:
         app.command(name="report")(report_mod.report_command)
     except ImportError:  # pragma: no cover
         pass
+    app.add_typer(importlib.import_module("spattn.cli.eval").eval_app, name="eval")  # evaluation suite (issue 13)
 
 
 _mount_optional()
