@@ -55,6 +55,20 @@ def mqar_gap_probabilities(space: int, power_a: float = 0.01) -> torch.Tensor:
     return p / p.sum()
 
 
+def _distinct(rows: int, choices: int, count: int, gen: torch.Generator) -> torch.Tensor:
+    """int64 ``[rows, count]``: per row, ``count`` distinct values drawn uniformly from ``0 .. choices-1``
+    (every ordered draw without replacement equally likely)."""
+    if count * 4 > choices:  # dense draws: the first entries of a random permutation
+        return torch.rand(rows, choices, generator=gen).argsort(dim=1)[:, :count]
+    out = torch.randint(0, choices, (rows, count), generator=gen)
+    while True:  # sparse draws: redraw the rows holding a repeat (a few percent of them)
+        ordered = out.sort(dim=1).values
+        repeated = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
+        if not bool(repeated.any()):
+            return out
+        out[repeated] = torch.randint(0, choices, (int(repeated.sum()), count), generator=gen)
+
+
 def mqar(
     num_examples: int,
     seq_len: int = 256,
@@ -106,9 +120,8 @@ def mqar(
     half = vocab_size // 2
     context = 2 * num_kv_pairs
     space = (seq_len - context) // 2
-    # distinct keys / values per example: the first num_kv_pairs entries of a random permutation
-    keys = torch.rand(num_examples, half - 1, generator=gen).argsort(dim=1)[:, :num_kv_pairs] + 1
-    values = torch.rand(num_examples, vocab_size - half, generator=gen).argsort(dim=1)[:, :num_kv_pairs] + half
+    keys = _distinct(num_examples, half - 1, num_kv_pairs, gen) + 1
+    values = _distinct(num_examples, vocab_size - half, num_kv_pairs, gen) + half
     gaps = torch.multinomial(
         mqar_gap_probabilities(space, power_a).expand(num_examples, space), num_kv_pairs, replacement=False,
         generator=gen,
