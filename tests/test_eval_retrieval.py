@@ -87,10 +87,10 @@ def test_smollm2_finds_a_pass_key_that_a_short_window_misses():
     model, tokenizer = smollm2()
     text = load_text("austen")
     samples = [tasks.passkey(tokenizer, text, 320, 0.2, seed=0), tasks.passkey(tokenizer, text, 320, 0.3, seed=1)]
-    dense = retrieval.retrieval_accuracy(model, tokenizer, samples)
+    dense = retrieval.retrieval_accuracy(model, tokenizer, samples, batch_size=2)
     assert dense.correct == [True, True], dense.predictions
     # the needle sits > 150 tokens back: sinks + a 32-token window cannot see it
     assert all(tasks.needle_distance(s) > 150 for s in samples)
     short = retrieval.retrieval_accuracy(model, tokenizer, samples, spattn.Sinks(16) | spattn.Window(32),
-                                         block_size=64)
+                                         block_size=64, batch_size=2)
     assert short.correct == [False, False], short.predictions

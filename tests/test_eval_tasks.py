@@ -141,7 +141,8 @@ def test_passkey_prompt_length_needle_and_answer(depth):
     # the relative depth places the needle between the instruction and the question
     head = len("There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
                "I will quiz you about the pass key.\n\n")
-    room = 400 - head - len("\n\nWhat is the pass key? The pass key is") - (len(needle) + len(s.answer + " is the pass key.\n"))
+    question = len("\n\nWhat is the pass key? The pass key is")
+    room = 400 - head - question - (len(needle) + len(s.answer + " is the pass key.\n"))
     assert s.needle_position == head + round(depth * room)
     assert tasks.passkey(tok, TEXT, 400, depth, seed=5).answer == s.answer  # deterministic
     assert tasks.needle_distance(s) == 400 - s.needle_position

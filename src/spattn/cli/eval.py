@@ -128,6 +128,9 @@ def _console():
     return Console(stderr=True)
 
 
+_VERDICT = {"a": "better", "b": "worse", "tie": "tie"}
+
+
 def _print_retrieval(record: dict[str, Any]) -> None:
     from rich.table import Table
 
@@ -137,10 +140,11 @@ def _print_retrieval(record: dict[str, Any]) -> None:
     for name, entry in record["result"]["plans"].items():
         a = entry["accuracy"]
         versus = entry.get("versus_dense")
-        verdict = "" if versus is None else f"{ {'a': 'better', 'b': 'worse', 'tie': 'tie'}[versus['winner']] } " \
-            f"({versus['difference']:+.2f} [{versus['low']:+.2f}, {versus['high']:+.2f}])"
-        table.add_row(name, f"{entry['found']}/{entry['samples']}", f"{a['value']:.3f} [{a['low']:.3f}, {a['high']:.3f}]",
-                      verdict)
+        verdict = "" if versus is None else (
+            f"{_VERDICT[versus['winner']]} ({versus['difference']:+.2f} [{versus['low']:+.2f}, {versus['high']:+.2f}])"
+        )
+        table.add_row(name, f"{entry['found']}/{entry['samples']}",
+                      f"{a['value']:.3f} [{a['low']:.3f}, {a['high']:.3f}]", verdict)
     _console().print(table)
 
 
@@ -312,7 +316,7 @@ def _trained(task: str, plans: list[str] | None, size: str, d_model: int | None,
         table.add_column(column)
     for name, entry in record_plans.items():
         a, versus = entry["accuracy"], entry.get("versus_dense")
-        verdict = "" if versus is None else {"a": "better", "b": "worse", "tie": "tie"}[versus["winner"]]
+        verdict = "" if versus is None else _VERDICT[versus["winner"]]
         table.add_row(name, f"{a['value']:.3f} [{a['low']:.3f}, {a['high']:.3f}]", f"{entry['best_learning_rate']:g}",
                       verdict)
     console.print(table)
