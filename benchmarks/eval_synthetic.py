@@ -107,7 +107,7 @@ def steps_for(config: TrainConfig, plans: dict[str, tuple[Any, int]], seconds: f
               log: list[str]) -> int:
     """Steps per run so that ``runs`` runs fit in ``seconds``: time ``probe`` steps of every plan, take the
     slowest."""
-    slowest = 0.0
+    slowest, started = 0.0, time.perf_counter()
     for name, (pattern, block) in plans.items():
         trial = config.replace(steps=probe, train_examples=min(config.train_examples, probe * config.batch_size),
                                test_examples=min(config.test_examples, 64), block_size=block)
@@ -117,7 +117,8 @@ def steps_for(config: TrainConfig, plans: dict[str, tuple[Any, int]], seconds: f
         per_step = (time.perf_counter() - started) / probe
         slowest = max(slowest, per_step)
         log.append(f"{config.task} {name}: {1000 * per_step:.1f} ms/step (probe of {probe} steps)")
-    return max(10, int(seconds / runs / slowest * 0.85))
+    left = seconds - (time.perf_counter() - started)  # the probe itself spends part of the budget
+    return max(10, int(left / runs / slowest * 0.85))
 
 
 def summarise(results: dict[str, Any]) -> dict[str, Any]:
@@ -157,8 +158,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backend", default=None, help="spattn backend (default: auto on CUDA, reference on CPU)")
     parser.add_argument("--minutes", type=float, default=7.0, help="time budget of the whole script")
+    parser.add_argument("--mqar-share", type=float, default=0.6, help="share of the training budget for MQAR")
     parser.add_argument("--mqar-widths", default="64,128")
-    parser.add_argument("--mqar-learning-rates", default="0.001,0.003")
+    parser.add_argument("--mqar-learning-rates", default="0.003")
     parser.add_argument("--listops-learning-rates", default="0.0003")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--skip-listops", action="store_true")
@@ -197,7 +199,7 @@ def main() -> None:
     # 2./3. training, the budget split 60/40 between MQAR and ListOps
     remaining = args.minutes * 60 - gate_seconds
     widths = [int(w) for w in args.mqar_widths.split(",")]
-    mqar_share = remaining * (1.0 if args.skip_listops else 0.6)
+    mqar_share = remaining * (1.0 if args.skip_listops else args.mqar_share)
     record["mqar"] = {}
     for width in widths:
         if "dense" not in mplans:
