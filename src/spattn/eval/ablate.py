@@ -166,11 +166,11 @@ def ablate(
 
 def table(result: dict[str, Any]) -> str:
     """The ablation as a Markdown table."""
-    lines = [f"| {result['factor']} | pattern | score [interval] | vs base ({result['base_label']}) |",
+    lines = [f"| {result['factor']} | plan | score [interval] | vs base ({result['base_label']}) |",
              "|---|---|---|---|"]
     for row in result["rows"]:
         s, c = row["score"], row["versus_base"]
         verdict = {"a": "better", "b": "worse", "tie": "tie"}[c["winner"]]
-        lines.append(f"| {row['value']} | `{row['pattern']}` | {s['value']:.3f} [{s['low']:.3f}, {s['high']:.3f}] | "
+        lines.append(f"| {row['value']} | {row['label']} | {s['value']:.3f} [{s['low']:.3f}, {s['high']:.3f}] | "
                      f"{verdict} ({c['difference']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]) |")
     return "\n".join(lines)
