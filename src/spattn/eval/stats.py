@@ -140,9 +140,12 @@ def seed_interval(
     arrays = [np.asarray(g) for g in data]
     picks = rng.integers(0, len(arrays), size=(resamples, len(arrays)))
     totals = np.zeros(resamples)
-    for s, values in enumerate(arrays):  # per seed: resampled means, used wherever the seed is picked
-        inner = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
-        totals += (picks == s).sum(axis=1) * inner
+    for slot in range(len(arrays)):  # every drawn seed gets its own resample of its examples
+        for s, values in enumerate(arrays):
+            chosen = picks[:, slot] == s
+            count = int(chosen.sum())
+            if count:
+                totals[chosen] += values[rng.integers(0, len(values), size=(count, len(values)))].mean(axis=1)
     samples = totals / len(arrays)
     alpha = (1 - confidence) / 2
     low, high = np.quantile(samples, [alpha, 1 - alpha])
