@@ -305,7 +305,7 @@ def test_fast_recall_matches_coverage_measure(length, block):
 
     import spattn
     from spattn.coverage.measure import measure
-    from spattn.report.evaluate import dense_probs, token_mask
+    from spattn.report.evaluate import dense_probs
     from spattn.selectors import TopP
 
     gen = torch.Generator().manual_seed(1)
@@ -315,8 +315,8 @@ def test_fast_recall_matches_coverage_measure(length, block):
                     spattn.Sinks(4) | spattn.Window(4) | spattn.RandomBlocks(1, seed=2, block=block),
                     spattn.Sinks(4) | spattn.Window(4) | TopP("pooled", 0.5)):
         layout = spattn.compile(pattern, length, length, causal=True, block_size=block, query=q, key=k)
-        mask = token_mask(layout)
-        assert torch.equal(mask, layout.to_dense()[0] & torch.ones(length, length, dtype=torch.bool).tril())
+        mask = layout.to_dense()[0]
+        assert torch.equal(mask, mask & torch.ones(length, length, dtype=torch.bool).tril())  # causal
         fast = (dense_probs(q, k) * mask).sum(-1)
         ref = measure(q, k, layout, causal=True, topk=0).recall[0]
         torch.testing.assert_close(fast, ref, rtol=0, atol=1e-12)
