@@ -40,17 +40,21 @@ def report_command(
     device: str = typer.Option("auto", help="'auto' (CUDA when present), 'cpu' or 'cuda'."),
     seed: int = typer.Option(0, help="Seed of random patterns and timing inputs."),
     repeats: int | None = typer.Option(None, help="Timed repetitions for latency (median; default 3, --quick 2)."),
-    quick: bool = typer.Option(False, "--quick", help="Shorter chunks, fewer candidates: a first look in minutes."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a report already in the output directory."),
-    fresh: bool = typer.Option(False, "--fresh", help="With --overwrite: recompute cached stages too."),
-    retime: bool = typer.Option(False, "--retime", help="With --overwrite: measure every latency again, reuse the "
-                                                        "rest."),
+    quick: bool = typer.Option(False, "--quick", metavar="",
+                               help="Shorter chunks, fewer candidates: a first look in about a minute."),
+    overwrite: bool = typer.Option(False, "--overwrite", metavar="",
+                                   help="Replace a report already in the output directory."),
+    fresh: bool = typer.Option(False, "--fresh", metavar="", help="With --overwrite: recompute cached stages too."),
+    retime: bool = typer.Option(False, "--retime", metavar="",
+                                help="Measure every latency again and reuse everything else (implies --overwrite)."),
 ) -> None:
     """Find the sparse attention pattern that saves the most compute for a model while keeping what it needs.
 
     Captures the model's real attention on calibration chunks, fits candidate patterns (windows, sinks,
     strided and random reach, Budgeted, dynamic TopP per selector) to each budget, measures their cost,
-    latency, recall per layer and head, reachability and held-out perplexity, and writes report.html,
+    latency (interleaved with dense, noisy rows flagged), peak memory, recall per layer and head, reachability
+    and held-out perplexity with bootstrap intervals; picks per budget on a selection split and reports on a
+    separate held-out split; checks each pick again at the longer --lengths; and writes report.html,
     results.json and figures. Re-running after an interruption resumes from cached stages.
     """
     import torch
@@ -87,6 +91,6 @@ def report_command(
             config = ReportConfig(**{k: v for k, v in options.items() if v is not None})
         command = " ".join(shlex.quote(a) for a in ["spattn", *sys.argv[1:]])
         run_report(config, output, overwrite=overwrite or retime, fresh=fresh, retime=retime, command=command)
-    except (OutputExistsError, FileNotFoundError, MissingExtraError, ValueError, TypeError) as exc:
+    except (OutputExistsError, OSError, MissingExtraError, ValueError, TypeError) as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None

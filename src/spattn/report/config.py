@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from typing import Any
 
 FAMILIES = ("window", "sinks_window", "strided", "random", "budgeted", "top_p")
@@ -87,8 +88,11 @@ class ReportConfig:
             raise ValueError(f"unknown candidate families {unknown}; choose from {list(FAMILIES)}")
         object.__setattr__(self, "families", tuple(dict.fromkeys(self.families)))
         object.__setattr__(self, "selectors", tuple(dict.fromkeys(self.selectors)))
-        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        bad = [s for s in self.selectors if s not in SELECTORS]
+        if bad or ("top_p" in self.families and not self.selectors):
+            raise ValueError(f"unknown selectors {bad}; choose from {list(SELECTORS)}")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", str(self.device)):
+            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N' (N a GPU index), got {self.device!r}")
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
