@@ -40,6 +40,9 @@ def report_command(
     device: str = typer.Option("auto", help="'auto' (CUDA when present), 'cpu' or 'cuda'."),
     seed: int = typer.Option(0, help="Seed of random patterns and timing inputs."),
     repeats: int | None = typer.Option(None, help="Timed repetitions for latency (median; default 3, --quick 2)."),
+    retrieval_samples: int | None = typer.Option(
+        None, help="Pass-key retrieval samples scored for each pick, its runner-up and dense (default 6; --quick 3; "
+                   "0: none)."),
     quick: bool = typer.Option(False, "--quick", metavar="",
                                help="Shorter chunks, fewer candidates: a first look in about a minute."),
     overwrite: bool = typer.Option(False, "--overwrite", metavar="",
@@ -83,6 +86,7 @@ def report_command(
         calibration_chunks=calibration_chunks, selection_chunks=selection_chunks, eval_chunks=eval_chunks,
         block_size=block_size,
         families=_names(families), selectors=_names(selectors), device=device, seed=seed, latency_repeats=repeats,
+        retrieval_samples=retrieval_samples,
     )
     try:
         if quick:

@@ -28,7 +28,9 @@ class ReportConfig:
     Candidates are fitted on ``calibration_chunks``, the pick per budget is made on ``selection_chunks`` held-out
     chunks, and every reported quality number comes from ``eval_chunks`` further held-out chunks, at
     ``chunk_length`` tokens. ``lengths`` are further (longer) lengths at which the picks and their runners-up are
-    fitted and measured again, to show whether the recommendation holds there.
+    fitted and measured again, to show whether the recommendation holds there. ``retrieval_samples`` pass keys
+    (spread over depths 0.1 / 0.5 / 0.9 of the text) test each pick and runner-up, and dense, at ``chunk_length``
+    (0: no retrieval evidence).
     """
 
     model: str = "smollm2"
@@ -45,6 +47,7 @@ class ReportConfig:
     device: str = "cpu"
     seed: int = 0
     latency_repeats: int = 3
+    retrieval_samples: int = 6
     quick: bool = False
 
     @classmethod
@@ -52,6 +55,7 @@ class ReportConfig:
         """The ``--quick`` configuration: shorter chunks, one calibration and one held-out chunk, fewer
         candidate families and one selector."""
         base = dict(chunk_length=512, lengths=(), calibration_chunks=1, selection_chunks=1, eval_chunks=1,
+                    retrieval_samples=3,
                     families=QUICK_FAMILIES,
                     selectors=QUICK_SELECTORS, latency_repeats=2, quick=True)
         base.update({k: v for k, v in overrides.items() if v is not None})
@@ -67,7 +71,8 @@ class ReportConfig:
                                  "e.g. 0.1 for 10%")
         object.__setattr__(self, "budgets", tuple(sorted(set(budgets))))
         for name, minimum in (("chunk_length", 16), ("calibration_chunks", 1), ("selection_chunks", 1),
-                              ("eval_chunks", 1), ("block_size", 1), ("latency_repeats", 1)):
+                              ("eval_chunks", 1), ("block_size", 1), ("latency_repeats", 1),
+                              ("retrieval_samples", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")

@@ -150,10 +150,12 @@ def run_report(config: ReportConfig, output: str | os.PathLike, *, overwrite: bo
             more = [(c["id"], c["family"], c["budget"], c["selector"]) for c in carried]
             others.append(_measure_length(run, length, data["lengths"][str(length)], more, select=False))
         holds(recs, main, others)
+        retrieval = _retrieval(run, main, recs, tokenizer)
         threads = _threads(run, main, recs, data["lengths"][str(first)], tokenizer)
 
     t = time.perf_counter()
-    results = _assemble(config, cache, model_name, facts, data["info"], main, others, recs, threads, command)
+    results = _assemble(config, cache, model_name, facts, data["info"], main, others, recs, threads, retrieval,
+                        command)
     from spattn.report.render import write_outputs
 
     run.timed("report", t)
@@ -353,6 +355,55 @@ def _finish_candidate(run: _Run, rec: dict[str, Any], captures: list, refs: dict
     return rec | {"latency": latency, "model": out}
 
 
+def _retrieval(run: _Run, main: dict[str, Any], recs: list[dict[str, Any]], tokenizer: Any) -> dict[str, Any] | None:
+    """Pass-key retrieval (the evaluation suite's task) of dense, each pick and its runner-up at the first length,
+    on the same samples; each recommendation learns whether retrieval agrees with it (paired bootstrap)."""
+    cfg = run.cfg
+    if cfg.retrieval_samples == 0:
+        return None
+    cached = run.cache.get("retrieval")
+    if cached is None:
+        from spattn.data.corpora import load_text
+        from spattn.eval.retrieval import make_samples, retrieval_accuracy
+
+        t = time.perf_counter()
+        by_id = {c["id"]: c for c in main["candidates"]}
+        wanted = dict.fromkeys(x for r in recs for x in (r.get("candidate"), r.get("runner_up")))
+        ids = [i for i in wanted if i in by_id]
+        task = run.bars.stage("pass-key retrieval", len(ids) + 1)
+        depths = (0.1, 0.5, 0.9)
+        seeds = range(-(-cfg.retrieval_samples // len(depths)))
+        samples = make_samples("passkey", tokenizer, load_text(cfg.text), [cfg.chunk_length], depths,
+                               seeds)[: cfg.retrieval_samples]
+        eval_backend = main["backends"]["model_eval"]
+        results = {}
+        for cid in [None, *ids]:
+            plan = None if cid is None else Plan.uniform(pattern_from_dict(by_id[cid]["pattern"]))
+            got = retrieval_accuracy(run.model, tokenizer, samples, plan, eval_backend, block_size=cfg.block_size)
+            results["dense" if cid is None else cid] = {
+                "accuracy": sig(got.accuracy.value), "interval": [sig(got.accuracy.low), sig(got.accuracy.high)],
+                "correct": got.correct}
+            run.bars.advance(task, cid or "dense")
+        cached = {"task": "passkey", "length": cfg.chunk_length, "depths": list(depths), "samples": len(samples),
+                  "results": results}
+        run.cache.put("retrieval", cached)
+        run.timed("retrieval", t)
+    from spattn.eval.stats import compare
+
+    res = cached["results"]
+    for rec in recs:
+        pick, runner = res.get(rec.get("candidate")), res.get(rec.get("runner_up"))
+        if pick is None:
+            continue
+        rec["retrieval"] = {"accuracy": pick["accuracy"], "dense_accuracy": res["dense"]["accuracy"]}
+        if runner is not None:
+            verdict = compare([float(x) for x in pick["correct"]], [float(x) for x in runner["correct"]])
+            rec["retrieval"]["against_runner_up"] = {"a": "better", "b": "worse", "tie": "tie"}[verdict.winner]
+            if verdict.winner == "b":
+                rec["for_retrieval"] = rec["runner_up"]
+    return cached
+
+
 def _threads(run: _Run, main: dict[str, Any], recs: list[dict[str, Any]], chunks: dict[str, Any],
              tokenizer: Any) -> dict[str, Any] | None:
     """Which threads the pick of the middle budget cuts, on the first held-out report chunk."""
@@ -388,7 +439,7 @@ def _frontier(records: list[dict[str, Any]]) -> dict[str, list[str]]:
 
 def _assemble(cfg: ReportConfig, cache: StageCache, model_name: str, facts: dict, data_info: dict,
               main: dict[str, Any], others: list[dict[str, Any]], recs: list[dict[str, Any]],
-              threads: dict[str, Any] | None, command: str | None) -> dict:
+              threads: dict[str, Any] | None, retrieval: dict[str, Any] | None, command: str | None) -> dict:
     if command is None:
         command = " ".join(shlex.quote(a) for a in ["spattn", *sys.argv[1:]]) if sys.argv else "spattn report"
     lengths = [{"length": o["length"], "dense": o["dense"], "candidates": o["candidates"], "skipped": o["skipped"],
@@ -414,4 +465,5 @@ def _assemble(cfg: ReportConfig, cache: StageCache, model_name: str, facts: dict
         "recommendations": recs,
         "lengths": lengths,
         "threads": threads,
+        "retrieval": retrieval,
     }

@@ -12,6 +12,7 @@ COLUMNS = {
     "agree": "top-1 next-token agreement with the dense model",
     "recall": "mean / 5th percentile of the dense attention mass kept, over queries, heads and layers",
     "holds at": "lengths at which the pick stays within budget and is not beaten by the runner-up",
+    "passkey": "pass-key retrieval accuracy at the first length; ! = the runner-up retrieves better",
     "ms": "attention latency of one layer (median, interleaved with dense); '?' = too noisy to rank",
 }
 
@@ -48,7 +49,9 @@ def print_summary(results: dict[str, Any], console: Any, output: Path) -> None:
             f"{100 * c['cost']['block_fraction']:.1f}%",
             f"{m['perplexity']:.2f} [{m['perplexity_interval'][0]:.2f}, {m['perplexity_interval'][1]:.2f}]",
             f"{100 * m['top1_agreement']:.1f}%", f"{c['recall']['mean']:.3f}/{c['recall']['p5']:.3f}",
-            ", ".join(str(n) for n in x.get("holds_at", [])) or "—", latency_text(c["latency"]),
+            ", ".join(str(n) for n in x.get("holds_at", [])) or "—",
+            f"{100 * x['retrieval']['accuracy']:.0f}%" + ("!" if "for_retrieval" in x else "") if "retrieval" in x
+            else "—", latency_text(c["latency"]),
         )
     console.print(table)
     front = Table(title="Pareto frontier (cost against held-out perplexity)", title_justify="left")
