@@ -254,7 +254,7 @@ def test_config_errors(kwargs, message):
 CHROMIUM = Path("/usr/bin/chromium")
 
 
-def _screenshot(page: Path, shot: Path, height: int = 2400) -> None:
+def _screenshot(page: Path, shot: Path, height: int = 7000) -> None:
     import subprocess
     import tempfile
 
@@ -262,7 +262,8 @@ def _screenshot(page: Path, shot: Path, height: int = 2400) -> None:
         subprocess.run(
             [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={profile}", f"--screenshot={shot}", f"--window-size=1280,{height}", page.as_uri()],
+             "--virtual-time-budget=10000", f"--user-data-dir={profile}", f"--screenshot={shot}",
+             f"--window-size=1280,{height}", page.as_uri()],
             capture_output=True, timeout=120, check=False,
         )
     assert shot.is_file(), "chromium wrote no screenshot"
