@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from spattn.cli.data import data_app
+from spattn.cli.eval import eval_app
 from spattn.cli.report import report_command
 
 app = typer.Typer(
@@ -59,6 +60,7 @@ def bench(
 
 app.add_typer(data_app, name="data", help="Prepare offline corpora (Austen, KJV).")
 app.command(name="report")(report_command)
+app.add_typer(eval_app, name="eval")
 
 
 def main() -> None:  # pragma: no cover - console entry
