@@ -1,4 +1,4 @@
-"""``spattn`` command: ``demo``, ``bench``, ``data``, ``report``."""
+"""``spattn`` command: ``demo``, ``bench``, ``data``, ``report``, ``train``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import typer
 from spattn.cli.data import data_app
 from spattn.cli.eval import eval_app
 from spattn.cli.report import report_command
+from spattn.cli.train import train_app
 
 app = typer.Typer(
     name="spattn",
@@ -61,6 +62,7 @@ def bench(
 app.add_typer(data_app, name="data", help="Prepare offline corpora (Austen, KJV).")
 app.command(name="report")(report_command)
 app.add_typer(eval_app, name="eval")
+app.add_typer(train_app, name="train", help="Learned sparsity: distil gates, train LMs and tasks.")
 
 
 def main() -> None:  # pragma: no cover - console entry
