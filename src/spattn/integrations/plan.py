@@ -66,7 +66,8 @@ class BudgetRule:
             raise TypeError(f"budget value must be a finite number, got {self.value!r}")
         if self.value <= 0 or (self.kind == "fraction" and self.value > 1):
             raise ValueError(
-                f"budget value must be in (0, 1] for a fraction and > 0 for keys or ms, got {self.value!r} ({self.kind})"
+                f"budget value must be in (0, 1] for a fraction and > 0 for keys or ms, "
+                f"got {self.value!r} ({self.kind})"
             )
         if isinstance(self.length, bool) or not isinstance(self.length, int) or self.length < 1:
             raise ValueError(f"budget length must be a positive int (tokens), got {self.length!r}")
