@@ -54,6 +54,7 @@ def _mount_optional() -> None:
         app.command(name="report")(report_mod.report_command)
     except ImportError:  # pragma: no cover
         pass
+    app.command(name="plan")(importlib.import_module("spattn.cli.plan").plan_command)
 
 
 _mount_optional()

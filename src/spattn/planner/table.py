@@ -114,6 +114,26 @@ def dense_tiles(length: int, block_size: int, causal: bool) -> float:
     return float(_visited(compile_pattern(Full(), length, length, causal=causal, block_size=block_size))[0, 0])
 
 
+@dataclasses.dataclass
+class Sample:
+    """One calibration chunk's attention inputs, per layer: queries ``[1, H, L, D]``, keys ``[1, Hkv, L, D]``
+    and (for the output error) values ``[1, Hkv, L, Dv]``; ``causal`` and the softmax ``scale`` of the model."""
+
+    queries: dict[int, torch.Tensor]
+    keys: dict[int, torch.Tensor]
+    values: dict[int, torch.Tensor] | None = None
+    causal: bool = True
+    scale: float | None = None
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.queries)
+
+    @property
+    def length(self) -> int:
+        return int(self.queries[self.layers[0]].shape[2])
+
+
 def build_table(
     model: torch.nn.Module,
     chunks_by_length: dict[int, torch.Tensor],
@@ -125,7 +145,7 @@ def build_table(
     device: torch.device | str | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> CandidateTable:
-    """Score and cost every candidate in every layer and head.
+    """Score and cost every candidate in every layer and head of ``model``.
 
     Args:
         model: a transformers model (see :func:`spattn.capture`).
@@ -138,45 +158,82 @@ def build_table(
         device: where the scoring runs (default: the model's device).
         progress: called as ``progress(description, done, total)`` after each layer.
     """
-    started = time.perf_counter()
     if not chunks_by_length:
         raise ValueError("chunks_by_length must name at least one length")
-    model_device = next(model.parameters()).device
-    dev = torch.device(device) if device is not None else model_device
-    lengths = list(chunks_by_length)
+
+    def samples(chunks: torch.Tensor):
+        for s in range(chunks.shape[0]):
+            cap, vals = capture_sample(model, chunks[s : s + 1], values=values)
+            yield Sample(cap.queries, cap.keys, vals if values else None, cap.causal, cap.scale)
+
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    return table_from_samples({L: (samples(ch), int(ch.shape[0])) for L, ch in chunks_by_length.items()},
+                              candidates, block_size=block_size, rule_kind=rule_kind, device=dev, progress=progress)
+
+
+def table_from_samples(
+    samples_by_length: dict[int, Any],
+    candidates: list[Candidate],
+    *,
+    block_size: int = 64,
+    rule_kind: str = "fraction",
+    device: torch.device | str | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> CandidateTable:
+    """Score and cost every candidate on captured attention inputs (no model needed: tests plant their own).
+
+    Args:
+        samples_by_length: ``{length: [Sample, ...]}`` (or ``(iterable, count)`` pairs, consumed once); the
+            first length is the calibration length of the costs.
+        candidates, block_size, rule_kind, device, progress: as in :func:`build_table`.
+    """
+    started = time.perf_counter()
+    if not samples_by_length:
+        raise ValueError("samples_by_length must name at least one length")
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    lengths = list(samples_by_length)
     L0 = lengths[0]
     C = len(candidates)
     sums: dict[str, np.ndarray] = {}
     keys = blocks = None
     meta: dict[str, Any] = {}
-    total_steps = sum(int(ch.shape[0]) for ch in chunks_by_length.values())
+    sources = {}
+    for length, item in samples_by_length.items():
+        it, count = item if isinstance(item, tuple) else (item, len(item))
+        if count < 1:
+            raise ValueError(f"no calibration samples at length {length}")
+        sources[length] = (it, count)
+    total_steps = sum(count for _, count in sources.values())
     step = 0
+    has_values = None
     for length in lengths:
-        chunks = chunks_by_length[length]
+        it, count = sources[length]
         ratio = length / L0
         builders: list[_Builder] | None = None
-        n_done = 0
-        for s in range(chunks.shape[0]):
-            cap, vals = capture_sample(model, chunks[s : s + 1], values=values)
+        for s, sample in enumerate(it):
+            if sample.length != length:
+                raise ValueError(f"a sample given for length {length} has {sample.length} tokens")
+            if has_values is None:
+                has_values = sample.values is not None
             if builders is None:
-                first = cap.queries[cap.layers[0]]
+                first = sample.queries[sample.layers[0]]
                 H, D = first.shape[1], first.shape[3]
-                meta.update(causal=cap.causal, heads=H, head_dim=D, kv_heads=cap.keys[cap.layers[0]].shape[1],
-                            layers=len(cap.layers), scale=cap.scale)
-                builders = [_Builder(scale_pattern(c.pattern, ratio, rule_kind), length, block_size, cap.causal, H,
-                                     dev) for c in candidates]
-                shape = (len(cap.layers), H, C)
+                meta.update(causal=sample.causal, heads=H, head_dim=D,
+                            kv_heads=sample.keys[sample.layers[0]].shape[1], layers=len(sample.layers))
+                builders = [_Builder(scale_pattern(c.pattern, ratio, rule_kind), length, block_size, sample.causal,
+                                     H, dev) for c in candidates]
+                shape = (len(sample.layers), H, C)
                 for name in ("recall", "log_recall", "output_error"):
                     sums.setdefault(name, np.zeros(shape))
                 if length == L0:
                     keys, blocks = np.zeros(shape), np.zeros(shape)
-                    dense = dense_tiles(length, block_size, cap.causal)
-            for li, layer in enumerate(cap.layers):
-                q = cap.queries[layer].to(dev)
-                k = cap.keys[layer].to(dev)
-                v = vals[layer].to(dev) if values else None
+                    dense = dense_tiles(length, block_size, sample.causal)
+            for li, layer in enumerate(sample.layers):
+                q = sample.queries[layer].to(dev)
+                k = sample.keys[layer].to(dev)
+                v = sample.values[layer].to(dev) if has_values else None
                 layouts = [b.layout(q, k) for b in builders]
-                scores = score_layouts(q, k, layouts, value=v, causal=cap.causal, scale=cap.scale)
+                scores = score_layouts(q, k, layouts, value=v, causal=sample.causal, scale=sample.scale)
                 r = scores.recall[:, 0].double()  # [C, H, L]
                 sums["recall"][li] += r.mean(-1).T.cpu().numpy()
                 sums["log_recall"][li] += r.clamp_min(_MIN_RECALL).log().mean(-1).T.cpu().numpy()
@@ -187,21 +244,18 @@ def build_table(
                         keys[li, :, c] += (lay.allowed_pairs()[0] / length).expand(meta["heads"]).cpu().numpy()
                         blocks[li, :, c] += (_visited(lay)[0] / dense).expand(meta["heads"]).cpu().numpy()
                 if progress is not None:
-                    progress(f"{length} tokens, chunk {s + 1}/{chunks.shape[0]}", step * meta["layers"] + li + 1,
-                             total_steps * meta["layers"])
+                    progress(f"calibration: {length} tokens, chunk {s + 1}/{count}",
+                             step * meta["layers"] + li + 1, total_steps * meta["layers"])
             step += 1
-            n_done += 1
-            del cap, vals
         if length == L0:
-            keys /= n_done
-            blocks /= n_done
-    n_total = total_steps
-    avg = {name: arr / n_total for name, arr in sums.items()}
+            keys /= count
+            blocks /= count
+    avg = {name: arr / total_steps for name, arr in sums.items()}
     return CandidateTable(
         candidates=list(candidates), length=L0, lengths=lengths, block_size=block_size, causal=meta["causal"],
         head_dim=meta["head_dim"], kv_heads=meta["kv_heads"], recall=avg["recall"], log_recall=avg["log_recall"],
-        output_error=avg["output_error"] if values else None, keys=keys, block_fraction=blocks,
-        samples=int(chunks_by_length[L0].shape[0]), seconds=time.perf_counter() - started,
+        output_error=avg["output_error"] if has_values else None, keys=keys, block_fraction=blocks,
+        samples=sources[L0][1], seconds=time.perf_counter() - started,
     )
 
 
