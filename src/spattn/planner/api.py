@@ -221,6 +221,9 @@ def make_plan(
     L0 = lengths[0]
     rule = parse_budget(budget, cost=cost, length=L0, block_size=block_size)
     cands = as_candidates(candidates, L0, block_size)
+    if candidates is None and constraints.families is not None:  # do not calibrate options that cannot be chosen
+        cands = [c for c in cands if c.dense or c.family in constraints.families
+                 or c.family.split(":")[0] in constraints.families]
     callback, close = (progress, lambda: None) if callable(progress) else _progress_bar(bool(progress))
     seconds: dict[str, float] = {}
     try:
