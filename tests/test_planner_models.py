@@ -18,7 +18,8 @@ L, BS = 128, 32
 CANDIDATES = [Candidate("window:16", "window", spattn.Window(16)),
               Candidate("window:48", "window", spattn.Window(48)),
               Candidate("sinks_window:16", "sinks_window", spattn.Sinks(4) | spattn.Window(16)),
-              Candidate("pooled:32+1", "dynamic:pooled", spattn.Sinks(4) | spattn.Window(16) | spattn.TopK("pooled", 1))]
+              Candidate("pooled:32+1", "dynamic:pooled",
+                        spattn.Sinks(4) | spattn.Window(16) | spattn.TopK("pooled", 1))]
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +122,8 @@ def test_latency_table_cache_file(tmp_path):
 def test_encoder_plan_is_bidirectional():
     model = tiny_bert()
     ids = torch.randint(5, 120, (6 * 64,), generator=torch.Generator().manual_seed(1))
-    cands = [Candidate("window:8", "window", spattn.Window(8, 8)), Candidate("window:24", "window", spattn.Window(24, 24))]
+    cands = [Candidate("window:8", "window", spattn.Window(8, 8)),
+             Candidate("window:24", "window", spattn.Window(24, 24))]
     result = make_plan(model, ids, budget=0.6, lengths=(64,), samples=1, block_size=16, candidates=cands)
     assert not result.table.causal
     assert result.solution.cost <= result.capacity + 1e-9

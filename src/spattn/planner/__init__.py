@@ -15,12 +15,13 @@ from spattn.planner.api import COSTS, OBJECTIVES, Constraints, PlanResult, make_
 from spattn.planner.candidates import FAMILIES, Candidate, default_candidates
 from spattn.planner.cost import LatencyTable
 from spattn.planner.score import LayoutScores, score_layouts
-from spattn.planner.solve import Solution, solve, sweep
+from spattn.planner.solve import InfeasibleBudget, Solution, solve, sweep
 from spattn.planner.table import CandidateTable, build_table
 from spattn.planner.tasks import EmbeddingScorer, LMScorer, TaskScorer, layer_sensitivity
 
 __all__ = [
     "BudgetRule", "COSTS", "Candidate", "CandidateTable", "Constraints", "EmbeddingScorer", "FAMILIES",
+    "InfeasibleBudget",
     "LMScorer", "LatencyTable", "LayoutScores", "OBJECTIVES", "PlanResult", "Solution", "TaskScorer",
     "build_table", "default_candidates", "layer_sensitivity", "make_plan", "parse_budget", "plan",
     "score_layouts", "solve", "sweep",

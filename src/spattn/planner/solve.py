@@ -26,6 +26,10 @@ np = require("numpy", extra="planner")
 METHODS = ("auto", "dp", "milp")
 
 
+class InfeasibleBudget(ValueError):
+    """No choice fits the capacity (with the constraints); the message says what the cheapest choice costs."""
+
+
 @dataclasses.dataclass
 class Solution:
     """A knapsack answer.
@@ -65,12 +69,13 @@ def _as_arrays(costs, values) -> tuple[np.ndarray, np.ndarray]:
 def _check_infeasible(c: np.ndarray, capacity: float, flagged: np.ndarray | None, min_flagged: int) -> None:
     cheapest = float(np.min(c, axis=1).sum())
     if cheapest > capacity * (1 + 1e-12) + 1e-12:
-        raise ValueError(f"the budget is too small: the cheapest choice for every head already costs {cheapest:.6g} "
+        raise InfeasibleBudget(f"the budget is too small: the cheapest choice for every head already costs "
+                               f"{cheapest:.6g} "
                          f"> capacity {capacity:.6g}")
     if flagged is not None and min_flagged:
         possible = int((flagged & np.isfinite(c)).any(axis=1).sum())
         if possible < min_flagged:
-            raise ValueError(f"at least {min_flagged} flagged (dense) options asked, but only {possible} groups "
+            raise InfeasibleBudget(f"at least {min_flagged} flagged (dense) options asked, but only {possible} groups "
                              "can take one")
 
 
@@ -96,7 +101,7 @@ def solve(
         resolution: grid steps of the capacity for the dp solver when costs are not integers.
 
     Returns:
-        :class:`Solution`. Raises ``ValueError`` when no choice fits (the message gives the cheapest cost).
+        :class:`Solution`. Raises :class:`InfeasibleBudget` (a ``ValueError``) when no choice fits.
 
     Example:
         >>> solve([[1, 2], [1, 3]], [[0.0, 1.0], [0.0, 2.0]], 4).choice
@@ -180,7 +185,8 @@ def _dp(c: np.ndarray, v: np.ndarray, capacity: float, f: np.ndarray | None, min
                 arg_m[:, shift:][better] = np.broadcast_to(src_m[:, None], better.shape)[better]
         best, back_o[g], back_m[g] = new, arg_o, arg_m
     if not np.isfinite(best[M]).any():
-        raise ValueError("no choice fits the budget with the constraints (dp on rounded costs; try method='milp')")
+        raise InfeasibleBudget("no choice fits the budget with the constraints (dp on rounded costs; "
+                               "try method='milp')")
     k = int(np.argmax(best[M]))
     m = M
     choice = [0] * G
@@ -220,7 +226,7 @@ def _milp(c: np.ndarray, v: np.ndarray, capacity: float, f: np.ndarray | None, m
     res = milp(obj, constraints=LinearConstraint(A, np.concatenate(lo), np.concatenate(hi)),
                integrality=np.ones(n), bounds=Bounds(0, 1), options={"mip_rel_gap": 0.0})
     if res.x is None:
-        raise ValueError(f"no choice fits the budget with the constraints (milp: {res.message})")
+        raise InfeasibleBudget(f"no choice fits the budget with the constraints (milp: {res.message})")
     x = np.round(res.x).astype(bool)
     choice = [0] * G
     for var in np.flatnonzero(x):
@@ -238,7 +244,6 @@ def sweep(costs, values, capacities: Sequence[float], **kwargs) -> list[Solution
     for cap in sorted(float(x) for x in capacities):
         try:
             out.append(solve(costs, values, cap, **kwargs))
-        except ValueError as err:
-            if "too small" not in str(err):
-                raise
+        except InfeasibleBudget:
+            continue
     return out
