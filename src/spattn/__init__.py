@@ -30,7 +30,7 @@ from spattn.patterns import (
 
 from spattn.ops.attention import attention, choose_backend
 from spattn.selectors import LayoutBuilder, TopK, TopP
-from spattn.integrations import Plan, patch, patched, unpatch
+from spattn.integrations import BudgetRule, Plan, patch, patched, unpatch
 from spattn.integrations.capture import Capture, capture
 from spattn import coverage  # noqa: E402 - the coverage toolkit as spattn.coverage
 from spattn.patterns import Essential, essential_flags  # noqa: E402 - the essential-token safeguard
@@ -38,10 +38,19 @@ from spattn import learned, nn  # noqa: E402 - learned sparsity (registers the '
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):  # spattn.plan (the planner, which needs numpy) loads on first use
+    if name == "plan":
+        from spattn.planner import plan
+
+        return plan
+    raise AttributeError(f"module 'spattn' has no attribute {name!r}")
+
+
 __all__ = [
     "BlockLayout", "Budgeted", "Causal", "Dilated", "Document", "Full", "Global", "Intersection", "Layout",
     "Pattern", "PerHead", "RandomBlocks", "Sinks", "Strided", "Union", "Window", "compile", "pattern_from_dict",
     "attention", "choose_backend", "TopK", "TopP", "LayoutBuilder",
     "Plan", "patch", "patched", "unpatch", "Capture", "capture",
-    "Essential", "essential_flags", "learned", "nn",
+    "Essential", "essential_flags", "learned", "nn", "BudgetRule", "plan",
 ]

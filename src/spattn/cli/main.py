@@ -6,6 +6,7 @@ import typer
 
 from spattn.cli.data import data_app
 from spattn.cli.eval import eval_app
+from spattn.cli.plan import plan_command
 from spattn.cli.report import report_command
 from spattn.cli.train import train_app
 
@@ -62,6 +63,7 @@ def bench(
 app.add_typer(data_app, name="data", help="Prepare offline corpora (Austen, KJV).")
 app.command(name="report")(report_command)
 app.add_typer(eval_app, name="eval")
+app.command(name="plan")(plan_command)
 app.add_typer(train_app, name="train", help="Learned sparsity: distil gates, train LMs and tasks.")
 
 
