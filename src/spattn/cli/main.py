@@ -54,6 +54,9 @@ def _mount_optional() -> None:
         app.command(name="report")(report_mod.report_command)
     except ImportError:  # pragma: no cover
         pass
+    for name in ("generate", "serve"):  # the runtime's commands (issue 17); their extras load lazily
+        module = importlib.import_module(f"spattn.cli.{name}")
+        app.command(name=name)(getattr(module, f"{name}_command"))
 
 
 _mount_optional()
