@@ -28,11 +28,12 @@ class PagedLayer(DynamicLayer):
         page_size: tokens per page (the selection granularity; default 128, the kernels' block size).
     """
 
-    def __init__(self, page_size: int = 128) -> None:
+    def __init__(self, page_size: int = 128, reserve: int = 0) -> None:
         super().__init__()
         if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
             raise ValueError(f"page_size must be a positive int, got {page_size!r}")
         self.page_size = page_size
+        self.reserve = int(reserve)
         self.length = 0
         self._keys: torch.Tensor | None = None    # [B, Hkv, capacity, D]
         self._values: torch.Tensor | None = None
@@ -45,7 +46,7 @@ class PagedLayer(DynamicLayer):
         if needed <= capacity:
             return
         S = self.page_size
-        new_capacity = max(needed, 2 * capacity, S)
+        new_capacity = max(needed, 2 * capacity, S, self.reserve)
         new_capacity = -(-new_capacity // S) * S
         B, Hkv, _, D = key_states.shape
         Dv = value_states.shape[-1]
@@ -123,9 +124,15 @@ class PagedLayer(DynamicLayer):
         self._keys = self._values = self._min = self._max = None
 
     def crop(self, tokens_to_remove: int) -> None:
-        super().crop(tokens_to_remove)
-        if self.is_initialized and self.keys is not None and self.keys.shape[2] != self.length:
-            self._rebuild(self.keys.clone(), self.values.clone())
+        """Drop the last ``-tokens_to_remove`` tokens (transformers' convention: a negative count)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
+        if tokens_to_remove == 0 or not self.length:
+            return
+        self.length = max(self.length + tokens_to_remove, 0)
+        if self.length:
+            self._refresh_pages((self.length - 1) // self.page_size * self.page_size)  # the new last page
+        self._publish()
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
@@ -167,10 +174,12 @@ class SpattnCache(Cache):
     Args:
         num_layers: number of decoder layers (``model.config.num_hidden_layers``).
         page_size: tokens per page (default 128).
+        reserve: tokens to allocate at the first update (e.g. prompt + max_new_tokens), so the buffers never
+            grow during generation (default 0: grow by doubling).
     """
 
-    def __init__(self, num_layers: int, page_size: int = 128) -> None:
+    def __init__(self, num_layers: int, page_size: int = 128, reserve: int = 0) -> None:
         if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
             raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
-        super().__init__(layers=[PagedLayer(page_size) for _ in range(num_layers)])
+        super().__init__(layers=[PagedLayer(page_size, reserve) for _ in range(num_layers)])
         self.page_size = page_size

@@ -174,6 +174,7 @@ class Runtime:
         self.metrics = Metrics(level=level)
         self.controller = Controller(controller, initial_budget=max(blocks) if blocks else 8, metrics=self.metrics)
         self.cache: SpattnCache | None = None
+        self.step_seconds: list[float] = []  # wall time of each step of the last generate (the first: prefill)
         self._warned_no_cache = False
         self._step: dict[str, Any] = {}
         self._sample = False
@@ -187,9 +188,10 @@ class Runtime:
             m.__dict__.pop("_spattn_runtime", None)
         return unpatch(self.model)
 
-    def new_cache(self) -> SpattnCache:
-        """A fresh :class:`SpattnCache` for this model (page size = ``block_size``); the runtime reads it."""
-        self.cache = SpattnCache(self.num_layers, page_size=self.block_size)
+    def new_cache(self, reserve: int = 0) -> SpattnCache:
+        """A fresh :class:`SpattnCache` for this model (page size = ``block_size``, ``reserve`` tokens
+        allocated up front); the runtime reads its page statistics."""
+        self.cache = SpattnCache(self.num_layers, page_size=self.block_size, reserve=reserve)
         return self.cache
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
@@ -198,7 +200,9 @@ class Runtime:
 
         processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
         processors.append(_StepClock(self))
-        kwargs.setdefault("past_key_values", self.new_cache())
+        if "past_key_values" not in kwargs:
+            kwargs["past_key_values"] = self.new_cache(reserve=input_ids.shape[1] + int(kwargs.get("max_new_tokens") or 0))
+        self.step_seconds = []
         self.cache = kwargs["past_key_values"]
         with torch.inference_mode():
             out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
@@ -209,6 +213,7 @@ class Runtime:
 
     def end_step(self, seconds: float, prefill: bool) -> None:
         """Called once per generation step (after its forward) with its wall time."""
+        self.step_seconds.append(seconds)
         self.metrics.observe_step(seconds, prefill)
         if not prefill:
             self.controller.observe_step(seconds, [i for i in self.sparse_layers if not self.controller.is_dense(i)])
