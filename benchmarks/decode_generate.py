@@ -106,7 +106,8 @@ def gate_kernel(length: int, device, dtype, page: int) -> dict:
     baseline, _ = plain_attention(q, k, v, allowed)
     assert_within(out, golden, baseline, what="paged decode kernel")
     return {"length": length, "pages_visited_max": int((sel.pages >= 0).sum(-1).max()),
-            "max_err": float((out.double() - golden).abs().max()), "baseline_err": float((baseline.double() - golden).abs().max())}
+            "max_err": float((out.double() - golden).abs().max()),
+            "baseline_err": float((baseline.double() - golden).abs().max())}
 
 
 def gate_generate(device, page: int) -> dict:
@@ -122,7 +123,8 @@ def gate_generate(device, page: int) -> dict:
     runtime.detach()
     if not torch.equal(out, dense):
         raise AssertionError("generate with a plan covering every token differs from dense generate")
-    return {"prompt": 700, "new_tokens": 8, "equal_to_dense": True, "fallbacks": dict(runtime.controller.summary()["counts"])}
+    return {"prompt": 700, "new_tokens": 8, "equal_to_dense": True,
+            "fallbacks": dict(runtime.controller.summary()["counts"])}
 
 
 # ---------------------------------------------------------------------------------------------- timing

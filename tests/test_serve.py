@@ -15,13 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from .serve_support import ThreadServer, free_port, tiny_model, tokenizer
-
+pytest.importorskip("fastapi")
+pytest.importorskip("transformers")
 import httpx  # noqa: E402
 
 import spattn  # noqa: E402
 from spattn.runtime import ControllerConfig, Runtime, paged_attention  # noqa: E402
 from spattn.serve import Engine, create_app  # noqa: E402
+
+from .serve_support import ThreadServer, free_port, tiny_model, tokenizer
 
 PROMPTS = ["It is a truth universally acknowledged", "In the beginning"]
 TOKENS = 6

@@ -14,11 +14,13 @@ import time
 import pytest
 import torch
 
-from .serve_support import free_port, tiny_model, tokenizer
-
+pytest.importorskip("fastapi")
+pytest.importorskip("transformers")
 import httpx  # noqa: E402
 
 import spattn  # noqa: E402
+
+from .serve_support import free_port, tiny_model, tokenizer
 
 
 def test_serve_drains_an_in_flight_stream_on_sigterm(tmp_path):

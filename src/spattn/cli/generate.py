@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Optional
 
 import typer
 
@@ -19,13 +18,13 @@ def generate_command(
     temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy."),
     top_p: float = typer.Option(1.0, min=0.0, max=1.0, help="Nucleus sampling mass (temperature > 0)."),
     chat: bool = typer.Option(False, help="Wrap the prompt as a user message of the chat template."),
-    device: Optional[str] = typer.Option(None, help="torch device, e.g. cuda (default CPU)."),  # noqa: UP007 - typer
+    device: str | None = typer.Option(None, help="torch device, e.g. cuda (default CPU)."),
     dtype: str = typer.Option("auto", help="auto, float32, float16 or bfloat16."),
     min_sparse_tokens: int = typer.Option(1024, min=0, help="Sequences shorter than this run dense."),
-    latency_target_ms: Optional[float] = typer.Option(None, help="p95 decode-step target (ms)."),  # noqa: UP007
-    budget: Optional[int] = typer.Option(None, help="Initial page budget (default: the plan's TopK blocks)."),  # noqa: UP007
+    latency_target_ms: float | None = typer.Option(None, help="p95 decode-step target (ms)."),
+    budget: int | None = typer.Option(None, help="Initial page budget (default: the plan's TopK blocks)."),
     max_budget: int = typer.Option(64, min=0, help="Largest page budget."),
-    recall_floor: Optional[float] = typer.Option(None, help="Minimum sampled recall per layer."),  # noqa: UP007
+    recall_floor: float | None = typer.Option(None, help="Minimum sampled recall per layer."),
     recall_sample: float = typer.Option(0.0, min=0.0, max=1.0, help="Fraction of steps whose recall is measured."),
     block_size: int = typer.Option(128, min=1, help="Block size of the layouts and page size of the cache."),
     stats: bool = typer.Option(False, help="Print the controller's counts as JSON on stderr."),
@@ -46,7 +45,9 @@ def generate_command(
     else:
         ids = tokenizer(text, return_tensors="pt")["input_ids"]
     ids = ids.to(next(runtime.model.parameters()).device)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    sampling: dict = {"do_sample": False}
+    if temperature > 0:
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = runtime.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                            pad_token_id=pad, **sampling)

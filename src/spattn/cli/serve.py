@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 import typer
 
@@ -15,13 +14,13 @@ def serve_command(
     plan: str = typer.Option("dense", help="A plan JSON file (spattn.Plan.save) or 'dense'."),
     host: str = typer.Option("127.0.0.1", help="Address to bind."),
     port: int = typer.Option(8000, min=0, max=65535, help="Port to bind."),
-    device: Optional[str] = typer.Option(None, help="torch device, e.g. cuda (default CPU)."),  # noqa: UP007 - typer
+    device: str | None = typer.Option(None, help="torch device, e.g. cuda (default CPU)."),
     dtype: str = typer.Option("auto", help="auto, float32, float16 or bfloat16."),
     min_sparse_tokens: int = typer.Option(1024, min=0, help="Sequences shorter than this run dense."),
-    latency_target_ms: Optional[float] = typer.Option(None, help="p95 decode-step target (ms)."),  # noqa: UP007
-    budget: Optional[int] = typer.Option(None, help="Initial page budget (default: the plan's TopK blocks)."),  # noqa: UP007
+    latency_target_ms: float | None = typer.Option(None, help="p95 decode-step target (ms)."),
+    budget: int | None = typer.Option(None, help="Initial page budget (default: the plan's TopK blocks)."),
     max_budget: int = typer.Option(64, min=0, help="Largest page budget."),
-    recall_floor: Optional[float] = typer.Option(None, help="Minimum sampled recall per layer."),  # noqa: UP007
+    recall_floor: float | None = typer.Option(None, help="Minimum sampled recall per layer."),
     recall_sample: float = typer.Option(0.05, min=0.0, max=1.0, help="Fraction of steps whose recall is measured."),
     block_size: int = typer.Option(128, min=1, help="Block size of the layouts and page size of the cache."),
     max_batch: int = typer.Option(8, min=1, help="Largest batch of requests per generate call."),

@@ -63,7 +63,8 @@ class ControllerConfig:
     error_limit: int = 3
 
     def __post_init__(self) -> None:
-        if self.latency_target_ms is not None and not (self.latency_target_ms > 0 and math.isfinite(self.latency_target_ms)):
+        target = self.latency_target_ms
+        if target is not None and not (target > 0 and math.isfinite(target)):
             raise ValueError(f"latency_target_ms must be a positive number or None, got {self.latency_target_ms!r}")
         for name in ("window", "patience", "cooldown", "error_limit"):
             value = getattr(self, name)
@@ -75,7 +76,8 @@ class ControllerConfig:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if self.max_budget < self.min_budget:
             raise ValueError(f"max_budget ({self.max_budget}) must be >= min_budget ({self.min_budget})")
-        if self.budget is not None and not (isinstance(self.budget, int) and self.min_budget <= self.budget <= self.max_budget):
+        in_range = isinstance(self.budget, int) and self.min_budget <= self.budget <= self.max_budget
+        if self.budget is not None and not in_range:
             raise ValueError(f"budget must be an int in [min_budget, max_budget] = [{self.min_budget}, "
                              f"{self.max_budget}] or None, got {self.budget!r}")
         if self.recall_floor is not None and not 0 < self.recall_floor <= 1:

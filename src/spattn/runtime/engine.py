@@ -201,7 +201,8 @@ class Runtime:
         processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
         processors.append(_StepClock(self))
         if "past_key_values" not in kwargs:
-            kwargs["past_key_values"] = self.new_cache(reserve=input_ids.shape[1] + int(kwargs.get("max_new_tokens") or 0))
+            reserve = input_ids.shape[1] + int(kwargs.get("max_new_tokens") or 0)
+            kwargs["past_key_values"] = self.new_cache(reserve=reserve)
         self.step_seconds = []
         self.cache = kwargs["past_key_values"]
         with torch.inference_mode():
@@ -322,8 +323,8 @@ class Runtime:
 
         def sparse() -> torch.Tensor:
             stats = self._page_stats(layer, key) if plan.rule != "none" else (None, None)
-            selection = select(query, Lk, valid, plan, budget, kv_heads=key.shape[1], page_size=self.block_size, scale=scale,
-                               key_min=stats[0], key_max=stats[1],
+            selection = select(query, Lk, valid, plan, budget, kv_heads=key.shape[1], page_size=self.block_size,
+                               scale=scale, key_min=stats[0], key_max=stats[1],
                                dense_rows=dense_rows if kind == "mixed" else None)
             result["selection"] = selection
             return self.kernel(query, key, value, selection, page_size=self.block_size, scale=scale).transpose(1, 2)

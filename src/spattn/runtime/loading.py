@@ -26,7 +26,8 @@ def load_model(model: str = "smollm2", *, dtype: str = "auto", device: str | Non
         return load_smollm2(dtype=torch_dtype, device=device)
     path = Path(model)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"model must be 'smollm2' or a Hugging Face model folder with config.json, got {model!r}")
+        raise FileNotFoundError(
+            f"model must be 'smollm2' or a Hugging Face model folder with config.json, got {model!r}")
     transformers = require("transformers", extra="hf")
     kwargs = {} if torch_dtype is None else {"dtype": torch_dtype}
     lm = transformers.AutoModelForCausalLM.from_pretrained(str(path), **kwargs)

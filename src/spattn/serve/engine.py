@@ -70,7 +70,7 @@ class _Streamer:
             self.prompt_seen = True
             return
         ids = value.reshape(len(self.requests), -1)[:, -1].tolist()
-        for request, token in zip(self.requests, ids):
+        for request, token in zip(self.requests, ids, strict=True):
             if request.done:
                 continue
             if token in self.eos:
