@@ -2,14 +2,17 @@
 
 ``Sinks(64) | Window(1024) | TopP("pooled", 0.95)``: the static parts (safeguards) are compiled first; the
 dynamic part scores every key block from the actual query/key (a selector), then spends its budget only on
-visible blocks the safeguards do not already keep. Selection granularity is the compile block size.
+key blocks by the mass the safeguards are estimated to *miss* (a block they keep only partly stays selectable,
+and choosing it keeps the rest of it). Selection granularity is ``block`` (default the compile block size).
 
 Per call it records in ``Layout.info`` (tensors, no host sync):
 
 * ``estimated_mass`` float32 ``[B, H]``: mean over query blocks of the estimated share of the softmax mass
   kept (safeguards + selection), by the selector's own estimate (``spattn.coverage.measure`` gives the true one);
 * ``estimated_mass_per_block`` ``[B, H, NQ]`` and ``selected_blocks`` int ``[B, H, NQ]`` (blocks chosen
-  dynamically, safeguards not counted).
+  dynamically, safeguards not counted), per selection cell;
+* ``estimated_keys_per_head`` float ``[B, H]``: keys per query the selection adds beyond the safeguards
+  (exact where the safeguards keep a block fully or not at all, half a partly kept block otherwise).
 """
 
 from __future__ import annotations
@@ -20,11 +23,11 @@ from typing import Any, ClassVar
 
 import torch
 
-from spattn.patterns.base import EMPTY, PARTIAL, Context, Pattern
+from spattn.patterns.base import EMPTY, FULL, PARTIAL, Context, Pattern
 from spattn.patterns.builtin import BlockSelection
 from spattn.patterns.serialize import register_pattern
 from spattn.selectors import budget as _budget
-from spattn.selectors.common import Selector, get_selector, normalise, visible_blocks
+from spattn.selectors.common import Selector, cell_pairs, get_selector, normalise, visible_blocks
 
 SHARING = ("group", "head")
 
@@ -62,6 +65,41 @@ def _budget_value(value: Any, name: str, kind: type, lo: float, hi: float | None
     return tuple(values) if isinstance(value, (list, tuple)) else value
 
 
+def to_cells(status: torch.Tensor, ctx: Context, cell: int) -> torch.Tensor:
+    """A block-level tensor ``[..., NQ, NK]`` (compile block size) repeated onto ``cell``-sized cells."""
+    if cell == ctx.block_size:
+        return status
+    qmap = torch.arange(-(-ctx.q_len // cell), device=status.device) * cell // ctx.block_size
+    kmap = torch.arange(-(-ctx.kv_len // cell), device=status.device) * cell // ctx.block_size
+    return status[..., qmap, :][..., kmap]
+
+
+def kept_fraction(ctx: Context, cell: int) -> torch.Tensor:
+    """float ``[Bs, Hs, NQc, NKc]``: the share of each selection cell the safeguards (``ctx.kept``) keep.
+
+    A cell of a ``FULL`` block counts 1, of an ``EMPTY`` block 0. In a ``PARTIAL`` block the token-level mask
+    is not known here (the status is all the enclosing union hands over): a cell on the causal diagonal counts
+    1 (the safeguards' local window covers it), any other cell 1/2 (it stays selectable)."""
+    dev = ctx.device if ctx.query is None else ctx.query.device
+    NQ, NK = -(-ctx.q_len // cell), -(-ctx.kv_len // cell)
+    if ctx.kept is None:
+        return torch.zeros(1, 1, NQ, NK, device=dev)
+    st = to_cells(ctx.kept.to(dev), ctx, cell)
+    frac = torch.where(st >= FULL, 1.0, torch.where(st == PARTIAL, 0.5, 0.0))
+    if ctx.causal:
+        diagonal = visible_blocks(ctx.q_len, ctx.kv_len, cell, True, dev) & ~fully_visible(ctx, cell)
+        frac = torch.where(diagonal & (st == PARTIAL), 1.0, frac)
+    return frac
+
+
+def fully_visible(ctx: Context, cell: int) -> torch.Tensor:
+    """bool ``[NQc, NKc]``: causal cells whose every key is visible to every query of the cell."""
+    dev = ctx.device if ctx.query is None else ctx.query.device
+    qlo = torch.arange(-(-ctx.q_len // cell), device=dev) * cell + ctx.offset
+    khi = torch.clamp((torch.arange(-(-ctx.kv_len // cell), device=dev) + 1) * cell, max=ctx.kv_len) - 1
+    return khi[None, :] <= qlo[:, None]
+
+
 class _Dynamic(BlockSelection):
     """Shared machinery of TopK / TopP (fields are declared by the subclasses)."""
 
@@ -73,6 +111,7 @@ class _Dynamic(BlockSelection):
     sharing: str
     keep: tuple[int, ...]
     within: Pattern | None
+    block: int | None
 
     def _validate(self) -> None:
         name, opts = _options(self.selector, self.options)
@@ -94,15 +133,23 @@ class _Dynamic(BlockSelection):
             raise TypeError(f"within must be a Pattern or None, got {type(self.within).__name__}")
         if self.within is not None and self.within.contains_dynamic():
             raise ValueError("within must be a static pattern")
+        if self.block is not None and (isinstance(self.block, bool) or not isinstance(self.block, int)
+                                       or self.block < 1):
+            raise ValueError(f"block must be None or a positive int (selection block size), got {self.block!r}")
 
     def make_selector(self) -> Selector:
         return get_selector(self.selector, **dict(self.options))
 
     def granularity(self, ctx: Context) -> int:
-        return ctx.block_size
+        if self.block is None:
+            return ctx.block_size
+        if ctx.block_size % self.block:
+            raise ValueError(f"{type(self).__name__}.block ({self.block}) must divide the compile block_size "
+                             f"({ctx.block_size})")
+        return self.block
 
     # -- the rule ------------------------------------------------------------------------------
-    def _choose(self, scores, available, kept_mass, min_blocks, max_blocks):
+    def _choose(self, gain, available, kept_mass, cost, min_blocks, max_blocks, q_len):
         raise NotImplementedError
 
     def _keep_flags(self, ctx: Context) -> torch.Tensor:
@@ -129,8 +176,9 @@ class _Dynamic(BlockSelection):
             raise ValueError(f"query has batch {B} but compile got batch={ctx.batch}")
         if H % Hkv:
             raise ValueError(f"query heads ({H}) must be a multiple of key heads ({Hkv})")
-        dev, bs = q.device, ctx.block_size
-        NQ, NK = ctx.num_q_blocks, ctx.num_kv_blocks
+        dev = q.device
+        g = self.granularity(ctx)
+        NQ, NK = -(-Lq // g), -(-Lk // g)
         G = H // Hkv if self.sharing == "group" else 1
         with torch.no_grad():
             allowed = None
@@ -140,40 +188,43 @@ class _Dynamic(BlockSelection):
             if hook is not None:
                 hook = hook.to(dev) >= 1
                 allowed = hook if allowed is None else allowed & hook
-            scores = self.make_selector().scores(q.detach(), k.detach(), block_size=bs, causal=ctx.causal,
+            if allowed is not None:
+                allowed = to_cells(allowed, ctx, g)
+            scores = self.make_selector().scores(q.detach(), k.detach(), block_size=g, causal=ctx.causal,
                                                  allowed=allowed)  # [B, H, NQ, NK]
-            visible = visible_blocks(Lq, Lk, bs, ctx.causal, dev).expand(B, H, NQ, NK)
+            visible = visible_blocks(Lq, Lk, g, ctx.causal, dev).expand(B, H, NQ, NK)
             if allowed is not None:
                 visible = visible & allowed
-            kept = torch.zeros(1, 1, NQ, NK, dtype=torch.bool, device=dev)
-            if ctx.kept is not None:
-                kept = kept | (ctx.kept.to(dev) >= 1)
-            if self.keep:
-                kept = kept | self._keep_flags(ctx).to(dev)
+            kept = kept_fraction(ctx, g)  # [Bs, Hs, NQ, NK] float in [0, 1]
             if G > 1:  # one selection per key/value head group: average the group's scores
-                scores = scores.view(B, Hkv, G, NQ, NK).mean(2)
-                visible = visible.view(B, Hkv, G, NQ, NK).any(2)
-                kept = kept.expand(-1, H, -1, -1).reshape(kept.shape[0], Hkv, G, NQ, NK).all(2) \
-                    if kept.shape[1] == H else kept
+                scores = scores.reshape(B, Hkv, G, NQ, NK).mean(2)
+                visible = visible.reshape(B, Hkv, G, NQ, NK).any(2)
+                if kept.shape[1] == H:
+                    kept = kept.reshape(kept.shape[0], Hkv, G, NQ, NK).amin(2)
             scores = normalise(scores, visible)
-            kept = kept & visible
+            kept = torch.where(visible, kept, torch.zeros_like(kept))
             kept_mass = (scores * kept).sum(-1)
-            min_blocks = -(-self.min_keys // bs) if self.min_keys else None
-            max_blocks = None if self.max_keys is None else self.max_keys // bs
-            chosen = self._choose(scores, visible & ~kept, kept_mass, min_blocks, max_blocks)
-            estimated = kept_mass + (scores * chosen).sum(-1)
+            gain = scores * (1 - kept)  # the estimated mass the safeguards miss
+            cost = cell_pairs(Lq, Lk, g, ctx.causal, dev) * (1 - kept)  # new (query, key) pairs if chosen
+            min_blocks = -(-self.min_keys // g) if self.min_keys else None
+            max_blocks = None if self.max_keys is None else self.max_keys // g
+            chosen = self._choose(gain, visible & (kept < 1), kept_mass, cost, min_blocks, max_blocks, Lq)
+            estimated = kept_mass + (gain * chosen).sum(-1)
             count = chosen.sum(-1, dtype=torch.int32)
+            keys = (cost * chosen).sum((-1, -2)) / Lq  # [B, Hs] estimated new keys per query
             if G > 1:
                 chosen = chosen.repeat_interleave(G, dim=1)
                 estimated = estimated.repeat_interleave(G, dim=1)
                 count = count.repeat_interleave(G, dim=1)
+                keys = keys.repeat_interleave(G, dim=1)
         info = ctx.info
         info["estimated_mass"] = estimated.float().mean(-1)
         info["estimated_mass_per_block"] = estimated.float()
         info["selected_blocks"] = count
+        info["estimated_keys_per_head"] = keys.float()
         info.setdefault("selectors", []).append(
             {"pattern": type(self).__name__, "selector": self.selector, "options": dict(self.options),
-             "sharing": self.sharing}
+             "sharing": self.sharing, "block": g}
         )
         return chosen
 
@@ -196,8 +247,30 @@ class _Dynamic(BlockSelection):
         return m
 
     def signature(self, ctx, b, h, qb, kb):
-        # partial blocks are unselected blocks holding kept tokens: their mask depends on the key block only
-        return kb[:, None]
+        g = self.granularity(ctx)
+        if g == ctx.block_size:
+            # partial blocks are unselected blocks holding kept tokens: their mask depends on the key block only
+            return kb[:, None]
+        # finer selection cells: the mask is the block's cells (bits) plus its kept tokens
+        sel = self.cached_selection(ctx)
+        r = ctx.block_size // g
+        t = torch.arange(r, device=sel.device)
+        rows = qb.to(sel.device)[:, None] * r + t  # [P, r]
+        cols = kb.to(sel.device)[:, None] * r + t
+        inside = (rows < sel.shape[-2])[:, :, None] & (cols < sel.shape[-1])[:, None, :]
+        bb = b.to(sel.device) if sel.shape[0] > 1 else torch.zeros_like(qb, device=sel.device)
+        hh = h.to(sel.device) if sel.shape[1] > 1 else torch.zeros_like(qb, device=sel.device)
+        bits = sel[bb[:, None, None], hh[:, None, None], rows.clamp(max=sel.shape[-2] - 1)[:, :, None],
+                   cols.clamp(max=sel.shape[-1] - 1)[:, None, :]] & inside
+        bits = bits.flatten(1).long()  # [P, r * r]
+        words = []
+        for w0 in range(0, bits.shape[1], 62):
+            part = bits[:, w0:w0 + 62]
+            words.append((part << torch.arange(part.shape[1], device=sel.device)).sum(1))
+        out = torch.stack(words, dim=1)
+        if self.keep:
+            out = torch.cat([out, kb.to(sel.device)[:, None]], dim=1)
+        return out.to(qb.device)
 
 
 @register_pattern
@@ -215,6 +288,8 @@ class TopK(_Dynamic):
             or ``"head"`` (one per query head).
         keep: token positions every query always sees (special tokens); they spend no budget.
         within: a static pattern restricting the candidates (e.g. ``Document(ids)`` for packed batches).
+        block: selection block size (default ``None``: the compile block size); must divide it, e.g. 64 or
+            32 under 128-token kernel blocks. ``blocks`` then counts cells of this size.
 
     Example:
         >>> q = k = v = torch.randn(1, 4, 1024, 64)
@@ -229,14 +304,15 @@ class TopK(_Dynamic):
     sharing: str = "group"
     keep: tuple[int, ...] = ()
     within: Pattern | None = None
+    block: int | None = None
     kind: ClassVar[str] = "top_k"
 
     def __post_init__(self):
         self._validate()
         object.__setattr__(self, "blocks", _budget_value(self.blocks, "TopK.blocks", int, 0, None))
 
-    def _choose(self, scores, available, kept_mass, min_blocks, max_blocks):
-        return _budget.top_k(scores, available, self.blocks, min_blocks=min_blocks, max_blocks=max_blocks)
+    def _choose(self, gain, available, kept_mass, cost, min_blocks, max_blocks, q_len):
+        return _budget.top_k(gain, available, self.blocks, min_blocks=min_blocks, max_blocks=max_blocks)
 
 
 @register_pattern
@@ -248,7 +324,7 @@ class TopP(_Dynamic):
     Args:
         selector: ``"pooled"``, ``"vertical_slash"``, ``"antidiagonal"``, ``"bounds"`` or a Selector instance.
         mass: fraction in (0, 1], or one per selection head (as ``TopK.blocks``).
-        options, min_keys, max_keys, sharing, keep, within: as for :class:`TopK`.
+        options, min_keys, max_keys, sharing, keep, within, block: as for :class:`TopK`.
 
     Example:
         >>> out = spattn.attention(q, k, v, Sinks(64) | Window(1024) | TopP("pooled", 0.95), causal=True)
@@ -262,15 +338,65 @@ class TopP(_Dynamic):
     sharing: str = "group"
     keep: tuple[int, ...] = ()
     within: Pattern | None = None
+    block: int | None = None
     kind: ClassVar[str] = "top_p"
 
     def __post_init__(self):
         self._validate()
         object.__setattr__(self, "mass", _budget_value(self.mass, "TopP.mass", float, 0.0, 1.0))
 
-    def _choose(self, scores, available, kept_mass, min_blocks, max_blocks):
-        return _budget.top_p(scores, available, self.mass, kept_mass=kept_mass, min_blocks=min_blocks,
+    def _choose(self, gain, available, kept_mass, cost, min_blocks, max_blocks, q_len):
+        return _budget.top_p(gain, available, self.mass, kept_mass=kept_mass, min_blocks=min_blocks,
                              max_blocks=max_blocks)
 
 
-__all__ = ["TopK", "TopP", "SHARING"]
+@register_pattern
+@dataclasses.dataclass(frozen=True)
+class Adaptive(_Dynamic):
+    """Spend ``keys`` keys per query (beyond the safeguards), *averaged over the heads and queries* of the
+    layer, on the cells with the most estimated missing mass per key: heads whose mass the safeguards already
+    hold spend little, retrieving heads much (a global greedy knapsack, TopP-style adaptive counts).
+
+    Args:
+        selector: as for :class:`TopK` (``"probe"`` estimates best on real models).
+        keys: the key budget per query, averaged over heads and queries (safeguards not counted); an int.
+        block: selection block size (default 64; must divide the compile block size).
+        options, min_keys, max_keys, sharing, keep, within: as for :class:`TopK`; ``min_keys`` / ``max_keys``
+            clamp each query block (they may move the average off ``keys``).
+
+    ``Layout.info["estimated_keys_per_head"]`` ``[B, H]`` holds each head's share; its mean over heads is
+    ``keys`` within one cell of ``block`` keys.
+
+    Example:
+        >>> out = spattn.attention(q, k, v, Sinks(64) | Window(64) | Adaptive("probe", 256), causal=True)
+    """
+
+    selector: Any
+    keys: int
+    options: Any = ()
+    min_keys: int = 0
+    max_keys: int | None = None
+    sharing: str = "group"
+    keep: tuple[int, ...] = ()
+    within: Pattern | None = None
+    block: int | None = 64
+    kind: ClassVar[str] = "adaptive"
+
+    def __post_init__(self):
+        self._validate()
+        if isinstance(self.keys, bool) or not isinstance(self.keys, int) or self.keys < 0:
+            raise ValueError(f"Adaptive.keys must be an int >= 0 (keys per query), got {self.keys!r}")
+
+    def granularity(self, ctx: Context) -> int:
+        return min(super().granularity(ctx), ctx.block_size)
+
+    def _choose(self, gain, available, kept_mass, cost, min_blocks, max_blocks, q_len):
+        chosen = _budget.top_keys(gain, available, cost, self.keys * q_len)
+        if min_blocks is not None:
+            chosen = chosen | _budget.top_k(gain, available, min_blocks)
+        if max_blocks is not None:
+            chosen = _budget.top_k(gain, chosen, max_blocks)
+        return chosen
+
+
+__all__ = ["TopK", "TopP", "Adaptive", "SHARING"]
