@@ -16,6 +16,7 @@ from spattn.selectors.antidiagonal import Antidiagonal
 from spattn.selectors.bounds import Bounds
 from spattn.selectors.budget import top_k, top_keys, top_p
 from spattn.selectors.build import LayoutBuilder
+from spattn.selectors.diagnose import Diagnosis, diagnose
 from spattn.selectors.common import Selector, get_selector, register_selector, selector_names
 from spattn.selectors.patterns import Adaptive, TopK, TopP
 from spattn.selectors.pooled import Pooled
@@ -24,5 +25,6 @@ from spattn.selectors.vertical_slash import VerticalSlash
 
 __all__ = [
     "Selector", "get_selector", "register_selector", "selector_names", "Pooled", "VerticalSlash", "Antidiagonal",
-    "Bounds", "Probe", "top_k", "top_p", "top_keys", "TopK", "TopP", "Adaptive", "LayoutBuilder",
+    "Bounds", "Probe", "top_k", "top_p", "top_keys", "TopK", "TopP", "Adaptive", "LayoutBuilder", "Diagnosis",
+    "diagnose",
 ]
