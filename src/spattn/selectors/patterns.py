@@ -24,10 +24,12 @@ from typing import Any, ClassVar
 import torch
 
 from spattn.patterns.base import EMPTY, FULL, PARTIAL, Context, Pattern
-from spattn.patterns.builtin import BlockSelection
+from spattn.patterns.base import as_4d
+from spattn.patterns.builtin import BlockSelection, Sinks, Window
 from spattn.patterns.serialize import register_pattern
 from spattn.selectors import budget as _budget
 from spattn.selectors.common import Selector, cell_pairs, get_selector, normalise, visible_blocks
+from spattn.selectors.probe import Probe
 
 SHARING = ("group", "head")
 
@@ -148,8 +150,13 @@ class _Dynamic(BlockSelection):
                              f"({ctx.block_size})")
         return self.block
 
+    def _own_safeguards(self, ctx: Context, cell: int) -> tuple[torch.Tensor | None, Any]:
+        """(exact kept share per cell ``[1, 1, NQc, NKc]``, token predicate ``(i, j) -> bool``) of safeguards
+        the pattern holds itself (none here; see :class:`Adaptive`)."""
+        return None, None
+
     # -- the rule ------------------------------------------------------------------------------
-    def _choose(self, gain, available, kept_mass, cost, min_blocks, max_blocks, q_len):
+    def _choose(self, gain, available, kept_mass, cost, min_blocks, max_blocks, ctx):
         raise NotImplementedError
 
     def _keep_flags(self, ctx: Context) -> torch.Tensor:
@@ -190,25 +197,42 @@ class _Dynamic(BlockSelection):
                 allowed = hook if allowed is None else allowed & hook
             if allowed is not None:
                 allowed = to_cells(allowed, ctx, g)
-            scores = self.make_selector().scores(q.detach(), k.detach(), block_size=g, causal=ctx.causal,
-                                                 allowed=allowed)  # [B, H, NQ, NK]
             visible = visible_blocks(Lq, Lk, g, ctx.causal, dev).expand(B, H, NQ, NK)
             if allowed is not None:
                 visible = visible & allowed
-            kept = kept_fraction(ctx, g)  # [Bs, Hs, NQ, NK] float in [0, 1]
+            kept = kept_fraction(ctx, g)  # [Bs, Hs, NQ, NK] float in [0, 1]: an enclosing union's safeguards
+            local_kept, kept_tokens = self._own_safeguards(ctx, g)
+            if local_kept is not None:
+                kept = torch.maximum(kept, local_kept)
+            selector = self.make_selector()
+            if kept_tokens is not None and isinstance(selector, Probe):
+                # exact missing mass of the probe queries: their softmax on the keys the safeguards do not keep
+                missing = selector.scores(q.detach(), k.detach(), block_size=g, causal=ctx.causal, allowed=allowed,
+                                          exclude=kept_tokens)
+            else:
+                missing = None
+                scores = selector.scores(q.detach(), k.detach(), block_size=g, causal=ctx.causal,
+                                         allowed=allowed)  # [B, H, NQ, NK]
             if G > 1:  # one selection per key/value head group: average the group's scores
-                scores = scores.reshape(B, Hkv, G, NQ, NK).mean(2)
+                if missing is None:
+                    scores = scores.reshape(B, Hkv, G, NQ, NK).mean(2)
+                else:
+                    missing = missing.reshape(B, Hkv, G, NQ, NK).mean(2)
                 visible = visible.reshape(B, Hkv, G, NQ, NK).any(2)
                 if kept.shape[1] == H:
                     kept = kept.reshape(kept.shape[0], Hkv, G, NQ, NK).amin(2)
-            scores = normalise(scores, visible)
             kept = torch.where(visible, kept, torch.zeros_like(kept))
-            kept_mass = (scores * kept).sum(-1)
-            gain = scores * (1 - kept)  # the estimated mass the safeguards miss
+            if missing is None:
+                scores = normalise(scores, visible)
+                kept_mass = (scores * kept).sum(-1)
+                gain = scores * (1 - kept)  # the estimated mass the safeguards miss
+            else:
+                gain = torch.where(visible & (kept < 1), missing, torch.zeros_like(missing))
+                kept_mass = (1 - gain.sum(-1)).clamp_min(0)
             cost = cell_pairs(Lq, Lk, g, ctx.causal, dev) * (1 - kept)  # new (query, key) pairs if chosen
             min_blocks = -(-self.min_keys // g) if self.min_keys else None
             max_blocks = None if self.max_keys is None else self.max_keys // g
-            chosen = self._choose(gain, visible & (kept < 1), kept_mass, cost, min_blocks, max_blocks, Lq)
+            chosen = self._choose(gain, visible & (kept < 1), kept_mass, cost, min_blocks, max_blocks, ctx)
             estimated = kept_mass + (gain * chosen).sum(-1)
             count = chosen.sum(-1, dtype=torch.int32)
             keys = (cost * chosen).sum((-1, -2)) / Lq  # [B, Hs] estimated new keys per query
@@ -311,7 +335,7 @@ class TopK(_Dynamic):
         self._validate()
         object.__setattr__(self, "blocks", _budget_value(self.blocks, "TopK.blocks", int, 0, None))
 
-    def _choose(self, gain, available, kept_mass, cost, min_blocks, max_blocks, q_len):
+    def _choose(self, gain, available, kept_mass, cost, min_blocks, max_blocks, ctx):
         return _budget.top_k(gain, available, self.blocks, min_blocks=min_blocks, max_blocks=max_blocks)
 
 
@@ -345,7 +369,7 @@ class TopP(_Dynamic):
         self._validate()
         object.__setattr__(self, "mass", _budget_value(self.mass, "TopP.mass", float, 0.0, 1.0))
 
-    def _choose(self, gain, available, kept_mass, cost, min_blocks, max_blocks, q_len):
+    def _choose(self, gain, available, kept_mass, cost, min_blocks, max_blocks, ctx):
         return _budget.top_p(gain, available, self.mass, kept_mass=kept_mass, min_blocks=min_blocks,
                              max_blocks=max_blocks)
 
@@ -353,26 +377,32 @@ class TopP(_Dynamic):
 @register_pattern
 @dataclasses.dataclass(frozen=True)
 class Adaptive(_Dynamic):
-    """Spend ``keys`` keys per query (beyond the safeguards), *averaged over the heads and queries* of the
-    layer, on the cells with the most estimated missing mass per key: heads whose mass the safeguards already
-    hold spend little, retrieving heads much (a global greedy knapsack, TopP-style adaptive counts).
+    """``keys`` keys per query in all, *averaged over the heads and queries* of the layer: its own ``sinks``
+    and ``window`` (kept exactly, token by token), and the rest spent on the cells with the most estimated
+    missing mass per key, so heads whose mass the safeguards already hold spend little and retrieving heads
+    much (a global greedy knapsack: TopP-style adaptive counts under one key budget).
 
     Args:
-        selector: as for :class:`TopK` (``"probe"`` estimates best on real models).
-        keys: the key budget per query, averaged over heads and queries (safeguards not counted); an int.
+        selector: as for :class:`TopK`; with ``"probe"`` the missing mass is the probe queries' exact mass
+            outside the sinks and window.
+        keys: total keys per query (sinks + window + selection), averaged over heads and queries; an int.
+        sinks: first keys every query sees (default 0); window: keys ``i - window .. i`` (default 0).
         block: selection block size (default 64; must divide the compile block size).
         options, min_keys, max_keys, sharing, keep, within: as for :class:`TopK`; ``min_keys`` / ``max_keys``
-            clamp each query block (they may move the average off ``keys``).
+            clamp each query block (they may move the average off ``keys``). Safeguards of an enclosing union
+            are extra: they are not counted in ``keys``.
 
-    ``Layout.info["estimated_keys_per_head"]`` ``[B, H]`` holds each head's share; its mean over heads is
-    ``keys`` within one cell of ``block`` keys.
+    ``Layout.info["estimated_keys_per_head"]`` ``[B, H]`` holds each head's keys per query (sinks and window
+    included); their mean is ``keys`` within one cell of ``block`` keys.
 
     Example:
-        >>> out = spattn.attention(q, k, v, Sinks(64) | Window(64) | Adaptive("probe", 256), causal=True)
+        >>> out = spattn.attention(q, k, v, Adaptive("probe", 256, sinks=64, window=64), causal=True)
     """
 
     selector: Any
     keys: int
+    sinks: int = 0
+    window: int = 0
     options: Any = ()
     min_keys: int = 0
     max_keys: int | None = None
@@ -384,19 +414,96 @@ class Adaptive(_Dynamic):
 
     def __post_init__(self):
         self._validate()
-        if isinstance(self.keys, bool) or not isinstance(self.keys, int) or self.keys < 0:
-            raise ValueError(f"Adaptive.keys must be an int >= 0 (keys per query), got {self.keys!r}")
+        for name in ("keys", "sinks", "window"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"Adaptive.{name} must be an int >= 0, got {v!r}")
 
     def granularity(self, ctx: Context) -> int:
         return min(super().granularity(ctx), ctx.block_size)
 
-    def _choose(self, gain, available, kept_mass, cost, min_blocks, max_blocks, q_len):
-        chosen = _budget.top_keys(gain, available, cost, self.keys * q_len)
+    def _local_parts(self) -> list[Pattern]:
+        parts: list[Pattern] = []
+        if self.sinks:
+            parts.append(Sinks(self.sinks))
+        if self.window:
+            parts.append(Window(self.window))
+        return parts
+
+    def _local_mask(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """bool: the token pairs the pattern's own sinks and window keep (absolute positions)."""
+        m = torch.zeros(torch.broadcast_shapes(i.shape, j.shape), dtype=torch.bool, device=i.device)
+        if self.sinks:
+            m = m | (j < self.sinks)
+        if self.window:
+            d = i - j
+            m = m | ((d <= self.window) & (d >= 0))
+        return m
+
+    def _local_layout(self, ctx: Context, cell: int):
+        from spattn.patterns.compile import compile as compile_pattern
+
+        key = ("adaptive-local", self.sinks, self.window, cell)
+        if key not in ctx.cache:
+            dev = ctx.device if ctx.query is None else ctx.query.device
+            ctx.cache[key] = compile_pattern(_union(self._local_parts()), ctx.q_len, ctx.kv_len, causal=ctx.causal,
+                                             block_size=cell, device=dev)
+        return ctx.cache[key]
+
+    def _own_safeguards(self, ctx: Context, cell: int):
+        if not self._local_parts():
+            return None, None
+        layout = self._local_layout(ctx, cell)
+        slot, tiles = layout.mask_slots()
+        kept_pairs = tiles.flatten(1).sum(-1).float()[slot]  # [1, 1, NQc, NKc]
+        pairs = cell_pairs(ctx.q_len, ctx.kv_len, cell, ctx.causal, kept_pairs.device)
+        frac = torch.where(pairs > 0, (kept_pairs / pairs.clamp_min(1)).clamp(max=1.0), torch.zeros_like(pairs))
+        return frac, self._local_mask
+
+    def _choose(self, gain, available, kept_mass, cost, min_blocks, max_blocks, ctx):
+        local = 0.0
+        if self._local_parts():
+            local = float(self._local_layout(ctx, self.granularity(ctx)).allowed_pairs().mean())
+        chosen = _budget.top_keys(gain, available, cost, max(0.0, self.keys * ctx.q_len - local))
         if min_blocks is not None:
             chosen = chosen | _budget.top_k(gain, available, min_blocks)
         if max_blocks is not None:
             chosen = _budget.top_k(gain, chosen, max_blocks)
         return chosen
+
+    def selection(self, ctx: Context) -> torch.Tensor:
+        chosen = super().selection(ctx)
+        if self._local_parts():
+            local = self._local_layout(ctx, self.granularity(ctx)).allowed_pairs().float() / ctx.q_len  # [1, 1]
+            ctx.info["estimated_keys_per_head"] = ctx.info["estimated_keys_per_head"] + local[0]
+        return chosen
+
+    # -- the pattern's own sinks and window --------------------------------------------------
+    def block_status(self, ctx):
+        st = super().block_status(ctx)
+        for p in self._local_parts():
+            st = torch.maximum(st, as_4d(p.block_status(ctx)).to(st.device))
+        return st
+
+    def token_mask(self, ctx, b, h, i, j):
+        return super().token_mask(ctx, b, h, i, j) | self._local_mask(i, j)
+
+    def signature(self, ctx, b, h, qb, kb):
+        sig = super().signature(ctx, b, h, qb, kb)
+        if not self._local_parts():
+            return sig
+        lo_q, _ = ctx.q_range()
+        lo_k, _ = ctx.k_range()
+        delta = (lo_q[qb.to(lo_q.device), 0] - lo_k[0, kb.to(lo_k.device)]).long().to(sig.device)
+        return torch.cat([sig, delta[:, None], (kb.to(sig.device) * ctx.block_size < self.sinks)[:, None].long()],
+                         dim=1)
+
+
+def _union(parts: list[Pattern]) -> Pattern:
+    out = parts[0]
+    for p in parts[1:]:
+        out = out | p
+    return out
 
 
 __all__ = ["TopK", "TopP", "Adaptive", "SHARING"]

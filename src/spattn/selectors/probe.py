@@ -54,7 +54,11 @@ class Probe(Selector):
         if isinstance(self.queries, bool) or not isinstance(self.queries, int) or self.queries < 1:
             raise ValueError(f"probe: queries must be a positive int, got {self.queries!r}")
 
-    def scores(self, query, key, *, block_size, causal=False, scale=None, allowed=None):
+    def scores(self, query, key, *, block_size, causal=False, scale=None, allowed=None, exclude=None):
+        """As :meth:`Selector.scores`; ``exclude`` (optional) is a predicate ``(i, j) -> bool`` on absolute
+        query positions ``i [R, 1]`` and key positions ``j [1, Lk]``: the mass of the excluded keys is left out
+        of the block sums (not renormalised), so the result is the share of each row's mass *outside* them
+        (the missing mass of safeguards that keep exactly those keys)."""
         B, H, Hkv, Lq, Lk, D = check_qk(query, key, block_size)
         scale = default_scale(scale, D)
         dev, bs, off = query.device, block_size, Lk - Lq
@@ -82,6 +86,8 @@ class Probe(Selector):
             mx = logits.amax(-1, keepdim=True)
             p = torch.exp(logits - torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx)))
             p = p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)  # rows seeing nothing stay 0
+            if exclude is not None:
+                p = p.masked_fill(exclude(rr.flatten()[:, None] + off, j[None, :]), 0.0)
             p = torch.nn.functional.pad(p, (0, NK * bs - Lk)).unflatten(-1, (NK, bs)).sum(-1)  # [B, H, nb*r, NK]
             out.append(p.unflatten(2, (nb, r)).mean(3))
         return torch.cat(out, dim=2)
