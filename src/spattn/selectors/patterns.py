@@ -102,8 +102,8 @@ def fully_visible(ctx: Context, cell: int) -> torch.Tensor:
     return khi[None, :] <= qlo[:, None]
 
 
-class _Dynamic(BlockSelection):
-    """Shared machinery of TopK / TopP (fields are declared by the subclasses)."""
+class _Selection(BlockSelection):
+    """Shared machinery of TopK / TopP / Adaptive (fields are declared by the subclasses)."""
 
     dynamic: ClassVar[bool] = True
     selector: str
@@ -297,6 +297,10 @@ class _Dynamic(BlockSelection):
         return out.to(qb.device)
 
 
+class _Dynamic(_Selection):
+    """TopK / TopP: the selection alone (what ``LayoutBuilder`` merges into cached safeguards)."""
+
+
 @register_pattern
 @dataclasses.dataclass(frozen=True)
 class TopK(_Dynamic):
@@ -376,7 +380,7 @@ class TopP(_Dynamic):
 
 @register_pattern
 @dataclasses.dataclass(frozen=True)
-class Adaptive(_Dynamic):
+class Adaptive(_Selection):
     """``keys`` keys per query in all, *averaged over the heads and queries* of the layer: its own ``sinks``
     and ``window`` (kept exactly, token by token), and the rest spent on the cells with the most estimated
     missing mass per key, so heads whose mass the safeguards already hold spend little and retrieving heads
