@@ -239,7 +239,7 @@ def passkey_prompt(tok, filler_ids, length: int, depth: float, key: str):
 
 def task_passkey(args, model, tok, save) -> dict:
     from spattn.data.corpora import load_text
-    from spattn.integrations.hf import patched
+    from spattn.integrations.hf import hook, patched
 
     text = load_text(args.text)
     filler = tok(text[: len(text) // 2][: args.length * 8], add_special_tokens=False).input_ids
@@ -256,7 +256,7 @@ def task_passkey(args, model, tok, save) -> dict:
     rows = []
     for name, pattern in plans:
         found = {str(d): 0 for d in args.depths}
-        far = 0
+        keys = KeyCounter(pattern, args.block_size, model.config.num_hidden_layers) if pattern is not None else None
         for depth, key, fill in samples:
             ids, n_answer, at = passkey_prompt(tok, fill, args.length, depth, key)
             ids = ids.to(args.device)
@@ -264,16 +264,18 @@ def task_passkey(args, model, tok, save) -> dict:
                 with torch.no_grad():
                     logits = model(input_ids=ids).logits
             else:
-                with patched(model, pattern, backend=args.backend), torch.no_grad():
+                with patched(model, pattern, backend=args.backend), hook(keys), torch.no_grad():
                     logits = model(input_ids=ids).logits
             pred = logits[0, -n_answer - 1:-1].argmax(-1)
             ok = bool((pred == ids[0, -n_answer:]).all())  # greedy decoding would print the key
             found[str(depth)] += ok
-            far += ok and (ids.shape[1] - at > 1024)
         rows.append({"variant": name, "pattern": None if pattern is None else pattern.to_dict(),
+                     "keys_per_query": None if keys is None else keys.mean, "approximate_key_distance": [args.length - int(
+                         (args.length - 40) * d) for d in args.depths],
                      "found_per_depth": found, "samples_per_depth": args.samples,
                      "found": sum(found.values()), "samples": len(samples)})
         print(f"{name:60s} found {sum(found.values())}/{len(samples)} per depth {found}", flush=True)
+        save({"rows": rows, "depths": args.depths})
     return {"rows": rows, "depths": args.depths}
 
 
