@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 import spattn
-from spattn.selectors import Adaptive, diagnose
+from spattn.selectors import Adaptive
 
 
 # ------------------------------------------------------------------------------------------- variants
@@ -129,30 +129,94 @@ def load(args):
 
 
 # ------------------------------------------------------------------------------------------- tasks
+def dense_probabilities(query: torch.Tensor, key: torch.Tensor, scale: float, rows: int = 512) -> torch.Tensor:
+    """float16 ``[H, L, L]``: the causal softmax of one sequence, kept once per layer to score many layouts."""
+    from spattn.selectors.common import group_matmul
+
+    L = query.shape[2]
+    out = torch.empty(query.shape[1], L, L, dtype=torch.float16, device=query.device)
+    j = torch.arange(L, device=query.device)[None]
+    for i0 in range(0, L, rows):
+        i = torch.arange(i0, min(L, i0 + rows), device=query.device)[:, None]
+        logits = group_matmul(query[:, :, i0:i0 + rows].float(), key.float())[0] * scale
+        out[:, i0:i0 + rows] = torch.softmax(logits.masked_fill(j > i, -math.inf), -1).half()
+    return out
+
+
+def layout_recall(layout: spattn.Layout, probs: torch.Tensor, sinks: int = 64, local: int = 512) -> dict:
+    """Per head: kept mass (recall) and the missed mass on the sinks / local / far keys (mean over queries)."""
+    slot, tiles = layout.mask_slots()
+    bs, L = layout.block_size, layout.q_len
+    H = probs.shape[0]
+    kept = torch.zeros(H, dtype=torch.float64)
+    missed = {r: torch.zeros(H, dtype=torch.float64) for r in ("sinks", "local", "far")}
+    j = torch.arange(L)[None]
+    for qb0 in range(0, layout.num_q_blocks, 4):
+        part = tiles[slot[:, :, qb0:qb0 + 4]].cpu()
+        n = part.shape[2]
+        m = part.permute(0, 1, 2, 4, 3, 5).reshape(part.shape[0], part.shape[1], n * bs, -1)[0, :, :, :L]
+        p = probs[:, qb0 * bs:qb0 * bs + n * bs].float().cpu()
+        m = m[:, : p.shape[1]]
+        kept += (p * m).sum((-1, -2)).double()
+        i = torch.arange(qb0 * bs, qb0 * bs + p.shape[1])[:, None]
+        region = {"sinks": j < sinks}
+        region["local"] = ~region["sinks"] & (i - j < local)
+        region["far"] = ~region["sinks"] & ~region["local"]
+        lost = p * ~m
+        for r in missed:
+            missed[r] += (lost * region[r]).sum((-1, -2)).double()
+    return {"recall": (kept / L).tolist(), **{f"missed_{r}": (v / L).tolist() for r, v in missed.items()}}
+
+
 def task_recall(args, model, tok, save) -> dict:
+    """Captured q/k of one held-out chunk; per variant and layer the true recall per head (the dense softmax
+    computed once per layer), keys per query token-exact, and where the missed mass sits."""
     from spattn.data.chunks import text_chunks
 
-    ids = text_chunks(args.text, tok, args.length, split="held_out", max_chunks=1).to(args.device)
-    cap = spattn.capture(model, ids, layers=args.layers, mode="full")
+    ids = text_chunks(args.text, tok, args.length, split="held_out", max_chunks=1)
+    cap = spattn.capture(model, ids.to(args.device), layers=args.layers, mode="full")
+    probs = {layer: dense_probabilities(cap.queries[layer], cap.keys[layer], cap.scale) for layer in cap.layers}
+    plans = [(b, n, p) for b in args.budgets for n, p in variants(b, args.length, args.block_size, args)]
+    plans += [(0, n, p) for n, p in extra_variants(args)]
     rows = []
-    for budget in args.budgets:
-        vs = variants(budget, args.length, args.block_size, args)
-        base = vs[0][1]  # the best sinks + window is chosen below; the first is the reference of the split
-        for name, pattern in vs:
-            per_layer = {}
-            for layer in cap.layers:
-                q, k = cap.queries[layer].to(args.device), cap.keys[layer].to(args.device)
-                d = diagnose(q, k, pattern, base, block_size=args.block_size, sinks=64, local=512, scale=cap.scale)
-                per_layer[layer] = d.to_dict()
-            mean_recall = sum(v["mean"]["recall"] for v in per_layer.values()) / len(per_layer)
-            mean_keys = sum(v["mean"]["keys"] for v in per_layer.values()) / len(per_layer)
-            missed = {r: sum(v["mean"][f"missed_{r}"] for v in per_layer.values()) / len(per_layer)
-                      for r in ("sinks", "local", "far")}
-            rows.append({"budget": budget, "variant": name, "pattern": pattern.to_dict(), "recall": mean_recall,
-                         "keys_per_query": mean_keys, "missed": missed, "per_layer": per_layer})
-            print(f"{budget:5d} {name:60s} keys {mean_keys:7.1f} recall {mean_recall:.4f} missed "
-                  + " ".join(f"{r} {v:.4f}" for r, v in missed.items()), flush=True)
+    for budget, name, pattern in plans:
+        per_layer = {}
+        for layer in cap.layers:
+            q, k = cap.queries[layer], cap.keys[layer]
+            lay = spattn.compile(pattern, q.shape[2], causal=True, block_size=args.block_size, batch=1,
+                                 heads=q.shape[1], query=q, key=k)
+            per_layer[layer] = {"keys_per_query": float(lay.allowed_pairs().mean()) / q.shape[2],
+                                **layout_recall(lay, probs[layer])}
+        n = len(per_layer)
+        row = {"budget": budget, "variant": name, "pattern": pattern.to_dict(),
+               "keys_per_query": sum(v["keys_per_query"] for v in per_layer.values()) / n,
+               **{m: sum(sum(v[m]) / len(v[m]) for v in per_layer.values()) / n
+                  for m in ("recall", "missed_sinks", "missed_local", "missed_far")},
+               "per_layer": per_layer}
+        rows.append(row)
+        print(f"{budget:5d} {name:75s} keys {row['keys_per_query']:7.1f} recall {row['recall']:.4f} missed sinks "
+              f"{row['missed_sinks']:.4f} local {row['missed_local']:.4f} far {row['missed_far']:.4f}", flush=True)
+        save({"rows": rows, "layers": cap.layers})
     return {"rows": rows, "layers": cap.layers}
+
+
+def extra_variants(args) -> list[tuple[str, spattn.Pattern]]:
+    """The steps of docs/selection.md's table that are not a budget's default variants (``--ablation``)."""
+    if not args.ablation:
+        return []
+    from spattn.selectors import TopK
+
+    S, W = spattn.Sinks, spattn.Window
+    out = [("Sinks(64) | Window(64) | TopK('pooled', 1)", S(64) | W(64) | TopK("pooled", 1)),
+           ("Sinks(64) | Window(64) | TopK('vertical_slash', 1)", S(64) | W(64) | TopK("vertical_slash", 1))]
+    for b in args.budgets:
+        out += [(f"Adaptive('pooled', {b}, sinks=64, window=64, block=64)", Adaptive("pooled", b, sinks=64, window=64)),
+                (f"Adaptive('probe', {b}, sinks=64, window=64, block=64)", Adaptive("probe", b, sinks=64, window=64)),
+                (f"Adaptive('probe', {b}, sinks=64, window=64, block=32)",
+                 Adaptive("probe", b, sinks=64, window=64, block=32)),
+                (f"Adaptive('probe', {b}, sinks=64, window=64, block=64, sharing='head')",
+                 Adaptive("probe", b, sinks=64, window=64, sharing="head"))]
+    return out
 
 
 def chunk_metrics(dense: torch.Tensor, sparse: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
@@ -290,6 +354,7 @@ def main(argv=None) -> None:
     parser.add_argument("--selectors", nargs="+", default=["probe"])
     parser.add_argument("--local-windows", type=int, nargs="+", default=[64], help="Adaptive's own window")
     parser.add_argument("--probe-queries", type=int, default=4)
+    parser.add_argument("--ablation", action="store_true", help="recall: also the steps of docs/selection.md")
     parser.add_argument("--select-block", type=int, default=64)
     parser.add_argument("--sharing", default="group", choices=["group", "head"])
     parser.add_argument("--layers", type=int, nargs="+", default=None)
