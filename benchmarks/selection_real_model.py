@@ -310,7 +310,7 @@ def task_passkey(args, model, tok, save) -> dict:
     rng = random.Random(args.seed)
     samples = []
     for depth in args.depths:
-        for n in range(args.samples):
+        for _ in range(args.samples):
             key = str(rng.randrange(10000, 100000))
             start = rng.randrange(0, max(1, len(filler) - args.length))
             samples.append((depth, key, filler[start:start + args.length]))
@@ -334,8 +334,8 @@ def task_passkey(args, model, tok, save) -> dict:
             ok = bool((pred == ids[0, -n_answer:]).all())  # greedy decoding would print the key
             found[str(depth)] += ok
         rows.append({"variant": name, "pattern": None if pattern is None else pattern.to_dict(),
-                     "keys_per_query": None if keys is None else keys.mean, "approximate_key_distance": [args.length - int(
-                         (args.length - 40) * d) for d in args.depths],
+                     "keys_per_query": None if keys is None else keys.mean,
+                     "approximate_key_distance": [args.length - int((args.length - 40) * d) for d in args.depths],
                      "found_per_depth": found, "samples_per_depth": args.samples,
                      "found": sum(found.values()), "samples": len(samples)})
         print(f"{name:60s} found {sum(found.values())}/{len(samples)} per depth {found}", flush=True)

@@ -85,6 +85,7 @@ def test_probe_rows_spread_over_the_block_and_end_on_its_last_query():
     torch.manual_seed(3)
     q, k = torch.randn(1, 2, 64, 8), torch.randn(1, 2, 64, 8)
     got = get_selector("probe", queries=16).scores(q, k, block_size=16, causal=True)
-    p = torch.softmax((q @ k.transpose(-1, -2) / 8 ** 0.5).masked_fill(~torch.ones(64, 64).bool().tril(), -torch.inf), -1)
+    causal = torch.ones(64, 64).bool().tril()
+    p = torch.softmax((q @ k.transpose(-1, -2) / 8 ** 0.5).masked_fill(~causal, -torch.inf), -1)
     want = p.view(1, 2, 4, 16, 4, 16).sum(-1).mean(3)
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)

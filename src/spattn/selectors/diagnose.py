@@ -73,14 +73,15 @@ class Diagnosis:
 
     def table(self) -> str:
         """One line per head: recall and keys of both, and where each misses its mass."""
-        lines = [f"head  baseline recall (keys)  pattern recall (keys)   missed by pattern: sinks / local(<{self.local}) / far"
-                 "   missed by baseline: sinks / local / far"]
+        lines = [f"head  baseline recall (keys)  pattern recall (keys)   missed by pattern: sinks / "
+                 f"local(<{self.local}) / far   missed by baseline: sinks / local / far"]
         B, H = self.recall.shape
         for h in range(H):
             m = [float(self.missed[r][:, h].mean()) for r in REGIONS]
             n = [float(self.baseline_missed[r][:, h].mean()) for r in REGIONS]
             lines.append(
-                f"{h:4d}  {float(self.baseline_recall[:, h].mean()):.4f} ({float(self.baseline_keys[:, h].mean()):7.1f})"
+                f"{h:4d}  {float(self.baseline_recall[:, h].mean()):.4f} "
+                f"({float(self.baseline_keys[:, h].mean()):7.1f})"
                 f"      {float(self.recall[:, h].mean()):.4f} ({float(self.keys[:, h].mean()):7.1f})"
                 f"      {m[0]:.4f} / {m[1]:.4f} / {m[2]:.4f}            {n[0]:.4f} / {n[1]:.4f} / {n[2]:.4f}"
             )

@@ -23,8 +23,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from spattn.patterns.base import EMPTY, FULL, PARTIAL, Context, Pattern
-from spattn.patterns.base import as_4d
+from spattn.patterns.base import EMPTY, FULL, PARTIAL, Context, Pattern, as_4d
 from spattn.patterns.builtin import BlockSelection, Sinks, Window
 from spattn.patterns.serialize import register_pattern
 from spattn.selectors import budget as _budget
