@@ -29,7 +29,7 @@ from spattn.patterns import (
 )
 
 from spattn.ops.attention import attention, choose_backend
-from spattn.selectors import LayoutBuilder, TopK, TopP
+from spattn.selectors import Adaptive, LayoutBuilder, TopK, TopP
 from spattn.integrations import BudgetRule, Plan, patch, patched, unpatch
 from spattn.integrations.capture import Capture, capture
 from spattn import coverage  # noqa: E402 - the coverage toolkit as spattn.coverage
@@ -50,7 +50,7 @@ def __getattr__(name: str):  # spattn.plan (the planner, which needs numpy) load
 __all__ = [
     "BlockLayout", "Budgeted", "Causal", "Dilated", "Document", "Full", "Global", "Intersection", "Layout",
     "Pattern", "PerHead", "RandomBlocks", "Sinks", "Strided", "Union", "Window", "compile", "pattern_from_dict",
-    "attention", "choose_backend", "TopK", "TopP", "LayoutBuilder",
+    "attention", "choose_backend", "TopK", "TopP", "Adaptive", "LayoutBuilder",
     "Plan", "patch", "patched", "unpatch", "Capture", "capture",
     "Essential", "essential_flags", "learned", "nn", "BudgetRule", "plan",
 ]
