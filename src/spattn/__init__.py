@@ -35,6 +35,7 @@ from spattn.integrations.capture import Capture, capture
 from spattn import coverage  # noqa: E402 - the coverage toolkit as spattn.coverage
 from spattn.patterns import Essential, essential_flags  # noqa: E402 - the essential-token safeguard
 from spattn import learned, nn  # noqa: E402 - learned sparsity (registers the 'gate' selector) and layers
+from spattn import distributed  # noqa: E402 - sparse attention across ranks as spattn.distributed
 
 __version__ = "0.1.0"
 
