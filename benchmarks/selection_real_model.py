@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 import spattn
+from spattn.layout import tables as _tables
 from spattn.selectors import Adaptive
 
 
@@ -145,7 +146,7 @@ def dense_probabilities(query: torch.Tensor, key: torch.Tensor, scale: float, ro
 
 def layout_recall(layout: spattn.Layout, probs: torch.Tensor, sinks: int = 64, local: int = 512) -> dict:
     """Per head: kept mass (recall) and the missed mass on the sinks / local / far keys (mean over queries)."""
-    slot, tiles = layout.mask_slots()
+    slot, tiles = _tables.unpack(layout)[1], _tables.tiles(layout.masks)
     bs, L = layout.block_size, layout.q_len
     H = probs.shape[0]
     kept = torch.zeros(H, dtype=torch.float64)

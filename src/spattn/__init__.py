@@ -7,12 +7,22 @@ Describe a pattern, compile it to a block-sparse Layout, run attention on it:
     >>> out = spattn.attention(q, k, v, spattn.Sinks(16) | spattn.Window(64), causal=True)
 """
 
-from spattn.patterns import (
+from spattn import (  # noqa: E402 - learned sparsity (registers the 'gate' selector) and layers
+    coverage,  # noqa: E402 - the coverage toolkit as spattn.coverage
+    distributed,  # noqa: E402 - sparse attention across ranks as spattn.distributed
+    learned,
+    nn,
+)
+from spattn.integrations import BudgetRule, Plan, patch, patched, unpatch
+from spattn.integrations.capture import Capture, capture
+from spattn.ops.attention import attention, choose_backend
+from spattn.patterns import (  # noqa: E402 - the essential-token safeguard
     BlockLayout,
     Budgeted,
     Causal,
     Dilated,
     Document,
+    Essential,
     Full,
     Global,
     Intersection,
@@ -25,17 +35,10 @@ from spattn.patterns import (
     Union,
     Window,
     compile,
+    essential_flags,
     pattern_from_dict,
 )
-
-from spattn.ops.attention import attention, choose_backend
 from spattn.selectors import Adaptive, LayoutBuilder, TopK, TopP
-from spattn.integrations import BudgetRule, Plan, patch, patched, unpatch
-from spattn.integrations.capture import Capture, capture
-from spattn import coverage  # noqa: E402 - the coverage toolkit as spattn.coverage
-from spattn.patterns import Essential, essential_flags  # noqa: E402 - the essential-token safeguard
-from spattn import learned, nn  # noqa: E402 - learned sparsity (registers the 'gate' selector) and layers
-from spattn import distributed  # noqa: E402 - sparse attention across ranks as spattn.distributed
 
 __version__ = "0.1.0"
 

@@ -77,8 +77,8 @@ def _recall(model, chunks: torch.Tensor, gates_path: Path, layers: list[int], bu
             ) -> dict[str, Any]:
     """Mean true recall (kept share of the dense softmax mass) of gates / oracle top-k / window / pooled at
     ``budget`` key blocks per query block, per layer, on captured held-out queries and keys."""
-    from spattn.capture import capture
     from spattn.coverage import measure, oracle_layout
+    from spattn.integrations.capture import capture
     from spattn.learned import load
     from spattn.patterns import Window
     from spattn.selectors import TopK

@@ -35,11 +35,12 @@ import torch.distributed as dist
 from spattn.distributed.comm import all_gather, all_to_all, resolve_group
 from spattn.distributed.patterns import dynamic_parts
 from spattn.distributed.sharding import Sharding
+from spattn.layout import Layout
+from spattn.layout import tables as _tables
 from spattn.ops.attention.api import attention
 from spattn.patterns.base import Pattern
 from spattn.patterns.compile import compile as compile_pattern
 from spattn.patterns.compile import layout_from_status
-from spattn.patterns.layout import Layout
 
 SUMMARY_SELECTORS = ("pooled", "bounds")
 
@@ -61,7 +62,7 @@ def summary_kind(pattern: Pattern) -> str | None:
 def row_tables(layout: Layout, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Block status int8 and mask slot int64, both ``[Bl, Hl, len(rows), NK]``, of query blocks ``rows``."""
     rows_t = torch.tensor(rows, dtype=torch.long, device=layout.device)
-    slot = layout.mask_slots()[0][:, :, rows_t]
+    slot = _tables.unpack(layout)[1][:, :, rows_t]
     M = layout.masks.shape[0]
     status = torch.where(slot == M, 2, torch.where(slot == M + 1, 0, 1)).to(torch.int8)
     return status, slot

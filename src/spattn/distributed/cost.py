@@ -38,9 +38,9 @@ import torch
 
 from spattn.distributed.head_parallel import kv_heads_for
 from spattn.distributed.sharding import Sharding, balance
+from spattn.layout import Layout
 from spattn.patterns.base import Pattern
 from spattn.patterns.compile import make_context
-from spattn.patterns.layout import Layout
 
 MODES = ("head", "context")
 _EXACT_MAX_BLOCKS = 1 << 22  # below this many block pairs a static pattern is compiled (exact partial blocks)

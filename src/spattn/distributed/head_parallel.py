@@ -22,10 +22,10 @@ import torch.distributed as dist
 from spattn.distributed.comm import all_to_all, resolve_group
 from spattn.distributed.patterns import dynamic_parts
 from spattn.distributed.sharding import Sharding
+from spattn.layout import Layout
 from spattn.ops.attention.api import attention
 from spattn.patterns.base import Pattern
 from spattn.patterns.compile import compile as compile_pattern
-from spattn.patterns.layout import Layout
 
 
 def kv_heads_for(rank: int, world_size: int, heads: int, kv_heads: int) -> list[int]:

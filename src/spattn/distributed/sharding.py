@@ -23,9 +23,9 @@ from collections.abc import Sequence
 
 import torch
 
+from spattn.layout import Layout
 from spattn.patterns.base import Pattern
 from spattn.patterns.compile import compile as compile_pattern
-from spattn.patterns.layout import Layout
 
 
 def visited_blocks(layout: Layout) -> torch.Tensor:

@@ -17,9 +17,9 @@ import torch
 
 from spattn.distributed.context_parallel import row_tables, rows_layout
 from spattn.distributed.sharding import Sharding, visited_blocks
+from spattn.layout import Layout
 from spattn.patterns.base import Pattern
 from spattn.patterns.compile import compile as compile_pattern
-from spattn.patterns.layout import Layout
 
 
 def _private():

@@ -121,7 +121,7 @@ def distill(
     Returns:
         ``{layer: BlockGate}`` (gates on CPU; the ``meta`` saved with them holds the final losses).
     """
-    from spattn.capture import capture  # layer 5 (integrations): imported where used, never at import time
+    from spattn.integrations.capture import capture  # layer 5 (integrations): imported where used, never at import time
     from spattn.learned.checkpoint import save_gates
 
     if not isinstance(chunks, torch.Tensor) or chunks.dim() != 2 or chunks.dtype not in (torch.int64, torch.int32):

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from spattn.capture import capture  # the lead moves capture to spattn.integrations.capture at merge
+from spattn.integrations.capture import capture
 from spattn.integrations.hf import attention_modules
 
 

@@ -19,7 +19,8 @@ import math
 
 import torch
 
-from spattn.patterns.layout import Layout
+from spattn.layout import Layout
+from spattn.layout import tables as _tables
 
 _CHUNK_ELEMENTS = 1 << 23
 
@@ -111,7 +112,7 @@ def score_layouts(
     full_all = torch.zeros(C, B, H, math.ceil(L / bs), NK, dtype=cdt, device=dev)
     parts, tiles_all, base = [], [], 0
     for c, lay in enumerate(layouts):
-        slot, tiles = lay.mask_slots()
+        slot, tiles = _tables.unpack(lay)[1], _tables.tiles(lay.masks)
         slot, M = slot.to(dev).expand(B, H, -1, -1), tiles.shape[0] - 2
         full_all[c] = (slot == M).to(cdt)
         idx = (slot < M).nonzero()  # [n, 4]: batch, head, query block, key block

@@ -26,9 +26,10 @@ from typing import Any
 
 import torch
 
+from spattn.layout import Layout
+from spattn.layout import tables as _tables
 from spattn.patterns import Pattern
 from spattn.patterns import compile as compile_pattern
-from spattn.patterns.layout import Layout
 from spattn.selectors.common import check_qk, default_scale, group_matmul
 
 REGIONS = ("sinks", "local", "far")
@@ -144,7 +145,7 @@ def diagnose(
     bs = layouts[0].block_size
     if layouts[1].block_size != bs:
         raise ValueError("pattern and baseline layouts must share one block size")
-    slots = [lay.mask_slots() for lay in layouts]
+    slots = [(_tables.unpack(lay)[1], _tables.tiles(lay.masks)) for lay in layouts]
     off = Lk - Lq
     step = max(1, chunk // bs)
     NQ = -(-Lq // bs)

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from spattn.layout import tables as _tables
 from spattn.patterns.base import EMPTY, FULL, PARTIAL, Context, Pattern, as_4d
 from spattn.patterns.builtin import BlockSelection, Sinks, Window
 from spattn.patterns.serialize import register_pattern
@@ -457,7 +458,7 @@ class Adaptive(_Selection):
         if not self._local_parts():
             return None, None
         layout = self._local_layout(ctx, cell)
-        slot, tiles = layout.mask_slots()
+        slot, tiles = _tables.unpack(layout)[1], _tables.tiles(layout.masks)
         kept_pairs = tiles.flatten(1).sum(-1).float()[slot]  # [1, 1, NQc, NKc]
         pairs = cell_pairs(ctx.q_len, ctx.kv_len, cell, ctx.causal, kept_pairs.device)
         frac = torch.where(pairs > 0, (kept_pairs / pairs.clamp_min(1)).clamp(max=1.0), torch.zeros_like(pairs))
