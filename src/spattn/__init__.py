@@ -8,8 +8,8 @@ Describe a pattern, compile it to a block-sparse Layout, run attention on it:
 """
 
 from spattn import (  # noqa: E402 - learned sparsity (registers the 'gate' selector) and layers
-    coverage,
-    hierarchical,  # noqa: E402 - hierarchical (NSA-style) attention as spattn.hierarchical  # noqa: E402 - the coverage toolkit as spattn.coverage
+    coverage,  # noqa: E402 - the coverage toolkit as spattn.coverage
+    hierarchical,  # noqa: E402 - hierarchical (NSA-style) attention as spattn.hierarchical
     distributed,  # noqa: E402 - sparse attention across ranks as spattn.distributed
     learned,
     nn,
@@ -17,7 +17,7 @@ from spattn import (  # noqa: E402 - learned sparsity (registers the 'gate' sele
 from spattn.integrations import BudgetRule, Plan, patch, patched, unpatch
 from spattn.integrations.capture import Capture, capture
 from spattn.ops.attention import attention, choose_backend
-from spattn.patterns import (  # noqa: E402 - the essential-token safeguard, Hierarchical
+from spattn.patterns import (  # noqa: E402 - the essential-token safeguard
     BlockLayout,
     Budgeted,
     Causal,
