@@ -44,7 +44,7 @@ def pool_weights(pool_logit: torch.Tensor | None, config: Hierarchical, heads: i
     """``[Hkv, compress_block]`` position weights of one compressed token (rows sum to 1; mean when None)."""
     if pool_logit is None:
         return torch.full((heads, config.compress_block), 1.0 / config.compress_block, device=device, dtype=dtype)
-    return torch.softmax(pool_logit.float(), -1).to(dtype)
+    return torch.softmax(pool_logit.to(torch.promote_types(dtype, torch.float32)), -1).to(dtype)
 
 
 def compress(x: torch.Tensor, config: Hierarchical, pool_logit: torch.Tensor | None = None) -> torch.Tensor:
@@ -69,11 +69,12 @@ def mix(outputs: list[torch.Tensor], config: Hierarchical, gate_logits: torch.Te
     (compressed, selected, window); ``w = exp(gate_logits)`` or the fixed ``config.gates`` (equal if None)."""
     ref = outputs[0]
     L = ref.shape[2]
+    dtype = torch.promote_types(ref.dtype, torch.float32)
     if gate_logits is not None:
-        logits = gate_logits.float()
+        logits = gate_logits.to(dtype)
     else:
         gates = config.gates or (1.0, 1.0, 1.0)
-        logits = torch.tensor([math.log(g) if g > 0 else -math.inf for g in gates], device=ref.device)
+        logits = torch.tensor([math.log(g) if g > 0 else -math.inf for g in gates], device=ref.device, dtype=dtype)
         logits = logits.view(1, 1, 1, 3)
     nonempty = torch.ones(L, 3, dtype=torch.bool, device=ref.device)
     nonempty[:, 0] = compressed_nonempty(config, L, ref.device)
