@@ -270,3 +270,25 @@ def test_pattern_json_algebra_and_errors():
     with pytest.raises(ValueError, match="not both"):
         hierarchical_attention(q, k, v, fixed, gate_logits=torch.zeros(1, 1, 1, 3))
     assert math.isfinite(float(hierarchical_attention(q, k, v, Hierarchical(select_block=16)).abs().sum()))
+
+
+def test_frozen_hf_model_under_patched():
+    """On a frozen transformers model: selecting every block with only the selected gate is dense attention;
+    the default mix runs and differs; a decode step over a cache says what is missing."""
+    pytest.importorskip("transformers")
+    from tests.hf_support import tiny_llama
+
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (2, 80), generator=torch.Generator().manual_seed(0))
+    everything = Hierarchical(compress_block=16, compress_stride=8, select_block=16, select_count=99, window=8,
+                              gates=(0, 1, 0))
+    mixed = Hierarchical(compress_block=16, compress_stride=8, select_block=16, select_count=2, window=16)
+    with torch.no_grad():
+        dense = model(input_ids=ids).logits
+        with spattn.patched(model, everything, block_size=16):
+            torch.testing.assert_close(model(input_ids=ids).logits, dense, rtol=1e-5, atol=1e-5)
+        with spattn.patched(model, spattn.Plan(layers={0: mixed}), block_size=16):
+            out = model(input_ids=ids).logits
+        assert torch.isfinite(out).all() and not torch.allclose(out, dense, atol=1e-3)
+        with spattn.patched(model, mixed, block_size=16), pytest.raises(NotImplementedError, match="cache"):
+            model.generate(ids[:1, :20], max_new_tokens=2, do_sample=False)

@@ -172,5 +172,23 @@ def hierarchical_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     return out
 
 
-__all__ = ["branch_layouts", "choose_blocks", "hierarchical_attention", "kept_blocks", "selected_layout",
-           "selection_scores"]
+def frozen_model_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, config: Hierarchical, *,
+                           causal: bool, scale: float | None, padded: bool, backend: str = "auto") -> torch.Tensor:
+    """``hierarchical_attention`` for a frozen transformers layer under ``spattn.patched`` (query ``[B, H, L, D]``,
+    key/value ``[B, Hkv, L, D]``): mean pooling and fixed gates (equal when ``config.gates`` is None). A causal
+    prefill without padding only: a decode step over a key/value cache, padding or bidirectional attention raise
+    ``NotImplementedError``."""
+    if not causal:
+        raise NotImplementedError("spattn: Hierarchical needs causal attention (a decoder model)")
+    if query.shape[2] != key.shape[2]:
+        raise NotImplementedError("spattn: Hierarchical runs full causal prefills (Lq == Lk); decoding over a "
+                                  "key/value cache is not implemented yet (generate with use_cache=False)")
+    if padded:
+        raise NotImplementedError("spattn: Hierarchical does not support padded batches yet")
+    if config.pooling != "mean":
+        raise NotImplementedError("spattn: a frozen model has no trained pooling: use Hierarchical(pooling='mean')")
+    return hierarchical_attention(query, key, value, config, scale=scale, backend=backend)
+
+
+__all__ = ["branch_layouts", "choose_blocks", "frozen_model_attention", "hierarchical_attention", "kept_blocks",
+           "selected_layout", "selection_scores"]
