@@ -65,7 +65,7 @@ def correctness(device, dtype, quick: bool) -> list[dict]:
     baseline = run(reference, "cpu", low, chosen=chosen)
     names = ("out", "dq", "dk", "dv", "dgate", "dpool_key", "dpool_value")
     errors = {}
-    for name, f, gd, bl in zip(names, fast, golden, baseline):
+    for name, f, gd, bl in zip(names, fast, golden, baseline, strict=True):
         assert torch.isfinite(f).all(), name
         assert_within(f, gd, bl, k=2.0, eps=1e-5 if low == torch.float32 else 2e-3, what=name)
         errors[name] = float((f.double() - gd).abs().max())
@@ -92,7 +92,7 @@ def timings(device, dtype, lengths, heads, kv_heads, head_dim, config) -> list[d
         variants = {
             "dense_sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                                          enable_gqa=heads != kv_heads),
-            "window": lambda q, k, v: spattn.attention(q, k, v, window_layout, causal=True),
+            "window": lambda q, k, v, layout=window_layout: spattn.attention(q, k, v, layout, causal=True),
             "hierarchical": lambda q, k, v: hierarchical_attention(q, k, v, config),
         }
         model = cost(config, L, head_dim=head_dim, heads=heads, kv_heads=kv_heads, dtype_bytes=q.element_size())
@@ -100,9 +100,9 @@ def timings(device, dtype, lengths, heads, kv_heads, head_dim, config) -> list[d
         for name, fn in variants.items():
             leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
             with torch.no_grad():
-                row[f"{name}_forward_ms"] = median_ms(lambda: fn(q, k, v), device=device)
+                row[f"{name}_forward_ms"] = median_ms(lambda fn=fn, qkv=(q, k, v): fn(*qkv), device=device)
 
-            def step():
+            def step(fn=fn, leaves=leaves):
                 fn(*leaves).sum().backward()
 
             row[f"{name}_forward_backward_ms"] = median_ms(step, device=device, grad_to_none=leaves)
@@ -110,7 +110,6 @@ def timings(device, dtype, lengths, heads, kv_heads, head_dim, config) -> list[d
             row[f"hierarchical_speedup_vs_dense_{mode}"] = row[f"dense_sdpa_{mode}_ms"] / row[f"hierarchical_{mode}_ms"]
         print({k: v for k, v in row.items() if k != "cost"}, flush=True)
         rows.append(row)
-        del q, k, v
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows

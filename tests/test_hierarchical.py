@@ -11,8 +11,16 @@ import pytest
 import torch
 
 import spattn
-from spattn.hierarchical import (HierarchicalAttention, branch_layouts, cost, coverage, decode_tokens,
-                                 hierarchical_attention, prefill_pairs, reference)
+from spattn.hierarchical import (
+    HierarchicalAttention,
+    branch_layouts,
+    cost,
+    coverage,
+    decode_tokens,
+    hierarchical_attention,
+    prefill_pairs,
+    reference,
+)
 from spattn.patterns import CompressedCausal, Hierarchical, Sinks, Window
 from spattn.testing import assert_within, brute_force_mask, poison_empty
 
@@ -162,7 +170,8 @@ def test_fast_float32_forward_backward_within_tolerance(backend="reference"):
         fast = run(hierarchical_attention, torch.float32, backend=backend)
     golden = run(reference, torch.float64, chosen=chosen)
     baseline = run(reference, torch.float32, chosen=chosen)
-    for name, f, gd, bl in zip(("out", "dq", "dk", "dv", "dgate", "dpool_key", "dpool_value"), fast, golden, baseline):
+    names = ("out", "dq", "dk", "dv", "dgate", "dpool_key", "dpool_value")
+    for name, f, gd, bl in zip(names, fast, golden, baseline, strict=True):
         assert torch.isfinite(f).all(), name
         assert_within(f, gd, bl, k=2.0, eps=1e-5, what=name)
 
@@ -178,7 +187,7 @@ def test_causality_per_branch():
         k2[:, :, p + 1:] = torch.randn_like(k2[:, :, p + 1:]) * 10
         v2[:, :, p + 1:] = torch.randn_like(v2[:, :, p + 1:]) * 10
         _, after = hierarchical_attention(q, k2, v2, config, return_info=True)
-        for name, a, b in zip(("compressed", "selected", "window"), before["outputs"], after["outputs"]):
+        for name, a, b in zip(("compressed", "selected", "window"), before["outputs"], after["outputs"], strict=True):
             torch.testing.assert_close(a[:, :, :p + 1], b[:, :, :p + 1], msg=name)
         rows = (p + 1) // 16
         assert torch.equal(before["chosen"][:, :, :rows], after["chosen"][:, :, :rows])

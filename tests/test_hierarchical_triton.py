@@ -69,6 +69,6 @@ def test_triton_branches_equal_reference(monkeypatch):
     golden = run(reference, torch.float64, "cpu", chosen=chosen)
     baseline = run(reference, torch.float32, "cpu", chosen=chosen)
     for name, f, gd, bl in zip(("out", "dq", "dk", "dv", "dgate", "dpool_key", "dpool_value"), got, golden,
-                               baseline):
+                               baseline, strict=True):
         assert torch.isfinite(f).all(), name
         assert_within(f.float(), gd, bl.float(), k=2.0, eps=1e-5, what=name)

@@ -34,7 +34,7 @@ def check_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, co
     if pool_logits is not None:
         if config.pooling != "learned":
             raise ValueError("pool_logits are the learned pooling's weights: use Hierarchical(pooling='learned')")
-        for name, w in zip(("pool_logits[0] (keys)", "pool_logits[1] (values)"), pool_logits):
+        for name, w in zip(("pool_logits[0] (keys)", "pool_logits[1] (values)"), pool_logits, strict=True):
             if w.shape != (key.shape[1], config.compress_block):
                 raise ValueError(f"{name} must be [Hkv, compress_block] = [{key.shape[1]}, "
                                  f"{config.compress_block}], got {tuple(w.shape)}")

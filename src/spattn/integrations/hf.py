@@ -197,8 +197,9 @@ def spattn_attention_forward(
     pattern: Pattern | None = plan.pattern_for(layer) if plan is not None else None
     segments = padding_segments(attention_mask, q_len, kv_len, causal, window)
     if pattern is not None and pattern.kind == "hierarchical":  # three branches, not one layout (spattn.hierarchical)
-        return frozen_model_attention(query, key, value, pattern, causal=causal, scale=scaling, padded=segments is not None
-                                      or window is not None).transpose(1, 2).contiguous(), None
+        out = frozen_model_attention(query, key, value, pattern, causal=causal, scale=scaling,
+                                     padded=segments is not None or window is not None)
+        return out.transpose(1, 2).contiguous(), None
     if pattern is None:
         pattern = Full()
     if window is not None:

@@ -47,8 +47,9 @@ class CompressedCausal(Pattern):
     is visible to the query at token position ``p`` iff ``j * stride + block - 1 <= p``.
 
     Compile it with ``causal=False`` (the mask is the causality) and ``kv_len >= q_len`` (pad the compressed keys
-    to the query length: positions past the real compressed tokens are never visible). ``query_start``: token position of the first query (0 for a prefill; ``L - Lq`` for the last
-    ``Lq`` queries of a length-``L`` sequence).
+    to the query length: positions past the real compressed tokens are never visible). ``query_start``: token
+    position of the first query (0 for a prefill; ``L - Lq`` for the last ``Lq`` queries of a length-``L``
+    sequence).
     """
 
     block: int
