@@ -9,7 +9,8 @@ import spattn
 from spattn.patterns.compile import brute_force_mask
 from spattn.selectors import TopK, TopP
 
-SELECTORS = [("pooled", ()), ("vertical_slash", (("last", 16),)), ("antidiagonal", (("stride", 8),)), ("bounds", ())]
+SELECTORS = [("pooled", ()), ("vertical_slash", (("last", 16),)), ("antidiagonal", (("stride", 8),)), ("bounds", ()),
+             ("probe", (("queries", 4),))]
 IDS = [s for s, _ in SELECTORS]
 BS = 32
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from spattn.selectors import antidiagonal, bounds, get_selector, selector_names
+from spattn.selectors import antidiagonal, bounds, get_selector, probe, selector_names
 from spattn.selectors.common import visible_blocks
 
 # scores are probabilities in [0, 1] accumulated in float32 over at most a few hundred terms
@@ -15,6 +15,7 @@ SELECTORS = [
     ("bounds", {"reduce": "mean"}),
     ("vertical_slash", {"last": 5}),
     ("antidiagonal", {"stride": 4}),
+    ("probe", {"queries": 3}),
 ]
 SHAPES = [
     pytest.param(1, 2, 1, 63, 63, 8, id="B1-L63-H2-gqa"),
@@ -41,13 +42,13 @@ def test_fast_matches_reference(name, opts, B, H, Hkv, Lq, Lk, D, causal):
     torch.testing.assert_close(ref.sum(-1), torch.ones_like(ref.sum(-1)))
 
 
-@pytest.mark.parametrize("name", ["antidiagonal", "bounds"])
+@pytest.mark.parametrize("name", ["antidiagonal", "bounds", "probe"])
 def test_chunked_equals_unchunked(name, monkeypatch):
     torch.manual_seed(1)
     q, k = torch.randn(2, 4, 200, 8), torch.randn(2, 2, 200, 8)
     sel = get_selector(name)
     whole = sel.scores(q, k, block_size=16, causal=True)
-    mod = antidiagonal if name == "antidiagonal" else bounds
+    mod = {"antidiagonal": antidiagonal, "bounds": bounds, "probe": probe}[name]
     monkeypatch.setattr(mod, "_CHUNK_ELEMENTS", 1)
     torch.testing.assert_close(sel.scores(q, k, block_size=16, causal=True), whole)
 
@@ -75,3 +76,16 @@ def test_selector_errors():
         get_selector("bounds", reduce="min")
     with pytest.raises(ValueError, match="multiple"):
         get_selector("pooled").scores(torch.randn(1, 3, 32, 4), torch.randn(1, 2, 32, 4), block_size=16)
+
+
+def test_probe_rows_spread_over_the_block_and_end_on_its_last_query():
+    rows = probe.probe_rows(100, 32, 4, "cpu")
+    assert rows.tolist() == [[7, 15, 23, 31], [39, 47, 55, 63], [71, 79, 87, 95], [96, 97, 98, 99]]
+    # the probe of every query of a block is exact: its scores are the true mass per key block
+    torch.manual_seed(3)
+    q, k = torch.randn(1, 2, 64, 8), torch.randn(1, 2, 64, 8)
+    got = get_selector("probe", queries=16).scores(q, k, block_size=16, causal=True)
+    causal = torch.ones(64, 64).bool().tril()
+    p = torch.softmax((q @ k.transpose(-1, -2) / 8 ** 0.5).masked_fill(~causal, -torch.inf), -1)
+    want = p.view(1, 2, 4, 16, 4, 16).sum(-1).mean(3)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)

@@ -7,14 +7,26 @@ Describe a pattern, compile it to a block-sparse Layout, run attention on it:
     >>> out = spattn.attention(q, k, v, spattn.Sinks(16) | spattn.Window(64), causal=True)
 """
 
+from spattn import (  # the toolkits as spattn.<name>
+    coverage,
+    distributed,
+    hierarchical,
+    learned,  # registers the 'gate' selector
+    nn,
+)
+from spattn.integrations import BudgetRule, Plan, patch, patched, unpatch
+from spattn.integrations.capture import Capture, capture
+from spattn.ops.attention import attention, choose_backend
 from spattn.patterns import (
     BlockLayout,
     Budgeted,
     Causal,
     Dilated,
     Document,
+    Essential,
     Full,
     Global,
+    Hierarchical,
     Intersection,
     Layout,
     Pattern,
@@ -25,24 +37,27 @@ from spattn.patterns import (
     Union,
     Window,
     compile,
+    essential_flags,
     pattern_from_dict,
 )
-
-from spattn.ops.attention import attention, choose_backend
-from spattn.selectors import LayoutBuilder, TopK, TopP
-from spattn.integrations import Plan, patch, patched, unpatch
-from spattn.integrations.capture import Capture, capture
-from spattn import coverage  # noqa: E402 - the coverage toolkit as spattn.coverage
-from spattn.patterns import Essential, essential_flags  # noqa: E402 - the essential-token safeguard
-from spattn import learned, nn  # noqa: E402 - learned sparsity (registers the 'gate' selector) and layers
-from spattn import distributed  # noqa: E402 - sparse attention across ranks as spattn.distributed
+from spattn.selectors import Adaptive, LayoutBuilder, TopK, TopP
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):  # spattn.plan (the planner, which needs numpy) loads on first use
+    if name == "plan":
+        from spattn.planner import plan
+
+        return plan
+    raise AttributeError(f"module 'spattn' has no attribute {name!r}")
+
 
 __all__ = [
     "BlockLayout", "Budgeted", "Causal", "Dilated", "Document", "Full", "Global", "Intersection", "Layout",
     "Pattern", "PerHead", "RandomBlocks", "Sinks", "Strided", "Union", "Window", "compile", "pattern_from_dict",
-    "attention", "choose_backend", "TopK", "TopP", "LayoutBuilder",
+    "attention", "choose_backend", "TopK", "TopP", "Adaptive", "LayoutBuilder",
     "Plan", "patch", "patched", "unpatch", "Capture", "capture",
-    "Essential", "essential_flags", "learned", "nn",
+    "Essential", "essential_flags", "learned", "nn", "BudgetRule", "plan",
+    "Hierarchical", "hierarchical", "coverage", "distributed",
 ]

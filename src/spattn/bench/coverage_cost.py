@@ -69,13 +69,12 @@ def gate(q: torch.Tensor, k: torch.Tensor, layout: spattn.Layout, report, n: int
     s = s.masked_fill(torch.arange(L, device=q.device)[None, :] > rows, -math.inf)
     p = torch.softmax(s, -1)
     # the layout's kept keys for those rows, from the tables (small slice of the dense view)
-    from spattn.coverage import _tables
+    from spattn.layout import dense, tables
 
     bs = layout.block_size
     qb0 = (L - n) // bs
-    bmap = _tables.block_map(layout, qb0, layout.num_q_blocks)
-    kept = _tables.chunk_mask(layout, bmap, _tables.extended_masks(layout), 0, layout.num_kv_blocks,
-                              layout.num_q_blocks * bs - qb0 * bs, L)
+    _, slot = tables.unpack(layout, qb0)
+    kept = dense.expand(slot, tables.tiles(layout.masks))[..., :, :L]
     kept = kept[0, :heads, (L - n) - qb0 * bs:(L - n) - qb0 * bs + n]
     want = (p * kept).sum(-1)
     return float((report.recall[0, :heads, L - n:].double() - want).abs().max())

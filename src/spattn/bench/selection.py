@@ -299,11 +299,10 @@ def run_row(args, q, k, v, selector, device, backend, dense_ms, deadline) -> dic
     # 1. selection alone: the dynamic part given the safeguards' status (what the budget rule sees)
     ctx = Context(L, L, bs, q.device, True, q.shape[0], H, q, k)
     kept = safe.status(ctx)
-    ctx.kept = kept
 
     def select():
         ctx.info = {}
-        return dyn.selection(ctx)
+        return dyn.selection(ctx, kept=kept, allowed=None)
 
     if device.type == "cuda":  # the selection must not synchronise with the host: let CUDA say so
         try:

@@ -1,4 +1,4 @@
-"""``spattn`` command: ``demo``, ``bench``, ``data``, ``report``, ``train``."""
+"""``spattn`` command: ``demo``, ``bench``, ``report``, ``plan``, ``generate``, ``serve``, ``data``, ``eval``, ``train``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ import typer
 
 from spattn.cli.data import data_app
 from spattn.cli.eval import eval_app
+from spattn.cli.generate import generate_command
+from spattn.cli.plan import plan_command
 from spattn.cli.report import report_command
+from spattn.cli.serve import serve_command
 from spattn.cli.train import train_app
 
 app = typer.Typer(
@@ -62,6 +65,9 @@ def bench(
 app.add_typer(data_app, name="data", help="Prepare offline corpora (Austen, KJV).")
 app.command(name="report")(report_command)
 app.add_typer(eval_app, name="eval")
+app.command(name="plan")(plan_command)
+app.command(name="generate")(generate_command)
+app.command(name="serve")(serve_command)
 app.add_typer(train_app, name="train", help="Learned sparsity: distil gates, train LMs and tasks.")
 
 

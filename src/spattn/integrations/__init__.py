@@ -4,6 +4,6 @@ only when a function needs it (extra ``hf``)."""
 
 from spattn.integrations.hf import attention_modules, patch, patched, register, unpatch
 from spattn.integrations.models import load_minilm, load_smollm2
-from spattn.integrations.plan import Plan
+from spattn.integrations.plan import BudgetRule, Plan
 
-__all__ = ["Plan", "attention_modules", "load_minilm", "load_smollm2", "patch", "patched", "register", "unpatch"]
+__all__ = ["BudgetRule", "Plan", "attention_modules", "load_minilm", "load_smollm2", "patch", "patched", "register", "unpatch"]

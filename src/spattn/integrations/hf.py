@@ -174,6 +174,7 @@ def spattn_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """The transformers attention function: query ``[B, H, Lq, D]``, key/value ``[B, Hkv, Lk, D]`` (after
     rotary embeddings, GQA heads not repeated); returns ``([B, Lq, H, D], None)`` like the SDPA function."""
+    from spattn.hierarchical.attention import frozen_model_attention
     from spattn.ops.attention.api import attention
 
     if dropout and module.training:
@@ -195,6 +196,10 @@ def spattn_attention_forward(
     plan: Plan | None = getattr(module, "_spattn_plan", None)
     pattern: Pattern | None = plan.pattern_for(layer) if plan is not None else None
     segments = padding_segments(attention_mask, q_len, kv_len, causal, window)
+    if pattern is not None and pattern.kind == "hierarchical":  # three branches, not one layout (spattn.hierarchical)
+        out = frozen_model_attention(query, key, value, pattern, causal=causal, scale=scaling,
+                                     padded=segments is not None or window is not None)
+        return out.transpose(1, 2).contiguous(), None
     if pattern is None:
         pattern = Full()
     if window is not None:

@@ -19,6 +19,7 @@ from spattn.patterns.builtin import (
 )
 from spattn.patterns.compile import brute_force_mask, compile, layout_from_status
 from spattn.patterns.essential import Essential, essential_flags  # registers itself
+from spattn.patterns.hierarchical import CompressedCausal, Hierarchical  # registers itself
 from spattn.patterns.serialize import pattern_from_dict, register_pattern
 
 for _cls in (Union, Intersection, Full, Causal, Window, Sinks, Global, Dilated, Strided, RandomBlocks, BlockLayout,
@@ -30,5 +31,5 @@ __all__ = [
     "Full", "Causal", "Window", "Sinks", "Global", "Dilated", "Strided", "RandomBlocks", "BlockLayout",
     "BlockSelection", "Document", "PerHead", "Budgeted",
     "compile", "brute_force_mask", "layout_from_status", "Layout", "pattern_from_dict", "register_pattern",
-    "Essential", "essential_flags",
+    "Essential", "essential_flags", "Hierarchical", "CompressedCausal",
 ]

@@ -23,7 +23,7 @@ FAMILY_TITLES = {
     "strided": "window + strided reach",
     "random": "sinks + window + random blocks",
     "budgeted": "Budgeted (sinks, window, block strides)",
-    "top_p": "sinks + window + dynamic TopP",
+    "top_p": "sinks + window + dynamic selection (Adaptive)",
 }
 
 
@@ -85,6 +85,7 @@ def _fmt(pattern: Pattern) -> str:
     shown = {
         "Window": ["left"], "Sinks": ["n"], "Strided": ["stride"], "RandomBlocks": ["per_row", "block"],
         "Budgeted": ["keys_per_query", "sinks"], "TopP": ["selector", "mass"], "TopK": ["selector", "blocks"],
+        "Adaptive": ["selector", "keys", "sinks", "window"],
     }.get(name)
     if shown is None:
         return repr(pattern)
@@ -144,16 +145,18 @@ def static_candidates(family: str, budget: float, length: int, block_size: int, 
 
 def fit_dynamic(selector: str, budget: float, length: int, block_size: int,
                 probes: list[tuple[torch.Tensor, torch.Tensor]], iterations: int = 7) -> Candidate:
-    """Fit ``Sinks | Window | TopP(selector, mass)`` to ``budget``: bisect the mass on the cost measured on the
-    calibration probes (``[(query [1, H, L, D], key [1, Hkv, L, D]), ...]``, a few layers)."""
-    from spattn.selectors import TopP
+    """Fit ``Adaptive(selector, keys, sinks, window)`` (one key budget per query over all heads, spent where the
+    estimated missing mass is) to ``budget``: ``keys`` starts at the budget and steps down by one selection
+    block until the cost measured on the calibration probes (``[(query [1, H, L, D], key [1, Hkv, L, D]),
+    ...]``, a few layers) fits."""
+    from spattn.selectors import Adaptive
 
     K = budget * (length + 1) / 2
     sinks, window = safeguards(K)
-    base = spattn.Sinks(sinks) | spattn.Window(window)
+    cell = min(64, block_size) if block_size % min(64, block_size) == 0 else block_size
 
-    def build(mass: float) -> Pattern:
-        return base | TopP(selector, round(mass, 4))
+    def build(keys: int) -> Pattern:
+        return Adaptive(selector, keys, sinks=sinks, window=window, block=cell)
 
     def cost(p: Pattern) -> float:
         vals = [layout_cost(spattn.compile(p, length, length, causal=True, block_size=block_size, query=q, key=k))[0]
@@ -161,22 +164,16 @@ def fit_dynamic(selector: str, budget: float, length: int, block_size: int,
         return sum(vals) / len(vals)
 
     cid = f"top_p:{selector}@{budget:g}"
-    lo_mass = 0.01
-    if cost(build(lo_mass)) > budget:
-        c0 = cost(base)
+    local = _static_cost(spattn.Sinks(sinks) | spattn.Window(window), length, block_size)
+    if local > budget:
         return Candidate(cid, "top_p", budget, None, "", {}, True, selector=selector,
-                         note=(f"TopP({selector!r}) cannot fit {budget:g} of the dense keys with {block_size}-token "
-                               f"blocks (the safeguards alone cost {c0:.3g}; one selected block per query block "
-                               "already exceeds the budget)"))
-    lo, hi = lo_mass, 1.0
-    if cost(build(hi)) <= budget:
-        lo = hi
-    else:
-        for _ in range(iterations):
-            mid = (lo + hi) / 2
-            if cost(build(mid)) <= budget:
-                lo = mid
-            else:
-                hi = mid
-    pattern = build(lo)
-    return Candidate(cid, "top_p", budget, pattern, _fmt(pattern), {"mass": round(lo, 4)}, True, selector=selector)
+                         note=(f"Adaptive({selector!r}) cannot fit {budget:g} of the dense keys: its sinks and window "
+                               f"alone cost {local:.3g}"))
+    keys = int(K)
+    for _ in range(iterations):
+        if keys <= 0 or cost(build(keys)) <= budget:
+            break
+        keys -= cell
+    keys = max(keys, 0)
+    pattern = build(keys)
+    return Candidate(cid, "top_p", budget, pattern, _fmt(pattern), {"keys": keys}, True, selector=selector)

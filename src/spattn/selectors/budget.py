@@ -6,6 +6,8 @@ run on the device with no host synchronisation (shapes depend on Python integers
 * :func:`top_k` — the ``blocks`` highest-scoring available blocks of each query block.
 * :func:`top_p` — the fewest available blocks whose scores, added to the mass already kept, reach ``mass``
   times the row total (cumulative threshold; minimal because blocks are taken in decreasing score order).
+* :func:`top_keys` — one budget of (query, key) pairs for all heads and query blocks, spent greedily on the
+  best estimated mass per key.
 
 ``min_blocks`` / ``max_blocks`` clamp the number chosen per query block. Any budget argument may be a
 Python number (every head) or a sequence with one value per head (``Hs`` heads of the scores).
@@ -80,3 +82,22 @@ def top_p(scores: torch.Tensor, available: torch.Tensor, mass: Budget, *, kept_m
     target = p if total is None else p * total[..., None]
     keep = _clamp((before < target) & (gain > 0), rank, lo, hi) & avail
     return torch.zeros_like(keep).scatter(-1, order, keep)
+
+
+def top_keys(gain: torch.Tensor, available: torch.Tensor, cost: torch.Tensor, pairs: float | int) -> torch.Tensor:
+    """bool ``[B, H, NQ, NK]``: one key budget shared by every head and query block of a batch element.
+
+    Each available cell with ``gain > 0`` costs ``cost`` (new (query, key) pairs, broadcast to the scores);
+    cells are taken in decreasing ``gain / cost`` (estimated missing mass per key) while the running cost
+    stays within ``pairs * H`` (``pairs`` per head: keys per query times queries). Greedy knapsack: heads
+    and query blocks whose mass is already kept spend little, the others much.
+    """
+    B, H = gain.shape[:2]
+    cost = cost.expand(gain.shape).float()
+    take = available.expand(gain.shape) & (gain > 0) & (cost > 0)
+    density = torch.where(take, gain.float() / cost.clamp_min(1e-9), torch.full_like(cost, -1.0))
+    flat_d, flat_c, flat_t = density.reshape(B, -1), cost.reshape(B, -1), take.reshape(B, -1)
+    order = flat_d.argsort(dim=-1, descending=True, stable=True)
+    spent = torch.where(flat_t, flat_c, torch.zeros_like(flat_c)).gather(-1, order).cumsum(-1)
+    keep = (spent <= float(pairs) * H) & flat_t.gather(-1, order)
+    return torch.zeros_like(flat_t).scatter(-1, order, keep).view(gain.shape)

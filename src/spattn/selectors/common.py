@@ -167,3 +167,20 @@ def matmul_dtype(query: torch.Tensor) -> torch.dtype:
     if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
         return query.dtype
     return torch.float32
+
+
+def cell_pairs(q_len: int, kv_len: int, block_size: int, causal: bool, device) -> torch.Tensor:
+    """float32 ``[NQ, NK]``: (query, key) pairs of each block a query may see (causal: ``j <= i + off``),
+    so ``pairs / q_len`` summed over chosen blocks is the keys per query they add."""
+    qn = block_sizes(q_len, block_size, device).float()
+    kn = block_sizes(kv_len, block_size, device).float()
+    pairs = qn[:, None] * kn[None, :]
+    if not causal:
+        return pairs
+    off = kv_len - q_len
+    i = torch.arange(q_len, device=device) + off  # absolute query positions
+    klo = torch.arange(kn.shape[0], device=device) * block_size
+    seen = (i[:, None] + 1 - klo[None, :]).clamp(min=0).float().clamp(max=kn[None, :])  # [Lq, NK] keys seen
+    NQ = qn.shape[0]
+    seen = torch.nn.functional.pad(seen, (0, 0, 0, NQ * block_size - q_len)).view(NQ, block_size, -1).sum(1)
+    return seen

@@ -2,14 +2,17 @@
 
 ``Sinks(64) | Window(1024) | TopP("pooled", 0.95)``: the static parts (safeguards) are compiled first; the
 dynamic part scores every key block from the actual query/key (a selector), then spends its budget only on
-visible blocks the safeguards do not already keep. Selection granularity is the compile block size.
+key blocks by the mass the safeguards are estimated to *miss* (a block they keep only partly stays selectable,
+and choosing it keeps the rest of it). Selection granularity is ``block`` (default the compile block size).
 
 Per call it records in ``Layout.info`` (tensors, no host sync):
 
 * ``estimated_mass`` float32 ``[B, H]``: mean over query blocks of the estimated share of the softmax mass
   kept (safeguards + selection), by the selector's own estimate (``spattn.coverage.measure`` gives the true one);
 * ``estimated_mass_per_block`` ``[B, H, NQ]`` and ``selected_blocks`` int ``[B, H, NQ]`` (blocks chosen
-  dynamically, safeguards not counted).
+  dynamically, safeguards not counted), per selection cell;
+* ``estimated_keys_per_head`` float ``[B, H]``: keys per query the selection adds beyond the safeguards
+  (exact where the safeguards keep a block fully or not at all, half a partly kept block otherwise).
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ from typing import Any, ClassVar
 
 import torch
 
-from spattn.patterns.base import EMPTY, PARTIAL, Context, Pattern
-from spattn.patterns.builtin import BlockSelection
+from spattn.layout import tables as _tables
+from spattn.patterns.base import EMPTY, FULL, PARTIAL, Context, Pattern, as_4d
+from spattn.patterns.builtin import BlockSelection, Sinks, Window
 from spattn.patterns.serialize import register_pattern
 from spattn.selectors import budget as _budget
-from spattn.selectors.common import Selector, get_selector, normalise, visible_blocks
+from spattn.selectors.common import Selector, cell_pairs, get_selector, normalise, visible_blocks
+from spattn.selectors.probe import Probe
 
 SHARING = ("group", "head")
 
@@ -62,8 +67,44 @@ def _budget_value(value: Any, name: str, kind: type, lo: float, hi: float | None
     return tuple(values) if isinstance(value, (list, tuple)) else value
 
 
-class _Dynamic(BlockSelection):
-    """Shared machinery of TopK / TopP (fields are declared by the subclasses)."""
+def to_cells(status: torch.Tensor, ctx: Context, cell: int) -> torch.Tensor:
+    """A block-level tensor ``[..., NQ, NK]`` (compile block size) repeated onto ``cell``-sized cells."""
+    if cell == ctx.block_size:
+        return status
+    qmap = torch.arange(-(-ctx.q_len // cell), device=status.device) * cell // ctx.block_size
+    kmap = torch.arange(-(-ctx.kv_len // cell), device=status.device) * cell // ctx.block_size
+    return status[..., qmap, :][..., kmap]
+
+
+def kept_fraction(ctx: Context, kept: torch.Tensor | None, cell: int) -> torch.Tensor:
+    """float ``[Bs, Hs, NQc, NKc]``: the share of each selection cell the safeguards keep (``kept``: the int8
+    block status of the static parts of the enclosing union, or None).
+
+    A cell of a ``FULL`` block counts 1, of an ``EMPTY`` block 0. In a ``PARTIAL`` block the token-level mask
+    is not known here (the status is all the enclosing union hands over): a cell on the causal diagonal counts
+    1 (the safeguards' local window covers it), any other cell 1/2 (it stays selectable)."""
+    dev = ctx.device if ctx.query is None else ctx.query.device
+    NQ, NK = -(-ctx.q_len // cell), -(-ctx.kv_len // cell)
+    if kept is None:
+        return torch.zeros(1, 1, NQ, NK, device=dev)
+    st = to_cells(kept.to(dev), ctx, cell)
+    frac = torch.where(st >= FULL, 1.0, torch.where(st == PARTIAL, 0.5, 0.0))
+    if ctx.causal:
+        diagonal = visible_blocks(ctx.q_len, ctx.kv_len, cell, True, dev) & ~fully_visible(ctx, cell)
+        frac = torch.where(diagonal & (st == PARTIAL), 1.0, frac)
+    return frac
+
+
+def fully_visible(ctx: Context, cell: int) -> torch.Tensor:
+    """bool ``[NQc, NKc]``: causal cells whose every key is visible to every query of the cell."""
+    dev = ctx.device if ctx.query is None else ctx.query.device
+    qlo = torch.arange(-(-ctx.q_len // cell), device=dev) * cell + ctx.offset
+    khi = torch.clamp((torch.arange(-(-ctx.kv_len // cell), device=dev) + 1) * cell, max=ctx.kv_len) - 1
+    return khi[None, :] <= qlo[:, None]
+
+
+class _Selection(BlockSelection):
+    """Shared machinery of TopK / TopP / Adaptive (fields are declared by the subclasses)."""
 
     dynamic: ClassVar[bool] = True
     selector: str
@@ -73,6 +114,7 @@ class _Dynamic(BlockSelection):
     sharing: str
     keep: tuple[int, ...]
     within: Pattern | None
+    block: int | None
 
     def _validate(self) -> None:
         name, opts = _options(self.selector, self.options)
@@ -94,15 +136,28 @@ class _Dynamic(BlockSelection):
             raise TypeError(f"within must be a Pattern or None, got {type(self.within).__name__}")
         if self.within is not None and self.within.contains_dynamic():
             raise ValueError("within must be a static pattern")
+        if self.block is not None and (isinstance(self.block, bool) or not isinstance(self.block, int)
+                                       or self.block < 1):
+            raise ValueError(f"block must be None or a positive int (selection block size), got {self.block!r}")
 
     def make_selector(self) -> Selector:
         return get_selector(self.selector, **dict(self.options))
 
     def granularity(self, ctx: Context) -> int:
-        return ctx.block_size
+        if self.block is None:
+            return ctx.block_size
+        if ctx.block_size % self.block:
+            raise ValueError(f"{type(self).__name__}.block ({self.block}) must divide the compile block_size "
+                             f"({ctx.block_size})")
+        return self.block
+
+    def _own_safeguards(self, ctx: Context, cell: int) -> tuple[torch.Tensor | None, Any]:
+        """(exact kept share per cell ``[1, 1, NQc, NKc]``, token predicate ``(i, j) -> bool``) of safeguards
+        the pattern holds itself (none here; see :class:`Adaptive`)."""
+        return None, None
 
     # -- the rule ------------------------------------------------------------------------------
-    def _choose(self, scores, available, kept_mass, min_blocks, max_blocks):
+    def _choose(self, gain, available, kept_mass, cost, min_blocks, max_blocks, ctx):
         raise NotImplementedError
 
     def _keep_flags(self, ctx: Context) -> torch.Tensor:
@@ -129,50 +184,71 @@ class _Dynamic(BlockSelection):
             raise ValueError(f"query has batch {B} but compile got batch={ctx.batch}")
         if H % Hkv:
             raise ValueError(f"query heads ({H}) must be a multiple of key heads ({Hkv})")
-        dev, bs = q.device, ctx.block_size
-        NQ, NK = ctx.num_q_blocks, ctx.num_kv_blocks
+        dev = q.device
+        g = self.granularity(ctx)
+        NQ, NK = -(-Lq // g), -(-Lk // g)
         G = H // Hkv if self.sharing == "group" else 1
         with torch.no_grad():
-            hook, static_kept, allowed = allowed, kept, None  # hook: static parts of enclosing intersections
+            hook, static_kept, allowed = allowed, kept, None  # the static parts of enclosing intersections / unions
             if self.within is not None:
                 allowed = self.within.status(ctx).to(dev) != EMPTY
             if hook is not None:
                 hook = hook.to(dev) >= 1
                 allowed = hook if allowed is None else allowed & hook
-            scores = self.make_selector().scores(q.detach(), k.detach(), block_size=bs, causal=ctx.causal,
-                                                 allowed=allowed)  # [B, H, NQ, NK]
-            visible = visible_blocks(Lq, Lk, bs, ctx.causal, dev).expand(B, H, NQ, NK)
+            if allowed is not None:
+                allowed = to_cells(allowed, ctx, g)
+            visible = visible_blocks(Lq, Lk, g, ctx.causal, dev).expand(B, H, NQ, NK)
             if allowed is not None:
                 visible = visible & allowed
-            kept = torch.zeros(1, 1, NQ, NK, dtype=torch.bool, device=dev)
-            if static_kept is not None:  # static parts of enclosing unions
-                kept = kept | (static_kept.to(dev) >= 1)
-            if self.keep:
-                kept = kept | self._keep_flags(ctx).to(dev)
+            kept = kept_fraction(ctx, static_kept, g)  # [Bs, Hs, NQ, NK] in [0, 1]: an enclosing union's safeguards
+            local_kept, kept_tokens = self._own_safeguards(ctx, g)
+            if local_kept is not None:
+                kept = torch.maximum(kept, local_kept)
+            selector = self.make_selector()
+            if kept_tokens is not None and isinstance(selector, Probe):
+                # exact missing mass of the probe queries: their softmax on the keys the safeguards do not keep
+                missing = selector.scores(q.detach(), k.detach(), block_size=g, causal=ctx.causal, allowed=allowed,
+                                          exclude=kept_tokens)
+            else:
+                missing = None
+                scores = selector.scores(q.detach(), k.detach(), block_size=g, causal=ctx.causal,
+                                         allowed=allowed)  # [B, H, NQ, NK]
             if G > 1:  # one selection per key/value head group: average the group's scores
-                scores = scores.view(B, Hkv, G, NQ, NK).mean(2)
-                visible = visible.view(B, Hkv, G, NQ, NK).any(2)
-                kept = kept.expand(-1, H, -1, -1).reshape(kept.shape[0], Hkv, G, NQ, NK).all(2) \
-                    if kept.shape[1] == H else kept
-            scores = normalise(scores, visible)
-            kept = kept & visible
-            kept_mass = (scores * kept).sum(-1)
-            min_blocks = -(-self.min_keys // bs) if self.min_keys else None
-            max_blocks = None if self.max_keys is None else self.max_keys // bs
-            chosen = self._choose(scores, visible & ~kept, kept_mass, min_blocks, max_blocks)
-            estimated = kept_mass + (scores * chosen).sum(-1)
+                if missing is None:
+                    scores = scores.reshape(B, Hkv, G, NQ, NK).mean(2)
+                else:
+                    missing = missing.reshape(B, Hkv, G, NQ, NK).mean(2)
+                visible = visible.reshape(B, Hkv, G, NQ, NK).any(2)
+                if kept.shape[1] == H:
+                    kept = kept.reshape(kept.shape[0], Hkv, G, NQ, NK).amin(2)
+            kept = torch.where(visible, kept, torch.zeros_like(kept))
+            if missing is None:
+                scores = normalise(scores, visible)
+                kept_mass = (scores * kept).sum(-1)
+                gain = scores * (1 - kept)  # the estimated mass the safeguards miss
+            else:
+                gain = torch.where(visible & (kept < 1), missing, torch.zeros_like(missing))
+                kept_mass = (1 - gain.sum(-1)).clamp_min(0)
+            cost = cell_pairs(Lq, Lk, g, ctx.causal, dev) * (1 - kept)  # new (query, key) pairs if chosen
+            min_blocks = -(-self.min_keys // g) if self.min_keys else None
+            max_blocks = None if self.max_keys is None else self.max_keys // g
+            chosen = self._choose(gain, visible & (kept < 1), kept_mass, cost, min_blocks, max_blocks, ctx)
+            estimated = kept_mass + (gain * chosen).sum(-1)
             count = chosen.sum(-1, dtype=torch.int32)
+            keys = (cost * chosen).sum((-1, -2)) / Lq  # [B, Hs] estimated new keys per query
             if G > 1:
                 chosen = chosen.repeat_interleave(G, dim=1)
                 estimated = estimated.repeat_interleave(G, dim=1)
                 count = count.repeat_interleave(G, dim=1)
+                keys = keys.repeat_interleave(G, dim=1)
         info = ctx.info
         info["estimated_mass"] = estimated.float().mean(-1)
         info["estimated_mass_per_block"] = estimated.float()
         info["selected_blocks"] = count
+        info["estimated_keys_per_head"] = keys.float()
         info.setdefault("selectors", []).append(
             {"pattern": type(self).__name__, "selector": self.selector, "options": dict(self.options),
-             "sharing": self.sharing}
+             "sharing": self.sharing, "block": g}
         )
         return chosen
 
@@ -195,8 +271,34 @@ class _Dynamic(BlockSelection):
         return m
 
     def signature(self, ctx, b, h, qb, kb):
-        # partial blocks are unselected blocks holding kept tokens: their mask depends on the key block only
-        return kb[:, None]
+        g = self.granularity(ctx)
+        if g == ctx.block_size:
+            # partial blocks are unselected blocks holding kept tokens: their mask depends on the key block only
+            return kb[:, None]
+        # finer selection cells: the mask is the block's cells (bits) plus its kept tokens
+        sel = self.cached_selection(ctx)
+        r = ctx.block_size // g
+        t = torch.arange(r, device=sel.device)
+        rows = qb.to(sel.device)[:, None] * r + t  # [P, r]
+        cols = kb.to(sel.device)[:, None] * r + t
+        inside = (rows < sel.shape[-2])[:, :, None] & (cols < sel.shape[-1])[:, None, :]
+        bb = b.to(sel.device) if sel.shape[0] > 1 else torch.zeros_like(qb, device=sel.device)
+        hh = h.to(sel.device) if sel.shape[1] > 1 else torch.zeros_like(qb, device=sel.device)
+        bits = sel[bb[:, None, None], hh[:, None, None], rows.clamp(max=sel.shape[-2] - 1)[:, :, None],
+                   cols.clamp(max=sel.shape[-1] - 1)[:, None, :]] & inside
+        bits = bits.flatten(1).long()  # [P, r * r]
+        words = []
+        for w0 in range(0, bits.shape[1], 62):
+            part = bits[:, w0:w0 + 62]
+            words.append((part << torch.arange(part.shape[1], device=sel.device)).sum(1))
+        out = torch.stack(words, dim=1)
+        if self.keep:
+            out = torch.cat([out, kb.to(sel.device)[:, None]], dim=1)
+        return out.to(qb.device)
+
+
+class _Dynamic(_Selection):
+    """TopK / TopP: the selection alone (what ``LayoutBuilder`` merges into cached safeguards)."""
 
 
 @register_pattern
@@ -214,6 +316,8 @@ class TopK(_Dynamic):
             or ``"head"`` (one per query head).
         keep: token positions every query always sees (special tokens); they spend no budget.
         within: a static pattern restricting the candidates (e.g. ``Document(ids)`` for packed batches).
+        block: selection block size (default ``None``: the compile block size); must divide it, e.g. 64 or
+            32 under 128-token kernel blocks. ``blocks`` then counts cells of this size.
 
     Example:
         >>> q = k = v = torch.randn(1, 4, 1024, 64)
@@ -228,14 +332,15 @@ class TopK(_Dynamic):
     sharing: str = "group"
     keep: tuple[int, ...] = ()
     within: Pattern | None = None
+    block: int | None = None
     kind: ClassVar[str] = "top_k"
 
     def __post_init__(self):
         self._validate()
         object.__setattr__(self, "blocks", _budget_value(self.blocks, "TopK.blocks", int, 0, None))
 
-    def _choose(self, scores, available, kept_mass, min_blocks, max_blocks):
-        return _budget.top_k(scores, available, self.blocks, min_blocks=min_blocks, max_blocks=max_blocks)
+    def _choose(self, gain, available, kept_mass, cost, min_blocks, max_blocks, ctx):
+        return _budget.top_k(gain, available, self.blocks, min_blocks=min_blocks, max_blocks=max_blocks)
 
 
 @register_pattern
@@ -247,7 +352,7 @@ class TopP(_Dynamic):
     Args:
         selector: ``"pooled"``, ``"vertical_slash"``, ``"antidiagonal"``, ``"bounds"`` or a Selector instance.
         mass: fraction in (0, 1], or one per selection head (as ``TopK.blocks``).
-        options, min_keys, max_keys, sharing, keep, within: as for :class:`TopK`.
+        options, min_keys, max_keys, sharing, keep, within, block: as for :class:`TopK`.
 
     Example:
         >>> out = spattn.attention(q, k, v, Sinks(64) | Window(1024) | TopP("pooled", 0.95), causal=True)
@@ -261,15 +366,148 @@ class TopP(_Dynamic):
     sharing: str = "group"
     keep: tuple[int, ...] = ()
     within: Pattern | None = None
+    block: int | None = None
     kind: ClassVar[str] = "top_p"
 
     def __post_init__(self):
         self._validate()
         object.__setattr__(self, "mass", _budget_value(self.mass, "TopP.mass", float, 0.0, 1.0))
 
-    def _choose(self, scores, available, kept_mass, min_blocks, max_blocks):
-        return _budget.top_p(scores, available, self.mass, kept_mass=kept_mass, min_blocks=min_blocks,
+    def _choose(self, gain, available, kept_mass, cost, min_blocks, max_blocks, ctx):
+        return _budget.top_p(gain, available, self.mass, kept_mass=kept_mass, min_blocks=min_blocks,
                              max_blocks=max_blocks)
 
 
-__all__ = ["TopK", "TopP", "SHARING"]
+@register_pattern
+@dataclasses.dataclass(frozen=True)
+class Adaptive(_Selection):
+    """``keys`` keys per query in all, *averaged over the heads and queries* of the layer: its own ``sinks``
+    and ``window`` (kept exactly, token by token), and the rest spent on the cells with the most estimated
+    missing mass per key, so heads whose mass the safeguards already hold spend little and retrieving heads
+    much (a global greedy knapsack: TopP-style adaptive counts under one key budget).
+
+    Args:
+        selector: as for :class:`TopK`; with ``"probe"`` the missing mass is the probe queries' exact mass
+            outside the sinks and window.
+        keys: total keys per query (sinks + window + selection), averaged over heads and queries; an int.
+        sinks: first keys every query sees (default 0); window: keys ``i - window .. i`` (default 0).
+        block: selection block size (default 64; must divide the compile block size).
+        options, min_keys, max_keys, sharing, keep, within: as for :class:`TopK`; ``min_keys`` / ``max_keys``
+            clamp each query block (they may move the average off ``keys``). Safeguards of an enclosing union
+            are extra: they are not counted in ``keys``.
+
+    ``Layout.info["estimated_keys_per_head"]`` ``[B, H]`` holds each head's keys per query (sinks and window
+    included); their mean is ``keys`` within one cell of ``block`` keys.
+
+    Example:
+        >>> out = spattn.attention(q, k, v, Adaptive("probe", 256, sinks=64, window=64), causal=True)
+    """
+
+    selector: Any
+    keys: int
+    sinks: int = 0
+    window: int = 0
+    options: Any = ()
+    min_keys: int = 0
+    max_keys: int | None = None
+    sharing: str = "group"
+    keep: tuple[int, ...] = ()
+    within: Pattern | None = None
+    block: int | None = 64
+    kind: ClassVar[str] = "adaptive"
+
+    def __post_init__(self):
+        self._validate()
+        for name in ("keys", "sinks", "window"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"Adaptive.{name} must be an int >= 0, got {v!r}")
+
+    def granularity(self, ctx: Context) -> int:
+        return min(super().granularity(ctx), ctx.block_size)
+
+    def _local_parts(self) -> list[Pattern]:
+        parts: list[Pattern] = []
+        if self.sinks:
+            parts.append(Sinks(self.sinks))
+        if self.window:
+            parts.append(Window(self.window))
+        return parts
+
+    def _local_mask(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """bool: the token pairs the pattern's own sinks and window keep (absolute positions)."""
+        m = torch.zeros(torch.broadcast_shapes(i.shape, j.shape), dtype=torch.bool, device=i.device)
+        if self.sinks:
+            m = m | (j < self.sinks)
+        if self.window:
+            d = i - j
+            m = m | ((d <= self.window) & (d >= 0))
+        return m
+
+    def _local_layout(self, ctx: Context, cell: int):
+        from spattn.patterns.compile import compile as compile_pattern
+
+        key = ("adaptive-local", self.sinks, self.window, cell)
+        if key not in ctx.cache:
+            dev = ctx.device if ctx.query is None else ctx.query.device
+            ctx.cache[key] = compile_pattern(_union(self._local_parts()), ctx.q_len, ctx.kv_len, causal=ctx.causal,
+                                             block_size=cell, device=dev)
+        return ctx.cache[key]
+
+    def _own_safeguards(self, ctx: Context, cell: int):
+        if not self._local_parts():
+            return None, None
+        layout = self._local_layout(ctx, cell)
+        slot, tiles = _tables.unpack(layout)[1], _tables.tiles(layout.masks)
+        kept_pairs = tiles.flatten(1).sum(-1).float()[slot]  # [1, 1, NQc, NKc]
+        pairs = cell_pairs(ctx.q_len, ctx.kv_len, cell, ctx.causal, kept_pairs.device)
+        frac = torch.where(pairs > 0, (kept_pairs / pairs.clamp_min(1)).clamp(max=1.0), torch.zeros_like(pairs))
+        return frac, self._local_mask
+
+    def _choose(self, gain, available, kept_mass, cost, min_blocks, max_blocks, ctx):
+        local = 0.0
+        if self._local_parts():
+            local = float(self._local_layout(ctx, self.granularity(ctx)).allowed_pairs().mean())
+        chosen = _budget.top_keys(gain, available, cost, max(0.0, self.keys * ctx.q_len - local))
+        if min_blocks is not None:
+            chosen = chosen | _budget.top_k(gain, available, min_blocks)
+        if max_blocks is not None:
+            chosen = _budget.top_k(gain, chosen, max_blocks)
+        return chosen
+
+    def selection(self, ctx: Context, *, kept: torch.Tensor | None, allowed: torch.Tensor | None) -> torch.Tensor:
+        chosen = super().selection(ctx, kept=kept, allowed=allowed)
+        if self._local_parts():
+            local = self._local_layout(ctx, self.granularity(ctx)).allowed_pairs().float() / ctx.q_len  # [1, 1]
+            ctx.info["estimated_keys_per_head"] = ctx.info["estimated_keys_per_head"] + local[0]
+        return chosen
+
+    # -- the pattern's own sinks and window --------------------------------------------------
+    def block_status(self, ctx):
+        st = super().block_status(ctx)
+        for p in self._local_parts():
+            st = torch.maximum(st, as_4d(p.block_status(ctx)).to(st.device))
+        return st
+
+    def token_mask(self, ctx, b, h, i, j):
+        return super().token_mask(ctx, b, h, i, j) | self._local_mask(i, j)
+
+    def signature(self, ctx, b, h, qb, kb):
+        sig = super().signature(ctx, b, h, qb, kb)
+        if not self._local_parts():
+            return sig
+        lo_q, _ = ctx.q_range()
+        lo_k, _ = ctx.k_range()
+        delta = (lo_q[qb.to(lo_q.device), 0] - lo_k[0, kb.to(lo_k.device)]).long().to(sig.device)
+        return torch.cat([sig, delta[:, None], (kb.to(sig.device) * ctx.block_size < self.sinks)[:, None].long()],
+                         dim=1)
+
+
+def _union(parts: list[Pattern]) -> Pattern:
+    out = parts[0]
+    for p in parts[1:]:
+        out = out | p
+    return out
+
+
+__all__ = ["TopK", "TopP", "Adaptive", "SHARING"]

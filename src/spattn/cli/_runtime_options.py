@@ -1,0 +1,20 @@
+"""Options shared by ``spattn generate`` and ``spattn serve``: model, plan and controller settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def build_runtime(model: str, plan: str, *, device: str | None, dtype: str, min_sparse_tokens: int,
+                  latency_target_ms: float | None, budget: int | None, max_budget: int, recall_floor: float | None,
+                  recall_sample: float, block_size: int) -> tuple[Any, Any]:
+    """``(Runtime, tokenizer)`` from the command-line options."""
+    from spattn.runtime import ControllerConfig, Runtime
+    from spattn.runtime.loading import load_model, load_plan
+
+    lm, tokenizer = load_model(model, dtype=dtype, device=device)
+    controller = ControllerConfig(latency_target_ms=latency_target_ms, budget=budget, max_budget=max_budget,
+                                  recall_floor=recall_floor)
+    runtime = Runtime(lm, load_plan(plan), min_sparse_tokens=min_sparse_tokens, controller=controller,
+                      recall_sample=recall_sample, block_size=block_size)
+    return runtime, tokenizer

@@ -1,0 +1,194 @@
+"""The fast path of hierarchical attention: every branch is ``spattn.attention`` on a Layout.
+
+* compressed: the pooled keys/values ``[B, Hkv, Nc, D]`` under the :class:`~spattn.CompressedCausal` layout
+  (causal by construction; see Note [padded compressed keys]);
+* selected: ``BlockLayout(chosen) | safeguard`` compiled causal at ``select_block``; ``chosen`` comes from the
+  compressed attention scores, streamed over query chunks without gradient (never an ``L x Nc`` tensor);
+* window: ``Window(window - 1)`` compiled causal.
+
+Note [padded compressed keys]: layouts align queries bottom-right and need ``kv_len >= q_len``, so the
+``Nc < L`` compressed keys are zero-padded to ``L`` and the layout is compiled for ``(L, L)``. Padding is never
+visible: ``t s + b - 1 <= i <= L - 1`` implies ``t < Nc``, so the padded key blocks are EMPTY and no kernel
+loads them.
+
+So the triton backend serves all three on the GPU (``backend="auto"``) and the reference backend on the CPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from spattn.hierarchical.common import check_inputs, compress, compressed_nonempty, mix
+from spattn.ops.attention import attention
+from spattn.patterns import EMPTY, BlockLayout, Hierarchical, Layout, compile
+from spattn.selectors.budget import top_k
+from spattn.selectors.common import masked_softmax
+
+_SCORE_ELEMENTS = 1 << 26  # score elements per query chunk of the selection (256 MiB of float32)
+
+
+def selection_scores(query: torch.Tensor, compressed_key: torch.Tensor, config: Hierarchical, *,
+                     scale: float) -> torch.Tensor:
+    """float32 ``[B, Hkv, NQ, NS]``: compressed-attention probabilities summed over the queries of each query
+    block (``select_block`` tokens) and the heads of each GQA group, mapped to selection blocks by
+    :meth:`Hierarchical.overlap`. No gradient; streamed over query chunks."""
+    B, H, L, D = query.shape
+    Hkv, nc = compressed_key.shape[1], compressed_key.shape[2]
+    G, sb = H // Hkv, config.select_block
+    NQ = -(-L // sb)
+    scores = torch.zeros(B, Hkv, NQ, NQ, device=query.device, dtype=torch.float32)
+    if nc == 0:
+        return scores
+    overlap = config.overlap(L, query.device)  # [Nc, NS]
+    last_key = torch.arange(nc, device=query.device) * config.compress_stride + config.compress_block - 1
+    chunk = max(sb, _SCORE_ELEMENTS // max(1, B * H * nc) // sb * sb)
+    kc = compressed_key.float().transpose(-1, -2)  # [B, Hkv, D, Nc]
+    with torch.no_grad():
+        for start in range(0, L, chunk):
+            stop = min(L, start + chunk)
+            c = stop - start
+            q = query[:, :, start:stop].float().reshape(B, Hkv, G * c, D)
+            logits = (q @ kc).view(B, Hkv, G, c, nc) * scale
+            visible = last_key[None, :] <= torch.arange(start, stop, device=query.device)[:, None]
+            p = masked_softmax(logits, visible).sum(2)  # [B, Hkv, c, Nc]
+            nb = -(-c // sb)
+            if nb * sb != c:
+                p = torch.nn.functional.pad(p, (0, 0, 0, nb * sb - c))
+            p = p.view(B, Hkv, nb, sb, nc).sum(3)
+            scores[:, :, start // sb:start // sb + nb] = p @ overlap
+    return scores
+
+
+def kept_blocks(config: Hierarchical, length: int, batch: int, heads: int, kv_heads: int, device) -> torch.Tensor:
+    """bool ``[Bs, Hkv|1, NQ, NQ]``: key blocks the safeguard already keeps (whole group), excluded from the
+    selection's budget; all False without a safeguard."""
+    NQ = -(-length // config.select_block)
+    if config.safeguard is None:
+        return torch.zeros(1, 1, NQ, NQ, dtype=torch.bool, device=device)
+    layout = compile(config.safeguard, length, length, causal=True, block_size=config.select_block, batch=batch,
+                     heads=heads, device=device)
+    kept = layout.block_status() != EMPTY
+    if kept.shape[1] > 1:
+        kept = kept.view(kept.shape[0], kv_heads, heads // kv_heads, NQ, NQ).all(2)
+    return kept
+
+
+def choose_blocks(scores: torch.Tensor, config: Hierarchical, kept: torch.Tensor) -> torch.Tensor:
+    """bool ``[B, Hkv, NQ, NQ]``: each query block's own block plus its ``select_count - 1`` best earlier
+    blocks (by ``scores``) that the safeguard does not already keep."""
+    NQ = scores.shape[-1]
+    qb = torch.arange(NQ, device=scores.device)
+    own = qb[None, :] == qb[:, None]
+    available = (qb[None, :] < qb[:, None]) & ~kept
+    chosen = top_k(scores, available.expand(scores.shape), config.select_count - 1) if config.select_count > 1 \
+        else torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    return chosen | own
+
+
+def selected_layout(chosen: torch.Tensor, config: Hierarchical, length: int, heads: int) -> Layout:
+    """The selected branch's Layout: ``BlockLayout(chosen) | safeguard`` (chosen ``[B, Hkv, NQ, NQ]`` repeated
+    over each GQA group), compiled causal at ``select_block``."""
+    B, Hkv = chosen.shape[:2]
+    pattern = BlockLayout(chosen.repeat_interleave(heads // Hkv, 1), block=config.select_block)
+    if config.safeguard is not None:
+        pattern = config.safeguard | pattern
+    return compile(pattern, length, length, causal=True, block_size=config.select_block, batch=B, heads=heads,
+                   device=chosen.device)
+
+
+def branch_layouts(query: torch.Tensor, key: torch.Tensor, config: Hierarchical, *, scale: float | None = None,
+                   pool_logits: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, Layout | torch.Tensor]:
+    """The three branches' Layouts for these inputs (``compressed`` over ``Nc`` compressed keys, ``selected``,
+    ``window``) and the ``chosen`` blocks ``[B, Hkv, NQ, NQ]``."""
+    B, H, L, D = query.shape
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    kc = compress(key, config, None if pool_logits is None else pool_logits[0])
+    return _layouts(query, kc, config, scale, key.shape[1])
+
+
+def _layouts(query, kc, config, scale, kv_heads):
+    B, H, L, _ = query.shape
+    sb = config.select_block
+    kept = kept_blocks(config, L, B, H, kv_heads, query.device)
+    chosen = choose_blocks(selection_scores(query, kc.detach(), config, scale=scale), config, kept)
+    return {
+        "compressed": compile(config.compressed_pattern(), L, L, block_size=sb, device=query.device)
+        if kc.shape[2] else None,  # no compressed token yet: the branch is empty
+        "selected": selected_layout(chosen, config, L, H),
+        "window": compile(config.window_pattern(), L, L, causal=True, block_size=sb, device=query.device),
+        "chosen": chosen,
+    }
+
+
+def hierarchical_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, config: Hierarchical, *,
+                           scale: float | None = None, gate_logits: torch.Tensor | None = None,
+                           pool_logits: tuple[torch.Tensor, torch.Tensor] | None = None, backend: str = "auto",
+                           return_info: bool = False):
+    """Hierarchical (NSA-style) causal attention: compressed, selected and window branches mixed by gates.
+
+    Args:
+        query: ``[B, H, L, D]``; key ``[B, Hkv, L, D]``, value ``[B, Hkv, L, Dv]`` (GQA: Hkv divides H). Causal
+            prefill / training (``Lq == Lk``).
+        config: a :class:`spattn.Hierarchical`.
+        scale: score scale, default ``1 / sqrt(D)``.
+        gate_logits: learned gate logits ``[B|1, H|1, L|1, 3]`` (compressed, selected, window); default
+            ``None``: ``config.gates`` (equal if ``None``). See :func:`~spattn.hierarchical.common.mix`.
+        pool_logits: ``(key_logits, value_logits)``, each ``[Hkv, compress_block]``, for
+            ``pooling="learned"`` (softmax position weights); default ``None``: mean pooling.
+        backend: ``spattn.attention`` backend of every branch (default ``"auto"``).
+        return_info: also return a dict: the branch ``layouts``, ``chosen`` blocks ``[B, Hkv, NQ, NQ]``,
+            ``outputs`` (per-branch ``[B, H, L, Dv]``).
+
+    Returns:
+        ``[B, H, L, Dv]`` in the input dtype (and the info dict).
+
+    Example:
+        >>> q, k, v = torch.randn(1, 4, 1000, 64), torch.randn(1, 2, 1000, 64), torch.randn(1, 2, 1000, 64)
+        >>> config = spattn.Hierarchical(select_count=4, window=128) | spattn.Sinks(16)
+        >>> hierarchical_attention(q, k, v, config).shape
+        torch.Size([1, 4, 1000, 64])
+    """
+    check_inputs(query, key, value, config, gate_logits, pool_logits)
+    B, H, L, D = query.shape
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    kc = compress(key, config, None if pool_logits is None else pool_logits[0])
+    vc = compress(value, config, None if pool_logits is None else pool_logits[1])
+    layouts = _layouts(query, kc, config, scale, key.shape[1])
+    if kc.shape[2] > 0:  # Note [padded compressed keys]
+        pad = (0, 0, 0, L - kc.shape[2])
+        kc, vc = torch.nn.functional.pad(kc, pad), torch.nn.functional.pad(vc, pad)
+        compressed = attention(query, kc, vc, layouts["compressed"], scale=scale, backend=backend)
+    else:  # shorter than one compressed block: the branch is empty (and weighted 0 by the mix)
+        compressed = query.new_zeros(B, H, L, value.shape[-1])
+    outputs = [compressed,
+               attention(query, key, value, layouts["selected"], causal=True, scale=scale, backend=backend),
+               attention(query, key, value, layouts["window"], causal=True, scale=scale, backend=backend)]
+    out = mix(outputs, config, gate_logits)
+    if return_info:
+        return out, {"layouts": layouts, "chosen": layouts["chosen"], "outputs": outputs,
+                     "compressed_nonempty": compressed_nonempty(config, L, query.device)}
+    return out
+
+
+def frozen_model_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, config: Hierarchical, *,
+                           causal: bool, scale: float | None, padded: bool, backend: str = "auto") -> torch.Tensor:
+    """``hierarchical_attention`` for a frozen transformers layer under ``spattn.patched`` (query ``[B, H, L, D]``,
+    key/value ``[B, Hkv, L, D]``): mean pooling and fixed gates (equal when ``config.gates`` is None). A causal
+    prefill without padding only: a decode step over a key/value cache, padding or bidirectional attention raise
+    ``NotImplementedError``."""
+    if not causal:
+        raise NotImplementedError("spattn: Hierarchical needs causal attention (a decoder model)")
+    if query.shape[2] != key.shape[2]:
+        raise NotImplementedError("spattn: Hierarchical runs full causal prefills (Lq == Lk); decoding over a "
+                                  "key/value cache is not implemented yet (generate with use_cache=False)")
+    if padded:
+        raise NotImplementedError("spattn: Hierarchical does not support padded batches yet")
+    if config.pooling != "mean":
+        raise NotImplementedError("spattn: a frozen model has no trained pooling: use Hierarchical(pooling='mean')")
+    return hierarchical_attention(query, key, value, config, scale=scale, backend=backend)
+
+
+__all__ = ["branch_layouts", "choose_blocks", "frozen_model_attention", "hierarchical_attention", "kept_blocks",
+           "selected_layout", "selection_scores"]

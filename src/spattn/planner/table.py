@@ -1,0 +1,267 @@
+"""The candidate table: every candidate's score and cost, per layer and head, measured on calibration chunks.
+
+Layers outer, candidates batched: for each chunk and layer the dense attention is computed once and every
+candidate is scored against it (:func:`spattn.planner.score.score_layouts`). Static candidates compile once per
+length; dynamic ones are built per layer and chunk (``LayoutBuilder`` where it applies), so their cost and
+recall are per head and averaged over the chunks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from spattn._optional import require
+from spattn.integrations.plan import scale_pattern
+from spattn.patterns import Full, Layout, Pattern
+from spattn.patterns import compile as compile_pattern
+from spattn.planner.calibrate import capture_sample
+from spattn.planner.candidates import Candidate
+from spattn.planner.score import score_layouts
+from spattn.selectors import LayoutBuilder
+
+np = require("numpy", extra="planner")
+
+_MIN_RECALL = 1e-6  # log recall is clamped here: a head that keeps nothing of a row scores log(1e-6)
+
+
+@dataclasses.dataclass
+class CandidateTable:
+    """Scores and costs of C candidates in every (layer, head): arrays ``[layers, heads, C]`` (numpy float64).
+
+    Attributes:
+        candidates: the C candidates (column order).
+        length: the calibration length of the costs; lengths: every length scored (scores are their mean).
+        block_size, causal, head_dim, kv_heads: the geometry the costs were measured in.
+        recall: mean dense attention mass kept per query. log_recall: mean of log(recall) (= minus the mean
+            KL(sparse || dense) of the attention rows).
+        output_error: relative output error per head (``None`` unless values were captured).
+        keys: mean keys per query. block_fraction: visited tiles / the tiles dense attention visits.
+        latency_ms: per-head share of the measured layer latency (``None`` unless ``cost="latency"``).
+        samples: calibration chunks per length. seconds: time spent building the table.
+    """
+
+    candidates: list[Candidate]
+    length: int
+    lengths: list[int]
+    block_size: int
+    causal: bool
+    head_dim: int
+    kv_heads: int
+    recall: np.ndarray
+    log_recall: np.ndarray
+    output_error: np.ndarray | None
+    keys: np.ndarray
+    block_fraction: np.ndarray
+    latency_ms: np.ndarray | None = None
+    samples: int = 0
+    seconds: float = 0.0
+
+    @property
+    def layers(self) -> int:
+        return self.recall.shape[0]
+
+    @property
+    def heads(self) -> int:
+        return self.recall.shape[1]
+
+    def index(self, name: str) -> int:
+        """Column of the candidate called ``name``."""
+        for n, c in enumerate(self.candidates):
+            if c.name == name:
+                return n
+        raise KeyError(f"no candidate named {name!r}; have {[c.name for c in self.candidates]}")
+
+
+def _visited(layout: Layout) -> torch.Tensor:
+    """float64 ``[Bl, Hl]``: visited tiles (full + partial)."""
+    return (layout.kv_num_blocks + layout.full_kv_num_blocks).double().sum(-1)
+
+
+class _Builder:
+    """Layouts of one candidate at one length: compiled once (static) or per input (dynamic)."""
+
+    def __init__(self, pattern: Pattern, length: int, block_size: int, causal: bool, heads: int,
+                 device: torch.device) -> None:
+        self.pattern = pattern
+        self.static: Layout | None = None
+        self.builder: LayoutBuilder | None = None
+        self.args = dict(causal=causal, block_size=block_size, batch=1, heads=heads, device=device)
+        self.length = length
+        if not pattern.contains_dynamic():
+            self.static = compile_pattern(pattern, length, length, causal=causal, block_size=block_size,
+                                          device=device)
+            return
+        try:
+            self.builder = LayoutBuilder(pattern, length, length, **self.args)
+        except (ValueError, NotImplementedError, TypeError):
+            self.builder = None  # not a `static | one TopK/TopP` union: compile per input
+
+    def layout(self, query: torch.Tensor, key: torch.Tensor) -> Layout:
+        if self.static is not None:
+            return self.static
+        if self.builder is not None:
+            return self.builder.build(query, key)
+        return compile_pattern(self.pattern, self.length, self.length, query=query, key=key, **self.args)
+
+
+def dense_tiles(length: int, block_size: int, causal: bool) -> float:
+    """Tiles dense attention visits per head at ``length`` (all of them, or the causal triangle)."""
+    return float(_visited(compile_pattern(Full(), length, length, causal=causal, block_size=block_size))[0, 0])
+
+
+@dataclasses.dataclass
+class Sample:
+    """One calibration chunk's attention inputs, per layer: queries ``[1, H, L, D]``, keys ``[1, Hkv, L, D]``
+    and (for the output error) values ``[1, Hkv, L, Dv]``; ``causal`` and the softmax ``scale`` of the model."""
+
+    queries: dict[int, torch.Tensor]
+    keys: dict[int, torch.Tensor]
+    values: dict[int, torch.Tensor] | None = None
+    causal: bool = True
+    scale: float | None = None
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.queries)
+
+    @property
+    def length(self) -> int:
+        return int(self.queries[self.layers[0]].shape[2])
+
+
+def build_table(
+    model: torch.nn.Module,
+    chunks_by_length: dict[int, torch.Tensor],
+    candidates: list[Candidate],
+    *,
+    block_size: int = 64,
+    values: bool = False,
+    rule_kind: str = "fraction",
+    device: torch.device | str | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> CandidateTable:
+    """Score and cost every candidate in every layer and head of ``model``.
+
+    Args:
+        model: a transformers model (see :func:`spattn.capture`).
+        chunks_by_length: ``{length: int [S, length] token chunks}``; the first length is the calibration
+            length (costs are measured there); at the others each candidate is scored as
+            ``scale_pattern(pattern, length / first, rule_kind)``, i.e. as the plan would run there.
+        candidates: the options (see :mod:`spattn.planner.candidates`).
+        block_size: block size of the layouts and the cost model.
+        values: also capture values and score the output error.
+        device: where the scoring runs (default: the model's device).
+        progress: called as ``progress(description, done, total)`` after each layer.
+    """
+    if not chunks_by_length:
+        raise ValueError("chunks_by_length must name at least one length")
+
+    def samples(chunks: torch.Tensor):
+        for s in range(chunks.shape[0]):
+            cap, vals = capture_sample(model, chunks[s : s + 1], values=values)
+            yield Sample(cap.queries, cap.keys, vals if values else None, cap.causal, cap.scale)
+
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    return table_from_samples({L: (samples(ch), int(ch.shape[0])) for L, ch in chunks_by_length.items()},
+                              candidates, block_size=block_size, rule_kind=rule_kind, device=dev, progress=progress)
+
+
+def table_from_samples(
+    samples_by_length: dict[int, Any],
+    candidates: list[Candidate],
+    *,
+    block_size: int = 64,
+    rule_kind: str = "fraction",
+    device: torch.device | str | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> CandidateTable:
+    """Score and cost every candidate on captured attention inputs (no model needed: tests plant their own).
+
+    Args:
+        samples_by_length: ``{length: [Sample, ...]}`` (or ``(iterable, count)`` pairs, consumed once); the
+            first length is the calibration length of the costs.
+        candidates, block_size, rule_kind, device, progress: as in :func:`build_table`.
+    """
+    started = time.perf_counter()
+    if not samples_by_length:
+        raise ValueError("samples_by_length must name at least one length")
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    lengths = list(samples_by_length)
+    L0 = lengths[0]
+    C = len(candidates)
+    sums: dict[str, np.ndarray] = {}
+    keys = blocks = None
+    meta: dict[str, Any] = {}
+    sources = {}
+    for length, item in samples_by_length.items():
+        it, count = item if isinstance(item, tuple) else (item, len(item))
+        if count < 1:
+            raise ValueError(f"no calibration samples at length {length}")
+        sources[length] = (it, count)
+    total_steps = sum(count for _, count in sources.values())
+    step = 0
+    has_values = None
+    for length in lengths:
+        it, count = sources[length]
+        ratio = length / L0
+        builders: list[_Builder] | None = None
+        for s, sample in enumerate(it):
+            if sample.length != length:
+                raise ValueError(f"a sample given for length {length} has {sample.length} tokens")
+            if has_values is None:
+                has_values = sample.values is not None
+            if builders is None:
+                first = sample.queries[sample.layers[0]]
+                H, D = first.shape[1], first.shape[3]
+                meta.update(causal=sample.causal, heads=H, head_dim=D,
+                            kv_heads=sample.keys[sample.layers[0]].shape[1], layers=len(sample.layers))
+                builders = [_Builder(scale_pattern(c.pattern, ratio, rule_kind), length, block_size, sample.causal,
+                                     H, dev) for c in candidates]
+                shape = (len(sample.layers), H, C)
+                for name in ("recall", "log_recall", "output_error"):
+                    sums.setdefault(name, np.zeros(shape))
+                if length == L0:
+                    keys, blocks = np.zeros(shape), np.zeros(shape)
+                    dense = dense_tiles(length, block_size, sample.causal)
+            for li, layer in enumerate(sample.layers):
+                q = sample.queries[layer].to(dev)
+                k = sample.keys[layer].to(dev)
+                v = sample.values[layer].to(dev) if has_values else None
+                layouts = [b.layout(q, k) for b in builders]
+                scores = score_layouts(q, k, layouts, value=v, causal=sample.causal, scale=sample.scale)
+                r = scores.recall[:, 0].double()  # [C, H, L]
+                sums["recall"][li] += r.mean(-1).T.cpu().numpy()
+                sums["log_recall"][li] += r.clamp_min(_MIN_RECALL).log().mean(-1).T.cpu().numpy()
+                if scores.output_error is not None:
+                    sums["output_error"][li] += scores.output_error[:, 0].double().T.cpu().numpy()
+                if length == L0:
+                    for c, lay in enumerate(layouts):
+                        keys[li, :, c] += (lay.allowed_pairs()[0] / length).expand(meta["heads"]).cpu().numpy()
+                        blocks[li, :, c] += (_visited(lay)[0] / dense).expand(meta["heads"]).cpu().numpy()
+                if progress is not None:
+                    progress(f"calibration: {length} tokens, chunk {s + 1}/{count}",
+                             step * meta["layers"] + li + 1, total_steps * meta["layers"])
+            step += 1
+        if length == L0:
+            keys /= count
+            blocks /= count
+    avg = {name: arr / total_steps for name, arr in sums.items()}
+    return CandidateTable(
+        candidates=list(candidates), length=L0, lengths=lengths, block_size=block_size, causal=meta["causal"],
+        head_dim=meta["head_dim"], kv_heads=meta["kv_heads"], recall=avg["recall"], log_recall=avg["log_recall"],
+        output_error=avg["output_error"] if has_values else None, keys=keys, block_fraction=blocks,
+        samples=sources[L0][1], seconds=time.perf_counter() - started,
+    )
+
+
+def fraction_of_dense_keys(length: int, causal: bool) -> float:
+    """Mean keys per query of dense attention at ``length`` (``(L + 1) / 2`` causal, ``L`` otherwise)."""
+    return (length + 1) / 2 if causal else float(length)
+
+
+__all__ = ["CandidateTable", "build_table", "dense_tiles", "fraction_of_dense_keys"]

@@ -1,0 +1,264 @@
+"""One decode step of sparse attention: safeguards from the plan's pattern, pages selected for the current
+query from the cache's page statistics, attention over the gathered pages.
+
+Notation: ``B`` batch, ``H`` query heads, ``Hkv`` key/value heads, ``G = H // Hkv``, ``L`` cached keys
+(the query is the last position, ``L - 1``), ``S`` page size, ``NP = ceil(L / S)`` pages, ``P`` pages
+visited per (sequence, key/value head).
+
+A layer's pattern is split into its *static* part (what the pattern keeps for the query at ``L - 1`` without
+looking at the input: sinks, windows, strides, ... compiled with ``q_len=1``, so a decode row is exactly the
+pattern's row) and its *dynamic* part (``TopK`` / ``TopP``). At decode time the dynamic part selects pages
+with Quest's bound on ``q . k`` computed from the cached per-page key min / max, never from the keys::
+
+    u[b, g, p] = relu(q) . key_max[p] - relu(-q) . key_min[p]        (>= q . k for every key k of page p)
+    score[b, kv, p] = softmax_p( scale * max_{g in group kv} u + log n_p )       (as the "bounds" selector)
+
+``TopK(blocks)`` keeps the ``budget`` best pages (budget from the controller, initially ``blocks``);
+``TopP(mass)`` the fewest pages reaching ``mass`` with what the safeguards keep, at most ``budget``.
+Keys that are padding (attention mask) are never attended.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import OrderedDict
+
+import torch
+
+from spattn.layout import tables as _tables
+from spattn.patterns import Layout, Pattern, Union
+from spattn.patterns import compile as compile_pattern
+from spattn.selectors import TopK, TopP, top_k, top_p
+from spattn.selectors.common import block_sizes, masked_softmax, normalise
+
+
+# ---------------------------------------------------------------------------------------------- pattern split
+@dataclasses.dataclass(frozen=True)
+class DecodePlan:
+    """How one layer decodes: ``static`` pattern (or None: nothing), the dynamic rule, mandatory tokens.
+
+    ``rule`` is ``"none"`` (static only), ``"top_k"`` or ``"top_p"``; ``mass`` is TopP's mass; ``blocks`` is
+    TopK's budget in pages (the controller's starting point); ``keep`` are token positions always kept."""
+
+    static: Pattern | None
+    rule: str = "none"
+    mass: float = 1.0
+    blocks: int = 0
+    keep: tuple[int, ...] = ()
+
+
+def decode_plan(pattern: Pattern) -> DecodePlan | None:
+    """Split ``pattern`` for paged decode, or ``None`` when it has a shape paged decode does not cover
+    (a dynamic part inside an intersection or ``PerHead``, per-head budgets, ``within``): such layers decode
+    through the generic path (the pattern compiled for one query with the keys)."""
+    if not pattern.contains_dynamic():
+        return DecodePlan(static=pattern)
+    parts = pattern.parts if isinstance(pattern, Union) else (pattern,)
+    static = [p for p in parts if not p.contains_dynamic()]
+    dynamic = [p for p in parts if p.contains_dynamic()]
+    if len(dynamic) != 1 or not isinstance(dynamic[0], (TopK, TopP)):
+        return None
+    d = dynamic[0]
+    if d.within is not None or d.sharing != "group":
+        return None
+    budget = d.blocks if isinstance(d, TopK) else 0
+    mass = d.mass if isinstance(d, TopP) else 1.0
+    if isinstance(budget, tuple) or isinstance(mass, tuple):
+        return None
+    static_pattern = None
+    if static:
+        static_pattern = static[0]
+        for p in static[1:]:
+            static_pattern = static_pattern | p
+    return DecodePlan(static=static_pattern, rule="top_k" if isinstance(d, TopK) else "top_p", mass=float(mass),
+                      blocks=int(budget), keep=tuple(d.keep))
+
+
+# ---------------------------------------------------------------------------------------------- static rows
+_ROWS: OrderedDict[tuple, tuple[torch.Tensor, int]] = OrderedDict()
+_ROWS_SIZE = 16
+
+
+def layout_row(layout: Layout) -> torch.Tensor:
+    """bool ``[Bl, Hl, kv_len]``: the token mask of the single query of a layout compiled with ``q_len=1``."""
+    if layout.q_len != 1:
+        raise ValueError(f"layout_row needs a layout compiled for one query, got q_len={layout.q_len}")
+    slot, tiles = _tables.unpack(layout)[1], _tables.tiles(layout.masks)                     # [Bl, Hl, 1, NK], [M + 2, bs, bs]
+    rows = tiles[:, 0, :]                                 # the query sits on row 0 of its block
+    return rows[slot[:, :, 0]].flatten(2)[..., : layout.kv_len]
+
+
+def static_row(plan: DecodePlan, kv_len: int, *, batch: int, heads: int, page_size: int, device: torch.device,
+               group: int = 1) -> tuple[torch.Tensor, int]:
+    """bool ``[Bs, Hs, L]`` (``Bs`` in {1, B}, ``Hs`` in {1, H}) keys the static part keeps for the query at
+    ``L - 1`` (causal), and the largest number of pages it touches for one key/value head (the union over its
+    ``group`` query heads). Cached per shape."""
+    key = (plan.static, plan.keep, kv_len, batch, heads, page_size, str(device), group)
+    hit = _ROWS.get(key)
+    if hit is not None:
+        _ROWS.move_to_end(key)
+        return hit
+    if plan.static is None:
+        row = torch.zeros(1, 1, kv_len, dtype=torch.bool, device=device)
+    else:
+        layout = compile_pattern(plan.static, 1, kv_len, causal=True, block_size=page_size, batch=batch,
+                                 heads=heads, device=device)
+        row = layout_row(layout)
+    if plan.keep:
+        toks = torch.tensor([t for t in plan.keep if t < kv_len], dtype=torch.long, device=device)
+        row = row.clone()
+        row[..., toks] = True
+    n_pages = -(-kv_len // page_size)
+    pad = n_pages * page_size - kv_len
+    padded = torch.nn.functional.pad(row, (0, pad)) if pad else row
+    touched = padded.unflatten(-1, (n_pages, page_size)).any(-1)                  # [Bs, Hs, NP]
+    if touched.shape[1] == heads and group > 1:
+        touched = touched.unflatten(1, (heads // group, group)).any(2)
+    pages = int(touched.sum(-1).max())  # one host sync per shape
+    _ROWS[key] = (row, pages)
+    while len(_ROWS) > _ROWS_SIZE:
+        _ROWS.popitem(last=False)
+    return row, pages
+
+
+# ---------------------------------------------------------------------------------------------- selection
+def page_scores(query: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor, kv_len: int,
+                page_size: int, scale: float, visible: torch.Tensor) -> torch.Tensor:
+    """float32 ``[B, Hkv, NP]``: the bounds selector's decode scores from per-page key min/max.
+
+    query ``[B, H, 1, D]``; key_min/key_max ``[B, Hkv, NP, D]``; visible bool ``[B, Hkv, NP]``."""
+    B, H, _, D = query.shape
+    Hkv = key_min.shape[1]
+    q = query[:, :, 0].float().view(B, Hkv, H // Hkv, D)                      # [B, Hkv, G, D]
+    u = torch.einsum("bkgd,bkpd->bkgp", q.clamp_min(0), key_max.float()) \
+        - torch.einsum("bkgd,bkpd->bkgp", (-q).clamp_min(0), key_min.float())  # [B, Hkv, G, NP]
+    sizes = block_sizes(kv_len, page_size, query.device).float()
+    logits = u * scale + torch.log(sizes)
+    # one selection per key/value group: the mean of the group's per-head page distributions
+    per_head = masked_softmax(logits, visible[:, :, None, :])
+    return normalise(per_head.mean(2), visible)
+
+
+@dataclasses.dataclass
+class DecodeSelection:
+    """What one decode step attends: ``pages`` int64 ``[B, Hkv, P]`` (page indices, -1 = unused slot),
+    ``mask`` bool ``[B, H, P * S]`` (tokens of those pages attended), ``selected`` (pages chosen by the
+    dynamic rule, ``[B, Hkv]``)."""
+
+    pages: torch.Tensor
+    mask: torch.Tensor
+    selected: torch.Tensor
+
+    def density(self, valid_counts: torch.Tensor) -> torch.Tensor:
+        """float ``[B]``: mean over heads of attended / valid keys."""
+        return (self.mask.sum(-1).float() / valid_counts[:, None].clamp_min(1)).mean(1)
+
+
+def select(query: torch.Tensor, kv_len: int, valid: torch.Tensor, plan: DecodePlan, budget: int, *,
+           kv_heads: int, page_size: int, scale: float, key_min: torch.Tensor | None = None,
+           key_max: torch.Tensor | None = None, dense_rows: torch.Tensor | None = None) -> DecodeSelection:
+    """The pages and token mask of one decode step.
+
+    Args:
+        query: ``[B, H, 1, D]``.
+        kv_len: cached keys ``L`` (the query is at ``L - 1``).
+        valid: bool ``[B, L]``, False for padding keys.
+        plan: the layer's :class:`DecodePlan`.
+        budget: pages the dynamic rule may select beyond the safeguards (per key/value head).
+        kv_heads: key/value heads ``Hkv`` (pages are chosen per key/value head).
+        key_min, key_max: ``[B, Hkv, NP, D]`` page statistics (needed when ``budget > 0``).
+        dense_rows: bool ``[B]``: sequences that attend every valid key (``min_sparse_tokens``).
+    """
+    B, H, _, D = query.shape
+    S = page_size
+    NP = -(-kv_len // S)
+    pad = NP * S - kv_len
+    device = query.device
+    Hkv = kv_heads
+    if H % Hkv:
+        raise ValueError(f"query heads ({H}) must be a multiple of kv_heads ({Hkv})")
+    G = H // Hkv
+    row, static_pages = static_row(plan, kv_len, batch=B, heads=H, page_size=S, device=device, group=G)
+    token = row.expand(B, H, kv_len) & valid[:, None, :]                        # [B, H, L]
+    if dense_rows is not None:
+        token = token | (dense_rows[:, None, None] & valid[:, None, :])
+    tok_pages = (torch.nn.functional.pad(token, (0, pad)) if pad else token).unflatten(-1, (NP, S))
+    kept_pages = tok_pages.any(-1).view(B, Hkv, G, NP).any(2)                  # [B, Hkv, NP]
+    valid_pages = (torch.nn.functional.pad(valid, (0, pad)) if pad else valid).unflatten(-1, (NP, S)).any(-1)
+    budget = min(int(budget), NP)
+    chosen = torch.zeros(B, Hkv, NP, dtype=torch.bool, device=device)
+    if plan.rule != "none" and budget > 0:
+        if key_min is None or key_max is None:
+            raise ValueError("page selection needs the cache's page statistics (key_min, key_max)")
+        visible = valid_pages[:, None, :].expand(B, Hkv, NP)
+        scores = page_scores(query, key_min, key_max, kv_len, S, scale, visible)   # [B, Hkv, NP]
+        available = visible & ~kept_pages
+        if dense_rows is not None:
+            available = available & ~dense_rows[:, None, None]
+        s4, a4 = scores[:, :, None, :], available[:, :, None, :]
+        if plan.rule == "top_k":
+            chosen = top_k(s4, a4, budget)[:, :, 0]
+        else:
+            kept_mass = (scores * kept_pages).sum(-1)[:, :, None]
+            chosen = top_p(s4, a4, plan.mass, kept_mass=kept_mass, max_blocks=budget)[:, :, 0]
+    visit = kept_pages | chosen                                                  # [B, Hkv, NP]
+    width = NP if dense_rows is not None and bool(dense_rows.any()) else min(NP, static_pages + budget + 1)
+    # pages to visit first (stable: ascending page order), unused slots after them
+    order = torch.sort((~visit).to(torch.uint8), dim=-1, stable=True).indices[..., :width]  # [B, Hkv, P]
+    used = visit.gather(-1, order)
+    pages = torch.where(used, order, torch.full_like(order, -1))
+    # token mask of the visited pages: safeguard tokens, or every valid token of a chosen page
+    order_h = order.repeat_interleave(G, dim=1)                                  # [B, H, P]
+    tok_sel = tok_pages.gather(2, order_h[..., None].expand(-1, -1, -1, S))      # [B, H, P, S]
+    valid_tok = (torch.nn.functional.pad(valid, (0, pad)) if pad else valid).unflatten(-1, (NP, S))
+    valid_sel = valid_tok[:, None].expand(B, H, NP, S).gather(2, order_h[..., None].expand(-1, -1, -1, S))
+    chosen_h = chosen.gather(-1, order).repeat_interleave(G, dim=1)              # [B, H, P]
+    used_h = used.repeat_interleave(G, dim=1)
+    mask = (tok_sel | (chosen_h[..., None] & valid_sel)) & used_h[..., None]
+    return DecodeSelection(pages=pages, mask=mask.flatten(2), selected=chosen.sum(-1))
+
+
+# ---------------------------------------------------------------------------------------------- attention
+def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, selection: DecodeSelection,
+                    *, page_size: int, scale: float) -> torch.Tensor:
+    """``[B, H, 1, Dv]``: softmax attention of the query over the selected pages' tokens (float32 maths).
+
+    query ``[B, H, 1, D]``; key/value ``[B, Hkv, L, D]`` (GQA heads not repeated). A row with nothing to
+    attend gives 0."""
+    B, H, _, D = query.shape
+    Hkv, L = key.shape[1], key.shape[2]
+    G = H // Hkv
+    S = page_size
+    pages = selection.pages.clamp_min(0)                                         # [B, Hkv, P]
+    tokens = (pages[..., None] * S + torch.arange(S, device=key.device)).flatten(2).clamp_max(L - 1)
+    k = key.gather(2, tokens[..., None].expand(-1, -1, -1, D)).float()           # [B, Hkv, P*S, D]
+    v = value.gather(2, tokens[..., None].expand(-1, -1, -1, value.shape[-1])).float()
+    q = query[:, :, 0].float().view(B, Hkv, G, D)
+    logits = torch.einsum("bkgd,bktd->bkgt", q, k) * scale
+    mask = selection.mask.view(B, Hkv, G, -1)
+    logits = logits.masked_fill(~mask, -math.inf)
+    m = logits.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(logits - m)
+    p = e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    out = torch.einsum("bkgt,bktd->bkgd", p, v)
+    return out.reshape(B, H, 1, -1).to(query.dtype)
+
+
+def sampled_recall(query: torch.Tensor, key: torch.Tensor, valid: torch.Tensor, selection: DecodeSelection,
+                   *, page_size: int, scale: float) -> torch.Tensor:
+    """float ``[B]``: true recall of the selection, the dense softmax mass (over valid keys) it attends,
+    averaged over heads. Costs one dense score row: call it on a sample of steps."""
+    B, H, _, D = query.shape
+    Hkv, L = key.shape[1], key.shape[2]
+    G = H // Hkv
+    q = query[:, :, 0].float().view(B, Hkv, G, D)
+    logits = torch.einsum("bkgd,bktd->bkgt", q, key.float()) * scale
+    probs = masked_softmax(logits, valid[:, None, None, :])                      # [B, Hkv, G, L]
+    tokens = (selection.pages.clamp_min(0)[..., None] * page_size
+              + torch.arange(page_size, device=key.device)).flatten(2)            # [B, Hkv, P*S]
+    in_range = tokens < L
+    gathered = probs.gather(-1, tokens.clamp_max(L - 1)[:, :, None, :].expand(-1, -1, G, -1))
+    mask = selection.mask.view(B, Hkv, G, -1) & in_range[:, :, None, :]
+    return (gathered * mask).sum(-1).flatten(1).mean(1)

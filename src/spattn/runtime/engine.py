@@ -1,0 +1,341 @@
+"""``Runtime``: a transformers model served with a sparse :class:`~spattn.Plan`, safely.
+
+``Runtime(model, plan)`` patches the model (``spattn.patch``) and then routes its attention through the
+runtime's own attention function (registered in transformers' ``AttentionInterface`` as
+``"spattn_runtime"``):
+
+* prefill (more than one query): the plan's patterns through :func:`spattn.integrations.hf.spattn_attention_forward`;
+* decode (one query): :mod:`spattn.runtime.decode` — safeguards + pages selected from the
+  :class:`~spattn.runtime.cache.SpattnCache` statistics, attention over the gathered pages;
+* dense (transformers' own SDPA function): layers the plan leaves dense, sequences with fewer than
+  ``min_sparse_tokens`` valid keys, layers the controller switched to dense, and every call whose sparse
+  kernel raised or returned a non-finite value (rerun dense, logged and counted).
+
+:meth:`Runtime.generate` runs ``model.generate`` with a fresh ``SpattnCache`` and a step clock that feeds the
+controller (latency target) and the metrics.
+
+    >>> runtime = Runtime(model, spattn.Plan.uniform(spattn.Sinks(64) | spattn.Window(512)
+    ...                   | spattn.TopK("bounds", 8)), min_sparse_tokens=1024)  # doctest: +SKIP
+    >>> out = runtime.generate(**tokenizer(text, return_tensors="pt"), max_new_tokens=64)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from spattn._optional import require
+from spattn.integrations.hf import attention_modules, patch, spattn_attention_forward, unpatch
+from spattn.integrations.plan import Plan, as_plan
+from spattn.patterns import Pattern
+from spattn.runtime.cache import PagedLayer, SpattnCache
+from spattn.runtime.controller import Controller, ControllerConfig
+from spattn.runtime.decode import DecodePlan, decode_plan, paged_attention, sampled_recall, select
+from spattn.runtime.monitor import LEVEL, Metrics, instrument, log_event
+from spattn.selectors.common import pool
+
+NAME = "spattn_runtime"
+Kernel = Callable[..., torch.Tensor]
+
+
+def register() -> None:
+    """Register ``"spattn_runtime"`` in transformers' attention and mask interfaces (idempotent)."""
+    require("transformers", extra="hf")
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, runtime_attention_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+def runtime_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                              attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """The transformers attention function of ``"spattn_runtime"``: query ``[B, H, Lq, D]``, key/value
+    ``[B, Hkv, Lk, D]``; returns ``([B, Lq, H, D], None)``."""
+    runtime = getattr(module, "_spattn_runtime", None)
+    if runtime is None:
+        raise RuntimeError("this model uses attn_implementation='spattn_runtime' but has no spattn Runtime attached")
+    return runtime.attend(module, query, key, value, attention_mask, **kwargs)
+
+
+def _dense(module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _valid_keys(attention_mask: torch.Tensor | None, batch: int, kv_len: int, device) -> torch.Tensor:
+    """bool ``[B, Lk]``: keys some query may see (False = padding), from transformers' 4D mask."""
+    if attention_mask is None:
+        return torch.ones(batch, kv_len, dtype=torch.bool, device=device)
+    if attention_mask.dim() != 4:
+        raise ValueError(f"attention_mask must be 4D [B, 1, Lq, Lk], got shape {tuple(attention_mask.shape)}")
+    keep = attention_mask[:, 0]
+    if keep.dtype != torch.bool:
+        keep = keep > torch.finfo(keep.dtype).min / 2
+    return keep.any(1).expand(batch, kv_len)
+
+
+class _StepClock:
+    """A logits processor: ``generate`` calls it once per step, right after the forward; it times the steps."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.last = time.perf_counter()
+        self.first = True
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        now = time.perf_counter()
+        self.runtime.end_step(now - self.last, prefill=self.first)
+        self.first = False
+        self.last = now
+        return scores
+
+
+class Runtime:
+    """Sparse attention in a transformers model, with a controller, monitoring and dense fallback.
+
+    Args:
+        model: a transformers causal LM (Llama-style attention interface).
+        plan: a :class:`~spattn.Plan`, a Pattern for every layer, or None (dense).
+        min_sparse_tokens: sequences with fewer valid keys than this run dense (default 1024; dense is
+            cheaper there).
+        controller: a :class:`ControllerConfig` (latency target, budget bounds, recall floor...).
+        recall_sample: fraction of decode steps on which the true recall is measured against dense
+            (needs monitoring level >= 1; default 0.0).
+        monitor_level: 0 / 1 / 2 (default: ``SPATTN_LOGLEVEL``, see :mod:`spattn.runtime.monitor`).
+        backend: spattn backend of the prefill (``"auto"``).
+        block_size: block size of the prefill layouts and page size of the cache (default 128).
+        check_finite: rerun dense any call whose sparse output is not finite (default True; one host sync
+            per layer and step).
+        seed: seed of the recall sampling.
+
+    Attributes:
+        kernel: the sparse decode kernel, ``kernel(query, key, value, selection, page_size=, scale=)``
+            -> ``[B, H, 1, Dv]`` (replace it to inject faults or try another implementation).
+        controller, metrics: the :class:`Controller` and :class:`~spattn.runtime.monitor.Metrics`.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        plan: Plan | Pattern | None = None,
+        *,
+        min_sparse_tokens: int = 1024,
+        controller: ControllerConfig | None = None,
+        recall_sample: float = 0.0,
+        monitor_level: int | None = None,
+        backend: str = "auto",
+        block_size: int = 128,
+        check_finite: bool = True,
+        seed: int = 0,
+    ) -> None:
+        if isinstance(min_sparse_tokens, bool) or not isinstance(min_sparse_tokens, int) or min_sparse_tokens < 0:
+            raise ValueError(f"min_sparse_tokens must be an int >= 0, got {min_sparse_tokens!r}")
+        if not 0.0 <= float(recall_sample) <= 1.0:
+            raise ValueError(f"recall_sample must be a fraction in [0, 1], got {recall_sample!r}")
+        level = LEVEL if monitor_level is None else monitor_level
+        if level not in (0, 1, 2):
+            raise ValueError(f"monitor_level must be 0, 1 or 2, got {monitor_level!r}")
+        self.plan = as_plan(plan)
+        self.model = model
+        self.min_sparse_tokens = min_sparse_tokens
+        self.recall_sample = float(recall_sample)
+        self.level = level
+        self.block_size = block_size
+        self.check_finite = check_finite
+        self.kernel: Kernel = paged_attention
+        self._rng = random.Random(seed)
+        patch(model, self.plan, backend=backend, block_size=block_size)
+        register()
+        model.set_attn_implementation(NAME)
+        self.modules = attention_modules(model)
+        for m in self.modules:
+            m._spattn_runtime = self
+        self.num_layers = int(getattr(model.config, "num_hidden_layers", len(self.modules)))
+        self.decode_plans: dict[int, DecodePlan | None] = {}
+        self.sparse_layers: list[int] = []
+        blocks = []
+        for i in range(self.num_layers):
+            pattern = self.plan.pattern_for(i)
+            if pattern is None:
+                continue
+            self.sparse_layers.append(i)
+            dp = decode_plan(pattern)
+            self.decode_plans[i] = dp
+            if dp is not None and dp.rule == "top_k":
+                blocks.append(dp.blocks)
+        self.metrics = Metrics(level=level)
+        self.controller = Controller(controller, initial_budget=max(blocks) if blocks else 8, metrics=self.metrics)
+        self.cache: SpattnCache | None = None
+        self.step_seconds: list[float] = []  # wall time of each step of the last generate (the first: prefill)
+        self._warned_no_cache = False
+        self._step: dict[str, Any] = {}
+        self._sample = False
+        self._decode = instrument(self._decode_plain, self._record_decode, level=level, synchronize=level >= 2)
+        self._prefill = instrument(self._prefill_plain, self._record_prefill, level=level, synchronize=level >= 2)
+
+    # ------------------------------------------------------------------ lifecycle
+    def detach(self) -> torch.nn.Module:
+        """Restore the model's previous attention implementation."""
+        for m in self.modules:
+            m.__dict__.pop("_spattn_runtime", None)
+        return unpatch(self.model)
+
+    def new_cache(self, reserve: int = 0) -> SpattnCache:
+        """A fresh :class:`SpattnCache` for this model (page size = ``block_size``, ``reserve`` tokens
+        allocated up front); the runtime reads its page statistics."""
+        self.cache = SpattnCache(self.num_layers, page_size=self.block_size, reserve=reserve)
+        return self.cache
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """``model.generate`` with a fresh SpattnCache and the step clock (keyword arguments pass through)."""
+        from transformers import LogitsProcessorList
+
+        processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
+        processors.append(_StepClock(self))
+        if "past_key_values" not in kwargs:
+            reserve = input_ids.shape[1] + int(kwargs.get("max_new_tokens") or 0)
+            kwargs["past_key_values"] = self.new_cache(reserve=reserve)
+        self.step_seconds = []
+        self.cache = kwargs["past_key_values"]
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                      logits_processor=processors, **kwargs)
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        self.metrics.count_tokens(int((sequences.shape[1] - input_ids.shape[1]) * sequences.shape[0]))
+        return out
+
+    def end_step(self, seconds: float, prefill: bool) -> None:
+        """Called once per generation step (after its forward) with its wall time."""
+        self.step_seconds.append(seconds)
+        self.metrics.observe_step(seconds, prefill)
+        if not prefill:
+            self.controller.observe_step(seconds, [i for i in self.sparse_layers if not self.controller.is_dense(i)])
+        self._sample = self.level >= 1 and self.recall_sample > 0 and self._rng.random() < self.recall_sample
+
+    # ------------------------------------------------------------------ attention
+    def attend(self, module, query, key, value, attention_mask, **kwargs) -> tuple[torch.Tensor, None]:
+        layer = module.layer_idx
+        if layer not in self.decode_plans or self.controller.is_dense(layer) or kwargs.get("sliding_window"):
+            return _dense(module, query, key, value, attention_mask, **kwargs)
+        if query.shape[2] > 1:
+            return self._prefill(module, layer, query, key, value, attention_mask, kwargs)
+        return self._decode(module, layer, query, key, value, attention_mask, kwargs)
+
+    def _record_prefill(self, seconds: float, args: tuple, kwargs: dict) -> None:
+        if self.level >= 2:
+            self.metrics.observe_attention(args[1], "prefill", seconds)
+
+    def _record_decode(self, seconds: float, args: tuple, kwargs: dict) -> None:
+        if self.level >= 2:
+            self.metrics.observe_attention(args[1], "decode", seconds)
+            log_event(logging.DEBUG, "attention", layer=args[1], phase="decode", seconds=seconds)
+
+    def _guarded(self, layer: int, sparse: Callable[[], torch.Tensor], dense: Callable[[], torch.Tensor]):
+        """Run ``sparse``; on an exception or a non-finite output rerun ``dense`` and record why."""
+        try:
+            out = sparse()
+        except Exception as exc:  # noqa: BLE001 - any kernel failure is answered by the dense rerun
+            self.controller.fallback(layer, "error", f"{type(exc).__name__}: {exc}")
+            return dense()
+        if self.check_finite and not bool(torch.isfinite(out).all()):
+            self.controller.fallback(layer, "nonfinite", "sparse output has NaN or inf")
+            return dense()
+        self.controller.succeeded(layer)
+        return out
+
+    def _prefill_plain(self, module, layer, query, key, value, attention_mask, kwargs):
+        B, Lk = query.shape[0], key.shape[2]
+        dense = lambda: _dense(module, query, key, value, attention_mask, **kwargs)  # noqa: E731
+        counts = _valid_keys(attention_mask, B, Lk, query.device).sum(-1)
+        short = counts < self.min_sparse_tokens
+        n_short = int(short.sum())
+        if n_short == B:
+            return dense()
+        if n_short == 0:
+            sparse = lambda: spattn_attention_forward(module, query, key, value, attention_mask, **kwargs)[0]  # noqa: E731
+            return self._guarded(layer, sparse, lambda: dense()[0]), None
+        # mixed batch: short sequences dense, the others sparse
+        rows_long = (~short).nonzero().flatten()
+        sub = lambda t: None if t is None else t[rows_long]  # noqa: E731
+        sparse = lambda: spattn_attention_forward(  # noqa: E731
+            module, query[rows_long], key[rows_long], value[rows_long], sub(attention_mask), **kwargs)[0]
+        out = dense()[0].clone()
+        out[rows_long] = self._guarded(
+            layer, sparse,
+            lambda: _dense(module, query[rows_long], key[rows_long], value[rows_long], sub(attention_mask),
+                           **kwargs)[0])
+        return out, None
+
+    def _page_stats(self, layer: int, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cache_layer = None
+        if self.cache is not None and layer < len(self.cache.layers):
+            cache_layer = self.cache.layers[layer]
+        if isinstance(cache_layer, PagedLayer) and cache_layer.holds(key):
+            return cache_layer.page_bounds()
+        if not self._warned_no_cache:
+            self._warned_no_cache = True
+            log_event(logging.WARNING, "no_page_cache", layer=layer,
+                      detail="the keys are not in a SpattnCache of this runtime: page statistics are recomputed "
+                             "from the keys at every step (use Runtime.generate or runtime.new_cache())")
+        return pool(key, self.block_size, "amin"), pool(key, self.block_size, "amax")
+
+    def _step_rows(self, attention_mask, batch: int, kv_len: int, device) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """Valid keys ``[B, L]``, dense rows ``[B]`` and "dense" / "sparse" / "mixed" for this step's mask
+        (computed once per step: every layer gets the same mask)."""
+        memo = self._step
+        if memo.get("mask") is attention_mask and memo.get("kv_len") == kv_len and memo.get("batch") == batch:
+            return memo["valid"], memo["dense_rows"], memo["kind"]
+        valid = _valid_keys(attention_mask, batch, kv_len, device)
+        dense_rows = valid.sum(-1) < self.min_sparse_tokens
+        n = int(dense_rows.sum())
+        kind = "dense" if n == batch else "sparse" if n == 0 else "mixed"
+        self._step = {"mask": attention_mask, "kv_len": kv_len, "batch": batch, "valid": valid,
+                      "dense_rows": dense_rows, "kind": kind}
+        return valid, dense_rows, kind
+
+    def _decode_plain(self, module, layer, query, key, value, attention_mask, kwargs):
+        B, H, _, D = query.shape
+        Lk = key.shape[2]
+        dense = lambda: _dense(module, query, key, value, attention_mask, **kwargs)[0]  # noqa: E731
+        valid, dense_rows, kind = self._step_rows(attention_mask, B, Lk, query.device)
+        if kind == "dense":
+            return _dense(module, query, key, value, attention_mask, **kwargs)
+        plan = self.decode_plans[layer]
+        if plan is None:  # a pattern shape paged decode does not cover: the generic spattn path
+            sparse = lambda: spattn_attention_forward(module, query, key, value, attention_mask, **kwargs)[0]  # noqa: E731
+            return self._guarded(layer, sparse, dense), None
+        scale = kwargs.get("scaling")
+        scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+        budget = self.controller.budget_for(layer) if plan.rule != "none" else 0
+        extra = self.controller.extra_pages(layer) if plan.rule == "none" else 0
+        if extra:
+            plan = DecodePlan(static=plan.static, rule="top_k", blocks=extra, keep=plan.keep)
+            budget = extra
+        result: dict[str, Any] = {}
+
+        def sparse() -> torch.Tensor:
+            stats = self._page_stats(layer, key) if plan.rule != "none" else (None, None)
+            selection = select(query, Lk, valid, plan, budget, kv_heads=key.shape[1], page_size=self.block_size,
+                               scale=scale, key_min=stats[0], key_max=stats[1],
+                               dense_rows=dense_rows if kind == "mixed" else None)
+            result["selection"] = selection
+            return self.kernel(query, key, value, selection, page_size=self.block_size, scale=scale).transpose(1, 2)
+
+        out = self._guarded(layer, sparse, lambda: dense())
+        selection = result.get("selection")
+        if self.level >= 1 and selection is not None:
+            counts = valid.sum(-1)
+            self.metrics.observe_decode(layer, float(selection.density(counts).mean()),
+                                        float((selection.pages >= 0).sum(-1).float().mean()))
+            if self._sample:
+                recall = sampled_recall(query, key, valid, selection, page_size=self.block_size, scale=scale)
+                self.controller.observe_recall(layer, float(recall.min()))
+        return out.contiguous(), None

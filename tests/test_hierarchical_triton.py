@@ -1,0 +1,74 @@
+"""Hierarchical attention on the triton kernels (TRITON_INTERPRET=1 on CPU, fp32): every branch's Layout
+(the compressed one over zero-padded compressed keys with empty rows, the selected one with a safeguard, the
+window) run by ``attention_triton`` under NaN poisoning equals the float64 reference at the same selection,
+forward and backward, within the tolerance rule (baseline: the fp32 reference).
+
+The interpreter must be set before triton is imported (Note [interpreter in one process] in
+``test_triton_kernels.py``, whose helpers this module reuses); if another module imported triton first, the case
+re-runs in a subprocess.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+import spattn  # noqa: E402
+import spattn.hierarchical.attention as fast_path  # noqa: E402
+from spattn.hierarchical import hierarchical_attention, reference  # noqa: E402
+from spattn.ops.attention.impl import triton as tri  # noqa: E402
+from spattn.testing import assert_within, poison_empty  # noqa: E402
+from tests.test_triton_kernels import DEVICE, IN_PROCESS  # noqa: E402 - the interpreter setup, in one place
+
+
+@pytest.mark.skipif(IN_PROCESS, reason="the case runs in this process")
+def test_interpreter_subprocess():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+@pytest.mark.skipif(not IN_PROCESS, reason="triton imported without the interpreter; see the subprocess test")
+def test_triton_branches_equal_reference(monkeypatch):
+    def on_triton(query, key, value, layout, *, causal=False, scale=None, backend=None):
+        return tri.attention_triton(query, key, value, layout, scale=scale, return_lse=False)[0]
+
+    monkeypatch.setattr(fast_path, "attention", on_triton)  # every branch on the triton kernels
+    config = spattn.Hierarchical(compress_block=16, compress_stride=8, select_block=16, select_count=2,
+                                 window=12, pooling="learned") | spattn.Sinks(4)
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, L, D = 1, 2, 1, 40, 16
+    q, k, v = torch.randn(B, H, L, D, generator=g), torch.randn(B, Hkv, L, D, generator=g), \
+        torch.randn(B, Hkv, L, D, generator=g)
+    gl = torch.randn(B, H, L, 3, generator=g)
+    pool = (torch.randn(Hkv, 16, generator=g), torch.randn(Hkv, 16, generator=g))
+    do = torch.randn(B, H, L, D, generator=g)
+
+    def run(fn, dtype, device, **extra):
+        leaves = [x.detach().to(device, dtype).requires_grad_() for x in (q, k, v, gl, *pool)]
+        out = fn(*leaves[:3], config, gate_logits=leaves[3], pool_logits=(leaves[4], leaves[5]), **extra)
+        (out.double() * do.to(device).double()).sum().backward()
+        return [out.detach().cpu()] + [x.grad.cpu() for x in leaves]
+
+    with torch.no_grad():
+        chosen = hierarchical_attention(q, k, v, config, gate_logits=gl, pool_logits=pool,
+                                        return_info=True)[1]["chosen"].cpu()
+    with poison_empty():
+        got = run(hierarchical_attention, torch.float32, DEVICE)
+    golden = run(reference, torch.float64, "cpu", chosen=chosen)
+    baseline = run(reference, torch.float32, "cpu", chosen=chosen)
+    for name, f, gd, bl in zip(("out", "dq", "dk", "dv", "dgate", "dpool_key", "dpool_value"), got, golden,
+                               baseline, strict=True):
+        assert torch.isfinite(f).all(), name
+        assert_within(f.float(), gd, bl.float(), k=2.0, eps=1e-5, what=name)

@@ -1,0 +1,136 @@
+"""``Runtime.generate`` end to end on a tiny random Llama: full density equals dense, padded batches of different
+lengths, ``min_sparse_tokens``, and fault injection (a kernel that raises, returns NaN or stalls)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import spattn  # noqa: E402
+from spattn.runtime import ControllerConfig, Runtime, paged_attention  # noqa: E402
+
+from .hf_support import tiny_llama  # noqa: E402
+
+NEW = 5
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama(seed=1)
+
+
+@pytest.fixture(scope="module")
+def expected(model, prompts):
+    return dense_generate(model, *prompts)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, 97, (2, 40), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :13] = 0  # the second prompt is 27 tokens, left-padded
+    return ids, mask
+
+
+def dense_generate(model, ids, mask):
+    with torch.inference_mode():
+        return model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+
+
+def run(model, plan, ids, mask, **kwargs):
+    runtime = Runtime(model, plan, block_size=8, **{"min_sparse_tokens": 0, "monitor_level": 1, **kwargs})
+    try:
+        out = runtime.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    finally:
+        runtime.detach()
+    return out, runtime
+
+
+@pytest.mark.parametrize("plan", [
+    pytest.param(spattn.Full(), id="full"),
+    pytest.param(spattn.Sinks(4) | spattn.Window(64) | spattn.TopK("bounds", 2), id="window-covers-all"),
+    pytest.param(spattn.TopK("bounds", 8), id="budget-covers-all"),
+])
+def test_generate_at_full_density_equals_dense(model, prompts, expected, plan):
+    ids, mask = prompts
+    out, runtime = run(model, spattn.Plan.uniform(plan), ids, mask, recall_sample=1.0)
+    assert torch.equal(out, expected)
+    assert not runtime.controller.counts, runtime.controller.summary()  # no fallback, no switch
+    assert model.config._attn_implementation == "sdpa"  # detached
+
+
+def test_batched_sequences_of_different_lengths_decode_like_alone(model, prompts):
+    ids, mask = prompts
+    plan = spattn.Plan.uniform(spattn.Window(12))  # shift-invariant: padding on the left changes nothing
+    batched, _ = run(model, plan, ids, mask)
+    alone, _ = run(model, plan, ids[1:, 13:], mask[1:, 13:])
+    assert torch.equal(batched[1, 13:], alone[0])
+    first, _ = run(model, plan, ids[:1], mask[:1])
+    assert torch.equal(batched[0], first[0])
+
+
+def test_min_sparse_tokens_runs_short_sequences_dense(model, prompts, expected):
+    ids, mask = prompts
+    sparse_plan = spattn.Plan.uniform(spattn.Window(3))
+    out, _ = run(model, sparse_plan, ids, mask, min_sparse_tokens=1000)
+    assert torch.equal(out, expected)
+    # only the short (27-token) sequence is dense: the long one keeps its sparse answer
+    mixed, _ = run(model, sparse_plan, ids, mask, min_sparse_tokens=35)
+    sparse, _ = run(model, sparse_plan, ids, mask)
+    assert torch.equal(mixed[1], expected[1]) and torch.equal(mixed[0], sparse[0])
+
+
+# ---------------------------------------------------------------------------------------------- faults
+def raising_kernel(*args, **kwargs):
+    raise RuntimeError("injected kernel failure")
+
+
+def nan_kernel(query, key, value, selection, **kwargs):
+    return paged_attention(query, key, value, selection, **kwargs) * float("nan")
+
+
+@pytest.mark.parametrize("kernel,reason", [(raising_kernel, "error"), (nan_kernel, "nonfinite")], ids=["raises", "nan"])
+def test_a_failing_kernel_falls_back_dense_and_is_counted(model, prompts, expected, kernel, reason):
+    ids, mask = prompts
+    # the window covers every token, so the sparse answer is the dense one whatever the kernel does
+    runtime = Runtime(model, spattn.Plan.uniform(spattn.Sinks(2) | spattn.Window(64)), block_size=8,
+                      min_sparse_tokens=0, monitor_level=1, controller=ControllerConfig(error_limit=2, cooldown=2))
+    runtime.kernel = kernel
+    try:
+        out = runtime.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    finally:
+        runtime.detach()
+    assert torch.equal(out, expected)
+    counts = runtime.controller.counts
+    assert counts[("fallback", 0, reason)] >= 2 and counts[("switch", 0, "dense", reason)] >= 1
+    assert counts[("switch", 0, "sparse", "cooldown")] >= 1  # it retried sparse after the cooldown
+    from prometheus_client import generate_latest
+
+    text = generate_latest(runtime.metrics.registry).decode()
+    assert f'spattn_fallbacks_total{{layer="0",reason="{reason}"}}' in text
+
+
+def test_a_stalling_kernel_lowers_the_budget_then_switches_dense(model, prompts, expected):
+    ids, mask = prompts
+
+    def stalling_kernel(*args, **kwargs):
+        time.sleep(0.05)
+        return paged_attention(*args, **kwargs)
+
+    plan = spattn.Plan.uniform(spattn.Sinks(4) | spattn.Window(64) | spattn.TopK("bounds", 4))  # covers everything
+    runtime = Runtime(model, plan, block_size=8, min_sparse_tokens=0, monitor_level=1,
+                      controller=ControllerConfig(latency_target_ms=1, budget=4, window=1, patience=1, cooldown=100))
+    runtime.kernel = stalling_kernel
+    try:
+        out = runtime.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    finally:
+        runtime.detach()
+    assert torch.equal(out, expected)
+    counts = runtime.controller.counts
+    assert counts[("budget", "latency_down")] >= 1 and runtime.controller.budget == 0
+    assert counts[("switch", 0, "dense", "latency")] == 1 and counts[("switch", 1, "dense", "latency")] == 1
