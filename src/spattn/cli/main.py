@@ -1,4 +1,4 @@
-"""``spattn`` command: ``demo``, ``bench``, ``report``, ``plan``, ``generate``, ``serve``, ``data``, ``eval``, ``train``."""
+"""The ``spattn`` command: demo, bench, report, plan, generate, serve, data, eval, train."""
 
 from __future__ import annotations
 
