@@ -168,6 +168,6 @@ def test_cli_plan(tmp_path):
                                       "window,sinks_window", "--quiet", "--output", str(out)])
     assert result.exit_code == 0, result.output
     plan = spattn.Plan.load(out)
-    assert plan.budget.kind == "fraction" and plan.heads and plan.meta["command"].startswith("spattn ")
+    assert plan.budget.kind == "fraction" and plan.heads and plan.meta["command"].startswith("spattn")
     bad = CliRunner().invoke(app, ["plan", "--model", str(folder), "--text", str(text), "--budget", "fast"])
     assert bad.exit_code == 2 and "not understood" in bad.output
