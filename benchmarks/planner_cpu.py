@@ -6,7 +6,7 @@ bootstrap intervals over chunks for the differences (plan minus uniform); recall
 uniform patterns at the calibration length and at longer lengths (``Plan.at_length``); planning time (wall
 and process CPU time: the machine may be shared).
 
-    PYTHONPATH=src python benchmarks/planner_cpu.py --length 1024 --budgets 0.2,0.3 \
+    PYTHONPATH=src python benchmarks/planner_cpu.py --length 1024 --budgets "52 keys;128 keys;0.3" \
         --out benchmarks/results/cpu/planner/smollm2_austen_1k.json
 """
 
@@ -25,7 +25,7 @@ import spattn
 from spattn.bench.env import machine_info
 from spattn.data import text_chunks
 from spattn.integrations.models import load_smollm2
-from spattn.planner import make_plan
+from spattn.planner import CandidateTable, InfeasibleBudget, make_plan
 from spattn.planner.validate import validate
 
 
@@ -69,7 +69,9 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=1024)
     ap.add_argument("--samples", type=int, default=3)
     ap.add_argument("--block-size", type=int, default=64)
-    ap.add_argument("--budgets", default="0.2,0.3")
+    ap.add_argument("--budgets", default="52 keys;128 keys;0.3",
+                    help="';'-separated budgets as spattn.plan takes them (fractions of the dense tiles, 'N keys')")
+    ap.add_argument("--table", default=None, help="a saved candidate table (.npz) to reuse instead of calibrating")
     ap.add_argument("--objective", default="recall")
     ap.add_argument("--eval-chunks", type=int, default=6)
     ap.add_argument("--shift-chunks", type=int, default=4)
@@ -80,23 +82,33 @@ def main() -> None:
     torch.manual_seed(0)
     out = {"machine": machine_info(), "args": vars(args), "note": "CPU timings on a shared 2-core machine"}
     model, tokenizer = load_smollm2()
-    budgets = [float(b) for b in args.budgets.split(",")]
+    budgets = [b.strip() for b in args.budgets.split(";") if b.strip()]
+    budgets = [float(b) if b.replace(".", "", 1).isdigit() else b for b in budgets]
     wall, cpu = time.perf_counter(), time.process_time()
-    first = make_plan(model, "austen", tokenizer=tokenizer, budget=budgets[0], lengths=(args.length,),
-                      samples=args.samples, block_size=args.block_size, objective=args.objective)
+    if args.table:
+        first = make_plan(None, None, budget=1.0, table=CandidateTable.load(args.table), objective=args.objective)
+    else:  # calibrate once (a 100% budget always fits), then solve each budget on the same table
+        first = make_plan(model, "austen", tokenizer=tokenizer, budget=1.0, lengths=(args.length,),
+                          samples=args.samples, block_size=args.block_size, objective=args.objective)
+        first.table.save(Path(args.out).with_suffix(".table.npz"))
     out["planning"] = {"wall_seconds": time.perf_counter() - wall, "process_cpu_seconds": time.process_time() - cpu,
                        "stages": first.seconds, "layers": first.table.layers, "heads": first.table.heads,
-                       "candidates": [c.name for c in first.table.candidates], "samples": args.samples}
+                       "candidates": [c.name for c in first.table.candidates], "samples": args.samples,
+                       "reused_table": args.table}
     print("planning", out["planning"], flush=True)
     held = text_chunks("austen", tokenizer, args.length, split="held_out", max_chunks=args.eval_chunks)
     shift = text_chunks("kjv", tokenizer, args.length, split="held_out", max_chunks=args.shift_chunks)
     caches = {"austen": {}, "kjv": {}}
     out["budgets"] = []
     for budget in budgets:
-        res = first if budget == budgets[0] else make_plan(None, None, budget=budget, table=first.table,
-                                                           objective=args.objective)
+        try:
+            res = make_plan(None, None, budget=budget, table=first.table, objective=args.objective)
+        except InfeasibleBudget as err:
+            out["budgets"].append({"budget": budget, "note": str(err)})
+            print(budget, err, flush=True)
+            continue
         table, C = res.table, len(res.table.candidates)
-        totals = torch.tensor(table.block_fraction.reshape(-1, C).sum(0))
+        totals = res.costs.sum(0)  # in the budget's unit (tiles or keys per query, summed over heads)
         fits = [c for c in range(C) if float(totals[c]) <= res.capacity * (1 + 1e-9)]
         ranked = sorted(fits, key=lambda c: -float(res.values[:, c].sum()))[: args.uniform_top]
         entry = {"budget": budget, "plan": {"choices": [h["choice"] for h in res.per_head],
@@ -114,7 +126,7 @@ def main() -> None:
             uplan = spattn.Plan(default=cand.pattern, budget=res.plan.budget)
             rows = {name: lm_metrics(model, chunks, uplan, args.block_size, caches[name])
                     for name, chunks in (("austen", held), ("kjv", shift))}
-            u = {"choice": cand.name, "tile_fraction": float(totals[c]) / (table.layers * table.heads),
+            u = {"choice": cand.name, "tile_fraction": float(table.block_fraction[..., c].mean()),
                  "keys_per_query": float(table.keys[..., c].mean()),
                  "calibration_recall": float(table.recall[..., c].mean())}
             u.update({name: summarise(r) for name, r in rows.items()})
@@ -128,7 +140,8 @@ def main() -> None:
             print(budget, cand.name, json.dumps({k: u[k] for k in ("austen", "kjv")}), flush=True)
         print(budget, "plan", json.dumps({k: entry["plan"][k] for k in ("austen", "kjv")}), flush=True)
         out["budgets"].append(entry)
-        res.plan.save(Path(args.out).with_name(Path(args.out).stem + f"_plan_{budget:g}.json"))
+        tag = str(budget).replace(" ", "")
+        res.plan.save(Path(args.out).with_name(Path(args.out).stem + f"_plan_{tag}.json"))
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print("wrote", args.out)

@@ -175,6 +175,18 @@ def test_plan_cost_never_exceeds_the_budget(planted_table, budget):
     assert float(visited / full) <= budget + 1e-9
 
 
+def test_candidate_table_save_load(planted_table, tmp_path):
+    from spattn.planner import CandidateTable
+
+    again = CandidateTable.load(planted_table.save(tmp_path / "table.npz"))
+    assert [c.name for c in again.candidates] == [c.name for c in planted_table.candidates]
+    assert again.candidates[-2].pattern == planted_table.candidates[-2].pattern
+    assert np.array_equal(again.recall, planted_table.recall) and again.output_error is None
+    a = make_plan(None, None, budget=0.5, table=again)
+    b = make_plan(None, None, budget=0.5, table=planted_table)
+    assert a.plan.layers == b.plan.layers
+
+
 def test_constraints(planted_table):
     result = make_plan(None, None, budget=0.9, table=planted_table, constraints=Constraints(min_dense_heads=2))
     assert sum(r["family"] == "dense" for r in result.per_head) >= 2

@@ -9,8 +9,11 @@ recall are per head and averaged over the chunks.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -68,6 +71,36 @@ class CandidateTable:
     @property
     def heads(self) -> int:
         return self.recall.shape[1]
+
+    _ARRAYS = ("recall", "log_recall", "output_error", "keys", "block_fraction", "latency_ms")
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the table to one ``.npz`` file (arrays, and the candidates' patterns as JSON; no pickles)."""
+        head = {"format": "spattn.candidate_table/1", "length": self.length, "lengths": self.lengths,
+                "block_size": self.block_size, "causal": self.causal, "head_dim": self.head_dim,
+                "kv_heads": self.kv_heads, "samples": self.samples, "seconds": self.seconds,
+                "candidates": [{"name": c.name, "family": c.family, "pattern": c.pattern.to_dict()}
+                               for c in self.candidates]}
+        arrays = {n: getattr(self, n) for n in self._ARRAYS if getattr(self, n) is not None}
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("wb") as f:
+            np.savez(f, header=np.array(json.dumps(head)), **arrays)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> CandidateTable:
+        """Read a table written by :meth:`save`."""
+        from spattn.patterns import pattern_from_dict
+
+        with np.load(Path(path), allow_pickle=False) as data:
+            head = json.loads(str(data["header"]))
+            if head.get("format") != "spattn.candidate_table/1":
+                raise ValueError(f"{path} is not a spattn candidate table (format spattn.candidate_table/1)")
+            arrays = {n: (data[n] if n in data.files else None) for n in cls._ARRAYS}
+        cands = [Candidate(c["name"], c["family"], pattern_from_dict(c["pattern"])) for c in head.pop("candidates")]
+        head.pop("format")
+        return cls(candidates=cands, **head, **arrays)
 
     def index(self, name: str) -> int:
         """Column of the candidate called ``name``."""
