@@ -36,7 +36,8 @@ def test_spattn_serve_builds_the_app_from_its_options_and_drains_an_in_flight_st
     built = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: built.update(app=app, **kw))
     result = CliRunner().invoke(app, ["serve", "--model", str(tmp_path / "model"),
-                                      "--plan", str(tmp_path / "plan.json"), "--port", "0", "--min-sparse-tokens", "0", "--block-size", "8",
+                                      "--plan", str(tmp_path / "plan.json"), "--port", "0",
+                                      "--min-sparse-tokens", "0", "--block-size", "8",
                                       "--latency-target-ms", "5000", "--drain-timeout", "30"])
     assert result.exit_code == 0, result.output
     engine = built["app"].state.engine
