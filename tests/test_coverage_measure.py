@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import spattn
 from spattn.coverage import measure
-from spattn.coverage._tables import layout_from_mask
+from spattn.layout import from_dense
 
 
 def dense_reference(q, k, v, kept, causal, scale=None):
@@ -46,7 +46,7 @@ def test_measure_matches_dense_brute_force(B, H, Hkv, Lq, Lk, bs, causal, chunk)
     v = torch.randn(B, Hkv, Lk, 8, dtype=torch.float64)
     kept = torch.rand(B, H, Lq, Lk) < 0.3  # dynamic layout: per batch and head
     kept[0, 0, : Lq // 2] = False  # rows that keep nothing
-    layout = layout_from_mask(kept, bs)
+    layout = from_dense(kept, bs)
     r = measure(q, k, layout, value=v, causal=causal, topk=5, chunk=chunk)
     p, s, keep, recall, o, o_sparse = dense_reference(q, k, v, kept, causal)
     empty_dense = ~(p > 0).any(-1)

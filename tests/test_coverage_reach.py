@@ -5,7 +5,7 @@ import torch
 
 import spattn
 from spattn.coverage import reachability
-from spattn.coverage._tables import layout_from_mask
+from spattn.layout import from_dense
 
 
 def brute(masks, causal):
@@ -40,7 +40,7 @@ def token_mask(L, kind):
 @pytest.mark.parametrize("L,bs", [(100, 16), (130, 4), (65, 64), (200, 128)])
 def test_repeated_layout_matches_brute_force(kind, causal, L, bs):
     heads = torch.stack([token_mask(L, kind), torch.rand(L, L) < 0.002])  # union over heads
-    layout = layout_from_mask(heads[None], bs)
+    layout = from_dense(heads[None], bs)
     r = reachability(layout, causal=causal, max_layers=10, return_matrix=True)
     want, R = brute([heads.any(0)] * 10, causal)
     torch.testing.assert_close(r.fraction, want, rtol=0, atol=1e-15)
@@ -53,7 +53,7 @@ def test_repeated_layout_matches_brute_force(kind, causal, L, bs):
 def test_per_layer_stack_matches_brute_force():
     L, bs = 150, 32
     masks = [torch.rand(1, 2, L, L) < 0.02 for _ in range(6)]
-    r = reachability([layout_from_mask(m, bs) for m in masks], causal=True, return_matrix=True)
+    r = reachability([from_dense(m, bs) for m in masks], causal=True, return_matrix=True)
     want, R = brute([m[0].any(0) for m in masks], True)
     torch.testing.assert_close(r.fraction, want, rtol=0, atol=1e-15)
     assert torch.equal(r.matrix, R)

@@ -14,8 +14,12 @@ from tests.hf_support import tiny_bert, tiny_llama
 class _WordTokenizer:
     """Tiny tokenizer for the encoder: one id per word, padding to the longest sentence."""
 
+    def __init__(self):
+        self.vocab: dict[str, int] = {}  # a fixed word -> id map (str hashes change per process)
+
     def __call__(self, sentences, padding=True, truncation=True, max_length=512, return_tensors="pt"):
-        rows = [[1 + (hash(w) % 100) for w in s.split()][:max_length] for s in sentences]
+        rows = [[1 + self.vocab.setdefault(w, len(self.vocab) % 100) for w in s.split()][:max_length]
+                for s in sentences]
         L = max(len(r) for r in rows)
         ids = torch.tensor([r + [0] * (L - len(r)) for r in rows])
         mask = torch.tensor([[1] * len(r) + [0] * (L - len(r)) for r in rows])

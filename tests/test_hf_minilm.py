@@ -6,8 +6,8 @@ import torch
 import spattn
 from spattn.eval.lm import compare_embeddings, sentence_embeddings
 from spattn.integrations import hf
-from tests.hf_support import minilm, minilm_float64
 from spattn.testing import assert_within
+from tests.hf_support import minilm, minilm_float64
 
 SENTENCES = [
     "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want "

@@ -6,8 +6,8 @@ import torch
 import spattn
 from spattn.integrations import hf
 from spattn.integrations.plan import Plan
-from tests.hf_support import tiny_bert, tiny_llama, transformers
 from spattn.testing import assert_within
+from tests.hf_support import tiny_bert, tiny_llama, transformers
 
 
 def _logits(model, ids, mask=None):

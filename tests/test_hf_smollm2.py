@@ -9,8 +9,8 @@ import spattn
 from spattn.data.chunks import text_chunks
 from spattn.eval.lm import compare_lm
 from spattn.integrations import hf
-from tests.hf_support import smollm2, smollm2_float64
 from spattn.testing import assert_within
+from tests.hf_support import smollm2, smollm2_float64
 
 LENGTH = 512
 

@@ -190,9 +190,17 @@ def test_transposed_tables_agree(pattern, shape):
     for num, idx in ((layout.kv_num_blocks, layout.kv_indices), (layout.full_kv_num_blocks, layout.full_kv_indices)):
         for row_n, row in zip(num.flatten().tolist(), idx.flatten(0, -2).tolist()):
             assert row[:row_n] == sorted(row[:row_n])
-    if layout.masks.shape[0]:
-        counts = layout.masks.flatten(1).sum(-1)
-        assert (counts > 0).all()
+    # every partial entry's mask keeps some but not all of the block's in-bounds pairs
+    for b in range(layout.batch):
+        for h in range(layout.heads):
+            for qb in range(layout.num_q_blocks):
+                for e in range(int(layout.kv_num_blocks[b, h, qb])):
+                    kb = int(layout.kv_indices[b, h, qb, e])
+                    rows = min(bs, layout.q_len - qb * bs)
+                    cols = min(bs, layout.kv_len - kb * bs)
+                    mask = layout.masks[int(layout.kv_mask_ids[b, h, qb, e])]
+                    assert 0 < int(mask[:rows, :cols].sum()) < rows * cols, (b, h, qb, kb)
+                    assert not mask[rows:].any() and not mask[:, cols:].any()  # nothing out of bounds
 
 
 @settings(max_examples=25, deadline=None)
@@ -271,3 +279,47 @@ def test_plot_draws_the_block_status(tmp_path):
     assert torch.equal(torch.as_tensor(image.data), layout.block_status()[0, 0].to(torch.as_tensor(image.data).dtype))
     ax.figure.savefig(tmp_path / "layout.png")
     assert (tmp_path / "layout.png").stat().st_size > 1000
+
+
+def test_compile_hands_dynamic_parts_what_the_static_parts_keep_and_allow():
+    """Phase 2 of compile: a dynamic part gets kept = the static parts of its union, allowed = the static parts
+    of the enclosing intersection (with causal), as int8 block status."""
+    import dataclasses
+    from typing import ClassVar
+
+    from spattn.patterns.base import Context
+    from spattn.patterns.builtin import BlockSelection
+
+    seen = {}
+
+    @dataclasses.dataclass(frozen=True)
+    class Recorder(BlockSelection):
+        block: int = 8
+        dynamic: ClassVar[bool] = True
+        kind: ClassVar[str] = "test_recorder"
+
+        def selection(self, ctx, *, kept, allowed):
+            seen["kept"], seen["allowed"] = kept, allowed
+            return torch.eye(ctx.num_q_blocks, ctx.num_kv_blocks, dtype=torch.bool)
+
+    q = k = torch.zeros(1, 1, 32, 4)
+    pattern = (spattn.Sinks(8) | Recorder()) & spattn.Window(12)
+    layout = spattn.compile(pattern, 32, causal=True, block_size=8, query=q, key=k)
+    ctx = Context(32, 32, 8, torch.device("cpu"))
+    assert torch.equal(seen["kept"], spattn.Sinks(8).status(ctx))
+    want_allowed = torch.minimum(spattn.Window(12).status(ctx), spattn.Causal().status(ctx))
+    assert torch.equal(seen["allowed"], want_allowed)
+    ref = brute_force_mask(pattern, 32, causal=True, block_size=8, query=q, key=k)
+    assert torch.equal(layout.to_dense(), ref)
+
+
+def test_top_k_and_top_p_round_trip_through_pattern_from_dict():
+    import importlib
+
+    from spattn.patterns import serialize
+
+    for kind, module in serialize._DEFINED_IN.items():  # the lazily imported kinds register themselves
+        cls = getattr(importlib.import_module(module), {"top_k": "TopK", "top_p": "TopP"}[kind])
+        assert cls.kind == kind
+    pattern = spattn.Sinks(4) | spattn.TopK("pooled", 2) | spattn.TopP("pooled", 0.5)
+    assert spattn.pattern_from_dict(json.loads(json.dumps(pattern.to_dict()))) == pattern

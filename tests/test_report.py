@@ -292,7 +292,7 @@ def test_fast_recall_matches_coverage_measure(length, block):
 
     import spattn
     from spattn.coverage.measure import measure
-    from spattn.report.evaluate import dense_probs, token_mask
+    from spattn.report.evaluate import dense_probs
     from spattn.selectors import TopP
 
     gen = torch.Generator().manual_seed(1)
@@ -302,8 +302,8 @@ def test_fast_recall_matches_coverage_measure(length, block):
                     spattn.Sinks(4) | spattn.Window(4) | spattn.RandomBlocks(1, seed=2, block=block),
                     spattn.Sinks(4) | spattn.Window(4) | TopP("pooled", 0.5)):
         layout = spattn.compile(pattern, length, length, causal=True, block_size=block, query=q, key=k)
-        mask = token_mask(layout)
-        assert torch.equal(mask, layout.to_dense()[0] & torch.ones(length, length, dtype=torch.bool).tril())
+        mask = layout.to_dense()[0]
+        assert torch.equal(mask, mask & torch.ones(length, length, dtype=torch.bool).tril())  # causal
         fast = (dense_probs(q, k) * mask).sum(-1)
         ref = measure(q, k, layout, causal=True, topk=0).recall[0]
         torch.testing.assert_close(fast, ref, rtol=0, atol=1e-12)
@@ -322,3 +322,30 @@ def test_overwrite_reuses_cached_stages_of_the_same_configuration(tiny, tmp_path
     assert not {"dense", "capture", "coverage"} & set(again["timings"]["stages_s"])  # nothing recomputed
     assert _strip_timings(again) == _strip_timings(tiny["results"])
     assert (out / "notes.txt").read_text() == "not the report's"
+
+
+class _Payload:
+    """Unpickling this runs a shell command: what an attacker would plant in a shared output folder."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_planted_pickle_in_the_cache_is_refused_and_never_runs(tiny, tmp_path):
+    import pickle
+    import shutil
+
+    out = tmp_path / "planted"
+    shutil.copytree(tiny["out"], out)
+    marker = tmp_path / "ran"
+    data = out / ".spattn-report" / tiny["results"]["digest"] / "data.pt"
+    assert data.is_file()
+    data.write_bytes(pickle.dumps({"calibration": _Payload(marker)}))
+    r = _invoke("--model", str(tiny["model"]), "--text", str(tiny["text"]), "-o", str(out), *ARGS, "--overwrite")
+    assert r.exit_code == 2 and "refusing to load" in r.output, r.output
+    assert not marker.exists()

@@ -31,8 +31,9 @@ from spattn.patterns import (
 from spattn.ops.attention import attention, choose_backend
 from spattn.selectors import LayoutBuilder, TopK, TopP
 from spattn.integrations import Plan, patch, patched, unpatch
-from spattn.capture import Capture, capture
+from spattn.integrations.capture import Capture, capture
 from spattn import coverage  # noqa: E402 - the coverage toolkit as spattn.coverage
+from spattn import distributed  # noqa: E402 - sparse attention across ranks as spattn.distributed
 
 __version__ = "0.1.0"
 

@@ -1,43 +1,78 @@
-"""Facts that every benchmark JSON carries: machine, versions, git commit, and the rerun command."""
+"""The one machine record every result JSON carries: machine, versions, git commit, and the rerun command.
+
+Benchmarks, ``spattn report`` and ``spattn.eval`` all write :func:`machine_info`; nothing else builds one.
+"""
 
 from __future__ import annotations
 
+import importlib
 import os
 import platform
 import shlex
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
+_HERE = Path(__file__).resolve().parent
 
-def git_commit() -> str | None:
+
+def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False)
-        return out.stdout.strip() or None
+        out = subprocess.run(["git", *args], cwd=_HERE, capture_output=True, text=True, timeout=5, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
+    return out.stdout.strip() if out.returncode == 0 else None
 
 
-def machine_info() -> dict:
-    info = {
+def git_commit() -> str | None:
+    """HEAD of the spattn checkout this module runs from, or None outside a git checkout."""
+    return _git("rev-parse", "HEAD") or None
+
+
+def versions() -> dict[str, str | None]:
+    """python, torch, spattn and the optional libraries that change results (None when not installed)."""
+    import spattn
+
+    out: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__,
+                                  "spattn": spattn.__version__}
+    for name in ("triton", "transformers"):
+        try:
+            out[name] = importlib.import_module(name).__version__
+        except ImportError:
+            out[name] = None
+    return out
+
+
+def machine_info(device: str | torch.device | None = None) -> dict:
+    """Where and with what a result was produced.
+
+    Args:
+        device: the device the run used (default: CUDA device 0 when present, else the CPU).
+
+    Returns:
+        A JSON-ready dict: platform, processor, cpu_count, load_average, torch_threads, device, cuda, versions
+        (also flattened as ``python`` / ``torch`` / ``triton`` keys), git_commit, git_dirty, command, timestamp.
+    """
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    vers = versions()
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "torch_threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "cuda": torch.version.cuda,
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "versions": vers,
+        "python": vers["python"],
+        "torch": vers["torch"],
+        "triton": vers["triton"],
         "git_commit": git_commit(),
+        "git_dirty": None if status is None else status != "",
         "command": " ".join(shlex.quote(a) for a in sys.argv),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    return info

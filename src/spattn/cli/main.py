@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
-
 import typer
+
+from spattn.cli.data import data_app
+from spattn.cli.generate import generate_command
+from spattn.cli.report import report_command
+from spattn.cli.serve import serve_command
 
 app = typer.Typer(
     name="spattn",
@@ -42,24 +45,10 @@ def bench(
     run_reference_bench([int(x) for x in lengths.split(",") if x], repeats=repeats, output=output)
 
 
-def _mount_optional() -> None:
-    """Sub-commands that live in their own modules (they import their extras lazily)."""
-    try:
-        data_mod = importlib.import_module("spattn.cli.data")
-        app.add_typer(data_mod.data_app, name="data", help="Prepare offline corpora (Austen, KJV).")
-    except ImportError:  # pragma: no cover - module not present in a partial install
-        pass
-    try:
-        report_mod = importlib.import_module("spattn.cli.report")
-        app.command(name="report")(report_mod.report_command)
-    except ImportError:  # pragma: no cover
-        pass
-    for name in ("generate", "serve"):  # the runtime's commands (issue 17); their extras load lazily
-        module = importlib.import_module(f"spattn.cli.{name}")
-        app.command(name=name)(getattr(module, f"{name}_command"))
-
-
-_mount_optional()
+app.add_typer(data_app, name="data", help="Prepare offline corpora (Austen, KJV).")
+app.command(name="report")(report_command)
+app.command(name="generate")(generate_command)  # the runtime (issue 17); extras load lazily inside
+app.command(name="serve")(serve_command)
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -13,8 +13,11 @@ from typing import Any
 
 import torch
 
-from spattn.coverage.measure import _check_qk, _compute_dtype, default_chunk
-from spattn.patterns.layout import Layout
+from spattn._checks import check_int
+from spattn.coverage.measure import check_qk, chunk_tokens, compute_dtype
+from spattn.layout.layout import Layout
+from spattn.patterns.builtin import BlockLayout
+from spattn.patterns.compile import compile as compile_pattern
 
 
 @dataclasses.dataclass(eq=False)
@@ -66,19 +69,14 @@ def block_mass(
         >>> mass.sum.shape, round(float(mass.sum[0, 0, 0].sum()), 4)
         (torch.Size([1, 2, 4, 4]), 32.0)
     """
-    B, H, Hkv, Lq, Lk = _check_qk(query, key)
-    if not isinstance(block_size, int) or block_size <= 0:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-    bs = block_size
+    B, H, Hkv, Lq, Lk = check_qk(query, key)
+    bs = check_int(block_size, "block_size", 1)
     dev = query.device
-    chunk = default_chunk(B * H, bs, dev) if chunk is None else chunk
-    if not isinstance(chunk, int) or chunk <= 0:
-        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
-    chunk = max(bs, chunk // bs * bs)
+    chunk = chunk_tokens(chunk, B * H, bs, dev)
     G = H // Hkv
     D = query.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    cdt = _compute_dtype(query)
+    cdt = compute_dtype(query)
     NQ, NK = math.ceil(Lq / bs), math.ceil(Lk / bs)
     offset = Lk - Lq
     k_all = key.to(cdt)
@@ -143,8 +141,7 @@ def select_blocks(scores: torch.Tensor, *, budget: int | None = None, mass: floa
     ranked = scores.gather(-1, order)
     rank = torch.arange(scores.shape[-1], device=scores.device)
     if budget is not None:
-        if not isinstance(budget, int) or budget < 0:
-            raise ValueError(f"budget must be a non-negative int (key blocks per query block), got {budget!r}")
+        check_int(budget, "budget (key blocks per query block)", 0)
         keep_sorted = rank < budget
     else:
         if not isinstance(mass, (int, float)) or not 0 < mass <= 1:
@@ -200,21 +197,8 @@ def oracle_layout(
 def blocks_to_layout(selected: torch.Tensor, block_size: int, q_len: int, kv_len: int, *, causal: bool,
                      batch: int, heads: int, device: torch.device, info: dict[str, Any] | None = None) -> Layout:
     """Layout keeping the selected blocks (bool [B, H, NQ, NK]), intersected with causality when asked."""
-    import spattn
-
-    if hasattr(spattn, "compile") and hasattr(spattn, "BlockLayout"):
-        layout = spattn.compile(spattn.BlockLayout(selected, block=block_size), q_len, kv_len, causal=causal,
-                                block_size=block_size, batch=batch, heads=heads, device=device)
-    else:  # the core's compile is not there: build the exact tables ourselves
-        from spattn.coverage._tables import layout_from_mask
-
-        NQ, NK = selected.shape[-2:]
-        tok = selected.repeat_interleave(block_size, -2).repeat_interleave(block_size, -1)[..., :q_len, :kv_len]
-        if causal:
-            off = kv_len - q_len
-            rows = torch.arange(q_len, device=device)[:, None] + off
-            tok = tok & (torch.arange(kv_len, device=device)[None, :] <= rows)
-        layout = layout_from_mask(tok.contiguous(), block_size, causal=causal)
+    layout = compile_pattern(BlockLayout(selected, block=block_size), q_len, kv_len, causal=causal,
+                             block_size=block_size, batch=batch, heads=heads, device=device)
     if info:
         layout.info.update(info)
     return layout

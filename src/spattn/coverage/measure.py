@@ -20,8 +20,12 @@ from typing import Any
 
 import torch
 
-from spattn.coverage import _tables
-from spattn.patterns.layout import Layout
+from spattn._checks import check_int
+from spattn.layout import tables
+from spattn.layout.dense import expand
+from spattn.layout.layout import Layout
+from spattn.patterns.base import Pattern
+from spattn.patterns.compile import compile as compile_pattern
 
 _CPU_ELEMENTS = 1 << 24
 _GPU_ELEMENTS = 1 << 28
@@ -120,7 +124,7 @@ def _reduce(flat: torch.Tensor, reduction: str) -> torch.Tensor:
     raise ValueError(f"reduction must be 'mean', 'p5' or 'min', got {reduction!r}")
 
 
-def _check_qk(query: torch.Tensor, key: torch.Tensor,
+def check_qk(query: torch.Tensor, key: torch.Tensor,
               value: torch.Tensor | None = None) -> tuple[int, int, int, int, int]:
     if not isinstance(query, torch.Tensor) or query.dim() != 4:
         raise ValueError(f"query must be a [B, H, Lq, D] tensor, got {getattr(query, 'shape', type(query))}")
@@ -147,14 +151,43 @@ def _check_qk(query: torch.Tensor, key: torch.Tensor,
     return B, H, Hkv, Lq, Lk
 
 
-def default_chunk(batch_heads: int, block_size: int, device: torch.device) -> int:
-    """Tokens per query/key chunk so that one score tile holds about 2^24 (CPU) or 2^28 (GPU) elements."""
-    budget = _GPU_ELEMENTS if device.type == "cuda" else _CPU_ELEMENTS
-    side = int(math.isqrt(max(1, budget // max(1, batch_heads))))
-    return max(block_size, side // block_size * block_size)
+def chunk_tokens(chunk: int | None, batch_heads: int, block_size: int, device: torch.device) -> int:
+    """Tokens per query/key chunk: ``chunk`` rounded down to ``block_size`` (at least one block), or by default
+    so that one score tile holds about 2^24 (CPU) or 2^28 (GPU) elements."""
+    if chunk is None:
+        budget = _GPU_ELEMENTS if device.type == "cuda" else _CPU_ELEMENTS
+        chunk = int(math.isqrt(max(1, budget // max(1, batch_heads))))
+    else:
+        check_int(chunk, "chunk", 1)
+    return max(block_size, chunk // block_size * block_size)
 
 
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+def as_layout(layout_or_pattern: Any, q_len: int, kv_len: int, *, causal: bool, batch: int, heads: int,
+              device: torch.device, query: torch.Tensor | None = None, key: torch.Tensor | None = None,
+              block_size: int | None = None) -> Layout:
+    """A Layout as is (validated against the lengths), or a pattern compiled with ``spattn.compile``."""
+    if isinstance(layout_or_pattern, Layout):
+        lay = layout_or_pattern
+        if lay.q_len != q_len or lay.kv_len != kv_len:
+            raise ValueError(
+                f"layout is for q_len={lay.q_len}, kv_len={lay.kv_len} but the inputs have {q_len}, {kv_len}"
+            )
+        if lay.batch not in (1, batch) or lay.heads not in (1, heads):
+            raise ValueError(
+                f"layout tables have batch={lay.batch}, heads={lay.heads}; expected 1 or {batch} / 1 or {heads}"
+            )
+        return lay.to(device) if lay.device != device else lay
+    if not isinstance(layout_or_pattern, Pattern):
+        raise TypeError(
+            f"layout_or_pattern must be a spattn.Layout or a pattern, got {type(layout_or_pattern).__name__}"
+        )
+    kwargs: dict[str, Any] = dict(causal=causal, batch=batch, heads=heads, device=device, query=query, key=key)
+    if block_size is not None:
+        kwargs["block_size"] = block_size
+    return compile_pattern(layout_or_pattern, q_len, kv_len, **kwargs)
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
@@ -196,24 +229,19 @@ def measure(
         >>> report.recall.shape
         torch.Size([1, 2, 256])
     """
-    B, H, Hkv, Lq, Lk = _check_qk(query, key, value)
-    if not isinstance(topk, int) or topk < 0:
-        raise ValueError(f"topk must be a non-negative int, got {topk!r}")
+    B, H, Hkv, Lq, Lk = check_qk(query, key, value)
+    check_int(topk, "topk", 0)
     dev = query.device
-    layout = _tables.as_layout(layout_or_pattern, Lq, Lk, causal=causal, batch=B, heads=H, device=dev,
-                               query=query, key=key, block_size=block_size)
+    layout = as_layout(layout_or_pattern, Lq, Lk, causal=causal, batch=B, heads=H, device=dev,
+                       query=query, key=key, block_size=block_size)
     bs = layout.block_size
-    if chunk is None:
-        chunk = default_chunk(B * H, bs, dev)
-    if not isinstance(chunk, int) or chunk <= 0:
-        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
-    chunk = max(bs, chunk // bs * bs)
+    chunk = chunk_tokens(chunk, B * H, bs, dev)
     G = H // Hkv
     D = query.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    cdt = _compute_dtype(query)
+    cdt = compute_dtype(query)
     offset = Lk - Lq
-    masks_ext = _tables.extended_masks(layout)
+    tiles = tables.tiles(layout.masks)
     k_all = key.to(cdt)
     v_all = value.to(cdt) if value is not None else None
     Dv = value.shape[-1] if value is not None else 0
@@ -228,7 +256,7 @@ def measure(
     for i0 in range(0, Lq, chunk):
         i1 = min(Lq, i0 + chunk)
         cq = i1 - i0
-        bmap = _tables.block_map(layout, i0 // bs, (i1 - 1) // bs + 1)
+        status, slot = tables.unpack(layout, i0 // bs, (i1 - 1) // bs + 1)  # [Bl, Hl, n, NK]
         q = (query[:, :, i0:i1].to(cdt) * scale).view(B, Hkv, G, cq, D)
         m = torch.full((B, H, cq), -math.inf, dtype=cdt, device=dev)
         S = torch.zeros_like(m)
@@ -244,14 +272,14 @@ def measure(
             j1 = min(Lk, j0 + chunk)
             ck = j1 - j0
             s = torch.matmul(q, k_all[:, :, None, j0:j1].transpose(-1, -2)).view(B, H, cq, ck)
-            codes = bmap[..., j0 // bs:(j1 - 1) // bs + 1]
+            cols = slice(j0 // bs, (j1 - 1) // bs + 1)
             kept: torch.Tensor | bool  # True / False: the layout keeps every / no key of the tile
-            if bool((codes == _tables.NONE).all()):
+            if bool((status[..., cols] == tables.EMPTY).all()):
                 kept = False
-            elif bool((codes == _tables.FULL).all()):
+            elif bool((status[..., cols] == tables.FULL).all()):
                 kept = True
             else:
-                kept = _tables.chunk_mask(layout, bmap, masks_ext, j0 // bs, (j1 - 1) // bs + 1, cq, ck)
+                kept = expand(slot[..., cols], tiles)[:, :, :cq, :ck]
             if causal and j1 - 1 > i0 + offset:  # the chunk crosses the diagonal
                 qi = torch.arange(i0, i1, device=dev)[:, None] + offset
                 kj = torch.arange(j0, j1, device=dev)[None, :]
@@ -318,12 +346,5 @@ def measure(
         output_error = torch.where(sq_ref > 0, ratio, no_ref).to(cdt)
     return CoverageReport(
         recall=recall, kl=kl, topk_overlap=overlap, output_error=output_error, output_abs_error=abs_err,
-        lse=lse, density=_density(layout, causal), topk=topk, causal=causal,
+        lse=lse, density=layout.density(), topk=topk, causal=causal,
     )
-
-
-def _density(layout: Layout, causal: bool) -> float:
-    try:
-        return layout.density()
-    except Exception:  # noqa: BLE001 - density is informative only; never fail a measurement on it
-        return float("nan")

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from spattn.patterns.layout import Layout
+from spattn.layout.layout import Layout
 
 
 def _plt() -> Any:

@@ -32,8 +32,9 @@ from typing import Any
 
 import torch
 
-from spattn.coverage import _tables
-from spattn.patterns.layout import Layout
+from spattn._checks import check_int
+from spattn.layout import tables
+from spattn.layout.layout import Layout
 
 _M1 = 0x5555555555555555
 _M2 = 0x3333333333333333
@@ -151,25 +152,23 @@ class _Edges:
 def _edges(layout: Layout, batch: int, causal: bool) -> _Edges:
     bs = layout.block_size
     b = min(batch, layout.batch - 1)
-    bmap = _tables.block_map(layout)[b]  # [Hl, NQ, NK]
-    NQ, NK = bmap.shape[-2:]
-    full = (bmap == _tables.FULL).any(0)
-    part = (bmap >= 0).any(0) & ~full
+    status, slot = tables.unpack(layout)
+    status, slot = status[b], slot[b]  # [Hl, NQ, NK]
+    NQ, NK = status.shape[-2:]
+    dev = status.device
+    full = (status == tables.FULL).any(0)
+    part = (status == tables.PARTIAL).any(0) & ~full
     if causal:
-        future = torch.ones(NQ, NK, dtype=torch.bool, device=bmap.device).triu(1)
-        diag_full = full & torch.eye(NQ, NK, dtype=torch.bool, device=bmap.device)
+        future = torch.ones(NQ, NK, dtype=torch.bool, device=dev).triu(1)
+        diag_full = full & torch.eye(NQ, NK, dtype=torch.bool, device=dev)
         full = full & ~future & ~diag_full
         part = (part | diag_full) & ~future
     cells = part.nonzero()  # [P, 2] sorted by query block
     P = cells.shape[0]
-    flat = layout.masks.to(torch.uint8).reshape(-1, bs * bs)
-    flat = torch.cat([flat, flat.new_zeros(1, bs * bs), flat.new_ones(1, bs * bs)])
-    M = flat.shape[0] - 2
-    union = torch.zeros(P, bs * bs, dtype=torch.uint8, device=bmap.device)
-    for h in range(bmap.shape[0]):
-        code = bmap[h][cells[:, 0], cells[:, 1]].long()
-        code = torch.where(code == _tables.FULL, M + 1, torch.where(code < 0, M, code))
-        union = torch.maximum(union, flat[code])
+    flat = tables.tiles(layout.masks).to(torch.uint8).reshape(-1, bs * bs)
+    union = torch.zeros(P, bs * bs, dtype=torch.uint8, device=dev)
+    for h in range(slot.shape[0]):  # the union over heads of each cell's token mask
+        union = torch.maximum(union, flat[slot[h][cells[:, 0], cells[:, 1]]])
     masks = union.bool().view(P, bs, bs)
     if causal:
         diag = cells[:, 0] == cells[:, 1]
@@ -436,8 +435,8 @@ def reachability(
             stack = stack[:max_layers]
     else:
         raise TypeError("layouts must be a spattn.Layout or a non-empty sequence of Layouts")
-    if max_layers is not None and (not isinstance(max_layers, int) or max_layers <= 0):
-        raise ValueError(f"max_layers must be a positive int, got {max_layers!r}")
+    if max_layers is not None:
+        check_int(max_layers, "max_layers", 1)
     L = stack[0].q_len
     for lay in stack:
         if lay.q_len != lay.kv_len or lay.q_len != L:

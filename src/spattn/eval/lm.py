@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import platform
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from spattn.bench.env import machine_info
 from spattn.integrations.hf import patched
 from spattn.integrations.plan import Plan, as_plan
 from spattn.patterns import Pattern
@@ -79,7 +79,7 @@ def _dense(model: torch.nn.Module, backend: str) -> Iterator[None]:
 
 def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return model(input_ids=ids).logits[:, :-1].float()
+        return model(input_ids=ids).logits.float()
 
 
 @dataclass
@@ -129,11 +129,47 @@ def perplexity(
     with context:
         for start in _progress(starts, len(starts), "perplexity", progress):
             ids = chunks[start : start + batch_size].to(device)
-            logits = _logits(model, ids)
+            logits = _logits(model, ids)[:, :-1]
             nll = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
             total += float(nll)
             count += ids[:, 1:].numel()
     return math.exp(total / count)
+
+
+def dense_reference(dense_logits: torch.Tensor, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What a sparse run is scored against: float64 dense next-token log-probabilities, targets and top tokens.
+
+    Args:
+        dense_logits: ``[L, V]`` or ``[B, L, V]`` logits of the dense model on ``ids``.
+        ids: int ``[L]`` or ``[B, L]`` token ids; positions ``1..L-1`` are the predicted targets.
+
+    Returns:
+        ``{"logp": [N, V] float64, "target": [N], "top": [N]}`` with ``N = B * (L - 1)``.
+    """
+    logits = dense_logits[..., :-1, :].reshape(-1, dense_logits.shape[-1])
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    target = ids[..., 1:].reshape(-1).to(logp.device)
+    return {"logp": logp, "target": target, "top": logp.argmax(-1)}
+
+
+def dense_nll(reference: dict[str, torch.Tensor]) -> float:
+    """Summed negative log-likelihood of the dense model over the reference's targets."""
+    return float(-reference["logp"].gather(-1, reference["target"][:, None]).sum())
+
+
+def compare_logits(reference: dict[str, torch.Tensor], sparse_logits: torch.Tensor) -> dict[str, float]:
+    """Sums over the predicted tokens, in float64: sparse negative log-likelihood (``nll``), top-1 agreements with
+    the dense argmax (``agree``), KL(p_dense || p_sparse) (``kl``), and the token count (``tokens``).
+
+    ``sparse_logits`` has the shape of the dense logits given to :func:`dense_reference`.
+    """
+    logq = torch.log_softmax(sparse_logits[..., :-1, :].reshape(-1, sparse_logits.shape[-1]).double(), dim=-1)
+    target = reference["target"]
+    nll = -logq.gather(-1, target[:, None]).sum()
+    agree = (logq.argmax(-1) == reference["top"]).sum()
+    logp = reference["logp"]
+    kl = (logp.exp() * (logp - logq)).sum(-1).clamp_min(0).sum()
+    return {"nll": float(nll), "agree": float(agree), "kl": float(kl), "tokens": int(target.numel())}
 
 
 def compare_lm(
@@ -160,27 +196,22 @@ def compare_lm(
     plan = as_plan(plan)
     device = _device(model)
     started = time.perf_counter()
-    dense_nll = sparse_nll = kl_sum = 0.0
+    dense_sum = sparse_sum = kl_sum = 0.0
     agree = count = 0
     per_chunk: list[dict[str, float]] = []
     starts = range(0, chunks.shape[0], batch_size)
     for start in _progress(starts, len(starts), "dense vs sparse", progress):
         ids = chunks[start : start + batch_size].to(device)
-        target = ids[:, 1:]
         with _dense(model, backend):
             dense = _logits(model, ids)
         with patched(model, plan, backend=backend):
             sparse = _logits(model, ids)
         if not bool(torch.isfinite(sparse).all()):
             raise FloatingPointError("the sparse model produced non-finite logits")
-        log_d = F.log_softmax(dense, dim=-1)
-        log_s = F.log_softmax(sparse, dim=-1)
-        nd = float(F.nll_loss(log_d.flatten(0, 1), target.flatten(), reduction="sum"))
-        ns = float(F.nll_loss(log_s.flatten(0, 1), target.flatten(), reduction="sum"))
-        kl = float((log_d.exp() * (log_d - log_s)).sum(-1).clamp_min(0).sum())
-        same = int((dense.argmax(-1) == sparse.argmax(-1)).sum())
-        n = target.numel()
-        dense_nll, sparse_nll, kl_sum = dense_nll + nd, sparse_nll + ns, kl_sum + kl
+        reference = dense_reference(dense, ids)
+        scored = compare_logits(reference, sparse)
+        nd, ns, kl, same, n = dense_nll(reference), scored["nll"], scored["kl"], int(scored["agree"]), scored["tokens"]
+        dense_sum, sparse_sum, kl_sum = dense_sum + nd, sparse_sum + ns, kl_sum + kl
         agree, count = agree + same, count + n
         per_chunk.append(
             {"dense_nll": nd / n, "sparse_nll": ns / n, "top1_agreement": same / n, "mean_kl": kl / n}
@@ -189,12 +220,12 @@ def compare_lm(
         chunks=chunks.shape[0],
         chunk_length=chunks.shape[1],
         tokens=count,
-        dense_perplexity=math.exp(dense_nll / count),
-        sparse_perplexity=math.exp(sparse_nll / count),
+        dense_perplexity=math.exp(dense_sum / count),
+        sparse_perplexity=math.exp(sparse_sum / count),
         top1_agreement=agree / count,
         mean_kl=kl_sum / count,
-        dense_nll=dense_nll / count,
-        sparse_nll=sparse_nll / count,
+        dense_nll=dense_sum / count,
+        sparse_nll=sparse_sum / count,
         seconds=time.perf_counter() - started,
         per_chunk=per_chunk,
     )
@@ -318,30 +349,6 @@ def parse_plan(spec: str | None) -> Plan:
     return Plan.uniform(pattern)
 
 
-def _environment() -> dict[str, Any]:
-    import subprocess
-
-    import spattn
-
-    env = {"python": platform.python_version(), "torch": torch.__version__, "spattn": spattn.__version__,
-           "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
-           "threads": torch.get_num_threads()}
-    try:
-        import transformers
-
-        env["transformers"] = transformers.__version__
-    except ImportError:
-        pass
-    try:
-        here = str(Path(__file__).parent)
-        env["git_commit"] = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=here
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return env
-
-
 def evaluate(
     model_name: str = "smollm2",
     source: str = "austen",
@@ -367,7 +374,7 @@ def evaluate(
     plan = parse_plan(plan) if isinstance(plan, str) or plan is None else as_plan(plan)
     record: dict[str, Any] = {
         "model": model_name, "source": str(source), "plan": plan.to_dict(), "backend": backend,
-        "environment": _environment(),
+        "environment": machine_info(),
     }
     if model_name == "smollm2":
         model, tokenizer = load_smollm2()

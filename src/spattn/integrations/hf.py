@@ -31,10 +31,10 @@ import torch
 
 from spattn._optional import require
 from spattn.integrations.plan import Plan, as_plan
+from spattn.ops.attention.api import BACKENDS
 from spattn.patterns import Document, Full, Pattern, Window
 
 NAME = "spattn"
-_BACKENDS = ("auto", "reference", "dense", "flex", "triton")
 
 # capture hooks: called as hook(module, layer, query, key) before attention runs (see spattn.capture)
 _HOOKS: list[Callable[[Any, int, torch.Tensor, torch.Tensor], None]] = []
@@ -247,8 +247,8 @@ def patch(
         >>> logits = model(input_ids).logits  # doctest: +SKIP
     """
     plan = as_plan(plan)
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     if not hasattr(model, "set_attn_implementation") or not hasattr(model, "config"):

@@ -1,5 +1,6 @@
 """Patterns (declarative, frozen, JSON), their algebra, and the compiler to a block-sparse Layout."""
 
+from spattn.layout import Layout  # re-exported: spattn.patterns.Layout is the same class
 from spattn.patterns.base import EMPTY, FULL, PARTIAL, Context, Intersection, Pattern, Union
 from spattn.patterns.builtin import (
     BlockLayout,
@@ -17,7 +18,6 @@ from spattn.patterns.builtin import (
     Window,
 )
 from spattn.patterns.compile import brute_force_mask, compile, layout_from_status
-from spattn.patterns.layout import Layout
 from spattn.patterns.serialize import pattern_from_dict, register_pattern
 
 for _cls in (Union, Intersection, Full, Causal, Window, Sinks, Global, Dilated, Strided, RandomBlocks, BlockLayout,

@@ -17,11 +17,13 @@ rows have equal token masks, so the compiler evaluates one mask per distinct sig
 from __future__ import annotations
 
 import dataclasses
+import functools
+import operator
 from typing import Any, ClassVar
 
 import torch
 
-EMPTY, PARTIAL, FULL = 0, 1, 2
+from spattn.layout.tables import EMPTY, FULL, PARTIAL
 
 
 @dataclasses.dataclass
@@ -37,8 +39,6 @@ class Context:
     heads: int | None = None
     query: torch.Tensor | None = None
     key: torch.Tensor | None = None
-    kept: torch.Tensor | None = None  # status of blocks already kept by safeguards (for dynamic budgets)
-    allowed: torch.Tensor | None = None  # status of blocks a surrounding intersection allows at all
     cache: dict = dataclasses.field(default_factory=dict)
     info: dict = dataclasses.field(default_factory=dict)
 
@@ -113,7 +113,7 @@ class Pattern:
 
     # -- cached status (a pattern object may appear in several places of a tree) ---------------
     def status(self, ctx: Context) -> torch.Tensor:
-        key = ("status", id(self), None if ctx.kept is None else id(ctx.kept), None if ctx.allowed is None else id(ctx.allowed))
+        key = ("status", id(self))
         if key not in ctx.cache:
             ctx.cache[key] = as_4d(self.block_status(ctx))
         return ctx.cache[key]
@@ -144,71 +144,43 @@ def _status_signature(ctx: Context, part: Pattern, b, h, qb, kb) -> torch.Tensor
     return torch.cat([s[:, None], sig], dim=1)  # the status in its own column: no code can collide with it
 
 
+class Combination(Pattern):
+    """Union and intersection: ``parts`` combined pair by pair with ``join`` (``|`` / ``&``) and block by block
+    with ``combine`` (maximum / minimum of the status codes, EMPTY < PARTIAL < FULL)."""
+
+    parts: tuple[Pattern, ...]
+    join: ClassVar[Any]
+    combine: ClassVar[Any]
+
+    def contains_dynamic(self) -> bool:
+        return any(p.contains_dynamic() for p in self.parts)
+
+    def block_status(self, ctx: Context) -> torch.Tensor:
+        return functools.reduce(type(self).combine, [p.status(ctx) for p in self.parts])
+
+    def token_mask(self, ctx, b, h, i, j):
+        return functools.reduce(type(self).join, [p.token_mask(ctx, b, h, i, j) for p in self.parts])
+
+    def signature(self, ctx, b, h, qb, kb):
+        return torch.cat([_status_signature(ctx, p, b, h, qb, kb) for p in self.parts], dim=1)
+
+
 @dataclasses.dataclass(frozen=True)
-class Union(Pattern):
-    """Pairs allowed by any part. Safeguards (static parts) are evaluated first; dynamic parts spend their
-    budget on what the static parts do not already keep."""
+class Union(Combination):
+    """Pairs allowed by any part. Dynamic parts spend their budget on what the static parts (the safeguards) do
+    not already keep: ``spattn.compile`` selects them first, given that (``patterns.compile.select_dynamic``)."""
 
     parts: tuple[Pattern, ...]
     kind: ClassVar[str] = "union"
-
-    def contains_dynamic(self) -> bool:
-        return any(p.contains_dynamic() for p in self.parts)
-
-    def block_status(self, ctx: Context) -> torch.Tensor:
-        static = [p for p in self.parts if not p.contains_dynamic()]
-        dynamic = [p for p in self.parts if p.contains_dynamic()]
-        out = None
-        for p in static:
-            st = p.status(ctx)
-            out = st if out is None else torch.maximum(out, st)
-        saved = ctx.kept
-        for p in dynamic:
-            kept = out if saved is None else (saved if out is None else torch.maximum(saved, out))
-            ctx.kept = kept
-            st = p.status(ctx)
-            out = st if out is None else torch.maximum(out, st)
-        ctx.kept = saved
-        return out
-
-    def token_mask(self, ctx, b, h, i, j):
-        out = None
-        for p in self.parts:
-            m = p.token_mask(ctx, b, h, i, j)
-            out = m if out is None else out | m
-        return out
-
-    def signature(self, ctx, b, h, qb, kb):
-        return torch.cat([_status_signature(ctx, p, b, h, qb, kb) for p in self.parts], dim=1)
+    join: ClassVar[Any] = operator.or_
+    combine: ClassVar[Any] = torch.maximum
 
 
 @dataclasses.dataclass(frozen=True)
-class Intersection(Pattern):
-    """Pairs allowed by every part."""
+class Intersection(Combination):
+    """Pairs allowed by every part. Dynamic parts select only where the static parts allow."""
 
     parts: tuple[Pattern, ...]
     kind: ClassVar[str] = "intersection"
-
-    def contains_dynamic(self) -> bool:
-        return any(p.contains_dynamic() for p in self.parts)
-
-    def block_status(self, ctx: Context) -> torch.Tensor:
-        out = None
-        saved = ctx.allowed
-        for p in sorted(self.parts, key=lambda p: p.contains_dynamic()):
-            if p.contains_dynamic():  # dynamic parts spend their budget only where the static parts allow
-                ctx.allowed = out if saved is None or out is None else torch.minimum(saved, out)
-            st = p.status(ctx)
-            out = st if out is None else torch.minimum(out, st)
-        ctx.allowed = saved
-        return out
-
-    def token_mask(self, ctx, b, h, i, j):
-        out = None
-        for p in self.parts:
-            m = p.token_mask(ctx, b, h, i, j)
-            out = m if out is None else out & m
-        return out
-
-    def signature(self, ctx, b, h, qb, kb):
-        return torch.cat([_status_signature(ctx, p, b, h, qb, kb) for p in self.parts], dim=1)
+    join: ClassVar[Any] = operator.and_
+    combine: ClassVar[Any] = torch.minimum

@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
+from spattn._checks import check_int
 from spattn.patterns.base import EMPTY, FULL, Context, Pattern, as_4d, status_from_bounds
-
-
-def _int(value: Any, name: str, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 def _delta_range(ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,8 +69,8 @@ class Window(Pattern):
     kind: ClassVar[str] = "window"
 
     def __post_init__(self):
-        _int(self.left, "Window.left")
-        _int(self.right, "Window.right")
+        check_int(self.left, "Window.left")
+        check_int(self.right, "Window.right")
 
     def block_status(self, ctx):
         dmin, dmax = _delta_range(ctx)
@@ -99,7 +92,7 @@ class Sinks(Pattern):
     kind: ClassVar[str] = "sinks"
 
     def __post_init__(self):
-        _int(self.n, "Sinks.n")
+        check_int(self.n, "Sinks.n")
 
     def block_status(self, ctx):
         klo, khi = ctx.k_range()
@@ -121,7 +114,7 @@ class Global(Pattern):
     kind: ClassVar[str] = "global"
 
     def __post_init__(self):
-        tokens = tuple(sorted(set(_int(t, "Global.tokens[...]") for t in self.tokens)))
+        tokens = tuple(sorted(set(check_int(t, "Global.tokens[...]") for t in self.tokens)))
         object.__setattr__(self, "tokens", tokens)
 
     def _flags(self, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,9 +159,9 @@ class Dilated(Pattern):
     kind: ClassVar[str] = "dilated"
 
     def __post_init__(self):
-        _int(self.left, "Dilated.left")
-        _int(self.dilation, "Dilated.dilation", 1)
-        _int(self.right, "Dilated.right")
+        check_int(self.left, "Dilated.left")
+        check_int(self.dilation, "Dilated.dilation", 1)
+        check_int(self.right, "Dilated.right")
 
     def block_status(self, ctx):
         dmin, dmax = _delta_range(ctx)
@@ -201,8 +194,8 @@ class Strided(Pattern):
     kind: ClassVar[str] = "strided"
 
     def __post_init__(self):
-        _int(self.stride, "Strided.stride", 1)
-        _int(self.block, "Strided.block", 1)
+        check_int(self.stride, "Strided.stride", 1)
+        check_int(self.block, "Strided.block", 1)
 
     def block_status(self, ctx):
         g, n = self.block, self.stride
@@ -243,10 +236,15 @@ class BlockSelection(Pattern):
     def selection(self, ctx: Context) -> torch.Tensor:
         raise NotImplementedError
 
-    def cached_selection(self, ctx: Context) -> torch.Tensor:
+    def cached_selection(self, ctx: Context, *, kept: torch.Tensor | None = None,
+                         allowed: torch.Tensor | None = None) -> torch.Tensor:
+        """The selection, computed once per context. Dynamic subclasses implement
+        ``selection(ctx, *, kept, allowed)`` and receive the status of the static parts around them
+        (``spattn.patterns.compile.select_dynamic``, phase 2 of compile); static ones ``selection(ctx)``."""
         key = ("selection", id(self))
         if key not in ctx.cache:
-            sel = as_4d(self.selection(ctx)).to(device=ctx.device, dtype=torch.bool)
+            sel = self.selection(ctx, kept=kept, allowed=allowed) if self.dynamic else self.selection(ctx)
+            sel = as_4d(sel).to(device=ctx.device, dtype=torch.bool)
             g = self.granularity(ctx)
             want = (-(-ctx.q_len // g), -(-ctx.kv_len // g))
             if tuple(sel.shape[-2:]) != want:
@@ -311,9 +309,9 @@ class RandomBlocks(BlockSelection):
     kind: ClassVar[str] = "random_blocks"
 
     def __post_init__(self):
-        _int(self.per_row, "RandomBlocks.per_row")
-        _int(self.seed, "RandomBlocks.seed")
-        _int(self.block, "RandomBlocks.block", 1)
+        check_int(self.per_row, "RandomBlocks.per_row")
+        check_int(self.seed, "RandomBlocks.seed")
+        check_int(self.block, "RandomBlocks.block", 1)
 
     def selection(self, ctx):
         g = self.block
@@ -348,7 +346,7 @@ class BlockLayout(BlockSelection):
         if blocks.dim() == 3:
             blocks = blocks[None]
         object.__setattr__(self, "blocks", blocks)
-        _int(self.block, "BlockLayout.block", 1)
+        check_int(self.block, "BlockLayout.block", 1)
 
     def selection(self, ctx):
         return self.blocks
@@ -485,8 +483,8 @@ class Budgeted(Pattern):
     kind: ClassVar[str] = "budgeted"
 
     def __post_init__(self):
-        _int(self.keys_per_query, "Budgeted.keys_per_query", 1)
-        _int(self.sinks, "Budgeted.sinks")
+        check_int(self.keys_per_query, "Budgeted.keys_per_query", 1)
+        check_int(self.sinks, "Budgeted.sinks")
         if not isinstance(self.local, (int, float)) or not 0.0 <= float(self.local) <= 1.0:
             raise ValueError(f"Budgeted.local must be a fraction in [0, 1], got {self.local!r}")
 

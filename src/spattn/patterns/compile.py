@@ -1,25 +1,28 @@
-"""``compile(pattern, ...) -> Layout``: analytic block classification, then exact token masks for the few
-distinct partial blocks, then the forward and transposed block tables."""
+"""``compile(pattern, ...) -> Layout`` in two phases, then exact token masks and the codec.
+
+1. static parts: analytic block status, O(blocks) (``Pattern.status``);
+2. dynamic parts (``TopK``, ``TopP``, ...): each selects given ``kept`` (the status of the static parts of the
+   enclosing unions: blocks already paid for) and ``allowed`` (the status of the static parts of the
+   enclosing intersections: blocks it may use at all) — see :func:`select_dynamic`;
+3. one token mask per distinct partial-block signature, reclassified exactly (``layout.tables.classify``),
+   deduplicated (``dedupe``) and packed into the forward and transposed tables (``pack``).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
 
-from spattn.patterns.base import EMPTY, FULL, PARTIAL, Context, Pattern
-from spattn.patterns.builtin import Causal
-from spattn.patterns.layout import Layout
+from spattn._checks import check_int
+from spattn.layout import tables
+from spattn.layout.layout import Layout
+from spattn.patterns.banded import build_layout, supports_fast_build
+from spattn.patterns.base import PARTIAL, Combination, Context, Pattern, Union
+from spattn.patterns.builtin import BlockSelection, Causal
 
 _MASK_CHUNK = 256  # representative blocks evaluated at once (each bs*bs booleans)
-
-
-def _check_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 def make_context(
@@ -37,15 +40,15 @@ def make_context(
 ) -> tuple[Pattern, Context]:
     if not isinstance(pattern, Pattern):
         raise TypeError(f"pattern must be a spattn Pattern, got {type(pattern).__name__}")
-    q_len = _check_int(q_len, "q_len", 1)
-    kv_len = q_len if kv_len is None else _check_int(kv_len, "kv_len", 1)
+    q_len = check_int(q_len, "q_len", 1)
+    kv_len = q_len if kv_len is None else check_int(kv_len, "kv_len", 1)
     if kv_len < q_len:
         raise ValueError(f"kv_len ({kv_len}) must be >= q_len ({q_len}): queries are aligned bottom-right")
-    block_size = _check_int(block_size, "block_size", 1)
+    block_size = check_int(block_size, "block_size", 1)
     if batch is not None:
-        _check_int(batch, "batch", 1)
+        check_int(batch, "batch", 1)
     if heads is not None:
-        _check_int(heads, "heads", 1)
+        check_int(heads, "heads", 1)
     if device is None:
         device = query.device if query is not None else torch.device("cpu")
     if pattern.contains_dynamic() and (query is None or key is None):
@@ -53,6 +56,52 @@ def make_context(
     full = pattern & Causal() if causal else pattern
     ctx = Context(q_len, kv_len, block_size, torch.device(device), causal, batch, heads, query, key)
     return full, ctx
+
+
+def _merge(op, a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    return b if a is None else a if b is None else op(a, b)
+
+
+def _children(pattern: Pattern) -> list[Pattern]:
+    """The patterns a pattern is built from (fields holding a Pattern or a tuple of Patterns)."""
+    out: list[Pattern] = []
+    for f in dataclasses.fields(pattern) if dataclasses.is_dataclass(pattern) else ():
+        value = getattr(pattern, f.name)
+        out.extend(v for v in (value if isinstance(value, tuple) else (value,)) if isinstance(v, Pattern))
+    return out
+
+
+def select_dynamic(pattern: Pattern, ctx: Context, *, kept: torch.Tensor | None = None,
+                   allowed: torch.Tensor | None = None) -> None:
+    """Phase 2: run the selection of every dynamic part of ``pattern`` (cached in ``ctx``), in tree order.
+
+    A union hands its dynamic parts ``kept`` = the maximum status of its static parts (and of the dynamic parts
+    already selected) with what enclosing unions keep; an intersection hands them ``allowed`` = the minimum
+    status of its static parts (and of those dynamic parts) with what enclosing intersections allow. Both are
+    int8 ``[Bs, Hs, NQ, NK]`` (``EMPTY`` / ``PARTIAL`` / ``FULL``) or None.
+    """
+    if not pattern.contains_dynamic():
+        return
+    if isinstance(pattern, Combination):
+        is_union = isinstance(pattern, Union)
+        op = type(pattern).combine
+        done = None
+        for part in sorted(pattern.parts, key=lambda p: p.contains_dynamic()):  # static parts first
+            if part.contains_dynamic():
+                inner = _merge(op, kept if is_union else allowed, done)
+                select_dynamic(part, ctx, kept=inner if is_union else kept, allowed=allowed if is_union else inner)
+            done = _merge(op, done, part.status(ctx))
+    elif isinstance(pattern, BlockSelection) and pattern.dynamic:
+        pattern.cached_selection(ctx, kept=kept, allowed=allowed)
+    else:
+        for child in _children(pattern):
+            select_dynamic(child, ctx, kept=kept, allowed=allowed)
+
+
+def block_status(pattern: Pattern, ctx: Context) -> torch.Tensor:
+    """int8 ``[Bs, Hs, NQ, NK]``: the analytic status of ``pattern``, dynamic parts selected first (phase 2)."""
+    select_dynamic(pattern, ctx)
+    return pattern.status(ctx)
 
 
 def compile(  # noqa: A001 - the verb the whole project uses
@@ -91,31 +140,21 @@ def compile(  # noqa: A001 - the verb the whole project uses
         device=device, query=query, key=key,
     )
     if ctx.device.type == "cuda":
-        from spattn.patterns.device_build import build_layout, supports_fast_build
-
         if supports_fast_build(pattern):  # banded built-ins: the same tables from a few fused device ops
             layout = build_layout(pattern, ctx.q_len, ctx.kv_len, causal=causal, block_size=block_size, device=ctx.device)
             layout.info["compile_seconds"] = time.perf_counter() - start
-            layout.info["builder"] = "device_build"
             return layout
-    status = full.status(ctx).contiguous()
+    status = block_status(full, ctx).contiguous()
     if heads is not None and status.shape[1] not in (1, heads):
         raise ValueError(f"pattern gives {status.shape[1]} heads but heads={heads}")
     if batch is not None and status.shape[0] not in (1, batch):
         raise ValueError(f"pattern gives batch {status.shape[0]} but batch={batch}")
     status, mask_ids, masks = _resolve_partial(full, ctx, status)
-    tables = _build_tables(status, mask_ids)
-    layout = Layout(
-        q_len=ctx.q_len,
-        kv_len=ctx.kv_len,
-        block_size=block_size,
-        masks=masks,
-        pattern=pattern,
-        causal=causal,
+    return Layout(
+        q_len=ctx.q_len, kv_len=ctx.kv_len, block_size=block_size, pattern=pattern, causal=causal,
         info={"compile_seconds": time.perf_counter() - start, **ctx.info},
-        **tables,
+        **tables.pack(status, mask_ids, masks),
     )
-    return layout
 
 
 def _resolve_partial(pattern: Pattern, ctx: Context, status: torch.Tensor):
@@ -145,64 +184,13 @@ def _resolve_partial(pattern: Pattern, ctx: Context, status: torch.Tensor):
         m = pattern.token_mask(
             ctx, rb[sl, None, None], rh[sl, None, None], (qi + ctx.offset)[:, :, None], kj[:, None, :]
         )
-        inb = (qi < ctx.q_len)[:, :, None] & (kj < ctx.kv_len)[:, None, :]
-        pieces.append(torch.broadcast_to(m, inb.shape) & inb)
-    rep_masks = torch.cat(pieces)
-    inb_count = (torch.clamp(ctx.q_len - rq * bs, max=bs) * torch.clamp(ctx.kv_len - rk * bs, max=bs))
-    count = rep_masks.flatten(1).sum(-1)
-    new_status = torch.where(count == 0, EMPTY, torch.where(count == inb_count, FULL, PARTIAL)).to(torch.int8)
-    # dedupe remaining masks by content
-    keep = new_status == PARTIAL
-    rep_id = torch.full((n_rep,), -1, dtype=torch.long, device=dev)
-    if bool(keep.any()):
-        uniq, inv = torch.unique(rep_masks[keep].flatten(1), dim=0, return_inverse=True)
-        masks = uniq.view(-1, bs, bs)
-        rep_id[keep] = inv
-    else:
-        masks = torch.zeros(0, bs, bs, dtype=torch.bool, device=dev)
+        pieces.append(torch.broadcast_to(m, (qi.shape[0], bs, bs)))
+    rep_status, rep_masks = tables.classify(torch.cat(pieces), rq, rk, q_len=ctx.q_len, kv_len=ctx.kv_len)
+    masks, rep_id = tables.dedupe(rep_masks, rep_status)
     status = status.clone()
-    status[b, h, qb, kb] = new_status[inverse]
-    mask_ids[b, h, qb, kb] = rep_id[inverse].to(torch.int32)
+    status[b, h, qb, kb] = rep_status[inverse]
+    mask_ids[b, h, qb, kb] = rep_id[inverse]
     return status, mask_ids, masks
-
-
-def _pack(cond: torch.Tensor, ids: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-    """Counts and left-packed ascending indices (and mask ids) of the True entries of the last axis."""
-    num = cond.sum(-1, dtype=torch.int32)
-    width = max(int(num.max()), 1) if num.numel() else 1
-    pos = torch.where(cond, cond.cumsum(-1, dtype=torch.int32) - 1, width).long()
-    cols = torch.arange(cond.shape[-1], dtype=torch.int32, device=cond.device).expand(cond.shape)
-    idx = torch.zeros(*cond.shape[:-1], width + 1, dtype=torch.int32, device=cond.device)
-    idx.scatter_(-1, pos, cols)
-    idx = idx[..., :width]
-    valid = torch.arange(width, device=cond.device) < num[..., None]
-    idx = torch.where(valid, idx, 0).contiguous()
-    if ids is None:
-        return num, idx
-    mids = torch.zeros_like(idx, dtype=torch.int32)
-    mids = torch.where(valid, torch.gather(ids, -1, idx.long()), 0).to(torch.int32).contiguous()
-    return num, idx, mids
-
-
-def _build_tables(status: torch.Tensor, mask_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    full = status == FULL
-    part = status == PARTIAL
-    kv_num, kv_idx, kv_mid = _pack(part, mask_ids)
-    fkv_num, fkv_idx = _pack(full)
-    q_num, q_idx, q_mid = _pack(part.transpose(-1, -2), mask_ids.transpose(-1, -2))
-    fq_num, fq_idx = _pack(full.transpose(-1, -2))
-    return {
-        "kv_num_blocks": kv_num,
-        "kv_indices": kv_idx,
-        "kv_mask_ids": kv_mid,
-        "full_kv_num_blocks": fkv_num,
-        "full_kv_indices": fkv_idx,
-        "q_num_blocks": q_num,
-        "q_indices": q_idx,
-        "q_mask_ids": q_mid,
-        "full_q_num_blocks": fq_num,
-        "full_q_indices": fq_idx,
-    }
 
 
 def layout_from_status(
@@ -211,10 +199,8 @@ def layout_from_status(
 ) -> Layout:
     """Build a Layout from a dense block status ``[Bl, Hl, NQ, NK]`` (0/1/2), masks ``[M, bs, bs]`` and
     per-block mask ids (used by converters and device builders)."""
-    return Layout(
-        q_len=q_len, kv_len=kv_len, block_size=block_size, masks=masks, pattern=pattern, causal=causal,
-        **_build_tables(status, mask_ids),
-    )
+    return Layout(q_len=q_len, kv_len=kv_len, block_size=block_size, pattern=pattern, causal=causal,
+                  **tables.pack(status, mask_ids, masks))
 
 
 def brute_force_mask(
@@ -234,7 +220,7 @@ def brute_force_mask(
         pattern, q_len, kv_len, causal=causal, block_size=block_size, batch=batch, heads=heads,
         device=None, query=query, key=key,
     )
-    st = full.status(ctx)  # populates selections of block-granular / dynamic parts
+    st = block_status(full, ctx)  # populates selections of block-granular / dynamic parts
     Bs, Hs = st.shape[:2]
     b = torch.arange(Bs)[:, None, None, None]
     h = torch.arange(Hs)[None, :, None, None]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from typing import Any
 
 import torch
@@ -10,6 +11,8 @@ import torch
 from spattn.patterns.base import Pattern
 
 _REGISTRY: dict[str, type[Pattern]] = {}
+# kinds defined by higher layers, imported by name on first use (they register themselves when imported)
+_DEFINED_IN = {"top_k": "spattn.selectors.patterns", "top_p": "spattn.selectors.patterns"}
 
 
 def register_pattern(cls: type[Pattern]) -> type[Pattern]:
@@ -58,11 +61,13 @@ def pattern_from_dict(data: dict[str, Any], *, _where: str = "pattern") -> Patte
     if not isinstance(data, dict):
         raise TypeError(f"{_where} must be a dict, got {type(data).__name__}")
     if "type" not in data:
-        raise ValueError(f"{_where} has no 'type' key; known types: {sorted(_REGISTRY)}")
+        raise ValueError(f"{_where} has no 'type' key; known types: {sorted({*_REGISTRY, *_DEFINED_IN})}")
     kind = data["type"]
+    if kind not in _REGISTRY and kind in _DEFINED_IN:
+        importlib.import_module(_DEFINED_IN[kind])
     cls = _REGISTRY.get(kind)
     if cls is None:
-        raise ValueError(f"{_where}: unknown pattern type {kind!r}; known types: {sorted(_REGISTRY)}")
+        raise ValueError(f"{_where}: unknown pattern type {kind!r}; known types: {sorted({*_REGISTRY, *_DEFINED_IN})}")
     names = {f.name for f in dataclasses.fields(cls)}
     extra = set(data) - names - {"type"}
     if extra:

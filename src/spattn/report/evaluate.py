@@ -11,18 +11,11 @@ from typing import Any
 import torch
 
 import spattn
+from spattn.coverage import measure, reachability
+from spattn.layout.dense import to_dense
 from spattn.report.candidates import Candidate, causal_pairs, layout_cost
 
 Captures = list[list[tuple[torch.Tensor, torch.Tensor]]]  # [chunk][layer] -> (query, key)
-
-
-def _coverage():
-    try:
-        from spattn.coverage import measure, reachability
-    except ImportError:
-        from spattn.coverage.measure import measure
-        from spattn.coverage.reach import reachability
-    return measure, reachability
 
 
 def sig(x: float, digits: int = 6) -> float:
@@ -88,29 +81,6 @@ def dense_probs(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     return torch.softmax(scores.masked_fill_(future, float("-inf")), dim=-1)
 
 
-def token_mask(layout: spattn.Layout) -> torch.Tensor:
-    """bool [Hl, L, L]: the exact token mask of batch 0 of a self-attention layout, vectorised."""
-    bs, NQ, NK, L = layout.block_size, layout.num_q_blocks, layout.num_kv_blocks, layout.q_len
-    Hl = layout.heads
-    codes = torch.full((Hl, NQ, NK + 1), -1, dtype=torch.long, device=layout.device)  # -1 skipped
-    M = layout.masks.shape[0]
-    for num, idx, ids in ((layout.full_kv_num_blocks, layout.full_kv_indices, None),
-                          (layout.kv_num_blocks, layout.kv_indices, layout.kv_mask_ids)):
-        num, idx = num[0], idx[0]
-        if idx.shape[-1] == 0:
-            continue
-        valid = torch.arange(idx.shape[-1], device=layout.device) < num[..., None]
-        col = torch.where(valid, idx.long(), NK)
-        src = torch.full_like(col, M + 1) if ids is None else ids[0].long()
-        codes.scatter_(-1, col, src)
-    codes = codes[..., :NK]
-    codes = torch.where(codes < 0, M, codes)
-    ext = torch.cat([layout.masks.to(torch.bool), torch.zeros(1, bs, bs, dtype=torch.bool, device=layout.device),
-                     torch.ones(1, bs, bs, dtype=torch.bool, device=layout.device)])
-    tok = ext[codes].permute(0, 1, 3, 2, 4).reshape(Hl, NQ * bs, NK * bs)
-    return tok[:, :L, :L]
-
-
 class _Accumulator:
     """Cost, FLOPs and per-query recall of one candidate, gathered layer by layer."""
 
@@ -129,7 +99,6 @@ def coverage_pass(cands: list[Candidate], captures: Captures, *, block_size: int
                   progress=None) -> dict[str, dict[str, Any]]:
     """Cost, recall per layer and head, reachability and a block picture of every candidate, on the
     calibration captures. Layers outer, candidates inner: the dense attention of a layer is computed once."""
-    measure, reachability = _coverage()
     n_layers = len(captures[0])
     L = captures[0][0][0].shape[2]
     H = captures[0][0][0].shape[1]
@@ -150,7 +119,7 @@ def coverage_pass(cands: list[Candidate], captures: Captures, *, block_size: int
                 acc.flops_tok.append(lay.flops(head_dim, heads=H))
                 acc.flops_blk.append(lay.flops(head_dim, heads=H, level="block"))
                 if probs is not None:
-                    recall = (probs * token_mask(lay)).sum(-1).double().clamp_(max=1.0)  # [H, L]
+                    recall = (probs * to_dense(lay)[0]).sum(-1).double().clamp_(max=1.0)  # [H, L]
                 else:
                     recall = measure(q, k, lay, causal=True, topk=0).recall[0].double()
                 acc.recalls[layer].append(recall)

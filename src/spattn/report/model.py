@@ -1,5 +1,5 @@
-"""The model side of the report: load the model and the text, capture attention inputs, run dense and patched
-forwards, and score patched logits against dense ones."""
+"""The model side of the report: load the model and the text, and run dense and patched forwards (capture is
+:func:`spattn.integrations.capture.capture`; scoring is :mod:`spattn.eval.lm`)."""
 
 from __future__ import annotations
 
@@ -87,22 +87,6 @@ def load_chunks(text: str, tokenizer: Any, chunk_length: int, calibration: int,
 
 
 @torch.no_grad()
-def capture(model: Any, ids: torch.Tensor, backend: str, block_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer ``(query [1, H, L, D], key [1, Hkv, L, D])`` float32 as the model sees them (after rotary),
-    recorded during one dense forward routed through spattn."""
-    from spattn.integrations import hf
-
-    got: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def record(module: Any, layer: int, query: torch.Tensor, key: torch.Tensor) -> None:
-        got[layer] = (query.detach().float().clone(), key.detach().float().clone())
-
-    with hf.patched(model, None, backend=backend, block_size=block_size), hf.hook(record):
-        model(ids.to(model.device))
-    return [got[i] for i in sorted(got)]
-
-
-@torch.no_grad()
 def logits(model: Any, ids: torch.Tensor, plan: Any = None, *, backend: str = "dense",
            block_size: int = 64) -> torch.Tensor:
     """float32 ``[L, V]`` logits of one chunk: the model's own attention when ``plan`` is None, else patched."""
@@ -112,29 +96,6 @@ def logits(model: Any, ids: torch.Tensor, plan: Any = None, *, backend: str = "d
 
     with hf.patched(model, plan, backend=backend, block_size=block_size):
         return model(ids[None].to(model.device)).logits[0].float()
-
-
-def dense_reference(logits_dense: torch.Tensor, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """What every candidate is compared with: dense log-probabilities, targets and top tokens."""
-    logp = torch.log_softmax(logits_dense[:-1].double(), dim=-1)
-    target = ids[1:].to(logp.device)
-    return {"logp": logp, "target": target, "top": logp.argmax(-1)}
-
-
-def compare(reference: dict[str, torch.Tensor], logits_sparse: torch.Tensor) -> dict[str, float]:
-    """Sums over the chunk's predicted tokens: negative log-likelihood, top-token agreements, KL(dense || sparse)."""
-    logq = torch.log_softmax(logits_sparse[:-1].double(), dim=-1)
-    target = reference["target"]
-    nll = -logq.gather(-1, target[:, None]).sum()
-    agree = (logq.argmax(-1) == reference["top"]).sum()
-    p = reference["logp"].exp()
-    kl = (p * (reference["logp"] - logq)).sum(-1).clamp_min(0).sum()
-    return {"nll": float(nll), "agree": float(agree), "kl": float(kl), "tokens": int(target.numel())}
-
-
-def dense_sums(reference: dict[str, torch.Tensor]) -> dict[str, float]:
-    nll = -reference["logp"].gather(-1, reference["target"][:, None]).sum()
-    return {"nll": float(nll), "tokens": int(reference["target"].numel())}
 
 
 def perplexity(nll: float, tokens: int) -> float:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,6 +12,9 @@ from typing import Any
 import torch
 
 from spattn._optional import require
+from spattn.bench.env import machine_info
+from spattn.eval.lm import compare_logits, dense_nll, dense_reference
+from spattn.integrations.capture import capture
 from spattn.report import candidates as C
 from spattn.report.config import ReportConfig
 from spattn.report.evaluate import candidate_latency, coverage_pass, dense_latency, sig
@@ -21,40 +22,6 @@ from spattn.report.frontier import pareto, recommend
 from spattn.report.stages import StageCache
 
 FORMAT = "spattn.report/1"
-
-
-def environment(device: str) -> dict[str, Any]:
-    """Machine, versions and git commit of the spattn checkout (None when not in a git checkout)."""
-    here = Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5,
-                             check=False)
-        commit = out.stdout.strip() or None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True,
-                               text=True, timeout=5, check=False).stdout.strip() != ""
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = None, None
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for mod in ("transformers", "triton"):
-        try:
-            versions[mod] = __import__(mod).__version__
-        except ImportError:
-            versions[mod] = None
-    import spattn
-
-    versions["spattn"] = spattn.__version__
-    dev = torch.device(device)
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        "versions": versions,
-        "git_commit": commit,
-        "git_dirty": dirty,
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
 
 
 def _backends(cfg: ReportConfig) -> tuple[str, str]:
@@ -139,7 +106,11 @@ def run_report(config: ReportConfig, output: str | os.PathLike, *, overwrite: bo
             bars.advance(task, model_name)
             data_path = cache.root / "data.pt"
             if data_path.is_file():
-                saved = torch.load(data_path, weights_only=False)
+                try:  # tensors and plain data only: a planted pickle payload is refused, never run
+                    saved = torch.load(data_path, weights_only=True)
+                except Exception as exc:  # noqa: BLE001 - any unpickling refusal is reported the same way
+                    raise ValueError(f"refusing to load the cached chunks {data_path}: not a spattn report cache "
+                                     f"({type(exc).__name__}); delete it or run with --overwrite") from exc
                 calib, held, data_info = saved["calibration"], saved["held_out"], saved["info"]
             else:
                 calib, held, data_info = M.load_chunks(config.text, tokenizer, config.chunk_length,
@@ -161,25 +132,25 @@ def run_report(config: ReportConfig, output: str | os.PathLike, *, overwrite: bo
             task = bars.stage("dense forward on held-out chunks", held.shape[0])
             nll = tokens = nll_full = 0.0
             for i in range(held.shape[0]):
-                ref = M.dense_reference(M.logits(model, held[i]), held[i])
+                ref = dense_reference(M.logits(model, held[i]), held[i])
                 ref["ids"] = held[i]
                 refs.append(ref)
                 if dense is None:
-                    sums = M.dense_sums(ref)
-                    nll += sums["nll"]
-                    tokens += sums["tokens"]
+                    nll += dense_nll(ref)
+                    tokens += int(ref["target"].numel())
                     import spattn
                     from spattn.integrations.plan import Plan
 
-                    full = M.compare(ref, M.logits(model, held[i], Plan.uniform(spattn.Full()), backend=eval_backend,
-                                                   block_size=config.block_size))
+                    full = compare_logits(ref, M.logits(model, held[i], Plan.uniform(spattn.Full()),
+                                                        backend=eval_backend, block_size=config.block_size))
                     nll_full += full["nll"]
                 bars.advance(task, f"chunk {i + 1}")
             timings["dense"] = time.perf_counter() - t
             t = time.perf_counter()
             task = bars.stage("capture attention (calibration)", calib.shape[0])
             for i in range(calib.shape[0]):
-                captures.append(M.capture(model, calib[i][None], eval_backend, config.block_size))
+                cap = capture(model, calib[i][None])
+                captures.append([(cap.queries[layer], cap.keys[layer]) for layer in cap.layers])
                 bars.advance(task, f"chunk {i + 1}: {len(captures[-1])} layers")
             timings["capture"] = time.perf_counter() - t
             if dense is None:
@@ -257,11 +228,6 @@ def run_report(config: ReportConfig, output: str | os.PathLike, *, overwrite: bo
 def _fit(cfg: ReportConfig, family: str, budget: float, selector: str | None, captures: list) -> C.Candidate:
     if family != "top_p":
         return C.static_candidates(family, budget, cfg.chunk_length, cfg.block_size, cfg.seed)
-    try:
-        import spattn.selectors  # noqa: F401
-    except ImportError as exc:
-        return C.Candidate(_cid(family, budget, selector), family, budget, None, "", {}, True, selector=selector,
-                           note=f"dynamic selectors are not available in this install ({exc})")
     layers = captures[0]
     picks = sorted({0, len(layers) // 3, (2 * len(layers)) // 3, len(layers) - 1})
     return C.fit_dynamic(selector, budget, cfg.chunk_length, cfg.block_size, [layers[i] for i in picks])
@@ -287,7 +253,7 @@ def _finish_candidate(cfg: ReportConfig, rec: dict[str, Any], captures: list, re
     nll = agree = kl = tokens = 0.0
     plan = Plan.uniform(pattern)
     for ref in refs:
-        s = M.compare(ref, M.logits(model, ref["ids"], plan, backend=eval_backend, block_size=cfg.block_size))
+        s = compare_logits(ref, M.logits(model, ref["ids"], plan, backend=eval_backend, block_size=cfg.block_size))
         nll += s["nll"]
         agree += s["agree"]
         kl += s["kl"]
@@ -325,7 +291,7 @@ def _assemble(cfg: ReportConfig, cache: StageCache, model_name: str, facts: dict
         "command": command,
         "config": cfg.to_dict(),
         "digest": cache.digest,
-        "environment": environment(cfg.device),
+        "environment": machine_info(cfg.device),
         "model": {"name": model_name, "source": cfg.model, **facts},
         "data": {"text": cfg.text, "chunk_length": cfg.chunk_length, **data_info},
         "backends": {"model_eval": eval_backend, "latency": latency_backend},

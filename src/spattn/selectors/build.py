@@ -16,17 +16,18 @@ from __future__ import annotations
 
 import torch
 
-from spattn.patterns.base import EMPTY, FULL, PARTIAL, Context, Pattern, Union
+from spattn.layout import tables
+from spattn.layout.layout import Layout
+from spattn.patterns.base import EMPTY, Context, Pattern, Union
 from spattn.patterns.builtin import Full
 from spattn.patterns.compile import compile as compile_pattern
-from spattn.patterns.layout import Layout
-from spattn.selectors.patterns import _Dynamic
+from spattn.selectors.patterns import TopK, TopP
 
 
-def _split(pattern: Pattern) -> tuple[Pattern | None, _Dynamic]:
+def _split(pattern: Pattern) -> tuple[Pattern | None, TopK | TopP]:
     parts = pattern.parts if isinstance(pattern, Union) else (pattern,)
     dynamic = [p for p in parts if p.contains_dynamic()]
-    if len(dynamic) != 1 or not isinstance(dynamic[0], _Dynamic):
+    if len(dynamic) != 1 or not isinstance(dynamic[0], (TopK, TopP)):
         raise ValueError("LayoutBuilder needs a pattern `static | TopK(...)` or `static | TopP(...)` with exactly one "
                          f"TopK/TopP at the top level, got {pattern!r}")
     static = [p for p in parts if not p.contains_dynamic()]
@@ -38,28 +39,9 @@ def _split(pattern: Pattern) -> tuple[Pattern | None, _Dynamic]:
     return out, dynamic[0]
 
 
-def _mask_ids(layout: Layout) -> torch.Tensor:
-    """int32 ``[Bl, Hl, NQ, NK]``: the mask id of each partial block (-1 elsewhere)."""
-    Bl, Hl, NQ = layout.kv_num_blocks.shape
-    out = torch.full((Bl, Hl, NQ, layout.num_kv_blocks + 1), -1, dtype=torch.int32, device=layout.device)
-    valid = torch.arange(layout.kv_indices.shape[-1], device=layout.device) < layout.kv_num_blocks[..., None]
-    col = torch.where(valid, layout.kv_indices.long(), layout.num_kv_blocks)
-    out.scatter_(-1, col, torch.where(valid, layout.kv_mask_ids, -1).to(torch.int32))
-    return out[..., :-1]
-
-
-def _pack(cond: torch.Tensor, ids: torch.Tensor | None = None):
-    """Counts and left-packed ascending indices (and mask ids), fixed width = last axis, no host sync."""
-    n = cond.shape[-1]
-    num = cond.sum(-1, dtype=torch.int32)
-    pos = torch.where(cond, cond.cumsum(-1) - 1, n)
-    cols = torch.arange(n, dtype=torch.int32, device=cond.device).expand(cond.shape)
-    idx = torch.zeros(*cond.shape[:-1], n + 1, dtype=torch.int32, device=cond.device).scatter_(-1, pos, cols)[..., :n]
-    if ids is None:
-        return num, idx.contiguous()
-    mids = torch.zeros(*cond.shape[:-1], n + 1, dtype=torch.int32, device=cond.device)
-    mids = mids.scatter_(-1, pos, ids.to(torch.int32).expand(cond.shape).contiguous())[..., :n]
-    return num, idx.contiguous(), mids.contiguous()
+def _dense_view(layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    status, slot = tables.unpack(layout)
+    return status, tables.mask_ids(status, slot)
 
 
 class LayoutBuilder:
@@ -90,7 +72,7 @@ class LayoutBuilder:
         masks, status, mids = [], None, None
         if self.static is not None:
             st = compile_pattern(self.static, self.q_len, self.kv_len, batch=batch, heads=heads, **kw)
-            status, mids = st.block_status(), _mask_ids(st)
+            status, mids = _dense_view(st)
             masks.append(st.masks)
             # what compile's Union hands the dynamic part: the static parts' analytic status (before causal)
             ctx0 = Context(self.q_len, self.kv_len, block_size, self.device, causal, batch, heads)
@@ -99,19 +81,21 @@ class LayoutBuilder:
             self._kept = None
         # what a dynamically chosen block becomes: full, or its causal token mask on the diagonal
         base = compile_pattern(Full(), self.q_len, self.kv_len, **kw)
-        self._dyn_status = base.block_status()
+        self._dyn_status, base_mids = _dense_view(base)
         offset = sum(m.shape[0] for m in masks)
-        self._dyn_mids = torch.where(_mask_ids(base) >= 0, _mask_ids(base) + offset, -1)
+        self._dyn_mids = torch.where(base_mids >= 0, base_mids + offset, -1)
         masks.append(base.masks)
         self.masks = torch.cat(masks)
         self.status = status
         self.mids = mids
+        self.num_kv_blocks = -(-self.kv_len // block_size)
 
     def build(self, query: torch.Tensor, key: torch.Tensor) -> Layout:
         """The Layout for ``query [B, H, Lq, D]`` and ``key [B, Hkv, Lk, D]`` (tables ``[B, H, ...]``)."""
         ctx = Context(self.q_len, self.kv_len, self.block_size, self.device, self.causal, self.batch, self.heads,
-                      query, key, kept=self._kept)
-        chosen = self.dynamic.cached_selection(ctx)  # [B, H, NQ, NK] bool, never on a kept block
+                      query, key)
+        # [B, H, NQ, NK] bool, never on a kept block (phase 2 of compile, given the static parts' status)
+        chosen = self.dynamic.cached_selection(ctx, kept=self._kept, allowed=None)
         dyn_status = torch.where(chosen, self._dyn_status, torch.zeros_like(self._dyn_status))
         dyn_mids = torch.where(chosen, self._dyn_mids, -1)
         if self.status is None:
@@ -122,16 +106,8 @@ class LayoutBuilder:
             mids = torch.where(take, dyn_mids, self.mids.expand_as(dyn_mids))
         status = status.expand(chosen.shape[0], chosen.shape[1], -1, -1)
         mids = mids.expand_as(status)
-        full, part = status == FULL, status == PARTIAL
-        kv_num, kv_idx, kv_mid = _pack(part, mids)
-        fkv_num, fkv_idx = _pack(full)
-        q_num, q_idx, q_mid = _pack(part.transpose(-1, -2), mids.transpose(-1, -2))
-        fq_num, fq_idx = _pack(full.transpose(-1, -2))
         return Layout(
-            q_len=self.q_len, kv_len=self.kv_len, block_size=self.block_size,
-            kv_num_blocks=kv_num, kv_indices=kv_idx, kv_mask_ids=kv_mid,
-            full_kv_num_blocks=fkv_num, full_kv_indices=fkv_idx,
-            q_num_blocks=q_num, q_indices=q_idx, q_mask_ids=q_mid,
-            full_q_num_blocks=fq_num, full_q_indices=fq_idx,
-            masks=self.masks, pattern=self.pattern, causal=self.causal, info=dict(ctx.info),
+            q_len=self.q_len, kv_len=self.kv_len, block_size=self.block_size, pattern=self.pattern,
+            causal=self.causal, info=dict(ctx.info),
+            **tables.pack(status, mids, self.masks, width=self.num_kv_blocks),
         )

@@ -113,7 +113,7 @@ class _Dynamic(BlockSelection):
             flags[torch.tensor(toks, device=ctx.device)] = True
         return flags
 
-    def selection(self, ctx: Context) -> torch.Tensor:
+    def selection(self, ctx: Context, *, kept: torch.Tensor | None, allowed: torch.Tensor | None) -> torch.Tensor:
         q, k = ctx.query, ctx.key
         if q is None or k is None:
             raise ValueError(f"{type(self).__name__} is dynamic: compile it with query= and key=")
@@ -133,10 +133,9 @@ class _Dynamic(BlockSelection):
         NQ, NK = ctx.num_q_blocks, ctx.num_kv_blocks
         G = H // Hkv if self.sharing == "group" else 1
         with torch.no_grad():
-            allowed = None
+            hook, static_kept, allowed = allowed, kept, None  # hook: static parts of enclosing intersections
             if self.within is not None:
                 allowed = self.within.status(ctx).to(dev) != EMPTY
-            hook = getattr(ctx, "allowed", None)  # proposed core hook: static parts of an enclosing intersection
             if hook is not None:
                 hook = hook.to(dev) >= 1
                 allowed = hook if allowed is None else allowed & hook
@@ -146,8 +145,8 @@ class _Dynamic(BlockSelection):
             if allowed is not None:
                 visible = visible & allowed
             kept = torch.zeros(1, 1, NQ, NK, dtype=torch.bool, device=dev)
-            if ctx.kept is not None:
-                kept = kept | (ctx.kept.to(dev) >= 1)
+            if static_kept is not None:  # static parts of enclosing unions
+                kept = kept | (static_kept.to(dev) >= 1)
             if self.keep:
                 kept = kept | self._keep_flags(ctx).to(dev)
             if G > 1:  # one selection per key/value head group: average the group's scores

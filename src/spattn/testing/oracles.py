@@ -78,7 +78,8 @@ def brute_force_mask(
     out = torch.zeros(batch, heads, q_len, kv_len, dtype=torch.bool)
     for b in range(batch):
         for h in range(heads):
-            keep = torch.as_tensor(pattern.token_mask(ctx, b, h, i, j), dtype=torch.bool)
+            bt, ht = torch.full((1, 1), b), torch.full((1, 1), h)
+            keep = torch.as_tensor(pattern.token_mask(ctx, bt, ht, i, j), dtype=torch.bool)
             if causal:
                 keep = keep & (j <= i)
             out[b, h] = keep.expand(q_len, kv_len)

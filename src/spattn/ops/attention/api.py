@@ -7,9 +7,9 @@ import math
 
 import torch
 
+from spattn.layout.layout import Layout
 from spattn.patterns.base import Pattern
 from spattn.patterns.compile import compile as compile_pattern
-from spattn.patterns.layout import Layout
 
 logger = logging.getLogger("spattn")
 
@@ -67,12 +67,9 @@ def choose_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     Takes the inputs of :func:`attention` (query ``[B, H, Lq, D]``, key/value ``[B, Hkv, Lk, D]``) and a Layout
     compiled for them."""
     if query.is_cuda:
-        try:
-            from spattn.ops.attention.impl import triton as triton_impl
+        from spattn.ops.attention.impl import triton as triton_impl  # imports triton itself only when it runs
 
-            reason = triton_impl.supports(query, key, value, layout)
-        except ImportError as exc:
-            reason = f"triton unavailable ({exc}); pip install 'spattn[gpu]'"
+        reason = triton_impl.supports(query, key, value, layout)
         if reason is None:
             return "triton", "CUDA inputs supported by the triton kernels"
         return "reference", f"triton cannot run: {reason}"
@@ -153,10 +150,8 @@ def attention(
             raise RuntimeError(f"backend='flex' cannot run: {reason}")
         run = flex.attention_flex
     else:  # triton
-        try:
-            from spattn.ops.attention.impl import triton as triton_impl
-        except ImportError as exc:
-            raise RuntimeError(f"backend='triton' cannot run: {exc}; pip install 'spattn[gpu]'") from exc
+        from spattn.ops.attention.impl import triton as triton_impl
+
         reason = triton_impl.supports(query, key, value, layout)
         if reason is not None:
             raise RuntimeError(f"backend='triton' cannot run: {reason}")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from spattn.layout.dense import to_dense
+from spattn.layout.layout import Layout
 from spattn.ops.attention.impl.common import masked_softmax_lse
-from spattn.patterns.layout import Layout
 
 
 def attention_dense(
@@ -14,7 +15,7 @@ def attention_dense(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     B, H, Lq, _ = query.shape
     Hk = key.shape[1]
-    allowed = layout.to_dense().to(query.device)  # [Bl, Hl, Lq, Lk]
+    allowed = to_dense(layout).to(query.device)  # [Bl, Hl, Lq, Lk]
     allowed = allowed.expand(B, H, Lq, key.shape[2])
     empty = ~allowed.any(-1, keepdim=True)
     # SDPA gives NaN on rows with nothing allowed: let such rows see key 0, then zero them.

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from spattn.patterns.layout import Layout
+from spattn.layout.layout import Layout
 
 
 def available() -> str | None:
@@ -19,11 +21,15 @@ def available() -> str | None:
 def attention_flex(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: Layout, *, scale: float, return_lse: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    from torch.nn.attention.flex_attention import flex_attention
+    from torch.nn.attention import flex_attention as fa
 
     block_mask = layout.to_block_mask()
     gqa = key.shape[1] != query.shape[1]
-    if return_lse:
-        out, lse = flex_attention(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=gqa, return_lse=True)
-        return out, lse.float()
-    return flex_attention(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=gqa), None
+    run = functools.partial(fa.flex_attention, query, key, value, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+    if not return_lse:
+        return run(), None
+    if hasattr(fa, "AuxRequest"):  # torch >= 2.9: return_lse is deprecated in favour of return_aux
+        out, aux = run(return_aux=fa.AuxRequest(lse=True))
+        return out, aux.lse.float()
+    out, lse = run(return_lse=True)
+    return out, lse.float()

@@ -12,26 +12,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from spattn.ops.attention.impl.common import masked_softmax_lse as _softmax_lse
-from spattn.patterns.layout import Layout
+from spattn.layout import tables
+from spattn.layout.layout import Layout
+from spattn.ops.attention.impl.common import masked_softmax_lse
 
 _CHUNK_ELEMENTS = 1 << 23  # score elements per chunk (B*H*C*bs*W*bs)
-
-
-def _entries(layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per query block: kept key blocks ``[Bl, Hl, NQ, W]`` and mask slot ``[Bl, Hl, NQ, W]`` where slot
-    M = full block, M + 1 = padding (nothing allowed), else the partial block's mask id."""
-    M = layout.masks.shape[0]
-    wf = layout.full_kv_indices.shape[-1]
-    wp = layout.kv_indices.shape[-1]
-    dev = layout.device
-    f_valid = torch.arange(wf, device=dev) < layout.full_kv_num_blocks[..., None]
-    p_valid = torch.arange(wp, device=dev) < layout.kv_num_blocks[..., None]
-    idx = torch.cat([layout.full_kv_indices, layout.kv_indices], -1).long()
-    slot = torch.cat(
-        [torch.where(f_valid, M, M + 1), torch.where(p_valid, layout.kv_mask_ids.long(), M + 1)], -1
-    )
-    return idx, slot
 
 
 def attention_reference(
@@ -58,10 +43,9 @@ def attention_reference(
     vp = F.pad(value, (0, 0, 0, NK * bs - Lk)).reshape(B, Hk, NK, bs, Dv)
     qp = F.pad(query * scale, (0, 0, 0, NQ * bs - Lq)).reshape(B, Hk, G, NQ, bs, D)
 
-    idx, slot = _entries(layout)  # [Bl, Hl, NQ, W]
+    idx, slot = tables.entries(layout)  # [Bl, Hl, NQ, W]
     W = idx.shape[-1]
-    ones = torch.ones(1, bs, bs, dtype=torch.bool, device=dev)
-    blocked = ~torch.cat([layout.masks, ones, ~ones])  # per slot: True where the pair is NOT allowed
+    blocked = ~tables.tiles(layout.masks)  # per slot: True where the pair is NOT allowed
     col = torch.arange(bs, device=dev)
     b_ix = torch.arange(B, device=dev)[:, None, None, None]
     if Hl == 1:  # gather per kv head: [B, Hk, C, W, bs, D]
@@ -85,7 +69,7 @@ def attention_reference(
         if Hl == 1:
             qx = qc.permute(0, 1, 3, 2, 4, 5).reshape(B, Hk, n, G * bs, D)
             s = torch.matmul(qx, kb.reshape(B, Hk, n, W * bs, D).transpose(-1, -2))  # [B, Hk, n, G*bs, W*bs]
-            p, lse = _softmax_lse(s.view(B, Hk, n, G, bs, W * bs), mask[:, :, :, None], return_lse)
+            p, lse = masked_softmax_lse(s.view(B, Hk, n, G, bs, W * bs), mask[:, :, :, None], return_lse)
             o = torch.matmul(p.view(B, Hk, n, G * bs, W * bs), vb.reshape(B, Hk, n, W * bs, Dv))
             o = o.view(B, Hk, n, G, bs, Dv)
             lse = lse.transpose(2, 3) if return_lse else None
@@ -94,7 +78,7 @@ def attention_reference(
             kb = kb.reshape(B, Hk, G, n, W * bs, D)
             vb = vb.reshape(B, Hk, G, n, W * bs, Dv)
             s = torch.matmul(qc, kb.transpose(-1, -2))  # [B, Hk, G, n, bs, W*bs]
-            p, lse = _softmax_lse(s, mask.view(Bl, Hk, G, n, bs, W * bs), return_lse)
+            p, lse = masked_softmax_lse(s, mask.view(Bl, Hk, G, n, bs, W * bs), return_lse)
             o = torch.matmul(p, vb)
         outs.append(o)
         lses.append(lse)

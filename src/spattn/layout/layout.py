@@ -30,10 +30,11 @@ Full and partial sets are disjoint; a block absent from both is skipped.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import torch
+
+from spattn.layout import tables
 
 _FIELDS = (
     "kv_num_blocks",
@@ -120,60 +121,28 @@ class Layout:
 
     # ------------------------------------------------------------------ dense views (small lengths)
     def block_status(self) -> torch.Tensor:
-        """int8 ``[Bl, Hl, NQ, NK]``: 0 skipped, 1 partial, 2 full."""
-        Bl, Hl, NQ = self.kv_num_blocks.shape
-        out = torch.zeros(Bl, Hl, NQ, self.num_kv_blocks + 1, dtype=torch.int8, device=self.device)
-        for num, idx, value in (
-            (self.kv_num_blocks, self.kv_indices, 1),
-            (self.full_kv_num_blocks, self.full_kv_indices, 2),
-        ):
-            valid = torch.arange(idx.shape[-1], device=self.device) < num[..., None]
-            col = torch.where(valid, idx.long(), self.num_kv_blocks)
-            out.scatter_(-1, col, torch.full_like(col, value, dtype=torch.int8))
-        return out[..., : self.num_kv_blocks]
-
-    def mask_slots(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dense per-block view: slot int64 ``[Bl, Hl, NQ, NK]`` into tiles bool ``[M + 2, bs, bs]``, where tile
-        ``M`` is all True (a full block), ``M + 1`` all False (a skipped block), and the rest are ``masks``."""
-        status = self.block_status().long()
-        M = self.masks.shape[0]
-        slot = torch.where(status == 2, M, M + 1)
-        valid = torch.arange(self.kv_indices.shape[-1], device=self.device) < self.kv_num_blocks[..., None]
-        b, h, qb, e = valid.nonzero().unbind(1)
-        slot[b, h, qb, self.kv_indices[b, h, qb, e].long()] = self.kv_mask_ids[b, h, qb, e].long()
-        ones = torch.ones(1, self.block_size, self.block_size, dtype=torch.bool, device=self.device)
-        return slot, torch.cat([self.masks, ones, ~ones])
+        """int8 ``[Bl, Hl, NQ, NK]``: ``EMPTY`` (0) skipped, ``PARTIAL`` (1), ``FULL`` (2)."""
+        return tables.unpack(self)[0]
 
     def to_dense(self) -> torch.Tensor:
         """bool ``[Bl, Hl, q_len, kv_len]``: the exact token-level mask. For tests and small lengths only."""
-        if self.q_len * self.kv_len > 1 << 26:
-            raise ValueError(
-                f"to_dense() would allocate {self.q_len}x{self.kv_len} per head; it is meant for small lengths"
-            )
-        bs, NQ, NK = self.block_size, self.num_q_blocks, self.num_kv_blocks
-        slot, tiles = self.mask_slots()
-        dense = tiles[slot].permute(0, 1, 2, 4, 3, 5).reshape(slot.shape[0], slot.shape[1], NQ * bs, NK * bs)
-        return dense[:, :, : self.q_len, : self.kv_len]
+        from spattn.layout.dense import to_dense
+
+        return to_dense(self)
 
     # ------------------------------------------------------------------ counts
     def _row_keys(self) -> torch.Tensor:
         """float64 ``[Bl, Hl, NQ]``: allowed (query, key) pairs per query block, exact."""
-        bs = self.block_size
-        NQ, NK = self.num_q_blocks, self.num_kv_blocks
-        q_rows = torch.full((NQ,), bs, dtype=torch.float64, device=self.device)
+        bs, NQ, NK = self.block_size, self.num_q_blocks, self.num_kv_blocks
+        q_rows = torch.full((NQ, 1), bs, dtype=torch.float64, device=self.device)
         q_rows[-1] = self.q_len - (NQ - 1) * bs
-        k_cols = torch.full((NK + 1,), bs, dtype=torch.float64, device=self.device)
-        k_cols[NK - 1] = self.kv_len - (NK - 1) * bs
-        k_cols[NK] = 0
-        valid = torch.arange(self.full_kv_indices.shape[-1], device=self.device) < self.full_kv_num_blocks[..., None]
-        cols = torch.where(valid, self.full_kv_indices.long(), NK)
-        full = k_cols[cols].sum(-1) * q_rows
-        mask_pairs = self.masks.flatten(1).sum(-1).double() if self.masks.numel() else self.masks.new_zeros(0).double()
-        valid = torch.arange(self.kv_mask_ids.shape[-1], device=self.device) < self.kv_num_blocks[..., None]
-        mask_pairs = torch.cat([mask_pairs, mask_pairs.new_zeros(1)])
-        ids = torch.where(valid, self.kv_mask_ids.long(), mask_pairs.numel() - 1)
-        partial = mask_pairs[ids].sum(-1)
-        return full + partial
+        k_cols = torch.full((NK,), bs, dtype=torch.float64, device=self.device)
+        k_cols[-1] = self.kv_len - (NK - 1) * bs
+        block, slot = tables.entries(self)
+        M = self.masks.shape[0]
+        mask_pairs = torch.cat([self.masks.flatten(1).sum(-1).double(), q_rows.new_zeros(2)])
+        pairs = torch.where(slot == M, k_cols[block.clamp(max=NK - 1)] * q_rows, mask_pairs[slot])
+        return pairs.sum(-1)
 
     def allowed_pairs(self) -> torch.Tensor:
         """float64 ``[Bl, Hl]``: number of allowed (query, key) pairs, exact at token level."""
@@ -218,30 +187,15 @@ class Layout:
     # ------------------------------------------------------------------ pictures
     def to_string(self, batch: int = 0, head: int = 0, max_size: int = 64) -> str:
         """A █/▒/░ grid of the block status (█ full, ▒ partial, ░ skipped), downsampled to ``max_size``."""
-        status = self.block_status()[min(batch, self.batch - 1), min(head, self.heads - 1)].float()
-        NQ, NK = status.shape
-        step = max(1, math.ceil(max(NQ, NK) / max_size))
-        if step > 1:
-            pad = torch.nn.functional.pad(status, (0, (-NK) % step, 0, (-NQ) % step), value=0.0)
-            status = torch.nn.functional.max_pool2d(pad[None, None], step)[0, 0]
-        chars = {0: "░", 1: "▒", 2: "█"}
-        return "\n".join("".join(chars[int(v)] for v in row) for row in status.tolist())
+        from spattn.layout.show import to_string
+
+        return to_string(self, batch, head, max_size)
 
     def plot(self, batch: int = 0, head: int = 0, ax: Any = None, title: str | None = None) -> Any:
         """Draw the block status with matplotlib (``pip install 'spattn[viz]'``). Returns the Axes."""
-        from spattn._optional import require
+        from spattn.layout.show import plot
 
-        plt = require("matplotlib.pyplot", extra="viz")
-        status = self.block_status()[min(batch, self.batch - 1), min(head, self.heads - 1)].cpu().numpy()
-        if ax is None:
-            _, ax = plt.subplots(figsize=(4, 4))
-        from matplotlib.colors import ListedColormap
-
-        ax.imshow(status, cmap=ListedColormap(["#f4f4f4", "#8fb3d9", "#1f4e79"]), vmin=0, vmax=2, interpolation="nearest")
-        ax.set_xlabel(f"key block ({self.block_size} tokens)")
-        ax.set_ylabel("query block")
-        ax.set_title(title or f"density {self.density():.3f}")
-        return ax
+        return plot(self, batch, head, ax, title)
 
     def __repr__(self) -> str:
         return (
@@ -255,7 +209,7 @@ class Layout:
     def to_block_mask(self) -> Any:
         """Convert to torch's FlexAttention ``BlockMask`` (same tables; partial blocks get a mask_mod
         that reads this layout's masks). Requires torch with ``torch.nn.attention.flex_attention``."""
-        from spattn.patterns.blockmask import layout_to_block_mask
+        from spattn.layout.blockmask import layout_to_block_mask
 
         return layout_to_block_mask(self)
 
@@ -263,6 +217,6 @@ class Layout:
     def from_block_mask(cls, block_mask: Any, *, mask_mod_exact: bool = True) -> Layout:
         """Build a Layout from torch's ``BlockMask``; partial blocks are resolved at token level by
         evaluating its ``mask_mod`` inside those blocks only."""
-        from spattn.patterns.blockmask import block_mask_to_layout
+        from spattn.layout.blockmask import block_mask_to_layout
 
         return block_mask_to_layout(block_mask)

@@ -1,4 +1,5 @@
-"""The on-device layout builder (spattn.patterns.device_build) gives exactly spattn.compile's tables."""
+"""The banded on-device compile (spattn.patterns.banded) gives exactly spattn.compile's tables, and so does
+the dense-mask builder spattn.layout.from_dense."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import pytest
 import torch
 
 import spattn
+from spattn.layout import from_dense
+from spattn.patterns.banded import build_layout, supports_fast_build
 from spattn.patterns.compile import brute_force_mask
-from spattn.patterns.device_build import build_layout, layout_from_dense, supports_fast_build
 
 S, W, C, F = spattn.Sinks, spattn.Window, spattn.Causal, spattn.Full
 PATTERNS = [
@@ -59,18 +61,4 @@ def test_layout_from_dense_matches_compile(pattern):
     ref = spattn.compile(pattern, 77, 150, causal=True, block_size=16)
     dense = ref.to_dense()
     assert torch.equal(dense, brute_force_mask(pattern, 77, 150, causal=True, block_size=16).expand_as(dense))
-    assert _same(layout_from_dense(dense, 16, causal=True), ref) == []
-
-
-def test_sorted_unique_masks_matches_torch_unique():
-    from spattn.patterns.device_build import _sorted_unique_masks
-
-    g = torch.Generator().manual_seed(0)
-    for _ in range(100):
-        R, bs = int(torch.randint(1, 8, (1,), generator=g)), int(torch.randint(1, 4, (1,), generator=g))
-        m = torch.rand(R, bs, bs, generator=g) < 0.5
-        if R > 2:
-            m[R - 1] = m[0]
-        got, inv = _sorted_unique_masks(m)
-        want, want_inv = torch.unique(m.flatten(1), dim=0, return_inverse=True)
-        assert torch.equal(got.flatten(1), want) and torch.equal(inv, want_inv)
+    assert _same(from_dense(dense, 16, causal=True), ref) == []
