@@ -244,9 +244,11 @@ def test_budgeted_keeps_budget(L, budget):
 def test_density_flops_and_repr():
     layout = spattn.compile(spattn.Window(15), 64, causal=True, block_size=16)
     dense = layout.to_dense()
-    assert layout.density() == pytest.approx(dense.float().mean().item())
+    causal = torch.ones(64, 64, dtype=torch.bool).tril()
+    assert layout.density() == pytest.approx(dense.sum().item() / causal.sum().item())  # against causal pairs
     assert layout.flops(64) == pytest.approx(4 * dense.sum().item() * 64)
-    assert 0 < layout.density("block") <= 1
+    assert layout.density("block") == layout.block_density() == pytest.approx(7 / 10)  # 4 + 3 of 10 causal blocks
+    assert layout.flops(64, level="block") == pytest.approx(4 * 7 * 16 * 16 * 64)
     assert "density=" in repr(layout) and "64" in repr(layout)
     grid = layout.to_string()
     assert set(grid) <= set("█▒░\n") and grid.count("\n") == 3

@@ -23,7 +23,7 @@ from spattn.report.config import ReportConfig  # noqa: E402
 from spattn.report.frontier import pareto, recommend  # noqa: E402
 
 SCHEMA = Path(__file__).resolve().parents[1] / "src" / "spattn" / "report" / "schema.json"
-ARGS = ["--chunk-length", "128", "--block-size", "16", "--budgets", "0.1,0.5", "--families",
+ARGS = ["--lengths", "128,256", "--block-size", "16", "--budgets", "0.1,0.5", "--families",
         "window,random,budgeted,top_p", "--selectors", "pooled", "--calibration-chunks", "1", "--eval-chunks", "1",
         "--repeats", "1", "--device", "cpu"]
 
@@ -165,9 +165,10 @@ def _strip_timings(results: dict) -> dict:
     r = copy.deepcopy(results)
     for key in ("timings", "command", "environment"):  # when, where and which commit: not numbers
         r.pop(key)
-    r["dense"].pop("latency")
-    for c in r["candidates"]:
-        c.pop("latency")
+    for part in [r, *r["lengths"]]:
+        part["dense"].pop("latency")
+        for c in part["candidates"]:
+            c.pop("latency")
     return r
 
 
@@ -180,7 +181,7 @@ def test_same_seed_same_numbers_and_resume(tiny):
     # interrupt: mark the run unfinished and drop one finished candidate; re-running resumes from the rest
     state = out2 / ".spattn-report" / "state.json"
     state.write_text(json.dumps({"digest": again["digest"], "status": "running"}))
-    cands = sorted((out2 / ".spattn-report" / again["digest"] / "candidates").glob("*.json"))
+    cands = sorted((out2 / ".spattn-report" / again["digest"] / "L128" / "candidates").glob("*.json"))
     assert len(cands) == 8
     cands[0].unlink()
     (out2 / "results.json").unlink()
@@ -218,12 +219,24 @@ def test_pareto_and_recommend():
     pts = [("a", 0.1, 5.0), ("b", 0.2, 4.0), ("c", 0.3, 4.5), ("d", 0.05, 9.0), ("e", 0.2, 3.5)]
     assert pareto(pts) == ["d", "a", "e"]
     assert pareto([("x", 0.1, 0.5), ("y", 0.2, 0.4), ("z", 0.3, 0.9)], maximize=True) == ["x", "z"]
-    cands = [
-        {"id": "w", "cost": {"keys_fraction": 0.09}, "model": {"perplexity": 10.0}, "recall": {"mean": 0.5}},
-        {"id": "t", "cost": {"keys_fraction": 0.11}, "model": {"perplexity": 8.0}, "recall": {"mean": 0.7}},
-    ]
+
+    def cand(cid, family, cost, nll_per_segment, noise):
+        """A candidate scored on 20 segments of 64 tokens: mean nll per token plus per-segment noise."""
+        signs = [1, -1] * 10  # zero-mean noise, shuffled per candidate: the means are exact
+        random.Random(cid).shuffle(signs)
+        seg = {"nll": [64 * (nll_per_segment + noise * x) for x in signs], "tokens": [64.0] * 20}
+        split = {"perplexity": 2.718281828 ** (sum(seg["nll"]) / sum(seg["tokens"])), "segments_sums": seg}
+        return {"id": cid, "family": family, "selector": None, "label": cid, "cost": {"keys_fraction": cost,
+                "block_fraction": cost}, "recall": {"mean": 0.5},
+                "model": {"perplexity": split["perplexity"], "splits": {"selection": split, "report": split}}}
+
+    cands = [cand("w", "window", 0.09, 3.0, 0.01), cand("t", "top_p", 0.11, 2.0, 0.01),
+             cand("s", "sinks_window", 0.15, 2.0005, 0.05), cand("b", "budgeted", 0.19, 1.99, 0.05)]
     rec = recommend(cands, [0.05, 0.1, 0.2])
     assert [r["candidate"] for r in rec] == [None, "w", "t"]
+    # at 0.2, "b" is lowest on the selection split, but "t" and "s" are tied with it and "t" is the cheapest
+    assert rec[2]["best_on_selection"] == "b" and set(rec[2]["tied_with"]) == {"b", "s"}
+    assert "cheapest of the tied" in rec[2]["reason"]
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -241,7 +254,7 @@ def test_config_errors(kwargs, message):
 CHROMIUM = Path("/usr/bin/chromium")
 
 
-def _screenshot(page: Path, shot: Path, height: int = 2400) -> None:
+def _screenshot(page: Path, shot: Path, height: int = 7000) -> None:
     import subprocess
     import tempfile
 
@@ -249,7 +262,8 @@ def _screenshot(page: Path, shot: Path, height: int = 2400) -> None:
         subprocess.run(
             [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={profile}", f"--screenshot={shot}", f"--window-size=1280,{height}", page.as_uri()],
+             "--virtual-time-budget=10000", f"--user-data-dir={profile}", f"--screenshot={shot}",
+             f"--window-size=1280,{height}", page.as_uri()],
             capture_output=True, timeout=120, check=False,
         )
     assert shot.is_file(), "chromium wrote no screenshot"
@@ -349,3 +363,77 @@ def test_planted_pickle_in_the_cache_is_refused_and_never_runs(tiny, tmp_path):
     r = _invoke("--model", str(tiny["model"]), "--text", str(tiny["text"]), "-o", str(out), *ARGS, "--overwrite")
     assert r.exit_code == 2 and "refusing to load" in r.output, r.output
     assert not marker.exists()
+
+
+def test_lengths_intervals_and_the_pick_from_the_selection_split(tiny):
+    from spattn.report.intervals import paired_difference
+
+    results = tiny["results"]
+    assert [x["length"] for x in results["lengths"]] == [256] and results["data"]["chunk_length"] == 128
+    assert results["data"]["selection_indices"] and not set(results["data"]["selection_indices"]) & set(
+        results["data"]["held_out_indices"])  # the pick and the reported numbers use different chunks
+    for part in [results, *results["lengths"]]:
+        assert part["candidates"]
+        for c in part["candidates"]:
+            m = c["model"]
+            for key in ("perplexity", "top1_agreement", "kl"):
+                lo, hi = m[key + "_interval"]
+                assert lo <= m[key] * (1 + 1e-5) + 1e-9 and m[key] <= hi * (1 + 1e-5) + 1e-9, (c["id"], key)
+            assert set(m["splits"]) == ({"selection", "report"} if part is results else {"report"})
+    by_id = {c["id"]: c for c in results["candidates"]}
+    for rec in results["recommendations"]:
+        if rec["candidate"] is None:
+            continue
+        ok = [c for c in results["candidates"] if c["cost"]["keys_fraction"] <= rec["budget"]]
+        best = min(ok, key=lambda c: c["model"]["splits"]["selection"]["perplexity"])
+        pick = by_id[rec["candidate"]]
+        assert rec["best_on_selection"] == best["id"]
+        if pick is not best:  # a tie on the selection split, and cheaper
+            seg = lambda c: c["model"]["splits"]["selection"]["segments_sums"]  # noqa: E731
+            assert paired_difference(seg(pick), seg(best))["tie"]
+            assert pick["cost"]["keys_fraction"] <= best["cost"]["keys_fraction"]
+        assert rec["holds_at"][0] == 128 and {e["length"] for e in rec["lengths"]} == {128, 256}
+        at_256 = {c["id"] for c in results["lengths"][0]["candidates"]} | {c["id"] for c in
+                                                                            results["lengths"][0]["skipped"]}
+        assert rec["candidate"] in at_256  # the pick was measured again at the longer length
+
+
+def test_latency_rows_carry_their_spread_and_noise_is_flagged(tiny):
+    import time
+
+    import torch
+
+    from spattn.report.evaluate import interleaved_latency
+    from spattn.report.render import render_html
+    from spattn.report.summary import latency_text
+
+    for c in tiny["results"]["candidates"]:
+        lat = c["latency"]
+        assert lat["repeats"] >= 1 and lat["spread"] >= 0 and isinstance(lat["noisy"], bool)
+        assert lat["peak_memory_mb"] >= 0 and lat["dense_ms"] > 0
+    # a planted noisy timing: alternately fast and very slow calls
+    calls = [0]
+
+    def jittery():
+        calls[0] += 1
+        time.sleep(0.0005 if calls[0] % 2 else 0.02)
+
+    lat = interleaved_latency(jittery, lambda: time.sleep(0.001), repeats=4, device=torch.device("cpu"))
+    assert lat["noisy"] and lat["spread"] > 0.25
+    assert "?" in latency_text(lat | {"median_ms": 1.0})
+    noisy = copy.deepcopy(tiny["results"])
+    target = next(c for c in noisy["candidates"] if c["id"] == noisy["recommendations"][0]["candidate"])
+    target["latency"] |= {"noisy": True, "spread": 0.8, "speedup_vs_dense": 123.456}
+    page = render_html(noisy, tiny["out"])
+    assert "too noisy to rank" in page and "123.46" not in page  # flagged, never ranked by its ratio
+
+
+def test_overwrite_never_deletes_a_folder_that_was_never_a_report(tiny, tmp_path):
+    folder = tmp_path / "mine"
+    (folder / "figures").mkdir(parents=True)
+    (folder / "figures" / "holiday.png").write_bytes(b"not the report's")
+    (folder / "results.json").write_text("{}")
+    r = _invoke("--model", str(tiny["model"]), "--text", str(tiny["text"]), "-o", str(folder), *ARGS, "--overwrite")
+    assert r.exit_code == 2 and "never a spattn report" in r.output
+    assert (folder / "figures" / "holiday.png").read_bytes() == b"not the report's"
+    assert (folder / "results.json").read_text() == "{}"

@@ -33,6 +33,8 @@ from spattn.selectors import LayoutBuilder, TopK, TopP
 from spattn.integrations import Plan, patch, patched, unpatch
 from spattn.integrations.capture import Capture, capture
 from spattn import coverage  # noqa: E402 - the coverage toolkit as spattn.coverage
+from spattn.patterns import Essential, essential_flags  # noqa: E402 - the essential-token safeguard
+from spattn import learned, nn  # noqa: E402 - learned sparsity (registers the 'gate' selector) and layers
 from spattn import distributed  # noqa: E402 - sparse attention across ranks as spattn.distributed
 
 __version__ = "0.1.0"
@@ -42,4 +44,5 @@ __all__ = [
     "Pattern", "PerHead", "RandomBlocks", "Sinks", "Strided", "Union", "Window", "compile", "pattern_from_dict",
     "attention", "choose_backend", "TopK", "TopP", "LayoutBuilder",
     "Plan", "patch", "patched", "unpatch", "Capture", "capture",
+    "Essential", "essential_flags", "learned", "nn",
 ]

@@ -28,7 +28,10 @@ def _git(*args: str) -> str | None:
 
 
 def git_commit() -> str | None:
-    """HEAD of the spattn checkout this module runs from, or None outside a git checkout."""
+    """``SPATTN_GIT_COMMIT`` when set (a copy without ``.git``, e.g. a lent GPU machine), else HEAD of the spattn
+    checkout this module runs from, or None outside a git checkout."""
+    if os.environ.get("SPATTN_GIT_COMMIT"):
+        return os.environ["SPATTN_GIT_COMMIT"]
     return _git("rev-parse", "HEAD") or None
 
 
@@ -53,13 +56,14 @@ def machine_info(device: str | torch.device | None = None) -> dict:
         device: the device the run used (default: CUDA device 0 when present, else the CPU).
 
     Returns:
-        A JSON-ready dict: platform, processor, cpu_count, load_average, torch_threads, device, cuda, versions
-        (also flattened as ``python`` / ``torch`` / ``triton`` keys), git_commit, git_dirty, command, timestamp.
+        A JSON-ready dict: platform, processor, cpu_count, load_average, torch_threads, device, cuda, the GPU's
+        capability / SM count / memory when there is one, versions (also flattened as ``python`` / ``torch`` /
+        ``triton`` keys), git_commit, git_dirty, command, timestamp.
     """
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     vers = versions()
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    return {
+    status = None if os.environ.get("SPATTN_GIT_COMMIT") else _git("status", "--porcelain", "--untracked-files=no")
+    info = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
@@ -76,3 +80,9 @@ def machine_info(device: str | torch.device | None = None) -> dict:
         "command": " ".join(shlex.quote(a) for a in sys.argv),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if dev.type == "cuda":
+        props = torch.cuda.get_device_properties(dev)
+        info["gpu_capability"] = f"{props.major}.{props.minor}"
+        info["gpu_sms"] = props.multi_processor_count
+        info["gpu_memory_gb"] = round(props.total_memory / 2**30, 1)
+    return info

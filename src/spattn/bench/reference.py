@@ -1,6 +1,7 @@
 """CPU benchmark of the reference backend against dense SDPA (issue 2).
 
-``spattn bench --suite reference`` or ``python -m spattn.bench.reference``: B=1, H=8, D=64, fp32,
+The ``reference`` suite (``spattn bench --suite reference`` or ``python benchmarks/run.py reference``):
+B=1, H=8, D=64, fp32,
 causal ``Sinks(64) | Window(512)``; median wall time of repeated runs, peak memory (a fresh subprocess per
 row, read from the OS high-water mark), density, speedup. Targets: memory linear in L (16384 under 1.5 GB),
 speedup >= 0.3 / density.
@@ -8,18 +9,14 @@ speedup >= 0.3 / density.
 
 from __future__ import annotations
 
+import argparse
 import json
-import os
-import statistics
 import subprocess
 import sys
-import time
-from pathlib import Path
-
-import torch
 
 _ROW = r"""
-import json, resource, statistics, sys, time, torch, spattn
+import json, resource, sys, torch, spattn
+from spattn.bench.timing import median_ms
 import torch.nn.functional as F
 mode, L, repeats = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 torch.manual_seed(0)
@@ -33,29 +30,37 @@ def run():
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     return spattn.attention(q, k, v, layout, causal=True, backend="reference")
 out = run()
-times = []
-for _ in range(repeats):
-    t = time.perf_counter(); run(); times.append(time.perf_counter() - t)
+median_s = median_ms(run, device="cpu", repeats=repeats, warmup=0) / 1e3
 err = None
 if mode == "reference" and L <= 4096:
     dense = spattn.attention(q, k, v, layout, causal=True, backend="dense")
     err = float((out - dense).abs().max())
-print(json.dumps(dict(mode=mode, L=L, median_s=statistics.median(times), times_s=times,
+print(json.dumps(dict(mode=mode, L=L, median_s=median_s,
       peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, baseline_rss_mb=base / 1024,
       density=layout.density(), block_density=layout.density("block"), max_error_vs_dense=err)))
 """
 
 
 def _row(mode: str, L: int, repeats: int) -> dict:
-    res = subprocess.run([sys.executable, "-c", _ROW, mode, str(L), str(repeats)], capture_output=True, text=True, check=True)
+    res = subprocess.run([sys.executable, "-c", _ROW, mode, str(L), str(repeats)], capture_output=True, text=True,
+                         check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def run_reference_bench(lengths: list[int], repeats: int = 5, output: str | None = None) -> dict:
+def run(argv: list[str] | None = None) -> dict:
+    """The suite record for ``--lengths`` (default 4096 16384) and ``--repeats`` (default 5)."""
+    ap = argparse.ArgumentParser(prog="reference", description=__doc__.split("\n")[0])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384])
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args(argv)
+    return run_reference_bench(args.lengths, repeats=args.repeats)
+
+
+def run_reference_bench(lengths: list[int], repeats: int = 5) -> dict:
     from rich.console import Console
     from rich.table import Table
 
-    from spattn.bench.env import machine_info
+    from spattn.bench.record import make
 
     rows = []
     for L in lengths:
@@ -70,21 +75,15 @@ def run_reference_bench(lengths: list[int], repeats: int = 5, output: str | None
             dense_peak_rss_mb=dense["peak_rss_mb"], baseline_rss_mb=ref["baseline_rss_mb"],
             max_error_vs_dense=ref["max_error_vs_dense"],
         ))
-    result = {"suite": "reference", "machine": machine_info(), "rows": rows,
-              "rerun": "spattn bench --suite reference --lengths " + ",".join(map(str, lengths))}
+    result = make("reference", {"lengths": lengths, "repeats": repeats}, rows,
+                  rerun="spattn bench --suite reference --lengths " + ",".join(map(str, lengths)))
     table = Table(title="reference backend vs dense SDPA (CPU, fp32, B=1 H=8 D=64, causal Sinks(64)|Window(512))")
     for c in ("L", "density", "reference s", "dense SDPA s", "speedup", "target", "ref peak MB", "dense peak MB"):
         table.add_column(c, justify="right")
     for r in rows:
-        table.add_row(str(r["L"]), f"{r['density']:.4f}", f"{r['reference_median_s']:.3f}", f"{r['dense_sdpa_median_s']:.3f}",
+        table.add_row(str(r["L"]), f"{r['density']:.4f}", f"{r['reference_median_s']:.3f}",
+                      f"{r['dense_sdpa_median_s']:.3f}",
                       f"{r['speedup']:.1f}x", f"{r['target_speedup']:.1f}x", f"{r['reference_peak_rss_mb']:.0f}",
                       f"{r['dense_peak_rss_mb']:.0f}")
     Console().print(table)
-    if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(json.dumps(result, indent=2))
     return result
-
-
-if __name__ == "__main__":
-    run_reference_bench([4096, 16384], output=os.environ.get("SPATTN_BENCH_OUT", "benchmarks/results/cpu/reference.json"))

@@ -45,10 +45,16 @@ def prepare_command(
 
     console = Console()
     if text is not None:
+        import warnings
+
         try:
-            body = load_text(text)
-        except (FileNotFoundError, ValueError) as exc:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                body = load_text(text)
+        except (FileNotFoundError, ValueError, ImportError) as exc:
             raise typer.BadParameter(str(exc), param_hint="--text") from None
+        for warning in caught:
+            console.print(f"[yellow]note: {warning.message}[/yellow]")
         console.print(f"{text}: {len(body):,} characters, {len(body.split()):,} words: ready")
         return
     for name in _names(corpus):

@@ -1,13 +1,15 @@
-"""``spattn`` command: ``demo``, ``bench``, ``data``, ``report``."""
+"""``spattn`` command: ``demo``, ``bench``, ``data``, ``report``, ``train``."""
 
 from __future__ import annotations
 
 import typer
 
 from spattn.cli.data import data_app
+from spattn.cli.eval import eval_app
 from spattn.cli.generate import generate_command
 from spattn.cli.report import report_command
 from spattn.cli.serve import serve_command
+from spattn.cli.train import train_app
 
 app = typer.Typer(
     name="spattn",
@@ -20,8 +22,8 @@ app = typer.Typer(
 
 @app.command()
 def demo(
-    length: int = typer.Option(1024, help="Sequence length of the toy attention."),
-    block_size: int = typer.Option(64, help="Block size of the compiled layouts."),
+    length: int = typer.Option(1024, min=1, help="Sequence length of the toy attention."),
+    block_size: int = typer.Option(64, min=1, help="Block size of the compiled layouts."),
     seed: int = typer.Option(0, help="Random seed of the toy inputs."),
 ) -> None:
     """Compile a few patterns, show their density and block picture, and check attention against dense."""
@@ -30,23 +32,39 @@ def demo(
     run_demo(length=length, block_size=block_size, seed=seed)
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench(
-    suite: str = typer.Option("reference", help="Which benchmark suite: 'reference' (CPU, issue 2)."),
-    lengths: str = typer.Option("4096,16384", help="Comma-separated sequence lengths."),
-    repeats: int = typer.Option(5, help="Timed repetitions per row (median reported)."),
-    output: str = typer.Option("benchmarks/results/cpu/reference.json", help="Where to write the JSON rows."),
+    ctx: typer.Context,
+    suite: str = typer.Option("reference", help="Benchmark suite: kernels, selectors, coverage or reference."),
+    lengths: str = typer.Option("", help="reference suite: comma-separated sequence lengths (default 4096,16384)."),
+    repeats: int = typer.Option(5, help="reference suite: timed repetitions per row (median reported)."),
+    output: str = typer.Option("", help="Where to write the JSON record (default ./spattn-bench/SUITE.json)."),
+    overwrite: bool = typer.Option(False, help="Allow replacing committed files under benchmarks/results/."),
 ) -> None:
-    """Time the reference backend against dense SDPA and write JSON rows (machine, versions, commit)."""
-    from spattn.bench.reference import run_reference_bench
+    """Run a benchmark suite and write its JSON record (machine, versions, commit, rows); extra arguments
+    after the options go to the suite (e.g. ``spattn bench --suite kernels -- --quick``)."""
+    from spattn.bench import SUITES, run_suite
+    from spattn.bench.record import write
 
-    if suite != "reference":
-        raise typer.BadParameter(f"unknown suite {suite!r}; available: reference (GPU suites live in benchmarks/)")
-    run_reference_bench([int(x) for x in lengths.split(",") if x], repeats=repeats, output=output)
+    if suite not in SUITES:
+        raise typer.BadParameter(f"unknown suite {suite!r}; available: {', '.join(sorted(SUITES))}")
+    argv = list(ctx.args)
+    if suite == "reference":
+        if lengths:
+            argv += ["--lengths", *[x for x in lengths.split(",") if x]]
+        argv += ["--repeats", str(repeats)]
+    record = run_suite(suite, argv)
+    try:
+        path = write(record, output or f"spattn-bench/{suite}.json", overwrite=overwrite)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    typer.echo(f"wrote {path}")
 
 
 app.add_typer(data_app, name="data", help="Prepare offline corpora (Austen, KJV).")
 app.command(name="report")(report_command)
+app.add_typer(eval_app, name="eval")
+app.add_typer(train_app, name="train", help="Learned sparsity: distil gates, train LMs and tasks.")
 app.command(name="generate")(generate_command)  # the runtime (issue 17); extras load lazily inside
 app.command(name="serve")(serve_command)
 

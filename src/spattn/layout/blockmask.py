@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -47,15 +48,19 @@ def layout_to_block_mask(layout: Layout) -> Any:
     )
 
 
-def block_mask_to_layout(block_mask: Any) -> Layout:
-    """A Layout from a ``BlockMask``: its tables, with partial blocks resolved by evaluating its mask_mod."""
+def block_mask_to_layout(block_mask: Any, mask_mod: Any = None) -> Layout:
+    """A Layout from a ``BlockMask``: its tables, with partial blocks resolved by evaluating ``mask_mod`` (default:
+    the BlockMask's own) at in-bounds positions only (Note [in-bounds mask_mod])."""
     bsq, bsk = block_mask.BLOCK_SIZE
     if bsq != bsk:
         raise ValueError(
             f"spattn layouts use one block size for queries and keys, got BLOCK_SIZE={block_mask.BLOCK_SIZE}"
         )
+    if mask_mod is not None and not callable(mask_mod):
+        raise TypeError(f"mask_mod must be a callable (b, h, q_idx, kv_idx) -> bool, got {type(mask_mod).__name__}")
+    mod = mask_mod if mask_mod is not None else getattr(block_mask, "mask_mod", None)
     bs = int(bsq)
-    q_len, kv_len = block_mask.seq_lengths
+    q_len, kv_len = (int(n) for n in block_mask.seq_lengths)
     NQ, NK = -(-q_len // bs), -(-kv_len // bs)
     full_num, full_idx = block_mask.full_kv_num_blocks, block_mask.full_kv_indices
     status, _ = tables.unpack_tables(
@@ -64,11 +69,22 @@ def block_mask_to_layout(block_mask: Any) -> Layout:
     mask_ids = torch.full(status.shape, -1, dtype=torch.int32, device=status.device)
     masks = torch.zeros(0, bs, bs, dtype=torch.bool, device=status.device)
     b, h, qb, kb = (status == tables.PARTIAL).nonzero().unbind(1)
-    if b.numel():
+    if b.numel() and (mod is None or mod is _flex().noop_mask):
+        warnings.warn(
+            f"the BlockMask has {b.numel()} partial blocks but no mask_mod to resolve them: they are taken as full "
+            "blocks (what flex_attention computes with its noop mask_mod); pass "
+            "Layout.from_block_mask(block_mask, mask_mod=...) for the exact token mask", UserWarning, stacklevel=3)
+        status[b, h, qb, kb] = tables.FULL
+    elif b.numel():
+        # Note [in-bounds mask_mod]: a partly filled last block would ask for positions past the sequence end,
+        # where a mask_mod indexing a length-L tensor fails; torch never calls it there, nor do we: positions are
+        # clamped into bounds and the out-of-bounds pairs are cleared by classify.
         r = torch.arange(bs, device=status.device)
-        per_key = torch.vmap(block_mask.mask_mod, in_dims=(None, None, None, 0))
+        q_idx = torch.clamp(qb[:, None] * bs + r, max=q_len - 1)
+        kv_idx = torch.clamp(kb[:, None] * bs + r, max=kv_len - 1)
+        per_key = torch.vmap(mod, in_dims=(None, None, None, 0))
         inner = torch.vmap(per_key, in_dims=(None, None, 0, None))
-        vals = torch.vmap(inner, in_dims=(0, 0, 0, 0))(b, h, qb[:, None] * bs + r, kb[:, None] * bs + r).bool()
+        vals = torch.vmap(inner, in_dims=(0, 0, 0, 0))(b, h, q_idx, kv_idx).bool()
         new, vals = tables.classify(vals, qb, kb, q_len=q_len, kv_len=kv_len)
         masks, ids = tables.dedupe(vals, new)
         status[b, h, qb, kb] = new

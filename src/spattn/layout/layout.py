@@ -131,8 +131,9 @@ class Layout:
         return to_dense(self)
 
     # ------------------------------------------------------------------ counts
-    def _row_keys(self) -> torch.Tensor:
-        """float64 ``[Bl, Hl, NQ]``: allowed (query, key) pairs per query block, exact."""
+    def _row_pairs(self, visited: bool = False) -> torch.Tensor:
+        """float64 ``[Bl, Hl, NQ]`` per query block: allowed (query, key) pairs (exact), or with ``visited`` the
+        in-bounds pairs of every visited block (what a block kernel computes)."""
         bs, NQ, NK = self.block_size, self.num_q_blocks, self.num_kv_blocks
         q_rows = torch.full((NQ, 1), bs, dtype=torch.float64, device=self.device)
         q_rows[-1] = self.q_len - (NQ - 1) * bs
@@ -140,26 +141,56 @@ class Layout:
         k_cols[-1] = self.kv_len - (NK - 1) * bs
         block, slot = tables.entries(self)
         M = self.masks.shape[0]
+        area = k_cols[block.clamp(max=NK - 1)] * q_rows
+        if visited:
+            return torch.where(slot == M + 1, 0.0, area).sum(-1)
         mask_pairs = torch.cat([self.masks.flatten(1).sum(-1).double(), q_rows.new_zeros(2)])
-        pairs = torch.where(slot == M, k_cols[block.clamp(max=NK - 1)] * q_rows, mask_pairs[slot])
-        return pairs.sum(-1)
+        return torch.where(slot == M, area, mask_pairs[slot]).sum(-1)
+
+    def _row_keys(self) -> torch.Tensor:
+        """float64 ``[Bl, Hl, NQ]``: allowed (query, key) pairs per query block, exact."""
+        return self._row_pairs()
 
     def allowed_pairs(self) -> torch.Tensor:
         """float64 ``[Bl, Hl]``: number of allowed (query, key) pairs, exact at token level."""
         return self._row_keys().sum(-1)
 
-    def density(self, level: str = "token") -> float:
-        """Fraction of (query, key) pairs computed, averaged over batch and heads.
+    def dense_pairs(self) -> int:
+        """The (query, key) pairs dense attention computes: ``q_len * kv_len``, or the causal ones
+        (``j <= i + kv_len - q_len``) when the layout is causal. The denominator of :meth:`density`."""
+        if not self.causal:
+            return self.q_len * self.kv_len
+        off, n = self.offset, self.q_len  # row i sees min(kv_len, max(0, i + off + 1)) keys
+        return sum(min(self.kv_len, max(0, i + off + 1)) for i in range(n)) if off < 0 else n * off + n * (n + 1) // 2
 
-        ``level="token"``: allowed pairs / (q_len * kv_len) — what the pattern keeps.
-        ``level="block"``: visited blocks (full + partial) / (NQ * NK) — what a block-sparse kernel pays for.
+    def dense_blocks(self) -> int:
+        """The blocks a dense block kernel visits: ``NQ * NK``, or those holding a causal pair when causal.
+        The denominator of :meth:`block_density`."""
+        NQ, NK, bs = self.num_q_blocks, self.num_kv_blocks, self.block_size
+        if not self.causal:
+            return NQ * NK
+        # query block qb reaches key blocks 0 .. (last absolute position of the block) // bs
+        return sum(min(NK, max(0, (min(self.q_len, (qb + 1) * bs) - 1 + self.offset) // bs + 1)) for qb in range(NQ))
+
+    def density(self, level: str = "token") -> float:
+        """Fraction of the pairs dense attention computes that this layout keeps, averaged over batch and heads:
+        allowed pairs / :meth:`dense_pairs` (all ``q_len * kv_len`` pairs, or the causal ones when the layout
+        is causal). 1.0 means "as much as dense".
+
+        ``level="block"`` is :meth:`block_density` (kept for old callers).
         """
         if level == "token":
-            return float(self.allowed_pairs().mean() / (self.q_len * self.kv_len))
+            return float(self.allowed_pairs().mean() / max(1, self.dense_pairs()))
         if level == "block":
-            visited = (self.kv_num_blocks + self.full_kv_num_blocks).double().sum(-1).mean()
-            return float(visited / (self.num_q_blocks * self.num_kv_blocks))
+            return self.block_density()
         raise ValueError(f"level must be 'token' or 'block', got {level!r}")
+
+    def block_density(self) -> float:
+        """Fraction of the blocks a dense block kernel visits (:meth:`dense_blocks`: causal ones when causal)
+        that this layout visits (full + partial), averaged over batch and heads: what a block-sparse kernel pays.
+        Always at least :meth:`density`'s share of the work, often much more (partial blocks)."""
+        visited = (self.kv_num_blocks + self.full_kv_num_blocks).double().sum(-1).mean()
+        return float(visited / max(1, self.dense_blocks()))
 
     def flops(self, head_dim: int, *, batch: int | None = None, heads: int | None = None, level: str = "token") -> float:
         """Forward FLOPs (4 * pairs * head_dim: QK^T and PV) summed over batch and heads.
@@ -172,7 +203,7 @@ class Layout:
         if level == "token":
             pairs = self.allowed_pairs().mean() * B * H
         elif level == "block":
-            pairs = self.density("block") * self.q_len * self.kv_len * B * H
+            pairs = self._row_pairs(visited=True).sum(-1).mean() * B * H
         else:
             raise ValueError(f"level must be 'token' or 'block', got {level!r}")
         return float(4.0 * pairs * head_dim)
@@ -201,7 +232,7 @@ class Layout:
         return (
             f"Layout(q_len={self.q_len}, kv_len={self.kv_len}, block_size={self.block_size}, "
             f"batch={self.batch}, heads={self.heads}, blocks={self.num_q_blocks}x{self.num_kv_blocks}, "
-            f"density={self.density():.4f} (block {self.density('block'):.4f}), masks={self.masks.shape[0]}, "
+            f"density={self.density():.4f}, block_density={self.block_density():.4f}, masks={self.masks.shape[0]}, "
             f"causal={self.causal}, device={self.device})"
         )
 
@@ -214,9 +245,12 @@ class Layout:
         return layout_to_block_mask(self)
 
     @classmethod
-    def from_block_mask(cls, block_mask: Any, *, mask_mod_exact: bool = True) -> Layout:
-        """Build a Layout from torch's ``BlockMask``; partial blocks are resolved at token level by
-        evaluating its ``mask_mod`` inside those blocks only."""
+    def from_block_mask(cls, block_mask: Any, *, mask_mod: Any = None) -> Layout:
+        """Build a Layout from torch's ``BlockMask``; partial blocks are resolved at token level by evaluating
+        ``mask_mod(b, h, q_idx, kv_idx)`` (default: the BlockMask's own) inside those blocks only, and never past
+        the sequence ends. A BlockMask whose partial blocks have no mask_mod (torch's ``noop_mask``) warns and
+        keeps them as full blocks, which is what ``flex_attention`` computes for it. Any ``q_len`` / ``kv_len``
+        (cross-attention with more queries than keys included) converts and runs in ``spattn.attention``."""
         from spattn.layout.blockmask import block_mask_to_layout
 
-        return block_mask_to_layout(block_mask)
+        return block_mask_to_layout(block_mask, mask_mod)

@@ -18,6 +18,7 @@ from spattn.patterns.builtin import (
     Window,
 )
 from spattn.patterns.compile import brute_force_mask, compile, layout_from_status
+from spattn.patterns.essential import Essential, essential_flags  # registers itself
 from spattn.patterns.serialize import pattern_from_dict, register_pattern
 
 for _cls in (Union, Intersection, Full, Causal, Window, Sinks, Global, Dilated, Strided, RandomBlocks, BlockLayout,
@@ -29,4 +30,5 @@ __all__ = [
     "Full", "Causal", "Window", "Sinks", "Global", "Dilated", "Strided", "RandomBlocks", "BlockLayout",
     "BlockSelection", "Document", "PerHead", "Budgeted",
     "compile", "brute_force_mask", "layout_from_status", "Layout", "pattern_from_dict", "register_pattern",
+    "Essential", "essential_flags",
 ]

@@ -38,7 +38,7 @@ def _band_terms(pattern, causal: bool) -> tuple[int | None, int | None, int, boo
             sinks = max(sinks, p.n)
             continue
         if isinstance(p, Window):
-            lr = (p.left, p.right)
+            lr = tuple(float("inf") if x is None else x for x in (p.left, p.right))
         elif isinstance(p, Causal):
             lr = (float("inf"), 0)
         elif isinstance(p, Full):
@@ -94,8 +94,10 @@ def build_layout(
     bs, off = block_size, kv_len - q_len
     NQ, NK = -(-q_len // bs), -(-kv_len // bs)
     big = q_len + kv_len + 1
-    lo_off = big if left is None else left
-    hi_off = big if right is None else right
+    # sizes at or above `big` mean "unbounded" here: clamp them so that int64 arithmetic stays exact
+    lo_off = big if left is None else min(left, big)
+    hi_off = big if right is None else min(right, big)
+    n = min(n, big)
     if is_causal:
         hi_off = min(hi_off, 0)
     has_band = left is not None or right is not None or terms[0] is None and terms[1] is None and n == 0

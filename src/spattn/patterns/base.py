@@ -47,6 +47,17 @@ class Context:
         return self.kv_len - self.q_len
 
     @property
+    def reach(self) -> int:
+        """A distance no (query, key) pair of this context reaches, padding of the last blocks included: pattern
+        parameters at or above it mean "unbounded" here, so they are clamped to it before any tensor op
+        (exact int64 arithmetic for any size a user can write, Note [clamp])."""
+        return self.kv_len + self.block_size
+
+    def clamp(self, value: int | None) -> int:
+        """``value`` clamped to :attr:`reach` (``None``, unbounded, is :attr:`reach`)."""
+        return self.reach if value is None else min(value, self.reach)
+
+    @property
     def num_q_blocks(self) -> int:
         return -(-self.q_len // self.block_size)
 
@@ -56,13 +67,13 @@ class Context:
 
     def q_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         """int64 ``[NQ, 1]`` first and last *absolute* query position of each query block."""
-        lo = torch.arange(self.num_q_blocks, device=self.device, dtype=torch.int32) * self.block_size
+        lo = torch.arange(self.num_q_blocks, device=self.device, dtype=torch.int64) * self.block_size
         hi = torch.clamp(lo + self.block_size, max=self.q_len) - 1
         return (lo + self.offset)[:, None], (hi + self.offset)[:, None]
 
     def k_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         """int64 ``[1, NK]`` first and last key position of each key block."""
-        lo = torch.arange(self.num_kv_blocks, device=self.device, dtype=torch.int32) * self.block_size
+        lo = torch.arange(self.num_kv_blocks, device=self.device, dtype=torch.int64) * self.block_size
         hi = torch.clamp(lo + self.block_size, max=self.kv_len) - 1
         return lo[None, :], hi[None, :]
 
@@ -151,6 +162,17 @@ class Combination(Pattern):
     parts: tuple[Pattern, ...]
     join: ClassVar[Any]
     combine: ClassVar[Any]
+
+    def __post_init__(self):
+        name = type(self).__name__
+        parts = self.parts
+        if isinstance(parts, Pattern) or not isinstance(parts, (tuple, list)):
+            raise TypeError(f"{name}.parts must be a tuple of patterns, got {type(parts).__name__}")
+        if not parts:
+            raise ValueError(f"{name}.parts must hold at least one pattern, got none")
+        for k, part in enumerate(parts):
+            _check_pattern(part, f"{name}.parts[{k}]")
+        object.__setattr__(self, "parts", tuple(parts))
 
     def contains_dynamic(self) -> bool:
         return any(p.contains_dynamic() for p in self.parts)

@@ -1,4 +1,10 @@
-"""The built-in patterns. Semantics use absolute query position ``i`` and key position ``j``."""
+"""The built-in patterns. Semantics use absolute query position ``i`` and key position ``j``.
+
+Note [clamp]: a size parameter (window sides, sinks, dilation, stride, cell sizes) may be any Python int, or
+``None`` where it means "unbounded". Before it meets a tensor it is clamped to ``Context.reach`` (a distance no
+pair of the compiled lengths reaches), so every comparison is exact int64 arithmetic: ``Window(2**70)`` is
+``Window(None)``, which keeps every earlier key.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +14,8 @@ from typing import ClassVar
 
 import torch
 
-from spattn._checks import check_int
-from spattn.patterns.base import EMPTY, FULL, Context, Pattern, as_4d, status_from_bounds
+from spattn._checks import check_bool, check_bound, check_int
+from spattn.patterns.base import EMPTY, FULL, Context, Pattern, Union, as_4d, status_from_bounds
 
 
 def _delta_range(ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,24 +67,28 @@ class Causal(Pattern):
 class Window(Pattern):
     """``i - left <= j <= i + right`` (FlashAttention ``window_size`` semantics: left + right + 1 keys).
 
+    ``left`` / ``right``: ints ``>= 0`` of any size, or ``None`` for unbounded (``Window(None)`` is every earlier
+    key: causal; ``Window(None, None)`` is every key).
+
     Example: ``Window(1024)`` is a causal-style sliding window of the 1024 previous keys plus the query's own.
     """
 
-    left: int
-    right: int = 0
+    left: int | None
+    right: int | None = 0
     kind: ClassVar[str] = "window"
 
     def __post_init__(self):
-        check_int(self.left, "Window.left")
-        check_int(self.right, "Window.right")
+        check_bound(self.left, "Window.left")
+        check_bound(self.right, "Window.right")
 
     def block_status(self, ctx):
         dmin, dmax = _delta_range(ctx)
-        return status_from_bounds((dmin >= -self.right) & (dmax <= self.left), (dmax < -self.right) | (dmin > self.left))
+        left, right = ctx.clamp(self.left), ctx.clamp(self.right)
+        return status_from_bounds((dmin >= -right) & (dmax <= left), (dmax < -right) | (dmin > left))
 
     def token_mask(self, ctx, b, h, i, j):
         d = i - j
-        return (d <= self.left) & (d >= -self.right)
+        return (d <= ctx.clamp(self.left)) & (d >= -ctx.clamp(self.right))
 
     def signature(self, ctx, b, h, qb, kb):
         return _delta_signature(ctx, qb, kb)
@@ -96,11 +106,12 @@ class Sinks(Pattern):
 
     def block_status(self, ctx):
         klo, khi = ctx.k_range()
-        st = status_from_bounds(khi < self.n, klo >= self.n)
+        n = ctx.clamp(self.n)
+        st = status_from_bounds(khi < n, klo >= n)
         return st.expand(ctx.num_q_blocks, ctx.num_kv_blocks)
 
     def token_mask(self, ctx, b, h, i, j):
-        return (j < self.n) & (i >= -(1 << 62))
+        return (j < ctx.clamp(self.n)) & (i >= -(1 << 62))
 
     def signature(self, ctx, b, h, qb, kb):
         return kb[:, None]
@@ -114,7 +125,13 @@ class Global(Pattern):
     kind: ClassVar[str] = "global"
 
     def __post_init__(self):
-        tokens = tuple(sorted(set(check_int(t, "Global.tokens[...]") for t in self.tokens)))
+        tokens = self.tokens
+        if isinstance(tokens, torch.Tensor):
+            tokens = tokens.flatten().tolist()
+        if isinstance(tokens, (str, bytes)) or not isinstance(tokens, Sequence):
+            raise TypeError(f"Global.tokens must be a sequence of ints (positions), got {type(tokens).__name__}: "
+                            f"write Global(({tokens!r},)) for one position")
+        tokens = tuple(sorted(set(check_int(t, f"Global.tokens[{k}]") for k, t in enumerate(tokens))))
         object.__setattr__(self, "tokens", tokens)
 
     def _flags(self, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,6 +159,19 @@ class Global(Pattern):
         empty = (q_count == 0)[:, None] & (k_count == 0)[None, :]
         return status_from_bounds(full, empty)
 
+    def signature(self, ctx, b, h, qb, kb):
+        """The hub flags of the block's queries and of its keys (as ids of distinct flag rows): blocks with equal
+        flags have equal masks, so a regular hub set needs a handful of masks, not one per block."""
+        key = ("global-signature", id(self))
+        if key not in ctx.cache:
+            flags, bs = self._flags(ctx), ctx.block_size
+            kflags = torch.nn.functional.pad(flags, (0, ctx.num_kv_blocks * bs - ctx.kv_len)).view(-1, bs)
+            qflags = torch.nn.functional.pad(flags[ctx.offset :], (0, ctx.num_q_blocks * bs - ctx.q_len)).view(-1, bs)
+            ctx.cache[key] = (torch.unique(qflags, dim=0, return_inverse=True)[1],
+                              torch.unique(kflags, dim=0, return_inverse=True)[1])
+        qid, kid = ctx.cache[key]
+        return torch.stack([qid[qb], kid[kb]], dim=1)
+
     def token_mask(self, ctx, b, h, i, j):
         flags = self._flags(ctx)
         qi = torch.clamp(i, 0, ctx.kv_len - 1)
@@ -151,31 +181,34 @@ class Global(Pattern):
 
 @dataclasses.dataclass(frozen=True)
 class Dilated(Pattern):
-    """``i - left <= j <= i + right`` and ``(i - j) % dilation == 0`` (LongNet / dilated sliding window)."""
+    """``i - left <= j <= i + right`` and ``(i - j) % dilation == 0`` (LongNet / dilated sliding window).
 
-    left: int
+    ``left`` / ``right``: ints ``>= 0`` of any size, or ``None`` for unbounded; ``dilation``: an int ``>= 1``."""
+
+    left: int | None
     dilation: int
-    right: int = 0
+    right: int | None = 0
     kind: ClassVar[str] = "dilated"
 
     def __post_init__(self):
-        check_int(self.left, "Dilated.left")
+        check_bound(self.left, "Dilated.left")
         check_int(self.dilation, "Dilated.dilation", 1)
-        check_int(self.right, "Dilated.right")
+        check_bound(self.right, "Dilated.right")
 
     def block_status(self, ctx):
         dmin, dmax = _delta_range(ctx)
-        lo = torch.clamp(dmin, min=-self.right)
-        hi = torch.clamp(dmax, max=self.left)
+        left, right, dilation = ctx.clamp(self.left), ctx.clamp(self.right), ctx.clamp(self.dilation)
+        lo = torch.clamp(dmin, min=-right)
+        hi = torch.clamp(dmax, max=left)
         # is there a multiple of `dilation` in [lo, hi]?
-        first = lo + (-lo) % self.dilation
+        first = lo + (-lo) % dilation
         empty = (hi < lo) | (first > hi)
-        full = (dmin >= -self.right) & (dmax <= self.left) & (self.dilation == 1)
+        full = (dmin >= -right) & (dmax <= left) & (dilation == 1)
         return status_from_bounds(full & torch.ones_like(empty), empty)
 
     def token_mask(self, ctx, b, h, i, j):
         d = i - j
-        return (d <= self.left) & (d >= -self.right) & (d % self.dilation == 0)
+        return (d <= ctx.clamp(self.left)) & (d >= -ctx.clamp(self.right)) & (d % ctx.clamp(self.dilation) == 0)
 
     def signature(self, ctx, b, h, qb, kb):
         return _delta_signature(ctx, qb, kb)
@@ -198,7 +231,7 @@ class Strided(Pattern):
         check_int(self.block, "Strided.block", 1)
 
     def block_status(self, ctx):
-        g, n = self.block, self.stride
+        g, n = ctx.clamp(self.block), ctx.clamp(self.stride)
         qlo, qhi = ctx.q_range()
         klo, khi = ctx.k_range()
         dmin = qlo // g - khi // g
@@ -209,10 +242,11 @@ class Strided(Pattern):
         return status_from_bounds(full & ~empty, empty)
 
     def token_mask(self, ctx, b, h, i, j):
-        return ((i // self.block) - (j // self.block)) % self.stride == 0
+        g, n = ctx.clamp(self.block), ctx.clamp(self.stride)
+        return ((i // g) - (j // g)) % n == 0
 
     def signature(self, ctx, b, h, qb, kb):
-        bs, g, n = ctx.block_size, self.block, self.stride
+        bs, g, n = ctx.block_size, ctx.clamp(self.block), ctx.clamp(self.stride)
         qlo = qb * bs + ctx.offset
         klo = kb * bs
         return torch.stack([qlo % g, klo % g, (qlo // g - klo // g) % n], dim=1)
@@ -226,12 +260,33 @@ class Strided(Pattern):
 class BlockSelection(Pattern):
     """Base class of patterns defined by a boolean selection over ``block``-sized cells.
 
-    Subclasses implement ``selection(ctx) -> bool [Bs, Hs, ceil(q_len / g), ceil(kv_len / g)]`` (query cells
-    tile the *query index* ``i - (kv_len - q_len)``, key cells tile ``j``) and ``granularity(ctx) -> g``.
+    Subclasses implement ``selection(ctx) -> bool [Bs, Hs, rows, ceil(kv_len / g)]`` and ``granularity(ctx) -> g``.
+    Key cells tile ``j``. Query cells tile the *query index* ``i - (kv_len - q_len)`` (``rows = ceil(q_len / g)``),
+    or, for subclasses with ``absolute_rows = True``, the absolute position ``i`` (bottom-right aligned: rows
+    ``offset // g .. (kv_len - 1) // g``, so that a row means the same positions whether compiled for the whole
+    sequence or for the last queries, Note [decode consistency]).
     """
 
+    absolute_rows: ClassVar[bool] = False
+
     def granularity(self, ctx: Context) -> int:
-        return self.block  # type: ignore[attr-defined]
+        """Cell size in tokens: ``block``, clamped to the lengths (one cell covers a whole axis, Note [clamp])."""
+        return min(self.block, max(ctx.q_len, ctx.kv_len))  # type: ignore[attr-defined]
+
+    def row_cells(self, ctx: Context) -> tuple[int, int]:
+        """``(first, count)``: the cell index of the selection's row 0 and the number of rows (see the class)."""
+        g = self.granularity(ctx)
+        if self.absolute_rows:
+            first = ctx.offset // g
+            return first, (ctx.kv_len - 1) // g - first + 1
+        return 0, -(-ctx.q_len // g)
+
+    def _row_of(self, ctx: Context, index: torch.Tensor) -> torch.Tensor:
+        """Selection row of query *index* tensors (0 .. q_len - 1)."""
+        g = self.granularity(ctx)
+        if self.absolute_rows:
+            return (index + ctx.offset) // g - ctx.offset // g
+        return index // g
 
     def selection(self, ctx: Context) -> torch.Tensor:
         raise NotImplementedError
@@ -246,7 +301,7 @@ class BlockSelection(Pattern):
             sel = self.selection(ctx, kept=kept, allowed=allowed) if self.dynamic else self.selection(ctx)
             sel = as_4d(sel).to(device=ctx.device, dtype=torch.bool)
             g = self.granularity(ctx)
-            want = (-(-ctx.q_len // g), -(-ctx.kv_len // g))
+            want = (self.row_cells(ctx)[1], -(-ctx.kv_len // g))
             if tuple(sel.shape[-2:]) != want:
                 raise ValueError(
                     f"{type(self).__name__}: block selection has shape {tuple(sel.shape[-2:])} but q_len={ctx.q_len}, "
@@ -258,7 +313,7 @@ class BlockSelection(Pattern):
     def block_status(self, ctx):
         sel = self.cached_selection(ctx)
         g, bs = self.granularity(ctx), ctx.block_size
-        if g == bs:
+        if g == bs and (not self.absolute_rows or ctx.offset % g == 0):
             return torch.where(sel, FULL, EMPTY).to(torch.int8)
         # count selected cells in each compile block's rectangle with a 2-D prefix sum
         integral = torch.nn.functional.pad(sel.int().cumsum(-1).cumsum(-2), (1, 0, 1, 0))
@@ -266,7 +321,7 @@ class BlockSelection(Pattern):
         qhi = torch.clamp(qlo + bs, max=ctx.q_len) - 1
         klo = torch.arange(ctx.num_kv_blocks, device=ctx.device) * bs
         khi = torch.clamp(klo + bs, max=ctx.kv_len) - 1
-        r0, r1 = qlo // g, qhi // g + 1
+        r0, r1 = self._row_of(ctx, qlo), self._row_of(ctx, qhi) + 1
         c0, c1 = klo // g, khi // g + 1
         total = (
             integral[..., r1[:, None], c1[None, :]]
@@ -280,48 +335,64 @@ class BlockSelection(Pattern):
     def token_mask(self, ctx, b, h, i, j):
         sel = self.cached_selection(ctx)
         g = self.granularity(ctx)
-        qi = torch.clamp(i - ctx.offset, 0, ctx.q_len - 1) // g
+        qi = self._row_of(ctx, torch.clamp(i - ctx.offset, 0, ctx.q_len - 1))
         kj = torch.clamp(j, 0, ctx.kv_len - 1) // g
         bb = b if sel.shape[0] > 1 else torch.zeros_like(b)
         hh = h if sel.shape[1] > 1 else torch.zeros_like(h)
         return sel[bb, hh, qi, kj]
 
 
-def _random_selection(per_row: int, seed: int, heads: int, n_rows: int, n_cols: int, device) -> torch.Tensor:
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    scores = torch.rand(heads, n_rows, n_cols, generator=gen)
-    k = min(per_row, n_cols)
-    sel = torch.zeros(heads, n_rows, n_cols, dtype=torch.bool)
-    if k > 0:
-        sel.scatter_(-1, scores.topk(k, dim=-1).indices, True)
-    return sel.to(device)
+def _row_seed(seed: int, row: int) -> int:
+    """A 63-bit generator seed for one row of random cells (a hash: rows and seeds never share a stream)."""
+    import hashlib
+
+    digest = hashlib.blake2b(f"spattn-random-blocks:{seed}:{row}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 @dataclasses.dataclass(frozen=True)
 class RandomBlocks(BlockSelection):
-    """BigBird-style random reach: each query block gets ``per_row`` random key blocks of ``block`` tokens,
-    the same for a given ``seed``; different per head when ``per_head=True`` (head h uses seed + h)."""
+    """BigBird-style random reach: each query cell of ``block`` tokens gets ``per_row`` random key cells, the same
+    for a given ``seed``; different per head when ``per_head=True`` (head h uses seed + h).
+
+    Note [decode consistency]: query cells tile absolute positions (bottom-right aligned) and each cell's draw
+    depends only on (seed, cell) and its candidates: every key cell when compiled with ``causal=False``, the cells
+    up to its own when ``causal=True``. So a row keeps the same pairs whether compiled for the whole sequence or for
+    the last queries of a KV cache of any length (``generate`` agrees with the evaluation that chose the pattern).
+    """
 
     per_row: int
     seed: int = 0
     block: int = 128
     per_head: bool = False
     kind: ClassVar[str] = "random_blocks"
+    absolute_rows: ClassVar[bool] = True
 
     def __post_init__(self):
         check_int(self.per_row, "RandomBlocks.per_row")
         check_int(self.seed, "RandomBlocks.seed")
+        if self.seed >= 1 << 62:
+            raise ValueError(f"RandomBlocks.seed must be < 2**62, got {self.seed}")
         check_int(self.block, "RandomBlocks.block", 1)
+        check_bool(self.per_head, "RandomBlocks.per_head")
 
     def selection(self, ctx):
-        g = self.block
-        rows, cols = -(-ctx.q_len // g), -(-ctx.kv_len // g)
-        if not self.per_head:
-            return _random_selection(self.per_row, self.seed, 1, rows, cols, ctx.device)[None]
-        if ctx.heads is None:
+        g = self.granularity(ctx)
+        first, rows = self.row_cells(ctx)
+        cols = -(-ctx.kv_len // g)
+        if self.per_head and ctx.heads is None:
             raise ValueError("RandomBlocks(per_head=True) needs compile(..., heads=H)")
-        sel = [_random_selection(self.per_row, self.seed + h, 1, rows, cols, ctx.device) for h in range(ctx.heads)]
-        return torch.cat(sel)[None]
+        seeds = [self.seed + h for h in range(ctx.heads)] if self.per_head else [self.seed]
+        sel = torch.zeros(len(seeds), rows, cols, dtype=torch.bool)
+        for k, seed in enumerate(seeds):
+            for row in range(rows):
+                cell = first + row
+                n = min(cell + 1, cols) if ctx.causal else cols  # the candidates: Note [decode consistency]
+                take = min(self.per_row, n)
+                if take:
+                    gen = torch.Generator(device="cpu").manual_seed(_row_seed(seed, cell))
+                    sel[k, row, torch.rand(n, generator=gen).topk(take).indices] = True
+        return sel[None].to(ctx.device)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -468,6 +539,45 @@ class PerHead(Pattern):
 
 
 @dataclasses.dataclass(frozen=True)
+class _LeadingRows(Pattern):
+    """``i < n``: the first ``n`` query positions see every key (a part of a causal ``Budgeted``)."""
+
+    n: int
+    kind: ClassVar[str] = "leading_rows"
+
+    def block_status(self, ctx):
+        qlo, qhi = ctx.q_range()
+        n = ctx.clamp(self.n)
+        return status_from_bounds(qhi < n, qlo >= n).expand(ctx.num_q_blocks, ctx.num_kv_blocks)
+
+    def token_mask(self, ctx, b, h, i, j):
+        return (i < ctx.clamp(self.n)) & (j >= -(1 << 62))
+
+    def signature(self, ctx, b, h, qb, kb):
+        return qb[:, None]
+
+
+@dataclasses.dataclass(frozen=True)
+class _GrowingStride(BlockSelection):
+    """Cells of ``block`` tokens: query cell ``c`` keeps key cells ``kc`` with ``(c - kc) % stride(c) == 0``,
+    ``stride(c) = max(ceil((c + 1) / cells), 2)``: about ``cells`` cells of long-range reach for every row, whatever
+    its position (a part of a causal ``Budgeted``; absolute rows, Note [decode consistency])."""
+
+    cells: int
+    block: int
+    kind: ClassVar[str] = "growing_stride"
+    absolute_rows: ClassVar[bool] = True
+
+    def selection(self, ctx):
+        g = self.granularity(ctx)
+        first, rows = self.row_cells(ctx)
+        c = torch.arange(first, first + rows, device=ctx.device)[:, None]
+        kc = torch.arange(-(-ctx.kv_len // g), device=ctx.device)[None, :]
+        stride = torch.clamp(-(-(c + 1) // self.cells), min=2)
+        return (c - kc) % stride == 0
+
+
+@dataclasses.dataclass(frozen=True)
 class Budgeted(Pattern):
     """Keeps about ``keys_per_query`` keys per query at any length.
 
@@ -475,6 +585,11 @@ class Budgeted(Pattern):
     local window taking a ``local`` fraction of the rest of the budget, and block-strided long-range reach
     spending what is left. Keys per query never exceed ``min(kv_len, keys_per_query) + block_size``. When
     ``kv_len <= keys_per_query`` it is dense (``Full()``).
+
+    Compiled with ``causal=True`` the budget is spent per row (Note [decode consistency]): a query at position
+    ``i`` sees every key while ``i < keys_per_query``, else the sinks, the window and a block stride grown from its
+    own ``i + 1`` keys rather than from ``kv_len``, so that a decode step keeps the same keys as the full forward
+    pass at that position. ``resolve`` gives the whole-sequence (non-causal) form.
     """
 
     keys_per_query: int
@@ -512,10 +627,26 @@ class Budgeted(Pattern):
             out = out | p
         return out
 
+    def _resolve_causal(self, block_size: int) -> Pattern:
+        """The per-row form used under ``causal=True``: independent of the lengths (Note [decode consistency])."""
+        budget = self.keys_per_query
+        s = min(self.sinks, budget // 4)
+        rest = budget - s
+        w = max(int(self.local * rest) - 1, 0)
+        r = rest - (w + 1)
+        m = r // block_size
+        parts: list[Pattern] = [_LeadingRows(budget), Window(w if m >= 1 else w + r)]
+        if s:
+            parts.append(Sinks(s))
+        if m >= 1:
+            parts.append(_GrowingStride(m, block_size))
+        return Union(tuple(parts))
+
     def _resolved(self, ctx: Context) -> Pattern:
         key = ("resolved", id(self))
         if key not in ctx.cache:
-            ctx.cache[key] = self.resolve(ctx.kv_len, ctx.block_size)
+            ctx.cache[key] = (self._resolve_causal(ctx.block_size) if ctx.causal
+                              else self.resolve(ctx.kv_len, ctx.block_size))
         return ctx.cache[key]
 
     def block_status(self, ctx):

@@ -176,7 +176,10 @@ def _resolve_partial(pattern: Pattern, ctx: Context, status: torch.Tensor):
     first.scatter_reduce_(0, inverse, torch.arange(idx.shape[0], device=dev), reduce="amin")
     rb, rh, rq, rk = b[first], h[first], qb[first], kb[first]
     r = torch.arange(bs, device=dev)
-    pieces = []
+    # Note [compile memory]: one chunk of representative masks at a time is evaluated and classified; only the
+    # packed bits of its partial tiles are kept (tables.pack_bits), so memory is that of the distinct-signature
+    # count times bs*bs/8 bytes, never every partial block's bool mask at once.
+    statuses, words = [], []
     for s in range(0, n_rep, _MASK_CHUNK):
         sl = slice(s, s + _MASK_CHUNK)
         qi = rq[sl, None] * bs + r  # query index
@@ -184,9 +187,13 @@ def _resolve_partial(pattern: Pattern, ctx: Context, status: torch.Tensor):
         m = pattern.token_mask(
             ctx, rb[sl, None, None], rh[sl, None, None], (qi + ctx.offset)[:, :, None], kj[:, None, :]
         )
-        pieces.append(torch.broadcast_to(m, (qi.shape[0], bs, bs)))
-    rep_status, rep_masks = tables.classify(torch.cat(pieces), rq, rk, q_len=ctx.q_len, kv_len=ctx.kv_len)
-    masks, rep_id = tables.dedupe(rep_masks, rep_status)
+        st, m = tables.classify(torch.broadcast_to(m, (qi.shape[0], bs, bs)), rq[sl], rk[sl], q_len=ctx.q_len,
+                                kv_len=ctx.kv_len)
+        statuses.append(st)
+        words.append(tables.pack_bits(m[st == PARTIAL]))
+    rep_status = torch.cat(statuses)
+    masks, rep_id = tables.dedupe_packed(torch.cat(words), rep_status, bs)
+    ctx.info["masks_evaluated"] = n_rep
     status = status.clone()
     status[b, h, qb, kb] = rep_status[inverse]
     mask_ids[b, h, qb, kb] = rep_id[inverse]

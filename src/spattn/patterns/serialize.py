@@ -49,7 +49,10 @@ def _decode(value: Any, where: str) -> Any:
             dtype = getattr(torch, str(value.get("dtype", "int64")), None)
             if not isinstance(dtype, torch.dtype):
                 raise ValueError(f"{where}: unknown tensor dtype {value.get('dtype')!r}")
-            return torch.tensor(value["tensor"], dtype=dtype)
+            try:
+                return torch.tensor(value["tensor"], dtype=dtype)
+            except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+                raise ValueError(f"{where}.tensor: not a {dtype} tensor: {exc}") from None
         raise ValueError(f"{where}: a dict must be a pattern (with 'type') or a tensor (with 'tensor')")
     if isinstance(value, list):
         return tuple(_decode(v, f"{where}[{k}]") for k, v in enumerate(value))
@@ -63,6 +66,9 @@ def pattern_from_dict(data: dict[str, Any], *, _where: str = "pattern") -> Patte
     if "type" not in data:
         raise ValueError(f"{_where} has no 'type' key; known types: {sorted({*_REGISTRY, *_DEFINED_IN})}")
     kind = data["type"]
+    if not isinstance(kind, str):
+        raise ValueError(f"{_where}.type must be a string (a pattern kind), got {type(kind).__name__} {kind!r}; "
+                         f"known types: {sorted({*_REGISTRY, *_DEFINED_IN})}")
     if kind not in _REGISTRY and kind in _DEFINED_IN:
         importlib.import_module(_DEFINED_IN[kind])
     cls = _REGISTRY.get(kind)
@@ -77,3 +83,5 @@ def pattern_from_dict(data: dict[str, Any], *, _where: str = "pattern") -> Patte
         return cls(**kwargs)
     except TypeError as exc:
         raise ValueError(f"{_where}: cannot build {cls.__name__} from {sorted(kwargs)}: {exc}") from exc
+    except ValueError as exc:
+        raise ValueError(f"{_where}: {exc}") from exc

@@ -4,11 +4,15 @@ reachability through the stack, measured attention latency, and a block picture.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
+import weakref
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import spattn
 from spattn.coverage import measure, reachability
@@ -31,19 +35,111 @@ def _p5(values: torch.Tensor) -> float:
     return float(flat.kthvalue(k).values)
 
 
+LATENCY_MAX_REPEATS = 25  # interleaved (dense, candidate) pairs at most
+LATENCY_MAX_SECONDS = 2.0  # ... or this much timing past the minimum repeats
+SPREAD_TARGET = 0.10  # stop once both spreads (IQR / median) are at most this
+SPREAD_NOISY = 0.25  # a row whose spread is larger is flagged and not ranked by latency
+
+
+def _once(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def spread(samples: list[float]) -> float:
+    """Relative spread of timings: interquartile range over the median."""
+    if len(samples) < 2:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
+    med = statistics.median(samples)
+    return (q3 - q1) / med if med > 0 else 0.0
+
+
 def time_call(fn, repeats: int, device: torch.device) -> float:
     """Median wall time in milliseconds over ``repeats`` calls after one warm-up call."""
-    def once() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return (time.perf_counter() - t0) * 1e3
+    _once(fn, device)
+    return statistics.median(_once(fn, device) for _ in range(repeats))
 
-    once()
-    return statistics.median(once() for _ in range(repeats))
+
+def interleaved_latency(fn, baseline, *, repeats: int, device: torch.device) -> dict[str, Any]:
+    """Time ``fn`` against ``baseline`` in alternation (baseline, fn, baseline, fn, ...), so that a load change on
+    the machine hits both alike; repeat until both spreads are at most ``SPREAD_TARGET`` (at least ``repeats``
+    pairs, at most ``LATENCY_MAX_REPEATS`` or ``LATENCY_MAX_SECONDS`` past the minimum).
+
+    Returns medians (ms), the median of the paired ratios ``baseline / fn`` (``speedup_vs_dense``), both spreads,
+    the number of pairs, the machine's 1-minute load average, and ``noisy`` when a spread exceeds ``SPREAD_NOISY``
+    (such a row is shown but not ranked)."""
+    _once(baseline, device)
+    _once(fn, device)
+    a: list[float] = []
+    b: list[float] = []
+    t0 = None
+    while True:
+        b.append(_once(baseline, device))
+        a.append(_once(fn, device))
+        if len(a) == repeats:
+            t0 = time.perf_counter()
+        if len(a) >= repeats:
+            settled = spread(a) <= SPREAD_TARGET and spread(b) <= SPREAD_TARGET
+            if settled or len(a) >= LATENCY_MAX_REPEATS or time.perf_counter() - t0 > LATENCY_MAX_SECONDS:
+                break
+    ratios = [y / x for x, y in zip(a, b, strict=True) if x > 0]
+    worst = max(spread(a), spread(b))
+    return {
+        "median_ms": sig(statistics.median(a), 4),
+        "dense_ms": sig(statistics.median(b), 4),
+        "speedup_vs_dense": sig(statistics.median(ratios), 4) if ratios else None,
+        "spread": sig(spread(a), 3),
+        "dense_spread": sig(spread(b), 3),
+        "repeats": len(a),
+        "load_average": sig(os.getloadavg()[0], 3) if hasattr(os, "getloadavg") else None,
+        "noisy": worst > SPREAD_NOISY,
+    }
+
+
+class _LiveTensors(TorchDispatchMode):
+    """Bytes of the tensors the dispatched ops allocate, alive at once; ``peak`` is the high-water mark."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen: set[int] = set()
+
+    def _free(self, key: int, size: int) -> None:
+        self.live -= size
+        self._seen.discard(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t._base is None and id(t) not in self._seen:
+                size = t.untyped_storage().nbytes()
+                self._seen.add(id(t))
+                self.live += size
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(t, self._free, id(t), size)
+        return out
+
+
+def peak_memory_bytes(fn, device: torch.device) -> int:
+    """Peak memory one call of ``fn`` allocates beyond its inputs: ``torch.cuda.max_memory_allocated`` on CUDA,
+    else the high-water mark of the tensors its ops create (dispatch-level accounting)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device) - base)
+    with _LiveTensors() as mode:
+        fn()
+    return int(mode.peak)
 
 
 def latency_inputs(captures: Captures, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -56,16 +152,23 @@ def latency_inputs(captures: Captures, seed: int) -> tuple[torch.Tensor, torch.T
     return q, k, v
 
 
+def _dense_call(q, k, v, backend: str, block_size: int):
+    return lambda: spattn.attention(q, k, v, spattn.Causal(), causal=True, backend=backend, block_size=block_size)
+
+
 def dense_latency(captures: Captures, backend: str, repeats: int, seed: int, block_size: int) -> dict[str, Any]:
+    """Dense causal attention on the timing inputs: spattn on ``backend`` and SDPA, medians; peak memory of both."""
     q, k, v = latency_inputs(captures, seed)
     rep = q.shape[1] // k.shape[1]
-    ms_spattn = time_call(lambda: spattn.attention(q, k, v, spattn.Causal(), causal=True, backend=backend,
-                                                   block_size=block_size), repeats, q.device)
     kr, vr = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-    ms_sdpa = time_call(lambda: torch.nn.functional.scaled_dot_product_attention(q, kr, vr, is_causal=True),
-                        repeats, q.device)
+    sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, kr, vr, is_causal=True)  # noqa: E731
+    causal = _dense_call(q, k, v, backend, block_size)
+    ms_spattn = time_call(causal, repeats, q.device)
+    ms_sdpa = time_call(sdpa, repeats, q.device)
     return {"backend": backend, "spattn_causal_ms": sig(ms_spattn, 4), "sdpa_ms": sig(ms_sdpa, 4),
-            "shape": [list(q.shape), list(k.shape)]}
+            "shape": [list(q.shape), list(k.shape)],
+            "peak_memory_mb": sig(peak_memory_bytes(causal, q.device) / 2**20, 4),
+            "sdpa_peak_memory_mb": sig(peak_memory_bytes(sdpa, q.device) / 2**20, 4)}
 
 
 _DENSE_PROBS_MAX_LEN = 4096  # above this, recall goes through spattn.coverage.measure (never L x L)
@@ -159,13 +262,27 @@ def coverage_pass(cands: list[Candidate], captures: Captures, *, block_size: int
     return out
 
 
+def layout_fingerprint(layout: spattn.Layout) -> str:
+    """A digest of a layout's tables: two candidates that compile to the same layout get one timing."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in (layout.kv_num_blocks, layout.kv_indices, layout.full_kv_num_blocks, layout.full_kv_indices,
+              layout.kv_mask_ids, layout.masks):
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def candidate_latency(pattern, captures: Captures, *, block_size: int, backend: str, repeats: int,
-                      seed: int) -> dict[str, Any]:
-    """Median time of ``spattn.attention`` on the middle layer of the first calibration chunk.
+                      seed: int, memo: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Time ``spattn.attention`` with ``pattern`` on the middle layer of the first calibration chunk, interleaved
+    with dense causal attention on the same backend (:func:`interleaved_latency`), and its peak memory.
 
     A static pattern is compiled once outside the timed call (a layout is reused for every input of that
-    shape); a dynamic pattern is timed with its selection, which runs for every input. ``compile_ms`` is the
-    compile (and selection) time alone."""
+    shape) and timed once per distinct layout (``memo``, keyed by :func:`layout_fingerprint`); a dynamic pattern
+    is timed with its selection, which runs for every input. ``compile_ms`` is the compile (and selection) time
+    alone."""
     q, k, v = latency_inputs(captures, seed)
     dynamic = pattern.contains_dynamic()
 
@@ -175,17 +292,49 @@ def candidate_latency(pattern, captures: Captures, *, block_size: int, backend: 
 
     compile_ms = time_call(build, repeats, q.device)
     target = pattern if dynamic else build()
+    key = None if dynamic else layout_fingerprint(target)
+    if memo is not None and key in memo:
+        return dict(memo[key], compile_ms=sig(compile_ms, 4), shared_timing=True)
     note = None
     try:
-        ms = time_call(lambda: spattn.attention(q, k, v, target, causal=True, backend=backend,
-                                                block_size=block_size), repeats, q.device)
+        spattn.attention(q, k, v, target, causal=True, backend=backend, block_size=block_size)
     except RuntimeError as exc:  # e.g. a kernel that does not support this shape: say so, time what auto runs
         note = f"{backend} could not run ({exc}); timed backend='auto'"
         backend = "auto"
-        ms = time_call(lambda: spattn.attention(q, k, v, target, causal=True, backend="auto",
-                                                block_size=block_size), repeats, q.device)
-    out = {"backend": backend, "median_ms": sig(ms, 4), "compile_ms": sig(compile_ms, 4),
-           "includes_selection": dynamic}
+    call = lambda: spattn.attention(q, k, v, target, causal=True, backend=backend,  # noqa: E731
+                                    block_size=block_size)
+    out = interleaved_latency(call, _dense_call(q, k, v, backend, block_size), repeats=repeats, device=q.device)
+    out.update({"backend": backend, "compile_ms": sig(compile_ms, 4), "includes_selection": dynamic,
+                "peak_memory_mb": sig(peak_memory_bytes(call, q.device) / 2**20, 4), "shared_timing": False})
     if note:
         out["note"] = note
+    if memo is not None and key is not None:
+        memo[key] = out
     return out
+
+
+def dropped_threads(pattern, layers: list[tuple[torch.Tensor, torch.Tensor]], *, block_size: int,
+                    top: int = 5) -> dict[str, Any]:
+    """Which threads a pattern cuts on one chunk: per query token, the share of its dense attention the pattern
+    drops (mean over layers and heads), and the ``top`` key tokens whose dropped mass is largest.
+
+    ``layers``: per layer ``(query [1, H, L, D], key [1, Hkv, L, D])`` of one chunk (causal self-attention).
+    Returns ``dropped`` ``[L]``, ``lost_keys`` / ``lost_mass`` ``[L][top]`` and ``per_layer_head`` ``[layers][H]``
+    (mean dropped share per layer and head)."""
+    L = layers[0][0].shape[2]
+    acc = torch.zeros(L, L, dtype=torch.float32)
+    per_layer_head = []
+    for q, k in layers:
+        probs = dense_probs(q, k)  # [H, L, L]
+        dynamic = pattern.contains_dynamic()
+        lay = spattn.compile(pattern, L, L, causal=True, block_size=block_size, heads=q.shape[1],
+                             query=q if dynamic else None, key=k if dynamic else None)
+        dropped = probs * ~lay.to_dense()[0].to(probs.device)  # [H, L, L]
+        acc += dropped.mean(0).cpu()
+        per_layer_head.append([sig(float(x), 4) for x in dropped.sum(-1).mean(-1)])
+        del probs, dropped
+    acc /= len(layers)
+    share = acc.sum(-1)
+    mass, keys = acc.topk(min(top, L), dim=-1)
+    return {"dropped": [sig(float(x), 4) for x in share], "lost_keys": keys.tolist(),
+            "lost_mass": [[sig(float(x), 3) for x in row] for row in mass], "per_layer_head": per_layer_head}

@@ -170,8 +170,55 @@ def layout_figure(results: dict[str, Any], path: Path) -> None:
         _int_ticks(ax)
     for ax in axes[0][len(recs):]:
         ax.axis("off")
-    fig.tight_layout()
+    from matplotlib.patches import Patch
+
+    legend = [Patch(facecolor="#1f4e79", label="full block (every pair kept)"),
+              Patch(facecolor="#8fb3d9", label="partial block (token mask)"),
+              Patch(facecolor="#f4f4f4", edgecolor="#bbbbbb", label="skipped block")]
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.legend(handles=legend, loc="lower center", ncol=3, frameon=False, fontsize=8)
     fig.savefig(path, dpi=80, bbox_inches="tight")
+    plt.close(fig)
+
+
+def lengths_figure(results: dict[str, Any], path: Path) -> None:
+    """Perplexity over dense of each budget's pick and runner-up at every length."""
+    plt = _plt()
+    lengths = [results["data"]["chunk_length"]] + [x["length"] for x in results["lengths"]]
+    tables = [{c["id"]: c for c in results["candidates"]}] + [{c["id"]: c for c in x["candidates"]}
+                                                              for x in results["lengths"]]
+    denses = [results["dense"]] + [x["dense"] for x in results["lengths"]]
+    budgets = results["config"]["budgets"]
+    fig, axes = plt.subplots(1, len(budgets), figsize=(4.6 * len(budgets), 4.2), squeeze=False, sharey=True)
+    for ax, rec in zip(axes[0], results["recommendations"], strict=True):
+        for cid, style in ((rec.get("candidate"), "-"), (rec.get("runner_up"), "--")):
+            if cid is None:
+                continue
+            xs, ys, lo, hi = [], [], [], []
+            for n, table in zip(lengths, tables, strict=True):
+                c = table.get(cid)
+                if c is None:
+                    continue
+                d = denses[lengths.index(n)]["perplexity"]
+                xs.append(n)
+                ys.append(c["model"]["perplexity"] / d)
+                lo.append(c["model"]["perplexity"] / d - c["model"]["perplexity_interval"][0] / d)
+                hi.append(c["model"]["perplexity_interval"][1] / d - c["model"]["perplexity"] / d)
+            if xs:
+                first = tables[0][cid]
+                ax.errorbar(xs, ys, yerr=[lo, hi], color=color(first), marker=_MARKERS[first["family"]],
+                            linestyle=style, capsize=3, label=("pick: " if style == "-" else "runner-up: ")
+                            + series_label(first))
+        ax.axhline(1.0, color="black", linewidth=1)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths)
+        ax.set_xticklabels([str(n) for n in lengths])
+        ax.set_title(f"budget {rec['budget']:g}")
+        ax.set_xlabel("tokens")
+        ax.grid(True, alpha=0.25)
+    axes[0][0].set_ylabel("perplexity / dense perplexity")
+    _legend_below(fig, axes[0])
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
@@ -224,6 +271,8 @@ FIGURES = {
     "recall_heatmaps": ("recall_heatmaps.png", heatmap_figure, "Recall per layer and head of the recommended patterns"),
     "layouts": ("layouts.png", layout_figure, "Block layouts of the recommended patterns"),
     "reachability": ("reachability.png", reach_figure, "Reachability against depth"),
+    "lengths": ("lengths.png", lengths_figure, "Perplexity over dense of each budget's pick and runner-up at every "
+                "length (bars: 95% bootstrap intervals)"),
 }
 
 

@@ -27,9 +27,30 @@ def _same_numbers(a: dict[str, Any], b: dict[str, Any]) -> bool:
             and a["recall"]["mean"] == b["recall"]["mean"] and a["model"]["perplexity"] == b["model"]["perplexity"])
 
 
+def _selection(c: dict[str, Any]) -> dict[str, Any]:
+    return c["model"]["splits"]["selection"]
+
+
+def _selection_key(c: dict[str, Any]) -> tuple:
+    return (_selection(c)["perplexity"], -c["recall"]["mean"], c["cost"]["keys_fraction"], c["id"])
+
+
+def _runner_up(ok: list[dict[str, Any]], pick: dict[str, Any]) -> dict[str, Any] | None:
+    """The best candidate (on the selection split) of another family at the same budget."""
+    others = [c for c in ok if c["family"] != pick["family"] or c.get("selector") != pick.get("selector")]
+    others = [c for c in others if not _same_numbers(c, pick)]
+    return min(others, key=_selection_key) if others else None
+
+
 def recommend(candidates: list[dict[str, Any]], budgets: list[float]) -> list[dict[str, Any]]:
-    """Per budget, the candidate with the lowest held-out perplexity among those whose measured cost is within
-    the budget (ties: higher mean recall, then lower cost)."""
+    """Per budget, pick among the candidates whose measured cost is within the budget.
+
+    The pick is made on the *selection* split, never on the chunks the report scores: the lowest selection
+    perplexity wins, and every candidate tied with it (paired bootstrap of the per-token log-likelihood
+    difference, interval containing 0) competes on cost: the cheapest of the tied candidates is recommended.
+    The numbers shown for it come from the separate report split."""
+    from spattn.report.intervals import paired_difference
+
     out = []
     for b in budgets:
         ok = [c for c in candidates if c["cost"]["keys_fraction"] <= b]
@@ -37,11 +58,68 @@ def recommend(candidates: list[dict[str, Any]], budgets: list[float]) -> list[di
             out.append({"budget": b, "candidate": None,
                         "reason": "no candidate's measured cost is within this budget"})
             continue
-        best = min(ok, key=lambda c: (c["model"]["perplexity"], -c["recall"]["mean"], c["cost"]["keys_fraction"],
-                                      c["id"]))
-        same = [c["id"] for c in ok if c is not best and _same_numbers(c, best)]
-        out.append({"budget": b, "candidate": best["id"],
-                    "reason": "lowest held-out perplexity among the candidates whose measured cost is within "
-                              "the budget",
-                    "same_as": same})
+        best = min(ok, key=_selection_key)
+        tied = [c for c in ok if c is best or paired_difference(
+            _selection(c)["segments_sums"], _selection(best)["segments_sums"])["tie"]]
+        pick = min(tied, key=lambda c: (c["cost"]["keys_fraction"], _selection_key(c)))
+        reason = "lowest perplexity on the selection split among the candidates within the budget"
+        if pick is not best:
+            reason = (f"tied on the selection split with the lowest-perplexity candidate ({best['label']}) and "
+                      "cheaper: the cheapest of the tied candidates")
+        runner = _runner_up(ok, pick)
+        rec = {"budget": b, "candidate": pick["id"], "reason": reason, "best_on_selection": best["id"],
+               "tied_with": [c["id"] for c in tied if c is not pick],
+               "same_as": [c["id"] for c in ok if c is not pick and _same_numbers(c, pick)],
+               "runner_up": None if runner is None else runner["id"]}
+        if runner is not None:
+            diff = paired_difference(pick["model"]["splits"]["report"]["segments_sums"],
+                                     runner["model"]["splits"]["report"]["segments_sums"])
+            rec["against_runner_up"] = {"nll_difference": diff["difference"], "interval": diff["interval"],
+                                        "verdict": "tie" if diff["tie"] else
+                                        ("better" if diff["difference"] < 0 else "worse")}
+        out.append(rec)
     return out
+
+
+def carry_over(candidates: list[dict[str, Any]], recommendations: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The candidates measured again at longer lengths: each budget's pick and its runner-up."""
+    by_id = {c["id"]: c for c in candidates}
+    ids: list[str] = []
+    for rec in recommendations:
+        for cid in (rec.get("candidate"), rec.get("runner_up")):
+            if cid is not None and cid not in ids:
+                ids.append(cid)
+    return [by_id[i] for i in ids if i in by_id]
+
+
+def holds(recommendations: list[dict[str, Any]], main: dict[str, Any], others: list[dict[str, Any]]) -> None:
+    """Say, for each recommendation, at which lengths it holds: its family, fitted to the same budget rule at that
+    length, stays within the budget and is not beaten beyond the interval by the runner-up (report split)."""
+    from spattn.report.intervals import paired_difference
+
+    for rec in recommendations:
+        if rec["candidate"] is None:
+            rec["holds_at"], rec["lengths"] = [], []
+            continue
+        rec["holds_at"] = [main["length"]]
+        rec["lengths"] = [{"length": main["length"], "holds": True, "note": "picked here"}]
+        for other in others:
+            by_id = {c["id"]: c for c in other["candidates"]}
+            pick, runner = by_id.get(rec["candidate"]), by_id.get(rec.get("runner_up"))
+            entry: dict[str, Any] = {"length": other["length"]}
+            if pick is None:
+                entry |= {"holds": False, "note": "the family cannot be fitted to this budget at this length"}
+            elif not pick["within_budget"]:
+                entry |= {"holds": False, "note": "its measured cost exceeds the budget at this length"}
+            elif runner is None:
+                entry |= {"holds": True, "note": "within budget; no runner-up to compare with"}
+            else:
+                diff = paired_difference(pick["model"]["splits"]["report"]["segments_sums"],
+                                         runner["model"]["splits"]["report"]["segments_sums"])
+                worse = not diff["tie"] and diff["difference"] > 0
+                entry |= {"holds": not worse, "nll_difference": diff["difference"], "interval": diff["interval"],
+                          "note": (f"the runner-up {runner['label']} is better here" if worse else
+                                   "tied with the runner-up" if diff["tie"] else "better than the runner-up")}
+            rec["lengths"].append(entry)
+            if entry["holds"]:
+                rec["holds_at"].append(other["length"])

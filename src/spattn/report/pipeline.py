@@ -1,4 +1,10 @@
-"""``run_report``: the stages of ``spattn report`` with progress bars, caching and resume."""
+"""``run_report``: the stages of ``spattn report`` with progress bars, caching and resume.
+
+At the first length (``chunk_length``) every candidate is fitted on the calibration chunks, picked per budget on
+the selection chunks, and scored on the held-out report chunks (bootstrap intervals over 64-token segments). At
+each further length the picks and their runners-up are fitted to the same budget rule again and scored, so the
+report can say at which lengths a recommendation holds.
+"""
 
 from __future__ import annotations
 
@@ -13,24 +19,27 @@ import torch
 
 from spattn._optional import require
 from spattn.bench.env import machine_info
-from spattn.eval.lm import compare_logits, dense_nll, dense_reference
+from spattn.eval.lm import dense_reference, token_scores
 from spattn.integrations.capture import capture
+from spattn.integrations.plan import Plan
+from spattn.patterns import Full, pattern_from_dict
 from spattn.report import candidates as C
+from spattn.report import intervals
 from spattn.report.config import ReportConfig
-from spattn.report.evaluate import candidate_latency, coverage_pass, dense_latency, sig
-from spattn.report.frontier import pareto, recommend
+from spattn.report.evaluate import candidate_latency, coverage_pass, dense_latency, dropped_threads, sig
+from spattn.report.frontier import carry_over, holds, pareto, recommend
 from spattn.report.stages import StageCache
 
-FORMAT = "spattn.report/1"
+FORMAT = "spattn.report/2"
 
 
-def _backends(cfg: ReportConfig) -> tuple[str, str]:
+def _backends(cfg: ReportConfig, length: int) -> tuple[str, str]:
     """(backend of the patched model's forwards, backend timed for latency)."""
     if torch.device(cfg.device).type == "cuda":
         return "auto", "triton"
     # on CPU the dense backend (SDPA with the layout's mask) gives the same numbers as the blockwise reference
     # much faster at these lengths; latency is measured with the reference, spattn's CPU backend
-    return ("dense" if cfg.chunk_length ** 2 <= 1 << 26 else "reference"), "reference"
+    return ("dense" if length ** 2 <= 1 << 26 else "reference"), "reference"
 
 
 def candidate_ids(cfg: ReportConfig) -> list[tuple[str, float, str | None]]:
@@ -49,14 +58,21 @@ def _cid(family: str, budget: float, selector: str | None) -> str:
 
 
 class _Bars:
-    """One rich progress bar per stage (silent when the console is not a terminal and quiet is asked)."""
+    """One rich progress bar per stage, with the elapsed time and an estimate of the time left."""
 
     def __init__(self, console: Any) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
-        self.progress = Progress(TextColumn("[bold]{task.description:<34}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TextColumn("{task.fields[detail]}"), console=console,
-                                 transient=False)
+        self.progress = Progress(TextColumn("[bold]{task.description:<38}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                                 TextColumn("{task.fields[detail]}"), console=console, transient=False)
 
     def __enter__(self) -> _Bars:
         self.progress.__enter__()
@@ -72,12 +88,26 @@ class _Bars:
         self.progress.update(task, advance=step, detail=detail)
 
 
+class _Run:
+    """What every stage of one report run needs: configuration, cache, model, bars and timings."""
+
+    def __init__(self, cfg: ReportConfig, cache: StageCache, bars: _Bars, model: Any, facts: dict,
+                 retime: bool) -> None:
+        self.cfg, self.cache, self.bars, self.model, self.facts = cfg, cache, bars, model, facts
+        self.retime = retime
+        self.timings: dict[str, float] = {}
+        self.latency_memo: dict[str, dict[str, Any]] = {}
+
+    def timed(self, name: str, t0: float) -> None:
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+
+
 def run_report(config: ReportConfig, output: str | os.PathLike, *, overwrite: bool = False, fresh: bool = False,
-               console: Any = None, command: str | None = None) -> dict[str, Any]:
+               retime: bool = False, console: Any = None, command: str | None = None) -> dict[str, Any]:
     """Run every stage of the report into ``output`` and return the results (also written as results.json).
 
     Finished stages are cached under ``output/.spattn-report/<config digest>/``; re-running the same command
-    after an interruption resumes from them.
+    after an interruption resumes from them. ``retime`` re-measures every latency (and nothing else).
     """
     from rich.console import Console
 
@@ -93,8 +123,6 @@ def run_report(config: ReportConfig, output: str | os.PathLike, *, overwrite: bo
     cache = StageCache(Path(output), config.digest(), overwrite=overwrite, fresh=fresh)
     if cache.resumed:
         console.print(f"[yellow]resuming[/] from cached stages in {cache.root}")
-    timings: dict[str, float] = {}
-    eval_backend, latency_backend = _backends(config)
     torch.manual_seed(config.seed)
 
     with _Bars(console) as bars:
@@ -104,119 +132,36 @@ def run_report(config: ReportConfig, output: str | os.PathLike, *, overwrite: bo
             model, tokenizer, model_name = M.load_model(config.model, config.device)
             facts = M.model_facts(model)
             bars.advance(task, model_name)
-            data_path = cache.root / "data.pt"
-            if data_path.is_file():
-                try:  # tensors and plain data only: a planted pickle payload is refused, never run
-                    saved = torch.load(data_path, weights_only=True)
-                except Exception as exc:  # noqa: BLE001 - any unpickling refusal is reported the same way
-                    raise ValueError(f"refusing to load the cached chunks {data_path}: not a spattn report cache "
-                                     f"({type(exc).__name__}); delete it or run with --overwrite") from exc
-                calib, held, data_info = saved["calibration"], saved["held_out"], saved["info"]
-            else:
-                calib, held, data_info = M.load_chunks(config.text, tokenizer, config.chunk_length,
-                                                       config.calibration_chunks, config.eval_chunks)
-                torch.save({"calibration": calib, "held_out": held, "info": data_info}, data_path)
+            data = _load_data(cache, config, tokenizer)
         except (ValueError, OSError, ImportError):
             cache.discard()  # nothing was computed: leave no half-made output directory behind
             raise
-        bars.advance(task, f"{data_info['tokens']} tokens")
-        timings["load"] = time.perf_counter() - t
+        bars.advance(task, f"{data['info']['tokens']} tokens")
+        run = _Run(config, cache, bars, model, facts, retime)
+        run.timed("load", t)
 
+        first = config.chunk_length
         wanted = [(_cid(f, b, s), f, b, s) for f, b, s in candidate_ids(config)]
-        pending = [w for w in wanted if cache.get(cache.candidate_path(w[0])) is None]
-        dense = cache.get("dense")
-        refs: list[dict[str, torch.Tensor]] = []
-        captures: list = []
-        if pending or dense is None:
-            t = time.perf_counter()
-            task = bars.stage("dense forward on held-out chunks", held.shape[0])
-            nll = tokens = nll_full = 0.0
-            for i in range(held.shape[0]):
-                ref = dense_reference(M.logits(model, held[i]), held[i])
-                ref["ids"] = held[i]
-                refs.append(ref)
-                if dense is None:
-                    nll += dense_nll(ref)
-                    tokens += int(ref["target"].numel())
-                    import spattn
-                    from spattn.integrations.plan import Plan
-
-                    full = compare_logits(ref, M.logits(model, held[i], Plan.uniform(spattn.Full()),
-                                                        backend=eval_backend, block_size=config.block_size))
-                    nll_full += full["nll"]
-                bars.advance(task, f"chunk {i + 1}")
-            timings["dense"] = time.perf_counter() - t
-            t = time.perf_counter()
-            task = bars.stage("capture attention (calibration)", calib.shape[0])
-            for i in range(calib.shape[0]):
-                cap = capture(model, calib[i][None])
-                captures.append([(cap.queries[layer], cap.keys[layer]) for layer in cap.layers])
-                bars.advance(task, f"chunk {i + 1}: {len(captures[-1])} layers")
-            timings["capture"] = time.perf_counter() - t
-            if dense is None:
-                dense = {
-                    "perplexity": sig(M.perplexity(nll, int(tokens))),
-                    "nll_sum": sig(nll, 10),
-                    "tokens": int(tokens),
-                    "patched_full_perplexity": sig(M.perplexity(nll_full, int(tokens))),
-                    "latency": dense_latency(captures, latency_backend, config.latency_repeats, config.seed,
-                                             config.block_size),
-                    "attention_gflops": sig(4.0 * C.causal_pairs(config.chunk_length) * facts["head_dim"]
-                                            * facts["heads"] * facts["layers"] / 1e9),
-                }
-                cache.put("dense", dense)
-
-        records: list[dict[str, Any]] = []
-        skipped: list[dict[str, Any]] = []
-        cov_key = lambda cid: "coverage/" + cache.candidate_path(cid).split("/", 1)[1]  # noqa: E731
-        need_cov = [w for w in pending if cache.get(cov_key(w[0])) is None]
-        if need_cov:
-            t = time.perf_counter()
-            task = bars.stage("fit candidates to budgets", len(need_cov))
-            fitted = []
-            for cid, fam, b, sel in need_cov:
-                cand = _fit(config, fam, b, sel, captures)
-                if cand.pattern is None:
-                    cache.put(cov_key(cid), _base(cand, fam, b, sel) | {"pattern": None, "note": cand.note})
-                else:
-                    fitted.append(cand)
-                bars.advance(task, cid)
-            timings["fit"] = time.perf_counter() - t
-            t = time.perf_counter()
-            n_steps = len(captures) * len(captures[0])
-            task = bars.stage("coverage on captured attention", n_steps)
-            cov = {} if not fitted else coverage_pass(fitted, captures, block_size=config.block_size,
-                                                      head_dim=facts["head_dim"],
-                                                      progress=lambda d: bars.advance(task, d))
-            for cand in fitted:
-                cache.put(cov_key(cand.id), _base(cand, cand.family, cand.budget, cand.selector)
-                          | {"label": cand.label, "pattern": cand.pattern.to_dict(), "parameter": cand.parameter}
-                          | cov[cand.id])
-            timings["coverage"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        task = bars.stage("model damage and latency", len(wanted))
-        for cid, *_ in wanted:
-            rec = cache.get(cache.candidate_path(cid))
-            if rec is None:
-                rec = cache.get(cov_key(cid))
-                if rec.get("pattern") is not None:
-                    bars.advance(task, f"{cid}", 0)
-                    rec = _finish_candidate(config, rec, captures, refs, model, dense, eval_backend, latency_backend)
-                cache.put(cache.candidate_path(cid), rec)
-            (records if rec.get("pattern") is not None else skipped).append(rec)
-            bars.advance(task, cid)
-        timings["model"] = time.perf_counter() - t
-    del captures, refs
+        main = _measure_length(run, first, data["lengths"][str(first)], wanted, select=True)
+        recs = recommend(main["candidates"], list(config.budgets))
+        others = []
+        for length in config.lengths:
+            carried = carry_over(main["candidates"], recs)
+            more = [(c["id"], c["family"], c["budget"], c["selector"]) for c in carried]
+            others.append(_measure_length(run, length, data["lengths"][str(length)], more, select=False))
+        holds(recs, main, others)
+        retrieval = _retrieval(run, main, recs, tokenizer)
+        threads = _threads(run, main, recs, data["lengths"][str(first)], tokenizer)
 
     t = time.perf_counter()
-    results = _assemble(config, cache, model_name, facts, data_info, dense, records, skipped, eval_backend,
-                        latency_backend, command)
+    results = _assemble(config, cache, model_name, facts, data["info"], main, others, recs, threads, retrieval,
+                        command)
     from spattn.report.render import write_outputs
 
-    timings["report"] = time.perf_counter() - t
-    results["timings"] = {"stages_s": {k: sig(v, 4) for k, v in timings.items()},
-                          "total_s": sig(time.perf_counter() - t_total, 4), "resumed": cache.resumed}
+    run.timed("report", t)
+    results["timings"] = {"stages_s": {k: sig(v, 4) for k, v in run.timings.items()},
+                          "total_s": sig(time.perf_counter() - t_total, 4), "resumed": cache.resumed,
+                          "retimed": retime}
     write_outputs(results, Path(output))
     cache.finish()
     from spattn.report.summary import print_summary
@@ -225,12 +170,155 @@ def run_report(config: ReportConfig, output: str | os.PathLike, *, overwrite: bo
     return results
 
 
-def _fit(cfg: ReportConfig, family: str, budget: float, selector: str | None, captures: list) -> C.Candidate:
+def _load_data(cache: StageCache, cfg: ReportConfig, tokenizer: Any) -> dict[str, Any]:
+    """Token chunks per length: calibration, selection (first length only) and report splits, never overlapping
+    within a length. Cached as tensors and plain data (loaded with ``weights_only=True``)."""
+    from spattn.report import model as M
+
+    path = cache.root / "data.pt"
+    if path.is_file():
+        try:  # tensors and plain data only: a planted pickle payload is refused, never run
+            return torch.load(path, weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unpickling refusal is reported the same way
+            raise ValueError(f"refusing to load the cached chunks {path}: not a spattn report cache "
+                             f"({type(exc).__name__}); delete it or run with --overwrite") from exc
+    lengths: dict[str, Any] = {}
+    info: dict[str, Any] = {}
+    for n, length in enumerate((cfg.chunk_length, *cfg.lengths)):
+        selection = cfg.selection_chunks if n == 0 else 0
+        calib, held, part = M.load_chunks(cfg.text, tokenizer, length, cfg.calibration_chunks,
+                                          selection + cfg.eval_chunks)
+        lengths[str(length)] = {"calibration": calib, "selection": held[:selection].clone(),
+                                "report": held[selection:].clone(), "info": part}
+        if n == 0:
+            info = {"tokens": part["tokens"], "chunks_available": part["chunks_available"],
+                    "calibration_indices": part["calibration_indices"],
+                    "selection_indices": part["held_out_indices"][:selection],
+                    "held_out_indices": part["held_out_indices"][selection:]}
+    data = {"lengths": lengths, "info": info}
+    torch.save(data, path)
+    return data
+
+
+def _scored(model: Any, chunks: torch.Tensor, refs: list[dict[str, torch.Tensor]], plan: Any, backend: str,
+            block_size: int) -> dict[str, list[float]]:
+    """Segment sums of the token scores of ``plan`` (None: the unpatched model) on ``chunks``."""
+    from spattn.report import model as M
+
+    parts = []
+    for ids, ref in zip(chunks, refs, strict=True):
+        logits = M.logits(model, ids, plan, backend=backend, block_size=block_size)
+        parts.append(intervals.segment_sums(token_scores(ref, logits)))
+    return intervals.merge(parts)
+
+
+def _measure_length(run: _Run, length: int, chunks: dict[str, Any], wanted: list[tuple], *,
+                    select: bool) -> dict[str, Any]:
+    """Fit, cover, time and score ``wanted`` candidates at ``length``; returns dense, candidates and skipped."""
+    from spattn.report import model as M
+
+    cfg, cache, bars = run.cfg, run.cache, run.bars
+    eval_backend, latency_backend = _backends(cfg, length)
+    prefix = f"L{length}/"
+    splits = ("selection", "report") if select else ("report",)
+    pending = [w for w in wanted if cache.get(prefix + cache.candidate_path(w[0])) is None]
+    dense = cache.get(prefix + "dense")
+    need_model = bool(pending) or dense is None or run.retime
+    refs: dict[str, list[dict[str, torch.Tensor]]] = {s: [] for s in splits}
+    captures: list = []
+    if need_model:
+        t = time.perf_counter()
+        total = sum(chunks[s].shape[0] for s in splits)
+        task = bars.stage(f"dense forward, {length} tokens", total)
+        for s in splits:
+            for ids in chunks[s]:
+                refs[s].append(dense_reference(M.logits(run.model, ids), ids) | {"ids": ids})
+                bars.advance(task, s)
+        run.timed("dense", t)
+        t = time.perf_counter()
+        task = bars.stage(f"capture attention, {length} tokens", chunks["calibration"].shape[0])
+        for ids in chunks["calibration"]:
+            cap = capture(run.model, ids[None])
+            captures.append([(cap.queries[layer], cap.keys[layer]) for layer in cap.layers])
+            bars.advance(task, f"{len(captures[-1])} layers")
+        run.timed("capture", t)
+    if dense is None:
+        t = time.perf_counter()
+        dense = {"length": length}
+        for s in splits:
+            seg = intervals.merge([intervals.segment_sums({"nll": -r["logp"].gather(-1, r["target"][:, None])[:, 0]})
+                                   for r in refs[s]])
+            dense[s] = intervals.summarise(seg, seed=cfg.seed) | {"segments_sums": seg}
+        dense["perplexity"] = sig(dense["report"]["perplexity"])
+        dense["tokens"] = dense["report"]["tokens"]
+        full = _scored(run.model, chunks["report"], refs["report"], Plan.uniform(Full()), eval_backend,
+                       cfg.block_size)
+        dense["patched_full_perplexity"] = sig(intervals.summarise(full)["perplexity"])
+        dense["attention_gflops"] = sig(4.0 * C.causal_pairs(length) * run.facts["head_dim"] * run.facts["heads"]
+                                        * run.facts["layers"] / 1e9)
+        dense["latency"] = dense_latency(captures, latency_backend, cfg.latency_repeats, cfg.seed, cfg.block_size)
+        cache.put(prefix + "dense", dense)
+        run.timed("dense", t)
+    elif run.retime:
+        dense["latency"] = dense_latency(captures, latency_backend, cfg.latency_repeats, cfg.seed, cfg.block_size)
+        cache.put(prefix + "dense", dense)
+
+    cov_key = lambda cid: prefix + "coverage/" + cache.candidate_path(cid).split("/", 1)[1]  # noqa: E731
+    need_cov = [w for w in pending if cache.get(cov_key(w[0])) is None]
+    if need_cov:
+        t = time.perf_counter()
+        task = bars.stage(f"fit candidates, {length} tokens", len(need_cov))
+        fitted = []
+        for cid, fam, b, sel in need_cov:
+            cand = _fit(cfg, length, fam, b, sel, captures)
+            if cand.pattern is None:
+                cache.put(cov_key(cid), _base(cand, fam, b, sel) | {"pattern": None, "note": cand.note})
+            else:
+                fitted.append(cand)
+            bars.advance(task, cid)
+        run.timed("fit", t)
+        t = time.perf_counter()
+        task = bars.stage(f"coverage, {length} tokens", len(captures) * len(captures[0]))
+        cov = {} if not fitted else coverage_pass(fitted, captures, block_size=cfg.block_size,
+                                                  head_dim=run.facts["head_dim"],
+                                                  progress=lambda d: bars.advance(task, d))
+        for cand in fitted:
+            cache.put(cov_key(cand.id), _base(cand, cand.family, cand.budget, cand.selector)
+                      | {"label": cand.label, "pattern": cand.pattern.to_dict(), "parameter": cand.parameter}
+                      | cov[cand.id])
+        run.timed("coverage", t)
+
+    t = time.perf_counter()
+    task = bars.stage(f"model damage and latency, {length} tokens", len(wanted))
+    records, skipped = [], []
+    for cid, *_ in wanted:
+        rec = cache.get(prefix + cache.candidate_path(cid))
+        if rec is None:
+            rec = cache.get(cov_key(cid))
+            if rec.get("pattern") is not None:
+                rec = _finish_candidate(run, rec, captures, refs, dense, eval_backend, latency_backend)
+            cache.put(prefix + cache.candidate_path(cid), rec)
+        elif run.retime and rec.get("pattern") is not None:
+            rec["latency"] = candidate_latency(pattern_from_dict(rec["pattern"]), captures,
+                                               block_size=cfg.block_size, backend=latency_backend,
+                                               repeats=cfg.latency_repeats, seed=cfg.seed, memo=run.latency_memo)
+            cache.put(prefix + cache.candidate_path(cid), rec)
+        (records if rec.get("pattern") is not None else skipped).append(rec)
+        bars.advance(task, cid)
+    run.timed("model", t)
+    for r in records:
+        r["within_budget"] = r["cost"]["keys_fraction"] <= r["budget"]
+    return {"length": length, "dense": dense, "candidates": records, "skipped": skipped,
+            "backends": {"model_eval": eval_backend, "latency": latency_backend}}
+
+
+def _fit(cfg: ReportConfig, length: int, family: str, budget: float, selector: str | None,
+         captures: list) -> C.Candidate:
     if family != "top_p":
-        return C.static_candidates(family, budget, cfg.chunk_length, cfg.block_size, cfg.seed)
+        return C.static_candidates(family, budget, length, cfg.block_size, cfg.seed)
     layers = captures[0]
     picks = sorted({0, len(layers) // 3, (2 * len(layers)) // 3, len(layers) - 1})
-    return C.fit_dynamic(selector, budget, cfg.chunk_length, cfg.block_size, [layers[i] for i in picks])
+    return C.fit_dynamic(selector, budget, length, cfg.block_size, [layers[i] for i in picks])
 
 
 def _base(cand: C.Candidate, family: str, budget: float, selector: str | None) -> dict[str, Any]:
@@ -238,54 +326,124 @@ def _base(cand: C.Candidate, family: str, budget: float, selector: str | None) -
             "selector": selector, "dynamic": cand.dynamic}
 
 
-def _finish_candidate(cfg: ReportConfig, rec: dict[str, Any], captures: list, refs: list, model: Any, dense: dict,
+def _finish_candidate(run: _Run, rec: dict[str, Any], captures: list, refs: dict[str, list], dense: dict,
                       eval_backend: str, latency_backend: str) -> dict[str, Any]:
-    """Latency and model damage of a candidate whose coverage is measured."""
-    import spattn
-    from spattn.integrations.plan import Plan
-    from spattn.report import model as M
-
-    if rec["dynamic"]:
-        import spattn.selectors  # noqa: F401  (registers TopP for pattern_from_dict)
-    pattern = spattn.pattern_from_dict(rec["pattern"])
+    """Latency and model damage (per split, with intervals) of a candidate whose coverage is measured."""
+    cfg = run.cfg
+    pattern = pattern_from_dict(rec["pattern"])
     latency = candidate_latency(pattern, captures, block_size=cfg.block_size, backend=latency_backend,
-                                repeats=cfg.latency_repeats, seed=cfg.seed)
-    nll = agree = kl = tokens = 0.0
+                                repeats=cfg.latency_repeats, seed=cfg.seed, memo=run.latency_memo)
     plan = Plan.uniform(pattern)
-    for ref in refs:
-        s = compare_logits(ref, M.logits(model, ref["ids"], plan, backend=eval_backend, block_size=cfg.block_size))
-        nll += s["nll"]
-        agree += s["agree"]
-        kl += s["kl"]
-        tokens += s["tokens"]
-    ppl = M.perplexity(nll, int(tokens))
-    return rec | {
-        "latency": latency,
-        "model": {
-            "perplexity": sig(ppl),
-            "perplexity_delta": sig(ppl - dense["perplexity"]),
-            "perplexity_ratio": sig(ppl / dense["perplexity"]),
-            "top1_agreement": sig(agree / tokens),
-            "kl": sig(kl / tokens),
-        },
+    model: dict[str, Any] = {}
+    for split, split_refs in refs.items():
+        chunks = torch.stack([r["ids"] for r in split_refs])
+        seg = _scored(run.model, chunks, split_refs, plan, eval_backend, cfg.block_size)
+        model[split] = intervals.summarise(seg, seed=cfg.seed) | {"segments_sums": seg}
+    report = model["report"]
+    ppl = report["perplexity"]
+    out = {
+        "perplexity": sig(ppl),
+        "perplexity_interval": [sig(x) for x in report["perplexity_interval"]],
+        "perplexity_delta": sig(ppl - dense["perplexity"]),
+        "perplexity_ratio": sig(ppl / dense["perplexity"]),
+        "top1_agreement": sig(report["top1_agreement"]),
+        "top1_agreement_interval": [sig(x) for x in report["top1_agreement_interval"]],
+        "kl": sig(report["kl"]),
+        "kl_interval": [sig(x) for x in report["kl_interval"]],
+        "splits": model,
     }
+    return rec | {"latency": latency, "model": out}
 
 
-def _assemble(cfg: ReportConfig, cache: StageCache, model_name: str, facts: dict, data_info: dict, dense: dict,
-              records: list, skipped: list, eval_backend: str, latency_backend: str, command: str | None) -> dict:
-    base_ms = dense["latency"]["spattn_causal_ms"]
-    sdpa_ms = dense["latency"]["sdpa_ms"]
-    for r in records:
-        ms = r["latency"]["median_ms"]
-        r["latency"]["speedup_vs_dense"] = sig(base_ms / ms, 4) if ms > 0 else None
-        r["latency"]["speedup_vs_sdpa"] = sig(sdpa_ms / ms, 4) if ms > 0 else None
-        r["within_budget"] = r["cost"]["keys_fraction"] <= r["budget"]
-    frontier = {
+def _retrieval(run: _Run, main: dict[str, Any], recs: list[dict[str, Any]], tokenizer: Any) -> dict[str, Any] | None:
+    """Pass-key retrieval (the evaluation suite's task) of dense, each pick and its runner-up at the first length,
+    on the same samples; each recommendation learns whether retrieval agrees with it (paired bootstrap)."""
+    cfg = run.cfg
+    if cfg.retrieval_samples == 0:
+        return None
+    cached = run.cache.get("retrieval")
+    if cached is None:
+        from spattn.data.corpora import load_text
+        from spattn.eval.retrieval import make_samples, retrieval_accuracy
+
+        t = time.perf_counter()
+        by_id = {c["id"]: c for c in main["candidates"]}
+        wanted = dict.fromkeys(x for r in recs for x in (r.get("candidate"), r.get("runner_up")))
+        ids = [i for i in wanted if i in by_id]
+        task = run.bars.stage("pass-key retrieval", len(ids) + 1)
+        depths = (0.1, 0.5, 0.9)
+        seeds = range(-(-cfg.retrieval_samples // len(depths)))
+        samples = make_samples("passkey", tokenizer, load_text(cfg.text), [cfg.chunk_length], depths,
+                               seeds)[: cfg.retrieval_samples]
+        eval_backend = main["backends"]["model_eval"]
+        results = {}
+        for cid in [None, *ids]:
+            plan = None if cid is None else Plan.uniform(pattern_from_dict(by_id[cid]["pattern"]))
+            got = retrieval_accuracy(run.model, tokenizer, samples, plan, eval_backend, block_size=cfg.block_size)
+            results["dense" if cid is None else cid] = {
+                "accuracy": sig(got.accuracy.value), "interval": [sig(got.accuracy.low), sig(got.accuracy.high)],
+                "correct": got.correct}
+            run.bars.advance(task, cid or "dense")
+        cached = {"task": "passkey", "length": cfg.chunk_length, "depths": list(depths), "samples": len(samples),
+                  "results": results}
+        run.cache.put("retrieval", cached)
+        run.timed("retrieval", t)
+    from spattn.eval.stats import compare
+
+    res = cached["results"]
+    for rec in recs:
+        pick, runner = res.get(rec.get("candidate")), res.get(rec.get("runner_up"))
+        if pick is None:
+            continue
+        rec["retrieval"] = {"accuracy": pick["accuracy"], "dense_accuracy": res["dense"]["accuracy"]}
+        if runner is not None:
+            verdict = compare([float(x) for x in pick["correct"]], [float(x) for x in runner["correct"]])
+            rec["retrieval"]["against_runner_up"] = {"a": "better", "b": "worse", "tie": "tie"}[verdict.winner]
+            if verdict.winner == "b":
+                rec["for_retrieval"] = rec["runner_up"]
+    return cached
+
+
+def _threads(run: _Run, main: dict[str, Any], recs: list[dict[str, Any]], chunks: dict[str, Any],
+             tokenizer: Any) -> dict[str, Any] | None:
+    """Which threads the pick of the middle budget cuts, on the first held-out report chunk."""
+    by_id = {c["id"]: c for c in main["candidates"]}
+    picked = [x for x in recs if x["candidate"] in by_id]
+    if not picked:
+        return None
+    choice = picked[len(picked) // 2]
+    cached = run.cache.get("threads")
+    if cached is not None and cached.get("candidate") == choice["candidate"]:
+        return cached
+    t = time.perf_counter()
+    task = run.bars.stage("threads the pick cuts", 1)
+    ids = chunks["report"][0]
+    cap = capture(run.model, ids[None])
+    layers = [(cap.queries[layer], cap.keys[layer]) for layer in cap.layers]
+    cand = by_id[choice["candidate"]]
+    out = dropped_threads(pattern_from_dict(cand["pattern"]), layers, block_size=run.cfg.block_size)
+    out |= {"candidate": cand["id"], "budget": choice["budget"], "label": cand["label"],
+            "tokens": [tokenizer.decode([int(t)]) for t in ids]}
+    run.cache.put("threads", out)
+    run.bars.advance(task, cand["id"])
+    run.timed("threads", t)
+    return out
+
+
+def _frontier(records: list[dict[str, Any]]) -> dict[str, list[str]]:
+    return {
         "perplexity": pareto([(r["id"], r["cost"]["keys_fraction"], r["model"]["perplexity"]) for r in records]),
         "recall": pareto([(r["id"], r["cost"]["keys_fraction"], r["recall"]["mean"]) for r in records], maximize=True),
     }
+
+
+def _assemble(cfg: ReportConfig, cache: StageCache, model_name: str, facts: dict, data_info: dict,
+              main: dict[str, Any], others: list[dict[str, Any]], recs: list[dict[str, Any]],
+              threads: dict[str, Any] | None, retrieval: dict[str, Any] | None, command: str | None) -> dict:
     if command is None:
         command = " ".join(shlex.quote(a) for a in ["spattn", *sys.argv[1:]]) if sys.argv else "spattn report"
+    lengths = [{"length": o["length"], "dense": o["dense"], "candidates": o["candidates"], "skipped": o["skipped"],
+                "backends": o["backends"], "frontier": _frontier(o["candidates"])} for o in others]
     return {
         "format": FORMAT,
         "command": command,
@@ -294,12 +452,18 @@ def _assemble(cfg: ReportConfig, cache: StageCache, model_name: str, facts: dict
         "environment": machine_info(cfg.device),
         "model": {"name": model_name, "source": cfg.model, **facts},
         "data": {"text": cfg.text, "chunk_length": cfg.chunk_length, **data_info},
-        "backends": {"model_eval": eval_backend, "latency": latency_backend},
+        "backends": main["backends"],
         "definitions": {"recall_percentile": 5, "cost": "kept (query, key) pairs / dense causal pairs",
-                        "top_k_agreement": 1},
-        "dense": dense,
-        "candidates": records,
-        "skipped": skipped,
-        "frontier": frontier,
-        "recommendations": recommend(records, list(cfg.budgets)),
+                        "block_cost": "visited key blocks / causally visible key blocks",
+                        "top_k_agreement": 1, "interval": "95% percentile bootstrap over 64-token segments",
+                        "tie": "a paired-bootstrap interval of the per-token log-likelihood difference that "
+                               "contains 0"},
+        "dense": main["dense"],
+        "candidates": main["candidates"],
+        "skipped": main["skipped"],
+        "frontier": _frontier(main["candidates"]),
+        "recommendations": recs,
+        "lengths": lengths,
+        "threads": threads,
+        "retrieval": retrieval,
     }

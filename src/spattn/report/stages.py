@@ -10,7 +10,8 @@ Layout of an output directory::
 
 A directory is reused without ``--overwrite`` only when it is empty or holds an unfinished run of the same
 configuration (then finished stages are read back). ``--overwrite`` removes the previous report's files
-(only the ones a report writes) and keeps cached stages of the same configuration.
+(only the ones a report writes, and only in a folder that holds a report's ``state.json``) and keeps cached
+stages of the same configuration. A non-empty folder that was never a report is refused untouched.
 """
 
 from __future__ import annotations
@@ -57,6 +58,12 @@ class StageCache:
             unfinished_same = state is not None and state.get("digest") == digest and state.get("status") == "running"
             if unfinished_same:
                 self.resumed = True
+            elif not state_path.is_file():
+                raise OutputExistsError(
+                    f"output directory {self.output} is not empty and was never a spattn report (no "
+                    f"{STATE_DIR}/state.json): spattn deletes nothing there, with or without --overwrite; choose "
+                    "another --output"
+                )
             elif not overwrite:
                 raise OutputExistsError(
                     f"output directory {self.output} already exists and is not an unfinished run of this "

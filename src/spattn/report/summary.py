@@ -1,9 +1,28 @@
-"""The terminal summary (rich): recommendation per budget and the Pareto frontier."""
+"""The terminal summary (rich): recommendation per budget, where it holds, and the Pareto frontier as tables."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+COLUMNS = {
+    "cost keys": "share of the dense causal (query, key) pairs kept",
+    "cost blocks": "share of the causally visible key blocks a block-sparse kernel visits",
+    "perplexity [95%]": "held-out perplexity on the report split, with its bootstrap interval",
+    "agree": "top-1 next-token agreement with the dense model",
+    "recall": "mean / 5th percentile of the dense attention mass kept, over queries, heads and layers",
+    "holds at": "lengths at which the pick stays within budget and is not beaten by the runner-up",
+    "passkey": "pass-key retrieval accuracy at the first length; ! = the runner-up retrieves better",
+    "ms": "attention latency of one layer (median, interleaved with dense); '?' = too noisy to rank",
+}
+
+
+def latency_text(lat: dict[str, Any]) -> str:
+    """Median ms and the speed-up against dense, or a flag when the timing spread is too large to rank."""
+    if lat.get("noisy"):
+        return f"{lat['median_ms']:.1f}? (spread {100 * lat['spread']:.0f}%)"
+    ratio = lat.get("speedup_vs_dense")
+    return f"{lat['median_ms']:.1f} (×{ratio:.2f})" if ratio else f"{lat['median_ms']:.1f}"
 
 
 def print_summary(results: dict[str, Any], console: Any, output: Path) -> None:
@@ -11,27 +30,43 @@ def print_summary(results: dict[str, Any], console: Any, output: Path) -> None:
 
     by_id = {c["id"]: c for c in results["candidates"]}
     dense = results["dense"]
-    table = Table(title=f"spattn report: {results['model']['name']} on {results['data']['text']} "
-                        f"(dense perplexity {dense['perplexity']:.3f})", title_justify="left")
-    for col, just in (("budget", "right"), ("recommended pattern", "left"), ("cost", "right"),
-                      ("perplexity (Δ)", "right"), ("agree", "right"), ("recall mean/p5", "right"),
-                      ("reach", "right"), ("ms", "right")):
-        table.add_column(col, justify=just, overflow="fold")
+    lo, hi = dense["report"]["perplexity_interval"]
+    table = Table(title=f"spattn report: {results['model']['name']} on {results['data']['text']}, "
+                        f"{results['data']['chunk_length']} tokens (dense perplexity {dense['perplexity']:.3f} "
+                        f"[{lo:.2f}, {hi:.2f}])", title_justify="left")
+    for col in ("budget", "recommended pattern", *COLUMNS):
+        table.add_column(col, justify="left" if col in ("recommended pattern", "holds at") else "right",
+                         overflow="fold")
     for x in results["recommendations"]:
         c = by_id.get(x["candidate"])
         if c is None:
-            table.add_row(f"{100 * x['budget']:.1f}%", f"[dim]{x['reason']}[/]", *[""] * 6)
+            table.add_row(f"{100 * x['budget']:.1f}%", f"[dim]{x['reason']}[/]", *[""] * len(COLUMNS))
             continue
+        m = c["model"]
+        tie = " (tie)" if x.get("tied_with") else ""
         table.add_row(
-            f"{100 * x['budget']:.1f}%", c["label"], f"{100 * c['cost']['keys_fraction']:.1f}%",
-            f"{c['model']['perplexity']:.2f} ({c['model']['perplexity_delta']:+.2f})",
-            f"{100 * c['model']['top1_agreement']:.1f}%", f"{c['recall']['mean']:.3f}/{c['recall']['p5']:.3f}",
-            str(c["reach"]["layers_to_full"] or "never"), f"{c['latency']['median_ms']:.0f}",
+            f"{100 * x['budget']:.1f}%", c["label"] + tie, f"{100 * c['cost']['keys_fraction']:.1f}%",
+            f"{100 * c['cost']['block_fraction']:.1f}%",
+            f"{m['perplexity']:.2f} [{m['perplexity_interval'][0]:.2f}, {m['perplexity_interval'][1]:.2f}]",
+            f"{100 * m['top1_agreement']:.1f}%", f"{c['recall']['mean']:.3f}/{c['recall']['p5']:.3f}",
+            ", ".join(str(n) for n in x.get("holds_at", [])) or "—",
+            f"{100 * x['retrieval']['accuracy']:.0f}%" + ("!" if "for_retrieval" in x else "") if "retrieval" in x
+            else "—", latency_text(c["latency"]),
         )
     console.print(table)
-    front = [by_id[i] for i in results["frontier"]["perplexity"]]
-    console.print("[bold]Pareto frontier[/] (cost vs perplexity): " + ", ".join(
-        f"{c['label']} ({100 * c['cost']['keys_fraction']:.1f}%, ppl {c['model']['perplexity']:.2f})" for c in front))
+    front = Table(title="Pareto frontier (cost against held-out perplexity)", title_justify="left")
+    for col in ("pattern", "cost keys", "cost blocks", "perplexity [95%]", "ms"):
+        front.add_column(col, justify="left" if col == "pattern" else "right", overflow="fold")
+    for cid in results["frontier"]["perplexity"]:
+        c = by_id[cid]
+        m = c["model"]
+        front.add_row(c["label"], f"{100 * c['cost']['keys_fraction']:.1f}%",
+                      f"{100 * c['cost']['block_fraction']:.1f}%",
+                      f"{m['perplexity']:.2f} [{m['perplexity_interval'][0]:.2f}, {m['perplexity_interval'][1]:.2f}]",
+                      latency_text(c["latency"]))
+    console.print(front)
+    for col, meaning in COLUMNS.items():
+        console.print(f"[dim]{col}: {meaning}[/]")
     for s in results["skipped"]:
         console.print(f"[dim]skipped {s['id']}: {s['note']}[/]")
     console.print(f"report: [link=file://{(output / 'report.html').resolve()}]{output / 'report.html'}[/]  "

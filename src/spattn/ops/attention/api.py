@@ -37,13 +37,13 @@ def _check_inputs(query, key, value) -> None:
         raise ValueError(f"key head dim must equal query head dim {D}, got {key.shape[-1]} (key shape {tuple(key.shape)})")
     if value.shape[1] != key.shape[1] or value.shape[2] != key.shape[2]:
         raise ValueError(f"value must have shape [B, Hkv, Lk, Dv] matching key {tuple(key.shape)}, got {tuple(value.shape)}")
+    if D == 0 or value.shape[-1] == 0:
+        raise ValueError(f"head dims must be >= 1, got query/key D={D}, value Dv={value.shape[-1]}")
     Hk = key.shape[1]
     if Hk == 0 or H % Hk != 0:
         raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hk}) for GQA/MQA")
     if Lq == 0 or key.shape[2] == 0:
         raise ValueError(f"query and key lengths must be >= 1, got Lq={Lq}, Lk={key.shape[2]}")
-    if key.shape[2] < Lq:
-        raise ValueError(f"key length ({key.shape[2]}) must be >= query length ({Lq}): queries are aligned bottom-right")
 
 
 def _check_layout(layout: Layout, query: torch.Tensor, key: torch.Tensor, causal: bool) -> None:
@@ -94,8 +94,8 @@ def attention(
 
     Args:
         query: ``[B, H, Lq, D]``.
-        key: ``[B, Hkv, Lk, D]`` with ``H % Hkv == 0`` (GQA/MQA, no copies) and ``Lk >= Lq``
-            (queries aligned bottom-right, as in KV-cache decoding).
+        key: ``[B, Hkv, Lk, D]`` with ``H % Hkv == 0`` (GQA/MQA, no copies); ``Lk >= Lq`` when a pattern is
+            compiled here (queries aligned bottom-right, as in KV-cache decoding); a Layout may have any lengths.
         value: ``[B, Hkv, Lk, Dv]``.
         layout_or_pattern: a :class:`Layout` compiled for these shapes, or a :class:`Pattern` (compiled here
             with ``block_size``; dynamic patterns see ``query``/``key``).
@@ -119,6 +119,9 @@ def attention(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     B, H, Lq, D = query.shape
     if isinstance(layout_or_pattern, Pattern):
+        if key.shape[2] < Lq:  # a Layout may have any lengths (a cross-attention BlockMask); patterns may not
+            raise ValueError(f"key length ({key.shape[2]}) must be >= query length ({Lq}) to compile a pattern: "
+                             "queries are aligned bottom-right")
         layout = compile_pattern(
             layout_or_pattern, Lq, key.shape[2], causal=causal, block_size=block_size, batch=B, heads=H,
             device=query.device, query=query, key=key,

@@ -7,6 +7,7 @@ import functools
 import torch
 
 from spattn.layout.layout import Layout
+from spattn.ops.attention.impl.common import mark_nonfinite, split_nonfinite
 
 
 def available() -> str | None:
@@ -25,11 +26,14 @@ def attention_flex(
 
     block_mask = layout.to_block_mask()
     gqa = key.shape[1] != query.shape[1]
+    key, value, nonfinite = split_nonfinite(key, value)  # Note [non-finite inputs] (common.py)
     run = functools.partial(fa.flex_attention, query, key, value, block_mask=block_mask, scale=scale, enable_gqa=gqa)
     if not return_lse:
-        return run(), None
-    if hasattr(fa, "AuxRequest"):  # torch >= 2.9: return_lse is deprecated in favour of return_aux
+        out, lse = run(), None
+    elif hasattr(fa, "AuxRequest"):  # torch >= 2.9: return_lse is deprecated in favour of return_aux
         out, aux = run(return_aux=fa.AuxRequest(lse=True))
-        return out, aux.lse.float()
-    out, lse = run(return_lse=True)
-    return out, lse.float()
+        lse = aux.lse.float()
+    else:
+        out, lse = run(return_lse=True)
+        lse = lse.float()
+    return mark_nonfinite(out, lse, layout, nonfinite)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from spattn.layout import tables
 from spattn.layout.layout import Layout
-from spattn.ops.attention.impl.common import masked_softmax_lse
+from spattn.ops.attention.impl.common import mark_nonfinite, masked_softmax_lse, split_nonfinite
 
 _CHUNK_ELEMENTS = 1 << 23  # score elements per chunk (B*H*C*bs*W*bs)
 
@@ -36,6 +36,7 @@ def attention_reference(
     Bl, Hl = layout.batch, layout.heads
     dev = query.device
     out_dtype = query.dtype
+    key, value, nonfinite = split_nonfinite(key, value)  # Note [non-finite inputs]
     if out_dtype in (torch.float16, torch.bfloat16):  # the oracle computes in float32 (autograd casts back)
         query, key, value = query.float(), key.float(), value.float()
 
@@ -84,4 +85,4 @@ def attention_reference(
         lses.append(lse)
     out = torch.cat(outs, 3).reshape(B, H, NQ * bs, Dv)[:, :, :Lq]
     lse = torch.cat(lses, 3).reshape(B, H, NQ * bs)[:, :, :Lq].float() if return_lse else None
-    return out.to(out_dtype), lse
+    return mark_nonfinite(out.to(out_dtype), lse, layout, nonfinite)

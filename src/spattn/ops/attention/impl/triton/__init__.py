@@ -2,7 +2,11 @@
 
 Entry points for ``spattn.attention(..., backend="triton")``: :func:`attention_triton` and :func:`supports`.
 Triton is imported lazily (the ``gpu`` extra); kernels never see patterns, only the Layout's block tables.
-CPU tensors run through Triton's interpreter (tests); CUDA tensors through compiled kernels.
+CUDA tensors run through compiled kernels; tests run the same kernels on CPU tensors under Triton's
+interpreter (``TRITON_INTERPRET=1`` set before triton is imported; see ``tests/test_triton_kernels.py``).
+Modules: ``_primitives`` (loads, stores, pointer offsets), ``_forward`` (the one block step, prefill and
+decode kernels), ``_backward`` (dQ and dK/dV bodies), ``_plan`` (band check, heaviest-first order, tuner
+facts, SM count), ``_tuning`` (configs), ``_launch`` (grids and strides), ``_op`` (custom op, autograd).
 """
 
 from __future__ import annotations
@@ -51,10 +55,12 @@ def _check(query: Tensor, key: Tensor, value: Tensor, layout: Any) -> str | None
     return None
 
 
-def _kind(layout: Any) -> str:
-    pattern = getattr(layout, "pattern", None)
-    name = type(pattern).__name__ if pattern is not None else "custom"
-    return f"{name}{'+causal' if getattr(layout, 'causal', False) else ''}"
+def _band(layout: Any) -> list[int]:
+    """The banded fast path's parameters (Note [band] in ``_forward.py``), [] when it does not apply."""
+    from . import _plan
+
+    found = _plan.band(layout)
+    return [] if found is None else [int(x) for x in found]
 
 
 def attention_triton(
@@ -94,19 +100,18 @@ def attention_triton(
         run = _launch.decode if use_decode else _launch.forward
         out, lse = run(
             query, key, value, layout.kv_num_blocks, layout.kv_indices, layout.kv_mask_ids,
-            layout.full_kv_num_blocks, layout.full_kv_indices, layout.masks, float(scale), _kind(layout),
+            layout.full_kv_num_blocks, layout.full_kv_indices, layout.masks, float(scale), _band(layout),
         )
         return out, (lse if return_lse else None)
     from ._op import TABLES, EagerAttention, attention_forward_op
 
     tables = [getattr(layout, name) for name in TABLES]
     if torch.compiler.is_compiling():
-        out, lse = attention_forward_op(
-            query, key, value, tables, float(scale), _kind(layout), use_decode, deterministic
-        )
+        # the band check reads the tables (a host synchronisation): traced graphs take the general path
+        out, lse = attention_forward_op(query, key, value, tables, float(scale), [], use_decode, deterministic)
     else:
         out, lse = EagerAttention.apply(
-            query, key, value, float(scale), _kind(layout), use_decode, deterministic, *tables
+            query, key, value, float(scale), _band(layout), use_decode, deterministic, *tables
         )
     return out, (lse if return_lse else None)
 

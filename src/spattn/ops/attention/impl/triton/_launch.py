@@ -1,29 +1,32 @@
-"""Host-side launchers: shapes, strides, grids and config choice for the kernels (flat tensors in/out)."""
+"""Host-side launchers: shapes, stride tuples, grids and config choice for the kernels (flat tensors in/out).
+
+``band`` is ``_plan.band``'s tuple as a list (empty: stored masks, table walk); see Note [band] in ``_forward.py``.
+"""
 
 from __future__ import annotations
 
 import torch
 import triton
 
-from . import _tuning
+from . import _plan, _tuning
 from ._backward import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
-from ._decode import decode_combine_kernel, decode_split_kernel
-from ._forward import attn_fwd_kernel
+from ._forward import attn_fwd_kernel, decode_kernel
 
 LOG2E = 1.4426950408889634
+PERSISTENT_WAVES = 2  # programs per SM of the persistent forward
 
 
 def _lastdim(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _s2(t: torch.Tensor) -> tuple[int, int]:
-    """(batch, head) strides of a table, 0 where broadcast."""
-    return (t.stride(0) if t.shape[0] > 1 else 0, t.stride(1) if t.shape[1] > 1 else 0)
-
-
 def _s3(t: torch.Tensor) -> tuple[int, int, int]:
-    return (*_s2(t), t.stride(2))
+    """(batch, head, row) strides of a tensor or table, 0 where broadcast."""
+    return (t.stride(0) if t.shape[0] > 1 else 0, t.stride(1) if t.shape[1] > 1 else 0, t.stride(2))
+
+
+def _s2(t: torch.Tensor) -> tuple[int, int]:
+    return _s3(t)[:2]
 
 
 def _masks(masks: torch.Tensor) -> torch.Tensor:
@@ -47,7 +50,22 @@ def _tables(*tabs: torch.Tensor) -> list[torch.Tensor]:
     return [t.contiguous() if t.dtype == torch.int32 else t.to(torch.int32).contiguous() for t in tabs]
 
 
-def forward(q, k, v, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx, masks, scale: float, kind: str):
+def _band_args(band: list[int] | tuple, Lk: int, Lq: int) -> tuple[tuple[int, ...], bool, bool]:
+    """(offset, left, right, sinks, sink_min_d), BAND, FULL_RUN."""
+    if not band:
+        return (Lk - Lq, 0, 0, 0, 0), False, False
+    left, right, sinks, sink_min_d, run = band
+    return (Lk - Lq, int(left), int(right), int(sinks), int(sink_min_d)), True, bool(run)
+
+
+def _num_sms(device: torch.device) -> int:
+    """The device's SM count (4 for the CPU interpreter, so persistent grids still stride)."""
+    if device.type != "cuda":
+        return 4
+    return _plan.sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def forward(q, k, v, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx, masks, scale: float, band=()):
     """out [B, H, Lq, D] (q's dtype), lse fp32 [B, H, Lq] (natural log) through the tiled kernel."""
     q, k, v = _lastdim(q), _lastdim(k), _lastdim(v)
     B, H, Lq, D = q.shape
@@ -57,29 +75,49 @@ def forward(q, k, v, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx, masks, scale: flo
     m8 = _masks(masks)
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
+    scalars, BAND, FULL_RUN = _band_args(band, Lk, Lq)
 
     def launch(cfg: _tuning.Config) -> None:
-        grid = (triton.cdiv(Lq, cfg.block_m), B * H)
+        NM = triton.cdiv(Lq, cfg.block_m)
+        total = B * H * NM
+        if cfg.persistent:
+            work = _plan.order(kv_num, fkv_num, B, H, cfg.block_m, bs, Lq)
+            grid = (min(total, PERSISTENT_WAVES * _num_sms(q.device)),)
+        else:
+            work, grid = kv_num, (total,)  # ORDER is unused
         attn_fwd_kernel[grid](
-            q, k, v, o, lse, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx, m8,
-            scale * LOG2E, Lq, Lk, H, H // Hkv,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2), H * Lq, Lq,
-            *_s2(kv_num), *_s3(kv_idx), *_s3(fkv_idx),
-            D=D, DP=_dp(D), BS=bs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            EVEN_N=Lk % cfg.block_n == 0, MERGED=cfg.merged,
+            q, k, v, o, lse, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx, m8, work,
+            scale * LOG2E, Lq, Lk, H, H // Hkv, NM, total, *scalars,
+            _s3(q), _s3(k), _s3(v), _s3(o), _s2(kv_num), _s3(kv_idx), _s3(fkv_idx),
+            D=D, DP=_dp(D), BS=bs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EVEN=Lk % bs == 0,
+            BAND=BAND, FULL_RUN=FULL_RUN, PERSISTENT=cfg.persistent,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
-    cfg = _tuning.choose(
-        "fwd", D, q.dtype, kind, q.device, bs, bench=lambda c: _bench(lambda: launch(c)), pairs=Lq * Lk,
-        even=Lk % bs == 0)
+    key = _plan.facts(kv_idx, fkv_idx, triton.cdiv(Lk, bs), bs, H // Hkv) + ("|band" if BAND else "")
+    cfg = _tuning.choose("fwd", D, q.dtype, key, q.device, bs, bench=lambda c: _bench(lambda: launch(c)),
+                         pairs=Lq * Lk, even=Lk % bs == 0)
     _tuning.run_with_fallback(launch, cfg)
     return o, lse
 
 
-def decode(q, k, v, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx, masks, scale: float, kind: str, num_sms: int = 132):
-    """Split-K forward for Lq <= 16 (all queries in query block 0). Same outputs as :func:`forward`."""
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def _counter(device: torch.device, n: int) -> torch.Tensor:
+    """A zeroed int32 buffer of at least ``n`` counters; the decode kernel leaves it zeroed (Note [fused
+    combine]). Under CUDA-graph capture a fresh one is made, owned by the graph."""
+    if _plan.capturing(device):
+        return torch.zeros(n, dtype=torch.int32, device=device)
+    have = _counters.get(device)
+    if have is None or have.numel() < n:
+        have = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        _counters[device] = have
+    return have
+
+
+def decode(q, k, v, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx, masks, scale: float, band=()):
+    """Split-K forward for Lq <= 16 (all queries in query block 0), one launch. Same outputs as :func:`forward`."""
     q, k, v = _lastdim(q), _lastdim(k), _lastdim(v)
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -92,7 +130,7 @@ def decode(q, k, v, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx, masks, scale: floa
     BLOCK_M = max(16, triton.next_power_of_2(GP * Lq))
     total = fkv_idx.shape[-1] + kv_idx.shape[-1]
     progs = B * HP
-    S = max(1, min(total, triton.cdiv(2 * num_sms, progs)))
+    S = max(1, min(total, triton.cdiv(2 * _num_sms(q.device), progs)))
     PER = triton.cdiv(total, S)
     S = triton.cdiv(total, PER)
     DP = _dp(D)
@@ -100,33 +138,30 @@ def decode(q, k, v, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx, masks, scale: floa
     lp = torch.empty(B, H, S, Lq, dtype=torch.float32, device=q.device)
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
+    count = _counter(q.device, progs)
+    scalars, BAND, FULL_RUN = _band_args(band, Lk, Lq)
 
     def launch(cfg: _tuning.Config) -> None:
-        bn = cfg.block_n
-        decode_split_kernel[(S, B * HP)](
-            q, k, v, op, lp, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx, m8,
-            scale * LOG2E, Lq, Lk, H, HP, G, GP, S, PER,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            *_s2(kv_num), *_s2(kv_idx), *_s2(fkv_idx),
-            D=D, DP=DP, BS=bs, BLOCK_M=BLOCK_M, BLOCK_N=bn,
+        decode_kernel[(S, progs)](
+            q, k, v, o, lse, op, lp, count, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx, m8,
+            scale * LOG2E, Lq, Lk, H, HP, G, GP, S, PER, *scalars,
+            _s3(q), _s3(k), _s3(v), _s3(o), _s2(kv_num), _s3(kv_idx), _s3(fkv_idx),
+            D=D, DP=DP, BS=bs, BLOCK_M=BLOCK_M, BLOCK_N=cfg.block_n, EVEN=Lk % bs == 0,
+            BAND=BAND, FULL_RUN=FULL_RUN,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        decode_combine_kernel[(B * H * Lq,)](
-            op, lp, o, lse, Lq, H, S, o.stride(0), o.stride(1), o.stride(2),
-            D=D, DP=DP, SP=max(2, triton.next_power_of_2(S)), num_warps=4,
-        )
 
-    cfg = _tuning.choose(
-        "decode", D, q.dtype, kind, q.device, bs, bench=lambda c: _bench(lambda: launch(c)), pairs=Lq * Lk,
-        even=Lk % bs == 0)
+    key = _plan.facts(kv_idx, fkv_idx, triton.cdiv(Lk, bs), bs, G) + ("|band" if BAND else "")
+    cfg = _tuning.choose("decode", D, q.dtype, key, q.device, bs, bench=lambda c: _bench(lambda: launch(c)),
+                         pairs=Lq * Lk, even=Lk % bs == 0)
     _tuning.run_with_fallback(launch, cfg)
     return o, lse
 
 
 def backward(do, q, k, v, o, lse, dlse, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx,
-             q_num, q_idx, q_mid, fq_num, fq_idx, masks, scale: float, kind: str):
-    """(dq, dk, dv) in the input dtypes; ``dlse`` (or None) is the gradient flowing into lse."""
+             q_num, q_idx, q_mid, fq_num, fq_idx, masks, scale: float):
+    """(dq, dk, dv) in the input dtypes; ``dlse`` (or None) is the gradient flowing into lse. Always the stored
+    masks (Note [no band in backward] in ``_backward.py``)."""
     q, k, v, o, do = _lastdim(q), _lastdim(k), _lastdim(v), _lastdim(o), _lastdim(do)
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -141,9 +176,7 @@ def backward(do, q, k, v, o, lse, dlse, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx
     lse2 = torch.empty_like(delta)
     PB = 64
     attn_bwd_preprocess_kernel[(triton.cdiv(Lq, PB), B * H)](
-        o, do, lse, delta, lse2, Lq, H, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1),
-        do.stride(2), D=D, DP=DP, BLOCK_M=PB,
-    )
+        o, do, lse, delta, lse2, Lq, H, _s3(o), _s3(do), D=D, DP=DP, BLOCK_M=PB)
     if dlse is not None:
         delta = delta - dlse.to(torch.float32)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -154,11 +187,8 @@ def backward(do, q, k, v, o, lse, dlse, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx
         attn_bwd_dq_kernel[(triton.cdiv(Lq, cfg.block_m), B * H)](
             q, k, v, do, dq, lse2, delta, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx, m8,
             scale * LOG2E, scale, Lq, Lk, H, G,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-            dq.stride(0), dq.stride(1), dq.stride(2),
-            *_s2(kv_num), *_s3(kv_idx), *_s3(fkv_idx),
-            D=D, DP=DP, BS=bs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            _s3(q), _s3(k), _s3(v), _s3(do), _s3(dq), _s2(kv_num), _s3(kv_idx), _s3(fkv_idx),
+            D=D, DP=DP, BS=bs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EVEN=Lk % bs == 0,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
@@ -166,20 +196,18 @@ def backward(do, q, k, v, o, lse, dlse, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx
         attn_bwd_dkdv_kernel[(triton.cdiv(Lk, cfg.block_n), B * Hkv)](
             q, k, v, do, dk, dv, lse2, delta, q_num, q_idx, q_mid, fq_num, fq_idx, m8,
             scale * LOG2E, scale, Lq, Lk, H, Hkv, G,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-            dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-            *_s2(q_num), *_s3(q_idx), *_s3(fq_idx),
+            _s3(q), _s3(k), _s3(v), _s3(do), _s3(dk), _s3(dv), _s2(q_num), _s3(q_idx), _s3(fq_idx),
             D=D, DP=DP, BS=bs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
-    cfg = _tuning.choose(
-        "dq", D, q.dtype, kind, q.device, bs, bench=lambda c: _bench(lambda: launch_dq(c)), pairs=Lq * Lk,
-        even=Lk % bs == 0 and Lq % bs == 0)
+    even = Lk % bs == 0 and Lq % bs == 0
+    key = _plan.facts(kv_idx, fkv_idx, triton.cdiv(Lk, bs), bs, G)
+    cfg = _tuning.choose("dq", D, q.dtype, key, q.device, bs, bench=lambda c: _bench(lambda: launch_dq(c)),
+                         pairs=Lq * Lk, even=even)
     _tuning.run_with_fallback(launch_dq, cfg)
-    cfg = _tuning.choose(
-        "dkdv", D, q.dtype, kind, q.device, bs, bench=lambda c: _bench(lambda: launch_dkdv(c)), pairs=Lq * Lk,
-        even=Lk % bs == 0 and Lq % bs == 0)
+    key = _plan.facts(q_idx, fq_idx, triton.cdiv(Lq, bs), bs, G)
+    cfg = _tuning.choose("dkdv", D, q.dtype, key, q.device, bs, bench=lambda c: _bench(lambda: launch_dkdv(c)),
+                         pairs=Lq * Lk, even=even)
     _tuning.run_with_fallback(launch_dkdv, cfg)
     return dq, dk, dv

@@ -21,11 +21,11 @@ TABLES = (
 
 @torch.library.custom_op("spattn::triton_attention_forward", mutates_args=())
 def attention_forward_op(
-    query: Tensor, key: Tensor, value: Tensor, tables: list[Tensor], scale: float, kind: str, use_decode: bool,
+    query: Tensor, key: Tensor, value: Tensor, tables: list[Tensor], scale: float, band: list[int], use_decode: bool,
     deterministic: bool,
 ) -> tuple[Tensor, Tensor]:
     fn = _launch.decode if use_decode else _launch.forward
-    return fn(query, key, value, *tables[:5], tables[10], scale, kind)
+    return fn(query, key, value, *tables[:5], tables[10], scale, band)
 
 
 @attention_forward_op.register_fake
@@ -40,11 +40,11 @@ def _(query, key, value, *args, **kwargs):
 @torch.library.custom_op("spattn::triton_attention_backward", mutates_args=())
 def attention_backward_op(
     grad_out: Tensor, grad_lse: Tensor | None, query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor,
-    tables: list[Tensor], scale: float, kind: str, deterministic: bool,
+    tables: list[Tensor], scale: float, deterministic: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     # Note [no atomics] in _backward.py: every configuration is deterministic, so `deterministic` only
     # records the request (a faster atomic variant would have to honour it).
-    return _launch.backward(grad_out, query, key, value, out, lse, grad_lse, *tables, scale, kind)
+    return _launch.backward(grad_out, query, key, value, out, lse, grad_lse, *tables, scale)
 
 
 @attention_backward_op.register_fake
@@ -57,10 +57,10 @@ def _(grad_out, grad_lse, query, key, value, *args, **kwargs):
 
 
 def _setup_context(ctx, inputs, output):
-    query, key, value, tables, scale, kind, _use_decode, deterministic = inputs
+    query, key, value, tables, scale, band, _use_decode, deterministic = inputs
     out, lse = output
     ctx.save_for_backward(query, key, value, out, lse, *tables)
-    ctx.scale, ctx.kind, ctx.deterministic = scale, kind, deterministic
+    ctx.scale, ctx.band, ctx.deterministic = scale, band, deterministic
 
 
 def _backward(ctx, grad_out, grad_lse):
@@ -69,9 +69,9 @@ def _backward(ctx, grad_out, grad_lse):
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     dq, dk, dv = attention_backward_op(
-        grad_out, grad_lse, query, key, value, out, lse, list(saved[5:]), ctx.scale, ctx.kind, ctx.deterministic
+        grad_out, grad_lse, query, key, value, out, lse, list(saved[5:]), ctx.scale, ctx.deterministic
     )
-    return dq, dk, dv, [None] * (len(saved) - 5), None, None, None, None
+    return dq, dk, dv, [None] * (len(saved) - 5), None, [None] * len(ctx.band), None, None
 
 
 attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -83,11 +83,11 @@ class EagerAttention(torch.autograd.Function):
     the kernels of a short sparse call; under ``torch.compile`` the custom op is used instead)."""
 
     @staticmethod
-    def forward(ctx, query, key, value, scale, kind, use_decode, deterministic, *tables):
+    def forward(ctx, query, key, value, scale, band, use_decode, deterministic, *tables):
         fn = _launch.decode if use_decode else _launch.forward
-        out, lse = fn(query, key, value, *tables[:5], tables[10], scale, kind)
+        out, lse = fn(query, key, value, *tables[:5], tables[10], scale, band)
         ctx.save_for_backward(query, key, value, out, lse, *tables)
-        ctx.scale, ctx.kind = scale, kind
+        ctx.scale, ctx.band = scale, band
         ctx.mark_non_differentiable(*tables)
         ctx.set_materialize_grads(False)  # an unused lse gets no zero gradient (and no extra kernel)
         return out, lse
@@ -98,5 +98,5 @@ class EagerAttention(torch.autograd.Function):
         query, key, value, out, lse = saved[:5]
         if grad_out is None:
             grad_out = torch.zeros_like(out)
-        dq, dk, dv = _launch.backward(grad_out, query, key, value, out, lse, grad_lse, *saved[5:], ctx.scale, ctx.kind)
+        dq, dk, dv = _launch.backward(grad_out, query, key, value, out, lse, grad_lse, *saved[5:], ctx.scale)
         return (dq, dk, dv) + (None,) * (4 + len(saved) - 5)

@@ -1,5 +1,6 @@
 """Kernel configurations: built-in defaults plus a small autotuner whose choices are cached in memory and on
-disk, keyed by (kernel, head dim, dtype, pattern kind, GPU name).
+disk, keyed by (kernel, head dim, dtype, layout facts, GPU name); the layout facts (``_plan.facts``: block size,
+density bucket, full/partial mix, GQA group, banded or not) come from the tables' shapes, not the pattern's name.
 
 ``SPATTN_TRITON_AUTOTUNE=0`` turns tuning off (defaults only); ``SPATTN_TRITON_CACHE`` moves the cache
 file (default ``~/.cache/spattn/triton-configs.json``). Tuning never runs under CUDA graph capture or on CPU.
@@ -23,13 +24,13 @@ class Config:
     block_n: int
     num_warps: int
     num_stages: int
-    merged: bool = False  # forward only: one loop over full + partial entries (Note [merged loop])
+    persistent: bool = False  # forward only: one program per SM walking the heaviest-first order
 
     def fit(self, block_size: int) -> Config:
         return dataclasses.replace(self, block_m=min(self.block_m, block_size), block_n=min(self.block_n, block_size))
 
 
-INTERPRETER = Config(32, 32, 4, 1)
+INTERPRETER = Config(64, 64, 4, 1)  # CPU interpreter: large tiles = fewer (slow) programs
 
 # defaults: (kernel, D <= 64) -> config; measured on an H200 (see benchmarks/NOTES-kernels.md)
 _DEFAULTS: dict[tuple[str, bool], Config] = {
@@ -88,9 +89,9 @@ def _gpu_name(index: int | None) -> str:
     return torch.cuda.get_device_name(index)
 
 
-def cache_key(kernel: str, head_dim: int, dtype: torch.dtype, kind: str, device: torch.device) -> str:
+def cache_key(kernel: str, head_dim: int, dtype: torch.dtype, facts: str, device: torch.device) -> str:
     gpu = _gpu_name(device.index) if device.type == "cuda" else "cpu"
-    return f"{kernel}|D{head_dim}|{str(dtype).removeprefix('torch.')}|{kind}|{gpu}"
+    return f"{kernel}|D{head_dim}|{str(dtype).removeprefix('torch.')}|{facts}|{gpu}"
 
 
 def default(kernel: str, head_dim: int) -> Config:
@@ -101,7 +102,7 @@ def choose(
     kernel: str,
     head_dim: int,
     dtype: torch.dtype,
-    kind: str,
+    facts: str,
     device: torch.device,
     block_size: int,
     bench: Callable[[Config], float] | None = None,
@@ -117,7 +118,7 @@ def choose(
     bucket = "short" if pairs <= 1 << 26 else "long"
     # tails (lengths not a multiple of the tile) take masked loads, which need more shared memory: a
     # config tuned on even lengths can run out of it there, so they are tuned apart
-    key = cache_key(kernel, head_dim, dtype, kind, device) + f"|bs{block_size}|{bucket}|{'even' if even else 'tail'}"
+    key = cache_key(kernel, head_dim, dtype, facts, device) + f"|bs{block_size}|{bucket}|{'even' if even else 'tail'}"
     if key in _memory:
         return _memory[key]
     allowed = os.environ.get("SPATTN_TRITON_AUTOTUNE", "1") != "0" and not torch.cuda.is_current_stream_capturing()

@@ -1,11 +1,11 @@
 """Dynamic selection benchmark: selection cost, sparse attention speed and recall next to the oracle.
 
-One script, one GPU call (DESIGN.md "benchmarks are a registry plus one driver"):
+The ``selectors`` suite of the one driver (DESIGN.md "benchmarks are a registry plus one driver"):
 
-    PYTHONPATH=src python benchmarks/dynamic_selection.py --out benchmarks/results/h200/selectors.json          # H200
-    PYTHONPATH=src python benchmarks/dynamic_selection.py --quick --out /tmp/selectors.json                     # smoke
-    PYTHONPATH=src python benchmarks/dynamic_selection.py --device cpu --lengths 1024 2048 --heads 4 --kv-heads 4 2 \
-        --head-dim 64 --dtype float32 --out benchmarks/results/cpu/selectors.json                       # CPU
+    PYTHONPATH=src python benchmarks/run.py selectors --out benchmarks/results/h200/selectors.json              # H200
+    PYTHONPATH=src python benchmarks/run.py selectors --out /tmp/selectors.json -- --quick                       # smoke
+    PYTHONPATH=src python benchmarks/run.py selectors --out benchmarks/results/cpu/selectors.json -- --device cpu \
+        --lengths 1024 2048 --heads 4 --kv-heads 4 2 --head-dim 64 --dtype float32                        # CPU
 
 Per length x head configuration (MHA and GQA) x selector, on synthetic prefill inputs with local structure
 plus a few heavy key blocks (``--data random`` for pure noise), pattern ``Sinks(s) | Window(w) | TopP(sel, p)``
@@ -22,31 +22,25 @@ plus a few heavy key blocks (``--data random`` for pure noise), pattern ``Sinks(
    at the same blocks per query block, on ``--recall-heads`` query heads, with the selector's own estimate.
 
 A ``--time-budget`` (seconds) skips the optional parts (flex, recall) of later rows rather than running over.
-Writes JSON (machine, versions, git commit, command) and prints a table.
+Returns the suite record (``spattn.bench.record``) and prints a line per row.
 """
 
-# ruff: noqa: E402 - src/ is put on the import path before spattn is imported
 from __future__ import annotations
-
-import os
-import sys
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
 
 import argparse
 import dataclasses
-import json
 import math
-import statistics
+import os
+import sys
 import time
 import traceback
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(_HERE, "..", "src"))
-
 import spattn
+from spattn.bench import record as bench_record
+from spattn.bench.timing import median_ms, sync
 from spattn.patterns.base import Context
 from spattn.selectors import LayoutBuilder, TopK, TopP
 
@@ -54,43 +48,14 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 
 # ------------------------------------------------------------------------------------------- timing
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fn, device: torch.device, *, reps: int, warmup: int = 2) -> float:
-    """Median milliseconds. CUDA: triton's do_bench (falls back to events); CPU: wall clock."""
-    if device.type == "cuda":
-        try:
-            from triton.testing import do_bench
-
-            return float(do_bench(fn, warmup=25, rep=max(reps, 20) * 5, return_mode="median"))
-        except ImportError:
-            pass
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    """Median milliseconds (device time on CUDA, wall clock on CPU)."""
+    return median_ms(fn, device=device, repeats=reps, warmup=warmup)
 
 
 def wall(fn, device: torch.device, *, reps: int) -> float:
     """Median wall-clock milliseconds including host synchronisation (for compile)."""
-    fn()
-    sync(device)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return median_ms(fn, device=device, repeats=reps, warmup=1, wall=True)
 
 
 # ------------------------------------------------------------------------------------------- inputs
@@ -422,8 +387,8 @@ def run_row(args, q, k, v, selector, device, backend, dense_ms, deadline) -> dic
     return row
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def run(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="selectors", description=__doc__.split("\n")[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[32768, 65536, 131072])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=16)
@@ -449,7 +414,6 @@ def main(argv=None) -> dict:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--time-budget", type=float, default=150.0, help="seconds; optional parts are skipped after it")
     p.add_argument("--quick", action="store_true", help="smoke run: short lengths, two selectors")
-    p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     start = time.time()
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
@@ -466,12 +430,10 @@ def main(argv=None) -> dict:
         dtype = torch.float32
     backend = sparse_backend(device) if args.backend == "auto" else args.backend
     deadline = start + args.time_budget
-    from spattn.bench.env import machine_info
-
-    result = {"benchmark": "selectors", "machine": machine_info(), "config": vars(args), "device": str(device),
-              "dtype": str(dtype).removeprefix("torch."), "sparse_backend": backend,
-              "coverage": "spattn.coverage" if _coverage() is not None else "local fallback",
-              "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None, "rows": []}
+    result = bench_record.make(
+        "selectors", vars(args), [], device=str(device), dtype=str(dtype).removeprefix("torch."),
+        sparse_backend=backend, coverage="spattn.coverage" if _coverage() is not None else "local fallback",
+        load_average=os.getloadavg() if hasattr(os, "getloadavg") else None)
     print(f"device={device} backend={backend} dtype={dtype} coverage={result['coverage']}", flush=True)
     for L in sorted(args.lengths, reverse=True):  # largest first: the headline rows fit the time budget
         for Hkv in args.kv_heads:
@@ -498,11 +460,6 @@ def main(argv=None) -> dict:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     result["total_seconds"] = time.time() - start
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1, default=str)
-        print(f"wrote {args.out}")
     return result
 
 
@@ -522,6 +479,3 @@ def summary(row: dict) -> str:
         f"est={row['estimated_mass']:.3f} gate={row.get('gate', {}).get('ok')}"
     )
 
-
-if __name__ == "__main__":
-    main()

@@ -1,11 +1,11 @@
 """Coverage benchmark: the cost of ``spattn.coverage.measure`` against one dense attention forward.
 
-One script, one call (DESIGN.md "benchmarks are a registry plus one driver"):
+The ``coverage`` suite of the one driver (DESIGN.md "benchmarks are a registry plus one driver"):
 
-    PYTHONPATH=src python benchmarks/coverage_cost.py --out benchmarks/results/h200/coverage.json                # GPU
-    PYTHONPATH=src python benchmarks/coverage_cost.py --device cpu --lengths 8192 --heads 12 --kv-heads 12 \
-        --head-dim 64 --dtype float32 --reach-length 65536 --reach-layers 32 \
-        --out benchmarks/results/cpu/coverage.json                                                          # CPU
+    PYTHONPATH=src python benchmarks/run.py coverage --out benchmarks/results/h200/coverage.json               # GPU
+    PYTHONPATH=src python benchmarks/run.py coverage --out benchmarks/results/cpu/coverage.json -- --device cpu \
+        --lengths 8192 --heads 12 --kv-heads 12 --head-dim 64 --dtype float32 --reach-length 65536 \
+        --reach-layers 32                                                                                   # CPU
 
 Per length, on random causal prefill inputs [B, H, L, D] (GQA when --kv-heads < --heads), pattern
 ``Sinks(64) | Window(w)``:
@@ -19,54 +19,34 @@ Per length, on random causal prefill inputs [B, H, L, D] (GQA when --kv-heads < 
 4. reachability of the same pattern at ``--reach-length`` tokens through ``--reach-layers`` layers (CPU or
    GPU, whichever ``--device``), time and layers to full.
 
-Writes JSON (machine, versions, git commit, command) and prints a table.
+Returns the suite record (``spattn.bench.record``) and prints a line per row.
 """
 
-# ruff: noqa: E402 - src/ is put on the import path before spattn is imported
 from __future__ import annotations
 
-import os
-import sys
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
-
 import argparse
-import json
 import math
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(_HERE, "..", "src"))
-
 import spattn
-from spattn.bench.env import machine_info
+from spattn.bench import record as bench_record
+from spattn.bench.timing import median_ms
 from spattn.coverage import block_mass, measure, reachability
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fn, device: torch.device, repeats: int) -> tuple[float, object]:
-    """Median wall-clock seconds over ``repeats`` runs (after one warm-up when repeats > 1)."""
-    out = None
-    if repeats > 1:
-        out = fn()
-        sync(device)
-    times = []
-    for _ in range(max(1, repeats)):
-        sync(device)
-        t0 = time.perf_counter()
-        out = fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+    """Median wall-clock seconds over ``repeats`` runs (one warm-up when repeats > 1) and the last result."""
+    box = []
+
+    def call():
+        box[:] = [fn()]
+
+    seconds = median_ms(call, device=device, repeats=max(1, repeats), warmup=1 if repeats > 1 else 0, wall=True) / 1e3
+    return seconds, box[0]
 
 
 def dense_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -101,8 +81,8 @@ def gate(q: torch.Tensor, k: torch.Tensor, layout: spattn.Layout, report, n: int
     return float((report.recall[0, :heads, L - n:].double() - want).abs().max())
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def run(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="coverage", description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     ap.add_argument("--batch", type=int, default=1)
@@ -121,12 +101,11 @@ def main() -> None:
     ap.add_argument("--reach-length", type=int, default=65536)
     ap.add_argument("--reach-layers", type=int, default=32)
     ap.add_argument("--reach-window", type=int, default=1024)
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
-    record = {**machine_info(), "benchmark": "coverage", "args": vars(args), "rows": [], "reachability": None}
+    record = bench_record.make("coverage", vars(args), [], reachability=None)
     pattern = spattn.Sinks(args.sinks) | spattn.Window(args.window)
     chunk, topk = args.chunk, args.topk
     for L in args.lengths:
@@ -173,9 +152,8 @@ def main() -> None:
     if args.reach_length and args.reach_layers:
         Lr = args.reach_length
         rpat = spattn.Sinks(args.sinks) | spattn.Window(args.reach_window)
-        t0 = time.perf_counter()
-        rlay = spattn.compile(rpat, Lr, Lr, causal=True, block_size=args.block_size, device=device)
-        t_compile = time.perf_counter() - t0
+        t_compile, rlay = timed(lambda: spattn.compile(rpat, Lr, Lr, causal=True, block_size=args.block_size,
+                                                       device=device), device, 1)
         t_reach, r = timed(lambda: reachability(rlay, causal=True, max_layers=args.reach_layers), device, 1)
         record["reachability"] = {
             "length": Lr, "layers": args.reach_layers, "pattern": rpat.to_dict(), "block_size": args.block_size,
@@ -186,11 +164,4 @@ def main() -> None:
         print(f"reachability L={Lr} layers={args.reach_layers} {t_reach:.2f}s "
               f"({t_reach / args.reach_layers:.3f}s/layer)"
               f"  layers_to_full={r.layers_to_full}  fraction[-1]={float(r.fraction[-1]):.4f}", flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(record, f, indent=1)
-    print(f"wrote {args.out}\nrerun: {record['command']}")
-
-
-if __name__ == "__main__":
-    main()
+    return record

@@ -1,0 +1,426 @@
+"""``spattn eval``: the evaluation suite on any pattern or plan, with intervals, JSON and PNG figures.
+
+``spattn eval passkey|variable-tracking|multi-needle`` (a real model, dense vs plans),
+``spattn eval mqar|listops`` (small models trained from scratch), ``spattn eval ablate`` (one factor varied).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+eval_app = typer.Typer(
+    help="Evaluation suite: retrieval in real text, synthetic tasks trained from scratch, ablations.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+PlanOption = Annotated[
+    list[str] | None,
+    typer.Option("--plan", "-p", help="A plan to compare with dense (repeatable): 'sinks=64,window=256', "
+                 "a plan JSON file, or pattern/plan JSON text. Dense is always evaluated first."),
+]
+OutputOption = Annotated[str | None, typer.Option("--output", "-o", help="Output folder (default spattn-eval/TASK).")]
+SeedsOption = Annotated[str, typer.Option("--seeds", help="Seeds: a count ('3' = 0,1,2) or a list ('0,5,9').")]
+
+
+def _ints(text: str, name: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{name} must be comma-separated integers, got {text!r}") from None
+    if not out:
+        raise typer.BadParameter(f"{name} must list at least one value")
+    return out
+
+
+def _floats(text: str, name: str) -> list[float]:
+    try:
+        out = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{name} must be comma-separated numbers, got {text!r}") from None
+    if not out:
+        raise typer.BadParameter(f"{name} must list at least one value")
+    return out
+
+
+def _seeds(text: str) -> list[int]:
+    values = _ints(text, "--seeds")
+    if len(values) == 1 and "," not in text:
+        if values[0] < 1:
+            raise typer.BadParameter("--seeds as a count must be >= 1")
+        return list(range(values[0]))
+    return values
+
+
+def _plans(specs: list[str] | None) -> dict[str, Any]:
+    from spattn.eval.lm import parse_plan
+
+    plans: dict[str, Any] = {"dense": None}
+    for spec in specs or []:
+        try:
+            plan = parse_plan(spec)
+        except (ValueError, FileNotFoundError, KeyError, TypeError) as exc:
+            raise typer.BadParameter(str(exc), param_hint="--plan") from None
+        name = Path(spec).stem if spec.endswith(".json") else spec
+        plans[name if not plan.is_dense() else "dense (spattn)"] = plan
+    return plans
+
+
+def _record(task: str, extra: dict[str, Any]) -> dict[str, Any]:
+    import spattn
+    from spattn.bench.env import machine_info
+
+    versions = {"spattn": spattn.__version__}
+    for name in ("torch", "transformers", "scipy", "numpy"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            versions[name] = None
+    machine = machine_info()
+    return {"task": task, "machine": machine, "versions": versions, "commit": machine.get("git_commit"),
+            "command": machine.get("command"), **extra}
+
+
+def _write(folder: Path, record: dict[str, Any]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "results.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def _load_model(model: str, device: str) -> tuple[Any, Any]:
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if model == "smollm2":
+        from spattn.integrations.models import load_smollm2
+
+        return load_smollm2(device=device)
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise typer.BadParameter(f"model must be 'smollm2' or a Hugging Face model folder, got {model!r}",
+                                 param_hint="--model")
+    from spattn._optional import require
+
+    transformers = require("transformers", extra="hf")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(path)).to(device).eval()
+    return loaded, transformers.AutoTokenizer.from_pretrained(str(path))
+
+
+def _haystack(text: str) -> str:
+    from spattn.data.corpora import load_text
+
+    try:
+        return load_text(text)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="--text") from None
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+_VERDICT = {"a": "better", "b": "worse", "tie": "tie"}
+
+
+def _print_retrieval(record: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{record['task']}: exact match (95% bootstrap interval), {record['samples']} samples")
+    for column in ("plan", "found", "accuracy", "vs dense"):
+        table.add_column(column)
+    for name, entry in record["result"]["plans"].items():
+        a = entry["accuracy"]
+        versus = entry.get("versus_dense")
+        verdict = "" if versus is None else (
+            f"{_VERDICT[versus['winner']]} ({versus['difference']:+.2f} [{versus['low']:+.2f}, {versus['high']:+.2f}])"
+        )
+        table.add_row(name, f"{entry['found']}/{entry['samples']}",
+                      f"{a['value']:.3f} [{a['low']:.3f}, {a['high']:.3f}]", verdict)
+    _console().print(table)
+
+
+def _retrieval(task: str, model: str, plans: list[str] | None, lengths: str, depths: str, seeds: str, text: str,
+               output: str | None, backend: str, block_size: int, device: str, batch_size: int, figures: bool,
+               options: dict[str, Any]) -> dict[str, Any]:
+    from spattn.eval.figures import heatmap_figure
+    from spattn.eval.retrieval import make_samples, retrieval_grid
+
+    chosen = _plans(plans)
+    length_list, depth_list, seed_list = _ints(lengths, "--lengths"), _floats(depths, "--depths"), _seeds(seeds)
+    if any(not 0 <= d <= 1 for d in depth_list):
+        raise typer.BadParameter("depths must be in [0, 1]", param_hint="--depths")
+    console = _console()
+    with console.status(f"loading {model} and the {text} text..."):
+        loaded, tokenizer = _load_model(model, device)
+        haystack = _haystack(text)
+    try:
+        samples = make_samples(task, tokenizer, haystack, length_list, depth_list, seed_list, **options)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    result = retrieval_grid(loaded, tokenizer, samples, chosen, backend=backend, block_size=block_size,
+                            batch_size=batch_size, progress=True)
+    record = _record(task, {
+        "model": model, "text": text, "lengths": length_list, "depths": depth_list, "seeds": seed_list,
+        "options": options, "backend": backend, "block_size": block_size, "samples": len(samples), "result": result,
+    })
+    folder = Path(output or f"spattn-eval/{task}")
+    if figures:
+        panels = {name: entry["cells"] for name, entry in result["plans"].items()}
+        record["figures"] = [str(heatmap_figure(panels, folder / "heatmap.png",
+                                                title=f"{task} on {text}, {model}"))]
+    path = _write(folder, record)
+    _print_retrieval(record)
+    console.print(f"results: {path}")
+    return record
+
+
+FigureOption = Annotated[bool, typer.Option("--figures/--no-figures", help="Write PNG figures (needs spattn[viz]).")]
+
+
+@eval_app.command("passkey")
+def passkey_command(
+    model: Annotated[str, typer.Option(help="'smollm2' (SmolLM2-135M, offline) or a Hugging Face model folder.")]
+    = "smollm2",
+    plan: PlanOption = None,
+    lengths: Annotated[str, typer.Option(help="Context lengths in tokens, comma-separated.")] = "1024,2048",
+    depths: Annotated[str, typer.Option(help="Relative needle depths in [0, 1], comma-separated.")] = "0.1,0.5,0.9",
+    seeds: SeedsOption = "3",
+    text: Annotated[str, typer.Option(help="Haystack: 'austen', 'kjv' or a text file (domain shift).")] = "austen",
+    distractors: Annotated[int, typer.Option(help="Look-alike needles for other keys.")] = 0,
+    noise: Annotated[float, typer.Option(help="Fraction of haystack tokens replaced by random tokens.")] = 0.0,
+    answer: Annotated[str, typer.Option(help="'digits' (5-digit number) or 'rare' (rare word tokens).")] = "digits",
+    output: OutputOption = None,
+    backend: Annotated[str, typer.Option(help="spattn backend of the plans.")] = "auto",
+    block_size: Annotated[int, typer.Option(help="Block size of the compiled layouts.")] = 128,
+    device: Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda'.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Samples of one length per forward pass.")] = 1,
+    figures: FigureOption = True,
+) -> None:
+    """A pass key hidden in real text at each length x depth x seed: exact match, dense vs every plan."""
+    _retrieval("passkey", model, plan, lengths, depths, seeds, text, output, backend, block_size, device,
+               batch_size, figures, {"distractors": distractors, "noise": noise, "answer": answer})
+
+
+@eval_app.command("variable-tracking")
+def variable_tracking_command(
+    model: Annotated[str, typer.Option(help="'smollm2' or a Hugging Face model folder.")] = "smollm2",
+    plan: PlanOption = None,
+    lengths: Annotated[str, typer.Option(help="Context lengths in tokens, comma-separated.")] = "1024,2048",
+    depths: Annotated[str, typer.Option(help="Relative depth of the chain's first statement.")] = "0.1,0.5",
+    seeds: SeedsOption = "3",
+    text: Annotated[str, typer.Option(help="Haystack: 'austen', 'kjv' or a text file.")] = "austen",
+    hops: Annotated[int, typer.Option(help="Assignments to follow after the first.")] = 1,
+    chains: Annotated[int, typer.Option(help="Chains in the prompt (the others are distractors).")] = 1,
+    noise: Annotated[float, typer.Option(help="Fraction of haystack tokens replaced by random tokens.")] = 0.0,
+    output: OutputOption = None,
+    backend: Annotated[str, typer.Option(help="spattn backend of the plans.")] = "auto",
+    block_size: Annotated[int, typer.Option(help="Block size of the compiled layouts.")] = 128,
+    device: Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda'.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Samples of one length per forward pass.")] = 1,
+    figures: FigureOption = True,
+) -> None:
+    """RULER-style variable chains in real text: the value of the last variable, dense vs every plan."""
+    _retrieval("variable_tracking", model, plan, lengths, depths, seeds, text, output, backend, block_size, device,
+               batch_size, figures, {"hops": hops, "chains": chains, "noise": noise})
+
+
+@eval_app.command("multi-needle")
+def multi_needle_command(
+    model: Annotated[str, typer.Option(help="'smollm2' or a Hugging Face model folder.")] = "smollm2",
+    plan: PlanOption = None,
+    lengths: Annotated[str, typer.Option(help="Context lengths in tokens, comma-separated.")] = "1024,2048",
+    depths: Annotated[str, typer.Option(help="Centre depths; three parts at depth-0.1, depth, depth+0.1.")]
+    = "0.2,0.5,0.8",
+    seeds: SeedsOption = "3",
+    text: Annotated[str, typer.Option(help="Haystack: 'austen', 'kjv' or a text file.")] = "austen",
+    noise: Annotated[float, typer.Option(help="Fraction of haystack tokens replaced by random tokens.")] = 0.0,
+    output: OutputOption = None,
+    backend: Annotated[str, typer.Option(help="spattn backend of the plans.")] = "auto",
+    block_size: Annotated[int, typer.Option(help="Block size of the compiled layouts.")] = 128,
+    device: Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda'.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Samples of one length per forward pass.")] = 1,
+    figures: FigureOption = True,
+) -> None:
+    """Three parts of a pass key at three depths, all asked for: exact match, dense vs every plan."""
+    _retrieval("multi_needle", model, plan, lengths, depths, seeds, text, output, backend, block_size, device,
+               batch_size, figures, {"noise": noise})
+
+
+def _trained(task: str, plans: list[str] | None, size: str, d_model: int | None, learning_rates: str, seeds: str,
+             steps: int | None, device: str, backend: str | None, block_size: int | None, output: str | None,
+             figures: bool) -> dict[str, Any]:
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from spattn.eval import stats
+    from spattn.eval.figures import bars_figure
+    from spattn.eval.train import listops_config, mqar_config, sweep
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    changes: dict[str, Any] = {"device": device, "backend": backend or ("auto" if device.startswith("cuda")
+                                                                          else "reference")}
+    if steps is not None:
+        changes["steps"] = steps
+    if block_size is not None:
+        changes["block_size"] = block_size
+    try:
+        if task == "mqar":
+            config = mqar_config(size, **({"d_model": d_model} if d_model else {}), **changes)
+        else:
+            config = listops_config(size, **({"d_model": d_model} if d_model else {}), **changes)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    chosen = _plans(plans)
+    rates, seed_list = _floats(learning_rates, "--learning-rates"), _seeds(seeds)
+    runs_total = len(chosen) * len(rates) * len(seed_list)
+    results: dict[str, Any] = {}
+    console = _console()
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        overall = bar.add_task(f"{task}: {runs_total} runs", total=runs_total * config.steps)
+        for name, plan in chosen.items():
+            bar.update(overall, description=f"{task}: {name}")
+            result = sweep(config, plan, learning_rates=rates, seeds=seed_list,
+                           progress=lambda step, loss: bar.advance(overall))
+            results[name] = result
+    baseline = results["dense"].best_runs()
+    record_plans: dict[str, Any] = {}
+    for name, result in results.items():
+        entry = result.to_dict()
+        if name != "dense":  # paired over the same test examples, seed by seed (pooled)
+            a = [x for r in result.best_runs() for x in r.per_example]
+            b = [x for r in baseline for x in r.per_example]
+            entry["versus_dense"] = stats.compare(a, b).to_dict()
+        record_plans[name] = entry
+    record = _record(task, {"size": size, "config": config.to_dict(), "learning_rates": rates, "seeds": seed_list,
+                            "plans": record_plans})
+    folder = Path(output or f"spattn-eval/{task}")
+    if figures:
+        record["figures"] = [str(bars_figure({n: e["accuracy"] for n, e in record_plans.items()},
+                                             folder / "accuracy.png", title=f"{task} ({size}), best learning rate"))]
+    path = _write(folder, record)
+    from rich.table import Table
+
+    table = Table(title=f"{task} ({size}): test accuracy, best of {len(rates)} learning rates, {len(seed_list)} seeds")
+    for column in ("plan", "accuracy [95% interval]", "best lr", "vs dense"):
+        table.add_column(column)
+    for name, entry in record_plans.items():
+        a, versus = entry["accuracy"], entry.get("versus_dense")
+        verdict = "" if versus is None else _VERDICT[versus["winner"]]
+        table.add_row(name, f"{a['value']:.3f} [{a['low']:.3f}, {a['high']:.3f}]", f"{entry['best_learning_rate']:g}",
+                      verdict)
+    console.print(table)
+    console.print(f"results: {path}")
+    return record
+
+
+@eval_app.command("mqar")
+def mqar_command(
+    plan: PlanOption = None,
+    size: Annotated[str, typer.Option(help="'tiny' (CPU, seconds) or 'published' (Zoology: 256 tokens, 16 pairs).")]
+    = "tiny",
+    d_model: Annotated[int | None, typer.Option(help="Model width (published: 64 or 128).")] = None,
+    learning_rates: Annotated[str, typer.Option(help="Learning rates to try; the best is kept.")] = "0.003",
+    seeds: SeedsOption = "1",
+    steps: Annotated[int | None, typer.Option(help="Training steps (default: the preset's).")] = None,
+    device: Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda'.")] = "auto",
+    backend: Annotated[str | None, typer.Option(help="spattn backend (default: reference on CPU, auto on CUDA).")]
+    = None,
+    block_size: Annotated[int | None, typer.Option(help="Block size of layouts and of selection.")] = None,
+    output: OutputOption = None,
+    figures: FigureOption = True,
+) -> None:
+    """Multi-query associative recall, a small model trained from scratch per plan: test accuracy."""
+    _trained("mqar", plan, size, d_model, learning_rates, seeds, steps, device, backend, block_size, output, figures)
+
+
+@eval_app.command("listops")
+def listops_command(
+    plan: PlanOption = None,
+    size: Annotated[str, typer.Option(help="'tiny' (CPU, seconds) or 'published' (LRA: 4 layers, 512 wide).")]
+    = "tiny",
+    d_model: Annotated[int | None, typer.Option(help="Model width.")] = None,
+    learning_rates: Annotated[str, typer.Option(help="Learning rates to try; the best is kept.")] = "0.001",
+    seeds: SeedsOption = "1",
+    steps: Annotated[int | None, typer.Option(help="Training steps (default: the preset's).")] = None,
+    device: Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda'.")] = "auto",
+    backend: Annotated[str | None, typer.Option(help="spattn backend (default: reference on CPU, auto on CUDA).")]
+    = None,
+    block_size: Annotated[int | None, typer.Option(help="Block size of layouts and of selection.")] = None,
+    output: OutputOption = None,
+    figures: FigureOption = True,
+) -> None:
+    """ListOps (LRA), a small classifier trained from scratch per plan: test accuracy."""
+    _trained("listops", plan, size, d_model, learning_rates, seeds, steps, device, backend, block_size, output,
+             figures)
+
+
+@eval_app.command("ablate")
+def ablate_command(
+    factor: Annotated[str, typer.Option(help="window, sinks, selector, budget, block_size or dense_layers.")],
+    values: Annotated[str, typer.Option(help="Values, comma-separated (dense_layers: '0+1,none'; sinks: on/off).")],
+    task: Annotated[str, typer.Option(help="passkey, variable_tracking or multi_needle.")] = "passkey",
+    window: Annotated[int, typer.Option(help="Base window.")] = 256,
+    sinks: Annotated[int, typer.Option(help="Base sinks (0 = off).")] = 64,
+    selector: Annotated[str, typer.Option(help="Base selector of the dynamic part.")] = "pooled",
+    budget: Annotated[int, typer.Option(help="Base keys per query of the dynamic part (0 = none).")] = 0,
+    block_size: Annotated[int, typer.Option(help="Base block size.")] = 128,
+    dense_layers: Annotated[str, typer.Option(help="Base layers kept dense ('0+1' or 'none').")] = "none",
+    model: Annotated[str, typer.Option(help="'smollm2' or a Hugging Face model folder.")] = "smollm2",
+    lengths: Annotated[str, typer.Option(help="Context lengths in tokens.")] = "1024",
+    depths: Annotated[str, typer.Option(help="Relative needle depths.")] = "0.1,0.5,0.9",
+    seeds: SeedsOption = "3",
+    text: Annotated[str, typer.Option(help="Haystack: 'austen', 'kjv' or a text file.")] = "austen",
+    output: OutputOption = None,
+    backend: Annotated[str, typer.Option(help="spattn backend.")] = "auto",
+    device: Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda'.")] = "auto",
+    figures: FigureOption = True,
+) -> None:
+    """Vary one factor of a plan with the rest fixed; exact match on the same samples; a table and a figure."""
+    from rich.markdown import Markdown
+
+    from spattn.eval import ablate as ablation
+    from spattn.eval.figures import ablation_figure
+    from spattn.eval.retrieval import make_samples, retrieval_accuracy
+
+    try:
+        parsed = [ablation.parse_value(factor, v) for v in values.split(",")]
+        base = ablation.PlanSpec(window=window, sinks=sinks, selector=selector, budget=budget, block_size=block_size,
+                                 dense_layers=ablation.parse_value("dense_layers", dense_layers))
+        ablation.variants(factor, parsed, base)
+    except (ValueError, TypeError) as exc:
+        raise typer.BadParameter(str(exc)) from None
+    console = _console()
+    with console.status(f"loading {model} and the {text} text..."):
+        loaded, tokenizer = _load_model(model, device)
+        haystack = _haystack(text)
+    samples = make_samples(task, tokenizer, haystack, _ints(lengths, "--lengths"), _floats(depths, "--depths"),
+                           _seeds(seeds))
+
+    def score(spec: ablation.PlanSpec) -> list[float]:
+        result = retrieval_accuracy(loaded, tokenizer, samples, spec.plan(), backend, block_size=spec.block_size,
+                                    progress=True)
+        return [float(c) for c in result.correct]
+
+    dense = retrieval_accuracy(loaded, tokenizer, samples, None, progress=True)
+    result = ablation.ablate(factor, parsed, score, base=base,
+                             progress=lambda spec: console.print(f"scoring {spec.label()}"))
+    record = _record("ablate", {"ablated_task": task, "model": model, "text": text, "samples": len(samples),
+                                "dense": dense.accuracy.to_dict(), "ablation": result,
+                                "table": ablation.table(result)})
+    folder = Path(output or f"spattn-eval/ablate-{factor}")
+    if figures:
+        record["figures"] = [str(ablation_figure(result, folder / "ablation.png", ylabel=f"{task} exact match"))]
+    path = _write(folder, record)
+    console.print(Markdown(ablation.table(result)))
+    console.print(f"dense: {dense.accuracy}; results: {path}")

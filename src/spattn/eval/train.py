@@ -1,0 +1,448 @@
+"""Small transformers trained from scratch on the synthetic tasks, with any spattn pattern or plan inside.
+
+* :class:`TinyTransformer`: token + learned position embeddings, ``layers`` pre-norm blocks whose attention
+  runs through :func:`spattn.attention` with the plan's pattern for that layer (``None`` = full), an optional
+  MLP, and a head: next-token logits (MQAR) or classes from the mean over non-padding tokens (ListOps).
+* :class:`TrainConfig`: one training run; presets :func:`mqar_config` (Zoology's 2 layers, one head, no MLP)
+  and :func:`listops_config` (LRA's 4 layers, 512 wide, 8 heads), each with a ``tiny`` CI size.
+* :func:`train`: one run -> :class:`TrainResult` (per-example test accuracy with its bootstrap interval).
+* :func:`sweep`: a few learning rates x seeds; the best learning rate by mean accuracy, its accuracy with a
+  two-level (seeds, then examples) interval.
+
+Everything is deterministic by seed on CPU. The attention of every layer, dense included, goes through
+``spattn.attention`` on the same backend, so dense and sparse differ only by the pattern.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spattn.eval import stats
+from spattn.eval.tasks import IGNORE_INDEX, LISTOPS_VOCAB, listops, mqar
+from spattn.integrations.plan import Plan, as_plan
+from spattn.ops.attention.api import attention
+from spattn.patterns import Document, Full, Pattern, compile
+
+TASKS = ("mqar", "listops")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run on a synthetic task.
+
+    Attributes:
+        task: ``"mqar"`` (next-token recall, causal) or ``"listops"`` (classification, bidirectional).
+        task_options: arguments of :func:`~spattn.eval.tasks.mqar` / :func:`~spattn.eval.tasks.listops`
+            (``seq_len``, ``num_kv_pairs``, ``vocab_size`` / ``min_length``, ``max_length``, ``max_depth``...).
+        d_model, layers, heads: model width, depth and attention heads (``d_model % heads == 0``).
+        mlp: add a 4x GELU MLP to every block (``False``: attention only, as Zoology's MQAR models).
+        train_examples, test_examples: sizes of the generated sets (test uses another seed).
+        steps, batch_size, learning_rate, weight_decay, warmup: AdamW with linear warmup (``warmup`` fraction
+            of the steps) then cosine decay to 0.
+        block_size: block size of the compiled layouts (and of dynamic selection).
+        backend: spattn backend (``"reference"`` on CPU; ``"auto"`` picks triton on CUDA).
+        device: where to train.
+        seed: seeds the data, the initialisation and the batch order.
+    """
+
+    task: str = "mqar"
+    task_options: dict[str, Any] = field(default_factory=dict)
+    d_model: int = 64
+    layers: int = 2
+    heads: int = 1
+    mlp: bool = False
+    train_examples: int = 20_000
+    test_examples: int = 1000
+    steps: int = 1000
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.1
+    warmup: float = 0.1
+    block_size: int = 64
+    backend: str = "reference"
+    device: str = "cpu"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        for name in ("d_model", "layers", "heads", "train_examples", "test_examples", "steps", "batch_size",
+                     "block_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"TrainConfig.{name} must be a positive int, got {value!r}")
+        if self.d_model % self.heads:
+            raise ValueError(f"TrainConfig.d_model ({self.d_model}) must be a multiple of heads ({self.heads})")
+        if not self.learning_rate > 0:
+            raise ValueError(f"TrainConfig.learning_rate must be > 0, got {self.learning_rate!r}")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"TrainConfig.warmup must be a fraction in [0, 1), got {self.warmup!r}")
+        object.__setattr__(self, "task_options", dict(self.task_options))
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def mqar_config(size: str = "published", d_model: int | None = None, **changes: Any) -> TrainConfig:
+    """MQAR training presets.
+
+    ``"published"``: Zoology's setting, sequences of 256 with 16 key-value pairs, vocabulary 8192, 2 layers,
+    one head, no MLP, learned positions, ``d_model`` 64 (default) or 128 (100 000 training examples, 3000
+    test). ``"tiny"``: 24 tokens, 3 pairs, vocabulary 32, width 32, seconds on a CPU (CI). ``changes``
+    override fields."""
+    if size == "published":
+        config = TrainConfig(
+            task="mqar", task_options={"seq_len": 256, "num_kv_pairs": 16, "vocab_size": 8192},
+            d_model=d_model or 64,
+            layers=2, heads=1, mlp=False, train_examples=100_000, test_examples=3000, steps=3000, batch_size=256,
+            learning_rate=1e-3, block_size=32,
+        )
+    elif size == "tiny":
+        config = TrainConfig(
+            task="mqar", task_options={"seq_len": 24, "num_kv_pairs": 3, "vocab_size": 32}, d_model=d_model or 32,
+            layers=2, heads=1, mlp=False, train_examples=2000, test_examples=200, steps=150, batch_size=32,
+            learning_rate=1e-2, block_size=16,
+        )
+    else:
+        raise ValueError(f"size must be 'published' or 'tiny', got {size!r}")
+    return config.replace(**changes)
+
+
+def listops_config(size: str = "published", **changes: Any) -> TrainConfig:
+    """ListOps training presets.
+
+    ``"published"``: LRA's model, 4 layers, 512 wide, 8 heads, MLP, sequences of 500-2000 tokens
+    (``max_depth=10``, ``max_args=10``). ``"tiny"``: 1 layer, 32 wide, 10-60 tokens, seconds on a CPU (CI)."""
+    if size == "published":
+        config = TrainConfig(
+            task="listops",
+            task_options={"min_length": 500, "max_length": 2000, "max_depth": 10, "max_args": 10},
+            d_model=512, layers=4, heads=8, mlp=True, train_examples=20_000, test_examples=1000, steps=2000,
+            batch_size=32, learning_rate=3e-4, block_size=128,
+        )
+    elif size == "tiny":
+        config = TrainConfig(
+            task="listops", task_options={"min_length": 10, "max_length": 60, "max_depth": 3, "max_args": 4},
+            d_model=32, layers=1, heads=2, mlp=True, train_examples=400, test_examples=100, steps=30,
+            batch_size=32, learning_rate=1e-3, block_size=16,
+        )
+    else:
+        raise ValueError(f"size must be 'published' or 'tiny', got {size!r}")
+    return config.replace(**changes)
+
+
+def _data(config: TrainConfig, examples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    options = tuple(sorted(config.task_options.items()))
+    return _generated(config.task, options, examples, seed)
+
+
+@functools.lru_cache(maxsize=8)
+def _generated(task: str, options: tuple, examples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The generated set, kept for the next run of a sweep (every plan trains on the same data)."""
+    make = mqar if task == "mqar" else listops
+    return make(examples, seed=seed, **dict(options))
+
+
+def _vocab_and_length(config: TrainConfig) -> tuple[int, int]:
+    options = config.task_options
+    if config.task == "mqar":
+        return int(options.get("vocab_size", 8192)), int(options.get("seq_len", 256))
+    return len(LISTOPS_VOCAB), int(options.get("max_length", 2000))
+
+
+# ---------------------------------------------------------------------------------------------- the model
+class _Block(nn.Module):
+    def __init__(self, d_model: int, heads: int, mlp: bool) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.out = nn.Linear(d_model, d_model, bias=False)
+        self.mlp = (
+            nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, 4 * d_model), nn.GELU(),
+                          nn.Linear(4 * d_model, d_model))
+            if mlp else None
+        )
+
+    def forward(self, x: torch.Tensor, layout_or_pattern: Any, causal: bool, backend: str, block_size: int):
+        B, L, d = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(B, L, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = attention(q, k, v, layout_or_pattern, causal=causal, backend=backend, block_size=block_size)
+        x = x + self.out(y.transpose(1, 2).reshape(B, L, d))
+        if self.mlp is not None:
+            x = x + self.mlp(x)
+        return x
+
+
+class TinyTransformer(nn.Module):
+    """A small transformer whose attention is a spattn plan.
+
+    Args:
+        vocab_size, max_length: token vocabulary and the longest input (learned positions).
+        d_model, layers, heads, mlp: as :class:`TrainConfig`.
+        plan: a :class:`~spattn.Plan`, one pattern for every layer, or ``None`` (full attention).
+        causal: causal attention (language modelling) or bidirectional (classification).
+        num_classes: ``None`` for next-token logits ``[B, L, vocab_size]``, else class logits
+            ``[B, num_classes]`` from the mean over non-padding (id 0) tokens.
+        backend, block_size: passed to :func:`spattn.attention`.
+
+    ``forward(input_ids)`` takes int64 ``[B, L]``.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        max_length: int,
+        *,
+        d_model: int = 64,
+        layers: int = 2,
+        heads: int = 1,
+        mlp: bool = False,
+        plan: Plan | Pattern | None = None,
+        causal: bool = True,
+        num_classes: int | None = None,
+        backend: str = "reference",
+        block_size: int = 64,
+    ) -> None:
+        super().__init__()
+        self.plan = as_plan(plan)
+        too_far = [i for i in self.plan.layers if i >= layers]
+        if too_far:
+            raise ValueError(f"plan names layer(s) {too_far} but the model has {layers} layers")
+        self.causal, self.backend, self.block_size, self.num_classes = causal, backend, block_size, num_classes
+        self.embed = nn.Embedding(vocab_size, d_model)
+        self.position = nn.Embedding(max_length, d_model)
+        self.blocks = nn.ModuleList(_Block(d_model, heads, mlp) for _ in range(layers))
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size if num_classes is None else num_classes, bias=False)
+        self._layouts: dict[tuple[int, int], Any] = {}
+
+    def _pattern(self, layer: int, input_ids: torch.Tensor) -> Any:
+        """What layer ``layer`` attends with: a cached Layout for static patterns, else the pattern."""
+        pattern = self.plan.pattern_for(layer) or Full()
+        padded = self.num_classes is not None and bool((input_ids == 0).any())
+        if padded:  # padding (id 0) keys are never attended; padded query rows give 0
+            segments = torch.where(input_ids == 0, -1, 0)
+            return pattern & Document(segments)
+        if pattern.contains_dynamic():
+            return pattern
+        key = (layer, input_ids.shape[1])
+        if key not in self._layouts:
+            self._layouts[key] = compile(
+                pattern, input_ids.shape[1], causal=self.causal, block_size=self.block_size,
+                heads=self.blocks[layer].heads, device=input_ids.device,
+            )
+        return self._layouts[key]
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if input_ids.dim() != 2 or input_ids.dtype != torch.long:
+            raise ValueError(f"input_ids must be int64 [B, L], got {input_ids.dtype} {tuple(input_ids.shape)}")
+        L = input_ids.shape[1]
+        if L > self.position.num_embeddings:
+            raise ValueError(f"input length {L} exceeds max_length {self.position.num_embeddings}")
+        x = self.embed(input_ids) + self.position(torch.arange(L, device=input_ids.device))
+        for layer, block in enumerate(self.blocks):
+            x = block(x, self._pattern(layer, input_ids), self.causal, self.backend, self.block_size)
+        x = self.norm(x)
+        if self.num_classes is None:
+            return self.head(x)
+        keep = (input_ids != 0).unsqueeze(-1).to(x.dtype)
+        pooled = (x * keep).sum(1) / keep.sum(1).clamp_min(1)
+        return self.head(pooled)
+
+
+def build_model(config: TrainConfig, plan: Plan | Pattern | None) -> TinyTransformer:
+    """The :class:`TinyTransformer` of a config (seeded by ``config.seed``)."""
+    vocab, length = _vocab_and_length(config)
+    torch.manual_seed(config.seed)
+    return TinyTransformer(
+        vocab, length, d_model=config.d_model, layers=config.layers, heads=config.heads, mlp=config.mlp,
+        plan=plan, causal=config.task == "mqar", num_classes=10 if config.task == "listops" else None,
+        backend=config.backend, block_size=config.block_size,
+    ).to(config.device)
+
+
+# ---------------------------------------------------------------------------------------------- training
+@dataclass
+class TrainResult:
+    """One training run: test accuracy per example (MQAR: share of its queries answered; ListOps: 0/1) and
+    its mean with a bootstrap interval over examples, the training loss curve (every ~10% of the steps)."""
+
+    accuracy: stats.Estimate
+    per_example: list[float]
+    losses: list[float]
+    seconds: float
+    config: dict[str, Any]
+    plan: dict[str, Any]
+
+    def to_dict(self, *, per_example: bool = False) -> dict[str, Any]:
+        out = {"accuracy": self.accuracy.to_dict(), "losses": self.losses, "seconds": self.seconds,
+               "config": self.config, "plan": self.plan}
+        if per_example:
+            out["per_example"] = self.per_example
+        return out
+
+
+def _loss(config: TrainConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    if config.task == "mqar":
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(logits, labels)
+
+
+def _trim(inputs: torch.Tensor) -> torch.Tensor:
+    """ListOps batches cut to their longest row (padding is on the right)."""
+    used = (inputs != 0).any(0).nonzero()
+    return inputs[:, : int(used.max()) + 1] if used.numel() else inputs[:, :1]
+
+
+@torch.no_grad()
+def evaluate_model(model: TinyTransformer, config: TrainConfig, inputs: torch.Tensor, labels: torch.Tensor,
+                   *, batch_size: int | None = None) -> list[float]:
+    """Per-example accuracy of a trained model on ``(inputs, labels)`` (see :class:`TrainResult`)."""
+    model.eval()
+    out: list[float] = []
+    step = batch_size or config.batch_size
+    for start in range(0, inputs.shape[0], step):
+        x = inputs[start : start + step].to(config.device)
+        y = labels[start : start + step].to(config.device)
+        if config.task == "mqar":
+            guess = model(x).argmax(-1)
+            asked = y != IGNORE_INDEX
+            hits = ((guess == y) & asked).sum(1).float() / asked.sum(1).clamp_min(1)
+            out.extend(hits.tolist())
+        else:
+            out.extend((model(_trim(x)).argmax(-1) == y).float().tolist())
+    model.train()
+    return out
+
+
+def train(config: TrainConfig, plan: Plan | Pattern | None = None, *, progress: Any = None) -> TrainResult:
+    """Train a :class:`TinyTransformer` with ``plan`` on ``config.task`` from scratch and test it.
+
+    Args:
+        config: the run (:func:`mqar_config`, :func:`listops_config` or your own).
+        plan: a :class:`~spattn.Plan`, one pattern for every layer, or ``None`` (full attention).
+        progress: optional ``callable(step, loss)`` called every step (the CLI's progress bar).
+
+    Returns a :class:`TrainResult`.
+
+    Example:
+        >>> result = train(mqar_config("tiny"), spattn.Window(8))  # doctest: +SKIP
+        >>> print(result.accuracy)  # doctest: +SKIP
+    """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    started = time.perf_counter()
+    plan = as_plan(plan)
+    train_x, train_y = _data(config, config.train_examples, seed=2 * config.seed)
+    test_x, test_y = _data(config, config.test_examples, seed=2 * config.seed + 1)
+    model = build_model(config, plan)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n and "position" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n and "position" not in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+        lr=config.learning_rate, betas=(0.9, 0.98),
+    )
+    warmup = max(1, int(config.warmup * config.steps))
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, config.steps - warmup)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    generator = torch.Generator().manual_seed(config.seed)
+    order = torch.randperm(config.train_examples, generator=generator)
+    position, losses, every = 0, [], max(1, config.steps // 10)
+    model.train()
+    for step in range(config.steps):
+        if position + config.batch_size > config.train_examples:
+            order, position = torch.randperm(config.train_examples, generator=generator), 0
+        index = order[position : position + config.batch_size]
+        position += config.batch_size
+        x, y = train_x[index], train_y[index]
+        if config.task == "listops":
+            x = _trim(x)
+        x, y = x.to(config.device), y.to(config.device)
+        loss = _loss(config, model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"training loss became {value} at step {step}: lower the learning rate")
+        if step % every == 0 or step == config.steps - 1:
+            losses.append(value)
+        if progress is not None:
+            progress(step, value)
+    per_example = evaluate_model(model, config, test_x, test_y)
+    return TrainResult(
+        accuracy=stats.estimate(per_example), per_example=per_example, losses=losses,
+        seconds=time.perf_counter() - started, config=config.to_dict(), plan=plan.to_dict(),
+    )
+
+
+@dataclass
+class SweepResult:
+    """Best learning rate of a sweep and its runs over seeds.
+
+    ``accuracy``: mean over seeds of the test accuracy at the best learning rate, with a two-level bootstrap
+    interval (seeds, then examples); ``by_learning_rate``: the same for every learning rate tried."""
+
+    best_learning_rate: float
+    accuracy: stats.Estimate
+    by_learning_rate: dict[str, dict[str, Any]]
+    runs: list[TrainResult]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"best_learning_rate": self.best_learning_rate, "accuracy": self.accuracy.to_dict(),
+                "by_learning_rate": self.by_learning_rate, "runs": [r.to_dict() for r in self.runs]}
+
+    def best_runs(self) -> list[TrainResult]:
+        return [r for r in self.runs if r.config["learning_rate"] == self.best_learning_rate]
+
+
+def sweep(
+    config: TrainConfig,
+    plan: Plan | Pattern | None = None,
+    *,
+    learning_rates: Sequence[float] = (1e-3,),
+    seeds: Sequence[int] = (0,),
+    progress: Any = None,
+) -> SweepResult:
+    """Train ``plan`` at every learning rate x seed and keep the best learning rate (by mean accuracy over
+    seeds), as Zoology does. The best-of selection favours every configuration alike, so comparisons between
+    plans stay fair; the reported interval covers seeds and examples at the chosen rate."""
+    if not learning_rates or not seeds:
+        raise ValueError("learning_rates and seeds must be non-empty")
+    runs: list[TrainResult] = []
+    by_rate: dict[str, dict[str, Any]] = {}
+    best: tuple[float, float] | None = None
+    for rate in learning_rates:
+        group = [train(config.replace(learning_rate=float(rate), seed=int(s)), plan, progress=progress) for s in seeds]
+        runs.extend(group)
+        summary = stats.seed_interval([r.per_example for r in group])
+        by_rate[repr(float(rate))] = summary.to_dict()
+        if best is None or summary.value > best[1]:
+            best = (float(rate), summary.value)
+    assert best is not None
+    return SweepResult(
+        best_learning_rate=best[0], accuracy=stats.Estimate(**by_rate[repr(best[0])]), by_learning_rate=by_rate,
+        runs=runs,
+    )

@@ -1,0 +1,67 @@
+"""spattn.eval.train: the small trainers learn, and the attention inside them is the pattern asked for."""
+
+import pytest
+import torch
+
+import spattn
+from spattn.eval import stats
+from spattn.eval.tasks import listops
+from spattn.eval.train import TinyTransformer, TrainConfig, listops_config, mqar_config, sweep, train
+
+
+def test_tiny_mqar_dense_beats_a_short_window():
+    config = mqar_config("tiny", steps=120)
+    dense = train(config, None)
+    window = train(config, spattn.Window(1))
+    verdict = stats.compare(dense.per_example, window.per_example)
+    assert verdict.winner == "a", (str(dense.accuracy), str(window.accuracy))
+    assert dense.losses[-1] < dense.losses[0]
+    # a window of one key cannot reach the pairs: about chance among the 16 values
+    assert window.accuracy.value < 0.15
+    assert dense.accuracy.low <= dense.accuracy.value <= dense.accuracy.high
+
+
+def test_model_attention_is_the_pattern():
+    torch.manual_seed(0)
+    ids = torch.randint(1, 32, (2, 24))
+    full = TinyTransformer(32, 24, d_model=16, layers=2, plan=None, block_size=8)
+    wide = TinyTransformer(32, 24, d_model=16, layers=2, plan=spattn.Window(23), block_size=8)
+    wide.load_state_dict(full.state_dict())
+    assert torch.allclose(full(ids), wide(ids), atol=1e-5)  # a window over everything is dense
+    local = TinyTransformer(32, 24, d_model=16, layers=1, plan=spattn.Window(2), block_size=8)
+    local.load_state_dict({k: v for k, v in full.state_dict().items() if not k.startswith("blocks.1")})
+    changed = ids.clone()
+    changed[:, 0] = (changed[:, 0] % 31) + 1
+    # one layer of Window(2): positions >= 3 cannot see position 0, positions <= 2 can
+    out, out_changed = local(ids), local(changed)
+    assert torch.allclose(out[:, 3:], out_changed[:, 3:], atol=1e-6)
+    assert not torch.allclose(out[:, :3], out_changed[:, :3], atol=1e-6)
+    with pytest.raises(ValueError, match="layer"):
+        TinyTransformer(32, 24, layers=2, plan=spattn.Plan(layers={5: None}))
+
+
+def test_classifier_ignores_padding_and_trains_with_a_dynamic_pattern():
+    inputs, _ = listops(3, min_length=10, max_length=40, max_depth=3, max_args=4, seed=0)
+    pattern = spattn.Window(4, 4) | spattn.TopK("pooled", 1)
+    model = TinyTransformer(16, 64, d_model=16, heads=2, mlp=True, plan=pattern, causal=False, num_classes=10,
+                            block_size=8).eval()
+    longer = torch.cat([inputs, torch.zeros(3, 24, dtype=torch.long)], dim=1)  # more padding on the right
+    assert torch.allclose(model(inputs), model(longer), atol=1e-5)
+    config = listops_config("tiny", steps=8, train_examples=64, test_examples=16, block_size=8)
+    result = train(config, pattern)
+    assert len(result.per_example) == 16 and 0 <= result.accuracy.value <= 1
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    assert result.plan == spattn.Plan.uniform(pattern).to_dict()
+
+
+def test_sweep_keeps_the_best_learning_rate():
+    config = mqar_config("tiny", steps=10, train_examples=320, test_examples=40)
+    result = sweep(config, spattn.Window(4), learning_rates=(1e-2, 1e-4), seeds=(0, 1))
+    assert len(result.runs) == 4 and len(result.best_runs()) == 2
+    values = {float(rate): entry["value"] for rate, entry in result.by_learning_rate.items()}
+    assert result.best_learning_rate == max(values, key=values.get)
+    assert result.accuracy.n == 2  # the interval is over seeds (then examples)
+    with pytest.raises(ValueError, match="learning_rate"):
+        TrainConfig(learning_rate=0)
+    with pytest.raises(ValueError, match="task"):
+        TrainConfig(task="copying")
