@@ -12,7 +12,15 @@ import torch
 pytest.importorskip("transformers")
 
 import spattn  # noqa: E402
-from spattn.runtime import Controller, ControllerConfig, SpattnCache, decode_plan, paged_attention, select  # noqa: E402
+from spattn.runtime import (  # noqa: E402
+    Controller,
+    ControllerConfig,
+    SpattnCache,
+    decode_plan,
+    paged_attention,
+    sampled_recall,
+    select,
+)
 from spattn.runtime.decode import page_scores  # noqa: E402
 from spattn.runtime.monitor import JsonFormatter, Metrics, _read_level, instrument  # noqa: E402
 from spattn.selectors import Bounds  # noqa: E402
@@ -81,10 +89,8 @@ STATIC = [
     pytest.param(spattn.Global([3, 50]), id="global"),
     pytest.param(spattn.PerHead([spattn.Window(8), spattn.Sinks(16), spattn.Window(40), spattn.Full()]), id="per-head"),
     pytest.param(spattn.Full(), id="full"),
-    pytest.param(spattn.RandomBlocks(2, seed=3, block=16), id="random-blocks",
-                 marks=pytest.mark.xfail(strict=True, reason="issue 11 item 11")),
-    pytest.param(spattn.Budgeted(64, sinks=4), id="budgeted",
-                 marks=pytest.mark.xfail(strict=True, reason="issue 11 item 11")),
+    pytest.param(spattn.RandomBlocks(2, seed=3, block=16), id="random-blocks"),  # decode-consistent since issue 11
+    pytest.param(spattn.Budgeted(64, sinks=4), id="budgeted"),
 ]
 
 
@@ -138,6 +144,22 @@ def test_selected_pages_always_include_the_safeguards_and_never_padding(rule):
         assert bool((got | ~safeguards).all()), "a safeguard token is missing"
         assert not bool((got & ~valid[:, None]).any()), "a padding key is attended"
         assert int(sel.selected.max()) <= 2 + trial
+
+
+def test_sampled_recall_is_the_dense_softmax_mass_of_the_attended_keys():
+    B, H, Hkv, D, L, S = 2, 4, 2, 8, 77, 8
+    q, k = torch.randn(B, H, 1, D) * 2, torch.randn(B, Hkv, L, D)
+    valid = torch.ones(B, L, dtype=torch.bool)
+    valid[0, :9] = False
+    plan = decode_plan(spattn.Sinks(12) | spattn.Window(10) | spattn.TopK("bounds", 2))
+    sel = select(q, L, valid, plan, 2, kv_heads=Hkv, page_size=S, scale=0.3, key_min=pool(k, S, "amin"),
+                 key_max=pool(k, S, "amax"))
+    got = sampled_recall(q, k, valid, sel, page_size=S, scale=0.3)
+    logits = (q.double() @ k.double().repeat_interleave(H // Hkv, 1).transpose(-1, -2))[:, :, 0] * 0.3   # [B, H, L]
+    probs = torch.softmax(logits.masked_fill(~valid[:, None], float("-inf")), -1)
+    expected = (probs * full_mask(sel, L, S, Hkv)).sum(-1).mean(1)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+    assert bool((got < 1).all()) and bool((got > 0).all())
 
 
 def test_dynamic_part_that_paged_decode_does_not_cover_goes_generic():

@@ -235,6 +235,8 @@ def test_prometheus_scrapes_the_server_and_answers_queries(served, tmp_path):
                     r = httpx.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": f"sum({name})"}, timeout=5)
                 except httpx.TransportError:
                     break  # not up yet
+                if r.status_code != 200:  # 503 while Prometheus starts
+                    break
                 result = r.json().get("data", {}).get("result", [])
                 if result:
                     found[name] = float(result[0]["value"][1])

@@ -1,15 +1,10 @@
-"""The commands as a user runs them: ``spattn serve`` in its own process (drains in-flight requests on SIGTERM)
-and ``spattn generate`` on SmolLM2-135M (a sparse plan that covers the prompt answers like dense)."""
+"""The commands as a user runs them: ``spattn serve`` (built from its options, drains in-flight requests on
+shutdown) and ``spattn generate`` on SmolLM2-135M (a sparse plan that covers the prompt answers like dense)."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
-import time
 
 import pytest
 import torch
@@ -20,61 +15,61 @@ import httpx  # noqa: E402
 
 import spattn  # noqa: E402
 
-from .serve_support import free_port, tiny_model, tokenizer
+from .serve_support import ThreadServer, tiny_model, tokenizer
 
 
-def test_serve_drains_an_in_flight_stream_on_sigterm(tmp_path):
+def test_spattn_serve_builds_the_app_from_its_options_and_drains_an_in_flight_stream(tmp_path, monkeypatch):
+    """``spattn serve`` as the CLI wires it (model folder, plan file, options), run under uvicorn on loopback;
+    ``should_exit`` (what uvicorn's SIGTERM / SIGINT handler sets) while a stream is in flight: the stream
+    still completes, then the engine drains and stops."""
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from spattn.cli.main import app
+
     tok = tokenizer()
     model = tiny_model(len(tok), seed=3)
     model.save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
     plan = spattn.Plan.uniform(spattn.Sinks(4) | spattn.Window(32) | spattn.TopK("bounds", 2))
     plan.save(tmp_path / "plan.json")
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "spattn.cli.main", "serve", "--model", str(tmp_path / "model"),
-         "--plan", str(tmp_path / "plan.json"), "--port", str(port), "--min-sparse-tokens", "0",
-         "--block-size", "8", "--recall-sample", "0.2"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
-    url = f"http://127.0.0.1:{port}"
+    built = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: built.update(app=app, **kw))
+    result = CliRunner().invoke(app, ["serve", "--model", str(tmp_path / "model"),
+                                      "--plan", str(tmp_path / "plan.json"), "--port", "0",
+                                      "--min-sparse-tokens", "0", "--block-size", "8",
+                                      "--latency-target-ms", "5000", "--drain-timeout", "30"])
+    assert result.exit_code == 0, result.output
+    engine = built["app"].state.engine
+    assert built["timeout_graceful_shutdown"] == 30 and engine.runtime.controller.config.latency_target_ms == 5000
+    assert engine.runtime.plan == plan and engine.runtime.min_sparse_tokens == 0
+    engine.eos = set()  # random weights: generate all the tokens asked for
+    server = ThreadServer(built["app"])
+    events: list = []
+    first = threading.Event()
+
+    def stream() -> None:
+        body = {"prompt": "Once upon a time", "max_tokens": 12, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    first.set()
+
+    reader = threading.Thread(target=stream)
+    reader.start()
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.time() < deadline, "the server did not come up"
-            time.sleep(0.5)
-        events: list = []
-        first = threading.Event()
-
-        def stream() -> None:
-            body = {"prompt": "Once upon a time", "max_tokens": 16, "temperature": 0, "stream": True}
-            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
-                for line in r.iter_lines():
-                    if line.startswith("data: "):
-                        events.append(line[6:])
-                        first.set()
-
-        reader = threading.Thread(target=stream)
-        reader.start()
         assert first.wait(60), "no streamed event"
-        proc.send_signal(signal.SIGTERM)
+        server.server.should_exit = True  # what uvicorn's signal handler does
         reader.join(120)
-        # uvicorn finishes the stream, shuts down, then re-raises the signal it caught
-        assert proc.wait(120) in (0, -signal.SIGTERM)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        server.stop()
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
-    assert chunks[-1]["choices"][0]["finish_reason"] in ("length", "stop")  # finished, not cut off
-    logs = proc.stdout.read()
-    assert '"event": "drain"' in logs  # the structured JSON log of the shutdown
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"  # finished, not cut off
+    text = "".join(c["choices"][0]["text"] for c in chunks)
+    assert len(tok(text, add_special_tokens=False)["input_ids"]) >= 1
+    assert engine.draining and not engine._thread.is_alive()  # lifespan shutdown drained and stopped the worker
 
 
 @pytest.mark.slow

@@ -217,10 +217,12 @@ class Controller:
 
     def summary(self) -> dict:
         """Counts and state as a JSON-ready dict."""
+        counts, dense, reasons = dict(self.counts), dict(self.dense_until), dict(self.dense_reason)  # C-level copies:
+        # safe to call from another thread (the server's /healthz) while generation updates them
         return {
             "budget": self.budget,
             "p95_ms": None if self.p95 is None else self.p95 * 1000,
             "steps": self.steps,
-            "dense_layers": {str(k): self.dense_reason.get(k, "") for k in sorted(self.dense_until)},
-            "counts": {"/".join(str(p) for p in key): n for key, n in sorted(self.counts.items(), key=str)},
+            "dense_layers": {str(k): reasons.get(k, "") for k in sorted(dense)},
+            "counts": {"/".join(str(p) for p in key): n for key, n in sorted(counts.items(), key=str)},
         }

@@ -26,7 +26,7 @@ from collections import OrderedDict
 
 import torch
 
-from spattn.layout import tables as _tables
+from spattn.layout import tables
 from spattn.patterns import Layout, Pattern, Union
 from spattn.patterns import compile as compile_pattern
 from spattn.selectors import TopK, TopP, top_k, top_p
@@ -84,8 +84,8 @@ def layout_row(layout: Layout) -> torch.Tensor:
     """bool ``[Bl, Hl, kv_len]``: the token mask of the single query of a layout compiled with ``q_len=1``."""
     if layout.q_len != 1:
         raise ValueError(f"layout_row needs a layout compiled for one query, got q_len={layout.q_len}")
-    slot, tiles = _tables.unpack(layout)[1], _tables.tiles(layout.masks)                     # [Bl, Hl, 1, NK], [M + 2, bs, bs]
-    rows = tiles[:, 0, :]                                 # the query sits on row 0 of its block
+    _, slot = tables.unpack(layout)                       # [Bl, Hl, 1, NK] into the tiles
+    rows = tables.tiles(layout.masks)[:, 0, :]            # [M + 2, bs]: the query sits on row 0 of its block
     return rows[slot[:, :, 0]].flatten(2)[..., : layout.kv_len]
 
 
