@@ -61,3 +61,26 @@ def test_per_head_budgets_and_clamps():
     assert (top_p(scores, avail, 1.0, max_blocks=2).sum(-1) == 2).all()
     with pytest.raises(ValueError, match="per-head"):
         top_k(scores, avail, [1, 2])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_top_keys_is_the_best_density_prefix_within_the_budget(seed):
+    from spattn.selectors import top_keys
+
+    g = torch.Generator().manual_seed(seed)
+    gain = torch.rand(2, 3, 5, 6, generator=g)
+    cost = torch.randint(1, 9, (1, 1, 5, 6), generator=g).float()
+    available = torch.rand(2, 3, 5, 6, generator=g) > 0.3
+    pairs = 20.0  # per head: 3 heads share 60
+    chosen = top_keys(gain, available, cost, pairs)
+    assert not (chosen & ~available).any()
+    for b in range(2):
+        c = cost.expand_as(gain)[b]
+        spent = float(c[chosen[b]].sum())
+        assert spent <= pairs * 3
+        density = gain[b] / c
+        taken, left = density[chosen[b]], density[available[b] & ~chosen[b]]
+        if taken.numel() and left.numel():
+            assert taken.min() >= left.max()  # a prefix of the density order
+            nxt = int(torch.where(available[b] & ~chosen[b], density, -1.0).flatten().argmax())
+            assert spent + float(c.flatten()[nxt]) > pairs * 3  # and the next one would not fit
