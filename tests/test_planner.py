@@ -149,7 +149,10 @@ def test_planted_heads_get_the_matching_pattern(planted_table):
     result = make_plan(None, None, budget=0.5, table=planted_table)
     local, hub, retrieving = result.per_head
     assert local["family"] == "window" and local["recall"] > 0.99
-    assert hub["family"] == "sinks_window" and hub["recall"] > 0.99
+    # the hub head keeps its hubs: sinks + window, or dynamic selection (whose safeguards are sinks + window and
+    # which, since partly kept blocks became selectable, also finds the hub blocks)
+    assert hub["family"] in ("sinks_window", "dynamic:pooled") and hub["recall"] > 0.99
+    assert hub["family"] != local["family"]
     assert retrieving["family"] == "dynamic:pooled"
     windows = [planted_table.recall[0, 2, planted_table.index(n)] for n in ("window:64", "window:128")]
     assert retrieving["recall"] > max(windows) + 0.1
