@@ -27,6 +27,7 @@ from spattn.selectors.common import (
     masked_softmax,
     matmul_dtype,
     pool,
+    reference_setup,
     register_selector,
     restrict,
     visible_blocks,
@@ -71,12 +72,7 @@ class Bounds(Selector):
         return masked_softmax(logits, restrict(visible_blocks(Lq, Lk, bs, causal, query.device), allowed))
 
     def reference(self, query, key, *, block_size, causal=False, scale=None):
-        B, H, Hkv, Lq, Lk, D = check_qk(query, key, block_size)
-        scale = default_scale(scale, D)
-        q, k = query.double(), key.double()
-        G, off, bs = H // Hkv, Lk - Lq, block_size
-        NQ, NK = -(-Lq // bs), -(-Lk // bs)
-        out = torch.zeros(B, H, NQ, NK, dtype=torch.float64)
+        B, H, Hkv, Lq, Lk, D, scale, q, k, G, off, bs, NQ, NK, out = reference_setup(query, key, block_size, scale)
         for b in range(B):
             for h in range(H):
                 for qi in range(NQ):

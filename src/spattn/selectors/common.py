@@ -94,6 +94,17 @@ def check_qk(query: torch.Tensor, key: torch.Tensor, block_size: int) -> tuple[i
     return B, H, Hkv, Lq, Lk, D
 
 
+def reference_setup(query: torch.Tensor, key: torch.Tensor, block_size: int, scale: float | None):
+    """What every selector's float64 ``reference()`` starts from: the checked shapes ``B, H, Hkv, Lq, Lk, D``, the
+    scale, float64 copies ``q, k``, the GQA group ``G``, the bottom-right query offset ``off``, ``bs``, the block
+    counts ``NQ, NK`` and a zero float64 output ``[B, H, NQ, NK]``, in that order."""
+    B, H, Hkv, Lq, Lk, D = check_qk(query, key, block_size)
+    NQ, NK = -(-Lq // block_size), -(-Lk // block_size)
+    out = torch.zeros(B, H, NQ, NK, dtype=torch.float64)
+    return (B, H, Hkv, Lq, Lk, D, default_scale(scale, D), query.double(), key.double(), H // Hkv, Lk - Lq,
+            block_size, NQ, NK, out)
+
+
 def default_scale(scale: float | None, head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 

@@ -26,6 +26,7 @@ from spattn.selectors.common import (
     default_scale,
     group_matmul,
     matmul_dtype,
+    reference_setup,
     register_selector,
 )
 
@@ -93,12 +94,7 @@ class Probe(Selector):
         return torch.cat(out, dim=2)
 
     def reference(self, query, key, *, block_size, causal=False, scale=None):
-        B, H, Hkv, Lq, Lk, D = check_qk(query, key, block_size)
-        scale = default_scale(scale, D)
-        q, k = query.double(), key.double()
-        G, off, bs = H // Hkv, Lk - Lq, block_size
-        NQ, NK = -(-Lq // bs), -(-Lk // bs)
-        out = torch.zeros(B, H, NQ, NK, dtype=torch.float64)
+        B, H, Hkv, Lq, Lk, D, scale, q, k, G, off, bs, NQ, NK, out = reference_setup(query, key, block_size, scale)
         for b in range(B):
             for h in range(H):
                 for qi in range(NQ):

@@ -25,6 +25,7 @@ from spattn.selectors.common import (
     group_matmul,
     matmul_dtype,
     normalise,
+    reference_setup,
     register_selector,
     restrict,
     visible_blocks,
@@ -80,13 +81,8 @@ class VerticalSlash(Selector):
         return normalise(E, restrict(visible_blocks(Lq, Lk, bs, causal, dev), allowed)).float()
 
     def reference(self, query, key, *, block_size, causal=False, scale=None):
-        B, H, Hkv, Lq, Lk, D = check_qk(query, key, block_size)
-        scale = default_scale(scale, D)
-        q, k = query.double(), key.double()
-        G, off, bs = H // Hkv, Lk - Lq, block_size
-        NQ, NK = -(-Lq // bs), -(-Lk // bs)
+        B, H, Hkv, Lq, Lk, D, scale, q, k, G, off, bs, NQ, NK, out = reference_setup(query, key, block_size, scale)
         R = min(self.last, Lq)
-        out = torch.zeros(B, H, NQ, NK, dtype=torch.float64)
         vis = visible_blocks(Lq, Lk, bs, causal, "cpu")
         for b in range(B):
             for h in range(H):
