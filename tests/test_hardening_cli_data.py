@@ -99,3 +99,13 @@ def test_the_suite_runs_on_a_temporary_cache():
     root = cache_dir().resolve()
     assert root != home and os.environ["SPATTN_TEST_CACHE"] == os.environ["SPATTN_CACHE"]
     assert not str(root).startswith(str(home))
+
+
+def test_smollm2_gguf_path_can_come_from_the_environment(tmp_path, monkeypatch):
+    copy = tmp_path / "copy.gguf"
+    copy.write_bytes(b"GGUF")
+    monkeypatch.setenv(models.SMOLLM2_GGUF_ENV, str(copy))
+    assert models.smollm2_gguf_path() == copy
+    monkeypatch.setenv(models.SMOLLM2_GGUF_ENV, str(tmp_path / "missing.gguf"))
+    with pytest.raises(FileNotFoundError, match="SPATTN_SMOLLM2_GGUF"):
+        models.smollm2_gguf_path()

