@@ -1,10 +1,17 @@
-"""The fast path of hierarchical attention: every branch is ``spattn.attention`` on a Layout.
+"""The fast path of hierarchical attention: every branch is ``spattn.attention`` on a Layout, built without host
+synchronisation.
 
 * compressed: the pooled keys/values ``[B, Hkv, Nc, D]`` under the :class:`~spattn.CompressedCausal` layout
-  (causal by construction; see Note [padded compressed keys]);
-* selected: ``BlockLayout(chosen) | safeguard`` compiled causal at ``select_block``; ``chosen`` comes from the
-  compressed attention scores, streamed over query chunks without gradient (never an ``L x Nc`` tensor);
+  (causal by construction; see Note [padded compressed keys]); its call also returns the log-sum-exp;
+* selected: the ``chosen`` blocks come from the compressed attention's probabilities, recomputed blockwise from
+  that log-sum-exp (:func:`~spattn.hierarchical.scores.selection_scores`: a triton kernel on CUDA, never an
+  ``L x Nc`` tensor), ranked by :func:`spattn.selectors.budget.top_k`, and turned into the branch's Layout
+  tables on the device (:meth:`~spattn.hierarchical.plan.BranchPlan.selected`: no ``spattn.compile`` per call);
 * window: ``Window(window - 1)`` compiled causal.
+
+The static parts (the compressed and window Layouts, the safeguard's blocks) are compiled once per shape and
+cached (:func:`~spattn.hierarchical.plan.branch_plan`). A call is a fixed sequence of device work: pooling,
+three attention calls, the scores kernel, a sort, the table codec and the mix.
 
 Note [padded compressed keys]: layouts align queries bottom-right and need ``kv_len >= q_len``, so the
 ``Nc < L`` compressed keys are zero-padded to ``L`` and the layout is compiled for ``(L, L)``. Padding is never
@@ -21,44 +28,11 @@ import math
 import torch
 
 from spattn.hierarchical.common import check_inputs, compress, compressed_nonempty, mix
+from spattn.hierarchical.plan import branch_plan
+from spattn.hierarchical.scores import compressed_lse, selection_scores
 from spattn.ops.attention import attention
 from spattn.patterns import EMPTY, BlockLayout, Hierarchical, Layout, compile
 from spattn.selectors.budget import top_k
-from spattn.selectors.common import masked_softmax
-
-_SCORE_ELEMENTS = 1 << 26  # score elements per query chunk of the selection (256 MiB of float32)
-
-
-def selection_scores(query: torch.Tensor, compressed_key: torch.Tensor, config: Hierarchical, *,
-                     scale: float) -> torch.Tensor:
-    """float32 ``[B, Hkv, NQ, NS]``: compressed-attention probabilities summed over the queries of each query
-    block (``select_block`` tokens) and the heads of each GQA group, mapped to selection blocks by
-    :meth:`Hierarchical.overlap`. No gradient; streamed over query chunks."""
-    B, H, L, D = query.shape
-    Hkv, nc = compressed_key.shape[1], compressed_key.shape[2]
-    G, sb = H // Hkv, config.select_block
-    NQ = -(-L // sb)
-    scores = torch.zeros(B, Hkv, NQ, NQ, device=query.device, dtype=torch.float32)
-    if nc == 0:
-        return scores
-    overlap = config.overlap(L, query.device)  # [Nc, NS]
-    last_key = torch.arange(nc, device=query.device) * config.compress_stride + config.compress_block - 1
-    chunk = max(sb, _SCORE_ELEMENTS // max(1, B * H * nc) // sb * sb)
-    kc = compressed_key.float().transpose(-1, -2)  # [B, Hkv, D, Nc]
-    with torch.no_grad():
-        for start in range(0, L, chunk):
-            stop = min(L, start + chunk)
-            c = stop - start
-            q = query[:, :, start:stop].float().reshape(B, Hkv, G * c, D)
-            logits = (q @ kc).view(B, Hkv, G, c, nc) * scale
-            visible = last_key[None, :] <= torch.arange(start, stop, device=query.device)[:, None]
-            p = masked_softmax(logits, visible).sum(2)  # [B, Hkv, c, Nc]
-            nb = -(-c // sb)
-            if nb * sb != c:
-                p = torch.nn.functional.pad(p, (0, 0, 0, nb * sb - c))
-            p = p.view(B, Hkv, nb, sb, nc).sum(3)
-            scores[:, :, start // sb:start // sb + nb] = p @ overlap
-    return scores
 
 
 def kept_blocks(config: Hierarchical, length: int, batch: int, heads: int, kv_heads: int, device) -> torch.Tensor:
@@ -88,8 +62,9 @@ def choose_blocks(scores: torch.Tensor, config: Hierarchical, kept: torch.Tensor
 
 
 def selected_layout(chosen: torch.Tensor, config: Hierarchical, length: int, heads: int) -> Layout:
-    """The selected branch's Layout: ``BlockLayout(chosen) | safeguard`` (chosen ``[B, Hkv, NQ, NQ]`` repeated
-    over each GQA group), compiled causal at ``select_block``."""
+    """The selected branch's Layout through ``spattn.compile``: ``BlockLayout(chosen) | safeguard`` (chosen
+    ``[B, Hkv, NQ, NQ]`` repeated over each GQA group), causal at ``select_block``. The fast path builds the
+    same Layout with :meth:`~spattn.hierarchical.plan.BranchPlan.selected`; this is its cross-check."""
     B, Hkv = chosen.shape[:2]
     pattern = BlockLayout(chosen.repeat_interleave(heads // Hkv, 1), block=config.select_block)
     if config.safeguard is not None:
@@ -100,26 +75,17 @@ def selected_layout(chosen: torch.Tensor, config: Hierarchical, length: int, hea
 
 def branch_layouts(query: torch.Tensor, key: torch.Tensor, config: Hierarchical, *, scale: float | None = None,
                    pool_logits: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, Layout | torch.Tensor]:
-    """The three branches' Layouts for these inputs (``compressed`` over ``Nc`` compressed keys, ``selected``,
-    ``window``) and the ``chosen`` blocks ``[B, Hkv, NQ, NQ]``."""
+    """The three branches' Layouts for these inputs (``compressed`` over ``L`` zero-padded compressed keys,
+    None when ``L < compress_block``; ``selected``; ``window``) and the ``chosen`` blocks ``[B, Hkv, NQ, NQ]``."""
     B, H, L, D = query.shape
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     kc = compress(key, config, None if pool_logits is None else pool_logits[0])
-    return _layouts(query, kc, config, scale, key.shape[1])
-
-
-def _layouts(query, kc, config, scale, kv_heads):
-    B, H, L, _ = query.shape
-    sb = config.select_block
-    kept = kept_blocks(config, L, B, H, kv_heads, query.device)
-    chosen = choose_blocks(selection_scores(query, kc.detach(), config, scale=scale), config, kept)
-    return {
-        "compressed": compile(config.compressed_pattern(), L, L, block_size=sb, device=query.device)
-        if kc.shape[2] else None,  # no compressed token yet: the branch is empty
-        "selected": selected_layout(chosen, config, L, H),
-        "window": compile(config.window_pattern(), L, L, causal=True, block_size=sb, device=query.device),
-        "chosen": chosen,
-    }
+    plan = branch_plan(config, L, B, H, key.shape[1], query.device)
+    lse = compressed_lse(query, kc, config, scale=scale)
+    chosen = choose_blocks(selection_scores(query, kc, config, scale=scale, lse=lse, overlap=plan.overlap), config,
+                           plan.kept)
+    return {"compressed": plan.compressed, "selected": plan.selected(chosen), "window": plan.window,
+            "chosen": chosen}
 
 
 def hierarchical_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, config: Hierarchical, *,
@@ -153,21 +119,28 @@ def hierarchical_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     check_inputs(query, key, value, config, gate_logits, pool_logits)
     B, H, L, D = query.shape
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    plan = branch_plan(config, L, B, H, key.shape[1], query.device)
     kc = compress(key, config, None if pool_logits is None else pool_logits[0])
     vc = compress(value, config, None if pool_logits is None else pool_logits[1])
-    layouts = _layouts(query, kc, config, scale, key.shape[1])
     if kc.shape[2] > 0:  # Note [padded compressed keys]
         pad = (0, 0, 0, L - kc.shape[2])
-        kc, vc = torch.nn.functional.pad(kc, pad), torch.nn.functional.pad(vc, pad)
-        compressed = attention(query, kc, vc, layouts["compressed"], scale=scale, backend=backend)
+        compressed, lse = attention(query, torch.nn.functional.pad(kc, pad), torch.nn.functional.pad(vc, pad),
+                                    plan.compressed, scale=scale, backend=backend, return_lse=True)
+        scores = selection_scores(query, kc, config, scale=scale, lse=lse, overlap=plan.overlap,
+                                  backend="torch" if backend in ("reference", "dense") else "auto")
     else:  # shorter than one compressed block: the branch is empty (and weighted 0 by the mix)
         compressed = query.new_zeros(B, H, L, value.shape[-1])
+        NQ = plan.num_blocks
+        scores = torch.zeros(B, key.shape[1], NQ, NQ, device=query.device)
+    chosen = choose_blocks(scores, config, plan.kept)
+    selected = plan.selected(chosen)
     outputs = [compressed,
-               attention(query, key, value, layouts["selected"], causal=True, scale=scale, backend=backend),
-               attention(query, key, value, layouts["window"], causal=True, scale=scale, backend=backend)]
+               attention(query, key, value, selected, causal=True, scale=scale, backend=backend),
+               attention(query, key, value, plan.window, causal=True, scale=scale, backend=backend)]
     out = mix(outputs, config, gate_logits)
     if return_info:
-        return out, {"layouts": layouts, "chosen": layouts["chosen"], "outputs": outputs,
+        layouts = {"compressed": plan.compressed, "selected": selected, "window": plan.window, "chosen": chosen}
+        return out, {"layouts": layouts, "chosen": chosen, "outputs": outputs,
                      "compressed_nonempty": compressed_nonempty(config, L, query.device)}
     return out
 
@@ -191,4 +164,4 @@ def frozen_model_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
 
 
 __all__ = ["branch_layouts", "choose_blocks", "frozen_model_attention", "hierarchical_attention", "kept_blocks",
-           "selected_layout", "selection_scores"]
+           "selected_layout"]

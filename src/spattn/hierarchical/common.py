@@ -66,20 +66,28 @@ def compressed_nonempty(config: Hierarchical, length: int, device) -> torch.Tens
 
 def mix(outputs: list[torch.Tensor], config: Hierarchical, gate_logits: torch.Tensor | None) -> torch.Tensor:
     """The gate mix ``sum_c w_c n_c o_c / sum_c w_c n_c`` of the branch outputs ``[B, H, L, Dv]``
-    (compressed, selected, window); ``w = exp(gate_logits)`` or the fixed ``config.gates`` (equal if None)."""
+    (compressed, selected, window); ``w = exp(gate_logits)`` or the fixed ``config.gates`` (equal if None).
+
+    Fixed gates become two weight rows (queries with and without a compressed token) selected on the device:
+    no host-to-device copy, so no synchronisation."""
     ref = outputs[0]
     L = ref.shape[2]
-    dtype = torch.promote_types(ref.dtype, torch.float32)
-    if gate_logits is not None:
-        logits = gate_logits.to(dtype)
-    else:
+    nonempty = compressed_nonempty(config, L, ref.device)
+    if gate_logits is None:
         gates = config.gates or (1.0, 1.0, 1.0)
-        logits = torch.tensor([math.log(g) if g > 0 else -math.inf for g in gates], device=ref.device, dtype=dtype)
-        logits = logits.view(1, 1, 1, 3)
-    nonempty = torch.ones(L, 3, dtype=torch.bool, device=ref.device)
-    nonempty[:, 0] = compressed_nonempty(config, L, ref.device)
-    weights = torch.softmax(logits.masked_fill(~nonempty, -math.inf), -1).to(ref.dtype)  # [.., L, 3]
-    return sum(weights[..., c:c + 1] * outputs[c] for c in range(3))
+        rest = gates[1] + gates[2]
+        every = [g / (gates[0] + rest) for g in gates]
+        without = [0.0, gates[1] / rest, gates[2] / rest]  # no compressed token yet: the branch is empty
+        weights = [torch.full((L, 1), a, dtype=ref.dtype, device=ref.device).masked_fill_(~nonempty[:, None], b)
+                   for a, b in zip(every, without, strict=True)]
+    else:
+        dtype = torch.promote_types(ref.dtype, torch.float32)
+        visible = torch.stack([nonempty, torch.ones_like(nonempty), torch.ones_like(nonempty)], -1)  # [L, 3]
+        w = torch.softmax(torch.where(visible, gate_logits.to(dtype), -math.inf), -1).to(ref.dtype)
+        weights = [w[..., c:c + 1] for c in range(3)]
+    out = outputs[0] * weights[0]
+    out = torch.addcmul(out, outputs[1], weights[1])
+    return torch.addcmul(out, outputs[2], weights[2])
 
 
 __all__ = ["check_inputs", "compress", "compressed_nonempty", "mix", "pool_weights"]
