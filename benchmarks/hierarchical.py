@@ -1,20 +1,29 @@
 """Hierarchical (NSA-style) attention on one GPU (H200): correctness first, then forward and forward + backward
-time against dense SDPA (FlashAttention) and spattn's window, at 8k / 32k / 64k tokens.
+time against dense SDPA (FlashAttention) and spattn's window, at 64k / 32k / 8k tokens (and 128k forward).
 
-1. Correctness gate (same run, stops on failure): the fast path (every branch ``spattn.attention`` on a Layout,
-   triton on CUDA) against the float64 dense reference (``spattn.hierarchical.reference``, CPU) at the fast path's
-   selection, forward and backward (q, k, v, gate logits, pooling logits), with the tolerance rule against the
-   reference in the test dtype; and the cost model's pair counts against the compiled layouts.
+Steps, most important first; each result is written to the JSON as soon as it exists (a killed run leaves a
+partial file), and ``--time-budget SECONDS`` skips a step whose estimate does not fit (recorded under ``skipped``):
+
+1. Correctness gate (stops on failure): the fast path (triton on CUDA) against the float64 dense reference
+   (``spattn.hierarchical.reference``, CPU) at the fast path's selection, forward and backward (q, k, v, gate
+   logits, pooling logits), with the tolerance rule against the reference in the test dtype; the cost model's
+   pair counts against the compiled layouts; the triton selection-score kernel against the torch sum and the
+   device-built selected tables against ``spattn.compile`` at 8k; and, on CUDA, one warm forward and one
+   forward + backward under ``torch.cuda.set_sync_debug_mode("error")`` (no host synchronisation).
 2. Timings (``spattn.bench.timing.median_ms``: triton ``do_bench`` medians): dense SDPA (causal, GQA), spattn
-   ``Window(window - 1)`` on its layout, and ``hierarchical_attention`` (all three branches, selection and mix
-   included), forward and forward + backward, with the cost model's FLOPs / decode tokens and the fine
-   branches' density beside them.
+   ``Window(window - 1)`` on its layout, and ``hierarchical_attention`` (all three branches, pooling,
+   selection and mix included), forward and forward + backward; CUDA kernels per call (profiler); the branch
+   densities; the cost model's FLOPs beside them.
+3. The forward's parts at the longest length (pooling, compressed branch, scores, selection + tables, selected
+   branch, window branch, mix).
+4. Decode tokens per step: the cost model against what the kernels load for the last query (visited blocks of
+   its query block times the block size, per branch).
 
 Writes ``$OUT/hierarchical.json`` (default ``benchmarks/results/h200/hierarchical.json``) with machine, versions,
-commit and command. Target: < 5 min on an H200.
+commit and command.
 
-    python benchmarks/hierarchical.py                          # H200
-    python benchmarks/hierarchical.py --quick --device cpu     # a smoke run of the same code at tiny sizes
+    python benchmarks/hierarchical.py --time-budget 170                 # H200 (about 2 minutes)
+    python benchmarks/hierarchical.py --quick --device cpu              # a smoke run of the same code, tiny sizes
 """
 
 from __future__ import annotations
@@ -30,13 +39,43 @@ import torch.nn.functional as F
 
 import spattn
 from spattn.bench.record import make, write
-from spattn.bench.timing import median_ms
-from spattn.hierarchical import branch_layouts, cost, hierarchical_attention, prefill_pairs, reference
+from spattn.bench.timing import median_ms as _median_ms
+from spattn.bench.timing import sync
+from spattn.hierarchical import cost, hierarchical_attention, prefill_pairs, reference
+from spattn.hierarchical.attention import choose_blocks, selected_layout
+from spattn.hierarchical.common import compress, mix
+from spattn.hierarchical.plan import branch_plan
+from spattn.hierarchical.scores import token_scores_torch
 from spattn.testing import assert_within, poison_empty
 
 
-def correctness(device, dtype, quick: bool) -> list[dict]:
-    checks = []
+REPEATS = {"repeats": 20, "warmup": 3}  # --quick: fewer
+
+
+def median_ms(fn, **kwargs) -> float:
+    return _median_ms(fn, **REPEATS, **kwargs)
+
+
+class Budget:
+    """Seconds left of ``--time-budget``; ``fits(estimate)`` or records the step as skipped."""
+
+    def __init__(self, seconds: float, skipped: list) -> None:
+        self.deadline = time.perf_counter() + seconds
+        self.skipped = skipped
+
+    def left(self) -> float:
+        return self.deadline - time.perf_counter()
+
+    def fits(self, step: str, estimate: float) -> bool:
+        if estimate <= self.left():
+            return True
+        self.skipped.append({"step": step, "estimate_s": round(estimate, 1), "left_s": round(self.left(), 1)})
+        print(f"skipped {step}: needs ~{estimate:.0f} s, {self.left():.0f} s left", flush=True)
+        return False
+
+
+def gate(device, dtype, quick: bool) -> dict:
+    """Fast path == float64 reference, forward and backward, at the fast path's selection."""
     L, H, Hkv, D = (200, 4, 2, 32) if quick else (1000, 8, 2, 64)
     config = spattn.Hierarchical(compress_block=32, compress_stride=16, select_block=64, select_count=4,
                                  window=128, pooling="learned") | spattn.Sinks(16)
@@ -45,101 +84,279 @@ def correctness(device, dtype, quick: bool) -> list[dict]:
     gl = torch.randn(1, H, L, 3, generator=g)
     pool = (torch.randn(Hkv, 32, generator=g), torch.randn(Hkv, 32, generator=g))
     do = torch.randn(1, H, L, D, generator=g)
-    low = torch.float32 if dtype == torch.float32 else dtype
     with torch.no_grad():
-        chosen = hierarchical_attention(q.to(device, low), k.to(device, low), v.to(device, low), config,
-                                        gate_logits=gl.to(device, low), pool_logits=tuple(p.to(device) for p in pool),
+        chosen = hierarchical_attention(q.to(device, dtype), k.to(device, dtype), v.to(device, dtype), config,
+                                        gate_logits=gl.to(device, dtype), pool_logits=tuple(p.to(device) for p in pool),
                                         return_info=True)[1]["chosen"].cpu()
 
     def run(fn, dev, dt, **extra):
         leaves = [x.detach().to(dev, dt).requires_grad_() for x in (q, k, v, gl, *pool)]
         out = fn(*leaves[:3], config, gate_logits=leaves[3], pool_logits=(leaves[4], leaves[5]), **extra)
         (out.double() * do.to(dev).double()).sum().backward()
-        return [t.detach().float().cpu() if i == 0 else t.grad.float().cpu() for i, t in
-                enumerate([out] + leaves)]
+        return [t.detach().float().cpu() if i == 0 else t.grad.float().cpu() for i, t in enumerate([out] + leaves)]
 
     t0 = time.perf_counter()
     with poison_empty():
-        fast = run(hierarchical_attention, device, low)
+        fast = run(hierarchical_attention, device, dtype)
     golden = run(reference, "cpu", torch.float64, chosen=chosen)
-    baseline = run(reference, "cpu", low, chosen=chosen)
-    names = ("out", "dq", "dk", "dv", "dgate", "dpool_key", "dpool_value")
+    baseline = run(reference, "cpu", dtype, chosen=chosen)
     errors = {}
-    for name, f, gd, bl in zip(names, fast, golden, baseline, strict=True):
+    for name, f, gd, bl in zip(("out", "dq", "dk", "dv", "dgate", "dpool_key", "dpool_value"), fast, golden, baseline,
+                               strict=True):
         assert torch.isfinite(f).all(), name
-        assert_within(f, gd, bl, k=2.0, eps=1e-5 if low == torch.float32 else 2e-3, what=name)
+        assert_within(f, gd, bl, k=2.0, eps=1e-5 if dtype == torch.float32 else 2e-3, what=name)
         errors[name] = float((f.double() - gd).abs().max())
-    checks.append({"check": "fast == reference (fwd + bwd, tolerance rule)", "ok": True, "max_abs_err": errors,
-                   "seconds": time.perf_counter() - t0})
-    layouts = branch_layouts(q.to(device), k.to(device), spattn.Hierarchical(select_count=4, window=128))
-    pairs = prefill_pairs(spattn.Hierarchical(select_count=4, window=128), L)
+    # the cost model's pairs against the layouts of one call
+    plain = spattn.Hierarchical(select_count=4, window=128)
+    layouts = hierarchical_attention(q.to(device), k.to(device), v.to(device), plain, return_info=True)[1]["layouts"]
+    pairs = prefill_pairs(plain, L)
     for name in ("compressed", "selected", "window"):
         got = layouts[name].allowed_pairs().flatten().tolist()
         assert got == [pairs[name]] * len(got), (name, got, pairs[name])
-    checks.append({"check": "cost model pairs == layout pairs", "ok": True, "pairs": pairs})
-    return checks
+    return {"check": "fast == reference (fwd + bwd, tolerance rule); cost model pairs == layout pairs", "ok": True,
+            "shape": [1, H, Hkv, L, D], "max_abs_err": errors, "pairs": pairs, "seconds": time.perf_counter() - t0}
 
 
-def timings(device, dtype, lengths, heads, kv_heads, head_dim, config) -> list[dict]:
-    rows = []
-    for L in lengths:
-        g = torch.Generator(device=device).manual_seed(L)
-        q = torch.randn(1, heads, L, head_dim, device=device, dtype=dtype, generator=g)
-        k = torch.randn(1, kv_heads, L, head_dim, device=device, dtype=dtype, generator=g)
-        v = torch.randn(1, kv_heads, L, head_dim, device=device, dtype=dtype, generator=g)
-        window_layout = spattn.compile(config.window_pattern(), L, L, causal=True, block_size=config.select_block,
-                                       device=device)
-        variants = {
-            "dense_sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                                         enable_gqa=heads != kv_heads),
-            "window": lambda q, k, v, layout=window_layout: spattn.attention(q, k, v, layout, causal=True),
-            "hierarchical": lambda q, k, v: hierarchical_attention(q, k, v, config),
-        }
-        model = cost(config, L, head_dim=head_dim, heads=heads, kv_heads=kv_heads, dtype_bytes=q.element_size())
-        row = {"length": L, "cost": model, "window_density": window_layout.density()}
-        for name, fn in variants.items():
-            leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+def parts_check(device, dtype, L, heads, kv_heads, head_dim, config) -> dict:
+    """Scores kernel vs the torch sum, device tables vs ``spattn.compile``, and (CUDA) no host sync."""
+    t0 = time.perf_counter()
+    g = torch.Generator(device=device).manual_seed(1)
+    q = torch.randn(1, heads, L, head_dim, device=device, dtype=dtype, generator=g)
+    k = torch.randn(1, kv_heads, L, head_dim, device=device, dtype=dtype, generator=g)
+    v = torch.randn(1, kv_heads, L, head_dim, device=device, dtype=dtype, generator=g)
+    out = {"check": f"scores kernel, selected tables and no host sync at L={L}", "length": L}
+    with torch.no_grad():
+        _, info = hierarchical_attention(q, k, v, config, return_info=True)
+        plan = branch_plan(config, L, 1, heads, kv_heads, device)
+        kc = compress(k, config)
+        pad = (0, 0, 0, L - kc.shape[2])
+        _, lse = spattn.attention(q, F.pad(kc, pad), F.pad(compress(v, config), pad), plan.compressed,
+                                  return_lse=True)
+        torch_scores = token_scores_torch(q, kc, lse, config, scale=head_dim ** -0.5)
+        if device.type == "cuda":
+            from spattn.hierarchical.triton_scores import token_scores_triton
+
+            kernel_scores = token_scores_triton(q, kc, lse, config, scale=head_dim ** -0.5)
+            err = ((kernel_scores - torch_scores).abs() / torch_scores.abs().clamp_min(1e-3)).max()
+            out["scores_kernel_max_rel_err"] = float(err)
+            assert err < 2e-2, f"triton scores differ from the torch sum by {float(err):.3g} (relative)"
+            a = choose_blocks(kernel_scores @ plan.overlap, config, plan.kept)
+            b = choose_blocks(torch_scores @ plan.overlap, config, plan.kept)
+            out["selection_agreement"] = float((a & b).sum() / b.sum())
+        chosen = info["chosen"]
+        fast_layout = plan.selected(chosen)
+        want = selected_layout(chosen, config, L, heads)
+        same = torch.equal(fast_layout.block_status().expand_as(want.block_status()), want.block_status())
+        assert same, "device-built selected tables differ from spattn.compile"
+        assert torch.equal(fast_layout.allowed_pairs().expand_as(want.allowed_pairs()), want.allowed_pairs())
+        out["selected_tables_equal_compile"] = True
+    if device.type == "cuda":
+        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        hierarchical_attention(*leaves, config).sum().backward()  # warm (tuner, band caches)
+        sync(device)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
             with torch.no_grad():
-                row[f"{name}_forward_ms"] = median_ms(lambda fn=fn, qkv=(q, k, v): fn(*qkv), device=device)
+                hierarchical_attention(q, k, v, config)
+            out["forward_without_sync"] = True
+            hierarchical_attention(*leaves, config).sum().backward()
+            out["forward_backward_without_sync"] = True
+        except RuntimeError as error:  # record it, do not stop the timings
+            out["sync_error"] = str(error)[:300]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        sync(device)
+    out["ok"] = True
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def cuda_kernels(fn, device) -> int | None:
+    """CUDA kernels one call of ``fn`` launches (profiler), None off CUDA."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync(device)
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def inputs(device, dtype, L, heads, kv_heads, head_dim):
+    g = torch.Generator(device=device).manual_seed(L)
+    return [torch.randn(1, h, L, head_dim, device=device, dtype=dtype, generator=g) for h in (heads, kv_heads, kv_heads)]
+
+
+def timing_row(device, dtype, L, heads, kv_heads, head_dim, config, backward: bool) -> dict:
+    q, k, v = inputs(device, dtype, L, heads, kv_heads, head_dim)
+    window_layout = spattn.compile(config.window_pattern(), L, L, causal=True, block_size=config.select_block,
+                                   device=device)
+    variants = {
+        "dense_sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                     enable_gqa=heads != kv_heads),
+        "window": lambda q, k, v, layout=window_layout: spattn.attention(q, k, v, layout, causal=True),
+        "hierarchical": lambda q, k, v: hierarchical_attention(q, k, v, config),
+    }
+    row = {"length": L, "window_density": window_layout.density()}
+    with torch.no_grad():
+        _, info = hierarchical_attention(q, k, v, config, return_info=True)
+    row["branch_density"] = {name: lay.density() for name, lay in info["layouts"].items()
+                             if name != "chosen" and lay is not None}
+    row["cost"] = cost(config, L, head_dim=head_dim, heads=heads, kv_heads=kv_heads, dtype_bytes=q.element_size())
+    for name, fn in variants.items():
+        with torch.no_grad():
+            row[f"{name}_forward_ms"] = median_ms(lambda fn=fn: fn(q, k, v), device=device)
+        if backward:
+            leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
 
             def step(fn=fn, leaves=leaves):
                 fn(*leaves).sum().backward()
 
             row[f"{name}_forward_backward_ms"] = median_ms(step, device=device, grad_to_none=leaves)
-        for mode in ("forward", "forward_backward"):
-            row[f"hierarchical_speedup_vs_dense_{mode}"] = row[f"dense_sdpa_{mode}_ms"] / row[f"hierarchical_{mode}_ms"]
-        print({k: v for k, v in row.items() if k != "cost"}, flush=True)
-        rows.append(row)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return rows
+    for mode in ("forward", "forward_backward") if backward else ("forward",):
+        row[f"hierarchical_speedup_vs_dense_{mode}"] = row[f"dense_sdpa_{mode}_ms"] / row[f"hierarchical_{mode}_ms"]
+        row[f"hierarchical_speedup_vs_window_{mode}"] = row[f"window_{mode}_ms"] / row[f"hierarchical_{mode}_ms"]
+    with torch.no_grad():
+        row["cuda_kernels_forward"] = cuda_kernels(lambda: hierarchical_attention(q, k, v, config), device)
+    if backward:
+        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        row["cuda_kernels_forward_backward"] = cuda_kernels(
+            lambda: hierarchical_attention(*leaves, config).sum().backward(), device)
+    print({key: val for key, val in row.items() if key != "cost"}, flush=True)
+    return row
+
+
+def parts_row(device, dtype, L, heads, kv_heads, head_dim, config) -> dict:
+    """Forward time of each part at one length (each timed alone, on the same inputs)."""
+    q, k, v = inputs(device, dtype, L, heads, kv_heads, head_dim)
+    scale = head_dim ** -0.5
+    plan = branch_plan(config, L, 1, heads, kv_heads, device)
+    pad = (0, 0, 0, L - config.num_compressed(L))
+    with torch.no_grad():
+        kc, vc = compress(k, config), compress(v, config)
+        kcp, vcp = F.pad(kc, pad), F.pad(vc, pad)
+        comp, lse = spattn.attention(q, kcp, vcp, plan.compressed, scale=scale, return_lse=True)
+        scores = spattn.hierarchical.selection_scores(q, kc, config, scale=scale, lse=lse, overlap=plan.overlap)
+        chosen = choose_blocks(scores, config, plan.kept)
+        layout = plan.selected(chosen)
+        sel = spattn.attention(q, k, v, layout, causal=True, scale=scale)
+        win = spattn.attention(q, k, v, plan.window, causal=True, scale=scale)
+        parts = {
+            "pool_keys_values": lambda: (F.pad(compress(k, config), pad), F.pad(compress(v, config), pad)),
+            "compressed_branch": lambda: spattn.attention(q, kcp, vcp, plan.compressed, scale=scale, return_lse=True),
+            "selection_scores": lambda: spattn.hierarchical.selection_scores(q, kc, config, scale=scale, lse=lse,
+                                                                             overlap=plan.overlap),
+            "choose_and_tables": lambda: plan.selected(choose_blocks(scores, config, plan.kept)),
+            "selected_branch": lambda: spattn.attention(q, k, v, layout, causal=True, scale=scale),
+            "window_branch": lambda: spattn.attention(q, k, v, plan.window, causal=True, scale=scale),
+            "mix": lambda: mix([comp, sel, win], config, None),
+        }
+        row = {"length": L, "parts_forward_ms": {name: median_ms(fn, device=device) for name, fn in parts.items()}}
+    row["parts_sum_ms"] = sum(row["parts_forward_ms"].values())
+    print(row, flush=True)
+    return row
+
+
+def decode_loads(device, L, heads, kv_heads, head_dim, config) -> dict:
+    """Decode tokens per step: the cost model against the kernels' loads for the last query of a prefill."""
+    q, k, v = inputs(device, torch.float32 if device.type == "cpu" else torch.bfloat16, L, heads, kv_heads, head_dim)
+    with torch.no_grad():
+        layouts = hierarchical_attention(q, k, v, config, return_info=True)[1]["layouts"]
+    loaded = {}
+    for name in ("compressed", "selected", "window"):
+        lay = layouts[name]
+        if lay is None:
+            loaded[name] = 0
+            continue
+        row = lay.num_q_blocks - 1  # the last query's block: the kernel loads every visited block in full
+        blocks = torch.cat([lay.full_kv_indices[0, 0, row, :int(lay.full_kv_num_blocks[0, 0, row])],
+                            lay.kv_indices[0, 0, row, :int(lay.kv_num_blocks[0, 0, row])]]).long()
+        keys = (torch.clamp(L - blocks * lay.block_size, max=lay.block_size)).clamp_min(0)
+        if name == "compressed":  # padded compressed keys: only the real ones exist
+            nc = config.num_compressed(L)
+            keys = (torch.clamp(nc - blocks * lay.block_size, max=lay.block_size)).clamp_min(0)
+        loaded[name] = int(keys.sum())
+    loaded["total"] = sum(loaded.values())
+    model = cost(config, L, head_dim=head_dim, heads=heads, kv_heads=kv_heads)["decode_tokens"]
+    row = {"length": L, "decode_tokens_model": model, "decode_tokens_kernel_loads": loaded,
+           "kernel_over_model": loaded["total"] / model["total"],
+           "note": "kernel loads = visited blocks of the last query block x block size (the prefill kernel's "
+                   "granularity; a decode kernel loads the same blocks); model = exact tokens of that query"}
+    print(row, flush=True)
+    return row
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run of the same code)")
-    parser.add_argument("--lengths", type=int, nargs="*", default=None)
+    parser.add_argument("--lengths", type=int, nargs="*", default=None, help="forward + backward lengths")
+    parser.add_argument("--forward-only-lengths", type=int, nargs="*", default=None)
+    parser.add_argument("--time-budget", type=float, default=170.0,
+                        help="seconds for the whole run; steps that would not fit are skipped and recorded")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results/h200"))
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
+    started = time.perf_counter()
+    if args.quick:
+        REPEATS.update(repeats=2, warmup=1)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    started = time.perf_counter()
-    checks = correctness(device, dtype if device.type == "cuda" else torch.float32, args.quick)
-    print(checks, flush=True)
     heads, kv_heads, head_dim = (4, 2, 32) if args.quick else (16, 2, 128)
     config = spattn.Hierarchical(compress_block=32, compress_stride=16, select_block=64, select_count=16,
                                  window=512)
-    lengths = args.lengths or ([512, 1024] if args.quick else [8192, 32768, 65536])
-    rows = timings(device, dtype, lengths, heads, kv_heads, head_dim, config)
+    lengths = args.lengths or ([512, 256] if args.quick else [65536, 32768, 8192])
+    forward_only = args.forward_only_lengths if args.forward_only_lengths is not None else \
+        ([1024] if args.quick else [131072])
+    skipped: list[dict] = []
+    budget = Budget(args.time_budget, skipped)
     record = make("hierarchical", {"config": config.to_dict(), "heads": heads, "kv_heads": kv_heads,
-                                   "head_dim": head_dim, "dtype": str(dtype), "batch": 1, "device": str(device)},
-                  rows, checks=checks, command="python " + " ".join(sys.argv),
-                  seconds=time.perf_counter() - started)
-    path = write(record, Path(args.out) / ("hierarchical-quick.json" if args.quick else "hierarchical.json"),
-                 overwrite=args.overwrite)
-    print(f"wrote {path}")
+                                   "head_dim": head_dim, "dtype": str(dtype), "batch": 1, "device": str(device),
+                                   "time_budget_s": args.time_budget},
+                  [], checks=[], parts=[], decode=[], skipped=skipped, command="python " + " ".join(sys.argv))
+    path = Path(args.out) / ("hierarchical-quick.json" if args.quick else "hierarchical.json")
+
+    written = []
+
+    def save():  # the first write honours --overwrite; later ones replace this run's own file
+        record["seconds"] = time.perf_counter() - started
+        write(record, path, overwrite=bool(written) or args.overwrite)
+        written.append(True)
+
+    record["checks"].append(gate(device, dtype, args.quick))
+    print(record["checks"][-1], flush=True)
+    save()
+    record["checks"].append(parts_check(device, dtype, 512 if args.quick else 8192, heads, kv_heads, head_dim,
+                                        config))
+    print(record["checks"][-1], flush=True)
+    save()
+    # rough per-length costs (s) on an H200, compile and tuning included in the first: for the budget only
+    estimate = {L: (4 if args.quick else 8) + L / 65536 * 10 for L in lengths + forward_only}
+    first = True
+    for L in lengths:
+        if budget.fits(f"timings L={L} forward + backward", estimate[L] + (20 if first else 0)):
+            record["rows"].append(timing_row(device, dtype, L, heads, kv_heads, head_dim, config, backward=True))
+            first = False
+            save()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    longest = max(lengths)
+    if budget.fits(f"parts L={longest}", 8):
+        record["parts"].append(parts_row(device, dtype, longest, heads, kv_heads, head_dim, config))
+        save()
+    for L in sorted({longest, min(lengths)}):
+        if budget.fits(f"decode loads L={L}", 3):
+            record["decode"].append(decode_loads(device, L, heads, kv_heads, head_dim, config))
+            save()
+    for L in forward_only:
+        if budget.fits(f"timings L={L} forward", estimate[L]):
+            try:
+                record["rows"].append(timing_row(device, dtype, L, heads, kv_heads, head_dim, config, backward=False))
+            except torch.OutOfMemoryError as error:
+                skipped.append({"step": f"timings L={L} forward", "error": str(error)[:200]})
+            save()
+    save()
+    print(f"wrote {path} in {time.perf_counter() - started:.0f} s", flush=True)
     return 0
 
 
