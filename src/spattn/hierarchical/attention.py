@@ -27,8 +27,8 @@ import math
 
 import torch
 
-from spattn.hierarchical.common import check_inputs, compress, compressed_nonempty, mix
-from spattn.hierarchical.plan import branch_plan
+from spattn.hierarchical.common import check_inputs, compress, mix
+from spattn.hierarchical.plan import branch_plan, selection_masks
 from spattn.hierarchical.scores import compressed_lse, selection_scores
 from spattn.ops.attention import attention
 from spattn.patterns import EMPTY, BlockLayout, Hierarchical, Layout, compile
@@ -49,13 +49,12 @@ def kept_blocks(config: Hierarchical, length: int, batch: int, heads: int, kv_he
     return kept
 
 
-def choose_blocks(scores: torch.Tensor, config: Hierarchical, kept: torch.Tensor) -> torch.Tensor:
+def choose_blocks(scores: torch.Tensor, config: Hierarchical, kept: torch.Tensor, *,
+                  masks: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """bool ``[B, Hkv, NQ, NQ]``: each query block's own block plus its ``select_count - 1`` best earlier
-    blocks (by ``scores``) that the safeguard does not already keep."""
-    NQ = scores.shape[-1]
-    qb = torch.arange(NQ, device=scores.device)
-    own = qb[None, :] == qb[:, None]
-    available = (qb[None, :] < qb[:, None]) & ~kept
+    blocks (by ``scores``) that the safeguard does not already keep (``masks``: :func:`selection_masks` if at
+    hand)."""
+    available, own = masks if masks is not None else selection_masks(scores.shape[-1], kept)
     chosen = top_k(scores, available.expand(scores.shape), config.select_count - 1) if config.select_count > 1 \
         else torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     return chosen | own
@@ -132,16 +131,16 @@ def hierarchical_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
         compressed = query.new_zeros(B, H, L, value.shape[-1])
         NQ = plan.num_blocks
         scores = torch.zeros(B, key.shape[1], NQ, NQ, device=query.device)
-    chosen = choose_blocks(scores, config, plan.kept)
+    chosen = choose_blocks(scores, config, plan.kept, masks=plan.selection_masks)
     selected = plan.selected(chosen)
     outputs = [compressed,
                attention(query, key, value, selected, causal=True, scale=scale, backend=backend),
                attention(query, key, value, plan.window, causal=True, scale=scale, backend=backend)]
-    out = mix(outputs, config, gate_logits)
+    out = mix(outputs, config, gate_logits,
+              weights=None if gate_logits is not None else plan.mix_weights(query.dtype))
     if return_info:
         layouts = {"compressed": plan.compressed, "selected": selected, "window": plan.window, "chosen": chosen}
-        return out, {"layouts": layouts, "chosen": chosen, "outputs": outputs,
-                     "compressed_nonempty": compressed_nonempty(config, L, query.device)}
+        return out, {"layouts": layouts, "chosen": chosen, "outputs": outputs, "compressed_nonempty": plan.nonempty}
     return out
 
 

@@ -64,24 +64,31 @@ def compressed_nonempty(config: Hierarchical, length: int, device) -> torch.Tens
     return torch.arange(length, device=device) >= config.compress_block - 1
 
 
-def mix(outputs: list[torch.Tensor], config: Hierarchical, gate_logits: torch.Tensor | None) -> torch.Tensor:
+def fixed_weights(config: Hierarchical, length: int, device, dtype) -> list[torch.Tensor]:
+    """The fixed-gate mix as three weight columns ``[L, 1]`` (compressed, selected, window): ``g / sum(g)`` where
+    the query sees a compressed token, else ``(0, g_s, g_w) / (g_s + g_w)``; equal gates when ``config.gates`` is
+    None. Built on the device with fills (no host-to-device copy, so no synchronisation)."""
+    gates = config.gates or (1.0, 1.0, 1.0)
+    rest = gates[1] + gates[2]
+    every = [g / (gates[0] + rest) for g in gates]
+    without = [0.0, gates[1] / rest, gates[2] / rest]  # no compressed token yet: the branch is empty
+    empty = ~compressed_nonempty(config, length, device)[:, None]
+    return [torch.full((length, 1), a, dtype=dtype, device=device).masked_fill_(empty, b)
+            for a, b in zip(every, without, strict=True)]
+
+
+def mix(outputs: list[torch.Tensor], config: Hierarchical, gate_logits: torch.Tensor | None, *,
+        weights: list[torch.Tensor] | None = None) -> torch.Tensor:
     """The gate mix ``sum_c w_c n_c o_c / sum_c w_c n_c`` of the branch outputs ``[B, H, L, Dv]``
     (compressed, selected, window); ``w = exp(gate_logits)`` or the fixed ``config.gates`` (equal if None).
-
-    Fixed gates become two weight rows (queries with and without a compressed token) selected on the device:
-    no host-to-device copy, so no synchronisation."""
+    ``weights``: the fixed gates' :func:`fixed_weights` if already at hand (default ``None``: built here)."""
     ref = outputs[0]
     L = ref.shape[2]
-    nonempty = compressed_nonempty(config, L, ref.device)
     if gate_logits is None:
-        gates = config.gates or (1.0, 1.0, 1.0)
-        rest = gates[1] + gates[2]
-        every = [g / (gates[0] + rest) for g in gates]
-        without = [0.0, gates[1] / rest, gates[2] / rest]  # no compressed token yet: the branch is empty
-        weights = [torch.full((L, 1), a, dtype=ref.dtype, device=ref.device).masked_fill_(~nonempty[:, None], b)
-                   for a, b in zip(every, without, strict=True)]
+        weights = weights if weights is not None else fixed_weights(config, L, ref.device, ref.dtype)
     else:
         dtype = torch.promote_types(ref.dtype, torch.float32)
+        nonempty = compressed_nonempty(config, L, ref.device)
         visible = torch.stack([nonempty, torch.ones_like(nonempty), torch.ones_like(nonempty)], -1)  # [L, 3]
         w = torch.softmax(torch.where(visible, gate_logits.to(dtype), -math.inf), -1).to(ref.dtype)
         weights = [w[..., c:c + 1] for c in range(3)]
@@ -90,4 +97,4 @@ def mix(outputs: list[torch.Tensor], config: Hierarchical, gate_logits: torch.Te
     return torch.addcmul(out, outputs[2], weights[2])
 
 
-__all__ = ["check_inputs", "compress", "compressed_nonempty", "mix", "pool_weights"]
+__all__ = ["check_inputs", "compress", "compressed_nonempty", "fixed_weights", "mix", "pool_weights"]

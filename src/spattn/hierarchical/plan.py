@@ -26,7 +26,7 @@ import threading
 
 import torch
 
-from spattn.hierarchical.common import compressed_nonempty
+from spattn.hierarchical.common import compressed_nonempty, fixed_weights
 from spattn.layout import tables
 from spattn.layout.layout import Layout
 from spattn.patterns import EMPTY, Full, Hierarchical, compile
@@ -34,6 +34,13 @@ from spattn.patterns import EMPTY, Full, Hierarchical, compile
 _CACHE_SIZE = 16
 _cache: collections.OrderedDict[tuple, BranchPlan] = collections.OrderedDict()
 _lock = threading.Lock()
+
+
+def selection_masks(num_blocks: int, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(available ``[Bs, Hkv|1, NQ, NQ]``: earlier blocks the safeguard does not keep; own: the diagonal
+    ``[NQ, NQ]``), the masks of :func:`choose_blocks`."""
+    qb = torch.arange(num_blocks, device=kept.device)
+    return (qb[None, :] < qb[:, None]) & ~kept, qb[None, :] == qb[:, None]
 
 
 def _dense_view(layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,7 +56,8 @@ class BranchPlan:
             sequence is shorter than one compressed block); window: the window branch's Layout.
         overlap: float32 ``[Nc, NS]`` (:meth:`Hierarchical.overlap`); nonempty: bool ``[L]``, queries that see a
             compressed token.
-        kept: bool ``[Bs, Hkv|1, NQ, NQ]``, blocks the safeguard keeps for a whole group (outside the budget).
+        kept: bool ``[Bs, Hkv|1, NQ, NQ]``, blocks the safeguard keeps for a whole group (outside the budget);
+        selection_masks: (available, own) of ``choose_blocks``.
     """
 
     def __init__(self, config: Hierarchical, length: int, batch: int, heads: int, kv_heads: int,
@@ -83,6 +91,8 @@ class BranchPlan:
             self.static_status, self.static_mids = status, mids
             masks = [static.masks]
             full_width, part_width = static.full_kv_indices.shape[-1], static.kv_indices.shape[-1]
+        self.selection_masks = selection_masks(NQ, self.kept)
+        self._mix_weights: dict[torch.dtype, list[torch.Tensor]] = {}
         offset = sum(m.shape[0] for m in masks)
         self.dyn_status = dyn_status
         self.dyn_mids = torch.where(dyn_mids >= 0, dyn_mids + offset, -1).to(torch.int32)
@@ -90,6 +100,12 @@ class BranchPlan:
         # chosen blocks per row: at most select_count (own block included), full or (diagonal) partial
         self.full_width = min(NQ, full_width + config.select_count)
         self.part_width = min(NQ, part_width + 1)
+
+    def mix_weights(self, dtype: torch.dtype) -> list[torch.Tensor]:
+        """The fixed gates' weight columns in ``dtype`` (:func:`~spattn.hierarchical.common.fixed_weights`)."""
+        if dtype not in self._mix_weights:
+            self._mix_weights[dtype] = fixed_weights(self.config, self.length, self.device, dtype)
+        return self._mix_weights[dtype]
 
     def selected(self, chosen: torch.Tensor) -> Layout:
         """The selected branch's Layout (``[B, H]`` tables, or ``[B, 1]`` for MQA) of chosen ``[B, Hkv, NQ, NQ]``
@@ -132,4 +148,4 @@ def branch_plan(config: Hierarchical, length: int, batch: int, heads: int, kv_he
     return plan
 
 
-__all__ = ["BranchPlan", "branch_plan"]
+__all__ = ["BranchPlan", "branch_plan", "selection_masks"]
