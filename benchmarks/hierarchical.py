@@ -48,7 +48,6 @@ from spattn.hierarchical.plan import branch_plan
 from spattn.hierarchical.scores import token_scores_torch
 from spattn.testing import assert_within, poison_empty
 
-
 REPEATS = {"repeats": 20, "warmup": 3}  # --quick: fewer
 
 
@@ -184,20 +183,20 @@ def cuda_kernels(fn, device) -> int | None:
 
 def inputs(device, dtype, L, heads, kv_heads, head_dim):
     g = torch.Generator(device=device).manual_seed(L)
-    return [torch.randn(1, h, L, head_dim, device=device, dtype=dtype, generator=g) for h in (heads, kv_heads, kv_heads)]
+    return [torch.randn(1, h, L, head_dim, device=device, dtype=dtype, generator=g)
+            for h in (heads, kv_heads, kv_heads)]
 
 
 def timing_row(device, dtype, L, heads, kv_heads, head_dim, config, backward: bool) -> dict:
     q, k, v = inputs(device, dtype, L, heads, kv_heads, head_dim)
-    window_layout = spattn.compile(config.window_pattern(), L, L, causal=True, block_size=config.select_block,
-                                   device=device)
+    window_layout = branch_plan(config, L, 1, heads, kv_heads, device).window  # the same layout (block 128)
     variants = {
         "dense_sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                                      enable_gqa=heads != kv_heads),
         "window": lambda q, k, v, layout=window_layout: spattn.attention(q, k, v, layout, causal=True),
         "hierarchical": lambda q, k, v: hierarchical_attention(q, k, v, config),
     }
-    row = {"length": L, "window_density": window_layout.density()}
+    row = {"length": L, "window_density": window_layout.density(), "window_block_size": window_layout.block_size}
     with torch.no_grad():
         _, info = hierarchical_attention(q, k, v, config, return_info=True)
     row["branch_density"] = {name: lay.density() for name, lay in info["layouts"].items()

@@ -13,6 +13,10 @@ changes; :meth:`BranchPlan.selected` turns the chosen blocks into the selected b
   GQA group), then the forward tables are cut to their known bound (``static width + select_count``: the
   chosen blocks are at most ``select_count`` per row) and repeated over each group's query heads.
 
+Note [static block size]: the compressed and window Layouts do not depend on ``select_block``; they are compiled
+at 128 (or ``select_block`` when larger), where the triton kernels run 128-query tiles (a 64-block layout caps
+the tile at 64 queries, about half the throughput on an H200: ``benchmarks/NOTES-kernels.md``).
+
 No host synchronisation and no ``spattn.compile`` per call: the Layout equals
 ``spattn.compile(BlockLayout(chosen) | safeguard, causal=True)`` token for token (``tests/test_hierarchical.py``);
 its masks may repeat one (the safeguard's and the causal set are concatenated, not deduplicated) and its
@@ -32,6 +36,7 @@ from spattn.layout.layout import Layout
 from spattn.patterns import EMPTY, Full, Hierarchical, compile
 
 _CACHE_SIZE = 16
+STATIC_BLOCK = 128  # block size of the static branches (compressed, window): the kernels' 128-query tiles
 _cache: collections.OrderedDict[tuple, BranchPlan] = collections.OrderedDict()
 _lock = threading.Lock()
 
@@ -66,9 +71,10 @@ class BranchPlan:
         self.device = device
         L, sb = length, config.select_block
         self.num_blocks = NQ = -(-L // sb)
-        self.compressed = compile(config.compressed_pattern(), L, L, block_size=sb, device=device) \
+        static_block = max(sb, STATIC_BLOCK)  # Note [static block size]
+        self.compressed = compile(config.compressed_pattern(), L, L, block_size=static_block, device=device) \
             if config.num_compressed(L) else None
-        self.window = compile(config.window_pattern(), L, L, causal=True, block_size=sb, device=device)
+        self.window = compile(config.window_pattern(), L, L, causal=True, block_size=static_block, device=device)
         self.overlap = config.overlap(L, device)
         self.nonempty = compressed_nonempty(config, L, device)
         G = heads // kv_heads
@@ -110,7 +116,7 @@ class BranchPlan:
     def selected(self, chosen: torch.Tensor) -> Layout:
         """The selected branch's Layout (``[B, H]`` tables, or ``[B, 1]`` for MQA) of chosen ``[B, Hkv, NQ, NQ]``
         bool blocks, built on the device without host synchronisation."""
-        B, Hkv, NQ = chosen.shape[0], chosen.shape[1], self.num_blocks
+        Hkv, NQ = chosen.shape[1], self.num_blocks
         G = self.heads // Hkv
         if self.per_head:
             chosen = chosen.repeat_interleave(G, 1)
