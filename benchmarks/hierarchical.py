@@ -12,8 +12,9 @@ partial file), and ``--time-budget SECONDS`` skips a step whose estimate does no
    forward + backward under ``torch.cuda.set_sync_debug_mode("error")`` (no host synchronisation).
 2. Timings (``spattn.bench.timing.median_ms``: triton ``do_bench`` medians): dense SDPA (causal, GQA), spattn
    ``Window(window - 1)`` on its layout, and ``hierarchical_attention`` (all three branches, pooling,
-   selection and mix included), forward and forward + backward; CUDA kernels per call (profiler); the branch
-   densities; the cost model's FLOPs beside them.
+   selection and mix included), forward and forward + backward; the forward replayed from one CUDA graph (a
+   call never synchronises, so it captures; this removes the host's launch time); CUDA kernels per call
+   (profiler); the branch densities; the cost model's FLOPs beside them.
 3. The forward's parts at the longest length (pooling, compressed branch, scores, selection + tables, selected
    branch, window branch, mix).
 4. Decode tokens per step: the cost model against what the kernels load for the last query (visited blocks of
@@ -181,6 +182,32 @@ def cuda_kernels(fn, device) -> int | None:
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
+def graph_forward(fn, device) -> dict:
+    """The forward captured in one CUDA graph (possible because a call never synchronises): its median and
+    whether a replay equals the eager output; an error string when capture fails."""
+    if device.type != "cuda":
+        return {}
+    try:
+        with torch.no_grad():
+            eager = fn()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    fn()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = fn()
+            graph.replay()
+            sync(device)
+            diff = float((static_out.float() - eager.float()).abs().max())
+            return {"hierarchical_forward_cuda_graph_ms": median_ms(graph.replay, device=device),
+                    "cuda_graph_max_abs_diff_vs_eager": diff}
+    except Exception as error:  # noqa: BLE001 - recorded in the JSON, the timings go on
+        return {"cuda_graph_error": f"{type(error).__name__}: {str(error)[:300]}"}
+
+
 def inputs(device, dtype, L, heads, kv_heads, head_dim):
     g = torch.Generator(device=device).manual_seed(L)
     return [torch.randn(1, h, L, head_dim, device=device, dtype=dtype, generator=g)
@@ -215,6 +242,7 @@ def timing_row(device, dtype, L, heads, kv_heads, head_dim, config, backward: bo
     for mode in ("forward", "forward_backward") if backward else ("forward",):
         row[f"hierarchical_speedup_vs_dense_{mode}"] = row[f"dense_sdpa_{mode}_ms"] / row[f"hierarchical_{mode}_ms"]
         row[f"hierarchical_speedup_vs_window_{mode}"] = row[f"window_{mode}_ms"] / row[f"hierarchical_{mode}_ms"]
+    row.update(graph_forward(lambda: hierarchical_attention(q, k, v, config), device))
     with torch.no_grad():
         row["cuda_kernels_forward"] = cuda_kernels(lambda: hierarchical_attention(q, k, v, config), device)
     if backward:
