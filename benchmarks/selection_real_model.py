@@ -1,21 +1,23 @@
 """Dynamic selection against sinks + window at equal measured key budget, on SmolLM2-135M (issue 12).
 
-Three tasks, one JSON each (machine, versions, git commit, command):
+Tasks (one JSON each: machine, versions, git commit, command; written as results arrive):
 
     # per layer and head: true recall at equal budget and where the missed mass sits (captured q/k, offline)
     PYTHONPATH=src python benchmarks/selection_real_model.py recall --length 4096 --layers 2 9 16 23 29 \
         --out benchmarks/results/cpu/selection/recall-4096.json
-    # perplexity, top-1 agreement, KL (spattn.eval.lm.compare_lm) with percentile-bootstrap intervals over chunks
-    PYTHONPATH=src python benchmarks/selection_real_model.py lm --length 4096 --chunks 4 \
-        --out benchmarks/results/cpu/selection/lm-4096.json
-    # a 5-digit pass key in Austen text at depths 0.1 / 0.5 / 0.9, greedy answer checked by teacher forcing
-    PYTHONPATH=src python benchmarks/selection_real_model.py passkey --length 4096 --samples 2 \
-        --out benchmarks/results/cpu/selection/passkey-4096.json
-    # H200 (8192 tokens): add --device cuda --backend auto (the triton kernels)
+    # perplexity, top-1 agreement, KL against the model's SDPA, intervals over chunks and segments
+    PYTHONPATH=src python benchmarks/selection_real_model.py lm --lengths 4096 --chunks 4 --out lm-4096.json
+    # a 5-digit pass key (spattn.eval.tasks.passkey) at depths 0.1 / 0.5 / 0.9, exact match by teacher forcing
+    PYTHONPATH=src python benchmarks/selection_real_model.py passkey --lengths 4096 --samples 4 --out pk.json
+    # H200, everything in one run: correctness gate, lm and passkey at 4096 and 8192 (docs/selection.md)
+    PYTHONPATH=src python benchmarks/selection_real_model.py suite --device cuda --lengths 4096 8192 \
+        --chunks 12 10 --samples 10 --time-budget 420 --out $OUT/selection_h200.json
 
-Variants per budget (``--budgets`` in keys per query, token-exact over layers and heads, causal): the best
-``Sinks(s) | Window(w)`` over ``s`` in ``--sinks`` at that budget, and ``Adaptive(selector, keys, sinks=64,
-window=w0, block=64)``. Every variant's measured keys per query is recorded next to its result.
+lm / passkey variants per budget (``--fractions`` of the length, keys per query token-exact, causal): dense
+(the model's SDPA), the best ``Sinks(s) | Window(w)`` over ``s`` in ``--sinks`` (picked by perplexity on a
+calibration chunk, then evaluated on held-out chunks) and ``Adaptive(selector, keys, sinks=64, window=w0,
+block=32, sharing="head")`` at the same keys. The backend is triton on CUDA (exact: IEEE fp32 dots), else
+``dense`` (SDPA with the exact token mask).
 """
 
 # ruff: noqa: E402 - src/ is put on the import path before spattn is imported
@@ -94,6 +96,13 @@ def load(args):
     from spattn.integrations.models import load_smollm2
 
     model, tok = load_smollm2()
+    if args.quick:  # a dry run of the code paths: SmolLM2's tokenizer and head shapes, 2 random layers
+        import copy
+
+        config = copy.deepcopy(model.config)
+        config.num_hidden_layers, config.intermediate_size = 2, 256
+        torch.manual_seed(args.seed)
+        model = type(model)(config)
     model = model.to(args.device).eval()
     return model, tok
 
@@ -194,8 +203,8 @@ class Deadline:
     """``--time-budget``: cumulative stage deadlines (a stage may use what earlier stages left, never the share
     of a later one); ``fits(seconds)`` says whether work estimated at ``seconds`` still fits the stage."""
 
-    def __init__(self, budget: float | None, shares: dict[str, float]):
-        self.started, self.budget = time.perf_counter(), budget
+    def __init__(self, budget: float | None, shares: dict[str, float], started: float):
+        self.started, self.budget = started, budget
         total, acc, self.until = sum(shares.values()), 0.0, {}
         for name, share in shares.items():
             acc += share
@@ -521,22 +530,26 @@ def stage_gate(model, args, report: dict, save) -> None:
         fast = spattn.attention(q, k, v, layout, causal=True, scale=cap.scale, backend=args.backend)
         golden, _ = dense_attention(q, k, v, allowed, scale=cap.scale)
         base, _ = plain_attention(q, k, v, allowed, scale=cap.scale)
-        assert_within(fast, golden, base, what=f"{args.backend} vs float64 oracle, {name}, layer {layer}")
-        checks.append({"variant": name, "layer": layer, "length": length, "passed": True,
+        try:  # recorded, not raised: one GPU call must still bring back the measurements (judged with it)
+            assert_within(fast, golden, base, what=f"{args.backend} vs float64 oracle, {name}, layer {layer}")
+            passed, message = True, None
+        except AssertionError as exc:
+            passed, message = False, str(exc)
+        checks.append({"variant": name, "layer": layer, "length": length, "passed": passed, "message": message,
                        "max_error": float((fast.double() - golden).abs().max()),
                        "baseline_max_error": float((base.double() - golden).abs().max()),
                        "keys_per_query": float(layout.allowed_pairs().mean()) / length})
-        print(f"gate {name}: passed, max error {checks[-1]['max_error']:.2e} (baseline "
+        print(f"gate {name}: {'passed' if passed else 'FAILED'}, max error {checks[-1]['max_error']:.2e} (baseline "
               f"{checks[-1]['baseline_max_error']:.2e})", flush=True)
     reference, _ = forward_scores(model, ids, None, args)
     scores, _ = forward_scores(model, ids, spattn.Full(), args, reference)
     floor = {"length": length, "mean_kl": float(scores["kl"].mean()), "top1_agreement": float(scores["agree"].mean()),
              "max_kl": float(scores["kl"].max())}
-    if floor["mean_kl"] > 1e-3:
-        raise AssertionError(f"Full() through {args.backend} differs from the model's SDPA: mean KL {floor}")
+    floor["passed"] = floor["mean_kl"] <= 1e-4 and floor["top1_agreement"] >= 0.999
     print(f"gate Full() via {args.backend} vs SDPA: mean KL {floor['mean_kl']:.2e}, top-1 "
           f"{floor['top1_agreement']:.4f}", flush=True)
-    report["gate"] = {"kernels": checks, "full_model_floor": floor, "passed": True}
+    report["gate"] = {"kernels": checks, "full_model_floor": floor,
+                      "passed": all(c["passed"] for c in checks) and floor["passed"]}
     save()
 
 
@@ -567,7 +580,7 @@ def run_stages(args, model, tok, which: list[str], save_record) -> dict:
                 shares[f"{s}-{length}"] = stage_cost(s, length, args)
     order = [k for k in shares if k == "gate"] + [k for k in shares if k.startswith("lm-")] + \
         [k for k in shares if k.startswith("passkey-")]
-    deadline = Deadline(args.time_budget, {k: shares[k] for k in order})
+    deadline = Deadline(args.time_budget, {k: shares[k] for k in order}, args.started)
     report: dict = {"skipped": deadline.skipped}
 
     def save() -> None:
@@ -604,7 +617,8 @@ def main(argv=None) -> None:
     parser.add_argument("--chunks", type=int, nargs="+", default=[8],
                         help="held-out chunks, one value or one per length")
     parser.add_argument("--text", default="austen")
-    parser.add_argument("--budgets", type=int, nargs="+", default=[246, 492], help="recall: keys per query")
+    parser.add_argument("--budgets", type=int, nargs="+", default=None,
+                        help="recall: keys per query (default 246 492); lm / passkey take --fractions")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.12, 0.06],
                         help="lm / passkey: keys per query as a fraction of the length (0.12 x 4096 = 492)")
     parser.add_argument("--sinks", type=int, nargs="+", default=[4, 16, 64, 128],
@@ -631,24 +645,30 @@ def main(argv=None) -> None:
     parser.add_argument("--time-budget", type=float, default=None,
                         help="seconds for lm / passkey / suite: work that would not fit is skipped and recorded")
     parser.add_argument("--autotune", action="store_true", help="cuda: let the triton kernels autotune (slower start)")
+    parser.add_argument("--quick", action="store_true",
+                        help="dry run: a 2-layer random model of SmolLM2's shapes (its numbers mean nothing)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     args.lengths = args.lengths or [args.length]
+    if args.task != "recall" and args.budgets is not None:
+        parser.error("lm / passkey / suite take --fractions (keys per query = fraction x length), not --budgets")
+    args.budgets = args.budgets or [246, 492]
     if args.backend is None:
         args.backend = "triton" if args.device == "cuda" else "dense"
     if args.device == "cuda" and not args.autotune:
         os.environ.setdefault("SPATTN_TRITON_AUTOTUNE", "0")
     torch.manual_seed(args.seed)
-    started = time.perf_counter()
+    started = args.started = time.perf_counter()  # --time-budget counts from here, model loading included
     model, tok = load(args)
     loaded = time.perf_counter() - started
 
     def save(result: dict) -> None:
         from spattn.bench.env import machine_info
 
-        record = {"task": args.task, "model": "SmolLM2-135M", "model_dtype": str(next(model.parameters()).dtype),
+        record = {"task": args.task, "model": "2-layer random model (--quick)" if args.quick else "SmolLM2-135M",
+                  "model_dtype": str(next(model.parameters()).dtype),
                   "text": args.text, "lengths": args.lengths, "fractions": args.fractions, "backend": args.backend,
                   "block_size": args.block_size, "time_budget": args.time_budget,
                   "triton_autotune": os.environ.get("SPATTN_TRITON_AUTOTUNE"),
