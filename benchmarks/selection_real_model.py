@@ -373,8 +373,13 @@ def summarise_lm(group: dict, args) -> None:
 
         point = float(closed(list(range(n))))
         interval = list(stats.bootstrap_interval(list(range(n)), statistic=closed)) if n > 1 else [point, point]
+        point, interval = finite(point), [finite(v) for v in interval]  # None where the window beats dense
         r["share_of_window_gap_closed"] = {"value": point, "interval": interval,
                                            "window": window["variant"], "chunks": n}
+
+
+def finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def stage_lm(model, length: int, args, deadline: Deadline, stage: str, report: dict, save) -> None:
