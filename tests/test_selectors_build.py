@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import spattn
-from spattn.selectors import LayoutBuilder, TopK, TopP
+from spattn.selectors import Adaptive, LayoutBuilder, TopK, TopP
 
 CASES = [
     pytest.param(lambda: spattn.Sinks(5) | spattn.Window(40) | TopP("pooled", 0.8), 4, 2, 300,
@@ -13,6 +13,10 @@ CASES = [
                  2, 2, 257, id="topk-antidiagonal"),
     pytest.param(lambda: TopK("bounds", 3), 2, 1, 200, id="topk-alone"),
     pytest.param(lambda: spattn.Window(33) | TopP("vertical_slash", 0.9, sharing="head"), 4, 2, 250, id="per-head"),
+    pytest.param(lambda: Adaptive("probe", 90, sinks=8, window=20, block=32, sharing="head"), 4, 2, 257,
+                 id="adaptive-probe"),
+    pytest.param(lambda: spattn.Sinks(3) | Adaptive("pooled", 70, window=40, block=None), 2, 1, 200,
+                 id="adaptive-in-union"),
 ]
 
 
@@ -61,3 +65,7 @@ def test_builder_errors():
         LayoutBuilder(spattn.Window(4), 64, batch=1, heads=1)
     with pytest.raises(NotImplementedError, match="keep"):
         LayoutBuilder(TopK("pooled", 1, keep=(3,)), 64, batch=1, heads=1)
+    # cells smaller than the kernel block: the masks of partly chosen blocks depend on the input
+    for dynamic in (Adaptive("probe", 40, window=8, block=16), TopK("pooled", 2, block=16)):
+        with pytest.raises(ValueError, match="selection cells of the kernel block"):
+            LayoutBuilder(spattn.Sinks(4) | dynamic, 128, block_size=32, batch=1, heads=1)

@@ -84,12 +84,14 @@ def top_p(scores: torch.Tensor, available: torch.Tensor, mass: Budget, *, kept_m
     return torch.zeros_like(keep).scatter(-1, order, keep)
 
 
-def top_keys(gain: torch.Tensor, available: torch.Tensor, cost: torch.Tensor, pairs: float | int) -> torch.Tensor:
+def top_keys(gain: torch.Tensor, available: torch.Tensor, cost: torch.Tensor,
+             pairs: float | int | torch.Tensor) -> torch.Tensor:
     """bool ``[B, H, NQ, NK]``: one key budget shared by every head and query block of a batch element.
 
     Each available cell with ``gain > 0`` costs ``cost`` (new (query, key) pairs, broadcast to the scores);
     cells are taken in decreasing ``gain / cost`` (estimated missing mass per key) while the running cost
-    stays within ``pairs * H`` (``pairs`` per head: keys per query times queries). Greedy knapsack: heads
+    stays within ``pairs * H`` (``pairs`` per head: keys per query times queries; a number or a 0-d tensor,
+    which keeps the budget on the device). Greedy knapsack: heads
     and query blocks whose mass is already kept spend little, the others much.
     """
     B, H = gain.shape[:2]
@@ -99,5 +101,6 @@ def top_keys(gain: torch.Tensor, available: torch.Tensor, cost: torch.Tensor, pa
     flat_d, flat_c, flat_t = density.reshape(B, -1), cost.reshape(B, -1), take.reshape(B, -1)
     order = flat_d.argsort(dim=-1, descending=True, stable=True)
     spent = torch.where(flat_t, flat_c, torch.zeros_like(flat_c)).gather(-1, order).cumsum(-1)
-    keep = (spent <= float(pairs) * H) & flat_t.gather(-1, order)
+    limit = pairs * H if isinstance(pairs, torch.Tensor) else float(pairs) * H
+    keep = (spent <= limit) & flat_t.gather(-1, order)
     return torch.zeros_like(flat_t).scatter(-1, order, keep).view(gain.shape)

@@ -1,7 +1,8 @@
 """``LayoutBuilder``: dynamic layouts built on the device with no host synchronisation.
 
 ``spattn.compile`` is general: it resolves partial blocks by signature and sizes its tables from the data
-(host synchronisations). For ``safeguards | TopK/TopP(...)`` the expensive part does not depend on the input:
+(host synchronisations). For ``safeguards | TopK/TopP/Adaptive(...)`` the expensive part does not depend on
+the input (``Adaptive``'s own sinks and window count as safeguards):
 the safeguards' partial blocks (and the causal diagonal) are the same for every query/key. The builder
 compiles them once; each ``build(query, key)`` then runs the selection, merges it into the cached status with
 a few elementwise ops, and packs the tables to a fixed width (``NK``) with a cumulative sum and a scatter.
@@ -10,6 +11,12 @@ Shapes depend only on Python integers: no host sync, nothing to recompile, CUDA-
 The Layout equals ``spattn.compile(pattern, ..., query=, key=)`` block for block and token for token; its
 tables are wider (``W = NK``; entries past the counts are padding, as the format allows) and its ``masks``
 may repeat a mask (the static and the causal sets are concatenated, not deduplicated).
+
+Selection cells must be kernel blocks (``block=None`` or ``block=block_size``): with smaller cells a chosen
+kernel block is only partly kept, and its token mask depends on which of its ``r x r`` cells were chosen
+(``r = block_size / block``; up to ``2 ** (r * r)`` masks per block, 65536 for 32-token cells under 128-token
+blocks), so the set of masks depends on the input and cannot sit in tables fixed at construction. Such
+patterns raise ``ValueError`` here; ``spattn.compile`` resolves them (it deduplicates the masks it meets).
 """
 
 from __future__ import annotations
@@ -21,15 +28,15 @@ from spattn.layout.layout import Layout
 from spattn.patterns.base import EMPTY, Context, Pattern, Union
 from spattn.patterns.builtin import Full
 from spattn.patterns.compile import compile as compile_pattern
-from spattn.selectors.patterns import TopK, TopP
+from spattn.selectors.patterns import Adaptive, TopK, TopP
 
 
-def _split(pattern: Pattern) -> tuple[Pattern | None, TopK | TopP]:
+def _split(pattern: Pattern) -> tuple[Pattern | None, TopK | TopP | Adaptive]:
     parts = pattern.parts if isinstance(pattern, Union) else (pattern,)
     dynamic = [p for p in parts if p.contains_dynamic()]
-    if len(dynamic) != 1 or not isinstance(dynamic[0], (TopK, TopP)):
-        raise ValueError("LayoutBuilder needs a pattern `static | TopK(...)` or `static | TopP(...)` with exactly one "
-                         f"TopK/TopP at the top level, got {pattern!r}")
+    if len(dynamic) != 1 or not isinstance(dynamic[0], (TopK, TopP, Adaptive)):
+        raise ValueError("LayoutBuilder needs a pattern `static | TopK(...)`, `static | TopP(...)` or "
+                         f"`static | Adaptive(...)` with exactly one of them at the top level, got {pattern!r}")
     static = [p for p in parts if not p.contains_dynamic()]
     if not static:
         return None, dynamic[0]
@@ -45,10 +52,12 @@ def _dense_view(layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class LayoutBuilder:
-    """Build layouts of ``static | TopK/TopP(...)`` for new query/key tensors without host synchronisation.
+    """Build layouts of ``static | TopK/TopP/Adaptive(...)`` for new query/key tensors without host
+    synchronisation.
 
     Args:
-        pattern: a union of static patterns (the safeguards) and one ``TopK`` / ``TopP``.
+        pattern: a union of static patterns (the safeguards) and one ``TopK`` / ``TopP`` / ``Adaptive`` whose
+            selection cells are kernel blocks (``block=None`` or ``block=block_size``; see the module notes).
         q_len, kv_len: lengths (``kv_len`` defaults to ``q_len``); causal, block_size: as in ``spattn.compile``.
         batch, heads: sizes of the query ``[B, H, Lq, D]`` the builder will see.
         device: where the tables live.
@@ -68,17 +77,29 @@ class LayoutBuilder:
         self.device = torch.device(device or "cpu")
         if self.dynamic.keep:
             raise NotImplementedError("LayoutBuilder does not support TopK/TopP(keep=...) yet; use spattn.compile")
+        ctx0 = Context(self.q_len, self.kv_len, block_size, self.device, causal, batch, heads)
+        cell = self.dynamic.granularity(ctx0)
+        if cell != block_size:
+            raise ValueError(f"LayoutBuilder needs selection cells of the kernel block: {type(self.dynamic).__name__}"
+                             f"(block={cell}) under block_size={block_size} makes partly chosen kernel blocks "
+                             "whose masks depend on the input; use block=None (or block=block_size), or "
+                             "spattn.compile")
         kw = dict(causal=causal, block_size=block_size, device=self.device)
         masks, status, mids = [], None, None
-        if self.static is not None:
-            st = compile_pattern(self.static, self.q_len, self.kv_len, batch=batch, heads=heads, **kw)
+        # the tables' fixed part: the safeguards, with Adaptive's own sinks and window
+        fixed = self.static
+        own = self.dynamic.local_pattern() if isinstance(self.dynamic, Adaptive) else None
+        if own is not None:
+            fixed = own if fixed is None else fixed | own
+        self.dynamic.prepare(ctx0)
+        self._cache = dict(ctx0.cache)  # what the selection needs that does not depend on the input
+        if fixed is not None:
+            st = compile_pattern(fixed, self.q_len, self.kv_len, batch=batch, heads=heads, **kw)
             status, mids = _dense_view(st)
             masks.append(st.masks)
-            # what compile's Union hands the dynamic part: the static parts' analytic status (before causal)
-            ctx0 = Context(self.q_len, self.kv_len, block_size, self.device, causal, batch, heads)
-            self._kept = self.static.status(ctx0)
-        else:
-            self._kept = None
+        # what compile's Union hands the dynamic part: the static parts' analytic status (before causal)
+        self._kept = None if self.static is None else self.static.status(
+            Context(self.q_len, self.kv_len, block_size, self.device, causal, batch, heads))
         # what a dynamically chosen block becomes: full, or its causal token mask on the diagonal
         base = compile_pattern(Full(), self.q_len, self.kv_len, **kw)
         self._dyn_status, base_mids = _dense_view(base)
@@ -94,6 +115,7 @@ class LayoutBuilder:
         """The Layout for ``query [B, H, Lq, D]`` and ``key [B, Hkv, Lk, D]`` (tables ``[B, H, ...]``)."""
         ctx = Context(self.q_len, self.kv_len, self.block_size, self.device, self.causal, self.batch, self.heads,
                       query, key)
+        ctx.cache.update(self._cache)
         # [B, H, NQ, NK] bool, never on a kept block (phase 2 of compile, given the static parts' status)
         chosen = self.dynamic.cached_selection(ctx, kept=self._kept, allowed=None)
         dyn_status = torch.where(chosen, self._dyn_status, torch.zeros_like(self._dyn_status))

@@ -140,6 +140,10 @@ class _Selection(BlockSelection):
                                        or self.block < 1):
             raise ValueError(f"block must be None or a positive int (selection block size), got {self.block!r}")
 
+    def prepare(self, ctx: Context) -> None:
+        """Put into ``ctx.cache`` what the selection needs that depends on the shapes only (``LayoutBuilder``
+        computes it once and hands it to every build)."""
+
     def make_selector(self) -> Selector:
         return get_selector(self.selector, **dict(self.options))
 
@@ -426,6 +430,15 @@ class Adaptive(_Selection):
     def granularity(self, ctx: Context) -> int:
         return min(super().granularity(ctx), ctx.block_size)
 
+    def local_pattern(self) -> Pattern | None:
+        """The pattern's own ``Sinks(sinks) | Window(window)`` (None when both are 0)."""
+        parts = self._local_parts()
+        return _union(parts) if parts else None
+
+    def prepare(self, ctx: Context) -> None:
+        if self._local_parts():
+            self._local_layout(ctx, self.granularity(ctx))
+
     def _local_parts(self) -> list[Pattern]:
         parts: list[Pattern] = []
         if self.sinks:
@@ -465,10 +478,11 @@ class Adaptive(_Selection):
         return frac, self._local_mask
 
     def _choose(self, gain, available, kept_mass, cost, min_blocks, max_blocks, ctx):
-        local = 0.0
-        if self._local_parts():
-            local = float(self._local_layout(ctx, self.granularity(ctx)).allowed_pairs().mean())
-        chosen = _budget.top_keys(gain, available, cost, max(0.0, self.keys * ctx.q_len - local))
+        pairs = torch.tensor(float(self.keys * ctx.q_len), device=gain.device)
+        if self._local_parts():  # a tensor: no host sync
+            local = self._local_layout(ctx, self.granularity(ctx)).allowed_pairs().float().mean()
+            pairs = (pairs - local.to(gain.device)).clamp_min(0)
+        chosen = _budget.top_keys(gain, available, cost, pairs)
         if min_blocks is not None:
             chosen = chosen | _budget.top_k(gain, available, min_blocks)
         if max_blocks is not None:
