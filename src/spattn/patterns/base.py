@@ -124,10 +124,12 @@ class Pattern:
 
     # -- cached status (a pattern object may appear in several places of a tree) ---------------
     def status(self, ctx: Context) -> torch.Tensor:
+        # keyed by identity; the entry holds the pattern itself so its id cannot pass to a new object meanwhile
         key = ("status", id(self))
-        if key not in ctx.cache:
-            ctx.cache[key] = as_4d(self.block_status(ctx))
-        return ctx.cache[key]
+        entry = ctx.cache.get(key)
+        if entry is None or entry[0] is not self:
+            entry = ctx.cache[key] = (self, as_4d(self.block_status(ctx)))
+        return entry[1]
 
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
