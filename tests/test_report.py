@@ -378,7 +378,15 @@ def test_lengths_intervals_and_the_pick_from_the_selection_split(tiny):
             for key in ("perplexity", "top1_agreement", "kl"):
                 lo, hi = m[key + "_interval"]
                 assert lo <= m[key] * (1 + 1e-5) + 1e-9 and m[key] <= hi * (1 + 1e-5) + 1e-9, (c["id"], key)
-            assert set(m["splits"]) == ({"selection", "report"} if part is results else {"report"})
+            if part is not results:
+                assert set(m["splits"]) == {"report"} and m["split"] == "report"
+            else:  # the report split only for the candidates that can still win (Note [report split only ...])
+                assert "selection" in m["splits"] and m["split"] == ("report" if "report" in m["splits"] else
+                                                                     "selection")
+    contenders = {i for rec in results["recommendations"] for i in
+                  (rec["candidate"], rec.get("runner_up"), *rec.get("tied_with", [])) if i}
+    for c in results["candidates"]:
+        assert ("report" in c["model"]["splits"]) == (c["id"] in contenders), c["id"]
     by_id = {c["id"]: c for c in results["candidates"]}
     for rec in results["recommendations"]:
         if rec["candidate"] is None:

@@ -27,7 +27,7 @@ from spattn.report import candidates as C
 from spattn.report import intervals
 from spattn.report.config import ReportConfig
 from spattn.report.evaluate import candidate_latency, coverage_pass, dense_latency, dropped_threads, sig
-from spattn.report.frontier import carry_over, holds, pareto, recommend
+from spattn.report.frontier import carry_over, contenders, holds, pareto, recommend
 from spattn.report.stages import StageCache
 
 FORMAT = "spattn.report/2"
@@ -290,21 +290,41 @@ def _measure_length(run: _Run, length: int, chunks: dict[str, Any], wanted: list
 
     t = time.perf_counter()
     task = bars.stage(f"model damage and latency, {length} tokens", len(wanted))
-    records, skipped = [], []
-    for cid, *_ in wanted:
+    records, skipped, partial = [], [], {}
+    first_split = splits[0]
+    for cid, *_ in wanted:  # latency and the first split (selection at the first length) for every candidate
         rec = cache.get(prefix + cache.candidate_path(cid))
+        if rec is None:
+            rec = cache.get(prefix + "scored/" + cache.candidate_path(cid).split("/", 1)[1])
         if rec is None:
             rec = cache.get(cov_key(cid))
             if rec.get("pattern") is not None:
-                rec = _finish_candidate(run, rec, captures, refs, dense, eval_backend, latency_backend)
-            cache.put(prefix + cache.candidate_path(cid), rec)
+                rec = _finish_candidate(run, rec, captures, {first_split: refs[first_split]}, dense, eval_backend,
+                                        latency_backend)
+                cache.put(prefix + "scored/" + cache.candidate_path(cid).split("/", 1)[1], rec)
         elif run.retime and rec.get("pattern") is not None:
             rec["latency"] = candidate_latency(pattern_from_dict(rec["pattern"]), captures,
                                                block_size=cfg.block_size, backend=latency_backend,
                                                repeats=cfg.latency_repeats, seed=cfg.seed, memo=run.latency_memo)
-            cache.put(prefix + cache.candidate_path(cid), rec)
-        (records if rec.get("pattern") is not None else skipped).append(rec)
+        partial[cid] = rec
         bars.advance(task, cid)
+    # Note [report split only for contenders]: the report split is scored only for the candidates that can still
+    # be recommended or compared with a recommendation (each budget's best, the candidates tied with it and the
+    # runner-up, all decided on the selection split); the others keep their selection-split numbers, marked so.
+    scored = [r for r in partial.values() if r.get("pattern") is not None]
+    want_report = contenders(scored, list(cfg.budgets)) if select else {r["id"] for r in scored}
+    if select:
+        task = bars.stage(f"report split of {len(want_report)} contenders", len(want_report))
+    for cid, *_ in wanted:
+        rec = partial[cid]
+        if rec.get("pattern") is not None and "report" not in rec["model"]["splits"] and cid in want_report:
+            rec = _finish_candidate(run, rec, captures, {"report": refs["report"]}, dense, eval_backend,
+                                    latency_backend, keep=rec)
+            bars.advance(task, cid)
+        if rec.get("pattern") is not None and "report" not in rec["model"]["splits"]:
+            rec = rec | {"model": _shown_numbers(rec["model"]["splits"], dense, "selection")}
+        cache.put(prefix + cache.candidate_path(cid), rec)
+        (records if rec.get("pattern") is not None else skipped).append(rec)
     run.timed("model", t)
     for r in records:
         r["within_budget"] = r["cost"]["keys_fraction"] <= r["budget"]
@@ -327,32 +347,44 @@ def _base(cand: C.Candidate, family: str, budget: float, selector: str | None) -
 
 
 def _finish_candidate(run: _Run, rec: dict[str, Any], captures: list, refs: dict[str, list], dense: dict,
-                      eval_backend: str, latency_backend: str) -> dict[str, Any]:
-    """Latency and model damage (per split, with intervals) of a candidate whose coverage is measured."""
+                      eval_backend: str, latency_backend: str, keep: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Latency and model damage on the ``refs`` splits (with intervals) of a candidate whose coverage is measured;
+    ``keep``: a record already timed and scored on other splits (its latency and splits are kept)."""
     cfg = run.cfg
     pattern = pattern_from_dict(rec["pattern"])
-    latency = candidate_latency(pattern, captures, block_size=cfg.block_size, backend=latency_backend,
-                                repeats=cfg.latency_repeats, seed=cfg.seed, memo=run.latency_memo)
+    if keep is not None:
+        latency, model = keep["latency"], dict(keep["model"]["splits"])
+    else:
+        latency = candidate_latency(pattern, captures, block_size=cfg.block_size, backend=latency_backend,
+                                    repeats=cfg.latency_repeats, seed=cfg.seed, memo=run.latency_memo)
+        model = {}
     plan = Plan.uniform(pattern)
-    model: dict[str, Any] = {}
     for split, split_refs in refs.items():
         chunks = torch.stack([r["ids"] for r in split_refs])
         seg = _scored(run.model, chunks, split_refs, plan, eval_backend, cfg.block_size)
         model[split] = intervals.summarise(seg, seed=cfg.seed) | {"segments_sums": seg}
-    report = model["report"]
-    ppl = report["perplexity"]
-    out = {
+    shown = "report" if "report" in model else next(iter(model))
+    return rec | {"latency": latency, "model": _shown_numbers(model, dense, shown)}
+
+
+def _shown_numbers(splits: dict[str, Any], dense: dict, split: str) -> dict[str, Any]:
+    """The numbers a candidate shows, from ``split`` (the report split, or the selection split for a candidate
+    that could not win a budget there: ``split`` says which), against dense on the same split."""
+    summary = splits[split]
+    ppl = summary["perplexity"]
+    dense_ppl = dense[split]["perplexity"]
+    return {
+        "split": split,
         "perplexity": sig(ppl),
-        "perplexity_interval": [sig(x) for x in report["perplexity_interval"]],
-        "perplexity_delta": sig(ppl - dense["perplexity"]),
-        "perplexity_ratio": sig(ppl / dense["perplexity"]),
-        "top1_agreement": sig(report["top1_agreement"]),
-        "top1_agreement_interval": [sig(x) for x in report["top1_agreement_interval"]],
-        "kl": sig(report["kl"]),
-        "kl_interval": [sig(x) for x in report["kl_interval"]],
-        "splits": model,
+        "perplexity_interval": [sig(x) for x in summary["perplexity_interval"]],
+        "perplexity_delta": sig(ppl - dense_ppl),
+        "perplexity_ratio": sig(ppl / dense_ppl),
+        "top1_agreement": sig(summary["top1_agreement"]),
+        "top1_agreement_interval": [sig(x) for x in summary["top1_agreement_interval"]],
+        "kl": sig(summary["kl"]),
+        "kl_interval": [sig(x) for x in summary["kl_interval"]],
+        "splits": splits,
     }
-    return rec | {"latency": latency, "model": out}
 
 
 def _retrieval(run: _Run, main: dict[str, Any], recs: list[dict[str, Any]], tokenizer: Any) -> dict[str, Any] | None:
@@ -432,7 +464,8 @@ def _threads(run: _Run, main: dict[str, Any], recs: list[dict[str, Any]], chunks
 
 def _frontier(records: list[dict[str, Any]]) -> dict[str, list[str]]:
     return {
-        "perplexity": pareto([(r["id"], r["cost"]["keys_fraction"], r["model"]["perplexity"]) for r in records]),
+        # perplexity over dense on the same split: candidates shown with selection-split numbers compare fairly
+        "perplexity": pareto([(r["id"], r["cost"]["keys_fraction"], r["model"]["perplexity_ratio"]) for r in records]),
         "recall": pareto([(r["id"], r["cost"]["keys_fraction"], r["recall"]["mean"]) for r in records], maximize=True),
     }
 
