@@ -444,3 +444,19 @@ def test_overwrite_never_deletes_a_folder_that_was_never_a_report(tiny, tmp_path
     assert r.exit_code == 2 and "never a spattn report" in r.output
     assert (folder / "figures" / "holiday.png").read_bytes() == b"not the report's"
     assert (folder / "results.json").read_text() == "{}"
+
+
+def test_time_budget_skips_what_does_not_fit_and_says_so(tiny, tmp_path):
+    out = tmp_path / "budget"
+    r = _invoke("--model", str(tiny["model"]), "--text", str(tiny["text"]), "-o", str(out), *ARGS,
+                "--retrieval-samples", "0", "--time-budget", "0")
+    assert r.exit_code == 0, r.output
+    results = json.loads((out / "results.json").read_text())
+    skipped = results["timings"]["skipped_for_time"]
+    assert results["timings"]["time_budget_s"] == 0
+    assert "length 256" in skipped and not results["lengths"] and results["threads"] is None
+    assert not results["candidates"] and all(s.get("out_of_time") or s["note"] for s in results["skipped"])
+    assert all(rec["candidate"] is None for rec in results["recommendations"])
+    # nothing of the skipped work was cached: the same command without the limit measures it
+    cached = out / ".spattn-report" / results["digest"] / "L128" / "candidates"
+    assert not cached.exists() or not any(cached.iterdir())

@@ -92,22 +92,35 @@ class _Run:
     """What every stage of one report run needs: configuration, cache, model, bars and timings."""
 
     def __init__(self, cfg: ReportConfig, cache: StageCache, bars: _Bars, model: Any, facts: dict,
-                 retime: bool) -> None:
+                 retime: bool, deadline: float | None = None) -> None:
         self.cfg, self.cache, self.bars, self.model, self.facts = cfg, cache, bars, model, facts
         self.retime = retime
         self.timings: dict[str, float] = {}
         self.latency_memo: dict[str, dict[str, Any]] = {}
+        self.deadline = deadline
+        self.skipped_for_time: list[str] = []
+
+    def out_of_time(self, what: str) -> bool:
+        """True (and ``what`` recorded as skipped) once the run is past its ``time_budget``."""
+        if self.deadline is None or time.perf_counter() < self.deadline:
+            return False
+        self.skipped_for_time.append(what)
+        return True
 
     def timed(self, name: str, t0: float) -> None:
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
 
 
 def run_report(config: ReportConfig, output: str | os.PathLike, *, overwrite: bool = False, fresh: bool = False,
-               retime: bool = False, console: Any = None, command: str | None = None) -> dict[str, Any]:
+               retime: bool = False, console: Any = None, command: str | None = None,
+               time_budget: float | None = None) -> dict[str, Any]:
     """Run every stage of the report into ``output`` and return the results (also written as results.json).
 
     Finished stages are cached under ``output/.spattn-report/<config digest>/``; re-running the same command
     after an interruption resumes from them. ``retime`` re-measures every latency (and nothing else).
+    ``time_budget`` (seconds, default None: no limit): once it is spent, the candidates not yet measured, the
+    further lengths, retrieval and the threads view are skipped (``timings.skipped_for_time`` lists them; a rerun
+    without the limit measures them, reusing the cached stages); the figures and the page are always written.
     """
     from rich.console import Console
 
@@ -137,7 +150,8 @@ def run_report(config: ReportConfig, output: str | os.PathLike, *, overwrite: bo
             cache.discard()  # nothing was computed: leave no half-made output directory behind
             raise
         bars.advance(task, f"{data['info']['tokens']} tokens")
-        run = _Run(config, cache, bars, model, facts, retime)
+        deadline = None if time_budget is None else t_total + float(time_budget)
+        run = _Run(config, cache, bars, model, facts, retime, deadline)
         run.timed("load", t)
 
         first = config.chunk_length
@@ -146,6 +160,8 @@ def run_report(config: ReportConfig, output: str | os.PathLike, *, overwrite: bo
         recs = recommend(main["candidates"], list(config.budgets))
         others = []
         for length in config.lengths:
+            if run.out_of_time(f"length {length}"):
+                continue
             carried = carry_over(main["candidates"], recs)
             more = [(c["id"], c["family"], c["budget"], c["selector"]) for c in carried]
             others.append(_measure_length(run, length, data["lengths"][str(length)], more, select=False))
@@ -161,7 +177,8 @@ def run_report(config: ReportConfig, output: str | os.PathLike, *, overwrite: bo
     run.timed("report", t)
     results["timings"] = {"stages_s": {k: sig(v, 4) for k, v in run.timings.items()},
                           "total_s": sig(time.perf_counter() - t_total, 4), "resumed": cache.resumed,
-                          "retimed": retime}
+                          "retimed": retime, "time_budget_s": time_budget,
+                          "skipped_for_time": run.skipped_for_time}
     write_outputs(results, Path(output))
     cache.finish()
     from spattn.report.summary import print_summary
@@ -298,7 +315,10 @@ def _measure_length(run: _Run, length: int, chunks: dict[str, Any], wanted: list
             rec = cache.get(prefix + "scored/" + cache.candidate_path(cid).split("/", 1)[1])
         if rec is None:
             rec = cache.get(cov_key(cid))
-            if rec.get("pattern") is not None:
+            if rec.get("pattern") is not None and run.out_of_time(f"{cid} at {length} tokens"):
+                rec = {k: rec[k] for k in ("id", "family", "family_title", "budget", "selector", "dynamic")} | {
+                    "pattern": None, "note": "not measured: the run's --time-budget was spent", "out_of_time": True}
+            elif rec.get("pattern") is not None:
                 rec = _finish_candidate(run, rec, captures, {first_split: refs[first_split]}, dense, eval_backend,
                                         latency_backend)
                 cache.put(prefix + "scored/" + cache.candidate_path(cid).split("/", 1)[1], rec)
@@ -323,7 +343,8 @@ def _measure_length(run: _Run, length: int, chunks: dict[str, Any], wanted: list
             bars.advance(task, cid)
         if rec.get("pattern") is not None and "report" not in rec["model"]["splits"]:
             rec = rec | {"model": _shown_numbers(rec["model"]["splits"], dense, "selection")}
-        cache.put(prefix + cache.candidate_path(cid), rec)
+        if not rec.get("out_of_time"):
+            cache.put(prefix + cache.candidate_path(cid), rec)
         (records if rec.get("pattern") is not None else skipped).append(rec)
     run.timed("model", t)
     for r in records:
@@ -393,6 +414,8 @@ def _retrieval(run: _Run, main: dict[str, Any], recs: list[dict[str, Any]], toke
     cfg = run.cfg
     if cfg.retrieval_samples == 0:
         return None
+    if run.cache.get("retrieval") is None and run.out_of_time("retrieval"):
+        return None
     cached = run.cache.get("retrieval")
     if cached is None:
         from spattn.data.corpora import load_text
@@ -447,6 +470,8 @@ def _threads(run: _Run, main: dict[str, Any], recs: list[dict[str, Any]], chunks
     cached = run.cache.get("threads")
     if cached is not None and cached.get("candidate") == choice["candidate"]:
         return cached
+    if run.out_of_time("threads"):
+        return None
     t = time.perf_counter()
     task = run.bars.stage("threads the pick cuts", 1)
     ids = chunks["report"][0]
