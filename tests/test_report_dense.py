@@ -19,7 +19,8 @@ def _inputs(B=1, H=4, Hk=2, L=100, D=32, dtype=torch.float32, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("pattern", [spattn.Sinks(4) | spattn.Window(17), spattn.Causal()], ids=["sinks-window", "causal"])
+@pytest.mark.parametrize("pattern", [spattn.Sinks(4) | spattn.Window(17), spattn.Causal()],
+                         ids=["sinks-window", "causal"])
 def test_fused_path_matches_the_oracle(dtype, pattern, monkeypatch):
     q, k, v = _inputs(dtype=dtype)
     layout = spattn.compile(pattern, q.shape[2], k.shape[2], causal=True, block_size=16)

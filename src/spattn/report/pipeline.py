@@ -273,11 +273,13 @@ def _measure_length(run: _Run, length: int, chunks: dict[str, Any], wanted: list
         dense["patched_full_perplexity"] = sig(intervals.summarise(full)["perplexity"])
         dense["attention_gflops"] = sig(4.0 * C.causal_pairs(length) * run.facts["head_dim"] * run.facts["heads"]
                                         * run.facts["layers"] / 1e9)
-        dense["latency"] = dense_latency(captures, latency_backend, cfg.latency_repeats, cfg.seed, cfg.block_size)
+        dense["latency"] = dense_latency(captures, latency_backend, cfg.latency_repeats, cfg.seed, cfg.block_size,
+                                         cfg.device)
         cache.put(prefix + "dense", dense)
         run.timed("dense", t)
     elif run.retime:
-        dense["latency"] = dense_latency(captures, latency_backend, cfg.latency_repeats, cfg.seed, cfg.block_size)
+        dense["latency"] = dense_latency(captures, latency_backend, cfg.latency_repeats, cfg.seed, cfg.block_size,
+                                         cfg.device)
         cache.put(prefix + "dense", dense)
 
     cov_key = lambda cid: prefix + "coverage/" + cache.candidate_path(cid).split("/", 1)[1]  # noqa: E731
@@ -298,7 +300,7 @@ def _measure_length(run: _Run, length: int, chunks: dict[str, Any], wanted: list
         task = bars.stage(f"coverage, {length} tokens", len(captures) * len(captures[0]))
         cov = {} if not fitted else coverage_pass(fitted, captures, block_size=cfg.block_size,
                                                   head_dim=run.facts["head_dim"],
-                                                  progress=lambda d: bars.advance(task, d))
+                                                  progress=lambda d: bars.advance(task, d), device=cfg.device)
         for cand in fitted:
             cache.put(cov_key(cand.id), _base(cand, cand.family, cand.budget, cand.selector)
                       | {"label": cand.label, "pattern": cand.pattern.to_dict(), "parameter": cand.parameter}
@@ -325,7 +327,8 @@ def _measure_length(run: _Run, length: int, chunks: dict[str, Any], wanted: list
         elif run.retime and rec.get("pattern") is not None:
             rec["latency"] = candidate_latency(pattern_from_dict(rec["pattern"]), captures,
                                                block_size=cfg.block_size, backend=latency_backend,
-                                               repeats=cfg.latency_repeats, seed=cfg.seed, memo=run.latency_memo)
+                                               repeats=cfg.latency_repeats, seed=cfg.seed, memo=run.latency_memo,
+                                    device=cfg.device)
         partial[cid] = rec
         bars.advance(task, cid)
     # Note [report split only for contenders]: the report split is scored only for the candidates that can still
@@ -377,7 +380,8 @@ def _finish_candidate(run: _Run, rec: dict[str, Any], captures: list, refs: dict
         latency, model = keep["latency"], dict(keep["model"]["splits"])
     else:
         latency = candidate_latency(pattern, captures, block_size=cfg.block_size, backend=latency_backend,
-                                    repeats=cfg.latency_repeats, seed=cfg.seed, memo=run.latency_memo)
+                                    repeats=cfg.latency_repeats, seed=cfg.seed, memo=run.latency_memo,
+                                    device=cfg.device)
         model = {}
     plan = Plan.uniform(pattern)
     for split, split_refs in refs.items():

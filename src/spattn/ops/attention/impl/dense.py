@@ -10,7 +10,8 @@ from spattn.ops.attention.impl.common import mark_nonfinite, masked_softmax_lse,
 
 
 def attention_dense(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: Layout, *, scale: float, return_lse: bool = False
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: Layout, *, scale: float,
+    return_lse: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """out ``[B, H, Lq, Dv]`` and lse float32 ``[B, H, Lq]`` (or None). Inputs already validated.
 
