@@ -319,7 +319,7 @@ def candidate_latency(pattern, captures: Captures, *, block_size: int, backend: 
 
 
 def dropped_threads(pattern, layers: list[tuple[torch.Tensor, torch.Tensor]], *, block_size: int,
-                    top: int = 5) -> dict[str, Any]:
+                    top: int = 5, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Which threads a pattern cuts on one chunk: per query token, the share of its dense attention the pattern
     drops (mean over layers and heads), and the ``top`` key tokens whose dropped mass is largest.
 
@@ -329,7 +329,8 @@ def dropped_threads(pattern, layers: list[tuple[torch.Tensor, torch.Tensor]], *,
     L = layers[0][0].shape[2]
     acc = torch.zeros(L, L, dtype=torch.float32)
     per_layer_head = []
-    for q, k in layers:
+    for q, k in layers:  # each layer moved to ``device`` in turn
+        q, k = q.to(device), k.to(device)
         probs = dense_probs(q, k)  # [H, L, L]
         dynamic = pattern.contains_dynamic()
         lay = spattn.compile(pattern, L, L, causal=True, block_size=block_size, heads=q.shape[1],

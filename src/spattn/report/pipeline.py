@@ -362,7 +362,8 @@ def _fit(cfg: ReportConfig, length: int, family: str, budget: float, selector: s
         return C.static_candidates(family, budget, length, cfg.block_size, cfg.seed)
     layers = captures[0]
     picks = sorted({0, len(layers) // 3, (2 * len(layers)) // 3, len(layers) - 1})
-    return C.fit_dynamic(selector, budget, length, cfg.block_size, [layers[i] for i in picks])
+    probes = [(layers[i][0].to(cfg.device), layers[i][1].to(cfg.device)) for i in picks]
+    return C.fit_dynamic(selector, budget, length, cfg.block_size, probes)
 
 
 def _base(cand: C.Candidate, family: str, budget: float, selector: str | None) -> dict[str, Any]:
@@ -482,7 +483,8 @@ def _threads(run: _Run, main: dict[str, Any], recs: list[dict[str, Any]], chunks
     cap = capture(run.model, ids[None])
     layers = [(cap.queries[layer], cap.keys[layer]) for layer in cap.layers]
     cand = by_id[choice["candidate"]]
-    out = dropped_threads(pattern_from_dict(cand["pattern"]), layers, block_size=run.cfg.block_size)
+    out = dropped_threads(pattern_from_dict(cand["pattern"]), layers, block_size=run.cfg.block_size,
+                          device=run.cfg.device)
     out |= {"candidate": cand["id"], "budget": choice["budget"], "label": cand["label"],
             "tokens": [tokenizer.decode([int(t)]) for t in ids]}
     run.cache.put("threads", out)
