@@ -378,7 +378,15 @@ def test_lengths_intervals_and_the_pick_from_the_selection_split(tiny):
             for key in ("perplexity", "top1_agreement", "kl"):
                 lo, hi = m[key + "_interval"]
                 assert lo <= m[key] * (1 + 1e-5) + 1e-9 and m[key] <= hi * (1 + 1e-5) + 1e-9, (c["id"], key)
-            assert set(m["splits"]) == ({"selection", "report"} if part is results else {"report"})
+            if part is not results:
+                assert set(m["splits"]) == {"report"} and m["split"] == "report"
+            else:  # the report split only for the candidates that can still win (Note [report split only ...])
+                assert "selection" in m["splits"] and m["split"] == ("report" if "report" in m["splits"] else
+                                                                     "selection")
+    contenders = {i for rec in results["recommendations"] for i in
+                  (rec["candidate"], rec.get("runner_up"), *rec.get("tied_with", [])) if i}
+    for c in results["candidates"]:
+        assert ("report" in c["model"]["splits"]) == (c["id"] in contenders), c["id"]
     by_id = {c["id"]: c for c in results["candidates"]}
     for rec in results["recommendations"]:
         if rec["candidate"] is None:
@@ -436,3 +444,23 @@ def test_overwrite_never_deletes_a_folder_that_was_never_a_report(tiny, tmp_path
     assert r.exit_code == 2 and "never a spattn report" in r.output
     assert (folder / "figures" / "holiday.png").read_bytes() == b"not the report's"
     assert (folder / "results.json").read_text() == "{}"
+
+
+def test_time_budget_skips_what_does_not_fit_and_says_so(tiny, tmp_path):
+    out = tmp_path / "budget"
+    r = _invoke("--model", str(tiny["model"]), "--text", str(tiny["text"]), "-o", str(out), *ARGS,
+                "--retrieval-samples", "0", "--time-budget", "0")
+    assert r.exit_code == 0, r.output
+    results = json.loads((out / "results.json").read_text())
+    skipped = results["timings"]["skipped_for_time"]
+    assert results["timings"]["time_budget_s"] == 0
+    assert "length 256" in skipped and not results["lengths"] and results["threads"] is None
+    assert not results["candidates"] and all(s.get("out_of_time") or s["note"] for s in results["skipped"])
+    assert all(rec["candidate"] is None for rec in results["recommendations"])
+    # nothing of the skipped work was cached (only "cannot be fitted" notes): a rerun without the limit measures it
+    timed_out = {s["id"] for s in results["skipped"] if s.get("out_of_time")}
+    assert timed_out
+    cached = out / ".spattn-report" / results["digest"] / "L128" / "candidates"
+    for path in cached.glob("*.json") if cached.exists() else []:
+        rec = json.loads(path.read_text())
+        assert rec["id"] not in timed_out and not rec.get("out_of_time"), rec["id"]

@@ -48,6 +48,9 @@ def report_command(
     overwrite: bool = typer.Option(False, "--overwrite", metavar="",
                                    help="Replace a report already in the output directory."),
     fresh: bool = typer.Option(False, "--fresh", metavar="", help="With --overwrite: recompute cached stages too."),
+    time_budget: float | None = typer.Option(
+        None, help="Seconds: once spent, skip the candidates not yet measured, further lengths, retrieval and the "
+                   "threads view, and say so in results.json (timings.skipped_for_time); default no limit."),
     retime: bool = typer.Option(False, "--retime", metavar="",
                                 help="Measure every latency again and reuse everything else (implies --overwrite)."),
 ) -> None:
@@ -94,7 +97,8 @@ def report_command(
         else:
             config = ReportConfig(**{k: v for k, v in options.items() if v is not None})
         command = " ".join(shlex.quote(a) for a in ["spattn", *sys.argv[1:]])
-        run_report(config, output, overwrite=overwrite or retime, fresh=fresh, retime=retime, command=command)
+        run_report(config, output, overwrite=overwrite or retime, fresh=fresh, retime=retime, command=command,
+                   time_budget=time_budget)
     except (OutputExistsError, OSError, MissingExtraError, ValueError, TypeError) as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None

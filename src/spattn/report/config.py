@@ -13,7 +13,7 @@ FAMILIES = ("window", "sinks_window", "strided", "random", "budgeted", "top_p")
 SELECTORS = ("pooled", "vertical_slash", "antidiagonal", "bounds")
 QUICK_FAMILIES = ("window", "sinks_window", "random", "budgeted", "top_p")
 QUICK_SELECTORS = ("pooled",)
-_CACHE_VERSION = 2
+_CACHE_VERSION = 3
 
 
 @dataclasses.dataclass(frozen=True)

@@ -142,23 +142,25 @@ def peak_memory_bytes(fn, device: torch.device) -> int:
     return int(mode.peak)
 
 
-def latency_inputs(captures: Captures, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def latency_inputs(captures: Captures, seed: int, device: str | torch.device = "cpu"
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Query and key of the middle layer of the first calibration chunk, and a seeded random value of the key's
-    shape (latency does not depend on the values)."""
+    shape (latency does not depend on the values), on ``device`` (captures are kept on the CPU)."""
     layers = captures[0]
     q, k = layers[len(layers) // 2]
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    v = torch.randn(k.shape, generator=gen).to(k.device)
-    return q, k, v
+    v = torch.randn(k.shape, generator=gen)
+    return q.to(device), k.to(device), v.to(device)
 
 
 def _dense_call(q, k, v, backend: str, block_size: int):
     return lambda: spattn.attention(q, k, v, spattn.Causal(), causal=True, backend=backend, block_size=block_size)
 
 
-def dense_latency(captures: Captures, backend: str, repeats: int, seed: int, block_size: int) -> dict[str, Any]:
+def dense_latency(captures: Captures, backend: str, repeats: int, seed: int, block_size: int,
+                  device: str | torch.device = "cpu") -> dict[str, Any]:
     """Dense causal attention on the timing inputs: spattn on ``backend`` and SDPA, medians; peak memory of both."""
-    q, k, v = latency_inputs(captures, seed)
+    q, k, v = latency_inputs(captures, seed, device)
     rep = q.shape[1] // k.shape[1]
     kr, vr = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
     sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, kr, vr, is_causal=True)  # noqa: E731
@@ -199,19 +201,21 @@ class _Accumulator:
 
 
 def coverage_pass(cands: list[Candidate], captures: Captures, *, block_size: int, head_dim: int,
-                  progress=None) -> dict[str, dict[str, Any]]:
+                  progress=None, device: str | torch.device = "cpu") -> dict[str, dict[str, Any]]:
     """Cost, recall per layer and head, reachability and a block picture of every candidate, on the
-    calibration captures. Layers outer, candidates inner: the dense attention of a layer is computed once."""
+    calibration captures (moved to ``device`` one layer at a time). Layers outer, candidates inner: the dense
+    attention of a layer is computed once."""
     n_layers = len(captures[0])
     L = captures[0][0][0].shape[2]
     H = captures[0][0][0].shape[1]
     accs = [_Accumulator(c, n_layers) for c in cands]
     for acc in accs:
         if not acc.cand.dynamic:
-            acc.static = spattn.compile(acc.cand.pattern, L, L, causal=True, block_size=block_size)
+            acc.static = spattn.compile(acc.cand.pattern, L, L, causal=True, block_size=block_size, device=device)
     small = L <= _DENSE_PROBS_MAX_LEN
     for c, layers in enumerate(captures):
         for layer, (q, k) in enumerate(layers):
+            q, k = q.to(device), k.to(device)
             probs = dense_probs(q, k) if small else None
             for acc in accs:
                 lay = acc.static if acc.static is not None else spattn.compile(
@@ -222,9 +226,9 @@ def coverage_pass(cands: list[Candidate], captures: Captures, *, block_size: int
                 acc.flops_tok.append(lay.flops(head_dim, heads=H))
                 acc.flops_blk.append(lay.flops(head_dim, heads=H, level="block"))
                 if probs is not None:
-                    recall = (probs * to_dense(lay)[0]).sum(-1).double().clamp_(max=1.0)  # [H, L]
+                    recall = (probs * to_dense(lay)[0].to(probs.device)).sum(-1).double().clamp_(max=1.0).cpu()
                 else:
-                    recall = measure(q, k, lay, causal=True, topk=0).recall[0].double()
+                    recall = measure(q, k, lay, causal=True, topk=0).recall[0].double().cpu()  # [H, L]
                 acc.recalls[layer].append(recall)
                 if c == 0:
                     acc.layouts.append(lay)
@@ -275,7 +279,8 @@ def layout_fingerprint(layout: spattn.Layout) -> str:
 
 
 def candidate_latency(pattern, captures: Captures, *, block_size: int, backend: str, repeats: int,
-                      seed: int, memo: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+                      seed: int, memo: dict[str, dict[str, Any]] | None = None,
+                      device: str | torch.device = "cpu") -> dict[str, Any]:
     """Time ``spattn.attention`` with ``pattern`` on the middle layer of the first calibration chunk, interleaved
     with dense causal attention on the same backend (:func:`interleaved_latency`), and its peak memory.
 
@@ -283,11 +288,11 @@ def candidate_latency(pattern, captures: Captures, *, block_size: int, backend: 
     shape) and timed once per distinct layout (``memo``, keyed by :func:`layout_fingerprint`); a dynamic pattern
     is timed with its selection, which runs for every input. ``compile_ms`` is the compile (and selection) time
     alone."""
-    q, k, v = latency_inputs(captures, seed)
+    q, k, v = latency_inputs(captures, seed, device)
     dynamic = pattern.contains_dynamic()
 
     def build():
-        return spattn.compile(pattern, q.shape[2], k.shape[2], causal=True, block_size=block_size,
+        return spattn.compile(pattern, q.shape[2], k.shape[2], causal=True, block_size=block_size, device=q.device,
                               query=q if dynamic else None, key=k if dynamic else None)
 
     compile_ms = time_call(build, repeats, q.device)
@@ -314,7 +319,7 @@ def candidate_latency(pattern, captures: Captures, *, block_size: int, backend: 
 
 
 def dropped_threads(pattern, layers: list[tuple[torch.Tensor, torch.Tensor]], *, block_size: int,
-                    top: int = 5) -> dict[str, Any]:
+                    top: int = 5, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Which threads a pattern cuts on one chunk: per query token, the share of its dense attention the pattern
     drops (mean over layers and heads), and the ``top`` key tokens whose dropped mass is largest.
 
@@ -324,7 +329,8 @@ def dropped_threads(pattern, layers: list[tuple[torch.Tensor, torch.Tensor]], *,
     L = layers[0][0].shape[2]
     acc = torch.zeros(L, L, dtype=torch.float32)
     per_layer_head = []
-    for q, k in layers:
+    for q, k in layers:  # each layer moved to ``device`` in turn
+        q, k = q.to(device), k.to(device)
         probs = dense_probs(q, k)  # [H, L, L]
         dynamic = pattern.contains_dynamic()
         lay = spattn.compile(pattern, L, L, causal=True, block_size=block_size, heads=q.shape[1],

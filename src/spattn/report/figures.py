@@ -87,7 +87,7 @@ def pareto_figure(results: dict[str, Any], path: Path) -> None:
     dense = results["dense"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
     panels = [
-        ("perplexity", lambda r: r["model"]["perplexity"], "held-out perplexity (log)", True),
+        ("perplexity", lambda r: r["model"]["perplexity_ratio"], "held-out perplexity / dense (log)", True),
         ("recall", lambda r: r["recall"]["mean"], "mean attention recall", False),
         (None, lambda r: r["latency"]["median_ms"], f"attention latency, ms ({results['backends']['latency']})", True),
     ]
@@ -109,7 +109,7 @@ def pareto_figure(results: dict[str, Any], path: Path) -> None:
         for b in results["config"]["budgets"]:
             ax.axvline(b, color="#bbbbbb", linestyle="--", linewidth=0.8, zorder=0)
         if front == "perplexity":
-            ax.axhline(dense["perplexity"], color="black", linewidth=1, label="dense")
+            ax.axhline(1.0, color="black", linewidth=1, label="dense")
         elif front is None:
             ax.axhline(dense["latency"]["spattn_causal_ms"], color="black", linewidth=1, label="dense (same backend)")
         ax.set_xscale("log")

@@ -24,7 +24,8 @@ def _same_numbers(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Two candidates that compiled to the same layouts (same cost, recall and perplexity)."""
     return (a["cost"]["keys_fraction"] == b["cost"]["keys_fraction"]
             and a["cost"]["block_fraction"] == b["cost"]["block_fraction"]
-            and a["recall"]["mean"] == b["recall"]["mean"] and a["model"]["perplexity"] == b["model"]["perplexity"])
+            and a["recall"]["mean"] == b["recall"]["mean"]
+            and _selection(a)["perplexity"] == _selection(b)["perplexity"])
 
 
 def _selection(c: dict[str, Any]) -> dict[str, Any]:
@@ -40,6 +41,29 @@ def _runner_up(ok: list[dict[str, Any]], pick: dict[str, Any]) -> dict[str, Any]
     others = [c for c in ok if c["family"] != pick["family"] or c.get("selector") != pick.get("selector")]
     others = [c for c in others if not _same_numbers(c, pick)]
     return min(others, key=_selection_key) if others else None
+
+
+def _choose(ok: list[dict[str, Any]]) -> tuple[dict, list[dict], dict, dict | None]:
+    """(best on the selection split, the candidates tied with it, the pick: the cheapest of those, runner-up)."""
+    from spattn.report.intervals import paired_difference
+
+    best = min(ok, key=_selection_key)
+    tied = [c for c in ok if c is best or paired_difference(
+        _selection(c)["segments_sums"], _selection(best)["segments_sums"])["tie"]]
+    pick = min(tied, key=lambda c: (c["cost"]["keys_fraction"], _selection_key(c)))
+    return best, tied, pick, _runner_up(ok, pick)
+
+
+def contenders(candidates: list[dict[str, Any]], budgets: list[float]) -> set[str]:
+    """Ids of the candidates :func:`recommend` can name (the best, the candidates tied with it, the runner-up)
+    or compare on the report split, decided on the selection split alone: only these need the report split."""
+    out: set[str] = set()
+    for b in budgets:
+        ok = [c for c in candidates if c["cost"]["keys_fraction"] <= b]
+        if ok:
+            _, tied, _, runner = _choose(ok)
+            out |= {c["id"] for c in tied} | ({runner["id"]} if runner is not None else set())
+    return out
 
 
 def recommend(candidates: list[dict[str, Any]], budgets: list[float]) -> list[dict[str, Any]]:
@@ -58,15 +82,11 @@ def recommend(candidates: list[dict[str, Any]], budgets: list[float]) -> list[di
             out.append({"budget": b, "candidate": None,
                         "reason": "no candidate's measured cost is within this budget"})
             continue
-        best = min(ok, key=_selection_key)
-        tied = [c for c in ok if c is best or paired_difference(
-            _selection(c)["segments_sums"], _selection(best)["segments_sums"])["tie"]]
-        pick = min(tied, key=lambda c: (c["cost"]["keys_fraction"], _selection_key(c)))
+        best, tied, pick, runner = _choose(ok)
         reason = "lowest perplexity on the selection split among the candidates within the budget"
         if pick is not best:
             reason = (f"tied on the selection split with the lowest-perplexity candidate ({best['label']}) and "
                       "cheaper: the cheapest of the tied candidates")
-        runner = _runner_up(ok, pick)
         rec = {"budget": b, "candidate": pick["id"], "reason": reason, "best_on_selection": best["id"],
                "tied_with": [c["id"] for c in tied if c is not pick],
                "same_as": [c["id"] for c in ok if c is not pick and _same_numbers(c, pick)],

@@ -27,7 +27,7 @@ from spattn.report import candidates as C
 from spattn.report import intervals
 from spattn.report.config import ReportConfig
 from spattn.report.evaluate import candidate_latency, coverage_pass, dense_latency, dropped_threads, sig
-from spattn.report.frontier import carry_over, holds, pareto, recommend
+from spattn.report.frontier import carry_over, contenders, holds, pareto, recommend
 from spattn.report.stages import StageCache
 
 FORMAT = "spattn.report/2"
@@ -92,22 +92,35 @@ class _Run:
     """What every stage of one report run needs: configuration, cache, model, bars and timings."""
 
     def __init__(self, cfg: ReportConfig, cache: StageCache, bars: _Bars, model: Any, facts: dict,
-                 retime: bool) -> None:
+                 retime: bool, deadline: float | None = None) -> None:
         self.cfg, self.cache, self.bars, self.model, self.facts = cfg, cache, bars, model, facts
         self.retime = retime
         self.timings: dict[str, float] = {}
         self.latency_memo: dict[str, dict[str, Any]] = {}
+        self.deadline = deadline
+        self.skipped_for_time: list[str] = []
+
+    def out_of_time(self, what: str) -> bool:
+        """True (and ``what`` recorded as skipped) once the run is past its ``time_budget``."""
+        if self.deadline is None or time.perf_counter() < self.deadline:
+            return False
+        self.skipped_for_time.append(what)
+        return True
 
     def timed(self, name: str, t0: float) -> None:
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
 
 
 def run_report(config: ReportConfig, output: str | os.PathLike, *, overwrite: bool = False, fresh: bool = False,
-               retime: bool = False, console: Any = None, command: str | None = None) -> dict[str, Any]:
+               retime: bool = False, console: Any = None, command: str | None = None,
+               time_budget: float | None = None) -> dict[str, Any]:
     """Run every stage of the report into ``output`` and return the results (also written as results.json).
 
     Finished stages are cached under ``output/.spattn-report/<config digest>/``; re-running the same command
     after an interruption resumes from them. ``retime`` re-measures every latency (and nothing else).
+    ``time_budget`` (seconds, default None: no limit): once it is spent, the candidates not yet measured, the
+    further lengths, retrieval and the threads view are skipped (``timings.skipped_for_time`` lists them; a rerun
+    without the limit measures them, reusing the cached stages); the figures and the page are always written.
     """
     from rich.console import Console
 
@@ -137,7 +150,8 @@ def run_report(config: ReportConfig, output: str | os.PathLike, *, overwrite: bo
             cache.discard()  # nothing was computed: leave no half-made output directory behind
             raise
         bars.advance(task, f"{data['info']['tokens']} tokens")
-        run = _Run(config, cache, bars, model, facts, retime)
+        deadline = None if time_budget is None else t_total + float(time_budget)
+        run = _Run(config, cache, bars, model, facts, retime, deadline)
         run.timed("load", t)
 
         first = config.chunk_length
@@ -146,6 +160,8 @@ def run_report(config: ReportConfig, output: str | os.PathLike, *, overwrite: bo
         recs = recommend(main["candidates"], list(config.budgets))
         others = []
         for length in config.lengths:
+            if run.out_of_time(f"length {length}"):
+                continue
             carried = carry_over(main["candidates"], recs)
             more = [(c["id"], c["family"], c["budget"], c["selector"]) for c in carried]
             others.append(_measure_length(run, length, data["lengths"][str(length)], more, select=False))
@@ -161,7 +177,8 @@ def run_report(config: ReportConfig, output: str | os.PathLike, *, overwrite: bo
     run.timed("report", t)
     results["timings"] = {"stages_s": {k: sig(v, 4) for k, v in run.timings.items()},
                           "total_s": sig(time.perf_counter() - t_total, 4), "resumed": cache.resumed,
-                          "retimed": retime}
+                          "retimed": retime, "time_budget_s": time_budget,
+                          "skipped_for_time": run.skipped_for_time}
     write_outputs(results, Path(output))
     cache.finish()
     from spattn.report.summary import print_summary
@@ -256,11 +273,13 @@ def _measure_length(run: _Run, length: int, chunks: dict[str, Any], wanted: list
         dense["patched_full_perplexity"] = sig(intervals.summarise(full)["perplexity"])
         dense["attention_gflops"] = sig(4.0 * C.causal_pairs(length) * run.facts["head_dim"] * run.facts["heads"]
                                         * run.facts["layers"] / 1e9)
-        dense["latency"] = dense_latency(captures, latency_backend, cfg.latency_repeats, cfg.seed, cfg.block_size)
+        dense["latency"] = dense_latency(captures, latency_backend, cfg.latency_repeats, cfg.seed, cfg.block_size,
+                                         cfg.device)
         cache.put(prefix + "dense", dense)
         run.timed("dense", t)
     elif run.retime:
-        dense["latency"] = dense_latency(captures, latency_backend, cfg.latency_repeats, cfg.seed, cfg.block_size)
+        dense["latency"] = dense_latency(captures, latency_backend, cfg.latency_repeats, cfg.seed, cfg.block_size,
+                                         cfg.device)
         cache.put(prefix + "dense", dense)
 
     cov_key = lambda cid: prefix + "coverage/" + cache.candidate_path(cid).split("/", 1)[1]  # noqa: E731
@@ -281,7 +300,7 @@ def _measure_length(run: _Run, length: int, chunks: dict[str, Any], wanted: list
         task = bars.stage(f"coverage, {length} tokens", len(captures) * len(captures[0]))
         cov = {} if not fitted else coverage_pass(fitted, captures, block_size=cfg.block_size,
                                                   head_dim=run.facts["head_dim"],
-                                                  progress=lambda d: bars.advance(task, d))
+                                                  progress=lambda d: bars.advance(task, d), device=cfg.device)
         for cand in fitted:
             cache.put(cov_key(cand.id), _base(cand, cand.family, cand.budget, cand.selector)
                       | {"label": cand.label, "pattern": cand.pattern.to_dict(), "parameter": cand.parameter}
@@ -290,21 +309,46 @@ def _measure_length(run: _Run, length: int, chunks: dict[str, Any], wanted: list
 
     t = time.perf_counter()
     task = bars.stage(f"model damage and latency, {length} tokens", len(wanted))
-    records, skipped = [], []
-    for cid, *_ in wanted:
+    records, skipped, partial = [], [], {}
+    first_split = splits[0]
+    for cid, *_ in wanted:  # latency and the first split (selection at the first length) for every candidate
         rec = cache.get(prefix + cache.candidate_path(cid))
         if rec is None:
+            rec = cache.get(prefix + "scored/" + cache.candidate_path(cid).split("/", 1)[1])
+        if rec is None:
             rec = cache.get(cov_key(cid))
-            if rec.get("pattern") is not None:
-                rec = _finish_candidate(run, rec, captures, refs, dense, eval_backend, latency_backend)
-            cache.put(prefix + cache.candidate_path(cid), rec)
+            if rec.get("pattern") is not None and run.out_of_time(f"{cid} at {length} tokens"):
+                rec = {k: rec[k] for k in ("id", "family", "family_title", "budget", "selector", "dynamic")} | {
+                    "pattern": None, "note": "not measured: the run's --time-budget was spent", "out_of_time": True}
+            elif rec.get("pattern") is not None:
+                rec = _finish_candidate(run, rec, captures, {first_split: refs[first_split]}, dense, eval_backend,
+                                        latency_backend)
+                cache.put(prefix + "scored/" + cache.candidate_path(cid).split("/", 1)[1], rec)
         elif run.retime and rec.get("pattern") is not None:
             rec["latency"] = candidate_latency(pattern_from_dict(rec["pattern"]), captures,
                                                block_size=cfg.block_size, backend=latency_backend,
-                                               repeats=cfg.latency_repeats, seed=cfg.seed, memo=run.latency_memo)
+                                               repeats=cfg.latency_repeats, seed=cfg.seed, memo=run.latency_memo,
+                                    device=cfg.device)
+        partial[cid] = rec
+        bars.advance(task, cid)
+    # Note [report split only for contenders]: the report split is scored only for the candidates that can still
+    # be recommended or compared with a recommendation (each budget's best, the candidates tied with it and the
+    # runner-up, all decided on the selection split); the others keep their selection-split numbers, marked so.
+    scored = [r for r in partial.values() if r.get("pattern") is not None]
+    want_report = contenders(scored, list(cfg.budgets)) if select else {r["id"] for r in scored}
+    if select:
+        task = bars.stage(f"report split of {len(want_report)} contenders", len(want_report))
+    for cid, *_ in wanted:
+        rec = partial[cid]
+        if rec.get("pattern") is not None and "report" not in rec["model"]["splits"] and cid in want_report:
+            rec = _finish_candidate(run, rec, captures, {"report": refs["report"]}, dense, eval_backend,
+                                    latency_backend, keep=rec)
+            bars.advance(task, cid)
+        if rec.get("pattern") is not None and "report" not in rec["model"]["splits"]:
+            rec = rec | {"model": _shown_numbers(rec["model"]["splits"], dense, "selection")}
+        if not rec.get("out_of_time"):
             cache.put(prefix + cache.candidate_path(cid), rec)
         (records if rec.get("pattern") is not None else skipped).append(rec)
-        bars.advance(task, cid)
     run.timed("model", t)
     for r in records:
         r["within_budget"] = r["cost"]["keys_fraction"] <= r["budget"]
@@ -318,7 +362,8 @@ def _fit(cfg: ReportConfig, length: int, family: str, budget: float, selector: s
         return C.static_candidates(family, budget, length, cfg.block_size, cfg.seed)
     layers = captures[0]
     picks = sorted({0, len(layers) // 3, (2 * len(layers)) // 3, len(layers) - 1})
-    return C.fit_dynamic(selector, budget, length, cfg.block_size, [layers[i] for i in picks])
+    probes = [(layers[i][0].to(cfg.device), layers[i][1].to(cfg.device)) for i in picks]
+    return C.fit_dynamic(selector, budget, length, cfg.block_size, probes)
 
 
 def _base(cand: C.Candidate, family: str, budget: float, selector: str | None) -> dict[str, Any]:
@@ -327,32 +372,45 @@ def _base(cand: C.Candidate, family: str, budget: float, selector: str | None) -
 
 
 def _finish_candidate(run: _Run, rec: dict[str, Any], captures: list, refs: dict[str, list], dense: dict,
-                      eval_backend: str, latency_backend: str) -> dict[str, Any]:
-    """Latency and model damage (per split, with intervals) of a candidate whose coverage is measured."""
+                      eval_backend: str, latency_backend: str, keep: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Latency and model damage on the ``refs`` splits (with intervals) of a candidate whose coverage is measured;
+    ``keep``: a record already timed and scored on other splits (its latency and splits are kept)."""
     cfg = run.cfg
     pattern = pattern_from_dict(rec["pattern"])
-    latency = candidate_latency(pattern, captures, block_size=cfg.block_size, backend=latency_backend,
-                                repeats=cfg.latency_repeats, seed=cfg.seed, memo=run.latency_memo)
+    if keep is not None:
+        latency, model = keep["latency"], dict(keep["model"]["splits"])
+    else:
+        latency = candidate_latency(pattern, captures, block_size=cfg.block_size, backend=latency_backend,
+                                    repeats=cfg.latency_repeats, seed=cfg.seed, memo=run.latency_memo,
+                                    device=cfg.device)
+        model = {}
     plan = Plan.uniform(pattern)
-    model: dict[str, Any] = {}
     for split, split_refs in refs.items():
         chunks = torch.stack([r["ids"] for r in split_refs])
         seg = _scored(run.model, chunks, split_refs, plan, eval_backend, cfg.block_size)
         model[split] = intervals.summarise(seg, seed=cfg.seed) | {"segments_sums": seg}
-    report = model["report"]
-    ppl = report["perplexity"]
-    out = {
+    shown = "report" if "report" in model else next(iter(model))
+    return rec | {"latency": latency, "model": _shown_numbers(model, dense, shown)}
+
+
+def _shown_numbers(splits: dict[str, Any], dense: dict, split: str) -> dict[str, Any]:
+    """The numbers a candidate shows, from ``split`` (the report split, or the selection split for a candidate
+    that could not win a budget there: ``split`` says which), against dense on the same split."""
+    summary = splits[split]
+    ppl = summary["perplexity"]
+    dense_ppl = dense[split]["perplexity"]
+    return {
+        "split": split,
         "perplexity": sig(ppl),
-        "perplexity_interval": [sig(x) for x in report["perplexity_interval"]],
-        "perplexity_delta": sig(ppl - dense["perplexity"]),
-        "perplexity_ratio": sig(ppl / dense["perplexity"]),
-        "top1_agreement": sig(report["top1_agreement"]),
-        "top1_agreement_interval": [sig(x) for x in report["top1_agreement_interval"]],
-        "kl": sig(report["kl"]),
-        "kl_interval": [sig(x) for x in report["kl_interval"]],
-        "splits": model,
+        "perplexity_interval": [sig(x) for x in summary["perplexity_interval"]],
+        "perplexity_delta": sig(ppl - dense_ppl),
+        "perplexity_ratio": sig(ppl / dense_ppl),
+        "top1_agreement": sig(summary["top1_agreement"]),
+        "top1_agreement_interval": [sig(x) for x in summary["top1_agreement_interval"]],
+        "kl": sig(summary["kl"]),
+        "kl_interval": [sig(x) for x in summary["kl_interval"]],
+        "splits": splits,
     }
-    return rec | {"latency": latency, "model": out}
 
 
 def _retrieval(run: _Run, main: dict[str, Any], recs: list[dict[str, Any]], tokenizer: Any) -> dict[str, Any] | None:
@@ -360,6 +418,8 @@ def _retrieval(run: _Run, main: dict[str, Any], recs: list[dict[str, Any]], toke
     on the same samples; each recommendation learns whether retrieval agrees with it (paired bootstrap)."""
     cfg = run.cfg
     if cfg.retrieval_samples == 0:
+        return None
+    if run.cache.get("retrieval") is None and run.out_of_time("retrieval"):
         return None
     cached = run.cache.get("retrieval")
     if cached is None:
@@ -415,13 +475,16 @@ def _threads(run: _Run, main: dict[str, Any], recs: list[dict[str, Any]], chunks
     cached = run.cache.get("threads")
     if cached is not None and cached.get("candidate") == choice["candidate"]:
         return cached
+    if run.out_of_time("threads"):
+        return None
     t = time.perf_counter()
     task = run.bars.stage("threads the pick cuts", 1)
     ids = chunks["report"][0]
     cap = capture(run.model, ids[None])
     layers = [(cap.queries[layer], cap.keys[layer]) for layer in cap.layers]
     cand = by_id[choice["candidate"]]
-    out = dropped_threads(pattern_from_dict(cand["pattern"]), layers, block_size=run.cfg.block_size)
+    out = dropped_threads(pattern_from_dict(cand["pattern"]), layers, block_size=run.cfg.block_size,
+                          device=run.cfg.device)
     out |= {"candidate": cand["id"], "budget": choice["budget"], "label": cand["label"],
             "tokens": [tokenizer.decode([int(t)]) for t in ids]}
     run.cache.put("threads", out)
@@ -432,7 +495,8 @@ def _threads(run: _Run, main: dict[str, Any], recs: list[dict[str, Any]], chunks
 
 def _frontier(records: list[dict[str, Any]]) -> dict[str, list[str]]:
     return {
-        "perplexity": pareto([(r["id"], r["cost"]["keys_fraction"], r["model"]["perplexity"]) for r in records]),
+        # perplexity over dense on the same split: candidates shown with selection-split numbers compare fairly
+        "perplexity": pareto([(r["id"], r["cost"]["keys_fraction"], r["model"]["perplexity_ratio"]) for r in records]),
         "recall": pareto([(r["id"], r["cost"]["keys_fraction"], r["recall"]["mean"]) for r in records], maximize=True),
     }
 

@@ -62,11 +62,14 @@ def print_summary(results: dict[str, Any], console: Any, output: Path) -> None:
         m = c["model"]
         front.add_row(c["label"], f"{100 * c['cost']['keys_fraction']:.1f}%",
                       f"{100 * c['cost']['block_fraction']:.1f}%",
-                      f"{m['perplexity']:.2f} [{m['perplexity_interval'][0]:.2f}, {m['perplexity_interval'][1]:.2f}]",
+                      f"{m['perplexity']:.2f} [{m['perplexity_interval'][0]:.2f}, {m['perplexity_interval'][1]:.2f}]"
+                      + (" ˢ" if m.get("split") == "selection" else ""),
                       latency_text(c["latency"]))
     console.print(front)
     for col, meaning in COLUMNS.items():
         console.print(f"[dim]{col}: {meaning}[/]")
+    console.print("[dim]ˢ: numbers from the selection split (the report split is scored only for the candidates "
+                  "that can still be recommended)[/]")
     for s in results["skipped"]:
         console.print(f"[dim]skipped {s['id']}: {s['note']}[/]")
     console.print(f"report: [link=file://{(output / 'report.html').resolve()}]{output / 'report.html'}[/]  "
