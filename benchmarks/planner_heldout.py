@@ -57,6 +57,7 @@ from spattn.data import text_chunks  # noqa: E402
 from spattn.eval.retrieval import make_samples, retrieval_accuracy  # noqa: E402
 from spattn.eval.stats import compare  # noqa: E402
 from spattn.integrations.models import load_smollm2  # noqa: E402
+from spattn.patterns import Full  # noqa: E402
 from spattn.planner import CandidateTable, InfeasibleBudget, LatencyTable, make_plan  # noqa: E402
 from spattn.planner.calibrate import capture_sample  # noqa: E402
 from spattn.planner.score import score_layouts  # noqa: E402
@@ -157,12 +158,22 @@ def measured_recall(captures, plans, block_size, device):
     keys = [0.0] * P
     tiles = [0.0] * P
     dense = dense_tiles(L, block_size, captures[0].causal)
+    static: dict = {}  # static layouts compiled once (as spattn.patched does)
     for cap in captures:
         chunk_rows = [[] for _ in range(P)]
         for layer in cap.layers:
             q, k = cap.queries[layer].to(device), cap.keys[layer].to(device)
             H = q.shape[1]
-            layouts = [plan_layouts(p, layer, q, k, causal=cap.causal, block_size=block_size) for p in plans]
+            layouts = []
+            for p in plans:
+                pattern = p.pattern_for(layer) or Full()
+                if pattern.contains_dynamic():  # selection follows the input
+                    layouts.append(plan_layouts(p, layer, q, k, causal=cap.causal, block_size=block_size))
+                    continue
+                key = (pattern, L, cap.causal, block_size, H, str(q.device))
+                if key not in static:
+                    static[key] = plan_layouts(p, layer, q, k, causal=cap.causal, block_size=block_size)
+                layouts.append(static[key])
             rec = score_layouts(q, k, layouts, causal=cap.causal, scale=cap.scale).recall[:, 0].double().mean(-1)
             for i, lay in enumerate(layouts):
                 chunk_rows[i].append(rec[i].cpu())
@@ -350,7 +361,9 @@ def latency_section(L, args, ctx, out, clock):
     if not clock.fits("latency_table", L, out, f"latency table at {L}", default=30.0):
         return
     t0 = time.perf_counter()
-    latency = LatencyTable(device=device, backend=backend, repeats=args.repeats)
+    # beside the JSON (it comes back with the results, and the cache directory may not be writable)
+    latency = LatencyTable(Path(args.out).with_name(Path(args.out).stem + "_latency.json"), device=device,
+                           backend=backend, repeats=args.repeats)
     base = make_plan(None, None, budget=0.5, cost="latency", table=table, latency=latency)
     clock.record("latency_table", L, time.perf_counter() - t0)
     dense_ms = float(table.latency_ms[..., table.index("dense")].sum())
