@@ -34,43 +34,47 @@ from spattn.planner.cost import time_ms
 from spattn.testing import assert_within, dense_attention, plain_attention
 
 
-def gate(plan, table, block_size, device):
-    """The first sparse layer of ``plan`` through triton vs the float64 oracle on its exact mask."""
-    layer = next((i for i in range(table.layers) if plan.pattern_for(i) is not None), None)
+def gate(plan, table, block_size, device, backend="triton", layer=None, length=2048):
+    """One sparse layer of ``plan`` (default the first) through ``backend`` vs the float64 oracle on its exact
+    mask (float16 on CUDA, float32 on the CPU)."""
+    if layer is None:
+        layer = next((i for i in range(table.layers) if plan.pattern_for(i) is not None), None)
     if layer is None:
         return {"layer": None, "note": "dense plan"}
-    H, Hkv, D, L = table.heads, table.kv_heads, table.head_dim, 2048
+    H, Hkv, D, L = table.heads, table.kv_heads, table.head_dim, length
+    dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
     gen = torch.Generator().manual_seed(0)
-    q = torch.randn(1, H, L, D, generator=gen).to(device, torch.float16)
-    k = torch.randn(1, Hkv, L, D, generator=gen).to(device, torch.float16)
-    v = torch.randn(1, Hkv, L, D, generator=gen).to(device, torch.float16)
+    q = torch.randn(1, H, L, D, generator=gen).to(device, dtype)
+    k = torch.randn(1, Hkv, L, D, generator=gen).to(device, dtype)
+    v = torch.randn(1, Hkv, L, D, generator=gen).to(device, dtype)
     pattern = plan.at_length(L).pattern_for(layer)
     layout = spattn.compile(pattern, L, causal=True, block_size=block_size, heads=H, query=q, key=k)
     allowed = layout.to_dense().to(device)
-    fast = spattn.attention(q, k, v, layout, causal=True, backend="triton")
+    fast = spattn.attention(q, k, v, layout, causal=True, backend=backend)
     golden, _ = dense_attention(q, k, v, allowed)
     base, _ = plain_attention(q, k, v, allowed)
-    assert_within(fast, golden, base, what=f"triton vs float64 oracle, layer {layer}")
-    return {"layer": layer, "pattern": pattern.to_dict(), "passed": True,
+    assert_within(fast, golden, base, what=f"{backend} vs float64 oracle, layer {layer}")
+    return {"layer": layer, "pattern": pattern.to_dict(), "passed": True, "backend": backend, "length": L,
             "max_error": float((fast.double() - golden).abs().max())}
 
 
-def attention_ms(plan, table, length, block_size, device, repeats):
+def attention_ms(plan, table, length, block_size, device, repeats, backend="triton"):
     """Attention time of every layer of ``plan`` at ``length`` (sum over layers, each timed on its own)."""
     H, Hkv, D = table.heads, table.kv_heads, table.head_dim
+    dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
     gen = torch.Generator().manual_seed(1)
-    q = torch.randn(1, H, length, D, generator=gen).to(device, torch.float16)
-    k = torch.randn(1, Hkv, length, D, generator=gen).to(device, torch.float16)
-    v = torch.randn(1, Hkv, length, D, generator=gen).to(device, torch.float16)
+    q = torch.randn(1, H, length, D, generator=gen).to(device, dtype)
+    k = torch.randn(1, Hkv, length, D, generator=gen).to(device, dtype)
+    v = torch.randn(1, Hkv, length, D, generator=gen).to(device, dtype)
     total = 0.0
     for layer in range(table.layers):
         pattern = plan.pattern_for(layer) or Full()
         if pattern.contains_dynamic():
-            run = lambda p=pattern: spattn.attention(q, k, v, p, causal=True, backend="triton",  # noqa: E731
+            run = lambda p=pattern: spattn.attention(q, k, v, p, causal=True, backend=backend,  # noqa: E731
                                                      block_size=block_size)
         else:
             layout = spattn.compile(pattern, length, causal=True, block_size=block_size, heads=H, device=device)
-            run = lambda lay=layout: spattn.attention(q, k, v, lay, causal=True, backend="triton")  # noqa: E731
+            run = lambda lay=layout: spattn.attention(q, k, v, lay, causal=True, backend=backend)  # noqa: E731
         with torch.no_grad():
             total += time_ms(run, device, repeats)
     return total
@@ -92,11 +96,34 @@ def held_out(model, chunks, plan, block_size, cache):
     return {"perplexity": math.exp(nll / len(chunks)), "mean_kl": kl / len(chunks), "chunks": len(chunks)}
 
 
-def forward_ms(model, ids, plan, block_size, repeats):
+def forward_ms(model, ids, plan, block_size, repeats, backend="triton"):
+    """Median milliseconds of one forward of ``model`` on ``ids`` with ``plan`` patched in (``None``: dense
+    through ``backend``)."""
     def run():
-        with torch.no_grad(), spattn.patched(model, plan, backend="triton", block_size=block_size):
+        with torch.no_grad(), spattn.patched(model, plan, backend=backend, block_size=block_size):
             model(input_ids=ids)
-    return time_ms(run, torch.device("cuda"), repeats)
+    return time_ms(run, ids.device, repeats)
+
+
+def flop_plan_within_ms(table, budget_ms, steps=14):
+    """The FLOP plan (``cost="flops"``) with the largest tile fraction whose *predicted* time (the latency
+    table's per-head shares) fits ``budget_ms`` (bisection); ``(PlanResult, predicted_ms, tile_fraction)`` or
+    None when none fits."""
+    lo, hi, found = 0.01, 1.0, None
+    flat = table.latency_ms.reshape(-1, len(table.candidates))
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        try:
+            cand = make_plan(None, None, budget=mid, cost="flops", table=table)
+        except ValueError:
+            lo = mid
+            continue
+        predicted = float(sum(flat[g, cand.solution.choice[g]] for g in range(flat.shape[0])))
+        if predicted <= budget_ms:
+            lo, found = mid, (cand, predicted, mid)
+        else:
+            hi = mid
+    return found
 
 
 def main() -> None:
@@ -130,22 +157,7 @@ def main() -> None:
     for f in (float(x) for x in args.fractions.split(",")):
         budget_ms = f * dense_ms
         lat = make_plan(None, None, budget=f"{budget_ms:.6f}ms", cost="latency", table=table, latency=latency)
-        # the FLOP plan: the largest tile fraction whose predicted time fits the same milliseconds (bisection)
-        lo, hi, flop = 0.01, 1.0, None
-        for _ in range(14):
-            mid = (lo + hi) / 2
-            try:
-                cand = make_plan(None, None, budget=mid, cost="flops", table=table)
-            except ValueError:
-                lo = mid
-                continue
-            rows = range(table.layers * table.heads)
-            predicted = sum(table.latency_ms.reshape(-1, len(table.candidates))[g, cand.solution.choice[g]]
-                            for g in rows)
-            if predicted <= budget_ms:
-                lo, flop = mid, (cand, predicted, mid)
-            else:
-                hi = mid
+        flop = flop_plan_within_ms(table, budget_ms)
         row = {"fraction_of_dense_ms": f, "budget_ms": budget_ms}
         if not out["rows"]:  # the correctness gate runs before the first timings are kept
             row["gate"] = gate(lat.plan, table, bs, device)
