@@ -132,19 +132,27 @@ class Clock:
         return self.budget - self.spent()
 
 
-def probe(config: TrainConfig, plans: Plans, steps: int, log: list[str]) -> dict[str, float]:
-    """Seconds per training step of every plan (after a warm-up run: kernels compiled, data generated)."""
-    per_step = {}
+def probe(config: TrainConfig, plans: Plans, steps: int, log: list[str]) -> dict[str, tuple[float, float]]:
+    """Per plan ``(seconds per training step, fixed seconds per run)``: after a warm-up run (kernels compiled,
+    data generated), runs of ``steps`` and ``2 * steps`` steps; the difference is the step time, the rest the
+    run's fixed cost (model, evaluation)."""
+    out = {}
     for name, (plan, block) in plans.items():
-        trial = config.replace(steps=steps, train_examples=min(config.train_examples, steps * config.batch_size),
+        trial = config.replace(steps=steps, train_examples=min(config.train_examples, 2 * steps * config.batch_size),
                                test_examples=min(config.test_examples, 64), block_size=block)
         train(trial, plan)
-        started = time.perf_counter()
-        train(trial, plan)
-        per_step[name] = (time.perf_counter() - started) / steps
-        log.append(f"{config.task} d{config.d_model} {name}: {1000 * per_step[name]:.1f} ms/step (probe of {steps})")
+        seconds = []
+        for n in (steps, 2 * steps):
+            started = time.perf_counter()
+            train(trial.replace(steps=n), plan)
+            seconds.append(time.perf_counter() - started)
+        per_step = max(seconds[1] - seconds[0], 1e-3 * seconds[1]) / steps
+        fixed = max(0.0, seconds[0] - steps * per_step)
+        out[name] = (per_step, fixed)
+        log.append(f"{config.task} d{config.d_model} {name}: {1000 * per_step:.1f} ms/step, {fixed:.2f} s fixed "
+                   f"(probe of {steps} + {2 * steps} steps)")
         print(log[-1], flush=True)
-    return per_step
+    return out
 
 
 def summarise(results: dict[str, Any]) -> dict[str, Any]:
@@ -174,7 +182,7 @@ def run_plan(config: TrainConfig, plan: Any, learning_rates: list[float], seeds:
 
 
 def run_task(key: str, config: TrainConfig, plans: Plans, learning_rates: list[float], seeds: list[int],
-             share: float, probe_steps: int, clock: Clock, record: dict[str, Any], save) -> None:
+             share: float, probe_steps: int, clock: Clock, record: dict[str, Any], save, min_steps: int = 20) -> None:
     """Train every plan at one step count fitted to ``share`` seconds; results land in ``record[key]``."""
     entry: dict[str, Any] = {"config": None, "results": {}, "status": "probing"}
     record[key] = entry
@@ -184,15 +192,21 @@ def run_task(key: str, config: TrainConfig, plans: Plans, learning_rates: list[f
         record["skipped"].append(f"{key}: {entry['status']}")
         save()
         return
-    per_step = probe(config, plans, probe_steps, record["log"])
-    entry["ms_per_step"] = {n: 1000 * s for n, s in per_step.items()}
+    timing = probe(config, plans, probe_steps, record["log"])
+    entry["ms_per_step"] = {n: 1000 * t[0] for n, t in timing.items()}
+    entry["fixed_seconds_per_run"] = {n: t[1] for n, t in timing.items()}
     runs_per_plan = len(learning_rates) + len(seeds) - 1
-    overhead = 1.3  # evaluation, data, compilation
+    margin = 1.15  # data generation of the full sets, noise
     left = deadline - clock.spent()
-    steps = int(left / (sum(per_step.values()) * runs_per_plan * overhead))
+    def run_fixed(name: str) -> float:  # a run's fixed cost; the test set: forward passes, ~half a step per batch
+        per_step, fixed_probe = timing[name]
+        return fixed_probe + config.test_examples / config.batch_size * per_step / 2
+
+    fixed = sum(run_fixed(n) for n in timing) * runs_per_plan
+    steps = int((left / margin - fixed) / (sum(t[0] for t in timing.values()) * runs_per_plan))
     steps = min(steps, config.steps)
-    if steps < 20:
-        entry["status"] = f"skipped: {left:.0f} s left for the task fits {steps} steps (< 20)"
+    if steps < min_steps:
+        entry["status"] = f"skipped: {left:.0f} s left for the task fits {steps} steps (< {min_steps})"
         record["skipped"].append(f"{key}: {entry['status']}")
         save()
         return
@@ -203,7 +217,7 @@ def run_task(key: str, config: TrainConfig, plans: Plans, learning_rates: list[f
     print(record["log"][-1], flush=True)
     save()
     for name, (plan, block) in plans.items():
-        need = per_step[name] * steps * runs_per_plan * overhead
+        need = (timing[name][0] * steps + run_fixed(name)) * runs_per_plan
         if need > clock.left():
             record["skipped"].append(f"{key}/{name}: needs ~{need:.0f} s, {clock.left():.0f} s left")
             continue
@@ -293,7 +307,7 @@ def main() -> None:
         config = config.replace(device=args.device, backend=backend)
         try:
             run_task(f"mqar_d{width}", config, mplans, mqar_rates, seeds, share, 3 if args.quick else 10, clock,
-                     record, save)
+                     record, save, 5 if args.quick else 20)
         except Exception as exc:  # noqa: BLE001 - keep what was measured
             record[f"mqar_d{width}"] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
             print(record[f"mqar_d{width}"]["traceback"], flush=True)
@@ -305,7 +319,8 @@ def main() -> None:
         config = config.replace(device=args.device, backend=backend)
         try:
             run_task("listops", config, lplans, [float(x) for x in args.listops_learning_rates.split(",")],
-                     listops_seeds, clock.left() - 5, 2 if args.quick else 3, clock, record, save)
+                     listops_seeds, clock.left() - 5, 2 if args.quick else 3, clock, record, save,
+                     5 if args.quick else 20)
         except Exception as exc:  # noqa: BLE001
             record["listops"] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
             print(record["listops"]["traceback"], flush=True)

@@ -85,7 +85,8 @@ def correctness(model, tokenizer, length: int, backend: str) -> dict[str, Any]:
     difference = float((own - ours).abs().max())
     gate = BlockGate(9, 3, 64, block_size=64, hidden=64).to(device)
     q, k = torch.randn(1, 9, length, 64, device=device), torch.randn(1, 3, length, 64, device=device)
-    gate_error = float((gate(q, k).double().cpu() - gate.cpu().reference(q.cpu(), k.cpu())).abs().max())
+    with torch.no_grad():
+        gate_error = float((gate(q, k).double().cpu() - gate.cpu().reference(q.cpu(), k.cpu())).abs().max())
     result = {"length": length, "top1_agreement": agreement, "max_logit_difference": difference,
               "gate_max_error": gate_error}
     result["passed"] = agreement >= 0.995 and gate_error < 1e-3
