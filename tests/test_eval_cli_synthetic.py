@@ -13,7 +13,7 @@ runner = CliRunner()
 def test_mqar_at_several_lengths_with_learned_attention(tmp_path):
     out = tmp_path / "mqar"
     result = runner.invoke(app, ["eval", "mqar", "--size", "tiny", "--steps", "3", "--lengths", "16,24",
-                                 "--plan", "window=2", "--learned-blocks", "1", "--learned-window", "8",
+                                 "--learned-blocks", "1", "--learned-window", "8",
                                  "--seeds", "1", "--no-figures", "--output", str(out), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     record = json.loads((out / "results.json").read_text())
@@ -21,7 +21,7 @@ def test_mqar_at_several_lengths_with_learned_attention(tmp_path):
     for length in (16, 24):
         block = record["by_length"][str(length)]
         assert block["config"]["task_options"]["seq_len"] == length
-        assert list(block["plans"]) == ["dense", "window=2", "learned=1,window=8"]
+        assert list(block["plans"]) == ["dense", "learned=1,window=8"]
         learned = block["plans"]["learned=1,window=8"]
         assert learned["runs"][0]["plan"]["learned"]["blocks"] == 1
         assert learned["versus_dense"]["winner"] in ("a", "b", "tie")
