@@ -1,29 +1,36 @@
-"""Synthetic long-range tasks trained from scratch with spattn attention inside: MQAR and ListOps (issue 13).
+"""Synthetic long-range tasks trained from scratch with spattn attention inside: MQAR and ListOps (issues 13, 14).
 
-One script, one GPU call (under 8 minutes on one H200 with the defaults):
+One script, one GPU call (about 7 device minutes on one H200 with the defaults):
 
-    PYTHONPATH=src python benchmarks/eval_synthetic.py --out $OUT/eval_synthetic.json               # H200
-    PYTHONPATH=src python benchmarks/eval_synthetic.py --quick --device cpu --out /tmp/eval_quick.json  # smoke
+    PYTHONPATH=src python benchmarks/eval_synthetic.py --time-budget 400 --out $OUT/eval_synthetic.json   # H200
+    PYTHONPATH=src python benchmarks/eval_synthetic.py --quick --device cpu --out /tmp/eval_quick.json     # smoke
 
-1. Correctness gate: for every pattern below, ``spattn.attention`` on the device and backend used for training
-   (forward and the gradients of query, key, value) against the float64 dense oracle on the layout's exact
-   token mask, with the tolerance rule ``err <= 2 * err(same-dtype dense) + eps``
-   (``spattn.testing``). A failing pattern is not trained.
+1. Correctness gate: for every plan below, the attention on the device and backend used for training (forward
+   and the gradients of query, key, value; the learned router in its straight-through training pass) against
+   the float64 dense oracle on the layout's exact token mask, with the tolerance rule
+   ``err <= 2 * err(same-dtype dense) + eps`` (``spattn.testing``). A failing plan is not trained.
 2. MQAR (Zoology): sequences of 256 with 16 key-value pairs, vocabulary 8192, 2 layers, one head, no MLP,
-   learned positions, d_model in {64, 128}, best of the learning rates. Plans: dense; Window(32/64/128);
-   Sinks(16) | Window(48) (64 keys); Window(32) | TopK("pooled", 1) at block size 32 (about 64 keys, the
-   window-64 budget). Causal.
-3. ListOps (LRA): 4 layers, 512 wide, 8 heads, MLP, 500-2000 tokens. Plans: dense; local (non-overlapping
-   128-token chunks); Window(128, 128); BigBird-style Global(first 64) | Window(96, 96) | RandomBlocks(2);
-   Window(64, 64) | TopK("pooled", 2). Bidirectional, padding masked.
+   learned positions, d_model 64 then 128, best of the learning rates (picked on seed 0; the other seeds run
+   at the best rate). Plans, most important first: dense; Window(64); dynamic selection
+   Window(32) | TopK("pooled", 1) at block size 32 (about 64 keys, the window-64 budget); learned attention
+   (``spattn.learned.LearnedTopK``: Window(32) kept + 1 routed block of 32, the same budget, trained with the
+   model, straight-through); Sinks(16) | Window(48) (64 keys); Window(32); Window(128). Causal.
+3. ListOps (LRA): 4 layers, 512 wide, 8 heads, MLP, 500-2000 tokens. Plans: dense; dynamic
+   Window(64, 64) | TopK("pooled", 2); learned (Window(64, 64) kept + 2 routed blocks of 64); Window(128, 128);
+   BigBird-style Global(first 64) | Window(96, 96) | RandomBlocks(2); local (non-overlapping 128-token chunks).
+   Bidirectional, padding masked (the learned router holds padded positions at zero instead: see
+   ``spattn.eval.train.Learned``).
 
-Training steps are fitted to the time budget (``--minutes``): a short timing probe per task measures the step
-time of the slowest plan, then every run gets the same number of steps (recorded). The published runs are
-far longer (Zoology: tens of thousands of steps; LRA ListOps: 5000 steps of 32), so absolute accuracies here are
-lower; the JSON says how many steps were run. Every accuracy carries a bootstrap interval (test examples,
-and seeds when there are several); differences inside the paired interval are ties.
+Time: ``--time-budget SECONDS`` covers the whole script. After the gate, each task gets its share; a short
+probe measures every plan's step time, and every plan of a task trains for the same number of steps, the most
+the slowest plan fits in the share. A plan or width that would not fit in what is left is skipped and listed
+under ``skipped``. The JSON is rewritten after every gate, probe and sweep, so a killed run keeps what it
+measured. The published runs are far longer (Zoology: tens of thousands of steps; LRA ListOps: 5000 steps of
+32), so absolute accuracies here are lower; the JSON says how many steps were run. Every accuracy carries a
+bootstrap interval (seeds, then test examples); differences inside the paired interval are ties.
 
-Writes JSON: machine (card), versions, git commit, command, gate results, per-run results, summary.
+Writes JSON: card, versions (torch, triton, transformers), git commit, command, gate results, per-run
+results, summary (ordering, versus dense), skipped items.
 """
 
 # ruff: noqa: E402 - src/ is put on the import path before spattn is imported
@@ -37,6 +44,7 @@ sys.path.insert(0, os.path.join(_HERE, "..", "src"))
 
 import argparse
 import json
+import math
 import time
 import traceback
 from typing import Any
@@ -44,50 +52,58 @@ from typing import Any
 import torch
 
 import spattn
-from spattn.bench.env import machine_info
+from spattn.bench.env import machine_info, versions
 from spattn.eval import stats
-from spattn.eval.train import TrainConfig, listops_config, mqar_config, sweep, train
+from spattn.eval.train import Learned, TrainConfig, listops_config, mqar_config, sweep, train
 from spattn.testing import assert_within, dense_attention, max_err, plain_attention
 
+Plans = dict[str, tuple[Any, int]]  # name -> (pattern / Learned / None, block size)
 
-def mqar_plans() -> dict[str, tuple[Any, int]]:
-    """name -> (pattern or None, block size)."""
+
+def mqar_plans() -> Plans:
+    """name -> (pattern / Learned / None, block size), most important first."""
     return {
         "dense": (None, 32),
-        "window32": (spattn.Window(32), 32),
         "window64": (spattn.Window(64), 32),
-        "window128": (spattn.Window(128), 32),
-        "sinks16+window48": (spattn.Sinks(16) | spattn.Window(48), 32),
         "window32+topk_pooled1": (spattn.Window(32) | spattn.TopK("pooled", 1), 32),
+        "window32+learned1": (Learned(1, safeguard=spattn.Window(32)), 32),
+        "sinks16+window48": (spattn.Sinks(16) | spattn.Window(48), 32),
+        "window32": (spattn.Window(32), 32),
+        "window128": (spattn.Window(128), 32),
     }
 
 
-def listops_plans() -> dict[str, tuple[Any, int]]:
+def listops_plans() -> Plans:
     return {
         "dense": (None, 64),
-        # (i // 128 - j // 128) % 100000 == 0: the same 128-token chunk at these lengths (LRA's local attention)
-        "local128": (spattn.Strided(100_000, block=128), 64),
+        "window64+topk_pooled2": (spattn.Window(64, 64) | spattn.TopK("pooled", 2), 64),
+        "window64+learned2": (Learned(2, safeguard=spattn.Window(64, 64)), 64),
         "window128": (spattn.Window(128, 128), 64),
         "bigbird": (spattn.Global(tuple(range(64))) | spattn.Window(96, 96) | spattn.RandomBlocks(2, block=64), 64),
-        "window64+topk_pooled2": (spattn.Window(64, 64) | spattn.TopK("pooled", 2), 64),
+        # (i // 128 - j // 128) % 100000 == 0: the same 128-token chunk at these lengths (LRA's local attention)
+        "local128": (spattn.Strided(100_000, block=128), 64),
     }
 
 
 # ---------------------------------------------------------------------------------------------- 1. gate
-def gate(pattern: Any, block_size: int, length: int, heads: int, head_dim: int, causal: bool, backend: str,
+def gate(plan: Any, block_size: int, length: int, heads: int, head_dim: int, causal: bool, backend: str,
          device: str) -> dict[str, Any]:
-    """Forward + gradients of spattn.attention against the float64 oracle on the layout's token mask."""
+    """Forward + gradients of the plan's attention against the float64 oracle on the layout's token mask."""
     torch.manual_seed(0)
     shape = (2, heads, length, head_dim)
     q, k, v = (torch.randn(shape, device=device, requires_grad=True) for _ in range(3))
-    pattern = pattern or spattn.Full()
-    layout = spattn.compile(pattern, length, causal=causal, block_size=block_size, batch=2, heads=heads,
-                            device=device, query=q.detach(), key=k.detach())
+    if isinstance(plan, Learned):  # the router's straight-through training pass, on the layout it chose
+        router = plan.build(heads, head_dim, block_size, backend).to(device).train()
+        out = router.attend(q, k, v, causal=causal, scale=1.0 / math.sqrt(head_dim))
+        layout = router.layout(q.detach(), k.detach(), router.last["chosen"], causal=causal)
+    else:
+        layout = spattn.compile(plan or spattn.Full(), length, causal=causal, block_size=block_size, batch=2,
+                                heads=heads, device=device, query=q.detach(), key=k.detach())
+        out = spattn.attention(q, k, v, layout, causal=causal, backend=backend)
     allowed = layout.to_dense().to(device)
-    out = spattn.attention(q, k, v, layout, causal=causal, backend=backend)
     grad = torch.randn_like(out)
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
-    results: dict[str, Any] = {"keys_per_query": float(layout.keys_per_query().mean()),
+    results: dict[str, Any] = {"keys_per_query": float(layout.keys_per_query().float().mean()),
                                "density": layout.density()}
     for name, oracle in (("golden", dense_attention), ("baseline", plain_attention)):
         qq, kk, vv = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
@@ -103,143 +119,224 @@ def gate(pattern: Any, block_size: int, length: int, heads: int, head_dim: int, 
 
 
 # ---------------------------------------------------------------------------------------------- 2./3. training
-def steps_for(config: TrainConfig, plans: dict[str, tuple[Any, int]], seconds: float, runs: int, probe: int,
-              log: list[str]) -> int:
-    """Steps per run so that ``runs`` runs fit in ``seconds``: time ``probe`` steps of every plan, take the
-    slowest."""
-    slowest, started = 0.0, time.perf_counter()
-    for name, (pattern, block) in plans.items():
-        trial = config.replace(steps=probe, train_examples=min(config.train_examples, probe * config.batch_size),
+class Clock:
+    """The script's time budget; ``left()`` in seconds."""
+
+    def __init__(self, budget: float) -> None:
+        self.budget, self.started = budget, time.perf_counter()
+
+    def spent(self) -> float:
+        return time.perf_counter() - self.started
+
+    def left(self) -> float:
+        return self.budget - self.spent()
+
+
+def probe(config: TrainConfig, plans: Plans, steps: int, log: list[str]) -> dict[str, tuple[float, float]]:
+    """Per plan ``(seconds per training step, fixed seconds per run)``: after a warm-up run (kernels compiled,
+    data generated), runs of ``steps`` and ``2 * steps`` steps; the difference is the step time, the rest the
+    run's fixed cost (model, evaluation)."""
+    out = {}
+    for name, (plan, block) in plans.items():
+        trial = config.replace(steps=steps, train_examples=min(config.train_examples, 2 * steps * config.batch_size),
                                test_examples=min(config.test_examples, 64), block_size=block)
-        train(trial, pattern)  # warm-up: kernels compiled, data generated
-        started = time.perf_counter()
-        train(trial, pattern)
-        per_step = (time.perf_counter() - started) / probe
-        slowest = max(slowest, per_step)
-        log.append(f"{config.task} {name}: {1000 * per_step:.1f} ms/step (probe of {probe} steps)")
-    left = seconds - (time.perf_counter() - started)  # the probe itself spends part of the budget
-    return max(10, int(left / runs / slowest * 0.85))
+        train(trial, plan)
+        seconds = []
+        for n in (steps, 2 * steps):
+            started = time.perf_counter()
+            train(trial.replace(steps=n), plan)
+            seconds.append(time.perf_counter() - started)
+        per_step = max(seconds[1] - seconds[0], 1e-3 * seconds[1]) / steps
+        fixed = max(0.0, seconds[0] - steps * per_step)
+        out[name] = (per_step, fixed)
+        log.append(f"{config.task} d{config.d_model} {name}: {1000 * per_step:.1f} ms/step, {fixed:.2f} s fixed "
+                   f"(probe of {steps} + {2 * steps} steps)")
+        print(log[-1], flush=True)
+    return out
 
 
 def summarise(results: dict[str, Any]) -> dict[str, Any]:
-    dense = results["dense"]
     rows = {}
+    dense = results.get("dense")
     for name, result in results.items():
-        row = {"accuracy": result.accuracy.to_dict(), "best_learning_rate": result.best_learning_rate}
-        if name != "dense":
-            a = [x for r in result.best_runs() for x in r.per_example]
-            b = [x for r in dense.best_runs() for x in r.per_example]
-            row["versus_dense"] = stats.compare(a, b).to_dict()
+        row = {"accuracy": result["accuracy"], "best_learning_rate": result["best_learning_rate"]}
+        if dense is not None and name != "dense":
+            row["versus_dense"] = stats.compare(result["per_example"], dense["per_example"]).to_dict()
         rows[name] = row
     order = sorted(rows, key=lambda n: -rows[n]["accuracy"]["value"])
     return {"rows": rows, "ordering": order}
 
 
-def run_task(task: str, config: TrainConfig, plans: dict[str, tuple[Any, int]], learning_rates: list[float],
-             seeds: list[int], budget: float, probe: int, record: dict[str, Any], log: list[str]) -> dict[str, Any]:
-    runs = len(plans) * len(learning_rates) * len(seeds)
-    steps = steps_for(config, plans, budget, runs, probe, log)
+def run_plan(config: TrainConfig, plan: Any, learning_rates: list[float], seeds: list[int]) -> dict[str, Any]:
+    """Best learning rate on the first seed, the other seeds at that rate; interval over seeds then examples."""
+    picked = sweep(config, plan, learning_rates=learning_rates, seeds=seeds[:1])
+    runs = picked.best_runs() + [train(config.replace(learning_rate=picked.best_learning_rate, seed=s), plan)
+                                 for s in seeds[1:]]
+    accuracy = stats.seed_interval([r.per_example for r in runs])
+    # every seed has its own test set (spattn.eval.train: seed 2s+1); concatenated in seed order, the scores of
+    # two plans with the same seeds are paired example by example
+    per_example = [x for r in runs for x in r.per_example]
+    return {"accuracy": accuracy.to_dict(), "best_learning_rate": picked.best_learning_rate,
+            "by_learning_rate_seed0": picked.by_learning_rate, "seeds": seeds,
+            "runs": [r.to_dict() for r in runs], "per_example": per_example}
+
+
+def run_task(key: str, config: TrainConfig, plans: Plans, learning_rates: list[float], seeds: list[int],
+             share: float, probe_steps: int, clock: Clock, record: dict[str, Any], save, min_steps: int = 20) -> None:
+    """Train every plan at one step count fitted to ``share`` seconds; results land in ``record[key]``."""
+    entry: dict[str, Any] = {"config": None, "results": {}, "status": "probing"}
+    record[key] = entry
+    deadline = clock.spent() + share
+    if min(share, clock.left()) < 10:
+        entry["status"] = f"skipped: {min(share, clock.left()):.0f} s left for the task"
+        record["skipped"].append(f"{key}: {entry['status']}")
+        save()
+        return
+    timing = probe(config, plans, probe_steps, record["log"])
+    entry["ms_per_step"] = {n: 1000 * t[0] for n, t in timing.items()}
+    entry["fixed_seconds_per_run"] = {n: t[1] for n, t in timing.items()}
+    runs_per_plan = len(learning_rates) + len(seeds) - 1
+    margin = 1.15  # data generation of the full sets, noise
+    left = deadline - clock.spent()
+    def run_fixed(name: str) -> float:  # a run's fixed cost; the test set: forward passes, ~half a step per batch
+        per_step, fixed_probe = timing[name]
+        return fixed_probe + config.test_examples / config.batch_size * per_step / 2
+
+    fixed = sum(run_fixed(n) for n in timing) * runs_per_plan
+    steps = int((left / margin - fixed) / (sum(t[0] for t in timing.values()) * runs_per_plan))
     steps = min(steps, config.steps)
+    if steps < min_steps:
+        entry["status"] = f"skipped: {left:.0f} s left for the task fits {steps} steps (< {min_steps})"
+        record["skipped"].append(f"{key}: {entry['status']}")
+        save()
+        return
     config = config.replace(steps=steps, train_examples=min(config.train_examples, steps * config.batch_size))
-    log.append(f"{task}: {runs} runs of {steps} steps (batch {config.batch_size})")
-    print(log[-1], flush=True)
-    results = {}
-    for name, (pattern, block) in plans.items():
+    entry.update(config=config.to_dict(), steps=steps, status="training")
+    record["log"].append(f"{key}: {len(plans)} plans x {runs_per_plan} runs of {steps} steps "
+                         f"(batch {config.batch_size})")
+    print(record["log"][-1], flush=True)
+    save()
+    for name, (plan, block) in plans.items():
+        need = (timing[name][0] * steps + run_fixed(name)) * runs_per_plan
+        if need > clock.left():
+            record["skipped"].append(f"{key}/{name}: needs ~{need:.0f} s, {clock.left():.0f} s left")
+            continue
         started = time.perf_counter()
-        results[name] = sweep(config.replace(block_size=block), pattern, learning_rates=learning_rates, seeds=seeds)
-        print(f"  {task} {name}: {results[name].accuracy} (lr {results[name].best_learning_rate:g}, "
-              f"{time.perf_counter() - started:.0f} s)", flush=True)
-    return {"config": config.to_dict(), "steps": steps, "summary": summarise(results),
-            "sweeps": {n: r.to_dict() for n, r in results.items()}}
+        try:
+            entry["results"][name] = run_plan(config.replace(block_size=block), plan, learning_rates, seeds)
+        except Exception as exc:  # noqa: BLE001 - keep what was measured
+            entry["results"][name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+            print(entry["results"][name]["traceback"], flush=True)
+            save()
+            continue
+        entry["results"][name]["seconds"] = time.perf_counter() - started
+        entry["summary"] = summarise({n: r for n, r in entry["results"].items() if "accuracy" in r})
+        a = entry["results"][name]["accuracy"]
+        print(f"  {key} {name}: {a['value']:.3f} [{a['low']:.3f}, {a['high']:.3f}] "
+              f"(lr {entry['results'][name]['best_learning_rate']:g}, {time.perf_counter() - started:.0f} s)",
+              flush=True)
+        save()
+    entry["status"] = "done"
+    save()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backend", default=None, help="spattn backend (default: auto on CUDA, reference on CPU)")
-    parser.add_argument("--minutes", type=float, default=7.0, help="time budget of the whole script")
-    parser.add_argument("--mqar-share", type=float, default=0.6, help="share of the training budget for MQAR")
+    parser.add_argument("--time-budget", type=float, default=400.0, help="seconds for the whole script")
+    parser.add_argument("--shares", default="0.4,0.2,0.4",
+                        help="shares of the training time: MQAR first width, MQAR other widths, ListOps")
     parser.add_argument("--mqar-widths", default="64,128")
-    parser.add_argument("--mqar-learning-rates", default="0.003")
+    parser.add_argument("--mqar-learning-rates", default="0.001,0.003")
     parser.add_argument("--listops-learning-rates", default="0.0003")
-    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--seeds", default="0,1", help="training seeds (the learning rate is picked on the first)")
+    parser.add_argument("--listops-seeds", default="0")
     parser.add_argument("--skip-listops", action="store_true")
     parser.add_argument("--quick", action="store_true", help="tiny configurations (a CPU smoke run)")
     parser.add_argument("--out", default="eval_synthetic.json")
     args = parser.parse_args()
-    started = time.perf_counter()
+    clock = Clock(args.time_budget)
     backend = args.backend or ("auto" if args.device.startswith("cuda") else "reference")
     seeds = [int(s) for s in args.seeds.split(",")]
-    record: dict[str, Any] = {"machine": machine_info(), "versions": {"spattn": spattn.__version__,
-                              "torch": torch.__version__}, "backend": backend, "device": args.device,
-                              "quick": args.quick, "gate": {}, "log": []}
-    record["commit"] = record["machine"]["git_commit"]
-    record["command"] = record["machine"]["command"]
-    if args.device.startswith("cuda"):
-        record["card"] = torch.cuda.get_device_name(0)
-    log: list[str] = record["log"]
+    listops_seeds = [int(s) for s in args.listops_seeds.split(",")]
+    machine = machine_info()
+    record: dict[str, Any] = {
+        "benchmark": "eval_synthetic", "machine": machine, "versions": {"spattn": spattn.__version__, **versions()},
+        "commit": machine.get("git_commit"), "command": machine.get("command"), "backend": backend,
+        "device": args.device, "card": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
+        "quick": args.quick, "time_budget": args.time_budget, "gate": {}, "skipped": [], "log": [],
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
 
+    def save() -> None:
+        record["seconds"] = clock.spent()
+        with open(args.out + ".tmp", "w") as handle:
+            json.dump(record, handle, indent=1)
+        os.replace(args.out + ".tmp", args.out)
+
+    save()
     # 1. gate
     mplans, lplans = mqar_plans(), listops_plans()
-    mqar_len, listops_len = (24, 60) if args.quick else (256, 1024)
+    mqar_len, listops_len = (48, 96) if args.quick else (256, 1024)
     for task, plans, length, heads, dim, causal in (("mqar", mplans, mqar_len, 1, 64, True),
                                                      ("listops", lplans, listops_len, 8, 64, False)):
-        for name, (pattern, block) in list(plans.items()):
+        for name, (plan, block) in list(plans.items()):
             key = f"{task}/{name}"
             try:
-                record["gate"][key] = {"passed": True, **gate(pattern, block if not args.quick else 16, length,
+                record["gate"][key] = {"passed": True, **gate(plan, block if not args.quick else 16, length,
                                                               heads, dim, causal, backend, args.device)}
-            except Exception as exc:  # noqa: BLE001 - a failing pattern is recorded and left out of training
+            except Exception as exc:  # noqa: BLE001 - a failing plan is recorded and left out of training
                 record["gate"][key] = {"passed": False, "error": f"{type(exc).__name__}: {exc}",
                                        "traceback": traceback.format_exc(limit=3)}
                 del plans[name]
             print(f"gate {key}: {'ok' if record['gate'][key]['passed'] else record['gate'][key]['error']}", flush=True)
-    gate_seconds = time.perf_counter() - started
+        save()
+    record["gate_seconds"] = clock.spent()
 
-    # 2./3. training, the budget split 60/40 between MQAR and ListOps
-    remaining = args.minutes * 60 - gate_seconds
+    # 2./3. training: shares of what is left after the gate
+    shares = [float(x) for x in args.shares.split(",")]
+    if args.skip_listops:
+        shares = [shares[0] / (shares[0] + shares[1]), shares[1] / (shares[0] + shares[1]), 0.0]
+    total = clock.left()
     widths = [int(w) for w in args.mqar_widths.split(",")]
-    mqar_share = remaining * (1.0 if args.skip_listops else args.mqar_share)
-    record["mqar"] = {}
-    for width in widths:
-        if "dense" not in mplans:
-            break
-        config = (mqar_config("tiny", d_model=width, steps=40) if args.quick else mqar_config(d_model=width))
+    mqar_rates = [float(x) for x in args.mqar_learning_rates.split(",")]
+    for n, width in enumerate(widths):
+        share = total * (shares[0] if n == 0 else shares[1] / max(1, len(widths) - 1))
+        config = mqar_config("tiny", d_model=width, steps=30) if args.quick else mqar_config(d_model=width)
         config = config.replace(device=args.device, backend=backend)
         try:
-            record["mqar"][f"d{width}"] = run_task(
-                "mqar", config, mplans, [float(x) for x in args.mqar_learning_rates.split(",")], seeds,
-                mqar_share / len(widths) * 0.8, 3 if args.quick else 20, record, log)
+            run_task(f"mqar_d{width}", config, mplans, mqar_rates, seeds, share, 3 if args.quick else 10, clock,
+                     record, save, 5 if args.quick else 20)
         except Exception as exc:  # noqa: BLE001 - keep what was measured
-            record["mqar"][f"d{width}"] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
-            print(record["mqar"][f"d{width}"]["traceback"], flush=True)
-    if not args.skip_listops and "dense" in lplans:
-        left = args.minutes * 60 - (time.perf_counter() - started)
-        config = (listops_config("tiny", steps=20) if args.quick else listops_config())
+            record[f"mqar_d{width}"] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+            print(record[f"mqar_d{width}"]["traceback"], flush=True)
+            save()
+    if args.skip_listops:
+        record["skipped"].append("listops: --skip-listops")
+    else:
+        config = listops_config("tiny", steps=20) if args.quick else listops_config()
         config = config.replace(device=args.device, backend=backend)
         try:
-            record["listops"] = run_task("listops", config, lplans,
-                                         [float(x) for x in args.listops_learning_rates.split(",")], seeds,
-                                         left * 0.75, 2 if args.quick else 5, record, log)
+            run_task("listops", config, lplans, [float(x) for x in args.listops_learning_rates.split(",")],
+                     listops_seeds, clock.left() - 5, 2 if args.quick else 3, clock, record, save,
+                     5 if args.quick else 20)
         except Exception as exc:  # noqa: BLE001
             record["listops"] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
             print(record["listops"]["traceback"], flush=True)
-    record["seconds"] = time.perf_counter() - started
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as handle:
-        json.dump(record, handle, indent=1)
-    for task in ("mqar", "listops"):
-        blocks = record.get(task, {})
-        blocks = blocks.items() if task == "mqar" else [("", blocks)]
-        for width, block in blocks:
-            if "summary" not in block:
-                continue
-            print(f"\n{task} {width} ({block['steps']} steps): accuracy [95% interval], vs dense")
-            for name in block["summary"]["ordering"]:
-                row = block["summary"]["rows"][name]
-                a, v = row["accuracy"], row.get("versus_dense")
-                print(f"  {name:24s} {a['value']:.3f} [{a['low']:.3f}, {a['high']:.3f}]"
-                      + ("" if v is None else f"  {v['winner']} ({v['difference']:+.3f})"))
+    save()
+    for key in [k for k in record if k.startswith(("mqar_", "listops"))]:
+        block = record[key]
+        if "summary" not in block:
+            continue
+        print(f"\n{key} ({block['steps']} steps): accuracy [95% interval], vs dense")
+        for name in block["summary"]["ordering"]:
+            row = block["summary"]["rows"][name]
+            a, v = row["accuracy"], row.get("versus_dense")
+            print(f"  {name:24s} {a['value']:.3f} [{a['low']:.3f}, {a['high']:.3f}]"
+                  + ("" if v is None else f"  {v['winner']} ({v['difference']:+.3f})"))
+    if record["skipped"]:
+        print("skipped:", *record["skipped"], sep="\n  ")
     print(f"\nwrote {args.out} in {record['seconds']:.0f} s")
 
 

@@ -6,7 +6,8 @@ import torch
 import spattn
 from spattn.eval import stats
 from spattn.eval.tasks import listops
-from spattn.eval.train import TinyTransformer, TrainConfig, listops_config, mqar_config, sweep, train
+from spattn.eval.train import Learned, TinyTransformer, TrainConfig, listops_config, mqar_config, sweep, train
+from spattn.learned import LearnedTopK
 
 
 def test_tiny_mqar_dense_beats_a_short_window():
@@ -65,3 +66,53 @@ def test_sweep_keeps_the_best_learning_rate():
         TrainConfig(learning_rate=0)
     with pytest.raises(ValueError, match="task"):
         TrainConfig(task="copying")
+
+
+def _copy_shared(source, target):
+    """Load ``source``'s weights into ``target`` (the router's gate parameters stay as initialised)."""
+    missing, unexpected = target.load_state_dict(source.state_dict(), strict=False)
+    assert not unexpected and all(".pattern." in name for name in missing)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["straight-through", "eval"])
+def test_learned_attention_is_its_layout(training):
+    torch.manual_seed(0)
+    ids = torch.randint(1, 32, (2, 24))
+    dense = TinyTransformer(32, 24, d_model=16, layers=2, plan=None, block_size=8)
+    window = TinyTransformer(32, 24, d_model=16, layers=2, plan=spattn.Window(2), block_size=8)
+    window.load_state_dict(dense.state_dict())
+    everything = TinyTransformer(32, 24, d_model=16, layers=2, plan=Learned(99), block_size=8)
+    guarded = TinyTransformer(32, 24, d_model=16, layers=2, plan=Learned(0, safeguard=spattn.Window(2)),
+                              block_size=8)
+    for model in (everything, guarded):
+        _copy_shared(dense, model)
+        assert all(isinstance(b.pattern, LearnedTopK) for b in model.blocks)
+        model.train(training)
+    with torch.set_grad_enabled(training):
+        # every visible block routed == dense; nothing routed == the safeguard alone
+        torch.testing.assert_close(everything(ids), dense(ids), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(guarded(ids), window(ids), atol=1e-5, rtol=1e-4)
+
+
+def test_learned_attention_trains_its_router_and_holds_padding():
+    config = mqar_config("tiny", steps=6, train_examples=96, test_examples=16)
+    spec = Learned(1, safeguard=spattn.Window(8), temperature_end=0.2)
+    result = train(config, spec)
+    assert result.plan["learned"]["safeguard"] == spattn.Window(8).to_dict()
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    model = TinyTransformer(32, 24, d_model=16, layers=1, plan=Learned(1, local=1), block_size=8)  # 2 choices
+    ids = torch.randint(1, 32, (2, 24))
+    model(ids).square().mean().backward()  # straight-through: the task loss reaches the gate
+    assert model.blocks[0].pattern.gate.query_proj.grad.abs().sum() > 0
+    # ListOps with learned attention: padded positions carry no content (the padding embedding is irrelevant)
+    inputs, _ = listops(3, min_length=10, max_length=40, max_depth=3, max_args=4, seed=0)
+    classifier = TinyTransformer(16, 64, d_model=16, heads=2, mlp=True, plan=Learned(1, safeguard=spattn.Window(4, 4)),
+                                 causal=False, num_classes=10, block_size=8).eval()
+    before = classifier(inputs)
+    with torch.no_grad():
+        classifier.embed.weight[0].normal_()
+        classifier.position.weight[inputs.shape[1] - 1].normal_()
+    assert (inputs[:, -1] == 0).any()
+    torch.testing.assert_close(classifier(inputs), before, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="blocks"):
+        Learned(-1)

@@ -255,15 +255,37 @@ def multi_needle_command(
                batch_size, figures, {"noise": noise})
 
 
+def _task_config(task: str, size: str, d_model: int | None, length: int | None, changes: dict[str, Any]):
+    """The preset of ``task`` at ``size`` with ``changes``; ``length``: MQAR's ``seq_len`` / ListOps'
+    ``max_length`` (ListOps' ``min_length`` lowered to half of it when the preset's is larger)."""
+    from spattn.eval.train import listops_config, mqar_config
+
+    try:
+        make = mqar_config if task == "mqar" else listops_config
+        config = make(size, **({"d_model": d_model} if d_model else {}), **changes)
+        if length is not None:
+            options = dict(config.task_options)
+            if task == "mqar":
+                options["seq_len"] = length
+            else:
+                options["max_length"] = length
+                options["min_length"] = min(int(options.get("min_length", 500)), length // 2)
+            config = config.replace(task_options=options)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    return config
+
+
 def _trained(task: str, plans: list[str] | None, size: str, d_model: int | None, learning_rates: str, seeds: str,
              steps: int | None, device: str, backend: str | None, block_size: int | None, output: str | None,
-             figures: bool) -> dict[str, Any]:
+             figures: bool, lengths: str | None = None, learned_blocks: int = 0, learned_window: int = 0
+             ) -> dict[str, Any]:
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from spattn.eval import stats
     from spattn.eval.figures import bars_figure
-    from spattn.eval.train import listops_config, mqar_config, sweep
+    from spattn.eval.train import Learned, sweep
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -273,55 +295,82 @@ def _trained(task: str, plans: list[str] | None, size: str, d_model: int | None,
         changes["steps"] = steps
     if block_size is not None:
         changes["block_size"] = block_size
-    try:
-        if task == "mqar":
-            config = mqar_config(size, **({"d_model": d_model} if d_model else {}), **changes)
-        else:
-            config = listops_config(size, **({"d_model": d_model} if d_model else {}), **changes)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
+    length_list: list[int | None] = [None] if lengths is None else list(_ints(lengths, "--lengths"))
+    configs = [_task_config(task, size, d_model, length, changes) for length in length_list]
     chosen = _plans(plans)
+    if learned_blocks < 0 or learned_window < 0:
+        raise typer.BadParameter("--learned-blocks and --learned-window must be >= 0")
+    if learned_blocks:
+        from spattn.patterns import Window
+
+        safeguard = None if not learned_window else (Window(learned_window) if task == "mqar"
+                                                     else Window(learned_window, learned_window))
+        chosen[f"learned={learned_blocks}" + (f",window={learned_window}" if learned_window else "")] = Learned(
+            learned_blocks, safeguard=safeguard)
     rates, seed_list = _floats(learning_rates, "--learning-rates"), _seeds(seeds)
-    runs_total = len(chosen) * len(rates) * len(seed_list)
-    results: dict[str, Any] = {}
+    runs_total = len(chosen) * len(rates) * len(seed_list) * len(configs)
     console = _console()
+    folder = Path(output or f"spattn-eval/{task}")
+    by_length: dict[str, Any] = {}
+    figure_paths: list[str] = []
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
-        overall = bar.add_task(f"{task}: {runs_total} runs", total=runs_total * config.steps)
-        for name, plan in chosen.items():
-            bar.update(overall, description=f"{task}: {name}")
-            result = sweep(config, plan, learning_rates=rates, seeds=seed_list,
-                           progress=lambda step, loss: bar.advance(overall))
-            results[name] = result
-    baseline = results["dense"].best_runs()
-    record_plans: dict[str, Any] = {}
-    for name, result in results.items():
-        entry = result.to_dict()
-        if name != "dense":  # paired over the same test examples, seed by seed (pooled)
-            a = [x for r in result.best_runs() for x in r.per_example]
-            b = [x for r in baseline for x in r.per_example]
-            entry["versus_dense"] = stats.compare(a, b).to_dict()
-        record_plans[name] = entry
-    record = _record(task, {"size": size, "config": config.to_dict(), "learning_rates": rates, "seeds": seed_list,
-                            "plans": record_plans})
-    folder = Path(output or f"spattn-eval/{task}")
+        overall = bar.add_task(f"{task}: {runs_total} runs", total=sum(runs_total // len(configs) * c.steps
+                                                                        for c in configs))
+        for config in configs:
+            length = int(config.task_options.get("seq_len" if task == "mqar" else "max_length", 0))
+            results: dict[str, Any] = {}
+            for name, plan in chosen.items():
+                bar.update(overall, description=f"{task} {length}: {name}")
+                results[name] = sweep(config, plan, learning_rates=rates, seeds=seed_list,
+                                      progress=lambda step, loss: bar.advance(overall))
+            baseline = results["dense"].best_runs()
+            record_plans: dict[str, Any] = {}
+            for name, result in results.items():
+                entry = result.to_dict()
+                if name != "dense":  # paired over the same test examples, seed by seed (pooled)
+                    a = [x for r in result.best_runs() for x in r.per_example]
+                    b = [x for r in baseline for x in r.per_example]
+                    entry["versus_dense"] = stats.compare(a, b).to_dict()
+                record_plans[name] = entry
+            by_length[str(length)] = {"length": length, "config": config.to_dict(), "plans": record_plans}
+            if figures:
+                name = "accuracy.png" if len(configs) == 1 else f"accuracy-{length}.png"
+                figure_paths.append(str(bars_figure({n: e["accuracy"] for n, e in record_plans.items()},
+                                                    folder / name, title=f"{task} ({size}, {length} tokens), "
+                                                    "best learning rate")))
+    extra: dict[str, Any] = {"size": size, "config": configs[0].to_dict(), "learning_rates": rates,
+                             "seeds": seed_list, "lengths": [int(k) for k in by_length], "by_length": by_length}
+    if len(configs) == 1:
+        extra["plans"] = next(iter(by_length.values()))["plans"]
+    record = _record(task, extra)
     if figures:
-        record["figures"] = [str(bars_figure({n: e["accuracy"] for n, e in record_plans.items()},
-                                             folder / "accuracy.png", title=f"{task} ({size}), best learning rate"))]
+        record["figures"] = figure_paths
     path = _write(folder, record)
     from rich.table import Table
 
     table = Table(title=f"{task} ({size}): test accuracy, best of {len(rates)} learning rates, {len(seed_list)} seeds")
-    for column in ("plan", "accuracy [95% interval]", "best lr", "vs dense"):
+    for column in ("length", "plan", "accuracy [95% interval]", "best lr", "vs dense"):
         table.add_column(column)
-    for name, entry in record_plans.items():
-        a, versus = entry["accuracy"], entry.get("versus_dense")
-        verdict = "" if versus is None else _VERDICT[versus["winner"]]
-        table.add_row(name, f"{a['value']:.3f} [{a['low']:.3f}, {a['high']:.3f}]", f"{entry['best_learning_rate']:g}",
-                      verdict)
+    for length, block in by_length.items():
+        for name, entry in block["plans"].items():
+            a, versus = entry["accuracy"], entry.get("versus_dense")
+            verdict = "" if versus is None else _VERDICT[versus["winner"]]
+            table.add_row(length, name, f"{a['value']:.3f} [{a['low']:.3f}, {a['high']:.3f}]",
+                          f"{entry['best_learning_rate']:g}", verdict)
     console.print(table)
     console.print(f"results: {path}")
     return record
+
+
+LengthsOption = Annotated[str | None, typer.Option(
+    "--lengths", help="Sequence lengths, comma-separated: one training per length (MQAR: seq_len; ListOps: "
+    "max_length). Default: the preset's.")]
+LearnedBlocksOption = Annotated[int, typer.Option(
+    help="Also train learned attention (spattn.learned.LearnedTopK): routed key blocks per query block "
+    "(0 = off).")]
+LearnedWindowOption = Annotated[int, typer.Option(
+    help="Window the learned router always keeps (its safeguard; 0 = none).")]
 
 
 @eval_app.command("mqar")
@@ -339,9 +388,13 @@ def mqar_command(
     block_size: Annotated[int | None, typer.Option(help="Block size of layouts and of selection.")] = None,
     output: OutputOption = None,
     figures: FigureOption = True,
+    lengths: LengthsOption = None,
+    learned_blocks: LearnedBlocksOption = 0,
+    learned_window: LearnedWindowOption = 0,
 ) -> None:
     """Multi-query associative recall, a small model trained from scratch per plan: test accuracy."""
-    _trained("mqar", plan, size, d_model, learning_rates, seeds, steps, device, backend, block_size, output, figures)
+    _trained("mqar", plan, size, d_model, learning_rates, seeds, steps, device, backend, block_size, output, figures,
+             lengths, learned_blocks, learned_window)
 
 
 @eval_app.command("listops")
@@ -359,17 +412,24 @@ def listops_command(
     block_size: Annotated[int | None, typer.Option(help="Block size of layouts and of selection.")] = None,
     output: OutputOption = None,
     figures: FigureOption = True,
+    lengths: LengthsOption = None,
+    learned_blocks: LearnedBlocksOption = 0,
+    learned_window: LearnedWindowOption = 0,
 ) -> None:
     """ListOps (LRA), a small classifier trained from scratch per plan: test accuracy."""
     _trained("listops", plan, size, d_model, learning_rates, seeds, steps, device, backend, block_size, output,
-             figures)
+             figures, lengths, learned_blocks, learned_window)
+
+
+SYNTHETIC = ("mqar", "listops")
 
 
 @eval_app.command("ablate")
 def ablate_command(
     factor: Annotated[str, typer.Option(help="window, sinks, selector, budget, block_size or dense_layers.")],
     values: Annotated[str, typer.Option(help="Values, comma-separated (dense_layers: '0+1,none'; sinks: on/off).")],
-    task: Annotated[str, typer.Option(help="passkey, variable_tracking or multi_needle.")] = "passkey",
+    task: Annotated[str, typer.Option(help="passkey, variable_tracking, multi_needle (a real model) or mqar, "
+                                           "listops (a small model trained from scratch per variant).")] = "passkey",
     window: Annotated[int, typer.Option(help="Base window.")] = 256,
     sinks: Annotated[int, typer.Option(help="Base sinks (0 = off).")] = 64,
     selector: Annotated[str, typer.Option(help="Base selector of the dynamic part.")] = "pooled",
@@ -377,21 +437,27 @@ def ablate_command(
     block_size: Annotated[int, typer.Option(help="Base block size.")] = 128,
     dense_layers: Annotated[str, typer.Option(help="Base layers kept dense ('0+1' or 'none').")] = "none",
     model: Annotated[str, typer.Option(help="'smollm2' or a Hugging Face model folder.")] = "smollm2",
-    lengths: Annotated[str, typer.Option(help="Context lengths in tokens.")] = "1024",
+    lengths: Annotated[str | None, typer.Option(help="Context lengths in tokens (default 1024; mqar/listops: one "
+                                                     "length, the sequence length, default the preset's).")] = None,
     depths: Annotated[str, typer.Option(help="Relative needle depths.")] = "0.1,0.5,0.9",
     seeds: SeedsOption = "3",
     text: Annotated[str, typer.Option(help="Haystack: 'austen', 'kjv' or a text file.")] = "austen",
+    size: Annotated[str, typer.Option(help="mqar/listops preset: 'tiny' or 'published'.")] = "tiny",
+    steps: Annotated[int | None, typer.Option(help="mqar/listops training steps (default: the preset's).")] = None,
+    learning_rate: Annotated[float | None, typer.Option(help="mqar/listops learning rate (default: the "
+                                                            "preset's).")] = None,
     output: OutputOption = None,
     backend: Annotated[str, typer.Option(help="spattn backend.")] = "auto",
     device: Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda'.")] = "auto",
     figures: FigureOption = True,
 ) -> None:
-    """Vary one factor of a plan with the rest fixed; exact match on the same samples; a table and a figure."""
+    """Vary one factor of a plan with the rest fixed; every variant scored on the same examples (retrieval: exact
+    match with a real model; mqar/listops: test accuracy of a model trained from scratch per variant, pooled over
+    the seeds); a table and a figure."""
     from rich.markdown import Markdown
 
     from spattn.eval import ablate as ablation
     from spattn.eval.figures import ablation_figure
-    from spattn.eval.retrieval import make_samples, retrieval_accuracy
 
     try:
         parsed = [ablation.parse_value(factor, v) for v in values.split(",")]
@@ -401,26 +467,64 @@ def ablate_command(
     except (ValueError, TypeError) as exc:
         raise typer.BadParameter(str(exc)) from None
     console = _console()
-    with console.status(f"loading {model} and the {text} text..."):
-        loaded, tokenizer = _load_model(model, device)
-        haystack = _haystack(text)
-    samples = make_samples(task, tokenizer, haystack, _ints(lengths, "--lengths"), _floats(depths, "--depths"),
-                           _seeds(seeds))
+    extra: dict[str, Any]
+    if task in SYNTHETIC:
+        score, dense_estimate, extra = _synthetic_scorer(task, size, lengths, steps,
+                                                         learning_rate, _seeds(seeds), device, backend)
+    else:
+        from spattn.eval.retrieval import make_samples, retrieval_accuracy
 
-    def score(spec: ablation.PlanSpec) -> list[float]:
-        result = retrieval_accuracy(loaded, tokenizer, samples, spec.plan(), backend, block_size=spec.block_size,
-                                    progress=True)
-        return [float(c) for c in result.correct]
+        with console.status(f"loading {model} and the {text} text..."):
+            loaded, tokenizer = _load_model(model, device)
+            haystack = _haystack(text)
+        samples = make_samples(task, tokenizer, haystack, _ints(lengths or "1024", "--lengths"),
+                               _floats(depths, "--depths"), _seeds(seeds))
 
-    dense = retrieval_accuracy(loaded, tokenizer, samples, None, progress=True)
+        def score(spec: ablation.PlanSpec) -> list[float]:
+            result = retrieval_accuracy(loaded, tokenizer, samples, spec.plan(), backend, block_size=spec.block_size,
+                                        progress=True)
+            return [float(c) for c in result.correct]
+
+        dense_estimate = retrieval_accuracy(loaded, tokenizer, samples, None, progress=True).accuracy
+        extra = {"model": model, "text": text, "samples": len(samples)}
     result = ablation.ablate(factor, parsed, score, base=base,
                              progress=lambda spec: console.print(f"scoring {spec.label()}"))
-    record = _record("ablate", {"ablated_task": task, "model": model, "text": text, "samples": len(samples),
-                                "dense": dense.accuracy.to_dict(), "ablation": result,
+    record = _record("ablate", {"ablated_task": task, **extra, "dense": dense_estimate.to_dict(), "ablation": result,
                                 "table": ablation.table(result)})
     folder = Path(output or f"spattn-eval/ablate-{factor}")
     if figures:
-        record["figures"] = [str(ablation_figure(result, folder / "ablation.png", ylabel=f"{task} exact match"))]
+        ylabel = f"{task} test accuracy" if task in SYNTHETIC else f"{task} exact match"
+        record["figures"] = [str(ablation_figure(result, folder / "ablation.png", ylabel=ylabel))]
     path = _write(folder, record)
     console.print(Markdown(ablation.table(result)))
-    console.print(f"dense: {dense.accuracy}; results: {path}")
+    console.print(f"dense: {dense_estimate}; results: {path}")
+
+
+def _synthetic_scorer(task: str, size: str, length: str | None, steps: int | None, learning_rate: float | None,
+                      seeds: list[int], device: str, backend: str):
+    """``(score(spec) -> per-example accuracies pooled over seeds, dense estimate, record fields)`` for an
+    ablation on MQAR / ListOps: one model trained from scratch per variant and seed, the same test sets."""
+    import torch
+
+    from spattn.eval import stats
+    from spattn.eval.train import train
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    changes: dict[str, Any] = {"device": device, "backend": backend if device.startswith("cuda") else "reference"}
+    if steps is not None:
+        changes["steps"] = steps
+    if learning_rate is not None:
+        changes["learning_rate"] = learning_rate
+    chosen = None if length is None else _ints(length, "--lengths")
+    if chosen is not None and len(chosen) != 1:
+        raise typer.BadParameter("an ablation on mqar/listops trains at one length: give one value",
+                                 param_hint="--lengths")
+    config = _task_config(task, size, None, None if chosen is None else chosen[0], changes)
+
+    def score(spec) -> list[float]:
+        runs = [train(config.replace(block_size=spec.block_size, seed=s), spec.plan()) for s in seeds]
+        return [x for r in runs for x in r.per_example]
+
+    dense = [x for s in seeds for x in train(config.replace(seed=s), None).per_example]
+    return score, stats.estimate(dense), {"size": size, "config": config.to_dict(), "seeds": seeds}

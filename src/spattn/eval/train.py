@@ -8,6 +8,8 @@
 * :func:`train`: one run -> :class:`TrainResult` (per-example test accuracy with its bootstrap interval).
 * :func:`sweep`: a few learning rates x seeds; the best learning rate by mean accuracy, its accuracy with a
   two-level (seeds, then examples) interval.
+* :class:`Learned`: in place of a plan, a learned block router (:class:`spattn.learned.LearnedTopK`) in every
+  layer, trained with the model (straight-through top-k, routing temperature annealed over the run).
 
 Everything is deterministic by seed on CPU. The attention of every layer, dense included, goes through
 ``spattn.attention`` on the same backend, so dense and sparse differ only by the pattern.
@@ -30,6 +32,9 @@ from torch import nn
 from spattn.eval import stats
 from spattn.eval.tasks import IGNORE_INDEX, LISTOPS_VOCAB, listops, mqar
 from spattn.integrations.plan import Plan, as_plan
+from spattn.learned.router import LearnedTopK
+from spattn.learned.schedule import Schedule
+from spattn.learned.train import Regularisers, regulariser_losses, routers
 from spattn.ops.attention.api import attention
 from spattn.patterns import Document, Full, Pattern, compile
 
@@ -95,6 +100,62 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Learned:
+    """Learned attention for :class:`TinyTransformer`: a :class:`~spattn.learned.LearnedTopK` router in every
+    layer, trained with the model from scratch (pass it where a plan goes: ``train(config, Learned(1, ...))``).
+
+    Per query block the model attends the ``safeguard`` (static, always kept), the ``local`` key blocks ending
+    at the query block, and the ``blocks`` key blocks the router ranks highest among the rest. The routing
+    temperature is annealed from ``temperature_start`` to ``temperature_end`` (exponential schedule over the
+    run, as ``spattn train``).
+
+    Attributes:
+        blocks: routed key blocks per query block (>= 0).
+        safeguard: a static pattern kept whole (default ``None``), e.g. ``Window(32)``.
+        local: local key blocks always kept (default 0).
+        scorer: ``"gate"`` (default; SeerAttention's pooled features, own parameters) or ``"pooled"`` (MoBA).
+        training: ``"straight_through"`` (default) or ``"distill"``.
+        hidden: gate width (default 32).
+        temperature_start, temperature_end: routing softmax temperature schedule (defaults 1.0 -> 0.1).
+
+    Padding (ListOps): the router cannot exclude padded keys, so the model holds padded positions at zero
+    before every block: padded keys and values are one constant vector that carries no content.
+
+    Example:
+        >>> result = train(mqar_config("tiny"), Learned(1, safeguard=Window(8)))  # doctest: +SKIP
+    """
+
+    blocks: int
+    safeguard: Pattern | None = None
+    local: int = 0
+    scorer: str = "gate"
+    training: str = "straight_through"
+    hidden: int = 32
+    temperature_start: float = 1.0
+    temperature_end: float = 0.1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.blocks, bool) or not isinstance(self.blocks, int) or self.blocks < 0:
+            raise ValueError(f"Learned.blocks must be an int >= 0, got {self.blocks!r}")
+        if not (self.temperature_start > 0 and self.temperature_end > 0):
+            raise ValueError("Learned.temperature_start and temperature_end must be > 0")
+
+    def build(self, heads: int, head_dim: int, block_size: int, backend: str) -> LearnedTopK:
+        """One layer's router."""
+        return LearnedTopK(heads, heads, head_dim, blocks=self.blocks, block_size=block_size,
+                           safeguard=self.safeguard, local=self.local, scorer=self.scorer, hidden=self.hidden,
+                           training=self.training, temperature=self.temperature_start, backend=backend)
+
+    def schedule(self, steps: int) -> Schedule:
+        return Schedule(self.temperature_start, self.temperature_end, steps, shape="exponential")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["safeguard"] = None if self.safeguard is None else self.safeguard.to_dict()
+        return {"learned": out}
 
 
 def mqar_config(size: str = "published", d_model: int | None = None, **changes: Any) -> TrainConfig:
@@ -166,9 +227,10 @@ def _vocab_and_length(config: TrainConfig) -> tuple[int, int]:
 
 # ---------------------------------------------------------------------------------------------- the model
 class _Block(nn.Module):
-    def __init__(self, d_model: int, heads: int, mlp: bool) -> None:
+    def __init__(self, d_model: int, heads: int, mlp: bool, pattern: nn.Module | None = None) -> None:
         super().__init__()
         self.heads = heads
+        self.pattern = pattern  # a parametrised pattern (LearnedTopK) or None
         self.norm = nn.LayerNorm(d_model)
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out = nn.Linear(d_model, d_model, bias=False)
@@ -181,7 +243,10 @@ class _Block(nn.Module):
     def forward(self, x: torch.Tensor, layout_or_pattern: Any, causal: bool, backend: str, block_size: int):
         B, L, d = x.shape
         q, k, v = self.qkv(self.norm(x)).view(B, L, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        y = attention(q, k, v, layout_or_pattern, causal=causal, backend=backend, block_size=block_size)
+        if self.pattern is not None:
+            y = self.pattern.attend(q, k, v, causal=causal, scale=1.0 / math.sqrt(d // self.heads))
+        else:
+            y = attention(q, k, v, layout_or_pattern, causal=causal, backend=backend, block_size=block_size)
         x = x + self.out(y.transpose(1, 2).reshape(B, L, d))
         if self.mlp is not None:
             x = x + self.mlp(x)
@@ -194,7 +259,8 @@ class TinyTransformer(nn.Module):
     Args:
         vocab_size, max_length: token vocabulary and the longest input (learned positions).
         d_model, layers, heads, mlp: as :class:`TrainConfig`.
-        plan: a :class:`~spattn.Plan`, one pattern for every layer, or ``None`` (full attention).
+        plan: a :class:`~spattn.Plan`, one pattern for every layer, a :class:`Learned` router spec, or ``None``
+            (full attention).
         causal: causal attention (language modelling) or bidirectional (classification).
         num_classes: ``None`` for next-token logits ``[B, L, vocab_size]``, else class logits
             ``[B, num_classes]`` from the mean over non-padding (id 0) tokens.
@@ -212,21 +278,26 @@ class TinyTransformer(nn.Module):
         layers: int = 2,
         heads: int = 1,
         mlp: bool = False,
-        plan: Plan | Pattern | None = None,
+        plan: Plan | Pattern | Learned | None = None,
         causal: bool = True,
         num_classes: int | None = None,
         backend: str = "reference",
         block_size: int = 64,
     ) -> None:
         super().__init__()
-        self.plan = as_plan(plan)
+        self.learned = plan if isinstance(plan, Learned) else None
+        self.plan = as_plan(None if self.learned is not None else plan)
         too_far = [i for i in self.plan.layers if i >= layers]
         if too_far:
             raise ValueError(f"plan names layer(s) {too_far} but the model has {layers} layers")
         self.causal, self.backend, self.block_size, self.num_classes = causal, backend, block_size, num_classes
         self.embed = nn.Embedding(vocab_size, d_model)
         self.position = nn.Embedding(max_length, d_model)
-        self.blocks = nn.ModuleList(_Block(d_model, heads, mlp) for _ in range(layers))
+        self.blocks = nn.ModuleList(
+            _Block(d_model, heads, mlp,
+                   None if self.learned is None else self.learned.build(heads, d_model // heads, block_size, backend))
+            for _ in range(layers)
+        )
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size if num_classes is None else num_classes, bias=False)
         self._layouts: dict[tuple[int, int], Any] = {}
@@ -255,8 +326,14 @@ class TinyTransformer(nn.Module):
         if L > self.position.num_embeddings:
             raise ValueError(f"input length {L} exceeds max_length {self.position.num_embeddings}")
         x = self.embed(input_ids) + self.position(torch.arange(L, device=input_ids.device))
+        hold = None
+        if self.learned is not None and self.num_classes is not None and bool((input_ids == 0).any()):
+            hold = (input_ids != 0).unsqueeze(-1).to(x.dtype)  # padded positions held at zero (see Learned)
         for layer, block in enumerate(self.blocks):
-            x = block(x, self._pattern(layer, input_ids), self.causal, self.backend, self.block_size)
+            if hold is not None:
+                x = x * hold
+            pattern = None if self.learned is not None else self._pattern(layer, input_ids)
+            x = block(x, pattern, self.causal, self.backend, self.block_size)
         x = self.norm(x)
         if self.num_classes is None:
             return self.head(x)
@@ -265,7 +342,7 @@ class TinyTransformer(nn.Module):
         return self.head(pooled)
 
 
-def build_model(config: TrainConfig, plan: Plan | Pattern | None) -> TinyTransformer:
+def build_model(config: TrainConfig, plan: Plan | Pattern | Learned | None) -> TinyTransformer:
     """The :class:`TinyTransformer` of a config (seeded by ``config.seed``)."""
     vocab, length = _vocab_and_length(config)
     torch.manual_seed(config.seed)
@@ -330,12 +407,14 @@ def evaluate_model(model: TinyTransformer, config: TrainConfig, inputs: torch.Te
     return out
 
 
-def train(config: TrainConfig, plan: Plan | Pattern | None = None, *, progress: Any = None) -> TrainResult:
+def train(config: TrainConfig, plan: Plan | Pattern | Learned | None = None, *, progress: Any = None
+          ) -> TrainResult:
     """Train a :class:`TinyTransformer` with ``plan`` on ``config.task`` from scratch and test it.
 
     Args:
         config: the run (:func:`mqar_config`, :func:`listops_config` or your own).
-        plan: a :class:`~spattn.Plan`, one pattern for every layer, or ``None`` (full attention).
+        plan: a :class:`~spattn.Plan`, one pattern for every layer, a :class:`Learned` router spec (trained with
+            the model; the regularisers its routers ask for are added to the loss) or ``None`` (full attention).
         progress: optional ``callable(step, loss)`` called every step (the CLI's progress bar).
 
     Returns a :class:`TrainResult`.
@@ -347,7 +426,8 @@ def train(config: TrainConfig, plan: Plan | Pattern | None = None, *, progress: 
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     started = time.perf_counter()
-    plan = as_plan(plan)
+    learned = plan if isinstance(plan, Learned) else None
+    plan = plan if learned is not None else as_plan(plan)
     train_x, train_y = _data(config, config.train_examples, seed=2 * config.seed)
     test_x, test_y = _data(config, config.test_examples, seed=2 * config.seed + 1)
     model = build_model(config, plan)
@@ -368,8 +448,13 @@ def train(config: TrainConfig, plan: Plan | Pattern | None = None, *, progress: 
     generator = torch.Generator().manual_seed(config.seed)
     order = torch.randperm(config.train_examples, generator=generator)
     position, losses, every = 0, [], max(1, config.steps // 10)
+    temperature = learned.schedule(config.steps) if learned is not None else None
+    layer_routers = routers(model)
     model.train()
     for step in range(config.steps):
+        if temperature is not None:
+            for router in layer_routers:
+                router.temperature = temperature.at(step)
         if position + config.batch_size > config.train_examples:
             order, position = torch.randperm(config.train_examples, generator=generator), 0
         index = order[position : position + config.batch_size]
@@ -379,8 +464,11 @@ def train(config: TrainConfig, plan: Plan | Pattern | None = None, *, progress: 
             x = _trim(x)
         x, y = x.to(config.device), y.to(config.device)
         loss = _loss(config, model(x), y)
+        total = loss
+        if layer_routers:  # the routers' own losses (distill_loss with training="distill"); no regulariser
+            total = loss + sum(regulariser_losses(model, Regularisers()).values(), torch.zeros((), device=loss.device))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
@@ -420,7 +508,7 @@ class SweepResult:
 
 def sweep(
     config: TrainConfig,
-    plan: Plan | Pattern | None = None,
+    plan: Plan | Pattern | Learned | None = None,
     *,
     learning_rates: Sequence[float] = (1e-3,),
     seeds: Sequence[int] = (0,),
