@@ -18,6 +18,7 @@ import torch
 
 from spattn.layout import tables
 from spattn.layout.layout import Layout
+from spattn.ops.attention.api import register_layout_builder
 from spattn.patterns.base import EMPTY, Context, Pattern, Union
 from spattn.patterns.builtin import Full
 from spattn.patterns.compile import compile as compile_pattern
@@ -68,6 +69,9 @@ class LayoutBuilder:
         self.device = torch.device(device or "cpu")
         if self.dynamic.keep:
             raise NotImplementedError("LayoutBuilder does not support TopK/TopP(keep=...) yet; use spattn.compile")
+        if self.dynamic.block not in (None, block_size):
+            raise NotImplementedError(f"LayoutBuilder selects whole blocks: {type(self.dynamic).__name__}(block="
+                                      f"{self.dynamic.block}) below block_size={block_size} needs spattn.compile")
         kw = dict(causal=causal, block_size=block_size, device=self.device)
         masks, status, mids = [], None, None
         if self.static is not None:
@@ -111,3 +115,6 @@ class LayoutBuilder:
             causal=self.causal, info=dict(ctx.info),
             **tables.pack(status, mids, self.masks, width=self.num_kv_blocks),
         )
+
+
+register_layout_builder(LayoutBuilder)  # spattn.attention builds `static | TopK/TopP` patterns with it
