@@ -15,7 +15,6 @@ order; under CUDA-graph capture fresh ones are made, owned by the graph.
 from __future__ import annotations
 
 import torch
-import triton
 
 from . import _plan, _tuning
 from ._backward import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
