@@ -244,7 +244,7 @@ def prefill_row(L: int, pname: str, *, H: int = 16, Hkv: int = 16, D: int = 128,
         _FLEX["flex"] = torch.compile(flex_attention, dynamic=False)
     flex = _FLEX["flex"]
     B = 1
-    row = {"L": L, "pattern": pname, "B": B, "H": H, "Hkv": Hkv, "D": D, "dtype": "bf16"}
+    row = {"L": L, "pattern": pname, "B": B, "H": H, "Hkv": Hkv, "D": D, "dtype": str(DTYPE).removeprefix("torch.")}
     try:
         g = torch.Generator(device=DEV).manual_seed(L + D + Hkv)
         q = torch.randn(B, H, L, D, device=DEV, generator=g).to(DTYPE)
