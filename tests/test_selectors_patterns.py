@@ -152,9 +152,12 @@ def test_autograd_flows_and_usage():
     layout = spattn.compile(pattern, 300, 300, causal=True, block_size=BS, query=q, key=k)
     out2 = spattn.attention(q, k, v, layout, causal=True, backend="reference")
     grads2 = torch.autograd.grad(out2.square().sum(), (q, k, v))
-    assert torch.equal(out, out2)
+    # the pattern goes through the cached LayoutBuilder (same pairs as compile, wider tables: the blockwise
+    # reference sums in another order, so equal to rounding, not bit for bit)
+    torch.testing.assert_close(out, out2, atol=1e-6, rtol=1e-6)
     for a, b in zip(grads, grads2, strict=True):
-        assert torch.isfinite(a).all() and torch.equal(a, b)
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     usage = spattn.Sinks(64) | spattn.Window(1024) | TopP("pooled", 0.95)
     out3 = spattn.attention(q.detach(), k.detach(), v.detach(), usage, causal=True)
     assert out3.shape == (1, 4, 300, 16) and torch.isfinite(out3).all()

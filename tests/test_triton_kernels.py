@@ -333,3 +333,54 @@ def test_custom_op_autograd_matches_eager_path():
     op = _grads(via, q, k, v, do, dl)
     for a, b in zip(eager, op, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@needs_interp
+def test_decode_plan_is_cached_per_layout_and_inputs(monkeypatch):
+    """Note [decode host cost]: the second eager decode call reuses the launch plan (no new plan, same scratch),
+    stays exact under NaN poisoning, and a new scale, a strided input or a freed layout are handled."""
+    import gc
+
+    from spattn.ops.attention.impl.triton import _launch
+
+    q, k, v = _qkv(2, 2, 1, 1, 200, 16, torch.float32, seed=12)
+    layout, mask = _layout_and_mask(S(8) | W(64), 2, 2, 1, 200, True, 32)
+    check(q, k, v, layout, mask, backward=False)  # makes the plan
+    (plan,) = _launch._decode_plans.get(layout).values()
+    scratch = plan.scratch
+
+    def no_new_plan(*args, **kwargs):
+        raise AssertionError("a cached decode call made a new plan")
+
+    monkeypatch.setattr(_launch.DecodePlan, "__init__", no_new_plan)
+    q2, _, _ = _qkv(2, 2, 1, 1, 200, 16, torch.float32, seed=13)
+    check(q2, k, v, layout, mask, backward=False)  # new values, same plan, exact
+    assert plan.scratch is scratch
+    monkeypatch.undo()
+    with torch.no_grad():
+        other = tri.attention_triton(q2, k, v, layout, scale=0.5, return_lse=False)[0]
+    gold, _ = dense_attention(q2, k, v, mask, 0.5)
+    torch.testing.assert_close(other.double(), gold, atol=1e-5, rtol=1e-5)
+    assert len(_launch._decode_plans.get(layout)) == 2
+    qt = q2.transpose(-1, -2).contiguous().transpose(-1, -2)  # last dim not contiguous: copied, same answer
+    check(qt, k, v, layout, mask, backward=False)
+    cached = len(_launch._decode_plans._data)
+    del layout
+    gc.collect()
+    assert len(_launch._decode_plans._data) == cached - 1  # the plans went with their layout
+
+
+@needs_interp
+@pytest.mark.parametrize("Lq", [pytest.param(70, id="prefill-fwd-bwd"), pytest.param(3, id="decode")])
+def test_layout_builder_tables_through_the_kernels(Lq):
+    """LayoutBuilder's layouts (tables padded to width NK, masks repeated) run in the kernels, checked against
+    the dense oracle on ``spattn.compile``'s token mask of the same pattern and inputs."""
+    from spattn.selectors import LayoutBuilder, TopK
+
+    Lk = 100
+    q, k, v = _qkv(1, 4, 2, Lq, Lk, 16, torch.float32, seed=14)
+    pattern = S(4) | W(40) | TopK("pooled", 2)
+    layout = LayoutBuilder(pattern, Lq, Lk, causal=True, block_size=32, batch=1, heads=4, device=DEVICE).build(q, k)
+    assert layout.kv_indices.shape[-1] == layout.num_kv_blocks  # the fixed width
+    ref = spattn.compile(pattern, Lq, Lk, causal=True, block_size=32, batch=1, heads=4, query=q, key=k)
+    check(q, k, v, layout, ref.to_dense(), backward=Lq > 16)

@@ -16,7 +16,7 @@ from spattn import (  # the toolkits as spattn.<name>
 )
 from spattn.integrations import BudgetRule, Plan, patch, patched, unpatch
 from spattn.integrations.capture import Capture, capture
-from spattn.ops.attention import attention, choose_backend
+from spattn.ops.attention import CapturedAttention, attention, choose_backend
 from spattn.patterns import (
     BlockLayout,
     Budgeted,
@@ -56,7 +56,7 @@ def __getattr__(name: str):  # spattn.plan (the planner, which needs numpy) load
 __all__ = [
     "BlockLayout", "Budgeted", "Causal", "Dilated", "Document", "Full", "Global", "Intersection", "Layout",
     "Pattern", "PerHead", "RandomBlocks", "Sinks", "Strided", "Union", "Window", "compile", "pattern_from_dict",
-    "attention", "choose_backend", "TopK", "TopP", "Adaptive", "LayoutBuilder",
+    "attention", "choose_backend", "CapturedAttention", "TopK", "TopP", "Adaptive", "LayoutBuilder",
     "Plan", "patch", "patched", "unpatch", "Capture", "capture",
     "Essential", "essential_flags", "learned", "nn", "BudgetRule", "plan",
     "Hierarchical", "hierarchical", "coverage", "distributed",

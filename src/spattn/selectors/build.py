@@ -25,6 +25,7 @@ import torch
 
 from spattn.layout import tables
 from spattn.layout.layout import Layout
+from spattn.ops.attention.api import register_layout_builder
 from spattn.patterns.base import EMPTY, Context, Pattern, Union
 from spattn.patterns.builtin import Full
 from spattn.patterns.compile import compile as compile_pattern
@@ -133,3 +134,6 @@ class LayoutBuilder:
             causal=self.causal, info=dict(ctx.info),
             **tables.pack(status, mids, self.masks, width=self.num_kv_blocks),
         )
+
+
+register_layout_builder(LayoutBuilder)  # spattn.attention builds `static | TopK/TopP` patterns with it

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -16,6 +19,49 @@ logger = logging.getLogger("spattn")
 BACKENDS = ("auto", "reference", "dense", "flex", "triton")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _DENSE_MAX_PAIRS = 1 << 22  # auto uses the dense backend on CPU up to this many (query, key) pairs (2048^2)
+_BUILDERS_KEPT = 32  # cached layout builders (one per pattern and shape), least recently used dropped first
+
+# Note [dynamic path]: a dynamic pattern handed to ``attention`` is built by a layout builder registered by the
+# layer that defines the dynamic patterns (``spattn.selectors`` registers ``LayoutBuilder``: this layer may not
+# import it). The builder is made once per (pattern, shapes, device) and cached, so a training or decoding loop
+# pays what ``LayoutBuilder.build`` pays: no host synchronisation, fixed-width tables, CUDA-graph friendly.
+# Patterns no registered builder accepts (or that cannot be hashed) take ``spattn.compile``, as before.
+_builder_factories: list[Callable[..., Any]] = []
+_builders: collections.OrderedDict = collections.OrderedDict()
+
+
+def register_layout_builder(factory: Callable[..., Any]) -> None:
+    """Let :func:`attention` build dynamic patterns with ``factory`` (Note [dynamic path]).
+
+    ``factory(pattern, q_len, kv_len, *, causal, block_size, batch, heads, device)`` returns an object whose
+    ``build(query, key)`` gives the Layout ``spattn.compile`` would give (block for block, token for token), or
+    raises ``ValueError`` / ``NotImplementedError`` for a pattern it does not build."""
+    if factory not in _builder_factories:
+        _builder_factories.append(factory)
+
+
+def _cached_builder(pattern: Pattern, Lq: int, Lk: int, causal: bool, block_size: int, B: int, H: int,
+                    device: torch.device) -> Any | None:
+    """The cached builder for these arguments, made on first use; None when no factory accepts the pattern."""
+    key = (pattern, Lq, Lk, causal, block_size, B, H, device)
+    try:
+        hit = _builders.get(key, False)
+    except (TypeError, RuntimeError):  # an unhashable pattern (or one whose equality is elementwise)
+        return None
+    if hit is not False:
+        _builders.move_to_end(key)
+        return hit
+    builder = None
+    for factory in _builder_factories:
+        try:
+            builder = factory(pattern, Lq, Lk, causal=causal, block_size=block_size, batch=B, heads=H, device=device)
+            break
+        except (ValueError, NotImplementedError):
+            continue
+    _builders[key] = builder
+    while len(_builders) > _BUILDERS_KEPT:
+        _builders.popitem(last=False)
+    return builder
 
 
 def _check_inputs(query, key, value) -> None:
@@ -98,7 +144,9 @@ def attention(
             compiled here (queries aligned bottom-right, as in KV-cache decoding); a Layout may have any lengths.
         value: ``[B, Hkv, Lk, Dv]``.
         layout_or_pattern: a :class:`Layout` compiled for these shapes, or a :class:`Pattern` (compiled here
-            with ``block_size``; dynamic patterns see ``query``/``key``).
+            with ``block_size``; dynamic patterns see ``query``/``key``: ``static | TopK/TopP`` goes through a
+            cached :class:`spattn.LayoutBuilder`, with no host synchronisation, the same Layout as
+            ``spattn.compile``).
         causal: intersect with ``Causal()``.
         scale: softmax scale, default ``1 / sqrt(D)``.
         backend: ``"auto"`` (triton on CUDA when supported, dense for tiny CPU inputs, else reference;
@@ -122,10 +170,16 @@ def attention(
         if key.shape[2] < Lq:  # a Layout may have any lengths (a cross-attention BlockMask); patterns may not
             raise ValueError(f"key length ({key.shape[2]}) must be >= query length ({Lq}) to compile a pattern: "
                              "queries are aligned bottom-right")
-        layout = compile_pattern(
-            layout_or_pattern, Lq, key.shape[2], causal=causal, block_size=block_size, batch=B, heads=H,
-            device=query.device, query=query, key=key,
-        )
+        builder = None
+        if layout_or_pattern.contains_dynamic():
+            builder = _cached_builder(layout_or_pattern, Lq, key.shape[2], causal, block_size, B, H, query.device)
+        if builder is not None:
+            layout = builder.build(query, key)
+        else:
+            layout = compile_pattern(
+                layout_or_pattern, Lq, key.shape[2], causal=causal, block_size=block_size, batch=B, heads=H,
+                device=query.device, query=query, key=key,
+            )
     elif isinstance(layout_or_pattern, Layout):
         layout = layout_or_pattern
     else:

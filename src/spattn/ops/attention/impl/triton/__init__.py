@@ -85,23 +85,34 @@ def attention_triton(
         (out [B, H, Lq, D] in the input dtype, lse float32 [B, H, Lq] natural log or None). Rows with no
         allowed key give out 0, lse -inf, and finite (zero) gradients. Lq <= 16 uses the split-K decode kernel.
     """
+    use_decode = query.shape[2] <= DECODE_MAX_QUERIES and query.shape[2] <= layout.block_size
+    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    eager_inference = not needs_grad and not torch.compiler.is_compiling()
+    if eager_inference and use_decode:
+        # a decode step: the launch plan cached for this layout and input signature (Note [decode host cost]
+        # in _launch.py) skips the checks below, which ran when it was made
+        from . import _launch
+
+        done = _launch.cached_decode(query, key, value, layout, scale)
+        if done is not None:
+            return done[0], (done[1] if return_lse else None)
     reason = _check(query, key, value, layout)
     if reason is not None:
         raise ValueError(f"triton attention cannot run: {reason}")
     if not scale > 0:
         raise ValueError(f"scale must be > 0 for the triton kernels, got {scale}")
-    use_decode = query.shape[2] <= DECODE_MAX_QUERIES and query.shape[2] <= layout.block_size
-    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
-    if not needs_grad and not torch.compiler.is_compiling():
+    if eager_inference:
         # eager inference: call the launcher directly (the custom op's dispatch costs tens of microseconds,
         # which is the whole budget of a decode step)
         from . import _launch
 
-        run = _launch.decode if use_decode else _launch.forward
-        out, lse = run(
-            query, key, value, layout.kv_num_blocks, layout.kv_indices, layout.kv_mask_ids,
-            layout.full_kv_num_blocks, layout.full_kv_indices, layout.masks, float(scale), _band(layout),
-        )
+        if use_decode:
+            out, lse = _launch.decode_layout(query, key, value, layout, float(scale), _band(layout))
+        else:
+            out, lse = _launch.forward(
+                query, key, value, layout.kv_num_blocks, layout.kv_indices, layout.kv_mask_ids,
+                layout.full_kv_num_blocks, layout.full_kv_indices, layout.masks, float(scale), _band(layout),
+            )
         return out, (lse if return_lse else None)
     from ._op import TABLES, EagerAttention, attention_forward_op
 

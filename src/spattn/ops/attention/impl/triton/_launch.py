@@ -1,12 +1,20 @@
 """Host-side launchers: shapes, stride tuples, grids and config choice for the kernels (flat tensors in/out).
 
 ``band`` is ``_plan.band``'s tuple as a list (empty: stored masks, table walk); see Note [band] in ``_forward.py``.
+
+Note [decode host cost]: a decode step's kernel runs for ~0.09 ms at 131072 tokens (H200), so every host
+microsecond counts (eager decode was host-bound: 0.198 ms per call). ``decode_layout`` caches, per Layout and
+per input shapes/strides/dtype/scale, everything the launch needs that depends only on those (int32 tables, the
+uint8 mask view, grid, split sizes, stride tuples, the tuned config, the split-K scratch buffers), so a cached
+call validates nothing twice, allocates only ``out`` and ``lse`` and calls the kernel. Host integer maths uses
+plain Python (``_cdiv``): ``triton.cdiv`` is a decorated function in recent triton releases and costs a
+dispatch per call. The scratch buffers are reused like the combine counter: launches on one stream run in
+order; under CUDA-graph capture fresh ones are made, owned by the graph.
 """
 
 from __future__ import annotations
 
 import torch
-import triton
 
 from . import _plan, _tuning
 from ._backward import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
@@ -36,8 +44,17 @@ def _masks(masks: torch.Tensor) -> torch.Tensor:
     return masks.view(torch.uint8) if masks.dtype == torch.bool else masks.to(torch.uint8)
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1)."""
+    return 1 << (n - 1).bit_length()
+
+
 def _dp(D: int) -> int:
-    return max(16, triton.next_power_of_2(D))
+    return max(16, _pow2(D))
 
 
 def _bench(fn) -> float:
@@ -78,7 +95,7 @@ def forward(q, k, v, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx, masks, scale: flo
     scalars, BAND, FULL_RUN = _band_args(band, Lk, Lq)
 
     def launch(cfg: _tuning.Config) -> None:
-        NM = triton.cdiv(Lq, cfg.block_m)
+        NM = _cdiv(Lq, cfg.block_m)
         total = B * H * NM
         if cfg.persistent:
             work = _plan.order(kv_num, fkv_num, B, H, cfg.block_m, bs, Lq)
@@ -94,7 +111,7 @@ def forward(q, k, v, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx, masks, scale: flo
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
-    key = _plan.facts(kv_idx, fkv_idx, triton.cdiv(Lk, bs), bs, H // Hkv) + ("|band" if BAND else "")
+    key = _plan.facts(kv_idx, fkv_idx, _cdiv(Lk, bs), bs, H // Hkv) + ("|band" if BAND else "")
     cfg = _tuning.choose("fwd", D, q.dtype, key, q.device, bs, bench=lambda c: _bench(lambda: launch(c)),
                          pairs=Lq * Lk, even=Lk % bs == 0)
     _tuning.run_with_fallback(launch, cfg)
@@ -116,46 +133,114 @@ def _counter(device: torch.device, n: int) -> torch.Tensor:
     return have
 
 
+class DecodePlan:
+    """What a split-K decode launch needs besides q, k, v, out and lse (Note [decode host cost])."""
+
+    __slots__ = ("shape", "lse_shape", "tables", "grid", "progs", "scratch_shapes", "scratch", "scalars",
+                 "strides", "meta", "cfg", "tried")
+
+    def __init__(self, q, k, v, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx, masks, scale: float, band=()):
+        B, H, Lq, D = q.shape
+        Hkv, Lk = k.shape[1], k.shape[2]
+        G = H // Hkv
+        bs = masks.shape[-1]
+        kv_num, kv_idx, kv_mid, fkv_num, fkv_idx = _tables(kv_num, kv_idx, kv_mid, fkv_num, fkv_idx)
+        self.tables = (kv_num, kv_idx, kv_mid, fkv_num, fkv_idx, _masks(masks))
+        pack = kv_num.shape[1] == 1 and G * Lq <= 128
+        GP, HP = (G, Hkv) if pack else (1, H)
+        total = fkv_idx.shape[-1] + kv_idx.shape[-1]
+        progs = B * HP
+        S = max(1, min(total, _cdiv(2 * _num_sms(q.device), progs)))
+        PER = _cdiv(total, S)
+        S = _cdiv(total, PER)
+        DP = _dp(D)
+        self.shape, self.lse_shape = q.shape, (B, H, Lq)
+        self.grid, self.progs = (S, progs), progs
+        self.scratch_shapes = ((B, H, S, Lq, DP), (B, H, S, Lq))
+        self.scratch = None
+        offsets, BAND, FULL_RUN = _band_args(band, Lk, Lq)
+        self.scalars = (scale * LOG2E, Lq, Lk, H, HP, G, GP, S, PER, *offsets)
+        o_strides = (H * Lq * D if B > 1 else 0, Lq * D if H > 1 else 0, D)  # out: a fresh contiguous q.shape
+        self.strides = (_s3(q), _s3(k), _s3(v), o_strides, _s2(kv_num), _s3(kv_idx), _s3(fkv_idx))
+        self.meta = dict(D=D, DP=DP, BS=bs, BLOCK_M=max(16, _pow2(GP * Lq)), EVEN=Lk % bs == 0, BAND=BAND,
+                         FULL_RUN=FULL_RUN)
+        key = _plan.facts(kv_idx, fkv_idx, _cdiv(Lk, bs), bs, G) + ("|band" if BAND else "")
+        self.cfg = _tuning.choose("decode", D, q.dtype, key, q.device, bs, pairs=Lq * Lk, even=Lk % bs == 0,
+                                  bench=lambda c: _bench(lambda: self._launch(c, q, k, v, *self._buffers(q))))
+        self.tried = False
+
+    def _buffers(self, q) -> tuple:
+        """(out, lse, partial outputs, partial lse, counter) for one call."""
+        dev = q.device
+        scratch = self.scratch
+        if scratch is None or _plan.capturing(dev):
+            scratch = (torch.empty(self.scratch_shapes[0], dtype=torch.float32, device=dev),
+                       torch.empty(self.scratch_shapes[1], dtype=torch.float32, device=dev))
+            if not _plan.capturing(dev):
+                self.scratch = scratch
+        o = torch.empty(self.shape, dtype=q.dtype, device=dev)
+        lse = torch.empty(self.lse_shape, dtype=torch.float32, device=dev)
+        return (o, lse, *scratch, _counter(dev, self.progs))
+
+    def _launch(self, cfg: _tuning.Config, q, k, v, o, lse, op, lp, count) -> None:
+        decode_kernel[self.grid](
+            q, k, v, o, lse, op, lp, count, *self.tables, *self.scalars, *self.strides,
+            BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **self.meta,
+        )
+
+    def run(self, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out, lse) for inputs of the shapes and strides this plan was made for (last dims contiguous)."""
+        bufs = self._buffers(q)
+        if self.tried:
+            self._launch(self.cfg, q, k, v, *bufs)
+        else:  # first run: fewer stages / smaller tiles if the chosen config does not fit
+            self.cfg = _tuning.run_with_fallback(lambda c: self._launch(c, q, k, v, *bufs), self.cfg)
+            self.tried = True
+        return bufs[0], bufs[1]
+
+
 def decode(q, k, v, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx, masks, scale: float, band=()):
     """Split-K forward for Lq <= 16 (all queries in query block 0), one launch. Same outputs as :func:`forward`."""
     q, k, v = _lastdim(q), _lastdim(k), _lastdim(v)
-    B, H, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
-    G = H // Hkv
-    bs = masks.shape[-1]
-    kv_num, kv_idx, kv_mid, fkv_num, fkv_idx = _tables(kv_num, kv_idx, kv_mid, fkv_num, fkv_idx)
-    m8 = _masks(masks)
-    pack = kv_num.shape[1] == 1 and G * Lq <= 128
-    GP, HP = (G, Hkv) if pack else (1, H)
-    BLOCK_M = max(16, triton.next_power_of_2(GP * Lq))
-    total = fkv_idx.shape[-1] + kv_idx.shape[-1]
-    progs = B * HP
-    S = max(1, min(total, triton.cdiv(2 * _num_sms(q.device), progs)))
-    PER = triton.cdiv(total, S)
-    S = triton.cdiv(total, PER)
-    DP = _dp(D)
-    op = torch.empty(B, H, S, Lq, DP, dtype=torch.float32, device=q.device)
-    lp = torch.empty(B, H, S, Lq, dtype=torch.float32, device=q.device)
-    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
-    count = _counter(q.device, progs)
-    scalars, BAND, FULL_RUN = _band_args(band, Lk, Lq)
+    return DecodePlan(q, k, v, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx, masks, scale, band).run(q, k, v)
 
-    def launch(cfg: _tuning.Config) -> None:
-        decode_kernel[(S, progs)](
-            q, k, v, o, lse, op, lp, count, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx, m8,
-            scale * LOG2E, Lq, Lk, H, HP, G, GP, S, PER, *scalars,
-            _s3(q), _s3(k), _s3(v), _s3(o), _s2(kv_num), _s3(kv_idx), _s3(fkv_idx),
-            D=D, DP=DP, BS=bs, BLOCK_M=BLOCK_M, BLOCK_N=cfg.block_n, EVEN=Lk % bs == 0,
-            BAND=BAND, FULL_RUN=FULL_RUN,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
 
-    key = _plan.facts(kv_idx, fkv_idx, triton.cdiv(Lk, bs), bs, G) + ("|band" if BAND else "")
-    cfg = _tuning.choose("decode", D, q.dtype, key, q.device, bs, bench=lambda c: _bench(lambda: launch(c)),
-                         pairs=Lq * Lk, even=Lk % bs == 0)
-    _tuning.run_with_fallback(launch, cfg)
-    return o, lse
+_decode_plans = _plan.PerObject()
+_PLANS_PER_LAYOUT = 8
+
+
+def _decode_key(q, k, v, scale: float) -> tuple:
+    return (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, q.device, scale)
+
+
+def cached_decode(q, k, v, layout, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`decode` through the plan cached for this layout and input signature; None when there is none yet
+    (then :func:`decode_layout` makes it). The inputs were validated when the plan was made."""
+    plans = _decode_plans.get(layout)
+    if plans is None:
+        return None
+    plan = plans.get(_decode_key(q, k, v, scale))
+    if plan is None:
+        return None
+    return plan.run(_lastdim(q), _lastdim(k), _lastdim(v))
+
+
+def decode_layout(q, k, v, layout, scale: float, band=()) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`decode` on a Layout's tables; the plan is cached (not while a CUDA graph is captured: its
+    tuning and band check are skipped there) for :func:`cached_decode`."""
+    key = _decode_key(q, k, v, scale)
+    q, k, v = _lastdim(q), _lastdim(k), _lastdim(v)
+    plan = DecodePlan(q, k, v, layout.kv_num_blocks, layout.kv_indices, layout.kv_mask_ids,
+                      layout.full_kv_num_blocks, layout.full_kv_indices, layout.masks, scale, band)
+    if not _plan.capturing(q.device) and not torch.compiler.is_compiling():
+        plans = _decode_plans.get(layout)
+        if plans is None:
+            plans = {}
+            _decode_plans[layout] = plans
+        if len(plans) >= _PLANS_PER_LAYOUT:  # one layout seen with many input signatures: keep the newest
+            plans.pop(next(iter(plans)))
+        plans[key] = plan
+    return plan.run(q, k, v)
 
 
 def backward(do, q, k, v, o, lse, dlse, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx,
@@ -175,7 +260,7 @@ def backward(do, q, k, v, o, lse, dlse, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx
     delta = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
     lse2 = torch.empty_like(delta)
     PB = 64
-    attn_bwd_preprocess_kernel[(triton.cdiv(Lq, PB), B * H)](
+    attn_bwd_preprocess_kernel[(_cdiv(Lq, PB), B * H)](
         o, do, lse, delta, lse2, Lq, H, _s3(o), _s3(do), D=D, DP=DP, BLOCK_M=PB)
     if dlse is not None:
         delta = delta - dlse.to(torch.float32)
@@ -184,7 +269,7 @@ def backward(do, q, k, v, o, lse, dlse, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
 
     def launch_dq(cfg: _tuning.Config) -> None:
-        attn_bwd_dq_kernel[(triton.cdiv(Lq, cfg.block_m), B * H)](
+        attn_bwd_dq_kernel[(_cdiv(Lq, cfg.block_m), B * H)](
             q, k, v, do, dq, lse2, delta, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx, m8,
             scale * LOG2E, scale, Lq, Lk, H, G,
             _s3(q), _s3(k), _s3(v), _s3(do), _s3(dq), _s2(kv_num), _s3(kv_idx), _s3(fkv_idx),
@@ -193,7 +278,7 @@ def backward(do, q, k, v, o, lse, dlse, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx
         )
 
     def launch_dkdv(cfg: _tuning.Config) -> None:
-        attn_bwd_dkdv_kernel[(triton.cdiv(Lk, cfg.block_n), B * Hkv)](
+        attn_bwd_dkdv_kernel[(_cdiv(Lk, cfg.block_n), B * Hkv)](
             q, k, v, do, dk, dv, lse2, delta, q_num, q_idx, q_mid, fq_num, fq_idx, m8,
             scale * LOG2E, scale, Lq, Lk, H, Hkv, G,
             _s3(q), _s3(k), _s3(v), _s3(do), _s3(dk), _s3(dv), _s2(q_num), _s3(q_idx), _s3(fq_idx),
@@ -202,11 +287,11 @@ def backward(do, q, k, v, o, lse, dlse, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx
         )
 
     even = Lk % bs == 0 and Lq % bs == 0
-    key = _plan.facts(kv_idx, fkv_idx, triton.cdiv(Lk, bs), bs, G)
+    key = _plan.facts(kv_idx, fkv_idx, _cdiv(Lk, bs), bs, G)
     cfg = _tuning.choose("dq", D, q.dtype, key, q.device, bs, bench=lambda c: _bench(lambda: launch_dq(c)),
                          pairs=Lq * Lk, even=even)
     _tuning.run_with_fallback(launch_dq, cfg)
-    key = _plan.facts(q_idx, fq_idx, triton.cdiv(Lq, bs), bs, G)
+    key = _plan.facts(q_idx, fq_idx, _cdiv(Lq, bs), bs, G)
     cfg = _tuning.choose("dkdv", D, q.dtype, key, q.device, bs, bench=lambda c: _bench(lambda: launch_dkdv(c)),
                          pairs=Lq * Lk, even=even)
     _tuning.run_with_fallback(launch_dkdv, cfg)

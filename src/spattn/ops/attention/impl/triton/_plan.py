@@ -22,9 +22,10 @@ BIG = 1 << 30  # "unbounded" in the band's closed form (int32 arithmetic in the 
 NO_BAND = (0, 0, 0, 0, False)
 
 
-class _PerTensor:
-    """A cache keyed by a tensor's identity that forgets the entry when the tensor is freed (tensors compare
-    elementwise, so they cannot be dictionary keys themselves)."""
+class PerObject:
+    """A cache keyed by an object's identity (a tensor, a Layout) that forgets the entry when the object is freed
+    (tensors compare elementwise, so they cannot be dictionary keys themselves). A value must not refer to its
+    key, or the entry is never freed."""
 
     def __init__(self) -> None:
         self._data: dict[int, tuple[weakref.ref, object]] = {}
@@ -45,8 +46,8 @@ class _PerTensor:
         self._data[key] = (weakref.ref(t, lambda _ref, key=key: self._data.pop(key, None)), value)
 
 
-_bands = _PerTensor()
-_orders = _PerTensor()
+_bands = PerObject()
+_orders = PerObject()
 
 
 def _candidate(pattern, causal: bool) -> tuple[int, int, int] | None:

@@ -145,9 +145,12 @@ def run_with_fallback(launch: Callable[[Config], None], cfg: Config) -> Config:
     """Launch with ``cfg``; on an out-of-resources error retry with fewer pipeline stages, then smaller tiles."""
     from triton.runtime.errors import OutOfResources
 
-    tries = [cfg]
-    for stages in range(cfg.num_stages - 1, 0, -1):
-        tries.append(dataclasses.replace(cfg, num_stages=stages))
+    try:
+        launch(cfg)
+        return cfg
+    except OutOfResources:
+        pass
+    tries = [dataclasses.replace(cfg, num_stages=stages) for stages in range(cfg.num_stages - 1, 0, -1)]
     tries.append(dataclasses.replace(cfg, block_m=min(cfg.block_m, 64), block_n=min(cfg.block_n, 64), num_stages=2))
     for i, c in enumerate(tries):
         try:
