@@ -25,7 +25,8 @@ Variants, decoded with ``Runtime.generate`` from the cache, ``--steps`` (32) tim
 Measured, in this order (most important first; each result is written to the JSON as soon as it exists, and a
 task whose estimated cost does not fit in what is left of ``--time-budget`` is skipped and recorded as skipped):
 dense and sparse-16 step latency at 128k (the 8x target: ``speedup_vs_dense``, end to end, p50 over p50), the same
-at 32k, sparse-64, then the sampled true recall (monitor level 1, every step, 4 steps), then the share of a
+at 32k, sparse-64, then the attention call alone (layer 0's cache: torch SDPA vs selection + paged kernel, x layers
+= ``attention_per_step_ms``), the sampled true recall (monitor level 1, every step, 4 steps), then the share of a
 step outside attention (a second run with every attention call CUDA-synchronised and timed). tokens/s = batch /
 p50 step; next-token agreement with dense on the same steps.
 
@@ -63,7 +64,6 @@ from spattn.runtime import ControllerConfig, Runtime, decode_plan, paged_attenti
 from spattn.runtime.cache import SpattnCache
 from spattn.runtime.engine import NAME, runtime_attention_forward
 from spattn.testing import assert_within, dense_attention, plain_attention
-
 
 MODEL = ("random-weight LlamaForCausalLM of SmolLM2-135M's shape: 30 layers (--layers), hidden 576, 9 / 3 heads, "
          "head dim 64, intermediate 1536, vocabulary 49152, rope_theta 1e5")
@@ -289,6 +289,43 @@ def measure_recall(model, plan, ids, cache, length, page, row) -> None:
         rt.detach()
 
 
+def measure_kernel(plan, cache, length, args, device, page, row, repeats: int = 20) -> None:
+    """The attention call alone on layer 0's cache, x layers: dense = torch SDPA (GQA, one query, no mask);
+    sparse = selection from the page statistics + the paged kernel (``Runtime.kernel``). CUDA-synchronised."""
+    layer = cache.layers[0]
+    key, value = layer.keys, layer.values
+    B, Hkv, L, D = key.shape
+    H = 9 if Hkv == 3 else Hkv
+    query = torch.randn(B, H, 1, D, generator=torch.Generator().manual_seed(3)).to(device, key.dtype)
+    valid = torch.ones(B, L, dtype=torch.bool, device=device)
+    pattern = plan.pattern_for(0)
+    dp = None if pattern is None else decode_plan(pattern)
+
+    def call():
+        if dp is None:
+            return torch.nn.functional.scaled_dot_product_attention(query, key, value, enable_gqa=True)
+        key_min, key_max = layer.page_bounds()
+        sel = select(query, L, valid, dp, dp.blocks, kv_heads=Hkv, page_size=page, scale=D ** -0.5,
+                     key_min=key_min, key_max=key_max)
+        return paged_attention(query, key, value, sel, page_size=page, scale=D ** -0.5)
+
+    with torch.inference_mode():
+        for _ in range(3):
+            call()
+        sync(device)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            call()
+            sync(device)
+            times.append(time.perf_counter() - start)
+    med = statistics.median(times)
+    row["attention_call_ms"] = med * 1e3
+    row["attention_per_step_ms"] = med * 1e3 * len(cache.layers)
+    row["attention_call_what"] = ("torch SDPA, enable_gqa, one query, no mask" if dp is None
+                                  else "select (bounds from page min/max) + paged_attention")
+
+
 def tasks(contexts: list[int], variants: list[str]) -> list[tuple[str, int, str]]:
     """(kind, context, variant), most important first: the dense / first-sparse timing at the largest context
     (the 8x target), then the other contexts, then the other sparse variants, then recall and attention shares."""
@@ -297,10 +334,12 @@ def tasks(contexts: list[int], variants: list[str]) -> list[tuple[str, int, str]
     out = [("timing", c, v) for c in ordered for v in first]
     out += [("timing", c, v) for c in ordered for v in rest]
     sparse = [v for v in variants if v != "dense"]
+    out += [("kernel", c, v) for c in ordered for v in first]
     out += [("recall", c, v) for c in ordered for v in sparse[:1]]
     out += [("share", c, v) for c in ordered for v in first]
     out += [("recall", c, v) for c in ordered for v in sparse[1:]]
     out += [("share", c, v) for c in ordered for v in rest]
+    out += [("kernel", c, v) for c in ordered for v in rest]
     return out
 
 
@@ -339,6 +378,8 @@ def speedups(rows: list[dict]) -> None:
     for r in rows:
         dense = next((d for d in rows if d["context"] == r["context"] and d["variant"] == "dense"
                       and "step_p50_ms" in d), None)
+        if dense and "attention_call_ms" in r and "attention_call_ms" in dense:
+            r["attention_call_speedup_vs_dense"] = dense["attention_call_ms"] / r["attention_call_ms"]
         if dense and "step_p50_ms" in r:
             r["speedup_vs_dense"] = dense["step_p50_ms"] / r["step_p50_ms"]
             r["meets_8x"] = r["speedup_vs_dense"] >= 8.0 if r["variant"] != "dense" else None
@@ -382,6 +423,8 @@ def run_rows(model, args, device, page, report, budget: Budget) -> None:
             plan = all_plans[variant]
             if kind == "timing":
                 measure_timing(model, plan, ids, cache, context, args, page, row)
+            elif kind == "kernel":
+                measure_kernel(plan, cache, context, args, device, page, row)
             elif kind == "share":
                 measure_share(model, plan, ids, cache, context, args, device, page, row)
             else:
