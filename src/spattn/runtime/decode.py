@@ -90,25 +90,32 @@ def layout_row(layout: Layout) -> torch.Tensor:
 
 
 def static_row(plan: DecodePlan, kv_len: int, *, batch: int, heads: int, page_size: int, device: torch.device,
-               group: int = 1) -> tuple[torch.Tensor, int]:
+               group: int = 1, offset: int = 0) -> tuple[torch.Tensor, int]:
     """bool ``[Bs, Hs, L]`` (``Bs`` in {1, B}, ``Hs`` in {1, H}) keys the static part keeps for the query at
     ``L - 1`` (causal), and the largest number of pages it touches for one key/value head (the union over its
-    ``group`` query heads). Cached per shape."""
-    key = (plan.static, plan.keep, kv_len, batch, heads, page_size, str(device), group)
+    ``group`` query heads). ``offset``: leading padding slots; the pattern then sees a sequence of
+    ``L - offset`` tokens starting at slot ``offset`` (``Sinks(n)`` keeps the first ``n`` real tokens, ``keep``
+    positions count from the first real token). Cached per shape."""
+    if not 0 <= offset < kv_len:
+        raise ValueError(f"offset must be in [0, kv_len={kv_len}), got {offset}")
+    key = (plan.static, plan.keep, kv_len, batch, heads, page_size, str(device), group, offset)
     hit = _ROWS.get(key)
     if hit is not None:
         _ROWS.move_to_end(key)
         return hit
+    length = kv_len - offset  # the sequence the pattern sees
     if plan.static is None:
-        row = torch.zeros(1, 1, kv_len, dtype=torch.bool, device=device)
+        row = torch.zeros(1, 1, length, dtype=torch.bool, device=device)
     else:
-        layout = compile_pattern(plan.static, 1, kv_len, causal=True, block_size=page_size, batch=batch,
+        layout = compile_pattern(plan.static, 1, length, causal=True, block_size=page_size, batch=batch,
                                  heads=heads, device=device)
         row = layout_row(layout)
     if plan.keep:
-        toks = torch.tensor([t for t in plan.keep if t < kv_len], dtype=torch.long, device=device)
+        toks = torch.tensor([t for t in plan.keep if t < length], dtype=torch.long, device=device)
         row = row.clone()
         row[..., toks] = True
+    if offset:
+        row = torch.nn.functional.pad(row, (offset, 0))
     n_pages = -(-kv_len // page_size)
     pad = n_pages * page_size - kv_len
     padded = torch.nn.functional.pad(row, (0, pad)) if pad else row
@@ -157,7 +164,8 @@ class DecodeSelection:
 
 def select(query: torch.Tensor, kv_len: int, valid: torch.Tensor, plan: DecodePlan, budget: int, *,
            kv_heads: int, page_size: int, scale: float, key_min: torch.Tensor | None = None,
-           key_max: torch.Tensor | None = None, dense_rows: torch.Tensor | None = None) -> DecodeSelection:
+           key_max: torch.Tensor | None = None, dense_rows: torch.Tensor | None = None,
+           offsets: list[int] | None = None) -> DecodeSelection:
     """The pages and token mask of one decode step.
 
     Args:
@@ -169,6 +177,8 @@ def select(query: torch.Tensor, kv_len: int, valid: torch.Tensor, plan: DecodePl
         kv_heads: key/value heads ``Hkv`` (pages are chosen per key/value head).
         key_min, key_max: ``[B, Hkv, NP, D]`` page statistics (needed when ``budget > 0``).
         dense_rows: bool ``[B]``: sequences that attend every valid key (``min_sparse_tokens``).
+        offsets: per sequence, the leading padding slots (left padding; default none): the static part is
+            placed after them (see :func:`static_row`).
     """
     B, H, _, D = query.shape
     S = page_size
@@ -179,8 +189,18 @@ def select(query: torch.Tensor, kv_len: int, valid: torch.Tensor, plan: DecodePl
     if H % Hkv:
         raise ValueError(f"query heads ({H}) must be a multiple of kv_heads ({Hkv})")
     G = H // Hkv
-    row, static_pages = static_row(plan, kv_len, batch=B, heads=H, page_size=S, device=device, group=G)
-    token = row.expand(B, H, kv_len) & valid[:, None, :]                        # [B, H, L]
+    if offsets is not None and len(offsets) != B:
+        raise ValueError(f"offsets must give one leading-padding count per sequence ({B}), got {len(offsets)}")
+    if not offsets or not any(offsets):
+        row, static_pages = static_row(plan, kv_len, batch=B, heads=H, page_size=S, device=device, group=G)
+        row = row.expand(B, H, kv_len)
+    else:  # left padding: one row per distinct offset, each sequence takes its own
+        rows = {o: static_row(plan, kv_len, batch=B, heads=H, page_size=S, device=device, group=G, offset=o)
+                for o in sorted(set(offsets))}
+        static_pages = max(pages for _, pages in rows.values())
+        row = torch.stack([rows[o][0][min(b, rows[o][0].shape[0] - 1)].expand(H, kv_len)
+                           for b, o in enumerate(offsets)])
+    token = row & valid[:, None, :]                                             # [B, H, L]
     if dense_rows is not None:
         token = token | (dense_rows[:, None, None] & valid[:, None, :])
     tok_pages = (torch.nn.functional.pad(token, (0, pad)) if pad else token).unflatten(-1, (NP, S))
