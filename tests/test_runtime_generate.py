@@ -55,6 +55,7 @@ def run(model, plan, ids, mask, **kwargs):
     pytest.param(spattn.Full(), id="full"),
     pytest.param(spattn.Sinks(4) | spattn.Window(64) | spattn.TopK("bounds", 2), id="window-covers-all"),
     pytest.param(spattn.TopK("bounds", 8), id="budget-covers-all"),
+    pytest.param(spattn.TopK("pooled", 8), id="pooled-budget-covers-all"),
     pytest.param(spattn.TopK("pooled", 8, sharing="head"), id="generic-decode-path"),
 ])
 def test_generate_at_full_density_equals_dense(model, prompts, expected, plan):

@@ -198,7 +198,8 @@ class Runtime:
     def new_cache(self, reserve: int = 0) -> SpattnCache:
         """A fresh :class:`SpattnCache` for this model (page size = ``block_size``, ``reserve`` tokens
         allocated up front); the runtime reads its page statistics."""
-        self.cache = SpattnCache(self.num_layers, page_size=self.block_size, reserve=reserve)
+        means = any(dp is not None and dp.selector == "pooled" for dp in self.decode_plans.values())
+        self.cache = SpattnCache(self.num_layers, page_size=self.block_size, reserve=reserve, track_means=means)
         return self.cache
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
@@ -309,18 +310,25 @@ class Runtime:
                 attention_mask[b:b + 1, :, start:, o:], **kwargs)[0][0]
         return out
 
-    def _page_stats(self, layer: int, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _page_stats(self, layer: int, key: torch.Tensor, selector: str) -> tuple[torch.Tensor | None, ...]:
+        """``(key_min, key_max, key_mean)`` of the pages of ``key`` (the statistics ``selector`` needs; the
+        others None), from the SpattnCache when it holds ``key``."""
         cache_layer = None
         if self.cache is not None and layer < len(self.cache.layers):
             cache_layer = self.cache.layers[layer]
         if isinstance(cache_layer, PagedLayer) and cache_layer.holds(key):
-            return cache_layer.page_bounds()
+            if selector != "pooled":
+                return (*cache_layer.page_bounds(), None)
+            if cache_layer.track_means:
+                return None, None, cache_layer.page_means()
         if not self._warned_no_cache:
             self._warned_no_cache = True
             log_event(logging.WARNING, "no_page_cache", layer=layer,
                       detail="the keys are not in a SpattnCache of this runtime: page statistics are recomputed "
                              "from the keys at every step (use Runtime.generate or runtime.new_cache())")
-        return pool(key, self.block_size, "amin"), pool(key, self.block_size, "amax")
+        if selector == "pooled":
+            return None, None, pool(key, self.block_size, "mean")
+        return pool(key, self.block_size, "amin"), pool(key, self.block_size, "amax"), None
 
     def _step_rows(self, attention_mask, batch: int, kv_len: int, device) -> tuple[torch.Tensor, torch.Tensor, str]:
         """Valid keys ``[B, L]``, dense rows ``[B]`` and "dense" / "sparse" / "mixed" for this step's mask
@@ -353,14 +361,14 @@ class Runtime:
         budget = self.controller.budget_for(layer) if plan.rule != "none" else 0
         extra = self.controller.extra_pages(layer) if plan.rule == "none" else 0
         if extra:
-            plan = DecodePlan(static=plan.static, rule="top_k", blocks=extra, keep=plan.keep)
+            plan = DecodePlan(static=plan.static, rule="top_k", blocks=extra, keep=plan.keep, selector="bounds")
             budget = extra
         result: dict[str, Any] = {}
 
         def sparse() -> torch.Tensor:
-            stats = self._page_stats(layer, key) if plan.rule != "none" else (None, None)
+            stats = self._page_stats(layer, key, plan.selector) if plan.rule != "none" else (None, None, None)
             selection = select(query, Lk, valid, plan, budget, kv_heads=key.shape[1], page_size=self.block_size,
-                               scale=scale, key_min=stats[0], key_max=stats[1],
+                               scale=scale, key_min=stats[0], key_max=stats[1], key_mean=stats[2],
                                dense_rows=dense_rows if kind == "mixed" else None, offsets=self._step["offsets"])
             result["selection"] = selection
             return self.kernel(query, key, value, selection, page_size=self.block_size, scale=scale).transpose(1, 2)
