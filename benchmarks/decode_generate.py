@@ -295,7 +295,7 @@ def measure_kernel(plan, cache, length, args, device, page, row, repeats: int = 
     layer = cache.layers[0]
     key, value = layer.keys, layer.values
     B, Hkv, L, D = key.shape
-    H = 9 if Hkv == 3 else Hkv
+    H = args.heads
     query = torch.randn(B, H, 1, D, generator=torch.Generator().manual_seed(3)).to(device, key.dtype)
     valid = torch.ones(B, L, dtype=torch.bool, device=device)
     pattern = plan.pattern_for(0)
@@ -553,6 +553,7 @@ def main() -> None:
     write(report, args.out)
     print("gates passed:", json.dumps(report["gates"]), flush=True)
     model = smollm2_shape(args.layers, max(args.contexts) + args.steps + 64, dtype, device)
+    args.heads = model.config.num_attention_heads
     run_rows(model, args, device, page, report, budget)
     if device.type == "cuda":
         torch.cuda.empty_cache()
