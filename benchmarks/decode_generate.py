@@ -430,6 +430,8 @@ def run_rows(model, args, device, page, report, budget: Budget) -> None:
             else:
                 measure_recall(model, plan, ids, cache, context, page, row)
             budget.record(kind, context, time.time() - started)
+            report.setdefault("task_seconds", []).append([kind, context, variant, round(time.time() - started, 2),
+                                                          round(time.time() - budget.start, 1)])
         except Exception as exc:  # noqa: BLE001 - record and go on with the other rows
             row.setdefault("errors", []).append({"task": kind, "error": f"{type(exc).__name__}: {exc}",
                                                  "traceback": traceback.format_exc()})
@@ -558,7 +560,10 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     control = min(args.contexts)
-    need = 2 * budget.estimate("cache", control) + 4 * budget.estimate("timing", control)
+    sparse = next((r for r in report["rows"] if r["context"] == control and r["variant"] == "sparse-16"
+                   and "step_p50_ms" in r), None)
+    stall = 0.0 if sparse is None else 24 * 3 * sparse["step_p50_ms"] / 1e3  # 24 stalled steps of 3 x a step
+    need = 2 * budget.estimate("cache", control) + 4 * budget.estimate("timing", control) + stall
     if args.no_controller:
         report["controller"] = {"skipped": "--no-controller"}
     elif need > budget.left():
