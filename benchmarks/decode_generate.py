@@ -1,33 +1,44 @@
-"""Sparse decode inside Hugging Face ``generate``: tokens/s, per-step latency, the share of a step outside
-attention, sampled recall, and the controller under a synthetic latency spike.
+"""Sparse decode inside Hugging Face ``generate``: tokens/s, per-step latency (p50 / p95), the share of a step
+outside attention, sampled recall, the 8x target at 128k, and the controller under a synthetic latency spike.
 
-    PYTHONPATH=src python benchmarks/decode_generate.py --out $OUT/decode_generate.json            # H200, < 6 min
-    PYTHONPATH=src python benchmarks/decode_generate.py --quick --device cpu --out /tmp/decode.json  # smoke (CPU)
+    PYTHONPATH=src python benchmarks/decode_generate.py --time-budget 300 --out $OUT/decode_generate.json  # H200
+    PYTHONPATH=src python benchmarks/decode_generate.py --quick --device cpu --out /tmp/decode.json          # CPU smoke
 
-Model: a random-weight Llama of SmolLM2-135M's shape (30 layers, hidden 576, 9 query / 3 key-value heads,
-head dim 64), bfloat16; batch 8; contexts 32k and 128k. Per context the prompt is prefilled once (dense SDPA)
-into a :class:`spattn.runtime.SpattnCache`; every variant then decodes ``--steps`` tokens from that cache
-through ``Runtime.generate`` (the cache is cropped back between variants):
+Model: a random-weight Llama of SmolLM2-135M's shape (30 layers, hidden 576, 9 query / 3 key-value heads, head
+dim 64, vocabulary 49152), bfloat16, ``max_position_embeddings`` = the largest context. Not the real SmolLM2: its
+positions go to 8192, and decode at 32k / 128k would put its RoPE far outside what it was trained on; the
+decode step's cost depends on the shapes only, which are SmolLM2's. Batch 8; contexts 128k then 32k.
 
-* ``dense``: the plan ``Plan()`` — transformers' SDPA attention in every layer (the baseline);
+The cache (one per context, built once, every variant decodes from it and it is cropped back between runs): the
+first ``--prefill-tokens`` (32768) tokens are prefilled by the model (dense SDPA) into a
+:class:`spattn.runtime.SpattnCache`; a longer context repeats that prefix's keys and values to its length
+(``cache.tiled`` in the JSON) instead of a 128k dense prefill. The decode step reads the same number of bytes and
+runs the same selection whatever the cached values are, so the timings are those of a 128k cache; the recall is
+the true recall against dense attention over this same (tiled) cache.
+
+Variants, decoded with ``Runtime.generate`` from the cache, ``--steps`` (32) timed steps after 3 warm-up steps:
+
+* ``dense``: the plan ``Plan()`` -- transformers' SDPA attention in every layer (the baseline);
 * ``sparse-16`` / ``sparse-64``: ``Sinks(64) | Window(1024) | TopK("bounds", k)``, pages of 128 tokens chosen per
-  step from the cache's per-page key min/max (selection included in every timing).
+  step from the cache's per-page key min/max (selection and gathering included in every timing).
 
-Measured per variant: median / p95 decode-step wall time (``generate``'s own steps, timed by the runtime's step
-clock; one host sync per step is in generate anyway), tokens/s = batch / median step; the share of a step spent
-outside the attention call (a second run with every attention call CUDA-synchronised and timed; the sparse
-attention call includes selection and gathering); density, pages and the sampled true recall against dense
-(monitor level 1, every step); next-token agreement with dense on the same steps.
+Measured, in this order (most important first; each result is written to the JSON as soon as it exists, and a
+task whose estimated cost does not fit in what is left of ``--time-budget`` is skipped and recorded as skipped):
+dense and sparse-16 step latency at 128k (the 8x target: ``speedup_vs_dense``, end to end, p50 over p50), the same
+at 32k, sparse-64, then the attention call alone (layer 0's cache: torch SDPA vs selection + paged kernel, x layers
+= ``attention_per_step_ms``), the sampled true recall (monitor level 1, every step, 4 steps), then the share of a
+step outside attention (a second run with every attention call CUDA-synchronised and timed). tokens/s = batch /
+p50 step; next-token agreement with dense on the same steps.
 
 Correctness gates first (the run stops if one fails): the paged decode kernel against the float64 dense oracle
 at 32k (tolerance rule of ``spattn.testing``) and ``generate`` with a plan that covers every token equal to dense
 ``generate`` (float32, 2 layers). Random weights make attention diffuse, so the recall numbers say what the
 selection keeps on this model, not on a trained one.
 
-Controller: at 32k with ``sparse-16``, target = 1.5 x the measured sparse median step; from step 16 to 40 the
-layer-0 kernel stalls (sleeps 2 x the median step per call); recorded per step: latency, controller p95, budget,
-layers running dense; reported: steps and seconds from the spike's start until the controller meets the target
-again, and from its end, and the minimum sampled recall against the floor.
+Controller (last): at 32k with ``sparse-16``, target = 1.5 x the measured sparse median step; from step 16 to 40
+the layer-0 kernel stalls (sleeps 2 x the median step per call); recorded per step: latency, controller p95,
+budget, layers running dense; reported: steps and seconds from the spike's start until the controller meets the
+target again, and from its end, and the mean sampled recall against the floor.
 """
 
 # ruff: noqa: E402 - src/ is put on the import path before spattn is imported
@@ -35,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -49,8 +61,14 @@ import torch
 import spattn
 from spattn.bench.env import machine_info
 from spattn.runtime import ControllerConfig, Runtime, decode_plan, paged_attention, select
+from spattn.runtime.cache import SpattnCache
 from spattn.runtime.engine import NAME, runtime_attention_forward
 from spattn.testing import assert_within, dense_attention, plain_attention
+
+MODEL = ("random-weight LlamaForCausalLM of SmolLM2-135M's shape: 30 layers (--layers), hidden 576, 9 / 3 heads, "
+         "head dim 64, intermediate 1536, vocabulary 49152, rope_theta 1e5")
+CACHE = ("first --prefill-tokens tokens prefilled by the model (dense SDPA); a longer context repeats that prefix's "
+         "keys/values to its length (per-page statistics recomputed); decode positions are the true ones")
 
 
 def sync(device) -> None:
@@ -165,6 +183,44 @@ class AttentionTimer:
         AttentionInterface.register(NAME, runtime_attention_forward)
 
 
+def build_cache(model, length: int, args, device, page: int) -> tuple[torch.Tensor, SpattnCache, dict]:
+    """The ``[B, length]`` cache every variant decodes from, and how it was built.
+
+    The first ``min(length, --prefill-tokens)`` tokens are prefilled by the model (dense SDPA, the model's own
+    keys and values, RoPE at their positions). Past that the cache is filled by repeating that prefix's keys and
+    values (tiles); positions of the decoded tokens are still ``length, length + 1, ...``. Decode time does not
+    depend on the cached values (dense reads every key; sparse reads a fixed number of pages and scores every
+    page's bounds), so the timings are those of a real ``length``-token cache; recall is measured against dense
+    attention over this same cache."""
+    B = args.batch
+    ids = torch.randint(3, 49152, (B, length + 1), generator=torch.Generator().manual_seed(length)).to(device)
+    real = min(length, args.prefill_tokens)
+    layers = model.config.num_hidden_layers
+    reserve = length + args.steps + 16
+    prefix = SpattnCache(layers, page_size=page, reserve=real if real < length else reserve)
+    sync(device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model(ids[:, :real], past_key_values=prefix, use_cache=True, logits_to_keep=1)
+    sync(device)
+    info = {"prefilled_tokens": real, "prefill_seconds": time.perf_counter() - start, "tiled": real < length}
+    if real == length:
+        return ids, prefix, info
+    start = time.perf_counter()
+    cache = SpattnCache(layers, page_size=page, reserve=reserve)
+    reps = -(-length // real)
+    with torch.inference_mode():
+        for source, target in zip(prefix.layers, cache.layers, strict=True):
+            keys = source.keys.repeat(1, 1, reps, 1)[:, :, :length]
+            values = source.values.repeat(1, 1, reps, 1)[:, :, :length]
+            target.update(keys, values)
+            del keys, values
+            source.reset()
+    sync(device)
+    info["fill_seconds"] = time.perf_counter() - start
+    return ids, cache, info
+
+
 def decode(runtime, ids, cache, length, steps, **extra):
     with torch.inference_mode():  # the cache holds inference tensors
         for layer in cache.layers:
@@ -188,61 +244,206 @@ def metric_mean(runtime, name: str) -> tuple[float | None, float | None]:
     return (statistics.fmean(means), min(means)) if means else (None, None)
 
 
-def run_context(model, length, args, device, page, results, deadline) -> None:
-    B, steps = args.batch, args.steps
-    ids = torch.randint(3, 49152, (B, length + 1), generator=torch.Generator().manual_seed(length)).to(device)
-    runtime = Runtime(model, spattn.Plan(), block_size=page, monitor_level=0)
-    cache = runtime.new_cache(reserve=length + steps + 8)
-    sync(device)
-    start = time.perf_counter()
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def measure_timing(model, plan, ids, cache, length, args, page, row) -> None:
+    """tokens/s and per-step p50 / p95 of ``generate``'s decode steps (3 warm-up steps first)."""
+    rt = Runtime(model, plan, min_sparse_tokens=0, block_size=page, monitor_level=0)
+    try:
+        decode(rt, ids, cache, length, 3)
+        tokens, times = decode(rt, ids, cache, length, args.steps)
+    finally:
+        rt.detach()
+    med = statistics.median(times)
+    row.update(step_p50_ms=med * 1e3, step_p95_ms=percentile(times, 0.95) * 1e3, step_mean_ms=statistics.fmean(times)
+               * 1e3, tokens_per_second=args.batch / med, steps=len(times), step_ms=[t * 1e3 for t in times])
+    row["_tokens"] = tokens
+
+
+def measure_share(model, plan, ids, cache, length, args, device, page, row) -> None:
+    """Share of a step outside the attention call (every attention call CUDA-synchronised and timed)."""
+    rt = Runtime(model, plan, min_sparse_tokens=0, block_size=page, monitor_level=0)
+    try:
+        with AttentionTimer(device) as timer:
+            decode(rt, ids, cache, length, 8)
+    finally:
+        rt.detach()
+    total = sum(rt.step_seconds)  # step 0 (the first forward from the cache) is inside generate too
+    row["attention_share"] = timer.total / total
+    row["outside_attention_share"] = 1 - row["attention_share"]
+    row["synchronised_step_mean_ms"] = total / len(rt.step_seconds) * 1e3
+
+
+def measure_recall(model, plan, ids, cache, length, page, row) -> None:
+    """Sampled true recall (every step, monitor level 1), density and pages over 4 decode steps."""
+    rt = Runtime(model, plan, min_sparse_tokens=0, block_size=page, monitor_level=1, recall_sample=1.0)
+    try:
+        decode(rt, ids, cache, length, 4)
+        row["recall_mean"], row["recall_worst_layer"] = metric_mean(rt, "spattn_decode_recall")
+        row["density_mean"], _ = metric_mean(rt, "spattn_decode_density")
+        row["pages_mean"], _ = metric_mean(rt, "spattn_decode_pages")
+    finally:
+        rt.detach()
+
+
+def measure_kernel(plan, cache, length, args, device, page, row, repeats: int = 20) -> None:
+    """The attention call alone on layer 0's cache, x layers: dense = torch SDPA (GQA, one query, no mask);
+    sparse = selection from the page statistics + the paged kernel (``Runtime.kernel``). CUDA-synchronised."""
+    layer = cache.layers[0]
+    key, value = layer.keys, layer.values
+    B, Hkv, L, D = key.shape
+    H = args.heads
+    query = torch.randn(B, H, 1, D, generator=torch.Generator().manual_seed(3)).to(device, key.dtype)
+    valid = torch.ones(B, L, dtype=torch.bool, device=device)
+    pattern = plan.pattern_for(0)
+    dp = None if pattern is None else decode_plan(pattern)
+
+    def call():
+        if dp is None:
+            return torch.nn.functional.scaled_dot_product_attention(query, key, value, enable_gqa=True)
+        key_min, key_max = layer.page_bounds()
+        sel = select(query, L, valid, dp, dp.blocks, kv_heads=Hkv, page_size=page, scale=D ** -0.5,
+                     key_min=key_min, key_max=key_max)
+        return paged_attention(query, key, value, sel, page_size=page, scale=D ** -0.5)
+
     with torch.inference_mode():
-        model(ids[:, :length], past_key_values=cache, use_cache=True, logits_to_keep=1)
-    sync(device)
-    prefill = time.perf_counter() - start
-    runtime.detach()
-    print(f"[{length}] prefill {prefill:.1f} s", flush=True)
-    reference = None
-    for name, plan in plans(args.quick).items():
-        if time.time() > deadline:
-            results.append({"context": length, "variant": name, "skipped": "time budget"})
+        for _ in range(3):
+            call()
+        sync(device)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            call()
+            sync(device)
+            times.append(time.perf_counter() - start)
+    med = statistics.median(times)
+    row["attention_call_ms"] = med * 1e3
+    row["attention_per_step_ms"] = med * 1e3 * len(cache.layers)
+    row["attention_call_what"] = ("torch SDPA, enable_gqa, one query, no mask" if dp is None
+                                  else "select (bounds from page min/max) + paged_attention")
+
+
+def tasks(contexts: list[int], variants: list[str]) -> list[tuple[str, int, str]]:
+    """(kind, context, variant), most important first: the dense / first-sparse timing at the largest context
+    (the 8x target), then the other contexts, then the other sparse variants, then recall and attention shares."""
+    ordered = sorted(contexts, reverse=True)
+    first, rest = variants[:2], variants[2:]
+    out = [("timing", c, v) for c in ordered for v in first]
+    out += [("timing", c, v) for c in ordered for v in rest]
+    sparse = [v for v in variants if v != "dense"]
+    out += [("kernel", c, v) for c in ordered for v in first]
+    out += [("recall", c, v) for c in ordered for v in sparse[:1]]
+    out += [("share", c, v) for c in ordered for v in first]
+    out += [("recall", c, v) for c in ordered for v in sparse[1:]]
+    out += [("share", c, v) for c in ordered for v in rest]
+    out += [("kernel", c, v) for c in ordered for v in rest]
+    return out
+
+
+class Budget:
+    """Seconds left before ``--time-budget`` and cost estimates of the next task from the ones already run."""
+
+    def __init__(self, seconds: float) -> None:
+        self.start, self.seconds = time.time(), seconds
+        self.cost: dict[tuple[str, int], float] = {}
+
+    def left(self) -> float:
+        return self.seconds - (time.time() - self.start)
+
+    def estimate(self, kind: str, context: int) -> float:
+        if (kind, context) in self.cost:
+            return self.cost[(kind, context)]
+        same = [(c, s) for (k, c), s in self.cost.items() if k == kind]
+        return max(s * context / c for c, s in same) if same else 0.0
+
+    def record(self, kind: str, context: int, seconds: float) -> None:
+        self.cost[(kind, context)] = max(self.cost.get((kind, context), 0.0), seconds)
+
+
+def write(report: dict, path: str) -> None:
+    """Write the report now (atomically): a run killed later still leaves what it measured."""
+    report["seconds"] = time.time() - report["_started"]
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        public = {k: v for k, v in report.items() if not k.startswith("_")}
+        public["rows"] = [{k: v for k, v in r.items() if not k.startswith("_")} for r in report["rows"]]
+        json.dump(public, f, indent=2)
+    os.replace(tmp, path)
+
+
+def speedups(rows: list[dict]) -> None:
+    for r in rows:
+        dense = next((d for d in rows if d["context"] == r["context"] and d["variant"] == "dense"
+                      and "step_p50_ms" in d), None)
+        if dense and "attention_call_ms" in r and "attention_call_ms" in dense:
+            r["attention_call_speedup_vs_dense"] = dense["attention_call_ms"] / r["attention_call_ms"]
+        if dense and "step_p50_ms" in r:
+            r["speedup_vs_dense"] = dense["step_p50_ms"] / r["step_p50_ms"]
+            r["meets_8x"] = r["speedup_vs_dense"] >= 8.0 if r["variant"] != "dense" else None
+        if dense and "_tokens" in r and "_tokens" in dense and r["variant"] != "dense":
+            r["next_token_agreement_with_dense"] = float((r["_tokens"] == dense["_tokens"]).float().mean())
+
+
+def run_rows(model, args, device, page, report, budget: Budget) -> None:
+    all_plans = plans(args.quick)
+    rows: dict[tuple[int, str], dict] = {}
+    for c in sorted(args.contexts, reverse=True):
+        for v in args.variants:
+            rows[(c, v)] = {"context": c, "batch": args.batch, "variant": v, "plan": all_plans[v].to_dict()}
+    report["rows"] = list(rows.values())
+    caches: dict[int, tuple] = {}
+    for kind, context, variant in tasks(args.contexts, args.variants):
+        row = rows[(context, variant)]
+        if kind != "timing" and "step_p50_ms" not in row:
+            row.setdefault("skipped", []).append(f"{kind}: no timing row")
             continue
-        row = {"context": length, "batch": B, "variant": name, "plan": plan.to_dict(), "prefill_seconds": prefill}
+        need = budget.estimate(kind, context) + (0 if context in caches else budget.estimate("cache", context))
+        if need > budget.left():
+            row.setdefault("skipped", []).append(f"{kind}: time budget ({need:.0f} s estimated, "
+                                                 f"{budget.left():.0f} s left)")
+            write(report, args.out)
+            continue
         try:
-            rt = Runtime(model, plan, min_sparse_tokens=0, block_size=page, monitor_level=0)
-            decode(rt, ids, cache, length, 3)  # warm-up
-            tokens, times = decode(rt, ids, cache, length, steps)
-            med = statistics.median(times)
-            row.update(step_median_ms=med * 1e3, step_p95_ms=sorted(times)[int(0.95 * (len(times) - 1))] * 1e3,
-                       tokens_per_second=B / med, steps=len(times))
-            with AttentionTimer(device) as timer:
-                _, t2 = decode(rt, ids, cache, length, 8)
-            row["attention_share"] = timer.total / sum(rt.step_seconds)
-            row["outside_attention_share"] = 1 - row["attention_share"]
-            rt.detach()
-            if name == "dense":
-                reference = tokens
+            if context not in caches:
+                started = time.time()
+                for other in list(caches):  # one cache at a time above 64k (memory), built once per context
+                    if max(other, context) > 65536:
+                        del caches[other]
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+                caches[context] = build_cache(model, context, args, device, page)
+                budget.record("cache", context, time.time() - started)
+                report.setdefault("caches", {})[str(context)] = caches[context][2]
+                print(f"[{context}] cache {caches[context][2]}", flush=True)
+            ids, cache, _ = caches[context]
+            started = time.time()
+            plan = all_plans[variant]
+            if kind == "timing":
+                measure_timing(model, plan, ids, cache, context, args, page, row)
+            elif kind == "kernel":
+                measure_kernel(plan, cache, context, args, device, page, row)
+            elif kind == "share":
+                measure_share(model, plan, ids, cache, context, args, device, page, row)
             else:
-                row["next_token_agreement_with_dense"] = float((tokens == reference).float().mean()) \
-                    if reference is not None else None
-                rt = Runtime(model, plan, min_sparse_tokens=0, block_size=page, monitor_level=1, recall_sample=1.0)
-                decode(rt, ids, cache, length, 4)
-                row["recall_mean"], row["recall_worst_layer"] = metric_mean(rt, "spattn_decode_recall")
-                row["density_mean"], _ = metric_mean(rt, "spattn_decode_density")
-                row["pages_mean"], _ = metric_mean(rt, "spattn_decode_pages")
-                rt.detach()
+                measure_recall(model, plan, ids, cache, context, page, row)
+            budget.record(kind, context, time.time() - started)
+            report.setdefault("task_seconds", []).append([kind, context, variant, round(time.time() - started, 2),
+                                                          round(time.time() - budget.start, 1)])
         except Exception as exc:  # noqa: BLE001 - record and go on with the other rows
-            row["error"] = f"{type(exc).__name__}: {exc}"
-            row["traceback"] = traceback.format_exc()
+            row.setdefault("errors", []).append({"task": kind, "error": f"{type(exc).__name__}: {exc}",
+                                                 "traceback": traceback.format_exc()})
             for m in spattn.integrations.hf.attention_modules(model):
                 m.__dict__.pop("_spattn_runtime", None)
-        results.append(row)
-        print(json.dumps({k: v for k, v in row.items() if k not in ("plan", "traceback")}), flush=True)
-    dense_row = next((r for r in results if r.get("context") == length and r["variant"] == "dense"
-                      and "step_median_ms" in r), None)
-    for r in results:
-        if r.get("context") == length and dense_row and "step_median_ms" in r:
-            r["speedup_vs_dense"] = dense_row["step_median_ms"] / r["step_median_ms"]
-    del cache
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        speedups(report["rows"])
+        write(report, args.out)
+        shown = {k: v for k, v in row.items() if k not in ("plan", "step_ms", "_tokens", "errors")}
+        print(kind, json.dumps(shown), flush=True)
+    caches.clear()
 
 
 def controller_spike(model, length, args, device, page) -> dict:
@@ -320,51 +521,71 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[131072, 32768])
+    parser.add_argument("--variants", nargs="+", default=["dense", "sparse-16", "sparse-64"],
+                        choices=["dense", "sparse-16", "sparse-64"])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--prefill-tokens", type=int, default=32768,
+                        help="tokens prefilled by the model; longer caches repeat that prefix (default 32768)")
+    parser.add_argument("--no-controller", action="store_true", help="skip the controller spike")
     parser.add_argument("--quick", action="store_true", help="tiny sizes for a CPU smoke run")
-    parser.add_argument("--time-budget", type=float, default=330.0, help="seconds; later rows are skipped after it")
+    parser.add_argument("--time-budget", type=float, default=300.0,
+                        help="seconds for the whole run (default 300); a task whose estimated cost does not fit "
+                             "in what is left is skipped and recorded as skipped")
     args = parser.parse_args()
     if args.quick:
-        args.contexts, args.batch, args.steps, args.layers = [1024, 2048], 2, 4, 2
+        args.contexts, args.batch, args.steps, args.layers, args.prefill_tokens = [2048, 1024], 2, 4, 2, 512
+    if args.variants[0] != "dense":
+        parser.error("--variants must start with dense (the baseline of the speedups)")
+    budget = Budget(args.time_budget)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     page = 128 if not args.quick else 32
-    started = time.time()
-    deadline = started + args.time_budget
-    report = {"machine": machine_info(), "transformers": __import__("transformers").__version__,
-              "args": vars(args), "dtype": str(dtype), "page_size": page, "gates": {}, "rows": []}
-    report["gates"]["kernel"] = gate_kernel(min(args.contexts), device, dtype, page)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    report = {"machine": machine_info(device), "transformers": __import__("transformers").__version__,
+              "args": vars(args), "dtype": str(dtype), "page_size": page, "model": MODEL, "cache": CACHE,
+              "dense_baseline": "transformers' SDPA attention (sdpa_attention_forward) in every layer",
+              "gates": {}, "rows": [], "_started": budget.start}
+    write(report, args.out)
+    report["gates"]["kernel"] = gate_kernel(min(max(args.contexts), 32768), device, dtype, page)
+    write(report, args.out)
     report["gates"]["generate"] = gate_generate(device, page)
+    write(report, args.out)
     print("gates passed:", json.dumps(report["gates"]), flush=True)
     model = smollm2_shape(args.layers, max(args.contexts) + args.steps + 64, dtype, device)
-    for length in args.contexts:
-        if time.time() > deadline:
-            report["rows"].append({"context": length, "skipped": "time budget"})
-            continue
-        run_context(model, length, args, device, page, report["rows"], deadline)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    if time.time() < deadline + 60:
+    args.heads = model.config.num_attention_heads
+    run_rows(model, args, device, page, report, budget)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    control = min(args.contexts)
+    sparse = next((r for r in report["rows"] if r["context"] == control and r["variant"] == "sparse-16"
+                   and "step_p50_ms" in r), None)
+    stall = 0.0 if sparse is None else 24 * 3 * sparse["step_p50_ms"] / 1e3  # 24 stalled steps of 3 x a step
+    need = 2 * budget.estimate("cache", control) + 4 * budget.estimate("timing", control) + stall
+    if args.no_controller:
+        report["controller"] = {"skipped": "--no-controller"}
+    elif need > budget.left():
+        report["controller"] = {"skipped": f"time budget ({need:.0f} s estimated, {budget.left():.0f} s left)"}
+    else:
         try:
-            report["controller"] = controller_spike(model, min(args.contexts), args, device, page)
+            report["controller"] = controller_spike(model, control, args, device, page)
         except Exception as exc:  # noqa: BLE001
             report["controller"] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
-    report["seconds"] = time.time() - started
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
+    write(report, args.out)
     print(f"wrote {args.out} in {report['seconds']:.0f} s")
     for r in report["rows"]:
-        if "step_median_ms" in r:
-            print(f"{r['context']:>7} {r['variant']:>10}: step {r['step_median_ms']:8.2f} ms  "
-                  f"{r['tokens_per_second']:8.1f} tok/s  x{r.get('speedup_vs_dense', 1):.2f}  "
-                  f"outside attention {r['outside_attention_share']:.0%}  recall {r.get('recall_mean')}")
+        if "step_p50_ms" in r:
+            print(f"{r['context']:>7} {r['variant']:>10}: step p50 {r['step_p50_ms']:8.2f} ms p95 "
+                  f"{r['step_p95_ms']:8.2f} ms {r['tokens_per_second']:8.1f} tok/s  x{r.get('speedup_vs_dense', 1):.2f}"
+                  f"  outside attention {r.get('outside_attention_share')}  recall {r.get('recall_mean')}")
+        else:
+            print(f"{r['context']:>7} {r['variant']:>10}: {r.get('skipped') or r.get('errors')}")
     c = report.get("controller", {})
     print("controller:", {k: c.get(k) for k in ("target_ms", "first_step_over_target", "first_step_back_under_target",
-                                                 "recover_seconds_from_spike_start", "recall_mean")})
+                                                 "recover_seconds_from_spike_start", "recall_mean", "skipped",
+                                                 "error")})
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from spattn.runtime import (  # noqa: E402
 )
 from spattn.runtime.decode import page_scores  # noqa: E402
 from spattn.runtime.monitor import JsonFormatter, Metrics, _read_level, instrument  # noqa: E402
-from spattn.selectors import Bounds  # noqa: E402
+from spattn.selectors import Bounds, Pooled  # noqa: E402
 from spattn.selectors.common import pool  # noqa: E402
 from spattn.testing import assert_within, brute_force_mask, dense_attention, plain_attention, poison_empty  # noqa: E402
 
@@ -61,6 +61,25 @@ def test_cache_page_bounds_follow_prefill_decode_crop_and_batch_select():
     assert layer.holds(layer.keys) and not layer.holds(keys)
 
 
+def test_cache_page_means_follow_prefill_decode_crop_and_batch_select():
+    cache = SpattnCache(num_layers=1, page_size=4, track_means=True)
+    keys = torch.randn(3, 2, 6, 8)
+    with poison_empty():
+        cache.update(keys, keys, 0)
+        for _ in range(7):
+            new = torch.randn(3, 2, 1, 8)
+            cache.update(new, new, 0)
+            keys = torch.cat([keys, new], 2)
+            torch.testing.assert_close(cache.layers[0].page_means(), pool(keys, 4, "mean"))
+    layer = cache.layers[0]
+    layer.crop(-6)
+    torch.testing.assert_close(layer.page_means(), pool(keys[:, :, :7], 4, "mean"))
+    layer.batch_select_indices(torch.tensor([2, 0]))
+    torch.testing.assert_close(layer.page_means(), pool(keys[[2, 0], :, :7], 4, "mean"))
+    with pytest.raises(ValueError, match="track_means"):
+        SpattnCache(num_layers=1, page_size=4).layers[0].page_means()
+
+
 def test_cache_rejects_bad_arguments():
     with pytest.raises(ValueError, match="page_size"):
         SpattnCache(num_layers=2, page_size=0)
@@ -79,6 +98,28 @@ def test_page_scores_equal_the_bounds_selector(kv_len):
     ref = Bounds().reference(q, k, block_size=S, causal=True, scale=0.25)[:, :, 0]   # float64 [B, H, NP]
     ref = ref.view(B, Hkv, H // Hkv, NP).mean(2)
     torch.testing.assert_close(got.double(), ref / ref.sum(-1, keepdim=True), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kv_len", [1, 37, 64], ids=lambda n: f"L{n}")
+def test_pooled_page_scores_equal_the_pooled_selector(kv_len):
+    B, H, Hkv, D, S = 2, 4, 2, 16, 16
+    q, k = torch.randn(B, H, 1, D), torch.randn(B, Hkv, kv_len, D)
+    NP = -(-kv_len // S)
+    visible = torch.ones(B, Hkv, NP, dtype=torch.bool)
+    got = page_scores(q, None, None, kv_len, S, 0.25, visible, selector="pooled", key_mean=pool(k, S, "mean"))
+    ref = Pooled().reference(q, k, block_size=S, causal=True, scale=0.25)[:, :, 0]   # float64 [B, H, NP]
+    ref = ref.view(B, Hkv, H // Hkv, NP).mean(2)
+    torch.testing.assert_close(got.double(), ref / ref.sum(-1, keepdim=True), rtol=1e-5, atol=1e-6)
+
+
+def test_decode_plans_keep_the_selector_or_take_the_generic_path():
+    dp = decode_plan(spattn.Sinks(4) | spattn.TopK("pooled", 3))
+    assert dp.selector == "pooled" and dp.blocks == 3
+    assert decode_plan(spattn.Window(8) | spattn.TopP("bounds", 0.9)).selector == "bounds"
+    assert decode_plan(spattn.Window(8) | spattn.TopK("vertical_slash", 2)) is None
+    with pytest.raises(ValueError, match="selector"):
+        page_scores(torch.randn(1, 2, 1, 4), None, None, 4, 4, 1.0, torch.ones(1, 2, 1, dtype=torch.bool),
+                    selector="probe")
 
 
 STATIC = [

@@ -55,6 +55,7 @@ def run(model, plan, ids, mask, **kwargs):
     pytest.param(spattn.Full(), id="full"),
     pytest.param(spattn.Sinks(4) | spattn.Window(64) | spattn.TopK("bounds", 2), id="window-covers-all"),
     pytest.param(spattn.TopK("bounds", 8), id="budget-covers-all"),
+    pytest.param(spattn.TopK("pooled", 8), id="pooled-budget-covers-all"),
     pytest.param(spattn.TopK("pooled", 8, sharing="head"), id="generic-decode-path"),
 ])
 def test_generate_at_full_density_equals_dense(model, prompts, expected, plan):
@@ -73,6 +74,38 @@ def test_batched_sequences_of_different_lengths_decode_like_alone(model, prompts
     assert torch.equal(batched[1, 13:], alone[0])
     first, _ = run(model, plan, ids[:1], mask[:1])
     assert torch.equal(batched[0], first[0])
+
+
+@pytest.mark.parametrize("pattern,pad", [
+    pytest.param(spattn.Sinks(4) | spattn.Window(6), 13, id="sinks-window"),
+    # pages are the cache's (slot 0 first): a dynamic part picks the same pages alone only when the padding is a
+    # whole number of pages (8 here)
+    pytest.param(spattn.Sinks(3) | spattn.Window(5) | spattn.TopK("bounds", 1, keep=(5,)), 16, id="sinks-topk-keep"),
+])
+def test_sinks_under_left_padding_land_on_the_first_real_tokens(model, prompts, pattern, pad):
+    ids, mask = prompts[0], prompts[1].clone()
+    mask[1] = 1
+    mask[1, :pad] = 0
+    plan = spattn.Plan.uniform(pattern)
+    batched, _ = run(model, plan, ids, mask, monitor_level=0)
+    alone, _ = run(model, plan, ids[1:, pad:], mask[1:, pad:], monitor_level=0)
+    assert torch.equal(batched[1, pad:], alone[0])
+    first, _ = run(model, plan, ids[:1], mask[:1], monitor_level=0)
+    assert torch.equal(batched[0], first[0])
+
+
+def test_left_padded_decode_rows_keep_the_sinks_of_the_real_tokens():
+    from spattn.runtime import decode_plan, select
+
+    L, S, pad = 40, 8, 13
+    valid = torch.ones(2, L, dtype=torch.bool)
+    valid[1, :pad] = False
+    sel = select(torch.randn(2, 2, 1, 4), L, valid, decode_plan(spattn.Sinks(4) | spattn.Window(3)), 0, kv_heads=2,
+                 page_size=S, scale=0.5, offsets=[0, pad])
+    tokens = (sel.pages.clamp_min(0)[..., None] * S + torch.arange(S)).flatten(2)
+    kept = [sorted(set(tokens[b, 0][sel.mask[b, 0]].tolist())) for b in range(2)]
+    assert kept[0] == [0, 1, 2, 3, 36, 37, 38, 39]  # Window(3): the query and the 3 keys before it
+    assert kept[1] == [pad, pad + 1, pad + 2, pad + 3, 36, 37, 38, 39]
 
 
 def test_min_sparse_tokens_runs_short_sequences_dense(model, prompts, expected):

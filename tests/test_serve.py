@@ -27,6 +27,7 @@ from .serve_support import ThreadServer, free_port, tiny_model, tokenizer
 
 PROMPTS = ["It is a truth universally acknowledged", "In the beginning"]
 TOKENS = 6
+LOGPROBS: dict[str, list[torch.Tensor]] = {}  # dense log-softmax of each generated step, per prompt
 DASHBOARD = Path(__file__).resolve().parents[1] / "docs" / "grafana" / "spattn.json"
 
 
@@ -39,8 +40,9 @@ def served():
         for prompt in PROMPTS:
             ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=TOKENS, do_sample=False,
-                                 pad_token_id=2, eos_token_id=-1)
-            references[prompt] = out[0, ids.shape[1]:].tolist()
+                                 pad_token_id=2, eos_token_id=-1, return_dict_in_generate=True, output_logits=True)
+            references[prompt] = out.sequences[0, ids.shape[1]:].tolist()
+            LOGPROBS[prompt] = [torch.log_softmax(step[0].float(), -1) for step in out.logits]
     # the window covers these short prompts: the sparse path runs (paged kernel, page selection) and equals dense
     plan = spattn.Plan.uniform(spattn.Sinks(4) | spattn.Window(200) | spattn.TopK("bounds", 2))
     runtime = Runtime(model, plan, block_size=8, min_sparse_tokens=0, monitor_level=2, recall_sample=0.5,
@@ -101,16 +103,85 @@ def test_streaming_completion_and_chat_match_the_non_streaming_answers(served):
     ({"max_tokens": 4}, "prompt"),
     ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
     ({"prompt": "x", "temperature": -1}, "temperature"),
-    ({"prompt": "x", "n": 2}, "n"),
+    ({"prompt": "x", "n": 17}, "n"),
+    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"prompt": "x", "stop": ""}, "stop"),
+    ({"prompt": "x", "logprobs": 6}, "logprobs"),
     ({"prompt": "x", "logit_bias": {}}, "logit_bias"),
     ({"prompt": "x " * 300, "max_tokens": 10}, "context"),
     ({"prompt": ""}, "prompt"),
-], ids=["missing-prompt", "zero-tokens", "negative-temperature", "n", "unknown-field", "too-long", "empty"])
+], ids=["missing-prompt", "zero-tokens", "negative-temperature", "n", "stop-five", "stop-empty", "logprobs",
+        "unknown-field", "too-long", "empty"])
 def test_bad_requests_get_a_400_with_a_message(served, body, needle):
     server = served[0]
     r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=30)
     assert r.status_code == 400, r.text
     assert needle in r.json()["error"]["message"]
+
+
+def test_n_choices_each_equal_the_dense_answer_streaming_and_not(served):
+    server, engine, references, tok = served
+    want = tok.decode(references[PROMPTS[0]], skip_special_tokens=True)
+    body = completion(server.url, PROMPTS[0], n=3).json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    assert all(c["text"] == want and c["finish_reason"] == "length" for c in body["choices"])
+    assert body["usage"]["completion_tokens"] == 3 * TOKENS
+    with httpx.stream("POST", f"{server.url}/v1/completions", timeout=120,
+                      json={"prompt": PROMPTS[0], "max_tokens": TOKENS, "temperature": 0, "stream": True, "n": 2}) as r:
+        events = sse_events(r)[:-1]
+    for index in (0, 1):
+        mine = [e["choices"][0] for e in events if e["choices"][0]["index"] == index]
+        assert "".join(c["text"] for c in mine) == want and mine[-1]["finish_reason"] == "length"
+
+
+def test_stop_sequences_end_the_text_before_the_first_one(served):
+    server, engine, references, tok = served
+    ref = references[PROMPTS[1]]
+    full = tok.decode(ref, skip_special_tokens=True)
+    cut = len(tok.decode(ref[:3], skip_special_tokens=True))
+    stop = full[cut:cut + 2]
+    assert stop.strip(), f"the reference text has no usable stop string at {cut}: {full!r}"
+    want = full[: full.find(stop)]
+    body = completion(server.url, PROMPTS[1], stop=[stop, "never-in-this-text"]).json()
+    choice = body["choices"][0]
+    assert choice["text"] == want and choice["finish_reason"] == "stop"
+    assert body["usage"]["completion_tokens"] < TOKENS
+    with httpx.stream("POST", f"{server.url}/v1/completions", timeout=120,
+                      json={"prompt": PROMPTS[1], "max_tokens": TOKENS, "temperature": 0, "stream": True,
+                            "stop": stop}) as r:
+        events = sse_events(r)[:-1]
+    assert "".join(e["choices"][0]["text"] for e in events) == want
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"
+    assert all(stop not in e["choices"][0]["text"] for e in events)
+    chat = {"messages": [{"role": "user", "content": "Hello there"}], "max_tokens": TOKENS, "temperature": 0}
+    answer = httpx.post(f"{server.url}/v1/chat/completions", json=chat, timeout=120).json()
+    content = answer["choices"][0]["message"]["content"]
+    if len(content) > 2:
+        stopped = httpx.post(f"{server.url}/v1/chat/completions", json={**chat, "stop": content[2:4]},
+                             timeout=120).json()
+        assert stopped["choices"][0]["message"]["content"] == content[: content.find(content[2:4])]
+
+
+def test_logprobs_are_the_dense_model_log_probabilities(served):
+    server, engine, references, tok = served
+    body = completion(server.url, PROMPTS[0], logprobs=2).json()
+    lp = body["choices"][0]["logprobs"]
+    ref, dense = references[PROMPTS[0]], LOGPROBS[PROMPTS[0]]
+    assert lp["tokens"] == [tok.decode([t], skip_special_tokens=True) for t in ref]
+    assert lp["token_logprobs"] == pytest.approx([float(d[t]) for d, t in zip(dense, ref, strict=True)], abs=1e-4)
+    for top, d in zip(lp["top_logprobs"], dense, strict=True):
+        values, indices = d.topk(2)
+        assert top == pytest.approx({tok.decode([int(i)]): float(v) for v, i in zip(values, indices, strict=True)},
+                                    abs=1e-4)
+    text = body["choices"][0]["text"]
+    assert lp["text_offset"][0] == 0 and [text[o:] for o in lp["text_offset"]] == [
+        "".join(lp["tokens"][i:]) for i in range(len(ref))]
+    with httpx.stream("POST", f"{server.url}/v1/completions", timeout=120,
+                      json={"prompt": PROMPTS[0], "max_tokens": TOKENS, "temperature": 0, "stream": True,
+                            "logprobs": 0}) as r:
+        events = sse_events(r)[:-1]
+    streamed = [x for e in events if e["choices"][0]["logprobs"] for x in e["choices"][0]["logprobs"]["token_logprobs"]]
+    assert streamed == pytest.approx(lp["token_logprobs"], abs=1e-4)
 
 
 def test_malformed_json_wrong_method_and_bad_chat_are_4xx_and_the_server_stays_up(served):

@@ -26,9 +26,12 @@ class PagedLayer(DynamicLayer):
 
     Args:
         page_size: tokens per page (the selection granularity; default 128, the kernels' block size).
+        reserve: tokens to allocate at the first update (default 0: grow by doubling).
+        track_means: also keep each page's mean key (float32; what the ``pooled`` selector scores at decode;
+            default False).
     """
 
-    def __init__(self, page_size: int = 128, reserve: int = 0) -> None:
+    def __init__(self, page_size: int = 128, reserve: int = 0, track_means: bool = False) -> None:
         super().__init__()
         if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
             raise ValueError(f"page_size must be a positive int, got {page_size!r}")
@@ -39,6 +42,8 @@ class PagedLayer(DynamicLayer):
         self._values: torch.Tensor | None = None
         self._min: torch.Tensor | None = None     # [B, Hkv, capacity // page_size, D]
         self._max: torch.Tensor | None = None
+        self.track_means = bool(track_means)
+        self._mean: torch.Tensor | None = None    # [B, Hkv, capacity // page_size, D] float32
 
     # ------------------------------------------------------------------ storage
     def _ensure(self, key_states: torch.Tensor, value_states: torch.Tensor, needed: int) -> None:
@@ -54,13 +59,16 @@ class PagedLayer(DynamicLayer):
         values = value_states.new_empty(B, Hkv, new_capacity, Dv)
         kmin = key_states.new_empty(B, Hkv, new_capacity // S, D)
         kmax = key_states.new_empty(B, Hkv, new_capacity // S, D)
+        kmean = key_states.new_empty(B, Hkv, new_capacity // S, D, dtype=torch.float32) if self.track_means else None
         if self.length:
             n_pages = -(-self.length // S)
             keys[:, :, : self.length] = self._keys[:, :, : self.length]
             values[:, :, : self.length] = self._values[:, :, : self.length]
             kmin[:, :, :n_pages] = self._min[:, :, :n_pages]
             kmax[:, :, :n_pages] = self._max[:, :, :n_pages]
-        self._keys, self._values, self._min, self._max = keys, values, kmin, kmax
+            if kmean is not None:
+                kmean[:, :, :n_pages] = self._mean[:, :, :n_pages]
+        self._keys, self._values, self._min, self._max, self._mean = keys, values, kmin, kmax, kmean
 
     def _refresh_pages(self, start: int) -> None:
         """Recompute min/max of the pages holding tokens ``start .. length - 1``."""
@@ -71,6 +79,11 @@ class PagedLayer(DynamicLayer):
         lo, hi = first * S, self.length
         chunk = self._keys[:, :, lo:hi]
         pad = (last - first) * S - (hi - lo)
+        if self._mean is not None:
+            padded = torch.nn.functional.pad(chunk, (0, 0, 0, pad)).unflatten(2, (last - first, S))
+            sums = padded.sum(3, dtype=torch.float32)
+            counts = (hi - lo - torch.arange(last - first, device=chunk.device) * S).clamp(max=S)
+            self._mean[:, :, first:last] = sums / counts[:, None].to(torch.float32)
         if pad:  # the partial last page: repeat its first key (min/max unchanged by duplicates)
             chunk = torch.cat([chunk, chunk[:, :, -1:].expand(-1, -1, pad, -1)], dim=2)
         pages = chunk.unflatten(2, (last - first, S))
@@ -84,7 +97,7 @@ class PagedLayer(DynamicLayer):
     def _rebuild(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Replace the contents with ``keys``/``values`` (after crop / reorder / batch selection)."""
         self.length = 0
-        self._keys = self._values = self._min = self._max = None
+        self._keys = self._values = self._min = self._max = self._mean = None
         if keys is None or keys.numel() == 0:
             self.keys = keys
             self.values = values
@@ -121,7 +134,7 @@ class PagedLayer(DynamicLayer):
     def reset(self) -> None:
         super().reset()
         self.length = 0
-        self._keys = self._values = self._min = self._max = None
+        self._keys = self._values = self._min = self._max = self._mean = None
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last ``-tokens_to_remove`` tokens (transformers' convention: a negative count)."""
@@ -161,6 +174,14 @@ class PagedLayer(DynamicLayer):
         n = self.num_pages
         return self._min[:, :, :n], self._max[:, :, :n]
 
+    def page_means(self) -> torch.Tensor:
+        """float32 ``[B, Hkv, NP, D]``: the mean key of each page (needs ``track_means``)."""
+        if not self.track_means:
+            raise ValueError("this cache layer does not keep page means (track_means=False)")
+        if not self.length:
+            raise ValueError("the cache layer is empty: no page statistics yet")
+        return self._mean[:, :, : self.num_pages]
+
     def holds(self, key: torch.Tensor) -> bool:
         """True when ``key`` is this layer's current key view (the tensor ``update`` returned)."""
         return self.keys is key or (
@@ -176,10 +197,11 @@ class SpattnCache(Cache):
         page_size: tokens per page (default 128).
         reserve: tokens to allocate at the first update (e.g. prompt + max_new_tokens), so the buffers never
             grow during generation (default 0: grow by doubling).
+        track_means: also keep each page's mean key (for ``pooled`` decode selection; default False).
     """
 
-    def __init__(self, num_layers: int, page_size: int = 128, reserve: int = 0) -> None:
+    def __init__(self, num_layers: int, page_size: int = 128, reserve: int = 0, track_means: bool = False) -> None:
         if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
             raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
-        super().__init__(layers=[PagedLayer(page_size, reserve) for _ in range(num_layers)])
+        super().__init__(layers=[PagedLayer(page_size, reserve, track_means) for _ in range(num_layers)])
         self.page_size = page_size

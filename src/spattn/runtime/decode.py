@@ -8,10 +8,18 @@ visited per (sequence, key/value head).
 A layer's pattern is split into its *static* part (what the pattern keeps for the query at ``L - 1`` without
 looking at the input: sinks, windows, strides, ... compiled with ``q_len=1``, so a decode row is exactly the
 pattern's row) and its *dynamic* part (``TopK`` / ``TopP``). At decode time the dynamic part selects pages
-with Quest's bound on ``q . k`` computed from the cached per-page key min / max, never from the keys::
+by its own selector, scored from the cached per-page statistics, never from the keys:
+
+* ``"bounds"``: Quest's bound on ``q . k`` from the per-page key min / max::
 
     u[b, g, p] = relu(q) . key_max[p] - relu(-q) . key_min[p]        (>= q . k for every key k of page p)
-    score[b, kv, p] = softmax_p( scale * max_{g in group kv} u + log n_p )       (as the "bounds" selector)
+
+* ``"pooled"``: ``u[b, g, p] = q . mean_key[p]`` (the cache keeps page means when a layer needs them);
+
+then, as the selectors do for one query, ``score[b, kv, p]`` = the mean over the group's query heads ``g`` of
+``softmax_p(scale * u + log n_p)``. A layer whose selector has no page-statistics form (``vertical_slash``,
+``antidiagonal``, ``probe``, a selector with options) decodes through the generic path (its selector on the
+keys for the one query).
 
 ``TopK(blocks)`` keeps the ``budget`` best pages (budget from the controller, initially ``blocks``);
 ``TopP(mass)`` the fewest pages reaching ``mass`` with what the safeguards keep, at most ``budget``.
@@ -32,6 +40,8 @@ from spattn.patterns import compile as compile_pattern
 from spattn.selectors import TopK, TopP, top_k, top_p
 from spattn.selectors.common import block_sizes, masked_softmax, normalise
 
+PAGE_SELECTORS = ("bounds", "pooled")  # selectors scored from the cache's page statistics at decode
+
 
 # ---------------------------------------------------------------------------------------------- pattern split
 @dataclasses.dataclass(frozen=True)
@@ -39,19 +49,22 @@ class DecodePlan:
     """How one layer decodes: ``static`` pattern (or None: nothing), the dynamic rule, mandatory tokens.
 
     ``rule`` is ``"none"`` (static only), ``"top_k"`` or ``"top_p"``; ``mass`` is TopP's mass; ``blocks`` is
-    TopK's budget in pages (the controller's starting point); ``keep`` are token positions always kept."""
+    TopK's budget in pages (the controller's starting point); ``keep`` are token positions always kept;
+    ``selector`` is the page score (one of :data:`PAGE_SELECTORS`)."""
 
     static: Pattern | None
     rule: str = "none"
     mass: float = 1.0
     blocks: int = 0
     keep: tuple[int, ...] = ()
+    selector: str = "bounds"
 
 
 def decode_plan(pattern: Pattern) -> DecodePlan | None:
     """Split ``pattern`` for paged decode, or ``None`` when it has a shape paged decode does not cover
-    (a dynamic part inside an intersection or ``PerHead``, per-head budgets, ``within``): such layers decode
-    through the generic path (the pattern compiled for one query with the keys)."""
+    (a dynamic part inside an intersection or ``PerHead``, per-head budgets, ``within``, a selector without a
+    page-statistics form): such layers decode through the generic path (the pattern compiled for one query
+    with the keys)."""
     if not pattern.contains_dynamic():
         return DecodePlan(static=pattern)
     parts = pattern.parts if isinstance(pattern, Union) else (pattern,)
@@ -61,6 +74,9 @@ def decode_plan(pattern: Pattern) -> DecodePlan | None:
         return None
     d = dynamic[0]
     if d.within is not None or d.sharing != "group":
+        return None
+    selector = d.selector if isinstance(d.selector, str) else getattr(d.selector, "name", None)
+    if selector not in PAGE_SELECTORS or d.options:
         return None
     budget = d.blocks if isinstance(d, TopK) else 0
     mass = d.mass if isinstance(d, TopP) else 1.0
@@ -72,7 +88,7 @@ def decode_plan(pattern: Pattern) -> DecodePlan | None:
         for p in static[1:]:
             static_pattern = static_pattern | p
     return DecodePlan(static=static_pattern, rule="top_k" if isinstance(d, TopK) else "top_p", mass=float(mass),
-                      blocks=int(budget), keep=tuple(d.keep))
+                      blocks=int(budget), keep=tuple(d.keep), selector=selector)
 
 
 # ---------------------------------------------------------------------------------------------- static rows
@@ -90,25 +106,32 @@ def layout_row(layout: Layout) -> torch.Tensor:
 
 
 def static_row(plan: DecodePlan, kv_len: int, *, batch: int, heads: int, page_size: int, device: torch.device,
-               group: int = 1) -> tuple[torch.Tensor, int]:
+               group: int = 1, offset: int = 0) -> tuple[torch.Tensor, int]:
     """bool ``[Bs, Hs, L]`` (``Bs`` in {1, B}, ``Hs`` in {1, H}) keys the static part keeps for the query at
     ``L - 1`` (causal), and the largest number of pages it touches for one key/value head (the union over its
-    ``group`` query heads). Cached per shape."""
-    key = (plan.static, plan.keep, kv_len, batch, heads, page_size, str(device), group)
+    ``group`` query heads). ``offset``: leading padding slots; the pattern then sees a sequence of
+    ``L - offset`` tokens starting at slot ``offset`` (``Sinks(n)`` keeps the first ``n`` real tokens, ``keep``
+    positions count from the first real token). Cached per shape."""
+    if not 0 <= offset < kv_len:
+        raise ValueError(f"offset must be in [0, kv_len={kv_len}), got {offset}")
+    key = (plan.static, plan.keep, kv_len, batch, heads, page_size, str(device), group, offset)
     hit = _ROWS.get(key)
     if hit is not None:
         _ROWS.move_to_end(key)
         return hit
+    length = kv_len - offset  # the sequence the pattern sees
     if plan.static is None:
-        row = torch.zeros(1, 1, kv_len, dtype=torch.bool, device=device)
+        row = torch.zeros(1, 1, length, dtype=torch.bool, device=device)
     else:
-        layout = compile_pattern(plan.static, 1, kv_len, causal=True, block_size=page_size, batch=batch,
+        layout = compile_pattern(plan.static, 1, length, causal=True, block_size=page_size, batch=batch,
                                  heads=heads, device=device)
         row = layout_row(layout)
     if plan.keep:
-        toks = torch.tensor([t for t in plan.keep if t < kv_len], dtype=torch.long, device=device)
+        toks = torch.tensor([t for t in plan.keep if t < length], dtype=torch.long, device=device)
         row = row.clone()
         row[..., toks] = True
+    if offset:
+        row = torch.nn.functional.pad(row, (offset, 0))
     n_pages = -(-kv_len // page_size)
     pad = n_pages * page_size - kv_len
     padded = torch.nn.functional.pad(row, (0, pad)) if pad else row
@@ -123,16 +146,30 @@ def static_row(plan: DecodePlan, kv_len: int, *, batch: int, heads: int, page_si
 
 
 # ---------------------------------------------------------------------------------------------- selection
-def page_scores(query: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor, kv_len: int,
-                page_size: int, scale: float, visible: torch.Tensor) -> torch.Tensor:
-    """float32 ``[B, Hkv, NP]``: the bounds selector's decode scores from per-page key min/max.
+def page_scores(query: torch.Tensor, key_min: torch.Tensor | None, key_max: torch.Tensor | None, kv_len: int,
+                page_size: int, scale: float, visible: torch.Tensor, *, selector: str = "bounds",
+                key_mean: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 ``[B, Hkv, NP]``: the decode page scores of ``selector`` (``"bounds"``: from per-page key
+    min/max; ``"pooled"``: from per-page mean keys).
 
-    query ``[B, H, 1, D]``; key_min/key_max ``[B, Hkv, NP, D]``; visible bool ``[B, Hkv, NP]``."""
+    query ``[B, H, 1, D]``; key_min/key_max/key_mean ``[B, Hkv, NP, D]``; visible bool ``[B, Hkv, NP]``."""
     B, H, _, D = query.shape
-    Hkv = key_min.shape[1]
-    q = query[:, :, 0].float().view(B, Hkv, H // Hkv, D)                      # [B, Hkv, G, D]
-    u = torch.einsum("bkgd,bkpd->bkgp", q.clamp_min(0), key_max.float()) \
-        - torch.einsum("bkgd,bkpd->bkgp", (-q).clamp_min(0), key_min.float())  # [B, Hkv, G, NP]
+    q = query[:, :, 0].float()
+    if selector == "pooled":
+        if key_mean is None:
+            raise ValueError("pooled page scores need the page means (key_mean)")
+        Hkv = key_mean.shape[1]
+        q = q.view(B, Hkv, H // Hkv, D)
+        u = torch.einsum("bkgd,bkpd->bkgp", q, key_mean.float())
+    elif selector == "bounds":
+        if key_min is None or key_max is None:
+            raise ValueError("page selection needs the cache's page statistics (key_min, key_max)")
+        Hkv = key_min.shape[1]
+        q = q.view(B, Hkv, H // Hkv, D)                                             # [B, Hkv, G, D]
+        u = torch.einsum("bkgd,bkpd->bkgp", q.clamp_min(0), key_max.float()) \
+            - torch.einsum("bkgd,bkpd->bkgp", (-q).clamp_min(0), key_min.float())  # [B, Hkv, G, NP]
+    else:
+        raise ValueError(f"selector must be one of {PAGE_SELECTORS}, got {selector!r}")
     sizes = block_sizes(kv_len, page_size, query.device).float()
     logits = u * scale + torch.log(sizes)
     # one selection per key/value group: the mean of the group's per-head page distributions
@@ -157,7 +194,8 @@ class DecodeSelection:
 
 def select(query: torch.Tensor, kv_len: int, valid: torch.Tensor, plan: DecodePlan, budget: int, *,
            kv_heads: int, page_size: int, scale: float, key_min: torch.Tensor | None = None,
-           key_max: torch.Tensor | None = None, dense_rows: torch.Tensor | None = None) -> DecodeSelection:
+           key_max: torch.Tensor | None = None, dense_rows: torch.Tensor | None = None,
+           offsets: list[int] | None = None, key_mean: torch.Tensor | None = None) -> DecodeSelection:
     """The pages and token mask of one decode step.
 
     Args:
@@ -167,8 +205,11 @@ def select(query: torch.Tensor, kv_len: int, valid: torch.Tensor, plan: DecodePl
         plan: the layer's :class:`DecodePlan`.
         budget: pages the dynamic rule may select beyond the safeguards (per key/value head).
         kv_heads: key/value heads ``Hkv`` (pages are chosen per key/value head).
-        key_min, key_max: ``[B, Hkv, NP, D]`` page statistics (needed when ``budget > 0``).
+        key_min, key_max: ``[B, Hkv, NP, D]`` page statistics (needed when ``budget > 0`` and the plan's
+            selector is ``"bounds"``); key_mean: the page means (``"pooled"``).
         dense_rows: bool ``[B]``: sequences that attend every valid key (``min_sparse_tokens``).
+        offsets: per sequence, the leading padding slots (left padding; default none): the static part is
+            placed after them (see :func:`static_row`).
     """
     B, H, _, D = query.shape
     S = page_size
@@ -179,8 +220,18 @@ def select(query: torch.Tensor, kv_len: int, valid: torch.Tensor, plan: DecodePl
     if H % Hkv:
         raise ValueError(f"query heads ({H}) must be a multiple of kv_heads ({Hkv})")
     G = H // Hkv
-    row, static_pages = static_row(plan, kv_len, batch=B, heads=H, page_size=S, device=device, group=G)
-    token = row.expand(B, H, kv_len) & valid[:, None, :]                        # [B, H, L]
+    if offsets is not None and len(offsets) != B:
+        raise ValueError(f"offsets must give one leading-padding count per sequence ({B}), got {len(offsets)}")
+    if not offsets or not any(offsets):
+        row, static_pages = static_row(plan, kv_len, batch=B, heads=H, page_size=S, device=device, group=G)
+        row = row.expand(B, H, kv_len)
+    else:  # left padding: one row per distinct offset, each sequence takes its own
+        rows = {o: static_row(plan, kv_len, batch=B, heads=H, page_size=S, device=device, group=G, offset=o)
+                for o in sorted(set(offsets))}
+        static_pages = max(pages for _, pages in rows.values())
+        row = torch.stack([rows[o][0][min(b, rows[o][0].shape[0] - 1)].expand(H, kv_len)
+                           for b, o in enumerate(offsets)])
+    token = row & valid[:, None, :]                                             # [B, H, L]
     if dense_rows is not None:
         token = token | (dense_rows[:, None, None] & valid[:, None, :])
     tok_pages = (torch.nn.functional.pad(token, (0, pad)) if pad else token).unflatten(-1, (NP, S))
@@ -189,10 +240,9 @@ def select(query: torch.Tensor, kv_len: int, valid: torch.Tensor, plan: DecodePl
     budget = min(int(budget), NP)
     chosen = torch.zeros(B, Hkv, NP, dtype=torch.bool, device=device)
     if plan.rule != "none" and budget > 0:
-        if key_min is None or key_max is None:
-            raise ValueError("page selection needs the cache's page statistics (key_min, key_max)")
         visible = valid_pages[:, None, :].expand(B, Hkv, NP)
-        scores = page_scores(query, key_min, key_max, kv_len, S, scale, visible)   # [B, Hkv, NP]
+        scores = page_scores(query, key_min, key_max, kv_len, S, scale, visible, selector=plan.selector,
+                             key_mean=key_mean)                                   # [B, Hkv, NP]
         available = visible & ~kept_pages
         if dense_rows is not None:
             available = available & ~dense_rows[:, None, None]

@@ -82,6 +82,13 @@ def _valid_keys(attention_mask: torch.Tensor | None, batch: int, kv_len: int, de
     return keep.any(1).expand(batch, kv_len)
 
 
+def _leading_padding(valid: torch.Tensor) -> list[int] | None:
+    """Per sequence, the slots before its first valid key (left padding), or None when there is none."""
+    first = torch.where(valid.any(-1), valid.to(torch.int8).argmax(-1), 0)
+    offsets = first.tolist()
+    return offsets if any(offsets) else None
+
+
 class _StepClock:
     """A logits processor: ``generate`` calls it once per step, right after the forward; it times the steps."""
 
@@ -191,7 +198,8 @@ class Runtime:
     def new_cache(self, reserve: int = 0) -> SpattnCache:
         """A fresh :class:`SpattnCache` for this model (page size = ``block_size``, ``reserve`` tokens
         allocated up front); the runtime reads its page statistics."""
-        self.cache = SpattnCache(self.num_layers, page_size=self.block_size, reserve=reserve)
+        means = any(dp is not None and dp.selector == "pooled" for dp in self.decode_plans.values())
+        self.cache = SpattnCache(self.num_layers, page_size=self.block_size, reserve=reserve, track_means=means)
         return self.cache
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
@@ -259,14 +267,17 @@ class Runtime:
         n_short = int(short.sum())
         if n_short == B:
             return dense()
+        offsets = _leading_padding(_valid_keys(attention_mask, B, Lk, query.device)) \
+            if attention_mask is not None else None
         if n_short == 0:
-            sparse = lambda: spattn_attention_forward(module, query, key, value, attention_mask, **kwargs)[0]  # noqa: E731
+            sparse = lambda: self._sparse_prefill(module, query, key, value, attention_mask, offsets, kwargs)  # noqa: E731
             return self._guarded(layer, sparse, lambda: dense()[0]), None
         # mixed batch: short sequences dense, the others sparse
         rows_long = (~short).nonzero().flatten()
         sub = lambda t: None if t is None else t[rows_long]  # noqa: E731
-        sparse = lambda: spattn_attention_forward(  # noqa: E731
-            module, query[rows_long], key[rows_long], value[rows_long], sub(attention_mask), **kwargs)[0]
+        sub_offsets = None if offsets is None else [offsets[i] for i in rows_long.tolist()]
+        sparse = lambda: self._sparse_prefill(  # noqa: E731
+            module, query[rows_long], key[rows_long], value[rows_long], sub(attention_mask), sub_offsets, kwargs)
         out = dense()[0].clone()
         out[rows_long] = self._guarded(
             layer, sparse,
@@ -274,18 +285,50 @@ class Runtime:
                            **kwargs)[0])
         return out, None
 
-    def _page_stats(self, layer: int, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @staticmethod
+    def _sparse_prefill(module, query, key, value, attention_mask, offsets, kwargs) -> torch.Tensor:
+        """``[B, Lq, H, D]``: the plan's pattern over each sequence. A left-padded sequence runs alone with its
+        padding cut off, so position-dependent patterns (``Sinks``, strides, ``keep``) count from its first
+        real token, exactly as when it is not batched; its padded query rows are 0."""
+        if not offsets:
+            return spattn_attention_forward(module, query, key, value, attention_mask, **kwargs)[0]
+        Lq, Lk = query.shape[2], key.shape[2]
+        plain = [b for b, o in enumerate(offsets) if o == 0]
+        out = query.new_zeros(query.shape[0], Lq, query.shape[1], value.shape[-1])
+        if plain:
+            rows = torch.tensor(plain, device=query.device)
+            out[rows] = spattn_attention_forward(module, query[rows], key[rows], value[rows], attention_mask[rows],
+                                                 **kwargs)[0]
+        for b, o in enumerate(offsets):
+            if o == 0:
+                continue
+            start = max(0, o - (Lk - Lq))  # the first query row that is not padding
+            if start >= Lq:
+                continue
+            out[b, start:] = spattn_attention_forward(
+                module, query[b:b + 1, :, start:], key[b:b + 1, :, o:], value[b:b + 1, :, o:],
+                attention_mask[b:b + 1, :, start:, o:], **kwargs)[0][0]
+        return out
+
+    def _page_stats(self, layer: int, key: torch.Tensor, selector: str) -> tuple[torch.Tensor | None, ...]:
+        """``(key_min, key_max, key_mean)`` of the pages of ``key`` (the statistics ``selector`` needs; the
+        others None), from the SpattnCache when it holds ``key``."""
         cache_layer = None
         if self.cache is not None and layer < len(self.cache.layers):
             cache_layer = self.cache.layers[layer]
         if isinstance(cache_layer, PagedLayer) and cache_layer.holds(key):
-            return cache_layer.page_bounds()
+            if selector != "pooled":
+                return (*cache_layer.page_bounds(), None)
+            if cache_layer.track_means:
+                return None, None, cache_layer.page_means()
         if not self._warned_no_cache:
             self._warned_no_cache = True
             log_event(logging.WARNING, "no_page_cache", layer=layer,
                       detail="the keys are not in a SpattnCache of this runtime: page statistics are recomputed "
                              "from the keys at every step (use Runtime.generate or runtime.new_cache())")
-        return pool(key, self.block_size, "amin"), pool(key, self.block_size, "amax")
+        if selector == "pooled":
+            return None, None, pool(key, self.block_size, "mean")
+        return pool(key, self.block_size, "amin"), pool(key, self.block_size, "amax"), None
 
     def _step_rows(self, attention_mask, batch: int, kv_len: int, device) -> tuple[torch.Tensor, torch.Tensor, str]:
         """Valid keys ``[B, L]``, dense rows ``[B]`` and "dense" / "sparse" / "mixed" for this step's mask
@@ -297,8 +340,9 @@ class Runtime:
         dense_rows = valid.sum(-1) < self.min_sparse_tokens
         n = int(dense_rows.sum())
         kind = "dense" if n == batch else "sparse" if n == 0 else "mixed"
+        offsets = _leading_padding(valid) if attention_mask is not None else None
         self._step = {"mask": attention_mask, "kv_len": kv_len, "batch": batch, "valid": valid,
-                      "dense_rows": dense_rows, "kind": kind}
+                      "dense_rows": dense_rows, "kind": kind, "offsets": offsets}
         return valid, dense_rows, kind
 
     def _decode_plain(self, module, layer, query, key, value, attention_mask, kwargs):
@@ -317,15 +361,15 @@ class Runtime:
         budget = self.controller.budget_for(layer) if plan.rule != "none" else 0
         extra = self.controller.extra_pages(layer) if plan.rule == "none" else 0
         if extra:
-            plan = DecodePlan(static=plan.static, rule="top_k", blocks=extra, keep=plan.keep)
+            plan = DecodePlan(static=plan.static, rule="top_k", blocks=extra, keep=plan.keep, selector="bounds")
             budget = extra
         result: dict[str, Any] = {}
 
         def sparse() -> torch.Tensor:
-            stats = self._page_stats(layer, key) if plan.rule != "none" else (None, None)
+            stats = self._page_stats(layer, key, plan.selector) if plan.rule != "none" else (None, None, None)
             selection = select(query, Lk, valid, plan, budget, kv_heads=key.shape[1], page_size=self.block_size,
-                               scale=scale, key_min=stats[0], key_max=stats[1],
-                               dense_rows=dense_rows if kind == "mixed" else None)
+                               scale=scale, key_min=stats[0], key_max=stats[1], key_mean=stats[2],
+                               dense_rows=dense_rows if kind == "mixed" else None, offsets=self._step["offsets"])
             result["selection"] = selection
             return self.kernel(query, key, value, selection, page_size=self.block_size, scale=scale).transpose(1, 2)
 

@@ -2,8 +2,11 @@
 ``Runtime.generate`` call, and per-request token streams delivered to asyncio.
 
 Requests with the same sampling settings (temperature, top_p) are batched, up to ``max_batch``, waiting at
-most ``batch_wait_ms`` for company. Each row stops at its own ``max_tokens`` or at the end-of-sequence token.
-A failing batch answers each of its requests with an error; the engine keeps running.
+most ``batch_wait_ms`` for company. Each row stops at its own ``max_tokens``, at the end-of-sequence token, or
+when its decoded text contains one of its ``stop`` strings (``stop_index`` then marks where the text ends). A
+request asking for ``logprobs`` gets, per generated token, its log-probability under the model (log-softmax of
+the logits before temperature / top-p) and the ``logprobs`` most likely tokens with theirs. A failing batch
+answers each of its requests with an error; the engine keeps running.
 """
 
 from __future__ import annotations
@@ -34,14 +37,21 @@ class Request:
     endpoint: str = "completions"
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue | None = None
+    index: int = 0
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None
     created: float = dataclasses.field(default_factory=time.perf_counter)
     tokens: list[int] = dataclasses.field(default_factory=list)
+    token_logprobs: list[float] = dataclasses.field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
+    stop_index: int | None = None
     done: bool = False
 
     def emit(self, kind: str, payload: Any = None) -> None:
-        """Send an event (``"token"``, ``"done"``, ``"error"``) to the request's asyncio queue, thread-safely."""
+        """Send an event ``(kind, payload, index)`` (``"token"``, ``"done"``, ``"error"``) to the request's
+        asyncio queue, thread-safely (the ``n`` choices of one HTTP request share a queue)."""
         if self.loop is not None and self.events is not None:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload, self.index))
 
     @property
     def sampling(self) -> tuple[float, float]:
@@ -56,21 +66,60 @@ class DrainingError(RuntimeError):
     """The engine is shutting down and takes no new requests (HTTP 503)."""
 
 
-class _Streamer:
-    """A transformers streamer for a batch: routes each row's new token to its request."""
+class _Logprobs:
+    """A logits processor (placed before transformers' temperature / top-p warpers): keeps the step's
+    log-softmax of the logits, ``[B, V]`` float32, for the streamer to read."""
 
-    def __init__(self, requests: list[Request], eos: set[int], ttft: Any) -> None:
+    def __init__(self) -> None:
+        self.last: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.last = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+
+class _Streamer:
+    """A transformers streamer for a batch: routes each row's new token to its request (and its logprobs),
+    and ends a row at its stop strings."""
+
+    def __init__(self, requests: list[Request], eos: set[int], ttft: Any, decode: Any = None,
+                 logprobs: _Logprobs | None = None) -> None:
         self.requests = requests
         self.eos = eos
         self.ttft = ttft
+        self.decode = decode
+        self.logprobs = logprobs
+        self.top = max((r.logprobs or 0 for r in requests), default=0)
         self.prompt_seen = False
+
+    def _record_logprobs(self, ids: list[int]) -> tuple[list[float], list[list[int]], list[list[float]]] | None:
+        last = None if self.logprobs is None else self.logprobs.last
+        if last is None:
+            return None
+        chosen = last.gather(-1, torch.tensor(ids, device=last.device)[:, None])[:, 0].tolist()
+        if not self.top:
+            return chosen, [[] for _ in ids], [[] for _ in ids]
+        values, indices = last.topk(self.top, dim=-1)
+        return chosen, indices.tolist(), values.tolist()
+
+    def _stopped(self, request: Request, token: int) -> bool:
+        """Whether ``token`` completes a stop string; sets ``stop_index`` before the token is appended (the
+        asyncio side reads the request from another thread: it never sees the token without the stop)."""
+        if not request.stop or self.decode is None:
+            return False
+        text = self.decode([*request.tokens, token])
+        found = [i for i in (text.find(s) for s in request.stop) if i >= 0]
+        if found:
+            request.stop_index = min(found)
+        return bool(found)
 
     def put(self, value: torch.Tensor) -> None:
         if not self.prompt_seen:  # generate first sends the prompt
             self.prompt_seen = True
             return
         ids = value.reshape(len(self.requests), -1)[:, -1].tolist()
-        for request, token in zip(self.requests, ids, strict=True):
+        recorded = self._record_logprobs(ids) if any(r.logprobs is not None for r in self.requests) else None
+        for row, (request, token) in enumerate(zip(self.requests, ids, strict=True)):
             if request.done:
                 continue
             if token in self.eos:
@@ -79,9 +128,18 @@ class _Streamer:
                 continue
             if not request.tokens and self.ttft is not None:
                 self.ttft.observe(time.perf_counter() - request.created)
+            stopped = self._stopped(request, token)
+            if request.logprobs is not None and recorded is not None:
+                chosen, indices, values = recorded
+                request.token_logprobs.append(chosen[row])
+                request.top_logprobs.append(list(zip(indices[row][: request.logprobs],
+                                                     values[row][: request.logprobs], strict=True)))
             request.tokens.append(token)
             request.emit("token", token)
-            if len(request.tokens) >= request.max_tokens:
+            if stopped:
+                request.done = True
+                request.emit("done", "stop")
+            elif len(request.tokens) >= request.max_tokens:
                 request.done = True
                 request.emit("done", "length")
 
@@ -93,14 +151,17 @@ class _Streamer:
 
 
 class _RowLimits:
-    """Stopping criterion: row ``b`` is finished once it generated ``max_tokens[b]`` tokens."""
+    """Stopping criterion: row ``b`` is finished once it generated ``max_tokens[b]`` tokens or its request is
+    done (a stop string; the streamer runs before the stopping criteria in every step)."""
 
-    def __init__(self, prompt_len: int, limits: list[int], device) -> None:
+    def __init__(self, prompt_len: int, requests: list[Request], device) -> None:
         self.prompt_len = prompt_len
-        self.limits = torch.tensor(limits, device=device)
+        self.requests = requests
+        self.limits = torch.tensor([r.max_tokens for r in requests], device=device)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        return (input_ids.shape[1] - self.prompt_len) >= self.limits
+        done = torch.tensor([r.done for r in self.requests], device=self.limits.device)
+        return ((input_ids.shape[1] - self.prompt_len) >= self.limits) | done
 
 
 class Engine:
@@ -159,19 +220,23 @@ class Engine:
     def queued(self) -> int:
         return self._queue.qsize() + len(self._pending)
 
-    def submit(self, request: Request) -> None:
-        """Queue a request (its ``loop``/``events`` set); raises QueueFullError / DrainingError / ValueError."""
+    def submit(self, request: Request | list[Request]) -> None:
+        """Queue a request, or the ``n`` choices of one request together (their ``loop``/``events`` set);
+        raises QueueFullError / DrainingError / ValueError before queueing any of them."""
+        requests = request if isinstance(request, list) else [request]
         if self.draining:
             raise DrainingError("the server is shutting down")
-        if self.queued >= self.max_queue:
+        if self.queued + len(requests) > self.max_queue:
             raise QueueFullError(f"the queue is full ({self.max_queue} requests); retry later")
-        if not request.prompt_ids:
-            raise ValueError("the prompt is empty")
-        total = len(request.prompt_ids) + request.max_tokens
-        if total > self.max_context:
-            raise ValueError(f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({request.max_tokens}) = "
-                             f"{total} exceeds the model's context of {self.max_context} tokens")
-        self._queue.put(request)
+        for r in requests:
+            if not r.prompt_ids:
+                raise ValueError("the prompt is empty")
+            total = len(r.prompt_ids) + r.max_tokens
+            if total > self.max_context:
+                raise ValueError(f"prompt ({len(r.prompt_ids)} tokens) + max_tokens ({r.max_tokens}) = "
+                                 f"{total} exceeds the model's context of {self.max_context} tokens")
+        for r in requests:
+            self._queue.put(r)
         self.m_queue.set(self.queued)
 
     def close(self, timeout: float = 60.0) -> None:
@@ -247,8 +312,14 @@ class Engine:
         sampling: dict[str, Any] = {"do_sample": False}
         if temperature > 0:
             sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-        streamer = _Streamer(batch, self.eos, self.m_ttft)
-        limits = _RowLimits(longest, [r.max_tokens for r in batch], device)
+        recorder = _Logprobs() if any(r.logprobs is not None for r in batch) else None
+        streamer = _Streamer(batch, self.eos, self.m_ttft, decode=self.decode, logprobs=recorder)
+        limits = _RowLimits(longest, batch, device)
         self.runtime.generate(ids, attention_mask=mask, max_new_tokens=max(r.max_tokens for r in batch),
                               streamer=streamer, stopping_criteria=StoppingCriteriaList([limits]),
+                              logits_processor=[recorder] if recorder is not None else None,
                               pad_token_id=self.pad_id, **sampling)
+
+    def decode(self, tokens: list[int]) -> str:
+        """The text of ``tokens`` (special tokens skipped), as the responses show it."""
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
