@@ -190,6 +190,9 @@ def capture(
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     kwargs = _as_inputs(inputs)
+    device = next((p.device for p in model.parameters()), None)
+    if device is not None:  # token ids and masks made on the host follow the model, as the model's own call expects
+        kwargs = {name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in kwargs.items()}
     modules = hf.attention_modules(model)
     if not modules:
         raise ValueError(f"found no attention modules with a layer_idx in {type(model).__name__}")
