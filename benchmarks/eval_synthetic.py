@@ -53,6 +53,7 @@ import torch
 
 import spattn
 from spattn.bench.env import machine_info, versions
+from spattn.bench.timing import TimeBudget
 from spattn.eval import stats
 from spattn.eval.train import Learned, TrainConfig, listops_config, mqar_config, sweep, train
 from spattn.testing import assert_within, dense_attention, max_err, plain_attention
@@ -119,19 +120,6 @@ def gate(plan: Any, block_size: int, length: int, heads: int, head_dim: int, cau
 
 
 # ---------------------------------------------------------------------------------------------- 2./3. training
-class Clock:
-    """The script's time budget; ``left()`` in seconds."""
-
-    def __init__(self, budget: float) -> None:
-        self.budget, self.started = budget, time.perf_counter()
-
-    def spent(self) -> float:
-        return time.perf_counter() - self.started
-
-    def left(self) -> float:
-        return self.budget - self.spent()
-
-
 def probe(config: TrainConfig, plans: Plans, steps: int, log: list[str]) -> dict[str, tuple[float, float]]:
     """Per plan ``(seconds per training step, fixed seconds per run)``: after a warm-up run (kernels compiled,
     data generated), runs of ``steps`` and ``2 * steps`` steps; the difference is the step time, the rest the
@@ -182,7 +170,8 @@ def run_plan(config: TrainConfig, plan: Any, learning_rates: list[float], seeds:
 
 
 def run_task(key: str, config: TrainConfig, plans: Plans, learning_rates: list[float], seeds: list[int],
-             share: float, probe_steps: int, clock: Clock, record: dict[str, Any], save, min_steps: int = 20) -> None:
+             share: float, probe_steps: int, clock: TimeBudget, record: dict[str, Any], save,
+             min_steps: int = 20) -> None:
     """Train every plan at one step count fitted to ``share`` seconds; results land in ``record[key]``."""
     entry: dict[str, Any] = {"config": None, "results": {}, "status": "probing"}
     record[key] = entry
@@ -256,7 +245,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny configurations (a CPU smoke run)")
     parser.add_argument("--out", default="eval_synthetic.json")
     args = parser.parse_args()
-    clock = Clock(args.time_budget)
+    clock = TimeBudget(args.time_budget)
     backend = args.backend or ("auto" if args.device.startswith("cuda") else "reference")
     seeds = [int(s) for s in args.seeds.split(",")]
     listops_seeds = [int(s) for s in args.listops_seeds.split(",")]

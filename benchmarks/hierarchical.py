@@ -40,8 +40,8 @@ import torch.nn.functional as F
 
 import spattn
 from spattn.bench.record import make, write
+from spattn.bench.timing import TimeBudget, sync
 from spattn.bench.timing import median_ms as _median_ms
-from spattn.bench.timing import sync
 from spattn.hierarchical import cost, hierarchical_attention, prefill_pairs, reference
 from spattn.hierarchical.attention import choose_blocks, selected_layout
 from spattn.hierarchical.common import compress, mix
@@ -54,24 +54,6 @@ REPEATS = {"repeats": 20, "warmup": 3}  # --quick: fewer
 
 def median_ms(fn, **kwargs) -> float:
     return _median_ms(fn, **REPEATS, **kwargs)
-
-
-class Budget:
-    """Seconds left of ``--time-budget``; ``fits(estimate)`` or records the step as skipped."""
-
-    def __init__(self, seconds: float, skipped: list) -> None:
-        self.deadline = time.perf_counter() + seconds
-        self.skipped = skipped
-
-    def left(self) -> float:
-        return self.deadline - time.perf_counter()
-
-    def fits(self, step: str, estimate: float) -> bool:
-        if estimate <= self.left():
-            return True
-        self.skipped.append({"step": step, "estimate_s": round(estimate, 1), "left_s": round(self.left(), 1)})
-        print(f"skipped {step}: needs ~{estimate:.0f} s, {self.left():.0f} s left", flush=True)
-        return False
 
 
 def gate(device, dtype, quick: bool) -> dict:
@@ -336,7 +318,7 @@ def main(argv=None) -> int:
     forward_only = args.forward_only_lengths if args.forward_only_lengths is not None else \
         ([1024] if args.quick else [131072])
     skipped: list[dict] = []
-    budget = Budget(args.time_budget, skipped)
+    budget = TimeBudget(args.time_budget, skipped)
     record = make("hierarchical", {"config": config.to_dict(), "heads": heads, "kv_heads": kv_heads,
                                    "head_dim": head_dim, "dtype": str(dtype), "batch": 1, "device": str(device),
                                    "time_budget_s": args.time_budget},

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 import spattn
 from spattn.bench.env import machine_info, versions
+from spattn.bench.timing import TimeBudget
 from spattn.coverage import measure, oracle_layout
 from spattn.data import text_chunks
 from spattn.data.corpora import load_text
@@ -59,18 +60,6 @@ from spattn.integrations.models import load_smollm2
 from spattn.learned import distill, load
 
 
-class Clock:
-    def __init__(self, budget: float) -> None:
-        self.budget, self.started = budget, time.perf_counter()
-
-    def spent(self) -> float:
-        return time.perf_counter() - self.started
-
-    def left(self) -> float:
-        return self.budget - self.spent()
-
-
-# ---------------------------------------------------------------------------------------------- 0. correctness
 def correctness(model, tokenizer, length: int, backend: str) -> dict[str, Any]:
     """spattn full attention == the model's own attention; the gate == its float64 reference."""
     from spattn.learned import BlockGate
@@ -106,7 +95,7 @@ def retrieval_plans(length: int, share: float) -> dict[str, Any]:
     }
 
 
-def retrieval_task(task: str, model, tokenizer, haystack: str, args, clock: Clock, record: dict, save) -> None:
+def retrieval_task(task: str, model, tokenizer, haystack: str, args, clock: TimeBudget, record: dict, save) -> None:
     entry: dict[str, Any] = {"lengths": {}, "budget_share": args.budget}
     record["retrieval"][task] = entry
     depths = [float(d) for d in args.depths.split(",")]
@@ -198,7 +187,7 @@ def block_recall(model, chunk: torch.Tensor, gates_path: Path, layers: list[int]
     return out
 
 
-def gates_section(model, tokenizer, args, clock: Clock, record: dict, save) -> None:
+def gates_section(model, tokenizer, args, clock: TimeBudget, record: dict, save) -> None:
     entry: dict[str, Any] = {}
     record["gates"] = entry
     layers = None if args.layers is None else [int(x) for x in args.layers.split(",")]
@@ -292,7 +281,7 @@ def main() -> None:
         args.distil_length, args.ppl_lengths, args.distil_steps = 512, "512", 5
         args.train_chunks, args.eval_chunks, args.layers, args.budget_blocks = 1, 2, args.layers or "0,1", 4
         args.reserve = min(args.reserve, 60.0)
-    clock = Clock(args.time_budget)
+    clock = TimeBudget(args.time_budget)
     args.backend = args.backend or ("auto" if args.device.startswith("cuda") else "reference")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

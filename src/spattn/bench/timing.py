@@ -74,3 +74,25 @@ def median_ms(
         sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+class TimeBudget:
+    """A benchmark script's ``--time-budget``: seconds spent and left, and ``fits(step, estimate)``, which records
+    a step that would not fit in ``skipped`` (printed too) instead of running it."""
+
+    def __init__(self, seconds: float, skipped: list | None = None) -> None:
+        self.budget, self.started = float(seconds), time.perf_counter()
+        self.skipped = [] if skipped is None else skipped
+
+    def spent(self) -> float:
+        return time.perf_counter() - self.started
+
+    def left(self) -> float:
+        return self.budget - self.spent()
+
+    def fits(self, step: str, estimate: float) -> bool:
+        if estimate <= self.left():
+            return True
+        self.skipped.append({"step": step, "estimate_s": round(estimate, 1), "left_s": round(self.left(), 1)})
+        print(f"skipped {step}: needs ~{estimate:.0f} s, {self.left():.0f} s left", flush=True)
+        return False
