@@ -595,6 +595,14 @@ def run_stages(args, model, tok, which: list[str], save_record) -> dict:
         t = time.perf_counter()
         if stage == "gate":
             stage_gate(model, args, report, save)
+            if args.time_budget is not None:
+                # the measured stages share what the model load and the gate left (on a fresh GPU the gate's
+                # kernel compiles can take most of a small budget; cumulative deadlines from the start then left
+                # the lm stages nothing)
+                left = max(0.0, args.time_budget - (time.perf_counter() - args.started))
+                rest = Deadline(left, {k: shares[k] for k in order if k != "gate"}, time.perf_counter())
+                rest.skipped = deadline.skipped
+                deadline = rest
         elif stage.startswith("lm-"):
             stage_lm(model, int(stage[3:]), args, deadline, stage, report, save)
         else:
