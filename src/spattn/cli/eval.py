@@ -184,6 +184,7 @@ def _retrieval(task: str, model: str, plans: list[str] | None, lengths: str, dep
 
 
 FigureOption = Annotated[bool, typer.Option("--figures/--no-figures", help="Write PNG figures (needs spattn[viz]).")]
+DeviceOption = Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda'.")]
 
 
 @eval_app.command("passkey")
@@ -201,7 +202,7 @@ def passkey_command(
     output: OutputOption = None,
     backend: Annotated[str, typer.Option(help="spattn backend of the plans.")] = "auto",
     block_size: Annotated[int, typer.Option(help="Block size of the compiled layouts.")] = 128,
-    device: Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda'.")] = "auto",
+    device: DeviceOption = "auto",
     batch_size: Annotated[int, typer.Option(help="Samples of one length per forward pass.")] = 1,
     figures: FigureOption = True,
 ) -> None:
@@ -224,7 +225,7 @@ def variable_tracking_command(
     output: OutputOption = None,
     backend: Annotated[str, typer.Option(help="spattn backend of the plans.")] = "auto",
     block_size: Annotated[int, typer.Option(help="Block size of the compiled layouts.")] = 128,
-    device: Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda'.")] = "auto",
+    device: DeviceOption = "auto",
     batch_size: Annotated[int, typer.Option(help="Samples of one length per forward pass.")] = 1,
     figures: FigureOption = True,
 ) -> None:
@@ -246,7 +247,7 @@ def multi_needle_command(
     output: OutputOption = None,
     backend: Annotated[str, typer.Option(help="spattn backend of the plans.")] = "auto",
     block_size: Annotated[int, typer.Option(help="Block size of the compiled layouts.")] = 128,
-    device: Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda'.")] = "auto",
+    device: DeviceOption = "auto",
     batch_size: Annotated[int, typer.Option(help="Samples of one length per forward pass.")] = 1,
     figures: FigureOption = True,
 ) -> None:
@@ -371,6 +372,10 @@ LearnedBlocksOption = Annotated[int, typer.Option(
     "(0 = off).")]
 LearnedWindowOption = Annotated[int, typer.Option(
     help="Window the learned router always keeps (its safeguard; 0 = none).")]
+StepsOption = Annotated[int | None, typer.Option(help="Training steps (default: the preset's).")]
+TrainBackendOption = Annotated[str | None, typer.Option(
+    help="spattn backend (default: reference on CPU, auto on CUDA).")]
+TrainBlockOption = Annotated[int | None, typer.Option(help="Block size of layouts and of selection.")]
 
 
 @eval_app.command("mqar")
@@ -381,11 +386,10 @@ def mqar_command(
     d_model: Annotated[int | None, typer.Option(help="Model width (published: 64 or 128).")] = None,
     learning_rates: Annotated[str, typer.Option(help="Learning rates to try; the best is kept.")] = "0.003",
     seeds: SeedsOption = "1",
-    steps: Annotated[int | None, typer.Option(help="Training steps (default: the preset's).")] = None,
-    device: Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda'.")] = "auto",
-    backend: Annotated[str | None, typer.Option(help="spattn backend (default: reference on CPU, auto on CUDA).")]
-    = None,
-    block_size: Annotated[int | None, typer.Option(help="Block size of layouts and of selection.")] = None,
+    steps: StepsOption = None,
+    device: DeviceOption = "auto",
+    backend: TrainBackendOption = None,
+    block_size: TrainBlockOption = None,
     output: OutputOption = None,
     figures: FigureOption = True,
     lengths: LengthsOption = None,
@@ -405,11 +409,10 @@ def listops_command(
     d_model: Annotated[int | None, typer.Option(help="Model width.")] = None,
     learning_rates: Annotated[str, typer.Option(help="Learning rates to try; the best is kept.")] = "0.001",
     seeds: SeedsOption = "1",
-    steps: Annotated[int | None, typer.Option(help="Training steps (default: the preset's).")] = None,
-    device: Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda'.")] = "auto",
-    backend: Annotated[str | None, typer.Option(help="spattn backend (default: reference on CPU, auto on CUDA).")]
-    = None,
-    block_size: Annotated[int | None, typer.Option(help="Block size of layouts and of selection.")] = None,
+    steps: StepsOption = None,
+    device: DeviceOption = "auto",
+    backend: TrainBackendOption = None,
+    block_size: TrainBlockOption = None,
     output: OutputOption = None,
     figures: FigureOption = True,
     lengths: LengthsOption = None,
@@ -448,7 +451,7 @@ def ablate_command(
                                                             "preset's).")] = None,
     output: OutputOption = None,
     backend: Annotated[str, typer.Option(help="spattn backend.")] = "auto",
-    device: Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda'.")] = "auto",
+    device: DeviceOption = "auto",
     figures: FigureOption = True,
 ) -> None:
     """Vary one factor of a plan with the rest fixed; every variant scored on the same examples (retrieval: exact

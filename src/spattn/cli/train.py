@@ -20,7 +20,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import typer
@@ -418,6 +418,10 @@ def _variants(text: str) -> tuple[str, ...]:
     return names
 
 
+RegularisersOption = Annotated[str | None, typer.Option(help="Weights of the learned-reg variant, e.g. "
+                                                     "'entropy=0.05,balance=0.05,drop=0.1,noise=0.5' (the default).")]
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+
 @train_app.command("distil")
 def distil_command(
     output: str = typer.Option("runs/distil", "--output", "-o", help="Folder for gates, results.json."),
@@ -429,7 +433,7 @@ def distil_command(
     block_size: int = typer.Option(64, help="Gate block size (SeerAttention: 64)."),
     budget: int = typer.Option(4, help="Key blocks per query block in the comparison (every variant)."),
     layers: str | None = typer.Option(None, help="Comma-separated layers to distil (default all 30)."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    device: DeviceOption = "auto",
 ) -> None:
     """(a) Distil SeerAttention-style gates for frozen SmolLM2 on Austen; recall and perplexity vs window/oracle."""
     chosen = None if layers is None else [int(x) for x in layers.split(",") if x.strip()]
@@ -450,9 +454,8 @@ def lm_command(
     budget: int = typer.Option(4, help="Key blocks per query block for every sparse variant."),
     block_size: int = typer.Option(64, help="Block size."),
     variants: str = typer.Option("dense,window,learned,learned-reg", help=f"From {', '.join(VARIANTS)}."),
-    regularisers: str | None = typer.Option(None, help="Weights of the learned-reg variant, e.g. "
-                                            "'entropy=0.05,balance=0.05,drop=0.1,noise=0.5' (that is the default)."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    regularisers: RegularisersOption = None,
+    device: DeviceOption = "auto",
 ) -> None:
     """(b) Train small byte-level LMs from scratch on Austen + KJV: dense, window, learned at equal budget."""
     lm_recipe(output=Path(output), length=length, steps=steps, batch_size=batch_size, dim=dim, layers=layers,
@@ -471,9 +474,8 @@ def task_command(
     budget: int = typer.Option(2, help="Key blocks per query block for every sparse variant."),
     block_size: int = typer.Option(32, help="Block size."),
     variants: str = typer.Option("dense,window,pooled,learned,learned-reg", help=f"From {', '.join(VARIANTS)}."),
-    regularisers: str | None = typer.Option(None, help="Weights of the learned-reg variant, e.g. "
-                                            "'entropy=0.05,balance=0.05,drop=0.1,noise=0.5' (that is the default)."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    regularisers: RegularisersOption = None,
+    device: DeviceOption = "auto",
 ) -> None:
     """(c) Train the evaluation suite's MQAR task with learned attention against fixed patterns at equal budget."""
     task_recipe(output=Path(output), task=task, length=length, examples=examples, steps=steps, budget=budget,
