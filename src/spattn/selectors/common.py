@@ -16,11 +16,13 @@ from typing import Any, ClassVar
 import torch
 
 _REGISTRY: dict[str, type[Selector]] = {}
+_OPTIONS: dict[str, frozenset[str]] = {}  # option names per selector, read once (torch.compile cannot trace fields())
 
 
 def register_selector(cls: type[Selector]) -> type[Selector]:
     """Make a selector class available by name (``get_selector("pooled")``)."""
     _REGISTRY[cls.name] = cls
+    _OPTIONS[cls.name] = frozenset(f.name for f in dataclasses.fields(cls))
     return cls
 
 
@@ -39,7 +41,7 @@ def get_selector(name: str | Selector, **options: Any) -> Selector:
     if name not in _REGISTRY:
         raise ValueError(f"unknown selector {name!r}; known selectors: {selector_names()}")
     cls = _REGISTRY[name]
-    fields = {f.name for f in dataclasses.fields(cls)}
+    fields = _OPTIONS[name]
     bad = set(options) - fields
     if bad:
         raise ValueError(f"selector {name!r} has no option(s) {sorted(bad)}; options: {sorted(fields)}")
