@@ -21,6 +21,7 @@ from spattn.layout.layout import Layout
 from spattn.patterns.banded import build_layout, supports_fast_build
 from spattn.patterns.base import PARTIAL, Combination, Context, Pattern, Union
 from spattn.patterns.builtin import BlockSelection, Causal
+from spattn.patterns.fused import fused_layout, supports_fused_build
 
 _MASK_CHUNK = 256  # representative blocks evaluated at once (each bs*bs booleans)
 
@@ -144,17 +145,25 @@ def compile(  # noqa: A001 - the verb the whole project uses
             layout = build_layout(pattern, ctx.q_len, ctx.kv_len, causal=causal, block_size=block_size, device=ctx.device)
             layout.info["compile_seconds"] = time.perf_counter() - start
             return layout
+        if supports_fused_build(pattern, ctx):  # block-exact patterns: one device pass, no host sync
+            layout = fused_layout(pattern, ctx)
+            _check_sizes(layout.kv_num_blocks, batch, heads)
+            return layout
     status = block_status(full, ctx).contiguous()
-    if heads is not None and status.shape[1] not in (1, heads):
-        raise ValueError(f"pattern gives {status.shape[1]} heads but heads={heads}")
-    if batch is not None and status.shape[0] not in (1, batch):
-        raise ValueError(f"pattern gives batch {status.shape[0]} but batch={batch}")
+    _check_sizes(status, batch, heads)
     status, mask_ids, masks = _resolve_partial(full, ctx, status)
     return Layout(
         q_len=ctx.q_len, kv_len=ctx.kv_len, block_size=block_size, pattern=pattern, causal=causal,
         info={"compile_seconds": time.perf_counter() - start, **ctx.info},
         **tables.pack(status, mask_ids, masks),
     )
+
+
+def _check_sizes(status: torch.Tensor, batch: int | None, heads: int | None) -> None:
+    if heads is not None and status.shape[1] not in (1, heads):
+        raise ValueError(f"pattern gives {status.shape[1]} heads but heads={heads}")
+    if batch is not None and status.shape[0] not in (1, batch):
+        raise ValueError(f"pattern gives batch {status.shape[0]} but batch={batch}")
 
 
 def _resolve_partial(pattern: Pattern, ctx: Context, status: torch.Tensor):
