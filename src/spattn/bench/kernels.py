@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import spattn
+from spattn.bench import kernels_build
 from spattn.bench import record as bench_record
 from spattn.bench.timing import median_ms, sync
 
@@ -483,18 +484,22 @@ FOCUSED_MORE = [(L, p, hkv, d) for L in (65536, 131072) for p, hkv, d in (
     ("causal", 4, 128), ("causal", 16, 64), ("sinks64|window1024", 16, 64))]
 # seconds a step takes on the H200 (v2 runs, tuning and Flex compilation included); a measured step of the same
 # kind and length replaces the guess
-ESTIMATE_S = {"grid": 30, "decode": 12, "dynamic": 10, "capture": 8, 16384: 10, 65536: 22, 131072: 50}
+ESTIMATE_S = {"grid": 30, "decode": 12, "dynamic": 10, "capture": 8, "build": 8, "traced": 60, 16384: 10,
+              65536: 22, 131072: 50}
 
 
 def _plan_steps(args, skip: set) -> list[tuple]:
     """(kind, arguments) in the order they run: most important first."""
     steps: list[tuple] = []
     if args.focused:
-        # issue 18 v2: grid, the rows the v2 changes touch, then the rows never measured
+        # issue 18, session 4: the layout build (each row checks itself against the general path) and the traced
+        # dynamic path first, then the grid, the fwd+bwd rows against Flex, the v3 rows, the rows never measured
+        steps += [("build", L, name) for L in args.build_lengths for name in kernels_build.BUILD_PATTERNS]
+        steps += [("traced", L) for L in args.traced_lengths]
         steps.append(("grid",))
+        steps += [("prefill", *r) for r in FOCUSED_CORE if r[0] in args.lengths or not args.lengths_given]
         steps += [("decode", Lk, hkv) for Lk in args.decode_contexts for hkv in (16, 2)]
         steps += [("dynamic", L) for L in args.dynamic_lengths]
-        steps += [("prefill", *r) for r in FOCUSED_CORE if r[0] in args.lengths or not args.lengths_given]
         steps += [("prefill", *r) for r in FOCUSED_MORE if r[0] in args.lengths or not args.lengths_given]
         if args.lengths_given:  # a dry run with its own lengths: the same row kinds at those lengths
             kinds = [r[1:] for r in FOCUSED_CORE[:3]] + [r[1:] for r in FOCUSED_MORE[:7]]
@@ -524,6 +529,10 @@ def run(argv: list[str] | None = None) -> dict:
     ap.add_argument("--decode-contexts", type=int, nargs="+", default=None,
                     help="default 32768 131072 (--focused: 131072)")
     ap.add_argument("--dynamic-lengths", type=int, nargs="+", default=[65536, 16384])
+    ap.add_argument("--build-lengths", type=int, nargs="+", default=[4096, 16384, 65536, 131072],
+                    help="--focused: lengths of the layout-build rows (fused / banded vs general vs create_block_mask)")
+    ap.add_argument("--traced-lengths", type=int, nargs="+", default=[16384],
+                    help="--focused: lengths of the dynamic path under torch.compile(fullgraph=True)")
     ap.add_argument("--no-backward", action="store_true")
     ap.add_argument("--skip", default="", help="comma-separated: grid,decode,regression,issue18,dynamic,capture")
     ap.add_argument("--time-budget", type=float, default=420.0,
@@ -549,7 +558,7 @@ def run(argv: list[str] | None = None) -> dict:
 
     dynamo.config.cache_size_limit = 64
     rec = bench_record.make("kernels", vars(args), [], ceilings=ceilings(), correctness=[], decode=[],
-                            dynamic=[], capture=[], not_run=[])
+                            dynamic=[], capture=[], build=[], traced=[], not_run=[])
     print("ceilings", rec["ceilings"], flush=True)
 
     def save() -> None:
@@ -587,6 +596,13 @@ def run(argv: list[str] | None = None) -> dict:
         elif kind == "dynamic":
             rec["dynamic"].append(dynamic_row(step[1], **({} if DEV == "cuda" else {"H": 2, "D": 32})))
             print("  dynamic", _short(rec["dynamic"][-1]), flush=True)
+        elif kind == "build":
+            rec["build"].append(kernels_build.build_row(step[1], step[2], device=DEV, reps=_reps(10)))
+            print("  build", _short(rec["build"][-1]), flush=True)
+        elif kind == "traced":
+            small = {} if DEV == "cuda" else {"H": 2, "D": 32, "dtype": DTYPE, "backend": "eager"}
+            rec["traced"].append(kernels_build.traced_row(step[1], device=DEV, reps=_reps(10), **small))
+            print("  traced", _short(rec["traced"][-1]), flush=True)
         elif kind == "capture":
             rec["capture"].append(dynamic_capture(step[1]))
             print("  capture", _short(rec["capture"][-1]), flush=True)
@@ -646,5 +662,18 @@ def print_summary(rec: dict) -> None:
             print(f"dynamic {r['L']}: error {r.get('error', '')[:120]}")
     for r in rec.get("capture", []):
         print(f"capture {r['L']}: {r.get('captured_ms', r.get('skipped', r.get('error', '')[:160]))}")
+    for r in rec.get("build", []):
+        if "fast_ms" in r:
+            nan = float("nan")
+            print(f"build {r['L']} {r['pattern']}: {r['fast_builder']} {r['fast_ms']:.3f} ms, general "
+                  f"{r['general_ms']:.3f} ms, create_block_mask {r.get('create_block_mask_ms', nan):.3f} ms "
+                  f"(x{r.get('fast_vs_create_block_mask', nan):.2f}), host sync: {r.get('fast_host_sync', 'n/a')}, "
+                  f"equal: {r['equal_to_general']}")
+        else:
+            print(f"build {r['L']} {r['pattern']}: error {r.get('error', '')[:120]}")
+    for r in rec.get("traced", []):
+        print(f"traced {r['L']}: " + (f"eager {r['eager_ms']:.2f} ms, fullgraph {r['traced_ms']:.2f} ms, first call "
+                                       f"{r['first_call_s']:.1f} s, diff {r['max_abs_diff_vs_eager']:.2e}"
+                                       if "traced_ms" in r else f"error {r.get('error', '')[:160]}"))
     if rec.get("not_run"):
         print(f"not run (time budget): {len(rec['not_run'])} steps")

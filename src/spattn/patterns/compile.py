@@ -117,6 +117,7 @@ def compile(  # noqa: A001 - the verb the whole project uses
     device: torch.device | str | None = None,
     query: torch.Tensor | None = None,
     key: torch.Tensor | None = None,
+    fast: bool = True,
 ) -> Layout:
     """Compile a pattern into a block-sparse :class:`Layout` for ``q_len`` queries and ``kv_len`` keys.
 
@@ -128,6 +129,11 @@ def compile(  # noqa: A001 - the verb the whole project uses
         batch, heads: sizes the layout must serve (patterns that vary per sequence / head need them).
         device: where the tables live (default: the query's device, else CPU).
         query, key: ``[B, H, Lq, D]`` / ``[B, Hkv, Lk, D]``, needed only by dynamic (input-aware) patterns.
+        fast: on CUDA (default True), banded built-ins take the banded builder and block-exact patterns
+            (``BlockLayout``, ``RandomBlocks``, ... at the kernel block, optionally causal) the fused build
+            (``spattn.patterns.fused``: one device pass, fixed-width tables, no host sync). ``False``: always the
+            general path (the reference the fast builders are tested against), whose tables are sized from the
+            data.
 
     Returns:
         A :class:`Layout` with tables ``[Bl, Hl, ...]`` (``Bl``/``Hl`` are 1 when shared).
@@ -140,7 +146,7 @@ def compile(  # noqa: A001 - the verb the whole project uses
         pattern, q_len, kv_len, causal=causal, block_size=block_size, batch=batch, heads=heads,
         device=device, query=query, key=key,
     )
-    if ctx.device.type == "cuda":
+    if ctx.device.type == "cuda" and fast:
         if supports_fast_build(pattern):  # banded built-ins: the same tables from a few fused device ops
             layout = build_layout(pattern, ctx.q_len, ctx.kv_len, causal=causal, block_size=block_size, device=ctx.device)
             layout.info["compile_seconds"] = time.perf_counter() - start
