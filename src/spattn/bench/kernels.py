@@ -484,7 +484,7 @@ FOCUSED_MORE = [(L, p, hkv, d) for L in (65536, 131072) for p, hkv, d in (
     ("causal", 4, 128), ("causal", 16, 64), ("sinks64|window1024", 16, 64))]
 # seconds a step takes on the H200 (v2 runs, tuning and Flex compilation included); a measured step of the same
 # kind and length replaces the guess
-ESTIMATE_S = {"grid": 30, "decode": 12, "dynamic": 10, "capture": 8, "build": 8, "traced": 60, 16384: 10,
+ESTIMATE_S = {"grid": 30, "decode": 12, "dynamic": 10, "capture": 8, "build": 8, "traced": 60, "listops": 15, 16384: 10,
               65536: 22, 131072: 50}
 
 
@@ -492,10 +492,13 @@ def _plan_steps(args, skip: set) -> list[tuple]:
     """(kind, arguments) in the order they run: most important first."""
     steps: list[tuple] = []
     if args.focused:
-        # issue 18, session 4: the layout build (each row checks itself against the general path) and the traced
-        # dynamic path first, then the grid, the fwd+bwd rows against Flex, the v3 rows, the rows never measured
-        steps += [("build", L, name) for L in args.build_lengths for name in kernels_build.BUILD_PATTERNS]
+        # issue 18, session 4: the layout build (each row checks itself against the general path), the traced
+        # dynamic path and the ListOps step first, then the grid, the fwd+bwd rows against Flex, the v3 rows, the rows never measured
+        first, *others = kernels_build.BUILD_PATTERNS  # block layouts first: the build the issue measured
+        steps += [("build", L, first) for L in args.build_lengths]
         steps += [("traced", L) for L in args.traced_lengths]
+        steps.append(("listops",))
+        steps += [("build", L, name) for name in others for L in args.build_lengths]
         steps.append(("grid",))
         steps += [("prefill", *r) for r in FOCUSED_CORE if r[0] in args.lengths or not args.lengths_given]
         steps += [("decode", Lk, hkv) for Lk in args.decode_contexts for hkv in (16, 2)]
@@ -558,7 +561,7 @@ def run(argv: list[str] | None = None) -> dict:
 
     dynamo.config.cache_size_limit = 64
     rec = bench_record.make("kernels", vars(args), [], ceilings=ceilings(), correctness=[], decode=[],
-                            dynamic=[], capture=[], build=[], traced=[], not_run=[])
+                            dynamic=[], capture=[], build=[], traced=[], listops={}, not_run=[])
     print("ceilings", rec["ceilings"], flush=True)
 
     def save() -> None:
@@ -603,6 +606,10 @@ def run(argv: list[str] | None = None) -> dict:
             small = {} if DEV == "cuda" else {"H": 2, "D": 32, "dtype": DTYPE, "backend": "eager"}
             rec["traced"].append(kernels_build.traced_row(step[1], device=DEV, reps=_reps(10), **small))
             print("  traced", _short(rec["traced"][-1]), flush=True)
+        elif kind == "listops":
+            small = {} if DEV == "cuda" else {"B": 2, "L": 300, "H": 2, "D": 16, "layers": 2, "dtype": DTYPE}
+            rec["listops"] = kernels_build.listops_row(device=DEV, reps=_reps(5), **small)
+            print("  listops", _short(rec["listops"]), flush=True)
         elif kind == "capture":
             rec["capture"].append(dynamic_capture(step[1]))
             print("  capture", _short(rec["capture"][-1]), flush=True)

@@ -51,6 +51,14 @@ def build_row(L: int, name: str, device: str = "cuda", bs: int = 128, reps: int 
         else:
             pattern, blocks = spattn.Sinks(64) | spattn.Window(1024), None
         fast = lambda: spattn.compile(pattern, L, causal=True, block_size=bs, device=device)  # noqa: E731
+        if device != "cuda" and name == "block10%":  # compile takes the fused build on CUDA only: call it here
+            from spattn.patterns.compile import make_context
+            from spattn.patterns.fused import fused_layout
+
+            def fast():
+                _, ctx = make_context(pattern, L, L, causal=True, block_size=bs, batch=None, heads=None,
+                                      device=device, query=None, key=None)
+                return fused_layout(pattern, ctx)
         general = lambda: spattn.compile(pattern, L, causal=True, block_size=bs, device=device, fast=False)  # noqa: E731
         a, b = fast(), general()
         row["fast_builder"] = a.info.get("builder", "general")
@@ -133,6 +141,74 @@ def traced_row(L: int, device: str = "cuda", H: int = 16, D: int = 128, dtype=to
             row["traced_ms"] = median_ms(lambda: traced(q, k, v), device=device, wall=True, repeats=reps, warmup=1)
             row["traced_speedup"] = row["eager_ms"] / row["traced_ms"]
     except Exception as exc:  # noqa: BLE001 - recorded: the issue asks whether the dynamic path traces
+        import traceback
+
+        row.update(ok=False, error=repr(exc)[:800], trace=traceback.format_exc()[-3000:])
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def listops_row(device: str = "cuda", B: int = 32, L: int = 2000, H: int = 8, D: int = 64, layers: int = 4,
+                dtype=torch.bfloat16, reps: int = 5, block_size: int = 128) -> dict:
+    """The per-batch pattern of a training step (issue 18's ListOps case): ``Document(padding ids) &
+    Document(position // 50)`` compiled for each new batch, then ``layers`` forward + backward attention calls
+    on it, against dense SDPA with the same boolean mask (the padding + local-block mask a dense model uses).
+    Reports the compile alone, the attention alone and the whole step; correctness: the two agree on rows with
+    keys (padding rows are zero in spattn, undefined in SDPA)."""
+    import torch.nn.functional as F
+
+    row: dict = {"B": B, "L": L, "H": H, "D": D, "layers": layers, "block_size": block_size,
+                 "pattern": "Document(padding) & Document(position // 50)"}
+    try:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        lens = torch.randint(L // 4, L + 1, (B,), generator=g)
+        pos = torch.arange(L)
+        doc = torch.where(pos[None] < lens[:, None], 0, -1).to(device)
+        local = (pos // 50).expand(B, L).to(device)
+        pattern = spattn.Document(doc) & spattn.Document(local)
+        gq = torch.Generator(device=device).manual_seed(1)
+        q, k, v = (torch.randn(B, H, L, D, device=device, generator=gq).to(dtype).requires_grad_() for _ in range(3))
+        allowed = (doc[:, :, None] == doc[:, None, :]) & (doc[:, :, None] >= 0) & (local[:, :, None] == local[:, None, :])
+        mask = allowed[:, None]  # [B, 1, L, L]
+        backend = "triton" if device == "cuda" else "reference"
+        build = lambda: spattn.compile(pattern, L, block_size=block_size, batch=B, device=device)  # noqa: E731
+        layout = build()
+        row["density"] = layout.density()
+        row["block_density"] = layout.block_density()
+        row["masks"] = int(layout.masks.shape[0])
+
+        def sparse_attn(layout):
+            return spattn.attention(q, k, v, layout, backend=backend)
+
+        def dense_attn():
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+        with torch.no_grad():
+            a, b = sparse_attn(layout), dense_attn()
+            has_keys = allowed.any(-1)[:, None, :, None].expand_as(a)
+            row["max_abs_diff_vs_sdpa"] = float((a.float() - b.float())[has_keys].abs().max())
+            row["ok"] = bool(torch.isfinite(a).all()) and row["max_abs_diff_vs_sdpa"] < 3e-2
+            del a, b
+
+        def step_sparse():
+            lay = build()
+            for _ in range(layers):
+                sparse_attn(lay).sum().backward()
+
+        def step_dense():
+            for _ in range(layers):
+                dense_attn().sum().backward()
+
+        row["compile_ms"] = median_ms(build, device=device, wall=True, repeats=reps, warmup=1)
+        row["sparse_fwdbwd_ms"] = median_ms(lambda: sparse_attn(layout).sum().backward(), device=device,
+                                            wall=True, repeats=reps, warmup=1)
+        row["dense_fwdbwd_ms"] = median_ms(lambda: dense_attn().sum().backward(), device=device, wall=True,
+                                           repeats=reps, warmup=1)
+        row["sparse_step_ms"] = median_ms(step_sparse, device=device, wall=True, repeats=reps, warmup=1)
+        row["dense_step_ms"] = median_ms(step_dense, device=device, wall=True, repeats=reps, warmup=1)
+        row["step_speedup_vs_dense"] = row["dense_step_ms"] / row["sparse_step_ms"]
+    except Exception as exc:  # noqa: BLE001 - a failed row is recorded, the run goes on
         import traceback
 
         row.update(ok=False, error=repr(exc)[:800], trace=traceback.format_exc()[-3000:])
