@@ -107,3 +107,27 @@ def test_captured_attention_replays_new_values():
         got = step(q_new).clone()
         want = spattn.attention(q_new, k, v, layout, causal=True)
         torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+
+
+def test_static_pattern_is_compiled_once_per_shape(monkeypatch):
+    """Note [static layout cache]: the Layout of a static pattern is kept, so a loop pays the compile once."""
+    calls = []
+    real = api.compile_pattern
+    monkeypatch.setattr(api, "compile_pattern", lambda *a, **kw: calls.append(a[1:3]) or real(*a, **kw))
+    api._layouts.clear()
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 100, 8), torch.randn(1, 1, 100, 8), torch.randn(1, 1, 100, 8)
+    pattern = spattn.Sinks(4) | spattn.Window(20)
+    outs = [spattn.attention(q, k, v, spattn.Sinks(4) | spattn.Window(20), causal=True, block_size=32,
+                             backend="reference") for _ in range(3)]
+    assert calls == [(100, 100)]  # equal patterns share the entry
+    want = spattn.attention(q, k, v, spattn.compile(pattern, 100, causal=True, block_size=32, batch=1, heads=2),
+                            causal=True, backend="reference")
+    assert all(torch.equal(o, want) for o in outs)
+    spattn.attention(q[:, :, :50], k, v, pattern, causal=True, block_size=32, backend="reference")
+    spattn.attention(q, k, v, pattern, causal=False, block_size=32, backend="reference")
+    blocks = spattn.BlockLayout(torch.ones(4, 4, dtype=torch.bool), block=32)  # holds a tensor: keyed by identity
+    spattn.attention(q, k, v, blocks, block_size=32, backend="reference")
+    spattn.attention(q, k, v, blocks, block_size=32, backend="reference")
+    assert calls == [(100, 100), (50, 100), (100, 100), (100, 100)]
+    api._layouts.clear()
