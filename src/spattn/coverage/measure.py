@@ -219,6 +219,7 @@ def measure(
     topk: int = 16,
     chunk: int | None = None,
     block_size: int | None = None,
+    backend: str = "auto",
 ) -> CoverageReport:
     """Measure how much of the dense attention a sparse layout keeps, blockwise (never an Lq x Lk tensor).
 
@@ -235,6 +236,10 @@ def measure(
         chunk: tokens per query and key chunk (rounded to the layout block size); default: about 2^24
             score elements per tile on CPU, 2^28 on GPU.
         block_size: block size when compiling a pattern (default: spattn.compile's).
+        backend: ``"auto"`` (default: the Triton pass on CUDA when ``topk == 0`` and the kernel takes the inputs,
+            else torch), ``"torch"`` (the chunked torch pass, the reference) or ``"triton"``
+            (``spattn.coverage.kernel``: recall, KL, lse and the output errors in one fused pass; no top-k;
+            CUDA tensors, or CPU ones under ``TRITON_INTERPRET=1``). A named backend never falls back.
 
     Returns:
         :class:`CoverageReport`.
@@ -260,6 +265,14 @@ def measure(
     offset = Lk - Lq
     tiles = tables.tiles(layout.masks)
     query, key, value, bad_rows = _split_nonfinite(query, key, value, causal, G)
+    if _use_kernel(backend, query, topk, bs):
+        from spattn.coverage.kernel import coverage_sums
+
+        _, slot = tables.unpack(layout)
+        (m, S, K), outs = coverage_sums(query, key, value, slot, tiles, block_size=bs, causal=causal, scale=scale)
+        o_d, o_s = (outs[0].to(cdt), outs[1].to(cdt)) if outs is not None else (None, None)
+        recall, kl, lse, abs_err, sq_err, sq_ref = _row_metrics(m.to(cdt), S.to(cdt), K.to(cdt), o_d, o_s)
+        return _report(recall, kl, lse, None, abs_err, sq_err, sq_ref, bad_rows, layout, 0, causal)
     k_all = key.to(cdt)
     v_all = value.to(cdt) if value is not None else None
     Dv = value.shape[-1] if value is not None else 0
@@ -336,32 +349,70 @@ def measure(
                 elif kept is not False:
                     acc_s = acc_s + torch.matmul(pk.view(B, Hkv, G, cq, ck), v).view(B, H, cq, Dv)
             m = m_new
-        nonempty = S > 0
-        r = torch.where(nonempty, K / torch.where(nonempty, S, torch.ones_like(S)), torch.ones_like(S))
-        r = r.clamp(max=1.0)
-        recall[:, :, i0:i1] = r
-        kl[:, :, i0:i1] = torch.where(r > 0, -torch.log(torch.where(r > 0, r, torch.ones_like(r))),
-                                      torch.full_like(r, math.inf))
-        lse[:, :, i0:i1] = torch.where(nonempty, m + torch.log(torch.where(nonempty, S, torch.ones_like(S))),
-                                       torch.full_like(S, -math.inf))
+        one = torch.ones_like(S)
+        o_d = acc_d / torch.where(S > 0, S, one)[..., None] if value is not None else None
+        o_s = acc_s / torch.where(K > 0, K, one)[..., None] if value is not None else None
+        r, k_l, ls, ae, se, sr = _row_metrics(m, S, K, o_d, o_s)
+        recall[:, :, i0:i1], kl[:, :, i0:i1], lse[:, :, i0:i1] = r, k_l, ls
         if topk:
             finite = torch.isfinite(top_v)
             n = finite.sum(-1)
             hit = (top_f & finite).sum(-1)
             overlap[:, :, i0:i1] = torch.where(n > 0, hit / n.clamp(min=1), torch.ones_like(S))
         if value is not None:
-            one = torch.ones_like(S)
-            o_d = acc_d / torch.where(nonempty, S, one)[..., None]
-            o_s = acc_s / torch.where(K > 0, K, one)[..., None]
-            diff = (o_s - o_d).double()
-            abs_err[:, :, i0:i1] = diff.norm(dim=-1).to(cdt)
-            sq_err += diff.square().sum((-1, -2))
-            sq_ref += o_d.double().square().sum((-1, -2))
+            abs_err[:, :, i0:i1] = ae
+            sq_err += se
+            sq_ref += sr
+    return _report(recall, kl, lse, overlap, abs_err, sq_err, sq_ref, bad_rows, layout, topk, causal)
+
+
+def _use_kernel(backend: str, query: torch.Tensor, topk: int, block_size: int) -> bool:
+    """Whether ``measure`` takes the Triton pass (see its ``backend`` argument)."""
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    if backend == "torch":
+        return False
+    import importlib.util
+    import os
+
+    reason = None
+    if importlib.util.find_spec("triton") is None:
+        reason = "triton is not installed (pip install 'spattn[gpu]')"
+    elif query.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        reason = f"the Triton pass needs CUDA tensors (query is on {query.device.type})"
+    elif topk:
+        reason = f"the Triton pass does not compute the top-k overlap: pass topk=0 (got topk={topk})"
+    else:
+        from spattn.coverage.kernel import supports
+
+        reason = supports(query, block_size)
+    if reason is not None and backend == "triton":
+        raise RuntimeError(f"backend='triton' cannot run: {reason}")
+    return reason is None
+
+
+def _row_metrics(m, S, K, o_d, o_s):
+    """(recall, kl, lse ``[B, H, n]``; abs error ``[B, H, n]``, squared error and squared reference sums
+    float64 ``[B, H]``, or None without values) from the running max and the dense / kept sums of ``n`` rows and,
+    with values, the dense and sparse outputs ``[B, H, n, Dv]``."""
+    nonempty = S > 0
+    one = torch.ones_like(S)
+    r = torch.where(nonempty, K / torch.where(nonempty, S, one), one).clamp(max=1.0)
+    kl = torch.where(r > 0, -torch.log(torch.where(r > 0, r, one)), torch.full_like(r, math.inf))
+    lse = torch.where(nonempty, m + torch.log(torch.where(nonempty, S, one)), torch.full_like(S, -math.inf))
+    if o_d is None:
+        return r, kl, lse, None, None, None
+    diff = (o_s - o_d).double()
+    return (r, kl, lse, diff.norm(dim=-1).to(S.dtype), diff.square().sum((-1, -2)),
+            o_d.double().square().sum((-1, -2)))
+
+
+def _report(recall, kl, lse, overlap, abs_err, sq_err, sq_ref, bad_rows, layout, topk, causal) -> CoverageReport:
     output_error = None
-    if value is not None:
+    if sq_err is not None:
         ratio = (sq_err / torch.where(sq_ref > 0, sq_ref, torch.ones_like(sq_ref))).sqrt()
         no_ref = torch.where(sq_err > 0, torch.full_like(sq_err, math.inf), torch.zeros_like(sq_err))
-        output_error = torch.where(sq_ref > 0, ratio, no_ref).to(cdt)
+        output_error = torch.where(sq_ref > 0, ratio, no_ref).to(recall.dtype)
     nonfinite = 0
     if bad_rows is not None:  # Note [non-finite coverage]: NaN for those rows, never "perfect"
         nonfinite = int(bad_rows.sum())
