@@ -72,6 +72,13 @@ def main() -> None:
                 _launch.forward(q, k, k, *fwd_tables, layout.masks, 0.1, band)
             _launch.decode(q[:, :, :1], k, k, *fwd_tables, layout.masks, 0.1, band)
         _launch.backward(q, q, k, k, q, torch.zeros(1, 4, L), None, *fwd_tables, *bwd_tables, layout.masks, 0.1)
+        # coverage.measure's Triton pass, recall only and with values
+        from spattn.coverage.kernel import coverage_sums
+        from spattn.layout import tables
+
+        _, slot = tables.unpack(layout)
+        for value in (None, k):
+            coverage_sums(q, k, value, slot, tables.tiles(layout.masks), block_size=128, causal=True, scale=0.1)
 
 
 if __name__ == "__main__":

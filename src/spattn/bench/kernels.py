@@ -484,7 +484,7 @@ FOCUSED_MORE = [(L, p, hkv, d) for L in (65536, 131072) for p, hkv, d in (
     ("causal", 4, 128), ("causal", 16, 64), ("sinks64|window1024", 16, 64))]
 # seconds a step takes on the H200 (v2 runs, tuning and Flex compilation included); a measured step of the same
 # kind and length replaces the guess
-ESTIMATE_S = {"grid": 30, "decode": 12, "dynamic": 10, "capture": 8, "build": 8, "traced": 60, "listops": 15, 16384: 10,
+ESTIMATE_S = {"grid": 30, "decode": 12, "dynamic": 10, "capture": 8, "build": 8, "traced": 60, "listops": 15, "coverage": 15, 16384: 10,
               65536: 22, 131072: 50}
 
 
@@ -497,6 +497,7 @@ def _plan_steps(args, skip: set) -> list[tuple]:
         first, *others = kernels_build.BUILD_PATTERNS  # block layouts first: the build the issue measured
         steps += [("build", L, first) for L in args.build_lengths]
         steps += [("traced", L) for L in args.traced_lengths]
+        steps += [("coverage", L) for L in args.coverage_lengths]
         steps.append(("listops",))
         steps += [("build", L, name) for name in others for L in args.build_lengths]
         steps.append(("grid",))
@@ -536,6 +537,8 @@ def run(argv: list[str] | None = None) -> dict:
                     help="--focused: lengths of the layout-build rows (fused / banded vs general vs create_block_mask)")
     ap.add_argument("--traced-lengths", type=int, nargs="+", default=[16384],
                     help="--focused: lengths of the dynamic path under torch.compile(fullgraph=True)")
+    ap.add_argument("--coverage-lengths", type=int, nargs="+", default=[131072, 16384],
+                    help="--focused: lengths of the coverage.measure rows (Triton pass vs torch pass vs dense SDPA)")
     ap.add_argument("--no-backward", action="store_true")
     ap.add_argument("--skip", default="", help="comma-separated: grid,decode,regression,issue18,dynamic,capture")
     ap.add_argument("--time-budget", type=float, default=420.0,
@@ -561,7 +564,7 @@ def run(argv: list[str] | None = None) -> dict:
 
     dynamo.config.cache_size_limit = 64
     rec = bench_record.make("kernels", vars(args), [], ceilings=ceilings(), correctness=[], decode=[],
-                            dynamic=[], capture=[], build=[], traced=[], listops={}, not_run=[])
+                            dynamic=[], capture=[], build=[], traced=[], coverage=[], listops={}, not_run=[])
     print("ceilings", rec["ceilings"], flush=True)
 
     def save() -> None:
@@ -606,6 +609,10 @@ def run(argv: list[str] | None = None) -> dict:
             small = {} if DEV == "cuda" else {"H": 2, "D": 32, "dtype": DTYPE, "backend": "eager"}
             rec["traced"].append(kernels_build.traced_row(step[1], device=DEV, reps=_reps(10), **small))
             print("  traced", _short(rec["traced"][-1]), flush=True)
+        elif kind == "coverage":
+            small = {} if DEV == "cuda" else {"H": 2, "D": 32, "dtype": DTYPE}
+            rec["coverage"].append(kernels_build.coverage_row(step[1], device=DEV, reps=_reps(3), **small))
+            print("  coverage", _short(rec["coverage"][-1]), flush=True)
         elif kind == "listops":
             small = {} if DEV == "cuda" else {"B": 2, "L": 300, "H": 2, "D": 16, "layers": 2, "dtype": DTYPE}
             rec["listops"] = kernels_build.listops_row(device=DEV, reps=_reps(5), **small)
@@ -678,6 +685,11 @@ def print_summary(rec: dict) -> None:
                   f"equal: {r['equal_to_general']}")
         else:
             print(f"build {r['L']} {r['pattern']}: error {r.get('error', '')[:120]}")
+    for r in rec.get("coverage", []):
+        print(f"coverage {r['L']}: " + (f"triton {r['triton_ms']:.2f} ms ({r['triton_over_sdpa']:.2f}x SDPA), torch "
+                                         f"{r['torch_ms']:.2f} ms ({r['torch_over_sdpa']:.2f}x), recall diff "
+                                         f"{r['recall_max_abs_diff']:.1e}" if "triton_ms" in r
+                                         else f"error {r.get('error', '')[:160]}"))
     for r in rec.get("traced", []):
         print(f"traced {r['L']}: " + (f"eager {r['eager_ms']:.2f} ms, fullgraph {r['traced_ms']:.2f} ms, first call "
                                        f"{r['first_call_s']:.1f} s, diff {r['max_abs_diff_vs_eager']:.2e}"
