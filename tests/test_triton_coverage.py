@@ -14,11 +14,14 @@ import sys
 import pytest
 import torch
 
-from tests import test_triton_kernels as kernel_tests  # sets TRITON_INTERPRET and patches the interpreter
+# first: it sets TRITON_INTERPRET before triton is imported and patches the interpreter (order matters)
+from tests import test_triton_kernels as kernel_tests  # noqa: I001
 
 import spattn  # noqa: E402
 from spattn.coverage import measure  # noqa: E402
-from spattn.testing import assert_within, brute_force_mask, dense_attention, plain_attention, poison_empty  # noqa: E402
+from spattn.testing import (  # noqa: E402
+    assert_within, brute_force_mask, dense_attention, plain_attention, poison_empty,
+)
 
 needs_interp = kernel_tests.needs_interp
 DEVICE = kernel_tests.DEVICE

@@ -484,7 +484,8 @@ FOCUSED_MORE = [(L, p, hkv, d) for L in (65536, 131072) for p, hkv, d in (
     ("causal", 4, 128), ("causal", 16, 64), ("sinks64|window1024", 16, 64))]
 # seconds a step takes on the H200 (v2 runs, tuning and Flex compilation included); a measured step of the same
 # kind and length replaces the guess
-ESTIMATE_S = {"grid": 30, "decode": 12, "dynamic": 10, "capture": 8, "build": 8, "traced": 60, "listops": 15, "coverage": 15, 16384: 10,
+ESTIMATE_S = {"grid": 30, "decode": 12, "dynamic": 10, "capture": 8, "build": 8, "traced": 60, "listops": 15,
+              "coverage": 15, 16384: 10,
               65536: 22, 131072: 50}
 
 
@@ -493,7 +494,8 @@ def _plan_steps(args, skip: set) -> list[tuple]:
     steps: list[tuple] = []
     if args.focused:
         # issue 18, session 4: the layout build (each row checks itself against the general path), the traced
-        # dynamic path and the ListOps step first, then the grid, the fwd+bwd rows against Flex, the v3 rows, the rows never measured
+        # dynamic path, the coverage pass and the ListOps step first, then the grid, the fwd+bwd rows against Flex,
+        # the v3 rows, the rows never measured
         first, *others = kernels_build.BUILD_PATTERNS  # block layouts first: the build the issue measured
         steps += [("build", L, first) for L in args.build_lengths]
         steps += [("traced", L) for L in args.traced_lengths]

@@ -169,7 +169,8 @@ def listops_row(device: str = "cuda", B: int = 32, L: int = 2000, H: int = 8, D:
         pattern = spattn.Document(doc) & spattn.Document(local)
         gq = torch.Generator(device=device).manual_seed(1)
         q, k, v = (torch.randn(B, H, L, D, device=device, generator=gq).to(dtype).requires_grad_() for _ in range(3))
-        allowed = (doc[:, :, None] == doc[:, None, :]) & (doc[:, :, None] >= 0) & (local[:, :, None] == local[:, None, :])
+        allowed = ((doc[:, :, None] == doc[:, None, :]) & (doc[:, :, None] >= 0)
+                   & (local[:, :, None] == local[:, None, :]))
         mask = allowed[:, None]  # [B, 1, L, L]
         backend = "triton" if device == "cuda" else "reference"
         build = lambda: spattn.compile(pattern, L, block_size=block_size, batch=B, device=device)  # noqa: E731
