@@ -4,7 +4,7 @@ outputs from ``spattn.testing.dense_attention`` on the dense-visible and the kep
 exp(lse_kept - lse_dense)), with the torch pass in the test dtype as the baseline of the tolerance rule, and
 outputs NaN-poisoned. Same interpreter set-up as ``test_triton_kernels.py`` (Note [interpreter in one process])."""
 
-from __future__ import annotations
+from __future__ import annotations  # noqa: I001 - tests.test_triton_kernels must be imported before spattn
 
 import math
 import os
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 # first: it sets TRITON_INTERPRET before triton is imported and patches the interpreter (order matters)
-from tests import test_triton_kernels as kernel_tests  # noqa: I001
+from tests import test_triton_kernels as kernel_tests
 
 import spattn  # noqa: E402
 from spattn.coverage import measure  # noqa: E402
