@@ -37,8 +37,9 @@ batch / p50 step; next-token agreement with dense on the same steps. ``phase_sec
 the model build finished.
 
 Correctness gates first (the run stops if one fails): the runtime's decode kernel (triton on CUDA) and the torch
-reference path against the float64 dense oracle at 32k (tolerance rule of ``spattn.testing``) and ``generate`` with a plan that covers every token equal to dense
-``generate`` (float32, 2 layers). Random weights make attention diffuse, so the recall numbers say what the
+reference path against the float64 dense oracle at 32k (tolerance rule of ``spattn.testing``), and ``generate``
+with a plan that covers every token (through the runtime's default kernel) equal to dense ``generate`` (float32,
+2 layers). Random weights make attention diffuse, so the recall numbers say what the
 selection keeps on this model, not on a trained one.
 
 Controller (last): at 32k with ``sparse-16``, target = 1.5 x the measured sparse median step; from step 16 to 40
@@ -67,9 +68,8 @@ import torch
 import spattn
 from spattn.bench.env import machine_info
 from spattn.runtime import ControllerConfig, Runtime, decode_plan, paged_attention, select
-from spattn.runtime.engine import KERNELS
 from spattn.runtime.cache import SpattnCache
-from spattn.runtime.engine import NAME, runtime_attention_forward  # noqa: I001
+from spattn.runtime.engine import KERNELS, NAME, runtime_attention_forward
 from spattn.testing import assert_within, dense_attention, plain_attention
 
 MODEL = ("random-weight LlamaForCausalLM of SmolLM2-135M's shape: 30 layers (--layers), hidden 576, 9 / 3 heads, "

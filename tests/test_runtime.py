@@ -285,3 +285,26 @@ def test_json_log_lines_carry_the_event_fields():
     record.event = {"event": "fallback", "layer": 3, "reason": "nonfinite"}
     line = json.loads(JsonFormatter().format(record))
     assert line["layer"] == 3 and line["reason"] == "nonfinite" and line["level"] == "warning"
+
+
+def test_request_scope_controls_on_request_latency_not_steps():
+    """``latency_scope="request"``: decode steps move no budget; slow requests (each sequence of a batch one
+    request) lower it, fast ones raise it again, and the Prometheus gauge is the request p95."""
+    pytest.importorskip("prometheus_client")
+    from spattn.runtime import Metrics
+
+    metrics = Metrics(level=1)
+    ctl = Controller(ControllerConfig(latency_target_ms=100, latency_scope="request", budget=16, max_budget=32,
+                                      window=8), metrics=metrics)
+    for _ in range(10):
+        ctl.observe_step(5.0, [0])  # far over 100 ms, but steps are not what the target bounds
+    assert ctl.budget == 16 and ctl.p95 is None and not ctl.counts
+    ctl.observe_request(0.4, [0], requests=4)
+    low = ctl.budget
+    assert low < 16 and ctl.counts[("budget", "latency_down")] == 1 and ctl.p95 == pytest.approx(0.4)
+    assert metrics.registry.get_sample_value("spattn_request_p95_seconds") == pytest.approx(0.4)
+    for _ in range(4):
+        ctl.observe_request(0.01, [0], requests=4)
+    assert ctl.budget > low and ctl.summary()["latency_scope"] == "request"
+    with pytest.raises(ValueError, match="latency_scope"):
+        ControllerConfig(latency_scope="token")

@@ -229,9 +229,13 @@ class Runtime:
             kwargs["past_key_values"] = self.new_cache(reserve=reserve)
         self.step_seconds = []
         self.cache = kwargs["past_key_values"]
+        start = time.perf_counter()
         with torch.inference_mode():
             out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
                                       logits_processor=processors, **kwargs)
+        self.controller.observe_request(time.perf_counter() - start,
+                                        [i for i in self.sparse_layers if not self.controller.is_dense(i)],
+                                        requests=int(input_ids.shape[0]))
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
         self.metrics.count_tokens(int((sequences.shape[1] - input_ids.shape[1]) * sequences.shape[0]))
         return out
