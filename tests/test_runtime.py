@@ -308,3 +308,24 @@ def test_request_scope_controls_on_request_latency_not_steps():
     assert ctl.budget > low and ctl.summary()["latency_scope"] == "request"
     with pytest.raises(ValueError, match="latency_scope"):
         ControllerConfig(latency_scope="token")
+
+
+@pytest.mark.parametrize("pattern", [
+    pytest.param(spattn.Sinks(5) | spattn.Window(20), id="sinks-window"),
+    pytest.param(spattn.Window(3) | spattn.Strided(4, block=16) | spattn.Dilated(7, 3), id="strided-dilated"),
+    pytest.param(spattn.RandomBlocks(2, block=16) | spattn.Global((0, 9)), id="random-global"),
+    pytest.param(spattn.PerHead([spattn.Window(4), spattn.Sinks(6), spattn.Window(30), spattn.Full()]),
+                 id="per-head"),
+])
+@pytest.mark.parametrize("length", [1, 17, 130])
+def test_pattern_row_equals_the_compiled_decode_row(pattern, length):
+    """The decode row from the pattern's token mask (no Layout per step) is the compiled ``q_len=1`` row."""
+    from spattn.runtime.decode import layout_row, pattern_row
+
+    layout = spattn.compile(pattern, 1, length, causal=True, block_size=16, batch=2, heads=4)
+    row = pattern_row(pattern, length, batch=2, heads=4, page_size=16, device=torch.device("cpu"))
+    assert torch.equal(row.expand(2, 4, length), layout_row(layout).expand(2, 4, length))
+    if isinstance(pattern, spattn.PerHead):
+        assert row.shape[1] == 4  # per-head rows: the triton path then takes per-head tables
+    elif isinstance(pattern, spattn.Union) and isinstance(pattern.parts[0], spattn.Sinks):
+        assert row.shape == (1, 1, length)  # one row for every head: per-group tables (GQA packed)

@@ -36,7 +36,7 @@ import torch
 
 from spattn.layout import tables
 from spattn.patterns import Layout, Pattern, Union
-from spattn.patterns import compile as compile_pattern
+from spattn.patterns.base import Context
 from spattn.selectors import TopK, TopP, top_k, top_p
 from spattn.selectors.common import block_sizes, masked_softmax, normalise
 
@@ -105,6 +105,23 @@ def layout_row(layout: Layout) -> torch.Tensor:
     return rows[slot[:, :, 0]].flatten(2)[..., : layout.kv_len]
 
 
+def pattern_row(pattern: Pattern, kv_len: int, *, batch: int, heads: int, page_size: int,
+                device: torch.device) -> torch.Tensor:
+    """bool ``[Bs, Hs, L]``: the keys a static ``pattern`` keeps for one causal query at ``L - 1``, from its
+    exact ``token_mask`` (a few elementwise kernels over ``L`` keys on the device; what ``compile`` with
+    ``q_len=1`` gives, see :func:`layout_row`, without building a Layout at every step)."""
+    ctx = Context(q_len=1, kv_len=kv_len, block_size=page_size, device=device, causal=True, batch=batch,
+                  heads=heads)
+    b = torch.arange(batch, device=device).view(batch, 1, 1)
+    h = torch.arange(heads, device=device).view(1, heads, 1)
+    i = torch.full((1, 1, 1), kv_len - 1, dtype=torch.long, device=device)
+    j = torch.arange(kv_len, device=device).view(1, 1, kv_len)
+    keep = torch.as_tensor(pattern.token_mask(ctx, b, h, i, j), dtype=torch.bool, device=device)
+    # broadcast dims stay 1: a row per sequence / head only where the pattern reads b / h
+    keep = keep.expand(torch.broadcast_shapes(keep.shape, (1, 1, kv_len)))
+    return keep & (j <= i)
+
+
 def static_row(plan: DecodePlan, kv_len: int, *, batch: int, heads: int, page_size: int, device: torch.device,
                group: int = 1, offset: int = 0) -> tuple[torch.Tensor, int]:
     """bool ``[Bs, Hs, L]`` (``Bs`` in {1, B}, ``Hs`` in {1, H}) keys the static part keeps for the query at
@@ -123,9 +140,7 @@ def static_row(plan: DecodePlan, kv_len: int, *, batch: int, heads: int, page_si
     if plan.static is None:
         row = torch.zeros(1, 1, length, dtype=torch.bool, device=device)
     else:
-        layout = compile_pattern(plan.static, 1, length, causal=True, block_size=page_size, batch=batch,
-                                 heads=heads, device=device)
-        row = layout_row(layout)
+        row = pattern_row(plan.static, length, batch=batch, heads=heads, page_size=page_size, device=device)
     if plan.keep:
         toks = torch.tensor([t for t in plan.keep if t < length], dtype=torch.long, device=device)
         row = row.clone()
