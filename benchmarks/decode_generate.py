@@ -1,7 +1,8 @@
 """Sparse decode inside Hugging Face ``generate``: tokens/s, per-step latency (p50 / p95), the share of a step
 outside attention, sampled recall, the 8x target at 128k, and the controller under a synthetic latency spike.
 
-    PYTHONPATH=src python benchmarks/decode_generate.py --time-budget 300 --out $OUT/decode_generate.json  # H200
+    SPATTN_TRITON_AUTOTUNE=0 PYTHONPATH=src python benchmarks/decode_generate.py --time-budget 85 \
+        --out $OUT/decode_generate.json                                                              # H200
     PYTHONPATH=src python benchmarks/decode_generate.py --quick --device cpu --out /tmp/decode.json          # CPU smoke
 
 Model: a random-weight Llama of SmolLM2-135M's shape (30 layers, hidden 576, 9 query / 3 key-value heads, head
