@@ -1,7 +1,8 @@
 """Sparse decode inside Hugging Face ``generate``: tokens/s, per-step latency (p50 / p95), the share of a step
 outside attention, sampled recall, the 8x target at 128k, and the controller under a synthetic latency spike.
 
-    PYTHONPATH=src python benchmarks/decode_generate.py --time-budget 300 --out $OUT/decode_generate.json  # H200
+    SPATTN_TRITON_AUTOTUNE=0 PYTHONPATH=src python benchmarks/decode_generate.py --time-budget 85 \
+        --out $OUT/decode_generate.json                                                              # H200
     PYTHONPATH=src python benchmarks/decode_generate.py --quick --device cpu --out /tmp/decode.json          # CPU smoke
 
 Model: a random-weight Llama of SmolLM2-135M's shape (30 layers, hidden 576, 9 query / 3 key-value heads, head
@@ -20,19 +21,26 @@ Variants, decoded with ``Runtime.generate`` from the cache, ``--steps`` (32) tim
 
 * ``dense``: the plan ``Plan()`` -- transformers' SDPA attention in every layer (the baseline);
 * ``sparse-16`` / ``sparse-64``: ``Sinks(64) | Window(1024) | TopK("bounds", k)``, pages of 128 tokens chosen per
-  step from the cache's per-page key min/max (selection and gathering included in every timing).
+  step from the cache's per-page key min/max (selection and table building included in every timing); on CUDA the
+  attention runs through spattn's triton split-K decode kernel (``Runtime(decode_kernel="auto")``: block tables
+  built on the device from the selected pages, one launch per layer, over the cache's whole zeroed buffer so the
+  launch plan is the same at every step), elsewhere through the torch reference ``paged_attention``.
 
 Measured, in this order (most important first; each result is written to the JSON as soon as it exists, and a
 task whose estimated cost does not fit in what is left of ``--time-budget`` is skipped and recorded as skipped):
-dense and sparse-16 step latency at 128k (the 8x target: ``speedup_vs_dense``, end to end, p50 over p50), the same
-at 32k, sparse-64, then the attention call alone (layer 0's cache: torch SDPA vs selection + paged kernel, x layers
-= ``attention_per_step_ms``), the sampled true recall (monitor level 1, every step, 4 steps), then the share of a
-step outside attention (a second run with every attention call CUDA-synchronised and timed). tokens/s = batch /
-p50 step; next-token agreement with dense on the same steps.
+at 128k, dense and sparse-16 ``generate`` step latency (the 8x target: ``speedup_vs_dense``, end to end, p50 over
+p50); the attention call alone (layer 0's cache: torch SDPA vs selection + kernel, x layers =
+``attention_per_step_ms``, with ``select_call_ms`` / ``kernel_call_ms`` / ``torch_kernel_call_ms`` apart); the
+model's decode forward alone without the generate loop (``forward_p50_ms``, ``generate_loop_ms``); the share of a
+step outside attention (a second run with every attention call CUDA-synchronised and timed); then the timings at
+32k, the sampled true recall (monitor level 1, every step, 4 steps), sparse-64, and the rest at 32k. tokens/s =
+batch / p50 step; next-token agreement with dense on the same steps. ``phase_seconds`` says when the gates and
+the model build finished.
 
-Correctness gates first (the run stops if one fails): the paged decode kernel against the float64 dense oracle
-at 32k (tolerance rule of ``spattn.testing``) and ``generate`` with a plan that covers every token equal to dense
-``generate`` (float32, 2 layers). Random weights make attention diffuse, so the recall numbers say what the
+Correctness gates first (the run stops if one fails): the runtime's decode kernel (triton on CUDA) and the torch
+reference path against the float64 dense oracle at 32k (tolerance rule of ``spattn.testing``), and ``generate``
+with a plan that covers every token (through the runtime's default kernel) equal to dense ``generate`` (float32,
+2 layers). Random weights make attention diffuse, so the recall numbers say what the
 selection keeps on this model, not on a trained one.
 
 Controller (last): at 32k with ``sparse-16``, target = 1.5 x the measured sparse median step; from step 16 to 40
@@ -62,11 +70,12 @@ import spattn
 from spattn.bench.env import machine_info
 from spattn.runtime import ControllerConfig, Runtime, decode_plan, paged_attention, select
 from spattn.runtime.cache import SpattnCache
-from spattn.runtime.engine import NAME, runtime_attention_forward
+from spattn.runtime.engine import KERNELS, NAME, runtime_attention_forward
 from spattn.testing import assert_within, dense_attention, plain_attention
 
 MODEL = ("random-weight LlamaForCausalLM of SmolLM2-135M's shape: 30 layers (--layers), hidden 576, 9 / 3 heads, "
          "head dim 64, intermediate 1536, vocabulary 49152, rope_theta 1e5")
+KERNEL = ["auto"]  # --decode-kernel: the runtime's sparse decode kernel in every row
 CACHE = ("first --prefill-tokens tokens prefilled by the model (dense SDPA); a longer context repeats that prefix's "
          "keys/values to its length (per-page statistics recomputed); decode positions are the true ones")
 
@@ -113,7 +122,8 @@ def gate_kernel(length: int, device, dtype, page: int) -> dict:
 
     sel = select(q, length, valid, plan, 16, kv_heads=Hkv, page_size=page, scale=D ** -0.5,
                  key_min=pool(k, page, "amin"), key_max=pool(k, page, "amax"))
-    out = paged_attention(q, k, v, sel, page_size=page, scale=D ** -0.5)
+    out = KERNELS[KERNEL[0]](q, k, v, sel, page_size=page, scale=D ** -0.5)  # auto: triton on CUDA
+    reference = paged_attention(q, k, v, sel, page_size=page, scale=D ** -0.5)
     tokens = (sel.pages.clamp_min(0)[..., None] * page + torch.arange(page, device=device)).flatten(2)
     tokens = tokens.repeat_interleave(H // Hkv, dim=1)
     mask = sel.mask & (tokens < length)
@@ -123,8 +133,11 @@ def gate_kernel(length: int, device, dtype, page: int) -> dict:
     golden, _ = dense_attention(q, k, v, allowed)
     baseline, _ = plain_attention(q, k, v, allowed)
     assert_within(out, golden, baseline, what="paged decode kernel")
+    assert_within(reference, golden, baseline, what="torch paged decode (reference path)")
     return {"length": length, "pages_visited_max": int((sel.pages >= 0).sum(-1).max()),
+            "kernel": KERNELS[KERNEL[0]].__name__ + (" (triton on CUDA)" if KERNEL[0] == "auto" else ""),
             "max_err": float((out.double() - golden).abs().max()),
+            "reference_path_max_err": float((reference.double() - golden).abs().max()),
             "baseline_err": float((baseline.double() - golden).abs().max())}
 
 
@@ -140,7 +153,10 @@ def gate_generate(device, page: int) -> dict:
     with torch.inference_mode():
         dense = model.generate(ids, **kw)
     plan = spattn.Plan.uniform(spattn.Sinks(64) | spattn.Window(4096) | spattn.TopK("bounds", 4))
-    runtime = Runtime(model, plan, min_sparse_tokens=0, block_size=page, monitor_level=0)
+    # the prefill through the reference backend (no triton JIT of prefill kernels this benchmark does not time);
+    # the decode steps through the runtime's decode kernel (triton on CUDA)
+    runtime = Runtime(model, plan, min_sparse_tokens=0, block_size=page, monitor_level=0, backend="reference",
+                      decode_kernel=KERNEL[0])
     out = runtime.generate(ids, **kw)
     runtime.detach()
     equal = bool(torch.equal(out.sequences, dense.sequences))
@@ -152,7 +168,8 @@ def gate_generate(device, page: int) -> dict:
     if max(diffs) > 1e-3:
         raise AssertionError(f"generate with a plan covering every token differs from dense: relative logit "
                              f"error {max(diffs):.2e}")
-    return {"prompt": 700, "new_tokens": 8, "equal_tokens": equal, "max_relative_logit_error": max(diffs),
+    return {"prompt": 700, "new_tokens": 8, "prefill_backend": "reference", "equal_tokens": equal,
+            "max_relative_logit_error": max(diffs),
             "fallbacks": dict(runtime.controller.summary()["counts"])}
 
 
@@ -251,7 +268,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def measure_timing(model, plan, ids, cache, length, args, page, row) -> None:
     """tokens/s and per-step p50 / p95 of ``generate``'s decode steps (3 warm-up steps first)."""
-    rt = Runtime(model, plan, min_sparse_tokens=0, block_size=page, monitor_level=0)
+    rt = Runtime(model, plan, min_sparse_tokens=0, block_size=page, monitor_level=0, decode_kernel=KERNEL[0])
     try:
         decode(rt, ids, cache, length, 3)
         tokens, times = decode(rt, ids, cache, length, args.steps)
@@ -265,7 +282,7 @@ def measure_timing(model, plan, ids, cache, length, args, page, row) -> None:
 
 def measure_share(model, plan, ids, cache, length, args, device, page, row) -> None:
     """Share of a step outside the attention call (every attention call CUDA-synchronised and timed)."""
-    rt = Runtime(model, plan, min_sparse_tokens=0, block_size=page, monitor_level=0)
+    rt = Runtime(model, plan, min_sparse_tokens=0, block_size=page, monitor_level=0, decode_kernel=KERNEL[0])
     try:
         with AttentionTimer(device) as timer:
             decode(rt, ids, cache, length, 8)
@@ -277,9 +294,37 @@ def measure_share(model, plan, ids, cache, length, args, device, page, row) -> N
     row["synchronised_step_mean_ms"] = total / len(rt.step_seconds) * 1e3
 
 
+def measure_forward(model, plan, ids, cache, length, args, device, page, row) -> None:
+    """The model's decode forward alone (one token, from the cache, no ``generate`` loop, no sampling):
+    CUDA-synchronised p50 over ``--steps`` steps after 3 warm-up steps; ``generate_loop_ms`` = the generate
+    step p50 minus this."""
+    rt = Runtime(model, plan, min_sparse_tokens=0, block_size=page, monitor_level=0, decode_kernel=KERNEL[0])
+    B = ids.shape[0]
+    times = []
+    try:
+        with torch.inference_mode():
+            for layer in cache.layers:
+                layer.crop(length - layer.get_seq_length())
+            rt.cache = cache
+            for i in range(3 + args.steps):
+                mask = torch.ones(B, length + i + 1, dtype=torch.long, device=device)
+                sync(device)
+                start = time.perf_counter()
+                model(ids[:, length:length + 1], attention_mask=mask, past_key_values=cache, use_cache=True)
+                sync(device)
+                if i >= 3:
+                    times.append(time.perf_counter() - start)
+    finally:
+        rt.detach()
+    row["forward_p50_ms"] = statistics.median(times) * 1e3
+    if "step_p50_ms" in row:
+        row["generate_loop_ms"] = row["step_p50_ms"] - row["forward_p50_ms"]
+
+
 def measure_recall(model, plan, ids, cache, length, page, row) -> None:
     """Sampled true recall (every step, monitor level 1), density and pages over 4 decode steps."""
-    rt = Runtime(model, plan, min_sparse_tokens=0, block_size=page, monitor_level=1, recall_sample=1.0)
+    rt = Runtime(model, plan, min_sparse_tokens=0, block_size=page, monitor_level=1, recall_sample=1.0,
+                 decode_kernel=KERNEL[0])
     try:
         decode(rt, ids, cache, length, 4)
         row["recall_mean"], row["recall_worst_layer"] = metric_mean(rt, "spattn_decode_recall")
@@ -301,45 +346,66 @@ def measure_kernel(plan, cache, length, args, device, page, row, repeats: int = 
     pattern = plan.pattern_for(0)
     dp = None if pattern is None else decode_plan(pattern)
 
+    def selection():
+        key_min, key_max = layer.page_bounds()
+        return select(query, L, valid, dp, dp.blocks, kv_heads=Hkv, page_size=page, scale=D ** -0.5,
+                      key_min=key_min, key_max=key_max)
+
+    sel = None if dp is None else selection()
+
+    def kernel():  # the runtime's kernel on CUDA: triton on device tables, over the cache's whole buffer
+        if KERNEL[0] == "torch":
+            return paged_attention(query, key, value, sel, page_size=page, scale=D ** -0.5)
+        return KERNELS[KERNEL[0]](query, key, value, sel, page_size=page, scale=D ** -0.5, whole_buffer=True)
+
     def call():
         if dp is None:
             return torch.nn.functional.scaled_dot_product_attention(query, key, value, enable_gqa=True)
-        key_min, key_max = layer.page_bounds()
-        sel = select(query, L, valid, dp, dp.blocks, kv_heads=Hkv, page_size=page, scale=D ** -0.5,
-                     key_min=key_min, key_max=key_max)
-        return paged_attention(query, key, value, sel, page_size=page, scale=D ** -0.5)
+        nonlocal sel
+        sel = selection()
+        return kernel()
 
-    with torch.inference_mode():
-        for _ in range(3):
-            call()
-        sync(device)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            call()
+    def timed(fn) -> float:
+        with torch.inference_mode():
+            for _ in range(3):
+                fn()
             sync(device)
-            times.append(time.perf_counter() - start)
-    med = statistics.median(times)
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                fn()
+                sync(device)
+                times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    med = timed(call)
     row["attention_call_ms"] = med * 1e3
     row["attention_per_step_ms"] = med * 1e3 * len(cache.layers)
     row["attention_call_what"] = ("torch SDPA, enable_gqa, one query, no mask" if dp is None
-                                  else "select (bounds from page min/max) + paged_attention")
+                                  else "select (bounds from page min/max) + triton decode on device tables"
+                                  if device.type == "cuda" and KERNEL[0] != "torch" else f"select + {KERNEL[0]} kernel")
+    if dp is not None:  # the two halves apart: page selection, and the kernel on a fixed selection
+        row["select_call_ms"] = timed(selection) * 1e3
+        row["kernel_call_ms"] = timed(kernel) * 1e3
+        row["torch_kernel_call_ms"] = timed(
+            lambda: paged_attention(query, key, value, sel, page_size=page, scale=D ** -0.5)) * 1e3
 
 
 def tasks(contexts: list[int], variants: list[str]) -> list[tuple[str, int, str]]:
-    """(kind, context, variant), most important first: the dense / first-sparse timing at the largest context
-    (the 8x target), then the other contexts, then the other sparse variants, then recall and attention shares."""
+    """(kind, context, variant), most important first: at the largest context the dense / first-sparse step
+    timing (the 8x target), the attention call alone, the model forward alone (no generate loop) and the share
+    of a step outside attention; then the same timings at the other contexts, recall, the other variants."""
     ordered = sorted(contexts, reverse=True)
+    top, others = ordered[0], ordered[1:]
     first, rest = variants[:2], variants[2:]
-    out = [("timing", c, v) for c in ordered for v in first]
-    out += [("timing", c, v) for c in ordered for v in rest]
     sparse = [v for v in variants if v != "dense"]
-    out += [("kernel", c, v) for c in ordered for v in first]
+    out = [(kind, top, v) for kind in ("timing", "kernel", "forward", "share") for v in first]
+    out += [("timing", c, v) for c in others for v in first]
     out += [("recall", c, v) for c in ordered for v in sparse[:1]]
-    out += [("share", c, v) for c in ordered for v in first]
+    out += [("timing", c, v) for c in ordered for v in rest]
+    out += [(kind, c, v) for kind in ("kernel", "forward", "share") for c in others for v in first]
     out += [("recall", c, v) for c in ordered for v in sparse[1:]]
-    out += [("share", c, v) for c in ordered for v in rest]
-    out += [("kernel", c, v) for c in ordered for v in rest]
+    out += [(kind, c, v) for kind in ("kernel", "share") for c in ordered for v in rest]
     return out
 
 
@@ -425,6 +491,8 @@ def run_rows(model, args, device, page, report, budget: Budget) -> None:
                 measure_timing(model, plan, ids, cache, context, args, page, row)
             elif kind == "kernel":
                 measure_kernel(plan, cache, context, args, device, page, row)
+            elif kind == "forward":
+                measure_forward(model, plan, ids, cache, context, args, device, page, row)
             elif kind == "share":
                 measure_share(model, plan, ids, cache, context, args, device, page, row)
             else:
@@ -450,7 +518,7 @@ def controller_spike(model, length, args, device, page) -> dict:
     B = args.batch
     ids = torch.randint(3, 49152, (B, length + 1), generator=torch.Generator().manual_seed(7)).to(device)
     plan = plans(args.quick)["sparse-16"]
-    rt = Runtime(model, plan, min_sparse_tokens=0, block_size=page, monitor_level=0)
+    rt = Runtime(model, plan, min_sparse_tokens=0, block_size=page, monitor_level=0, decode_kernel=KERNEL[0])
     cache = rt.new_cache(reserve=length + 80)
     with torch.inference_mode():
         model(ids[:, :length], past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -463,7 +531,7 @@ def controller_spike(model, length, args, device, page) -> dict:
     config = ControllerConfig(latency_target_ms=target_ms, window=8, budget=16, max_budget=64, patience=4,
                               cooldown=16, recall_floor=floor)
     rt = Runtime(model, plan, min_sparse_tokens=0, block_size=page, monitor_level=1, recall_sample=0.25,
-                 controller=config)
+                 controller=config, decode_kernel=KERNEL[0])
     spike = (16, 40)
     trace: list[dict] = []
     state = {"step": 0}
@@ -472,7 +540,7 @@ def controller_spike(model, length, args, device, page) -> dict:
         if spike[0] <= state["step"] < spike[1] and state.get("layer0", True):
             sync(device)
             time.sleep(2 * base)
-        return paged_attention(query, key, value, selection, **kwargs)
+        return KERNELS[KERNEL[0]](query, key, value, selection, **kwargs)
 
     original_end_step = rt.end_step
 
@@ -521,7 +589,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--contexts", type=int, nargs="+", default=[131072, 32768])
+    parser.add_argument("--contexts", type=int, nargs="+", default=None, help="default 131072 32768")
+    parser.add_argument("--decode-kernel", default="auto", choices=sorted(KERNELS),
+                        help="the runtime's sparse decode kernel (default auto: triton on CUDA, torch elsewhere; "
+                             "triton on CPU needs TRITON_INTERPRET=1, a dry run)")
     parser.add_argument("--variants", nargs="+", default=["dense", "sparse-16", "sparse-64"],
                         choices=["dense", "sparse-16", "sparse-64"])
     parser.add_argument("--batch", type=int, default=8)
@@ -536,7 +607,10 @@ def main() -> None:
                              "in what is left is skipped and recorded as skipped")
     args = parser.parse_args()
     if args.quick:
-        args.contexts, args.batch, args.steps, args.layers, args.prefill_tokens = [2048, 1024], 2, 4, 2, 512
+        args.contexts = args.contexts or [2048, 1024]
+        args.batch, args.steps, args.layers, args.prefill_tokens = 2, 4, 2, 512
+    args.contexts = args.contexts or [131072, 32768]
+    KERNEL[0] = args.decode_kernel
     if args.variants[0] != "dense":
         parser.error("--variants must start with dense (the baseline of the speedups)")
     budget = Budget(args.time_budget)
@@ -549,12 +623,16 @@ def main() -> None:
               "dense_baseline": "transformers' SDPA attention (sdpa_attention_forward) in every layer",
               "gates": {}, "rows": [], "_started": budget.start}
     write(report, args.out)
+    report["phase_seconds"] = {"start": round(time.time() - budget.start, 2)}
     report["gates"]["kernel"] = gate_kernel(min(max(args.contexts), 32768), device, dtype, page)
+    report["phase_seconds"]["kernel_gate_done"] = round(time.time() - budget.start, 2)
     write(report, args.out)
     report["gates"]["generate"] = gate_generate(device, page)
     write(report, args.out)
     print("gates passed:", json.dumps(report["gates"]), flush=True)
+    report["phase_seconds"]["gates_done"] = round(time.time() - budget.start, 2)
     model = smollm2_shape(args.layers, max(args.contexts) + args.steps + 64, dtype, device)
+    report["phase_seconds"]["model_built"] = round(time.time() - budget.start, 2)
     args.heads = model.config.num_attention_heads
     run_rows(model, args, device, page, report, budget)
     if device.type == "cuda":

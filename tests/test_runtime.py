@@ -285,3 +285,47 @@ def test_json_log_lines_carry_the_event_fields():
     record.event = {"event": "fallback", "layer": 3, "reason": "nonfinite"}
     line = json.loads(JsonFormatter().format(record))
     assert line["layer"] == 3 and line["reason"] == "nonfinite" and line["level"] == "warning"
+
+
+def test_request_scope_controls_on_request_latency_not_steps():
+    """``latency_scope="request"``: decode steps move no budget; slow requests (each sequence of a batch one
+    request) lower it, fast ones raise it again, and the Prometheus gauge is the request p95."""
+    pytest.importorskip("prometheus_client")
+    from spattn.runtime import Metrics
+
+    metrics = Metrics(level=1)
+    ctl = Controller(ControllerConfig(latency_target_ms=100, latency_scope="request", budget=16, max_budget=32,
+                                      window=8), metrics=metrics)
+    for _ in range(10):
+        ctl.observe_step(5.0, [0])  # far over 100 ms, but steps are not what the target bounds
+    assert ctl.budget == 16 and ctl.p95 is None and not ctl.counts
+    ctl.observe_request(0.4, [0], requests=4)
+    low = ctl.budget
+    assert low < 16 and ctl.counts[("budget", "latency_down")] == 1 and ctl.p95 == pytest.approx(0.4)
+    assert metrics.registry.get_sample_value("spattn_request_p95_seconds") == pytest.approx(0.4)
+    for _ in range(4):
+        ctl.observe_request(0.01, [0], requests=4)
+    assert ctl.budget > low and ctl.summary()["latency_scope"] == "request"
+    with pytest.raises(ValueError, match="latency_scope"):
+        ControllerConfig(latency_scope="token")
+
+
+@pytest.mark.parametrize("pattern", [
+    pytest.param(spattn.Sinks(5) | spattn.Window(20), id="sinks-window"),
+    pytest.param(spattn.Window(3) | spattn.Strided(4, block=16) | spattn.Dilated(7, 3), id="strided-dilated"),
+    pytest.param(spattn.RandomBlocks(2, block=16) | spattn.Global((0, 9)), id="random-global"),
+    pytest.param(spattn.PerHead([spattn.Window(4), spattn.Sinks(6), spattn.Window(30), spattn.Full()]),
+                 id="per-head"),
+])
+@pytest.mark.parametrize("length", [1, 17, 130])
+def test_pattern_row_equals_the_compiled_decode_row(pattern, length):
+    """The decode row from the pattern's token mask (no Layout per step) is the compiled ``q_len=1`` row."""
+    from spattn.runtime.decode import layout_row, pattern_row
+
+    layout = spattn.compile(pattern, 1, length, causal=True, block_size=16, batch=2, heads=4)
+    row = pattern_row(pattern, length, batch=2, heads=4, page_size=16, device=torch.device("cpu"))
+    assert torch.equal(row.expand(2, 4, length), layout_row(layout).expand(2, 4, length))
+    if isinstance(pattern, spattn.PerHead):
+        assert row.shape[1] == 4  # per-head rows: the triton path then takes per-head tables
+    elif isinstance(pattern, spattn.Union) and isinstance(pattern.parts[0], spattn.Sinks):
+        assert row.shape == (1, 1, length)  # one row for every head: per-group tables (GQA packed)

@@ -168,3 +168,15 @@ def test_a_stalling_kernel_lowers_the_budget_then_switches_dense(model, prompts,
     counts = runtime.controller.counts
     assert counts[("budget", "latency_down")] >= 1 and runtime.controller.budget == 0
     assert counts[("switch", 0, "dense", "latency")] == 1 and counts[("switch", 1, "dense", "latency")] == 1
+
+
+def test_request_latency_target_lowers_the_budget_after_a_slow_generate(model, prompts, expected):
+    """The per-request target through ``Runtime.generate``: one generate call of 2 sequences is 2 requests over
+    the target, so the budget drops once, after the call (not during it), and the answer is unchanged."""
+    ids, mask = prompts
+    plan = spattn.Plan.uniform(spattn.Sinks(4) | spattn.Window(64) | spattn.TopK("bounds", 4))  # covers everything
+    config = ControllerConfig(latency_target_ms=1e-3, latency_scope="request", budget=4, window=4, patience=100)
+    out, runtime = run(model, plan, ids, mask, controller=config)
+    assert torch.equal(out, expected)
+    assert runtime.controller.counts[("budget", "latency_down")] == 1 and runtime.controller.budget < 4
+    assert len(runtime.controller.latencies) == 2

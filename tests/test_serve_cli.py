@@ -38,10 +38,12 @@ def test_spattn_serve_builds_the_app_from_its_options_and_drains_an_in_flight_st
     result = CliRunner().invoke(app, ["serve", "--model", str(tmp_path / "model"),
                                       "--plan", str(tmp_path / "plan.json"), "--port", "0",
                                       "--min-sparse-tokens", "0", "--block-size", "8",
-                                      "--latency-target-ms", "5000", "--drain-timeout", "30"])
+                                      "--latency-target-ms", "5000", "--latency-scope", "request",
+                                      "--drain-timeout", "30"])
     assert result.exit_code == 0, result.output
     engine = built["app"].state.engine
     assert built["timeout_graceful_shutdown"] == 30 and engine.runtime.controller.config.latency_target_ms == 5000
+    assert engine.runtime.controller.config.latency_scope == "request"
     assert engine.runtime.plan == plan and engine.runtime.min_sparse_tokens == 0
     engine.eos = set()  # random weights: generate all the tokens asked for
     server = ThreadServer(built["app"])

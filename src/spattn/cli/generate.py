@@ -21,7 +21,9 @@ def generate_command(
     device: str | None = typer.Option(None, help="torch device, e.g. cuda (default CPU)."),
     dtype: str = typer.Option("auto", help="auto, float32, float16 or bfloat16."),
     min_sparse_tokens: int = typer.Option(1024, min=0, help="Sequences shorter than this run dense."),
-    latency_target_ms: float | None = typer.Option(None, help="p95 decode-step target (ms)."),
+    latency_target_ms: float | None = typer.Option(None, help="p95 latency target (ms), see --latency-scope."),
+    latency_scope: str = typer.Option("step", help="What the target bounds: 'step' (p95 of decode steps) or "
+                                      "'request' (p95 of per-request generation latency)."),
     budget: int | None = typer.Option(None, help="Initial page budget (default: the plan's TopK blocks)."),
     max_budget: int = typer.Option(64, min=0, help="Largest page budget."),
     recall_floor: float | None = typer.Option(None, help="Minimum sampled recall per layer."),
@@ -37,8 +39,8 @@ def generate_command(
         raise typer.BadParameter("the prompt is empty", param_hint="--prompt")
     runtime, tokenizer = build_runtime(
         model, plan, device=device, dtype=dtype, min_sparse_tokens=min_sparse_tokens,
-        latency_target_ms=latency_target_ms, budget=budget, max_budget=max_budget, recall_floor=recall_floor,
-        recall_sample=recall_sample, block_size=block_size)
+        latency_target_ms=latency_target_ms, latency_scope=latency_scope, budget=budget, max_budget=max_budget,
+        recall_floor=recall_floor, recall_sample=recall_sample, block_size=block_size)
     if chat:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                             return_tensors="pt", return_dict=True)["input_ids"]

@@ -55,8 +55,9 @@ class PagedLayer(DynamicLayer):
         new_capacity = -(-new_capacity // S) * S
         B, Hkv, _, D = key_states.shape
         Dv = value_states.shape[-1]
-        keys = key_states.new_empty(B, Hkv, new_capacity, D)
-        values = value_states.new_empty(B, Hkv, new_capacity, Dv)
+        # zeroed, not empty: the triton decode kernel may read the unfilled rows (masked out, but 0 * NaN = NaN)
+        keys = key_states.new_zeros(B, Hkv, new_capacity, D)
+        values = value_states.new_zeros(B, Hkv, new_capacity, Dv)
         kmin = key_states.new_empty(B, Hkv, new_capacity // S, D)
         kmax = key_states.new_empty(B, Hkv, new_capacity // S, D)
         kmean = key_states.new_empty(B, Hkv, new_capacity // S, D, dtype=torch.float32) if self.track_means else None
@@ -89,6 +90,23 @@ class PagedLayer(DynamicLayer):
         pages = chunk.unflatten(2, (last - first, S))
         self._min[:, :, first:last] = pages.amin(3)
         self._max[:, :, first:last] = pages.amax(3)
+
+    def _append_one(self, slot: int, key: torch.Tensor) -> None:
+        """The page statistics after one key ``[B, Hkv, D]`` arrived at ``slot`` (a decode step): a running
+        min / max / mean of its page instead of a recompute over the page (a few elementwise kernels)."""
+        S = self.page_size
+        page, filled = slot // S, slot % S
+        if filled == 0:
+            self._min[:, :, page] = key
+            self._max[:, :, page] = key
+            if self._mean is not None:
+                self._mean[:, :, page] = key.float()
+            return
+        self._min[:, :, page] = torch.minimum(self._min[:, :, page], key)
+        self._max[:, :, page] = torch.maximum(self._max[:, :, page], key)
+        if self._mean is not None:
+            mean = self._mean[:, :, page]
+            self._mean[:, :, page] = mean + (key.float() - mean) / (filled + 1)
 
     def _publish(self) -> None:
         self.keys = self._keys[:, :, : self.length]
@@ -124,7 +142,10 @@ class PagedLayer(DynamicLayer):
         self._keys[:, :, start : start + n] = key_states
         self._values[:, :, start : start + n] = value_states
         self.length = start + n
-        self._refresh_pages(start)
+        if n == 1:
+            self._append_one(start, key_states[:, :, 0])
+        else:
+            self._refresh_pages(start)
         self._publish()
         return self.keys, self.values
 

@@ -4,7 +4,9 @@ layer's budget or switches it to dense, and kernel errors / non-finite outputs r
 Every decision is logged (JSON, logger ``spattn.runtime``) and counted (:attr:`Controller.counts`, mirrored
 in the Prometheus metrics); nothing falls back silently.
 
-PI loop, once per decode step, on ``p95`` = the 95th percentile of the last ``window`` step latencies::
+PI loop, once per decode step, on ``p95`` = the 95th percentile of the last ``window`` step latencies (with
+``latency_scope="request"``: once per finished generate call, on the p95 of the last ``window`` requests'
+generation latencies, each sequence of a batch counting as one request)::
 
     e  = clip((target - p95) / target, -1, 1)            # > 0: room to spend, < 0: too slow
     I  = clip(I + e, -integral_limit, integral_limit)    # not integrated while the budget is saturated
@@ -25,6 +27,7 @@ from collections import Counter, deque
 from spattn.runtime.monitor import Metrics, log_event
 
 REASONS = ("error", "nonfinite", "latency", "recall")
+SCOPES = ("step", "request")
 
 
 @dataclasses.dataclass
@@ -32,8 +35,12 @@ class ControllerConfig:
     """Settings of the :class:`Controller`.
 
     Args:
-        latency_target_ms: p95 decode-step latency target in milliseconds (``None``: no latency control).
-        window: decode steps in the p95 window (default 16).
+        latency_target_ms: p95 latency target in milliseconds, per decode step or per request (see
+            ``latency_scope``; ``None``: no latency control).
+        latency_scope: ``"step"`` (default: the p95 of decode-step latencies, updated every step) or
+            ``"request"`` (the p95 of per-request generation latencies, prefill included, updated when a
+            ``generate`` call ends; every sequence of the batch is one request).
+        window: decode steps (or requests) in the p95 window (default 16).
         budget: initial page budget (pages selected beyond the safeguards); ``None``: the plan's largest
             ``TopK.blocks``, else 8.
         min_budget, max_budget: bounds of the budget (defaults 0 and 64).
@@ -49,6 +56,7 @@ class ControllerConfig:
     """
 
     latency_target_ms: float | None = None
+    latency_scope: str = "step"
     window: int = 16
     budget: int | None = None
     min_budget: int = 0
@@ -66,6 +74,8 @@ class ControllerConfig:
         target = self.latency_target_ms
         if target is not None and not (target > 0 and math.isfinite(target)):
             raise ValueError(f"latency_target_ms must be a positive number or None, got {self.latency_target_ms!r}")
+        if self.latency_scope not in SCOPES:
+            raise ValueError(f"latency_scope must be one of {SCOPES}, got {self.latency_scope!r}")
         for name in ("window", "patience", "cooldown", "error_limit"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -180,16 +190,28 @@ class Controller:
                   pages=self.budget_for(layer), step=self.steps)
 
     def observe_step(self, seconds: float, sparse_layers: list[int]) -> None:
-        """One decode step took ``seconds``: update p95, the PI budget, cooldowns and the latency switch."""
-        cfg = self.config
+        """One decode step took ``seconds``: cooldowns; with the step scope also p95, the PI budget and the
+        latency switch."""
         self.steps += 1
         for layer in [lay for lay, until in self.dense_until.items() if until <= self.steps]:
             self._switch_sparse(layer)
-        self.latencies.append(seconds)
+        if self.config.latency_scope == "step":
+            self._control([seconds], sparse_layers)
+
+    def observe_request(self, seconds: float, sparse_layers: list[int], requests: int = 1) -> None:
+        """A ``generate`` call for ``requests`` sequences took ``seconds``: with the request scope, each
+        sequence is one request of that latency in the p95 window, then one PI update."""
+        if self.config.latency_scope == "request" and requests > 0:
+            self._control([seconds] * int(requests), sparse_layers)
+
+    def _control(self, latencies: list[float], sparse_layers: list[int]) -> None:
+        """The p95 of the window after ``latencies``, then the PI budget and the latency switch."""
+        cfg = self.config
+        self.latencies.extend(latencies)
         ordered = sorted(self.latencies)
         self.p95 = ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
         target = None if cfg.latency_target_ms is None else cfg.latency_target_ms / 1000
-        self.metrics.set_latency(self.p95, target)
+        self.metrics.set_latency(self.p95, target, cfg.latency_scope)
         if target is None:
             return
         error = max(-1.0, min(1.0, (target - self.p95) / target))
@@ -222,6 +244,7 @@ class Controller:
         return {
             "budget": self.budget,
             "p95_ms": None if self.p95 is None else self.p95 * 1000,
+            "latency_scope": self.config.latency_scope,
             "steps": self.steps,
             "dense_layers": {str(k): reasons.get(k, "") for k in sorted(dense)},
             "counts": {"/".join(str(p) for p in key): n for key, n in sorted(counts.items(), key=str)},

@@ -36,7 +36,7 @@ import torch
 
 from spattn.layout import tables
 from spattn.patterns import Layout, Pattern, Union
-from spattn.patterns import compile as compile_pattern
+from spattn.patterns.base import Context
 from spattn.selectors import TopK, TopP, top_k, top_p
 from spattn.selectors.common import block_sizes, masked_softmax, normalise
 
@@ -105,6 +105,23 @@ def layout_row(layout: Layout) -> torch.Tensor:
     return rows[slot[:, :, 0]].flatten(2)[..., : layout.kv_len]
 
 
+def pattern_row(pattern: Pattern, kv_len: int, *, batch: int, heads: int, page_size: int,
+                device: torch.device) -> torch.Tensor:
+    """bool ``[Bs, Hs, L]``: the keys a static ``pattern`` keeps for one causal query at ``L - 1``, from its
+    exact ``token_mask`` (a few elementwise kernels over ``L`` keys on the device; what ``compile`` with
+    ``q_len=1`` gives, see :func:`layout_row`, without building a Layout at every step)."""
+    ctx = Context(q_len=1, kv_len=kv_len, block_size=page_size, device=device, causal=True, batch=batch,
+                  heads=heads)
+    b = torch.arange(batch, device=device).view(batch, 1, 1)
+    h = torch.arange(heads, device=device).view(1, heads, 1)
+    i = torch.full((1, 1, 1), kv_len - 1, dtype=torch.long, device=device)
+    j = torch.arange(kv_len, device=device).view(1, 1, kv_len)
+    keep = torch.as_tensor(pattern.token_mask(ctx, b, h, i, j), dtype=torch.bool, device=device)
+    # broadcast dims stay 1: a row per sequence / head only where the pattern reads b / h
+    keep = keep.expand(torch.broadcast_shapes(keep.shape, (1, 1, kv_len)))
+    return keep & (j <= i)
+
+
 def static_row(plan: DecodePlan, kv_len: int, *, batch: int, heads: int, page_size: int, device: torch.device,
                group: int = 1, offset: int = 0) -> tuple[torch.Tensor, int]:
     """bool ``[Bs, Hs, L]`` (``Bs`` in {1, B}, ``Hs`` in {1, H}) keys the static part keeps for the query at
@@ -123,9 +140,7 @@ def static_row(plan: DecodePlan, kv_len: int, *, batch: int, heads: int, page_si
     if plan.static is None:
         row = torch.zeros(1, 1, length, dtype=torch.bool, device=device)
     else:
-        layout = compile_pattern(plan.static, 1, length, causal=True, block_size=page_size, batch=batch,
-                                 heads=heads, device=device)
-        row = layout_row(layout)
+        row = pattern_row(plan.static, length, batch=batch, heads=heads, page_size=page_size, device=device)
     if plan.keep:
         toks = torch.tensor([t for t in plan.keep if t < length], dtype=torch.long, device=device)
         row = row.clone()
@@ -186,6 +201,7 @@ class DecodeSelection:
     pages: torch.Tensor
     mask: torch.Tensor
     selected: torch.Tensor
+    grouped: bool = False  # the token mask is equal for the query heads of a key/value group
 
     def density(self, valid_counts: torch.Tensor) -> torch.Tensor:
         """float ``[B]``: mean over heads of attended / valid keys."""
@@ -224,13 +240,17 @@ def select(query: torch.Tensor, kv_len: int, valid: torch.Tensor, plan: DecodePl
         raise ValueError(f"offsets must give one leading-padding count per sequence ({B}), got {len(offsets)}")
     if not offsets or not any(offsets):
         row, static_pages = static_row(plan, kv_len, batch=B, heads=H, page_size=S, device=device, group=G)
-        row = row.expand(B, H, kv_len)
-    else:  # left padding: one row per distinct offset, each sequence takes its own
-        rows = {o: static_row(plan, kv_len, batch=B, heads=H, page_size=S, device=device, group=G, offset=o)
-                for o in sorted(set(offsets))}
-        static_pages = max(pages for _, pages in rows.values())
-        row = torch.stack([rows[o][0][min(b, rows[o][0].shape[0] - 1)].expand(H, kv_len)
-                           for b, o in enumerate(offsets)])
+    else:  # left padding: one row per distinct offset, each sequence takes its own (one gather)
+        distinct = sorted(set(offsets))
+        rows = [static_row(plan, kv_len, batch=B, heads=H, page_size=S, device=device, group=G, offset=o)
+                for o in distinct]
+        static_pages = max(pages for _, pages in rows)
+        Hs = max(r.shape[1] for r, _ in rows)
+        stacked = torch.stack([r.expand(B, Hs, kv_len) for r, _ in rows])          # [O, B, Hs, L]
+        which = torch.tensor([distinct.index(o) for o in offsets], device=device)
+        row = stacked[which, torch.arange(B, device=device)]                         # [B, Hs, L]
+    grouped = row.shape[1] == 1
+    row = row.expand(B, H, kv_len)
     token = row & valid[:, None, :]                                             # [B, H, L]
     if dense_rows is not None:
         token = token | (dense_rows[:, None, None] & valid[:, None, :])
@@ -266,7 +286,7 @@ def select(query: torch.Tensor, kv_len: int, valid: torch.Tensor, plan: DecodePl
     chosen_h = chosen.gather(-1, order).repeat_interleave(G, dim=1)              # [B, H, P]
     used_h = used.repeat_interleave(G, dim=1)
     mask = (tok_sel | (chosen_h[..., None] & valid_sel)) & used_h[..., None]
-    return DecodeSelection(pages=pages, mask=mask.flatten(2), selected=chosen.sum(-1))
+    return DecodeSelection(pages=pages, mask=mask.flatten(2), selected=chosen.sum(-1), grouped=grouped)
 
 
 # ---------------------------------------------------------------------------------------------- attention
@@ -294,6 +314,99 @@ def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     p = e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     out = torch.einsum("bkgt,bktd->bkgd", p, v)
     return out.reshape(B, H, 1, -1).to(query.dtype)
+
+
+_TABLE_BUFFERS: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = OrderedDict()
+
+
+def block_tables(selection: DecodeSelection, *, heads: int, page_size: int) -> tuple[torch.Tensor, ...]:
+    """The selection as a Layout's decode tables, built on the device (no host synchronisation):
+    ``(kv_num [B, H, 1], kv_idx [B, H, 1, P], kv_mid [B, H, 1, P], full_kv_num [B, H, 1], full_kv_idx
+    [1, 1, 1, 1], masks uint8 [M, S, S])`` int32 tables. Every visited page is a *partial* entry whose mask
+    tile's row 0 is that page's token mask (the row a single query reads), so safeguards, chosen pages,
+    padding and the cache's tail are all exact; the full list is empty. With ``selection.grouped`` the tiles
+    are per key/value head (the tables are read at each group's first head, see ``grouped`` in
+    :func:`spattn.ops.attention.impl.triton.decode_tables`), else per query head.
+
+    The id table, the empty full list and the mask buffer are cached per shape and reused by every layer and
+    step (launches on one stream run in order; rows 1.. of a tile are never read and stay zero)."""
+    B, Hkv, P = selection.pages.shape
+    H, S = heads, page_size
+    G = H // Hkv
+    device = selection.pages.device
+    Ht = Hkv if selection.grouped else H
+    key = (B, H, Ht, P, S, str(device))
+    bufs = _TABLE_BUFFERS.get(key)
+    if bufs is None:
+        ids = torch.arange(B * Ht * P, dtype=torch.int32, device=device).view(B, Ht, 1, P)
+        if selection.grouped:
+            ids = ids.repeat_interleave(G, dim=1)
+        bufs = (ids.contiguous(), torch.zeros(B, H, 1, dtype=torch.int32, device=device),
+                torch.zeros(1, 1, 1, 1, dtype=torch.int32, device=device),
+                torch.zeros(B * Ht * P, S, S, dtype=torch.uint8, device=device))
+        _TABLE_BUFFERS[key] = bufs
+        while len(_TABLE_BUFFERS) > _ROWS_SIZE:
+            _TABLE_BUFFERS.popitem(last=False)
+    kv_mid, full_num, full_idx, masks = bufs
+    used = selection.pages >= 0
+    kv_num = used.sum(-1, dtype=torch.int32).repeat_interleave(G, dim=1)[..., None]          # [B, H, 1]
+    kv_idx = selection.pages.clamp_min(0).to(torch.int32).repeat_interleave(G, dim=1)[:, :, None, :]
+    tiles = selection.mask.view(B, Hkv, G, P, S)[:, :, 0] if selection.grouped else selection.mask.view(B, H, P, S)
+    masks.view(-1, S * S)[:, :S].copy_(tiles.reshape(-1, S))
+    return kv_num, kv_idx.contiguous(), kv_mid, full_num, full_idx, masks
+
+
+def _widened(t: torch.Tensor) -> torch.Tensor:
+    """The whole ``[B, Hkv, C, D]`` buffer of which ``t`` is the first ``L`` rows (a cache's filled part),
+    or ``t`` itself when it is not such a view."""
+    B, Hh, L, D = t.shape
+    sb, sh, sl, sd = t.stride()
+    if sd != 1 or sl != D or sh % D or sh // D <= L or (B > 1 and sb != Hh * sh):
+        return t
+    C = sh // D
+    end = t.storage_offset() + (B - 1) * sb + (Hh - 1) * sh + C * D
+    if end * t.element_size() > t.untyped_storage().nbytes():
+        return t
+    return t.as_strided((B, Hh, C, D), t.stride())
+
+
+def triton_paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           selection: DecodeSelection, *, page_size: int, scale: float,
+                           whole_buffer: bool = False) -> torch.Tensor:
+    """:func:`paged_attention` through spattn's triton split-K decode kernel: one launch, block tables built
+    on the device from ``selection`` (:func:`block_tables`), the launch plan cached per shape. Needs CUDA
+    tensors (or CPU ones under ``TRITON_INTERPRET=1``) and a power-of-two ``page_size >= 16``.
+
+    query ``[B, H, 1, D]``; key/value ``[B, Hkv, L, D]``. ``whole_buffer``: key/value are the filled part of
+    a preallocated cache buffer whose unfilled rows are finite (:class:`~spattn.runtime.SpattnCache` zeroes
+    them): the kernel then runs over the whole buffer (the token masks end at ``L``), so its launch arguments
+    do not change from step to step (one plan per generation, and a launch a CUDA graph can replay).
+    Returns ``[B, H, 1, Dv]`` in the query's dtype; a row with nothing to attend gives 0."""
+    from spattn.ops.attention.impl.triton import decode_tables
+
+    if page_size < 16 or page_size & (page_size - 1):
+        raise ValueError(f"the triton decode kernel needs a power-of-two page_size >= 16, got {page_size}")
+    if whole_buffer:
+        key, value = _widened(key), _widened(value)
+    tables = block_tables(selection, heads=query.shape[1], page_size=page_size)
+    out, _ = decode_tables(query, key, value, tables, scale=scale, grouped=selection.grouped)
+    return out
+
+
+def auto_paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, selection: DecodeSelection,
+                         *, page_size: int, scale: float, whole_buffer: bool = False) -> torch.Tensor:
+    """:func:`triton_paged_attention` for CUDA tensors when triton is installed and ``page_size`` is a power of
+    two >= 16, else :func:`paged_attention` (the reference, on CPU)."""
+    if query.is_cuda and page_size >= 16 and not page_size & (page_size - 1) and _has_triton():
+        return triton_paged_attention(query, key, value, selection, page_size=page_size, scale=scale,
+                                      whole_buffer=whole_buffer)
+    return paged_attention(query, key, value, selection, page_size=page_size, scale=scale)
+
+
+def _has_triton() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
 
 
 def sampled_recall(query: torch.Tensor, key: torch.Tensor, valid: torch.Tensor, selection: DecodeSelection,

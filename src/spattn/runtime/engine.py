@@ -36,12 +36,21 @@ from spattn.integrations.plan import Plan, as_plan
 from spattn.patterns import Pattern
 from spattn.runtime.cache import PagedLayer, SpattnCache
 from spattn.runtime.controller import Controller, ControllerConfig
-from spattn.runtime.decode import DecodePlan, decode_plan, paged_attention, sampled_recall, select
+from spattn.runtime.decode import (
+    DecodePlan,
+    auto_paged_attention,
+    decode_plan,
+    paged_attention,
+    sampled_recall,
+    select,
+    triton_paged_attention,
+)
 from spattn.runtime.monitor import LEVEL, Metrics, instrument, log_event
 from spattn.selectors.common import pool
 
 NAME = "spattn_runtime"
 Kernel = Callable[..., torch.Tensor]
+KERNELS = {"auto": auto_paged_attention, "torch": paged_attention, "triton": triton_paged_attention}
 
 
 def register() -> None:
@@ -122,10 +131,14 @@ class Runtime:
         check_finite: rerun dense any call whose sparse output is not finite (default True; one host sync
             per layer and step).
         seed: seed of the recall sampling.
+        decode_kernel: ``"auto"`` (default: spattn's triton split-K decode kernel on CUDA, one launch per layer
+            on block tables built on the device; the torch reference :func:`~spattn.runtime.paged_attention`
+            elsewhere), ``"triton"`` or ``"torch"``.
 
     Attributes:
         kernel: the sparse decode kernel, ``kernel(query, key, value, selection, page_size=, scale=)``
-            -> ``[B, H, 1, Dv]`` (replace it to inject faults or try another implementation).
+            -> ``[B, H, 1, Dv]`` (replace it to inject faults or try another implementation; the built-in
+            triton kernels also get ``whole_buffer=True`` when the keys are this runtime's cache).
         controller, metrics: the :class:`Controller` and :class:`~spattn.runtime.monitor.Metrics`.
     """
 
@@ -142,7 +155,10 @@ class Runtime:
         block_size: int = 128,
         check_finite: bool = True,
         seed: int = 0,
+        decode_kernel: str = "auto",
     ) -> None:
+        if decode_kernel not in KERNELS:
+            raise ValueError(f"decode_kernel must be one of {sorted(KERNELS)}, got {decode_kernel!r}")
         if isinstance(min_sparse_tokens, bool) or not isinstance(min_sparse_tokens, int) or min_sparse_tokens < 0:
             raise ValueError(f"min_sparse_tokens must be an int >= 0, got {min_sparse_tokens!r}")
         if not 0.0 <= float(recall_sample) <= 1.0:
@@ -157,7 +173,7 @@ class Runtime:
         self.level = level
         self.block_size = block_size
         self.check_finite = check_finite
-        self.kernel: Kernel = paged_attention
+        self.kernel: Kernel = KERNELS[decode_kernel]
         self._rng = random.Random(seed)
         patch(model, self.plan, backend=backend, block_size=block_size)
         register()
@@ -213,9 +229,13 @@ class Runtime:
             kwargs["past_key_values"] = self.new_cache(reserve=reserve)
         self.step_seconds = []
         self.cache = kwargs["past_key_values"]
+        start = time.perf_counter()
         with torch.inference_mode():
             out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
                                       logits_processor=processors, **kwargs)
+        self.controller.observe_request(time.perf_counter() - start,
+                                        [i for i in self.sparse_layers if not self.controller.is_dense(i)],
+                                        requests=int(input_ids.shape[0]))
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
         self.metrics.count_tokens(int((sequences.shape[1] - input_ids.shape[1]) * sequences.shape[0]))
         return out
@@ -310,13 +330,18 @@ class Runtime:
                 attention_mask[b:b + 1, :, start:, o:], **kwargs)[0][0]
         return out
 
+    def _cache_layer(self, layer: int, key: torch.Tensor) -> PagedLayer | None:
+        """This runtime's cache layer when it holds ``key`` (the tensor its ``update`` returned), else None."""
+        if self.cache is None or layer >= len(self.cache.layers):
+            return None
+        cache_layer = self.cache.layers[layer]
+        return cache_layer if isinstance(cache_layer, PagedLayer) and cache_layer.holds(key) else None
+
     def _page_stats(self, layer: int, key: torch.Tensor, selector: str) -> tuple[torch.Tensor | None, ...]:
         """``(key_min, key_max, key_mean)`` of the pages of ``key`` (the statistics ``selector`` needs; the
         others None), from the SpattnCache when it holds ``key``."""
-        cache_layer = None
-        if self.cache is not None and layer < len(self.cache.layers):
-            cache_layer = self.cache.layers[layer]
-        if isinstance(cache_layer, PagedLayer) and cache_layer.holds(key):
+        cache_layer = self._cache_layer(layer, key)
+        if cache_layer is not None:
             if selector != "pooled":
                 return (*cache_layer.page_bounds(), None)
             if cache_layer.track_means:
@@ -371,7 +396,11 @@ class Runtime:
                                scale=scale, key_min=stats[0], key_max=stats[1], key_mean=stats[2],
                                dense_rows=dense_rows if kind == "mixed" else None, offsets=self._step["offsets"])
             result["selection"] = selection
-            return self.kernel(query, key, value, selection, page_size=self.block_size, scale=scale).transpose(1, 2)
+            extra = {}
+            if self.kernel in (auto_paged_attention, triton_paged_attention) and self._cache_layer(layer, key):
+                extra["whole_buffer"] = True  # the cache's buffer past L is zeroed: fixed launch arguments
+            out = self.kernel(query, key, value, selection, page_size=self.block_size, scale=scale, **extra)
+            return out.transpose(1, 2)
 
         out = self._guarded(layer, sparse, lambda: dense())
         selection = result.get("selection")

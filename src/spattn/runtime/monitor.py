@@ -152,8 +152,11 @@ class Metrics:
                                     ["layer"], registry=r)
         self.step_p95 = pc.Gauge("spattn_decode_step_p95_seconds", "p95 of the recent decode steps (controller).",
                                  registry=r)
-        self.latency_target = pc.Gauge("spattn_latency_target_seconds", "The controller's p95 decode-step target.",
-                                       registry=r)
+        self.request_p95 = pc.Gauge("spattn_request_p95_seconds",
+                                    "p95 of the recent requests' generation latency (controller, request scope).",
+                                    registry=r)
+        self.latency_target = pc.Gauge("spattn_latency_target_seconds",
+                                       "The controller's p95 target (per decode step or per request).", registry=r)
         self.tokens = pc.Counter("spattn_generated_tokens", "Tokens generated.", registry=r)
 
     # the calls below are cheap no-ops when disabled
@@ -189,10 +192,10 @@ class Metrics:
             if reason is not None:
                 self.budget_changes.labels(reason).inc()
 
-    def set_latency(self, p95_seconds: float | None, target_seconds: float | None) -> None:
+    def set_latency(self, p95_seconds: float | None, target_seconds: float | None, scope: str = "step") -> None:
         if self.enabled:
             if p95_seconds is not None:
-                self.step_p95.set(p95_seconds)
+                (self.step_p95 if scope == "step" else self.request_p95).set(p95_seconds)
             if target_seconds is not None:
                 self.latency_target.set(target_seconds)
 

@@ -127,4 +127,23 @@ def attention_triton(
     return out, (lse if return_lse else None)
 
 
-__all__ = ["attention_triton", "supports", "DECODE_MAX_QUERIES"]
+def decode_tables(query: Tensor, key: Tensor, value: Tensor, tables: tuple[Tensor, ...], *, scale: float,
+                  grouped: bool = False) -> tuple[Tensor, Tensor]:
+    """One split-K decode launch on block tables built by the caller (e.g. on the device, no host sync).
+
+    Args:
+        query: [B, H, Lq, D] with Lq <= 16 (CUDA, or CPU under ``TRITON_INTERPRET=1``); key, value
+            [B, Hkv, Lk, D]. tables: ``(kv_num, kv_idx, kv_mid, full_kv_num, full_kv_idx, masks)`` in the Layout's
+            format (``[B, Ht, 1]`` counts, ``[B, Ht, 1, W]`` indices, ``masks`` bool/uint8 ``[M, BS, BS]``),
+            ``Ht`` in (1, H). scale: softmax scale (> 0). grouped: the tables are per query head and equal within
+            each key/value group (GQA heads packed, K/V read once per group; default False).
+
+    Returns:
+        (out [B, H, Lq, D], lse float32 [B, H, Lq]); the launch plan is cached per shape signature.
+    """
+    from . import _launch
+
+    return _launch.decode_tables(query, key, value, *tables, float(scale), grouped=grouped)
+
+
+__all__ = ["attention_triton", "supports", "decode_tables", "DECODE_MAX_QUERIES"]

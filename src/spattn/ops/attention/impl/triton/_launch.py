@@ -139,14 +139,17 @@ class DecodePlan:
     __slots__ = ("shape", "lse_shape", "tables", "grid", "progs", "scratch_shapes", "scratch", "scalars",
                  "strides", "meta", "cfg", "tried")
 
-    def __init__(self, q, k, v, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx, masks, scale: float, band=()):
+    def __init__(self, q, k, v, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx, masks, scale: float, band=(),
+                 grouped: bool = False):
         B, H, Lq, D = q.shape
         Hkv, Lk = k.shape[1], k.shape[2]
         G = H // Hkv
         bs = masks.shape[-1]
         kv_num, kv_idx, kv_mid, fkv_num, fkv_idx = _tables(kv_num, kv_idx, kv_mid, fkv_num, fkv_idx)
         self.tables = (kv_num, kv_idx, kv_mid, fkv_num, fkv_idx, _masks(masks))
-        pack = kv_num.shape[1] == 1 and G * Lq <= 128
+        # grouped: per-head tables whose G heads of a key/value group are equal (the caller says so), read at
+        # the group's first head, so the group is packed like a head-shared table
+        pack = (kv_num.shape[1] == 1 or grouped) and G * Lq <= 128
         GP, HP = (G, Hkv) if pack else (1, H)
         total = fkv_idx.shape[-1] + kv_idx.shape[-1]
         progs = B * HP
@@ -203,6 +206,32 @@ def decode(q, k, v, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx, masks, scale: floa
     """Split-K forward for Lq <= 16 (all queries in query block 0), one launch. Same outputs as :func:`forward`."""
     q, k, v = _lastdim(q), _lastdim(k), _lastdim(v)
     return DecodePlan(q, k, v, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx, masks, scale, band).run(q, k, v)
+
+
+_table_plans: dict[tuple, DecodePlan] = {}
+_TABLE_PLANS = 16
+
+
+def decode_tables(q, k, v, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx, masks, scale: float, *, grouped: bool = False):
+    """:func:`decode` on block tables the caller built (e.g. on the device from a decode step's selected pages,
+    with no host synchronisation): tables ``[B, Ht, 1(, W)]`` int32 with ``Ht`` in (1, H), ``masks`` ``[M, BS, BS]``
+    (only row 0 of a tile is read when Lq == 1). ``grouped``: the tables are per query head and equal within each
+    key/value group (GQA packing, K/V read once per group). The launch plan is cached per input and table
+    signature (shapes, strides, dtype, scale), so steps and layers of one shape share it; each call only swaps
+    the tables in."""
+    q, k, v = _lastdim(q), _lastdim(k), _lastdim(v)
+    key = (_decode_key(q, k, v, scale), kv_num.shape, kv_idx.shape, kv_mid.shape, fkv_num.shape, fkv_idx.shape,
+           masks.shape, bool(grouped))
+    plan = _table_plans.get(key)
+    if plan is None:
+        plan = DecodePlan(q, k, v, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx, masks, scale, (), grouped)
+        if not _plan.capturing(q.device):
+            if len(_table_plans) >= _TABLE_PLANS:
+                _table_plans.pop(next(iter(_table_plans)))
+            _table_plans[key] = plan
+        return plan.run(q, k, v)
+    plan.tables = (*_tables(kv_num, kv_idx, kv_mid, fkv_num, fkv_idx), _masks(masks))
+    return plan.run(q, k, v)
 
 
 _decode_plans = _plan.PerObject()
