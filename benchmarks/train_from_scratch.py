@@ -101,6 +101,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, default=600)
     p.add_argument("--fixed-steps", type=int, default=None,
                    help="train every section for exactly this many steps (no sizing from the calibration)")
+    p.add_argument("--variants", default=None, help="keep only these variants in every section (comma-separated)")
     p.add_argument("--skip-gate", action="store_true", help="no correctness section (tests of the script only)")
     p.add_argument("--eval-batches", type=int, default=8, help="held-out batches per corpus")
     p.add_argument("--eval-points", type=int, default=6, help="points on each loss curve")
@@ -258,8 +259,10 @@ def held_losses(model, held: dict, context) -> dict:
 
 
 def curve_point(model, held, context) -> dict:
+    """Per corpus: the mean held-out loss with its bootstrap interval over batches, and the batches' losses."""
     losses = held_losses(model, held, context)
-    return {f"{name}_loss": stats.estimate(values).to_dict() for name, values in losses.items()}
+    return {**{f"{name}_loss": stats.estimate(values).to_dict() for name, values in losses.items()},
+            "batch_losses": losses}
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -318,7 +321,10 @@ def main(argv=None) -> dict:
     plan = [("lm0", f"lm@{L0}", L0, MAIN, 0), ("lm1", f"lm@{L1}", L1, LONG, 0),
             ("ablation", f"ablation@{L0}", L0, ABLATION, 0), ("passkey", f"passkey@{L0}", L0, TASK, 0),
             ("seed1", f"seed1@{L0}", L0, MAIN, 1)]
-    plan = [p for p in plan if p[0] in args.sections]
+    keep = None if args.variants is None else set(args.variants.split(","))
+    plan = [(k, n, length, tuple(v for v in vs if keep is None or v in keep), seed)
+            for k, n, length, vs, seed in plan if k in args.sections]
+    plan = [p for p in plan if p[3]]
     budgets: dict[tuple, dict] = {}
     timings: dict[tuple, dict] = {}  # calibrations, reused by later sections of the same shapes
 
@@ -407,7 +413,8 @@ def run_section(key, section, args, length, variants, seed, share, deadline, bud
         fit(model, batches(), steps=calibration_steps, lr=args.lr, warmup=1, log_every=1, evaluate_with=mark,
             autocast=autocast, **train_kwargs(variant, calibration_steps))
         t_eval = time.perf_counter()
-        evaluator(model)
+        if args.fixed_steps is None:  # only the sizing needs it
+            evaluator(model)
         sync(args.device)
         eval_seconds = time.perf_counter() - t_eval
         step = (marks[-1] - marks[0]) / (len(marks) - 1)
@@ -455,7 +462,7 @@ def run_section(key, section, args, length, variants, seed, share, deadline, bud
         if task:
             record["test"] = passkey_scores(model, data, context, small=False)
         else:
-            record["final_losses"] = held_losses(model, held, context)
+            record["final_losses"] = run["final"]["batch_losses"]  # fit logs the last step it trained
             record["final"] = {n: stats.estimate(v).to_dict() for n, v in record["final_losses"].items()}
         section["runs"][variant] = record
         print(f"{key} {variant}: {time.perf_counter() - t:.1f} s, final "
