@@ -1,6 +1,6 @@
 """Small LMs trained from scratch at equal attention budget, on one GPU (issues 14 and 15).
 
-The same ``spattn.nn.TransformerLM`` (byte-level, ``--dim`` 256, ``--layers`` 4, 4 query / 2 key-value heads)
+The same ``spattn.nn.TransformerLM`` (byte-level, ``--dim`` 256, ``--layers`` 2, 4 query / 2 key-value heads)
 with one attention per run, every sparse one at the **same measured keys per query**:
 
 * ``dense``: causal SDPA;
@@ -17,22 +17,24 @@ with one attention per run, every sparse one at the **same measured keys per que
 
 Training is ``spattn.learned.train.fit`` for every run (AdamW, warm-up + cosine, bf16 autocast on CUDA). Every
 section first *calibrates* (a few steps of each variant: the triton JIT happens there), then gives all its
-variants the **same number of steps**, as many as the section's share of ``--time-budget`` allows.
+variants the **same number of steps**, as many as the section's share of ``--time-budget`` allows (shares by
+``SECTION_WEIGHTS`` of what is left; a section drops its slowest variants, recorded, rather than train fewer than
+``--min-steps``).
 
 Sections, most important first (the JSON is rewritten after every run; a killed run keeps what it finished):
 
 1. ``gate``: correctness (``benchmarks/learned.py`` and ``benchmarks/hierarchical.py`` gates: the router, the
    static layer and the hierarchical fast path against float64 references, forward and backward);
-2. ``lm@<L0>`` (2048): hierarchical, dense, window, learned-reg, learned, pooled: held-out loss curves on
+2. ``lm@<L0>`` (2048): hierarchical, dense, window, learned-reg, learned: held-out loss curves on
    Austen and on KJV (the last 5% of each; loss per eval batch, mean with a bootstrap interval over batches),
    final paired comparisons on the same batches, collapse metrics of the routers, measured keys per query;
 3. ``lm@<L1>`` (8192): hierarchical, dense, window, learned-reg;
-4. ``ablation@<L0>``: learned with each regulariser alone, and distill (learned and learned-reg are in 2.);
+4. ``ablation@<L0>``: learned with each regulariser alone, pooled and distill (learned and learned-reg are in 2.);
 5. ``passkey@<L0>``: pass-key retrieval (``benchmarks/hierarchical_train.py``'s task: every query further than
    the window stack's reach from its key), 2 layers, accuracy with bootstrap intervals;
 6. ``seed1@<L0>``: section 2 again with seed 1, then intervals over both seeds.
 
-    SPATTN_TRITON_AUTOTUNE=0 PYTHONPATH=src python benchmarks/train_from_scratch.py --time-budget 240   # H200
+    SPATTN_TRITON_AUTOTUNE=0 PYTHONPATH=src python benchmarks/train_from_scratch.py --time-budget 200   # H200
     PYTHONPATH=src python benchmarks/train_from_scratch.py --quick --device cpu --out /tmp/tfs.json  # smoke run
 """
 
@@ -64,11 +66,11 @@ from spattn.learned.train import Regularisers, fit, lm_batches, routers, sequenc
 from spattn.nn import TransformerLM  # noqa: E402
 from spattn.patterns import BlockLayout  # noqa: E402
 
-MAIN = ("hierarchical", "dense", "window", "learned-reg", "learned", "pooled")
+MAIN = ("hierarchical", "dense", "window", "learned-reg", "learned")
 LONG = ("hierarchical", "dense", "window", "learned-reg")
-ABLATION = ("learned+entropy", "learned+density", "learned+drop", "learned+balance", "distill")
+ABLATION = ("learned+entropy", "learned+density", "learned+drop", "learned+balance", "pooled", "distill")
 TASK = ("hierarchical", "dense", "window", "learned-reg")
-SECTION_WEIGHTS = {"lm0": 3.0, "lm1": 3.0, "ablation": 2.0, "passkey": 1.5, "seed1": 2.0}
+SECTION_WEIGHTS = {"lm0": 6.0, "lm1": 3.0, "ablation": 1.5, "passkey": 1.5, "seed1": 1.0}
 SINKS = 4
 
 
@@ -88,23 +90,24 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny settings (a CPU smoke run of the same code)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=("bf16", "fp32"), help="autocast dtype (default bf16 on CUDA)")
-    p.add_argument("--time-budget", type=float, default=240.0,
+    p.add_argument("--time-budget", type=float, default=200.0,
                    help="seconds for the whole run, JIT included; sections that would not fit are skipped")
     p.add_argument("--lengths", default="2048,8192", help="two training lengths: the main one and the long one")
     p.add_argument("--tokens-per-step", type=int, default=16384, help="batch = tokens-per-step // length")
     p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--min-steps", type=int, default=40, help="a section that cannot give this many is skipped")
+    p.add_argument("--min-steps", type=int, default=25,
+                   help="a section drops its slowest variants until it can give this many steps, else is skipped")
     p.add_argument("--max-steps", type=int, default=600)
     p.add_argument("--fixed-steps", type=int, default=None,
                    help="train every section for exactly this many steps (no sizing from the calibration)")
     p.add_argument("--variants", default=None, help="keep only these variants in every section (comma-separated)")
     p.add_argument("--skip-gate", action="store_true", help="no correctness section (tests of the script only)")
-    p.add_argument("--eval-batches", type=int, default=8, help="held-out batches per corpus")
-    p.add_argument("--eval-points", type=int, default=6, help="points on each loss curve")
+    p.add_argument("--eval-batches", type=int, default=6, help="held-out batches per corpus")
+    p.add_argument("--eval-points", type=int, default=5, help="points on each loss curve")
     p.add_argument("--compress-block", type=int, default=32)
     p.add_argument("--compress-stride", type=int, default=16)
     p.add_argument("--select-block", type=int, default=64)
@@ -425,20 +428,40 @@ def run_section(key, section, args, length, variants, seed, share, deadline, bud
     section["calibration"] = calibration
     missing = [v for v in variants if v not in calibration]
     spent = time.perf_counter() - t0
-    per_step = sum(c["step_seconds"] for c in calibration.values())
-    per_eval = sum(c["eval_seconds"] for c in calibration.values())
-    # what is left of the share (and of the whole budget) for the runs, less their evaluations and a margin
-    room = min(share - spent, deadline - time.perf_counter()) - (args.eval_points + 2) * per_eval - \
-        1.0 * len(calibration)
-    steps = int(min(args.max_steps, room / max(per_step, 1e-6))) if calibration else 0
+
+    def affordable(names, limit: float) -> tuple[int, float]:
+        """Steps every variant of ``names`` can train in ``limit`` seconds (bounded by the whole budget), less
+        their evaluations and a margin."""
+        per_step = sum(calibration[v]["step_seconds"] for v in names)
+        per_eval = sum(calibration[v]["eval_seconds"] for v in names)
+        room = min(limit, deadline - time.perf_counter()) - (args.eval_points + 2) * per_eval - 1.0 * len(names)
+        return (int(min(args.max_steps, room / max(per_step, 1e-6))) if names else 0), room
+
+    # short of --min-steps in its share, a section may take up to 60% of what is left of the whole budget, then
+    # drops its least important variants (the last ones) down to two, then is skipped
+    chosen = [v for v in variants if v in calibration]
+    steps, room = affordable(chosen, share - spent)
+    dropped = []
+    while args.fixed_steps is None and steps < args.min_steps:
+        if affordable(chosen, 0.6 * (deadline - time.perf_counter()))[0] >= args.min_steps:
+            steps, room = args.min_steps, affordable(chosen, 0.6 * (deadline - time.perf_counter()))[1]
+            section["extended_share"] = True
+            break
+        if len(chosen) <= 2:
+            break
+        last = chosen.pop()
+        dropped.append({"variant": last, "step_seconds": calibration[last]["step_seconds"]})
+        steps, room = affordable(chosen, share - spent)
+    section["dropped_for_time"] = dropped + [{"variant": v, "reason": "not calibrated in the share"} for v in missing]
+    variants = tuple(chosen) if args.fixed_steps is None else variants
     if args.fixed_steps is not None:
         steps = args.fixed_steps
     section["steps"] = steps
-    if args.fixed_steps is None and (missing or steps < args.min_steps):
+    section["trained_variants"] = list(variants)
+    if args.fixed_steps is None and steps < args.min_steps:
         section["status"] = "skipped"
         section["reason"] = (f"calibration left {room:.0f} s of its {share:.0f} s share: {steps} steps < "
-                             f"--min-steps {args.min_steps}" if not missing else
-                             f"calibration did not reach {missing} within the share ({share:.0f} s)")
+                             f"--min-steps {args.min_steps}")
         return
     save()
     section["runs"] = {}
