@@ -28,7 +28,8 @@ def test_quick_run_trains_every_section_at_matched_budget(tmp_path):
     threads = torch.get_num_threads()
     try:
         data = bench.main(["--quick", "--device", "cpu", "--skip-gate", "--time-budget", "900", "--out", str(out),
-                           "--sections", "lm0,ablation,seed1", "--variants", "hierarchical,window,learned,learned+drop"])
+                           "--sections", "lm0,ablation,seed1",
+                           "--variants", "hierarchical,window,learned,learned+drop"])
     finally:
         torch.set_num_threads(threads)
     assert json.loads(out.read_text())["sections"].keys() == data["sections"].keys()
