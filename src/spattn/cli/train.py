@@ -32,7 +32,7 @@ train_app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-VARIANTS = ("dense", "window", "learned", "learned-reg", "pooled")
+VARIANTS = ("dense", "window", "learned", "learned-reg", "pooled", "distill", "hierarchical")
 
 
 def _device(name: str) -> torch.device:
@@ -192,9 +192,13 @@ def attention_factory(variant: str, *, heads: int, kv_heads: int, head_dim: int,
                       temperature: float = 1.0, backend: str = "auto") -> Callable[[int], Any]:
     """``layer -> pattern`` for a variant at ``budget`` key blocks per query block: ``dense`` (None),
     ``window`` (``Window((budget - 1) * block_size)``: the ``budget`` latest blocks), ``pooled`` (the current
-    block + the ``budget - 1`` blocks of MoBA's mean-pooled-key routing, parameter-free) and ``learned`` /
+    block + the ``budget - 1`` blocks of MoBA's mean-pooled-key routing, parameter-free), ``learned`` /
     ``learned-reg`` (a :class:`LearnedTopK`, the current block + ``budget - 1`` routed blocks; the two differ
-    only by the trainer's regularisers)."""
+    only by the trainer's regularisers), ``distill`` (the same router with its gate trained by KL to the
+    block-pooled dense attention, DeepSeek's indexer recipe) and ``hierarchical`` (a
+    :class:`~spattn.hierarchical.HierarchicalAttention` with learned gates and pooling: ``select_count =
+    budget - 1`` selected blocks and a ``block_size`` window, so at most ``budget`` blocks at full resolution,
+    plus one compressed token per ``block_size // 4`` keys)."""
     from spattn.learned import LearnedTopK
     from spattn.patterns import Window
 
@@ -206,6 +210,16 @@ def attention_factory(variant: str, *, heads: int, kv_heads: int, head_dim: int,
         return lambda _layer: None
     if variant == "window":
         return lambda _layer: Window((budget - 1) * block_size)
+    if variant == "hierarchical":
+        from spattn.hierarchical import HierarchicalAttention
+        from spattn.patterns import Hierarchical
+
+        config = Hierarchical(compress_block=block_size // 2, compress_stride=block_size // 4, select_block=block_size,
+                              select_count=budget - 1, window=block_size, pooling="learned")
+        return lambda _layer: HierarchicalAttention(config, heads, kv_heads, head_dim, backend=backend)
+    if variant == "distill":
+        return lambda _layer: LearnedTopK(heads, kv_heads, head_dim, blocks=budget - 1, block_size=block_size,
+                                          local=1, training="distill", backend=backend)
     if variant == "pooled":  # MoBA's parameter-free routing: nothing learns through the selection
         return lambda _layer: LearnedTopK(heads, kv_heads, head_dim, blocks=budget - 1, block_size=block_size,
                                           local=1, scorer="pooled", detach_inputs=True, backend=backend)

@@ -188,7 +188,9 @@ class LearnedTopK(nn.Module):
         """The hard layout's attention with a zero-valued block bias ``log p - stopgrad(log p)`` on the routed
         blocks, through ``spattn.attention`` itself: the bias is written as extra head dimensions,
         ``q' = [scale * q, onehot(query block)]`` and ``k' = [k, beta[:, key block]]``, so that
-        ``q' . k' = scale * q . k + beta[query block, key block]`` (scale 1, the same sparse layout)."""
+        ``q' . k' = scale * q . k + beta[query block, key block]`` (scale 1, the same sparse layout). The value
+        gets ``NQ`` zero columns (the triton kernels need equal key and value widths: without them a CUDA
+        training pass fell back to the blockwise reference), cut off from the output."""
         B, H, Lq, D = query.shape
         Hkv, Lk, bs = key.shape[1], key.shape[2], self.block_size
         NQ = -(-Lq // bs)
@@ -203,7 +205,10 @@ class LearnedTopK(nn.Module):
         q2 = torch.cat([query * scale, onehot], -1)
         k2 = torch.cat([k_rep, kbias], -1)
         v2 = value.repeat_interleave(G, 1) if G > 1 else value
-        return attention(q2, k2, v2, layout, causal=layout.causal, scale=1.0, backend=self.backend)
+        # zero columns so that value has the key's width (the triton kernels take Dk == Dv); cut off after
+        v2 = torch.nn.functional.pad(v2, (0, NQ))
+        out = attention(q2, k2, v2, layout, causal=layout.causal, scale=1.0, backend=self.backend)
+        return out[..., :value.shape[-1]]
 
     def regularisers(self) -> dict[str, torch.Tensor]:
         """Losses this pattern asks the trainer to add (``distill_loss`` in ``"distill"`` training)."""

@@ -10,12 +10,13 @@ synthetic task's ``(inputs, labels)`` tensors. Checkpoints are safetensors (mode
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +198,9 @@ def fit(
     meta: dict[str, Any] | None = None,
     progress: bool = False,
     description: str = "train",
+    evaluate_with: Callable[[torch.nn.Module], dict[str, Any]] | None = None,
+    autocast: torch.dtype | None = None,
+    deadline: float | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` for ``steps`` AdamW steps (linear warm-up, cosine decay) on ``batches``.
 
@@ -209,11 +213,18 @@ def fit(
         log_every: steps between log records; log_path: JSON-lines file of the records.
         checkpoint: safetensors path of the final weights (with ``meta`` and the last record as JSON).
         progress: a rich progress bar.
+        evaluate_with: ``model -> dict`` called at every log step (model in training mode; switch modes
+            inside), its entries merged into the record (e.g. per-corpus held-out losses with intervals).
+        autocast: run the forward passes under ``torch.autocast`` in this dtype (e.g. ``torch.bfloat16`` on a
+            GPU; default None: the parameters' dtype).
+        deadline: a ``time.perf_counter()`` value; training stops after the first step that ends past it
+            (default None: never), logging that step. The result then has ``"stopped_early": True``.
 
     Returns:
-        ``{"history": [records], "final": record, "seconds": float}``; a record has ``step``, ``loss``
-        (training LM/task loss), each regulariser term, the collapse metrics, ``temperature``, ``blocks`` and,
-        with ``eval_batches``, ``eval_loss`` / ``eval_accuracy``.
+        ``{"history": [records], "final": record, "seconds": float, "steps_done": int, "stopped_early":
+        bool}``; a record has ``step``, ``loss`` (training LM/task loss), each regulariser term, the collapse
+        metrics, ``temperature``, ``blocks``, with ``eval_batches`` ``eval_loss`` / ``eval_accuracy``, and the
+        entries of ``evaluate_with``.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
@@ -243,6 +254,10 @@ def fit(
         task = bar.add_task(description, total=steps)
     start = time.perf_counter()
     model.train()
+    device_type = next(model.parameters()).device.type
+    context = (lambda: torch.autocast(device_type, dtype=autocast)) if autocast is not None \
+        else contextlib.nullcontext
+    steps_done, stopped_early = 0, False
     try:
         for step in range(steps):
             for router in layers:
@@ -251,24 +266,30 @@ def fit(
                 if budget is not None:
                     router.blocks = int(budget.at(step))
             inputs, labels = next(batches)
-            loss = sequence_loss(model(inputs), labels)
-            terms = regulariser_losses(model, weights)
-            total = loss + sum(terms.values()) if terms else loss
+            with context():
+                loss = sequence_loss(model(inputs), labels)
+                terms = regulariser_losses(model, weights)
+                total = loss + sum(terms.values()) if terms else loss
             opt.zero_grad(set_to_none=True)
             total.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
-            if step % log_every == 0 or step == steps - 1:
+            steps_done = step + 1
+            stopped_early = deadline is not None and step < steps - 1 and time.perf_counter() > deadline
+            if step % log_every == 0 or step == steps - 1 or stopped_early:
                 record: dict[str, Any] = {"step": step, "loss": float(loss.detach()),
                                           **{k: float(v.detach()) for k, v in terms.items()},
                                           **selection_metrics(model)}
                 if layers:
                     record["temperature"] = float(layers[0].temperature)
                     record["blocks"] = int(layers[0].blocks)
-                if eval_batches:
-                    ev = evaluate(model, eval_batches)
-                    record["eval_loss"], record["eval_accuracy"] = ev["loss"], ev["accuracy"]
+                with context():
+                    if eval_batches:
+                        ev = evaluate(model, eval_batches)
+                        record["eval_loss"], record["eval_accuracy"] = ev["loss"], ev["accuracy"]
+                    if evaluate_with is not None:
+                        record.update(evaluate_with(model))
                 record["seconds"] = time.perf_counter() - start
                 history.append(record)
                 if log_file is not None:
@@ -276,12 +297,15 @@ def fit(
                     log_file.flush()
             if bar is not None:
                 bar.update(task, advance=1, description=f"{description} loss {float(loss.detach()):.3f}")
+            if stopped_early:
+                break
     finally:
         if bar is not None:
             bar.stop()
         if log_file is not None:
             log_file.close()
-    result = {"history": history, "final": history[-1], "seconds": time.perf_counter() - start}
+    result = {"history": history, "final": history[-1], "seconds": time.perf_counter() - start,
+              "steps_done": steps_done, "stopped_early": stopped_early}
     if checkpoint is not None:
         save_checkpoint(checkpoint, model, {**(meta or {}), "final": history[-1]})
     return result
