@@ -74,18 +74,17 @@ def variants(budget: int, length: int, block_size: int, args) -> list[tuple[str,
 
 # ------------------------------------------------------------------------------------------- helpers
 class KeyCounter:
-    """``spattn.integrations.hf.hook`` callback: keys per query of ``pattern`` in the first ``calls`` attention
-    calls (the first chunk's layers), token-exact, from the q/k the model really used."""
+    """``spattn.integrations.hf.layout_hook`` callback: keys per query of the layouts of the first ``calls``
+    attention calls (the first chunk's layers), token-exact, read from the layout the model really ran on
+    (no second compile)."""
 
     def __init__(self, pattern, block_size: int, calls: int):
         self.pattern, self.block_size, self.calls, self.keys = pattern, block_size, calls, []
 
-    def __call__(self, module, layer, query, key) -> None:
+    def __call__(self, module, layer, layout) -> None:
         if len(self.keys) >= self.calls:
             return
-        lay = spattn.compile(self.pattern, query.shape[2], key.shape[2], causal=True, block_size=self.block_size,
-                             batch=query.shape[0], heads=query.shape[1], query=query, key=key)
-        self.keys.append(float(lay.allowed_pairs().mean()) / query.shape[2])
+        self.keys.append(float(layout.allowed_pairs().float().mean()) / layout.q_len)
 
     @property
     def mean(self) -> float:
@@ -256,7 +255,7 @@ def forward_scores(model, ids: torch.Tensor, pattern, args, reference=None, coun
     """One forward (dense when ``pattern`` is None, else patched with ``args.backend``); the dense reference
     (``spattn.eval.lm.dense_reference``) or the per-token scores against ``reference``; and the seconds."""
     from spattn.eval.lm import dense_reference, token_scores
-    from spattn.integrations.hf import hook, patched
+    from spattn.integrations.hf import layout_hook, patched
 
     synchronize(args)
     t = time.perf_counter()
@@ -265,7 +264,7 @@ def forward_scores(model, ids: torch.Tensor, pattern, args, reference=None, coun
             logits = model(input_ids=ids).logits
         else:
             with patched(model, pattern, backend=args.backend, block_size=args.block_size), \
-                    hook(counter) if counter is not None else contextlib.nullcontext():
+                    layout_hook(counter) if counter is not None else contextlib.nullcontext():
                 logits = model(input_ids=ids).logits
     synchronize(args)
     seconds = time.perf_counter() - t
@@ -454,7 +453,7 @@ def stage_passkey(model, length: int, args, deadline: Deadline, stage: str, repo
     from spattn.data.corpora import load_text
     from spattn.eval import stats
     from spattn.eval.retrieval import make_samples, retrieval_accuracy
-    from spattn.integrations.hf import hook
+    from spattn.integrations.hf import layout_hook
 
     tok = model._selection_tokenizer
     samples = make_samples("passkey", tok, load_text(args.text), [length], args.depths, range(args.samples))
@@ -479,7 +478,7 @@ def stage_passkey(model, length: int, args, deadline: Deadline, stage: str, repo
             deadline.skip(stage, f"passkey {length}: {name}", last)
             continue
         counter = None if pattern is None else KeyCounter(pattern, args.block_size, model.config.num_hidden_layers)
-        with hook(counter) if counter is not None else contextlib.nullcontext():
+        with layout_hook(counter) if counter is not None else contextlib.nullcontext():
             result = retrieval_accuracy(model, tok, samples, pattern, args.backend, block_size=args.block_size)
         seen[role] = result.seconds
         scores = [float(c) for c in result.correct]

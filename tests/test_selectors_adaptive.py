@@ -147,3 +147,49 @@ def test_errors_name_the_argument():
         spattn.compile(TopK("pooled", 1, block=24), 64, causal=True, block_size=32, query=q, key=q)
     p = spattn.Sinks(4) | Adaptive("probe", 100, sinks=2, window=9, options={"queries": 2}, block=16)
     assert spattn.pattern_from_dict(p.to_dict()) == p
+
+
+def test_adaptive_own_sinks_and_window_are_compiled_once_for_all_calls():
+    from spattn.selectors import patterns as selection_patterns
+
+    pattern = Adaptive("probe", 48, sinks=8, window=16, block=16)
+    layouts = []
+    for seed in (0, 1):
+        q, k = _planted(seed=seed)
+        selection_patterns._LOCAL_CACHE.clear()
+        fresh, _ = _compile(pattern, q, k)
+        entry = dict(selection_patterns._LOCAL_CACHE)
+        cached, _ = _compile(pattern, q, k)  # from the process-wide cache
+        assert dict(selection_patterns._LOCAL_CACHE) == entry  # reused, not rebuilt
+        for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "kv_mask_ids"):
+            assert torch.equal(getattr(fresh, name), getattr(cached, name)), name
+        assert torch.equal(fresh.masks, cached.masks)
+        layouts.append(cached)
+    assert not torch.equal(layouts[0].to_dense(), layouts[1].to_dense())  # the selection itself is not cached
+
+
+def test_layout_hook_counts_the_keys_a_patched_model_really_kept():
+    from tests.hf_support import tiny_llama
+
+    from spattn.integrations.hf import hook, layout_hook, patched
+
+    model = tiny_llama()
+    pattern = Adaptive("probe", 40, sinks=4, window=8, block=16)
+    seen, compiled = {}, {}
+
+    def on_query(module, layer, query, key):
+        lay = spattn.compile(pattern, query.shape[2], key.shape[2], causal=True, block_size=BS,
+                             batch=query.shape[0], heads=query.shape[1], query=query, key=key)
+        compiled[layer] = lay.allowed_pairs()
+
+    def on_layout(module, layer, layout):
+        seen[layer] = layout.allowed_pairs()
+
+    ids = torch.randint(0, 97, (1, 160), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), patched(model, pattern, backend="reference", block_size=BS), hook(on_query), \
+            layout_hook(on_layout):
+        model(input_ids=ids)
+    assert sorted(seen) == sorted(compiled) == [0, 1]
+    for layer in seen:
+        assert torch.equal(seen[layer], compiled[layer])
+        assert abs(float(seen[layer].float().mean()) / 160 - 40) <= 16  # the stated budget within one cell

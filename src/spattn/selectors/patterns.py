@@ -437,7 +437,7 @@ class Adaptive(_Selection):
 
     def prepare(self, ctx: Context) -> None:
         if self._local_parts():
-            self._local_layout(ctx, self.granularity(ctx))
+            self._local(ctx, self.granularity(ctx))
 
     def _local_parts(self) -> list[Pattern]:
         parts: list[Pattern] = []
@@ -457,30 +457,29 @@ class Adaptive(_Selection):
             m = m | ((d <= self.window) & (d >= 0))
         return m
 
-    def _local_layout(self, ctx: Context, cell: int):
-        from spattn.patterns.compile import compile as compile_pattern
-
-        key = ("adaptive-local", self.sinks, self.window, cell)
-        if key not in ctx.cache:
-            dev = ctx.device if ctx.query is None else ctx.query.device
-            ctx.cache[key] = compile_pattern(_union(self._local_parts()), ctx.q_len, ctx.kv_len, causal=ctx.causal,
-                                             block_size=cell, device=dev)
-        return ctx.cache[key]
+    def _local(self, ctx: Context, cell: int) -> _LocalParts:
+        """The own sinks and window at ``cell`` granularity for these shapes, from the process-wide cache (the
+        same for every layer and call of a model: a patched forward compiles ``Adaptive`` once per layer)."""
+        dev = ctx.device if ctx.query is None else ctx.query.device
+        key = (self.sinks, self.window, cell, ctx.q_len, ctx.kv_len, ctx.causal, str(dev))
+        entry = ctx.cache.get(("adaptive-local", key)) or _LOCAL_CACHE.get(key)
+        if entry is None:
+            entry = _LocalParts.build(_union(self._local_parts()), ctx, cell, dev)
+            _LOCAL_CACHE[key] = entry
+            while len(_LOCAL_CACHE) > _LOCAL_CACHE_SIZE:
+                _LOCAL_CACHE.pop(next(iter(_LOCAL_CACHE)))
+        ctx.cache[("adaptive-local", key)] = entry
+        return entry
 
     def _own_safeguards(self, ctx: Context, cell: int):
         if not self._local_parts():
             return None, None
-        layout = self._local_layout(ctx, cell)
-        slot, tiles = _tables.unpack(layout)[1], _tables.tiles(layout.masks)
-        kept_pairs = tiles.flatten(1).sum(-1).float()[slot]  # [1, 1, NQc, NKc]
-        pairs = cell_pairs(ctx.q_len, ctx.kv_len, cell, ctx.causal, kept_pairs.device)
-        frac = torch.where(pairs > 0, (kept_pairs / pairs.clamp_min(1)).clamp(max=1.0), torch.zeros_like(pairs))
-        return frac, self._local_mask
+        return self._local(ctx, cell).kept_share, self._local_mask
 
     def _choose(self, gain, available, kept_mass, cost, min_blocks, max_blocks, ctx):
         pairs = torch.tensor(float(self.keys * ctx.q_len), device=gain.device)
         if self._local_parts():  # a tensor: no host sync
-            local = self._local_layout(ctx, self.granularity(ctx)).allowed_pairs().float().mean()
+            local = self._local(ctx, self.granularity(ctx)).pairs
             pairs = (pairs - local.to(gain.device)).clamp_min(0)
         chosen = _budget.top_keys(gain, available, cost, pairs)
         if min_blocks is not None:
@@ -492,8 +491,8 @@ class Adaptive(_Selection):
     def selection(self, ctx: Context, *, kept: torch.Tensor | None, allowed: torch.Tensor | None) -> torch.Tensor:
         chosen = super().selection(ctx, kept=kept, allowed=allowed)
         if self._local_parts():
-            local = self._local_layout(ctx, self.granularity(ctx)).allowed_pairs().float() / ctx.q_len  # [1, 1]
-            ctx.info["estimated_keys_per_head"] = ctx.info["estimated_keys_per_head"] + local[0]
+            local = self._local(ctx, self.granularity(ctx)).pairs / ctx.q_len  # 0-d
+            ctx.info["estimated_keys_per_head"] = ctx.info["estimated_keys_per_head"] + local
         return chosen
 
     # -- the pattern's own sinks and window --------------------------------------------------
@@ -515,6 +514,31 @@ class Adaptive(_Selection):
         delta = (lo_q[qb.to(lo_q.device), 0] - lo_k[0, kb.to(lo_k.device)]).long().to(sig.device)
         return torch.cat([sig, delta[:, None], (kb.to(sig.device) * ctx.block_size < self.sinks)[:, None].long()],
                          dim=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class _LocalParts:
+    """``Adaptive``'s own sinks and window compiled at the selection cell size: the layout, the share of each
+    cell they keep (float ``[1, 1, NQc, NKc]``) and their (query, key) pairs (float 0-d), all on the device."""
+
+    layout: Any
+    kept_share: torch.Tensor
+    pairs: torch.Tensor
+
+    @staticmethod
+    def build(pattern: Pattern, ctx: Context, cell: int, device) -> _LocalParts:
+        from spattn.patterns.compile import compile as compile_pattern
+
+        layout = compile_pattern(pattern, ctx.q_len, ctx.kv_len, causal=ctx.causal, block_size=cell, device=device)
+        slot, tiles = _tables.unpack(layout)[1], _tables.tiles(layout.masks)
+        kept_pairs = tiles.flatten(1).sum(-1).float()[slot]  # [1, 1, NQc, NKc]
+        pairs = cell_pairs(ctx.q_len, ctx.kv_len, cell, ctx.causal, kept_pairs.device)
+        share = torch.where(pairs > 0, (kept_pairs / pairs.clamp_min(1)).clamp(max=1.0), torch.zeros_like(pairs))
+        return _LocalParts(layout, share, layout.allowed_pairs().float().mean().to(device))
+
+
+_LOCAL_CACHE: dict[tuple, _LocalParts] = {}  # insertion-ordered: the oldest entry is dropped first
+_LOCAL_CACHE_SIZE = 16
 
 
 def _union(parts: list[Pattern]) -> Pattern:
