@@ -1,5 +1,7 @@
 """Selection that accounts for what the safeguards keep: partly kept blocks, key budgets, adaptive heads."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -193,3 +195,27 @@ def test_layout_hook_counts_the_keys_a_patched_model_really_kept():
     for layer in seen:
         assert torch.equal(seen[layer], compiled[layer])
         assert abs(float(seen[layer].float().mean()) / 160 - 40) <= 16  # the stated budget within one cell
+
+
+def test_layer_budgets_average_to_the_global_budget_and_feed_the_layer_that_misses_most():
+    from spattn.selectors import layer_budgets
+
+    q_local, k_local = _planted(before=8, seed=2)  # layer 0: the planted mass sits outside the window
+    g = torch.Generator().manual_seed(3)
+    q_flat = 0.01 * torch.randn(1, 2, 256, 16, generator=g)  # layer 1: nearly uniform, little to gain anywhere
+    k_flat = 0.01 * torch.randn(1, 2, 256, 16, generator=g)
+    pattern = Adaptive("probe", 64, sinks=4, window=16, block=16, sharing="head")
+    split = layer_budgets(pattern, {0: q_local, 1: q_flat}, {0: k_local, 1: k_flat}, block_size=BS)
+    assert set(split) == {0, 1}
+    assert abs(sum(split.values()) / 2 - 64) <= 16  # the mean meets the budget within one cell
+    local = float(pattern.own_pairs(spattn.patterns.base.Context(256, 256, BS, torch.device("cpu"), True))) / 256
+    assert min(split.values()) >= round(local)
+    # the planted layer's far mass is worth more per key than a flat layer's: it gets the larger share, and with
+    # its share the planted block is chosen
+    assert split[0] > split[1]
+    layout, mask = _compile(dataclasses.replace(pattern, keys=split[0]), q_local, k_local)
+    assert mask[0, :, -1, 256 - 2 * BS:256 - BS - 8].all()
+    with pytest.raises(ValueError, match="same"):
+        layer_budgets(pattern, {0: q_local}, {1: k_local})
+    with pytest.raises(TypeError, match="Adaptive"):
+        layer_budgets(TopK("pooled", 1), {0: q_local}, {0: k_local})

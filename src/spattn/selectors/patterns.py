@@ -103,6 +103,21 @@ def fully_visible(ctx: Context, cell: int) -> torch.Tensor:
     return khi[None, :] <= qlo[:, None]
 
 
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """A selection's view of one input, per selection cell (``Hs`` selection heads: ``Hkv`` with
+    ``sharing="group"``, else ``H``): ``gain`` float ``[B, Hs, NQc, NKc]`` the estimated mass the safeguards
+    miss, ``available`` bool (may be chosen), ``kept_mass`` float ``[B, Hs, NQc]`` the estimated mass kept
+    already, ``cost`` float (broadcast to ``gain``) the new (query, key) pairs choosing the cell adds; ``group``
+    the query heads per selection head."""
+
+    gain: torch.Tensor
+    available: torch.Tensor
+    kept_mass: torch.Tensor
+    cost: torch.Tensor
+    group: int
+
+
 class _Selection(BlockSelection):
     """Shared machinery of TopK / TopP / Adaptive (fields are declared by the subclasses)."""
 
@@ -172,7 +187,11 @@ class _Selection(BlockSelection):
             flags[torch.tensor(toks, device=ctx.device)] = True
         return flags
 
-    def selection(self, ctx: Context, *, kept: torch.Tensor | None, allowed: torch.Tensor | None) -> torch.Tensor:
+    def estimate(self, ctx: Context, *, kept: torch.Tensor | None = None,
+                 allowed: torch.Tensor | None = None) -> Estimate:
+        """What the budget rule chooses from (no host sync): per selection cell the estimated missing mass, the
+        cost in new (query, key) pairs and whether it may be chosen (``kept`` / ``allowed``: the int8 status of
+        the static parts of enclosing unions / intersections, as compile's phase 2 hands them over)."""
         q, k = ctx.query, ctx.key
         if q is None or k is None:
             raise ValueError(f"{type(self).__name__} is dynamic: compile it with query= and key=")
@@ -234,9 +253,16 @@ class _Selection(BlockSelection):
                 gain = torch.where(visible & (kept < 1), missing, torch.zeros_like(missing))
                 kept_mass = (1 - gain.sum(-1)).clamp_min(0)
             cost = cell_pairs(Lq, Lk, g, ctx.causal, dev) * (1 - kept)  # new (query, key) pairs if chosen
+        return Estimate(gain, visible & (kept < 1), kept_mass, cost, G)
+
+    def selection(self, ctx: Context, *, kept: torch.Tensor | None, allowed: torch.Tensor | None) -> torch.Tensor:
+        est = self.estimate(ctx, kept=kept, allowed=allowed)
+        gain, kept_mass, cost, G = est.gain, est.kept_mass, est.cost, est.group
+        g, Lq = self.granularity(ctx), ctx.q_len
+        with torch.no_grad():
             min_blocks = -(-self.min_keys // g) if self.min_keys else None
             max_blocks = None if self.max_keys is None else self.max_keys // g
-            chosen = self._choose(gain, visible & (kept < 1), kept_mass, cost, min_blocks, max_blocks, ctx)
+            chosen = self._choose(gain, est.available, kept_mass, cost, min_blocks, max_blocks, ctx)
             estimated = kept_mass + (gain * chosen).sum(-1)
             count = chosen.sum(-1, dtype=torch.int32)
             keys = (cost * chosen).sum((-1, -2)) / Lq  # [B, Hs] estimated new keys per query
@@ -471,6 +497,12 @@ class Adaptive(_Selection):
         ctx.cache[("adaptive-local", key)] = entry
         return entry
 
+    def own_pairs(self, ctx: Context) -> torch.Tensor:
+        """float 0-d (on the device): the (query, key) pairs per head its own sinks and window keep."""
+        if not self._local_parts():
+            return torch.zeros((), device=ctx.device if ctx.query is None else ctx.query.device)
+        return self._local(ctx, self.granularity(ctx)).pairs
+
     def _own_safeguards(self, ctx: Context, cell: int):
         if not self._local_parts():
             return None, None
@@ -479,8 +511,7 @@ class Adaptive(_Selection):
     def _choose(self, gain, available, kept_mass, cost, min_blocks, max_blocks, ctx):
         pairs = torch.tensor(float(self.keys * ctx.q_len), device=gain.device)
         if self._local_parts():  # a tensor: no host sync
-            local = self._local(ctx, self.granularity(ctx)).pairs
-            pairs = (pairs - local.to(gain.device)).clamp_min(0)
+            pairs = (pairs - self.own_pairs(ctx).to(gain.device)).clamp_min(0)
         chosen = _budget.top_keys(gain, available, cost, pairs)
         if min_blocks is not None:
             chosen = chosen | _budget.top_k(gain, available, min_blocks)
@@ -491,8 +522,7 @@ class Adaptive(_Selection):
     def selection(self, ctx: Context, *, kept: torch.Tensor | None, allowed: torch.Tensor | None) -> torch.Tensor:
         chosen = super().selection(ctx, kept=kept, allowed=allowed)
         if self._local_parts():
-            local = self._local(ctx, self.granularity(ctx)).pairs / ctx.q_len  # 0-d
-            ctx.info["estimated_keys_per_head"] = ctx.info["estimated_keys_per_head"] + local
+            ctx.info["estimated_keys_per_head"] = ctx.info["estimated_keys_per_head"] + self.own_pairs(ctx) / ctx.q_len
         return chosen
 
     # -- the pattern's own sinks and window --------------------------------------------------
@@ -548,4 +578,4 @@ def _union(parts: list[Pattern]) -> Pattern:
     return out
 
 
-__all__ = ["TopK", "TopP", "Adaptive", "SHARING"]
+__all__ = ["TopK", "TopP", "Adaptive", "Estimate", "SHARING"]
