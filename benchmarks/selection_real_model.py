@@ -45,7 +45,7 @@ from spattn.selectors import Adaptive, layer_budgets
 
 
 # ------------------------------------------------------------------------------------------- variants
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def window_for(budget: float, sinks: int, length: int, block_size: int, device: str = "cpu") -> int:
     """Largest window with ``Sinks(sinks) | Window(w)`` at or under ``budget`` keys per query (causal; a binary
     search over compiled layouts, on ``device``: on CUDA the banded fast build, on the CPU the general compile)."""
@@ -275,7 +275,7 @@ def adaptive_for(budget: int, args) -> tuple[str, spattn.Pattern]:
     return name, pattern
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def static_keys(pattern: spattn.Pattern, length: int, block_size: int, device: str = "cpu") -> float:
     """Keys per query of a static pattern, token-exact (causal), compiled on ``device``."""
     lay = spattn.compile(pattern, length, causal=True, block_size=block_size, device=device)
@@ -525,7 +525,7 @@ def stage_passkey(model, length: int, args, deadline: Deadline, stage: str, repo
     samples = make_samples("passkey", tok, load_text(args.text), [length], args.depths, range(args.samples))
     plans: list[tuple[str, str, Any, int | None]] = [("dense", "dense (the model's SDPA)", None, None)]
     lm = report.get("lm", {}).get(str(length), {}).get("budgets", {})
-    for budget in budgets_for(length, args):
+    for budget in budgets_for(length, args)[:args.passkey_budgets]:
         group = lm.get(str(budget))
         if group is not None:
             window = next(r for r in group["rows"] if r["role"] == "best_window")
@@ -628,6 +628,7 @@ def stage_gate(model, args, report: dict, save) -> None:
     if args.skip_floor:
         report["gate"] = {"kernels": checks, "full_model_floor": "skipped (--skip-floor)", "seconds": seconds,
                           "passed": all(c["passed"] for c in checks)}
+        print("gate seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()), flush=True)
         save()
         return
     scores, seconds["Full() forward (first call)"] = forward_scores(model, ids, spattn.Full(), args, reference)
@@ -653,7 +654,8 @@ def stage_cost(stage: str, length: int, args, adaptive: float = 10.0) -> float:
         return length * (plain + adaptive * dynamic * chunks)
     if stage == "passkey":
         n = args.samples * len(args.depths)
-        return length * (n * (1 + budgets) + adaptive * dynamic * n)
+        pk = len(args.fractions[:args.passkey_budgets])
+        return length * (n * (1 + pk) + adaptive * pk * (2 if args.layer_budgets else 1) * n)
     return 0.0
 
 
@@ -665,11 +667,22 @@ def run_stages(args, model, tok, which: list[str], save_record) -> dict:
         if "gate" in which else {}
     for s in which:
         for length in args.lengths:
+            if s == "passkey" and args.passkey_lengths is not None and length not in args.passkey_lengths:
+                continue
             if s != "gate":
                 shares[f"{s}-{length}"] = stage_cost(s, length, args)
+    if args.lm_share is not None:  # --lm-share of the measured stages' time for the lm stages, the rest pass key
+        groups = {g: [k for k in shares if k.startswith(g + "-")] for g in ("lm", "passkey")}
+        totals = {g: sum(shares[k] for k in ks) for g, ks in groups.items()}
+        if totals["lm"] > 0 and totals["passkey"] > 0:
+            for g, want in (("lm", args.lm_share), ("passkey", 1 - args.lm_share)):
+                for k in groups[g]:
+                    shares[k] = want * shares[k] / totals[g]
+            if "gate" in shares:
+                shares["gate"] = 0.05
     if args.length_major:  # gate, then lm and passkey at the first length, then at the next one
         order = [k for k in shares if k == "gate"] + [f"{s}-{length}" for length in args.lengths
-                                                      for s in which if s != "gate"]
+                                                      for s in which if f"{s}-{length}" in shares]
     else:
         order = [k for k in shares if k == "gate"] + [k for k in shares if k.startswith("lm-")] + \
             [k for k in shares if k.startswith("passkey-")]
@@ -750,7 +763,12 @@ def main(argv=None) -> None:
                         help="suite: lm and passkey at the first length before either at the next one")
     parser.add_argument("--skip-floor", action="store_true",
                         help="suite: leave out the gate's whole-model Full() vs SDPA floor (kernel checks only)")
-    parser.add_argument("--lm-share", type=float, default=0.6, help="suite: share of --time-budget for the lm stages")
+    parser.add_argument("--lm-share", type=float, default=None,
+                        help="suite: share of the measured stages' time for the lm stages (default: by estimated cost)")
+    parser.add_argument("--passkey-lengths", type=int, nargs="+", default=None,
+                        help="suite: pass key only at these of --lengths (default all)")
+    parser.add_argument("--passkey-budgets", type=int, default=None,
+                        help="passkey / suite: only the first N of --fractions (default all)")
     parser.add_argument("--time-budget", type=float, default=None,
                         help="seconds for lm / passkey / suite: work that would not fit is skipped and recorded")
     parser.add_argument("--autotune", action="store_true", help="cuda: let the triton kernels autotune (slower start)")
@@ -763,6 +781,8 @@ def main(argv=None) -> None:
     args.lengths = args.lengths or [args.length]
     if args.task != "recall" and args.budgets is not None:
         parser.error("lm / passkey / suite take --fractions (keys per query = fraction x length), not --budgets")
+    if args.lm_share is not None and not 0 < args.lm_share < 1:
+        parser.error(f"--lm-share must be in (0, 1), got {args.lm_share}")
     args.budgets = args.budgets or [246, 492]
     if args.backend is None:
         args.backend = "triton" if args.device == "cuda" else "dense"

@@ -171,9 +171,8 @@ def test_adaptive_own_sinks_and_window_are_compiled_once_for_all_calls():
 
 
 def test_layout_hook_counts_the_keys_a_patched_model_really_kept():
-    from tests.hf_support import tiny_llama
-
     from spattn.integrations.hf import hook, layout_hook, patched
+    from tests.hf_support import tiny_llama
 
     model = tiny_llama()
     pattern = Adaptive("probe", 40, sinks=4, window=8, block=16)

@@ -39,8 +39,10 @@ def layer_budgets(pattern: Adaptive, queries: Mapping[int, torch.Tensor], keys: 
 
     Example:
         >>> cap = spattn.capture(model, ids)  # doctest: +SKIP
-        >>> split = layer_budgets(Adaptive("probe", 492, sinks=64, window=64, block=32), cap.queries, cap.keys)
-        >>> plan = spattn.Plan(layers={i: dataclasses.replace(pattern, keys=k) for i, k in split.items()})  # doctest: +SKIP
+        >>> pattern = Adaptive("probe", 492, sinks=64, window=64, block=32)
+        >>> split = layer_budgets(pattern, cap.queries, cap.keys)  # doctest: +SKIP
+        >>> layers = {i: dataclasses.replace(pattern, keys=k) for i, k in split.items()}  # doctest: +SKIP
+        >>> plan = spattn.Plan(layers=layers)  # doctest: +SKIP
     """
     if not isinstance(pattern, Adaptive):
         raise TypeError(f"pattern must be an Adaptive pattern, got {type(pattern).__name__}")
