@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.join(_HERE, "..", "src"))
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import time
@@ -40,17 +41,18 @@ import torch
 
 import spattn
 from spattn.layout import tables as _tables
-from spattn.selectors import Adaptive
+from spattn.selectors import Adaptive, layer_budgets
 
 
 # ------------------------------------------------------------------------------------------- variants
-def window_for(budget: float, sinks: int, length: int, block_size: int) -> int:
-    """Largest window with ``Sinks(sinks) | Window(w)`` at or under ``budget`` keys per query (causal)."""
+@functools.cache
+def window_for(budget: float, sinks: int, length: int, block_size: int, device: str = "cpu") -> int:
+    """Largest window with ``Sinks(sinks) | Window(w)`` at or under ``budget`` keys per query (causal; a binary
+    search over compiled layouts, on ``device``: on CUDA the banded fast build, on the CPU the general compile)."""
     lo, hi = 0, length
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        lay = spattn.compile(spattn.Sinks(sinks) | spattn.Window(mid), length, causal=True, block_size=block_size)
-        if float(lay.allowed_pairs().mean()) / length <= budget:
+        if static_keys(spattn.Sinks(sinks) | spattn.Window(mid), length, block_size, device) <= budget:
             lo = mid
         else:
             hi = mid - 1
@@ -60,7 +62,7 @@ def window_for(budget: float, sinks: int, length: int, block_size: int) -> int:
 def variants(budget: int, length: int, block_size: int, args) -> list[tuple[str, spattn.Pattern]]:
     out = []
     for s in args.sinks:
-        w = window_for(budget, s, length, block_size)
+        w = window_for(budget, s, length, block_size, args.device)
         out.append((f"Sinks({s}) | Window({w})", spattn.Sinks(s) | spattn.Window(w)))
     for sel in args.selectors:
         for w0 in args.local_windows:
@@ -74,18 +76,17 @@ def variants(budget: int, length: int, block_size: int, args) -> list[tuple[str,
 
 # ------------------------------------------------------------------------------------------- helpers
 class KeyCounter:
-    """``spattn.integrations.hf.hook`` callback: keys per query of ``pattern`` in the first ``calls`` attention
-    calls (the first chunk's layers), token-exact, from the q/k the model really used."""
+    """``spattn.integrations.hf.layout_hook`` callback: keys per query of the layouts of the first ``calls``
+    attention calls (the first chunk's layers), token-exact, read from the layout the model really ran on
+    (no second compile)."""
 
     def __init__(self, pattern, block_size: int, calls: int):
         self.pattern, self.block_size, self.calls, self.keys = pattern, block_size, calls, []
 
-    def __call__(self, module, layer, query, key) -> None:
+    def __call__(self, module, layer, layout) -> None:
         if len(self.keys) >= self.calls:
             return
-        lay = spattn.compile(self.pattern, query.shape[2], key.shape[2], causal=True, block_size=self.block_size,
-                             batch=query.shape[0], heads=query.shape[1], query=query, key=key)
-        self.keys.append(float(lay.allowed_pairs().mean()) / query.shape[2])
+        self.keys.append(float(layout.allowed_pairs().float().mean()) / layout.q_len)
 
     @property
     def mean(self) -> float:
@@ -156,18 +157,28 @@ def task_recall(args, model, tok, save) -> dict:
     cap = spattn.capture(model, ids.to(args.device), layers=args.layers, mode="full")
     probs = {layer: dense_probabilities(cap.queries[layer], cap.keys[layer], cap.scale) for layer in cap.layers}
     plans = [(b, n, p) for b in args.budgets for n, p in variants(b, args.length, args.block_size, args)]
+    splits = {}
+    if args.layer_budgets:  # the split over the layers comes from a calibration chunk, never the evaluated one
+        cal = text_chunks(args.text, tok, args.length, split="calibration", max_chunks=1)
+        cal_cap = spattn.capture(model, cal.to(args.device), layers=args.layers, mode="full")
+        for b in args.budgets:
+            name, pattern = adaptive_for(b, args)
+            split = layer_budgets(pattern, cal_cap.queries, cal_cap.keys, block_size=args.block_size)
+            splits[str(b)] = {str(i): v for i, v in split.items()}
+            print(f"layer split of {b} keys per query (calibration chunk): {split}", flush=True)
+            plans.append((b, f"{name} split over layers {split}", layer_patterns(pattern, split)))
     plans += [(0, n, p) for n, p in extra_variants(args)]
     rows = []
     for budget, name, pattern in plans:
         per_layer = {}
         for layer in cap.layers:
             q, k = cap.queries[layer], cap.keys[layer]
-            lay = spattn.compile(pattern, q.shape[2], causal=True, block_size=args.block_size, batch=1,
-                                 heads=q.shape[1], query=q, key=k)
+            lay = spattn.compile(pattern[layer] if isinstance(pattern, dict) else pattern, q.shape[2], causal=True,
+                                 block_size=args.block_size, batch=1, heads=q.shape[1], query=q, key=k)
             per_layer[layer] = {"keys_per_query": float(lay.allowed_pairs().mean()) / q.shape[2],
                                 **layout_recall(lay, probs[layer])}
         n = len(per_layer)
-        row = {"budget": budget, "variant": name, "pattern": pattern.to_dict(),
+        row = {"budget": budget, "variant": name, "pattern": pattern_dict(pattern),
                "keys_per_query": sum(v["keys_per_query"] for v in per_layer.values()) / n,
                **{m: sum(sum(v[m]) / len(v[m]) for v in per_layer.values()) / n
                   for m in ("recall", "missed_sinks", "missed_local", "missed_far")},
@@ -175,8 +186,26 @@ def task_recall(args, model, tok, save) -> dict:
         rows.append(row)
         print(f"{budget:5d} {name:75s} keys {row['keys_per_query']:7.1f} recall {row['recall']:.4f} missed sinks "
               f"{row['missed_sinks']:.4f} local {row['missed_local']:.4f} far {row['missed_far']:.4f}", flush=True)
-        save({"rows": rows, "layers": cap.layers})
-    return {"rows": rows, "layers": cap.layers}
+        save({"rows": rows, "layers": cap.layers, "layer_splits": splits})
+    return {"rows": rows, "layers": cap.layers, "layer_splits": splits}
+
+
+def layer_patterns(pattern: Adaptive, split: dict[int, int]) -> dict[int, Adaptive]:
+    """``{layer: pattern with keys=split[layer]}``."""
+    import dataclasses
+
+    return {layer: dataclasses.replace(pattern, keys=int(k)) for layer, k in split.items()}
+
+
+def pattern_dict(pattern) -> dict | None:
+    """JSON of a pattern, of ``{layer: pattern}`` (a split over layers) or None (dense)."""
+    if pattern is None:
+        return None
+    if isinstance(pattern, dict):
+        return {"layers": {str(i): p.to_dict() for i, p in pattern.items()}}
+    if isinstance(pattern, spattn.Plan):
+        return {"layers": {str(i): pattern.pattern_for(i).to_dict() for i in sorted(pattern.layers)}}
+    return pattern.to_dict()
 
 
 def extra_variants(args) -> list[tuple[str, spattn.Pattern]]:
@@ -246,17 +275,18 @@ def adaptive_for(budget: int, args) -> tuple[str, spattn.Pattern]:
     return name, pattern
 
 
-def static_keys(pattern: spattn.Pattern, length: int, block_size: int) -> float:
-    """Keys per query of a static pattern, token-exact (causal)."""
-    lay = spattn.compile(pattern, length, causal=True, block_size=block_size)
-    return float(lay.allowed_pairs().mean()) / length
+@functools.cache
+def static_keys(pattern: spattn.Pattern, length: int, block_size: int, device: str = "cpu") -> float:
+    """Keys per query of a static pattern, token-exact (causal), compiled on ``device``."""
+    lay = spattn.compile(pattern, length, causal=True, block_size=block_size, device=device)
+    return float(lay.allowed_pairs().float().mean()) / length
 
 
 def forward_scores(model, ids: torch.Tensor, pattern, args, reference=None, counter=None):
     """One forward (dense when ``pattern`` is None, else patched with ``args.backend``); the dense reference
     (``spattn.eval.lm.dense_reference``) or the per-token scores against ``reference``; and the seconds."""
     from spattn.eval.lm import dense_reference, token_scores
-    from spattn.integrations.hf import hook, patched
+    from spattn.integrations.hf import layout_hook, patched
 
     synchronize(args)
     t = time.perf_counter()
@@ -265,7 +295,7 @@ def forward_scores(model, ids: torch.Tensor, pattern, args, reference=None, coun
             logits = model(input_ids=ids).logits
         else:
             with patched(model, pattern, backend=args.backend, block_size=args.block_size), \
-                    hook(counter) if counter is not None else contextlib.nullcontext():
+                    layout_hook(counter) if counter is not None else contextlib.nullcontext():
                 logits = model(input_ids=ids).logits
     synchronize(args)
     seconds = time.perf_counter() - t
@@ -295,23 +325,52 @@ def calibrate_window(model, budget: int, length: int, args, deadline: Deadline, 
     from spattn.data.chunks import text_chunks
 
     tok = model._selection_tokenizer
+    if len(args.sinks) == 1:  # one candidate: nothing to pick, no calibration forward
+        s = args.sinks[0]
+        w = window_for(budget, s, length, args.block_size, args.device)
+        pattern = spattn.Sinks(s) | spattn.Window(w)
+        best = {"variant": f"Sinks({s}) | Window({w})", "pattern": pattern.to_dict(),
+                "keys_per_query": static_keys(pattern, length, args.block_size, args.device),
+                "calibration_perplexity": None, "_pattern": pattern}
+        return {"best": best, "candidates": [{k: v for k, v in best.items() if k != "_pattern"}]}
     ids = text_chunks(args.text, tok, length, split="calibration", max_chunks=1).to(args.device)
     reference, _ = forward_scores(model, ids, None, args)
     candidates = []
     for s in args.sinks:
-        w = window_for(budget, s, length, args.block_size)
+        t_search = time.perf_counter()
+        w = window_for(budget, s, length, args.block_size, args.device)
         if w < 1:
             continue
         pattern = spattn.Sinks(s) | spattn.Window(w)
         scores, seconds = forward_scores(model, ids, pattern, args, reference)
         nll = float(scores["nll"].mean())
         candidates.append({"variant": f"Sinks({s}) | Window({w})", "pattern": pattern.to_dict(),
-                           "keys_per_query": static_keys(pattern, length, args.block_size),
+                           "keys_per_query": static_keys(pattern, length, args.block_size, args.device),
                            "calibration_perplexity": math.exp(nll), "seconds": seconds, "_pattern": pattern})
         print(f"calibration {length} {budget:5d} {candidates[-1]['variant']:30s} keys "
-              f"{candidates[-1]['keys_per_query']:7.1f} ppl {math.exp(nll):.3f}", flush=True)
+              f"{candidates[-1]['keys_per_query']:7.1f} ppl {math.exp(nll):.3f} ({seconds:.2f} s forward, "
+              f"{time.perf_counter() - t_search:.2f} s with the window search)", flush=True)
     best = min(candidates, key=lambda c: c["calibration_perplexity"])
     return {"best": best, "candidates": [{k: v for k, v in c.items() if k != "_pattern"} for c in candidates]}
+
+
+def split_over_layers(model, pattern: Adaptive, length: int, args) -> tuple[dict[int, int], spattn.Plan]:
+    """``selectors.layer_budgets`` on the q/k of every layer of one calibration chunk (never an evaluated one):
+    the split ``{layer: keys}`` and the Plan of ``Adaptive`` patterns it makes."""
+    from spattn.data.chunks import text_chunks
+
+    cached = getattr(model, "_selection_splits", {}).get((pattern, length))
+    if cached is not None:
+        return cached
+    ids = text_chunks(args.text, model._selection_tokenizer, length, split="calibration", max_chunks=1)
+    with torch.no_grad():
+        cap = spattn.capture(model, ids.to(args.device), mode="full")
+        split = layer_budgets(pattern, cap.queries, cap.keys, block_size=args.block_size)
+    del cap
+    print(f"layer split of {pattern.keys} keys per query at {length} (calibration chunk): {split}", flush=True)
+    result = split, spattn.Plan(layers=layer_patterns(pattern, split))
+    model.__dict__.setdefault("_selection_splits", {})[(pattern, length)] = result
+    return result
 
 
 def summarise_lm(group: dict, args) -> None:
@@ -350,7 +409,7 @@ def summarise_lm(group: dict, args) -> None:
     d_nll = [c["nll"] for c in dense["per_chunk"][:n]]
     w_nll = [c["nll"] for c in window["per_chunk"][:n]]
     for r in rows:
-        if r["role"] != "adaptive" or len(r["per_chunk"]) < n:
+        if r["role"] not in ("adaptive", "adaptive_layers") or len(r["per_chunk"]) < n:
             continue
         versus = {}
         for metric, higher in (("nll", False), ("kl", False), ("agree", True)):
@@ -401,6 +460,12 @@ def stage_lm(model, length: int, args, deadline: Deadline, stage: str, report: d
                 {"role": "best_window", "variant": cal["best"]["variant"], "pattern": cal["best"]["pattern"],
                  "keys_per_query": cal["best"]["keys_per_query"], "_pattern": cal["best"]["_pattern"]},
                 {"role": "adaptive", "variant": name, "pattern": adaptive.to_dict(), "_pattern": adaptive}]
+        if args.layer_budgets:
+            split, plan = split_over_layers(model, adaptive, length, args)
+            entry.setdefault("layer_splits", {})[str(budget)] = {str(i): v for i, v in split.items()}
+            rows.append({"role": "adaptive_layers", "variant": f"{name} split over layers",
+                         "split": {str(i): v for i, v in split.items()},
+                         "pattern": pattern_dict(plan), "_pattern": plan})
         for r in rows:
             r.update(per_chunk=[], per_segment=[], keys=[], seconds=[])
         group = {"budget": budget, "fraction": budget / length, "rows": rows}
@@ -424,7 +489,7 @@ def stage_lm(model, length: int, args, deadline: Deadline, stage: str, report: d
             for r in group["rows"]:
                 pattern = r.get("_pattern")
                 counter = None
-                if r["role"] == "adaptive" and (args.count_chunks == 0 or c < args.count_chunks):
+                if r["role"].startswith("adaptive") and (args.count_chunks == 0 or c < args.count_chunks):
                     counter = KeyCounter(pattern, args.block_size, model.config.num_hidden_layers)
                 if pattern is None:
                     scores, seconds = dense_scores, dense_seconds
@@ -454,13 +519,13 @@ def stage_passkey(model, length: int, args, deadline: Deadline, stage: str, repo
     from spattn.data.corpora import load_text
     from spattn.eval import stats
     from spattn.eval.retrieval import make_samples, retrieval_accuracy
-    from spattn.integrations.hf import hook
+    from spattn.integrations.hf import layout_hook
 
     tok = model._selection_tokenizer
     samples = make_samples("passkey", tok, load_text(args.text), [length], args.depths, range(args.samples))
     plans: list[tuple[str, str, Any, int | None]] = [("dense", "dense (the model's SDPA)", None, None)]
     lm = report.get("lm", {}).get(str(length), {}).get("budgets", {})
-    for budget in budgets_for(length, args):
+    for budget in budgets_for(length, args)[:args.passkey_budgets]:
         group = lm.get(str(budget))
         if group is not None:
             window = next(r for r in group["rows"] if r["role"] == "best_window")
@@ -468,7 +533,11 @@ def stage_passkey(model, length: int, args, deadline: Deadline, stage: str, repo
         else:  # no lm stage at this length: calibrate here
             cal = calibrate_window(model, budget, length, args, deadline, stage)
             plans.append(("best_window", cal["best"]["variant"], cal["best"]["_pattern"], budget))
-        plans.append(("adaptive", *adaptive_for(budget, args), budget))
+        name, adaptive = adaptive_for(budget, args)
+        plans.append(("adaptive", name, adaptive, budget))
+        if args.layer_budgets:
+            plans.append(("adaptive_layers", f"{name} split over layers",
+                          split_over_layers(model, adaptive, length, args)[1], budget))
     entry = {"length": length, "depths": args.depths, "samples_per_depth": args.samples, "rows": []}
     report.setdefault("passkey", {})[str(length)] = entry
     dense_scores = None
@@ -479,12 +548,12 @@ def stage_passkey(model, length: int, args, deadline: Deadline, stage: str, repo
             deadline.skip(stage, f"passkey {length}: {name}", last)
             continue
         counter = None if pattern is None else KeyCounter(pattern, args.block_size, model.config.num_hidden_layers)
-        with hook(counter) if counter is not None else contextlib.nullcontext():
+        with layout_hook(counter) if counter is not None else contextlib.nullcontext():
             result = retrieval_accuracy(model, tok, samples, pattern, args.backend, block_size=args.block_size)
         seen[role] = result.seconds
         scores = [float(c) for c in result.correct]
         row = {"role": role, "budget": budget, "variant": name,
-               "pattern": None if pattern is None else pattern.to_dict(),
+               "pattern": pattern_dict(pattern),
                "keys_per_query_first_sample": None if counter is None else counter.mean,
                "found": int(sum(result.correct)), "samples": len(samples), "accuracy": result.accuracy.to_dict(),
                "seconds": result.seconds, "per_depth": [], "per_sample": []}
@@ -498,7 +567,7 @@ def stage_passkey(model, length: int, args, deadline: Deadline, stage: str, repo
             dense_scores = scores
         elif dense_scores is not None:
             row["versus_dense"] = stats.compare(scores, dense_scores).to_dict()
-        if role == "adaptive":
+        if role.startswith("adaptive"):
             window = next((r for r in entry["rows"] if r["role"] == "best_window" and r["budget"] == budget), None)
             if window is not None:
                 row["versus_best_window"] = stats.compare(scores, [float(p["correct"]) for p in window["per_sample"]]
@@ -521,18 +590,27 @@ def stage_gate(model, args, report: dict, save) -> None:
     length = min(args.gate_length, max(args.lengths))
     ids = text_chunks(args.text, tok, length, split="calibration", max_chunks=1).to(args.device)
     layer = model.config.num_hidden_layers // 2
+    seconds: dict[str, float] = {}  # where the gate's time goes (first calls include triton compilation)
+    t = time.perf_counter()
     cap = spattn.capture(model, ids, layers=[layer], mode="full")
     q, k = cap.queries[layer].to(args.device), cap.keys[layer].to(args.device)
     v = torch.randn(k.shape, generator=torch.Generator().manual_seed(0)).to(args.device)
     budget, sinks = budgets_for(length, args)[0], min(args.sinks)
-    window = window_for(budget, sinks, length, args.block_size)
+    seconds["capture"], t = time.perf_counter() - t, time.perf_counter()
+    window = window_for(budget, sinks, length, args.block_size, args.device)
+    seconds["window_search"] = time.perf_counter() - t
     checks = []
     for name, pattern in [adaptive_for(budget, args),
                           (f"Sinks({sinks}) | Window({window})", spattn.Sinks(sinks) | spattn.Window(window))]:
+        t = time.perf_counter()
         layout = spattn.compile(pattern, length, causal=True, block_size=args.block_size, heads=q.shape[1],
                                 query=q, key=k)
+        synchronize(args)
+        seconds[f"compile {name}"], t = time.perf_counter() - t, time.perf_counter()
         allowed = layout.to_dense().to(args.device)
         fast = spattn.attention(q, k, v, layout, causal=True, scale=cap.scale, backend=args.backend)
+        synchronize(args)
+        seconds[f"attention {name} (first call)"] = time.perf_counter() - t
         golden, _ = dense_attention(q, k, v, allowed, scale=cap.scale)
         base, _ = plain_attention(q, k, v, allowed, scale=cap.scale)
         try:  # recorded, not raised: one GPU call must still bring back the measurements (judged with it)
@@ -546,15 +624,22 @@ def stage_gate(model, args, report: dict, save) -> None:
                        "keys_per_query": float(layout.allowed_pairs().mean()) / length})
         print(f"gate {name}: {'passed' if passed else 'FAILED'}, max error {checks[-1]['max_error']:.2e} (baseline "
               f"{checks[-1]['baseline_max_error']:.2e})", flush=True)
-    reference, _ = forward_scores(model, ids, None, args)
-    scores, _ = forward_scores(model, ids, spattn.Full(), args, reference)
+    reference, seconds["dense forward"] = forward_scores(model, ids, None, args)
+    if args.skip_floor:
+        report["gate"] = {"kernels": checks, "full_model_floor": "skipped (--skip-floor)", "seconds": seconds,
+                          "passed": all(c["passed"] for c in checks)}
+        print("gate seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()), flush=True)
+        save()
+        return
+    scores, seconds["Full() forward (first call)"] = forward_scores(model, ids, spattn.Full(), args, reference)
     floor = {"length": length, "mean_kl": float(scores["kl"].mean()), "top1_agreement": float(scores["agree"].mean()),
              "max_kl": float(scores["kl"].max())}
     floor["passed"] = floor["mean_kl"] <= 1e-4 and floor["top1_agreement"] >= 0.999
     print(f"gate Full() via {args.backend} vs SDPA: mean KL {floor['mean_kl']:.2e}, top-1 "
           f"{floor['top1_agreement']:.4f}", flush=True)
-    report["gate"] = {"kernels": checks, "full_model_floor": floor,
+    report["gate"] = {"kernels": checks, "full_model_floor": floor, "seconds": seconds,
                       "passed": all(c["passed"] for c in checks) and floor["passed"]}
+    print("gate seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()), flush=True)
     save()
 
 
@@ -562,14 +647,15 @@ def stage_cost(stage: str, length: int, args, adaptive: float = 10.0) -> float:
     """Relative cost of a stage for the time-budget shares: forwards x length, an Adaptive forward (selection
     on every layer) counted as ``adaptive`` plain ones."""
     budgets = len(args.fractions)
+    dynamic = budgets * (2 if args.layer_budgets else 1)  # Adaptive variants (per layer, split over layers)
     if stage == "lm":
         chunks = args.chunks_at[length]
-        counted = chunks if args.count_chunks == 0 else min(chunks, args.count_chunks)
         plain = budgets * (1 + len(args.sinks)) + chunks * (1 + budgets)
-        return length * (plain + adaptive * budgets * (chunks + counted))
+        return length * (plain + adaptive * dynamic * chunks)
     if stage == "passkey":
         n = args.samples * len(args.depths)
-        return length * (n * (1 + budgets) + adaptive * budgets * (n + 1))
+        pk = len(args.fractions[:args.passkey_budgets])
+        return length * (n * (1 + pk) + adaptive * pk * (2 if args.layer_budgets else 1) * n)
     return 0.0
 
 
@@ -581,10 +667,25 @@ def run_stages(args, model, tok, which: list[str], save_record) -> dict:
         if "gate" in which else {}
     for s in which:
         for length in args.lengths:
+            if s == "passkey" and args.passkey_lengths is not None and length not in args.passkey_lengths:
+                continue
             if s != "gate":
                 shares[f"{s}-{length}"] = stage_cost(s, length, args)
-    order = [k for k in shares if k == "gate"] + [k for k in shares if k.startswith("lm-")] + \
-        [k for k in shares if k.startswith("passkey-")]
+    if args.lm_share is not None:  # --lm-share of the measured stages' time for the lm stages, the rest pass key
+        groups = {g: [k for k in shares if k.startswith(g + "-")] for g in ("lm", "passkey")}
+        totals = {g: sum(shares[k] for k in ks) for g, ks in groups.items()}
+        if totals["lm"] > 0 and totals["passkey"] > 0:
+            for g, want in (("lm", args.lm_share), ("passkey", 1 - args.lm_share)):
+                for k in groups[g]:
+                    shares[k] = want * shares[k] / totals[g]
+            if "gate" in shares:
+                shares["gate"] = 0.05
+    if args.length_major:  # gate, then lm and passkey at the first length, then at the next one
+        order = [k for k in shares if k == "gate"] + [f"{s}-{length}" for length in args.lengths
+                                                      for s in which if f"{s}-{length}" in shares]
+    else:
+        order = [k for k in shares if k == "gate"] + [k for k in shares if k.startswith("lm-")] + \
+            [k for k in shares if k.startswith("passkey-")]
     deadline = Deadline(args.time_budget, {k: shares[k] for k in order}, args.started)
     report: dict = {"skipped": deadline.skipped}
 
@@ -635,13 +736,17 @@ def main(argv=None) -> None:
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.12, 0.06],
                         help="lm / passkey: keys per query as a fraction of the length (0.12 x 4096 = 492)")
     parser.add_argument("--sinks", type=int, nargs="+", default=[4, 16, 64, 128],
-                        help="sinks of the sinks + window candidates (lm / passkey: the best on a calibration chunk)")
+                        help="sinks of the sinks + window candidates (lm / passkey: the best on a calibration chunk; "
+                             "one value: that one, with no calibration forward)")
     parser.add_argument("--selectors", nargs="+", default=["probe"],
                         help="Adaptive's selector (lm / passkey: the first)")
     parser.add_argument("--local-windows", type=int, nargs="+", default=[64],
                         help="Adaptive's own window (lm / passkey: the first)")
     parser.add_argument("--probe-queries", type=int, default=4)
     parser.add_argument("--ablation", action="store_true", help="recall: also the steps of docs/selection.md")
+    parser.add_argument("--layer-budgets", action="store_true",
+                        help="also Adaptive with its keys split over the layers (selectors.layer_budgets on a "
+                             "calibration chunk; lm / passkey: captured over all layers)")
     parser.add_argument("--select-block", type=int, default=32)
     parser.add_argument("--sharing", default="head", choices=["group", "head"])
     parser.add_argument("--layers", type=int, nargs="+", default=None)
@@ -654,7 +759,16 @@ def main(argv=None) -> None:
     parser.add_argument("--count-chunks", type=int, default=0,
                         help="lm: count Adaptive's keys token-exact on the first N chunks (0: every chunk)")
     parser.add_argument("--gate-length", type=int, default=2048, help="suite: tokens of the correctness gate")
-    parser.add_argument("--lm-share", type=float, default=0.6, help="suite: share of --time-budget for the lm stages")
+    parser.add_argument("--length-major", action="store_true",
+                        help="suite: lm and passkey at the first length before either at the next one")
+    parser.add_argument("--skip-floor", action="store_true",
+                        help="suite: leave out the gate's whole-model Full() vs SDPA floor (kernel checks only)")
+    parser.add_argument("--lm-share", type=float, default=None,
+                        help="suite: share of the measured stages' time for the lm stages (default: by estimated cost)")
+    parser.add_argument("--passkey-lengths", type=int, nargs="+", default=None,
+                        help="suite: pass key only at these of --lengths (default all)")
+    parser.add_argument("--passkey-budgets", type=int, default=None,
+                        help="passkey / suite: only the first N of --fractions (default all)")
     parser.add_argument("--time-budget", type=float, default=None,
                         help="seconds for lm / passkey / suite: work that would not fit is skipped and recorded")
     parser.add_argument("--autotune", action="store_true", help="cuda: let the triton kernels autotune (slower start)")
@@ -667,6 +781,8 @@ def main(argv=None) -> None:
     args.lengths = args.lengths or [args.length]
     if args.task != "recall" and args.budgets is not None:
         parser.error("lm / passkey / suite take --fractions (keys per query = fraction x length), not --budgets")
+    if args.lm_share is not None and not 0 < args.lm_share < 1:
+        parser.error(f"--lm-share must be in (0, 1), got {args.lm_share}")
     args.budgets = args.budgets or [246, 492]
     if args.backend is None:
         args.backend = "triton" if args.device == "cuda" else "dense"

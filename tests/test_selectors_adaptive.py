@@ -1,5 +1,7 @@
 """Selection that accounts for what the safeguards keep: partly kept blocks, key budgets, adaptive heads."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -147,3 +149,72 @@ def test_errors_name_the_argument():
         spattn.compile(TopK("pooled", 1, block=24), 64, causal=True, block_size=32, query=q, key=q)
     p = spattn.Sinks(4) | Adaptive("probe", 100, sinks=2, window=9, options={"queries": 2}, block=16)
     assert spattn.pattern_from_dict(p.to_dict()) == p
+
+
+def test_adaptive_own_sinks_and_window_are_compiled_once_for_all_calls():
+    from spattn.selectors import patterns as selection_patterns
+
+    pattern = Adaptive("probe", 48, sinks=8, window=16, block=16)
+    layouts = []
+    for seed in (0, 1):
+        q, k = _planted(seed=seed)
+        selection_patterns._LOCAL_CACHE.clear()
+        fresh, _ = _compile(pattern, q, k)
+        entry = dict(selection_patterns._LOCAL_CACHE)
+        cached, _ = _compile(pattern, q, k)  # from the process-wide cache
+        assert dict(selection_patterns._LOCAL_CACHE) == entry  # reused, not rebuilt
+        for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "kv_mask_ids"):
+            assert torch.equal(getattr(fresh, name), getattr(cached, name)), name
+        assert torch.equal(fresh.masks, cached.masks)
+        layouts.append(cached)
+    assert not torch.equal(layouts[0].to_dense(), layouts[1].to_dense())  # the selection itself is not cached
+
+
+def test_layout_hook_counts_the_keys_a_patched_model_really_kept():
+    from spattn.integrations.hf import hook, layout_hook, patched
+    from tests.hf_support import tiny_llama
+
+    model = tiny_llama()
+    pattern = Adaptive("probe", 40, sinks=4, window=8, block=16)
+    seen, compiled = {}, {}
+
+    def on_query(module, layer, query, key):
+        lay = spattn.compile(pattern, query.shape[2], key.shape[2], causal=True, block_size=BS,
+                             batch=query.shape[0], heads=query.shape[1], query=query, key=key)
+        compiled[layer] = lay.allowed_pairs()
+
+    def on_layout(module, layer, layout):
+        seen[layer] = layout.allowed_pairs()
+
+    ids = torch.randint(0, 97, (1, 160), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), patched(model, pattern, backend="reference", block_size=BS), hook(on_query), \
+            layout_hook(on_layout):
+        model(input_ids=ids)
+    assert sorted(seen) == sorted(compiled) == [0, 1]
+    for layer in seen:
+        assert torch.equal(seen[layer], compiled[layer])
+        assert abs(float(seen[layer].float().mean()) / 160 - 40) <= 16  # the stated budget within one cell
+
+
+def test_layer_budgets_average_to_the_global_budget_and_feed_the_layer_that_misses_most():
+    from spattn.selectors import layer_budgets
+
+    q_local, k_local = _planted(before=8, seed=2)  # layer 0: the planted mass sits outside the window
+    g = torch.Generator().manual_seed(3)
+    q_flat = 0.01 * torch.randn(1, 2, 256, 16, generator=g)  # layer 1: nearly uniform, little to gain anywhere
+    k_flat = 0.01 * torch.randn(1, 2, 256, 16, generator=g)
+    pattern = Adaptive("probe", 64, sinks=4, window=16, block=16, sharing="head")
+    split = layer_budgets(pattern, {0: q_local, 1: q_flat}, {0: k_local, 1: k_flat}, block_size=BS)
+    assert set(split) == {0, 1}
+    assert abs(sum(split.values()) / 2 - 64) <= 16  # the mean meets the budget within one cell
+    local = float(pattern.own_pairs(spattn.patterns.base.Context(256, 256, BS, torch.device("cpu"), True))) / 256
+    assert min(split.values()) >= round(local)
+    # the planted layer's far mass is worth more per key than a flat layer's: it gets the larger share, and with
+    # its share the planted block is chosen
+    assert split[0] > split[1]
+    layout, mask = _compile(dataclasses.replace(pattern, keys=split[0]), q_local, k_local)
+    assert mask[0, :, -1, 256 - 2 * BS:256 - BS - 8].all()
+    with pytest.raises(ValueError, match="same"):
+        layer_budgets(pattern, {0: q_local}, {1: k_local})
+    with pytest.raises(TypeError, match="Adaptive"):
+        layer_budgets(TopK("pooled", 1), {0: q_local}, {0: k_local})

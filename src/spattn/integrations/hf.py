@@ -38,6 +38,8 @@ NAME = "spattn"
 
 # capture hooks: called as hook(module, layer, query, key) before attention runs (see spattn.capture)
 _HOOKS: list[Callable[[Any, int, torch.Tensor, torch.Tensor], None]] = []
+# layout hooks: called as hook(module, layer, layout) with the Layout each attention call runs on
+_LAYOUT_HOOKS: list[Callable[[Any, int, Any], None]] = []
 
 
 # ---------------------------------------------------------------------------------------------- registration
@@ -208,6 +210,8 @@ def spattn_attention_forward(
         pattern = pattern & _document(segments)
     backend = getattr(module, "_spattn_backend", "auto")
     layout = _layout(pattern, query, key, causal, getattr(module, "_spattn_block_size", 128))
+    for layout_hook_fn in _LAYOUT_HOOKS:
+        layout_hook_fn(module, layer, layout)
     out = attention(query, key, value, layout, causal=causal, scale=scaling, backend=backend)
     return out.transpose(1, 2).contiguous(), None
 
@@ -321,3 +325,14 @@ def hook(fn: Callable[[Any, int, torch.Tensor, torch.Tensor], None]) -> Iterator
         yield
     finally:
         _HOOKS.remove(fn)
+
+
+@contextlib.contextmanager
+def layout_hook(fn: Callable[[Any, int, Any], None]) -> Iterator[None]:
+    """Call ``fn(module, layer, layout)`` with the :class:`~spattn.Layout` every spattn attention call of the block
+    runs on (e.g. to count the keys per query a dynamic pattern really kept, without compiling it again)."""
+    _LAYOUT_HOOKS.append(fn)
+    try:
+        yield
+    finally:
+        _LAYOUT_HOOKS.remove(fn)

@@ -158,10 +158,13 @@ def compile(  # noqa: A001 - the verb the whole project uses
     status = block_status(full, ctx).contiguous()
     _check_sizes(status, batch, heads)
     status, mask_ids, masks = _resolve_partial(full, ctx, status)
+    # dynamic layouts: tables NK wide (no host read of the counts, and strides that do not change from layer to
+    # layer, so the kernels are not specialised again for each new width)
+    width = ctx.num_kv_blocks if pattern.contains_dynamic() else None
     return Layout(
         q_len=ctx.q_len, kv_len=ctx.kv_len, block_size=block_size, pattern=pattern, causal=causal,
         info={"compile_seconds": time.perf_counter() - start, **ctx.info},
-        **tables.pack(status, mask_ids, masks),
+        **tables.pack(status, mask_ids, masks, width=width),
     )
 
 

@@ -10,9 +10,9 @@ import re
 from typing import Any
 
 FAMILIES = ("window", "sinks_window", "strided", "random", "budgeted", "top_p")
-SELECTORS = ("pooled", "vertical_slash", "antidiagonal", "bounds")
+SELECTORS = ("probe", "pooled", "vertical_slash", "antidiagonal", "bounds")  # probe: issue 12 (docs/selection.md)
 QUICK_FAMILIES = ("window", "sinks_window", "random", "budgeted", "top_p")
-QUICK_SELECTORS = ("pooled",)
+QUICK_SELECTORS = ("probe",)
 _CACHE_VERSION = 3
 
 

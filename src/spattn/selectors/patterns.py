@@ -103,6 +103,21 @@ def fully_visible(ctx: Context, cell: int) -> torch.Tensor:
     return khi[None, :] <= qlo[:, None]
 
 
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """A selection's view of one input, per selection cell (``Hs`` selection heads: ``Hkv`` with
+    ``sharing="group"``, else ``H``): ``gain`` float ``[B, Hs, NQc, NKc]`` the estimated mass the safeguards
+    miss, ``available`` bool (may be chosen), ``kept_mass`` float ``[B, Hs, NQc]`` the estimated mass kept
+    already, ``cost`` float (broadcast to ``gain``) the new (query, key) pairs choosing the cell adds; ``group``
+    the query heads per selection head."""
+
+    gain: torch.Tensor
+    available: torch.Tensor
+    kept_mass: torch.Tensor
+    cost: torch.Tensor
+    group: int
+
+
 class _Selection(BlockSelection):
     """Shared machinery of TopK / TopP / Adaptive (fields are declared by the subclasses)."""
 
@@ -172,7 +187,11 @@ class _Selection(BlockSelection):
             flags[torch.tensor(toks, device=ctx.device)] = True
         return flags
 
-    def selection(self, ctx: Context, *, kept: torch.Tensor | None, allowed: torch.Tensor | None) -> torch.Tensor:
+    def estimate(self, ctx: Context, *, kept: torch.Tensor | None = None,
+                 allowed: torch.Tensor | None = None) -> Estimate:
+        """What the budget rule chooses from (no host sync): per selection cell the estimated missing mass, the
+        cost in new (query, key) pairs and whether it may be chosen (``kept`` / ``allowed``: the int8 status of
+        the static parts of enclosing unions / intersections, as compile's phase 2 hands them over)."""
         q, k = ctx.query, ctx.key
         if q is None or k is None:
             raise ValueError(f"{type(self).__name__} is dynamic: compile it with query= and key=")
@@ -234,9 +253,16 @@ class _Selection(BlockSelection):
                 gain = torch.where(visible & (kept < 1), missing, torch.zeros_like(missing))
                 kept_mass = (1 - gain.sum(-1)).clamp_min(0)
             cost = cell_pairs(Lq, Lk, g, ctx.causal, dev) * (1 - kept)  # new (query, key) pairs if chosen
+        return Estimate(gain, visible & (kept < 1), kept_mass, cost, G)
+
+    def selection(self, ctx: Context, *, kept: torch.Tensor | None, allowed: torch.Tensor | None) -> torch.Tensor:
+        est = self.estimate(ctx, kept=kept, allowed=allowed)
+        gain, kept_mass, cost, G = est.gain, est.kept_mass, est.cost, est.group
+        g, Lq = self.granularity(ctx), ctx.q_len
+        with torch.no_grad():
             min_blocks = -(-self.min_keys // g) if self.min_keys else None
             max_blocks = None if self.max_keys is None else self.max_keys // g
-            chosen = self._choose(gain, visible & (kept < 1), kept_mass, cost, min_blocks, max_blocks, ctx)
+            chosen = self._choose(gain, est.available, kept_mass, cost, min_blocks, max_blocks, ctx)
             estimated = kept_mass + (gain * chosen).sum(-1)
             count = chosen.sum(-1, dtype=torch.int32)
             keys = (cost * chosen).sum((-1, -2)) / Lq  # [B, Hs] estimated new keys per query
@@ -437,7 +463,7 @@ class Adaptive(_Selection):
 
     def prepare(self, ctx: Context) -> None:
         if self._local_parts():
-            self._local_layout(ctx, self.granularity(ctx))
+            self._local(ctx, self.granularity(ctx))
 
     def _local_parts(self) -> list[Pattern]:
         parts: list[Pattern] = []
@@ -457,31 +483,35 @@ class Adaptive(_Selection):
             m = m | ((d <= self.window) & (d >= 0))
         return m
 
-    def _local_layout(self, ctx: Context, cell: int):
-        from spattn.patterns.compile import compile as compile_pattern
+    def _local(self, ctx: Context, cell: int) -> _LocalParts:
+        """The own sinks and window at ``cell`` granularity for these shapes, from the process-wide cache (the
+        same for every layer and call of a model: a patched forward compiles ``Adaptive`` once per layer)."""
+        dev = ctx.device if ctx.query is None else ctx.query.device
+        key = (self.sinks, self.window, cell, ctx.q_len, ctx.kv_len, ctx.causal, str(dev))
+        entry = ctx.cache.get(("adaptive-local", key)) or _LOCAL_CACHE.get(key)
+        if entry is None:
+            entry = _LocalParts.build(_union(self._local_parts()), ctx, cell, dev)
+            _LOCAL_CACHE[key] = entry
+            while len(_LOCAL_CACHE) > _LOCAL_CACHE_SIZE:
+                _LOCAL_CACHE.pop(next(iter(_LOCAL_CACHE)))
+        ctx.cache[("adaptive-local", key)] = entry
+        return entry
 
-        key = ("adaptive-local", self.sinks, self.window, cell)
-        if key not in ctx.cache:
-            dev = ctx.device if ctx.query is None else ctx.query.device
-            ctx.cache[key] = compile_pattern(_union(self._local_parts()), ctx.q_len, ctx.kv_len, causal=ctx.causal,
-                                             block_size=cell, device=dev)
-        return ctx.cache[key]
+    def own_pairs(self, ctx: Context) -> torch.Tensor:
+        """float 0-d (on the device): the (query, key) pairs per head its own sinks and window keep."""
+        if not self._local_parts():
+            return torch.zeros((), device=ctx.device if ctx.query is None else ctx.query.device)
+        return self._local(ctx, self.granularity(ctx)).pairs
 
     def _own_safeguards(self, ctx: Context, cell: int):
         if not self._local_parts():
             return None, None
-        layout = self._local_layout(ctx, cell)
-        slot, tiles = _tables.unpack(layout)[1], _tables.tiles(layout.masks)
-        kept_pairs = tiles.flatten(1).sum(-1).float()[slot]  # [1, 1, NQc, NKc]
-        pairs = cell_pairs(ctx.q_len, ctx.kv_len, cell, ctx.causal, kept_pairs.device)
-        frac = torch.where(pairs > 0, (kept_pairs / pairs.clamp_min(1)).clamp(max=1.0), torch.zeros_like(pairs))
-        return frac, self._local_mask
+        return self._local(ctx, cell).kept_share, self._local_mask
 
     def _choose(self, gain, available, kept_mass, cost, min_blocks, max_blocks, ctx):
         pairs = torch.tensor(float(self.keys * ctx.q_len), device=gain.device)
         if self._local_parts():  # a tensor: no host sync
-            local = self._local_layout(ctx, self.granularity(ctx)).allowed_pairs().float().mean()
-            pairs = (pairs - local.to(gain.device)).clamp_min(0)
+            pairs = (pairs - self.own_pairs(ctx).to(gain.device)).clamp_min(0)
         chosen = _budget.top_keys(gain, available, cost, pairs)
         if min_blocks is not None:
             chosen = chosen | _budget.top_k(gain, available, min_blocks)
@@ -492,8 +522,7 @@ class Adaptive(_Selection):
     def selection(self, ctx: Context, *, kept: torch.Tensor | None, allowed: torch.Tensor | None) -> torch.Tensor:
         chosen = super().selection(ctx, kept=kept, allowed=allowed)
         if self._local_parts():
-            local = self._local_layout(ctx, self.granularity(ctx)).allowed_pairs().float() / ctx.q_len  # [1, 1]
-            ctx.info["estimated_keys_per_head"] = ctx.info["estimated_keys_per_head"] + local[0]
+            ctx.info["estimated_keys_per_head"] = ctx.info["estimated_keys_per_head"] + self.own_pairs(ctx) / ctx.q_len
         return chosen
 
     # -- the pattern's own sinks and window --------------------------------------------------
@@ -517,6 +546,31 @@ class Adaptive(_Selection):
                          dim=1)
 
 
+@dataclasses.dataclass(frozen=True)
+class _LocalParts:
+    """``Adaptive``'s own sinks and window compiled at the selection cell size: the layout, the share of each
+    cell they keep (float ``[1, 1, NQc, NKc]``) and their (query, key) pairs (float 0-d), all on the device."""
+
+    layout: Any
+    kept_share: torch.Tensor
+    pairs: torch.Tensor
+
+    @staticmethod
+    def build(pattern: Pattern, ctx: Context, cell: int, device) -> _LocalParts:
+        from spattn.patterns.compile import compile as compile_pattern
+
+        layout = compile_pattern(pattern, ctx.q_len, ctx.kv_len, causal=ctx.causal, block_size=cell, device=device)
+        slot, tiles = _tables.unpack(layout)[1], _tables.tiles(layout.masks)
+        kept_pairs = tiles.flatten(1).sum(-1).float()[slot]  # [1, 1, NQc, NKc]
+        pairs = cell_pairs(ctx.q_len, ctx.kv_len, cell, ctx.causal, kept_pairs.device)
+        share = torch.where(pairs > 0, (kept_pairs / pairs.clamp_min(1)).clamp(max=1.0), torch.zeros_like(pairs))
+        return _LocalParts(layout, share, layout.allowed_pairs().float().mean().to(device))
+
+
+_LOCAL_CACHE: dict[tuple, _LocalParts] = {}  # insertion-ordered: the oldest entry is dropped first
+_LOCAL_CACHE_SIZE = 16
+
+
 def _union(parts: list[Pattern]) -> Pattern:
     out = parts[0]
     for p in parts[1:]:
@@ -524,4 +578,4 @@ def _union(parts: list[Pattern]) -> Pattern:
     return out
 
 
-__all__ = ["TopK", "TopP", "Adaptive", "SHARING"]
+__all__ = ["TopK", "TopP", "Adaptive", "Estimate", "SHARING"]
