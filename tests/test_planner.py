@@ -175,6 +175,13 @@ def test_planted_heads_get_the_matching_pattern(planted_table):
     assert isinstance(again.pattern_for(0), spattn.PerHead)
 
 
+def test_plan_from_a_table_states_the_tables_length_and_block_size(planted_table):
+    """Re-solving a saved table must not fall back to make_plan's default length (1024) and block size (64):
+    the rule's length is what Plan.at_length rescales from."""
+    plan = make_plan(None, None, budget="20 keys", table=planted_table).plan
+    assert (plan.budget.length, plan.budget.block_size) == (L_PLANT, BS_PLANT) != (1024, 64)
+
+
 @pytest.mark.parametrize("budget", [0.35, 0.45, 0.6, 0.8, 1.0])
 def test_plan_cost_never_exceeds_the_budget(planted_table, budget):
     result = make_plan(None, None, budget=budget, table=planted_table)
