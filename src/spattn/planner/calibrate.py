@@ -85,7 +85,7 @@ def value_hooks(model: torch.nn.Module, heads_kv: int, head_dim: int) -> Iterato
 
 def _capture_target(model: torch.nn.Module) -> torch.nn.Module:
     """The module whose forward reaches every attention layer: the base model of a ``...ForCausalLM`` (its
-    language-model head, a third of SmolLM2-135M's forward at 1k tokens, is not needed to capture queries and
+    language-model head, about a fifth of SmolLM2-135M's forward at 1k tokens, is not needed to capture queries and
     keys), or the model itself when it is a base model or already patched (its plan lives on the outer model)."""
     base = getattr(model, "base_model", None)
     if not isinstance(base, torch.nn.Module) or base is model or hasattr(model, "_spattn_original_attn"):
