@@ -79,7 +79,8 @@ def test_knapsack_errors():
 
 
 # ---------------------------------------------------------------------------------------------- scoring
-def test_score_layouts_matches_coverage_measure():
+@pytest.mark.parametrize("causal", [True, False])
+def test_score_layouts_matches_coverage_measure(causal):
     torch.manual_seed(0)
     length = 200  # not a multiple of the block size
     B, H, Hkv, D = 2, 4, 2, 16
@@ -87,11 +88,11 @@ def test_score_layouts_matches_coverage_measure():
     patterns = [spattn.Window(17), spattn.Sinks(3) | spattn.Window(40), spattn.Full(),
                 spattn.Sinks(4) | spattn.Window(16) | TopK("pooled", 1),
                 spattn.PerHead([spattn.Window(5), spattn.Full(), spattn.Sinks(2), spattn.Strided(3)])]
-    layouts = [spattn.compile(p, length, causal=True, block_size=32, query=q, key=k, heads=H, batch=B)
+    layouts = [spattn.compile(p, length, causal=causal, block_size=32, query=q, key=k, heads=H, batch=B)
                for p in patterns]
-    got = score_layouts(q, k, layouts, value=v, chunk_elements=30000)  # several query chunks
+    got = score_layouts(q, k, layouts, value=v, causal=causal, chunk_elements=30000)  # several query chunks
     for n, layout in enumerate(layouts):
-        ref = spattn.coverage.measure(q, k, layout, value=v, causal=True, topk=0)
+        ref = spattn.coverage.measure(q, k, layout, value=v, causal=causal, topk=0)
         assert torch.allclose(got.recall[n], ref.recall, atol=1e-5), patterns[n]
         assert torch.allclose(got.output_error[n], ref.output_error, atol=1e-5), patterns[n]
 
@@ -145,6 +146,17 @@ def planted_table():
     return table_from_samples({L_PLANT: [planted_sample(0)]}, PLANT_CANDIDATES, block_size=BS_PLANT)
 
 
+def test_batched_samples_score_like_separate_chunks():
+    """One Sample holding two chunks (one batched capture) gives the table of two one-chunk Samples."""
+    a, b = planted_sample(0), planted_sample(1)
+    both = Sample(queries={0: torch.cat([a.queries[0], b.queries[0]])}, keys={0: torch.cat([a.keys[0], b.keys[0]])})
+    sep = table_from_samples({L_PLANT: [a, b]}, PLANT_CANDIDATES, block_size=BS_PLANT)
+    bat = table_from_samples({L_PLANT: [both]}, PLANT_CANDIDATES, block_size=BS_PLANT)
+    assert sep.samples == bat.samples == 2
+    for name in ("recall", "log_recall", "keys", "block_fraction"):
+        np.testing.assert_allclose(getattr(bat, name), getattr(sep, name), rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 def test_planted_heads_get_the_matching_pattern(planted_table):
     result = make_plan(None, None, budget=0.5, table=planted_table)
     local, hub, retrieving = result.per_head
@@ -161,6 +173,13 @@ def test_planted_heads_get_the_matching_pattern(planted_table):
     again = Plan.from_json(result.plan.to_json())
     assert again == result.plan and again.heads[0][2]["choice"] == retrieving["choice"]
     assert isinstance(again.pattern_for(0), spattn.PerHead)
+
+
+def test_plan_from_a_table_states_the_tables_length_and_block_size(planted_table):
+    """Re-solving a saved table must not fall back to make_plan's default length (1024) and block size (64):
+    the rule's length is what Plan.at_length rescales from."""
+    plan = make_plan(None, None, budget="20 keys", table=planted_table).plan
+    assert (plan.budget.length, plan.budget.block_size) == (L_PLANT, BS_PLANT) != (1024, 64)
 
 
 @pytest.mark.parametrize("budget", [0.35, 0.45, 0.6, 0.8, 1.0])
@@ -268,3 +287,18 @@ def test_candidates_are_validated():
         as_candidates([Candidate("w", "window", spattn.Window(8)), Candidate("w", "window", spattn.Window(9))], 64, 16)
     with pytest.raises(TypeError, match="candidates"):
         as_candidates(["window"], 64, 16)
+
+
+def test_layout_builds_share_selector_scores():
+    """Candidates differing only in their TopK rule compute the selector's scores once and build the same tables."""
+    from spattn.selectors import LayoutBuilder
+
+    torch.manual_seed(1)
+    q, k = torch.randn(2, 4, 256, 16), torch.randn(2, 2, 256, 16)
+    pats = [spattn.Sinks(4) | spattn.Window(32) | TopK(sel, n) for sel in ("pooled", "vertical_slash") for n in (1, 3)]
+    builders = [LayoutBuilder(p, 256, causal=True, block_size=32, batch=2, heads=4) for p in pats]
+    shared: dict = {}
+    for b in builders:
+        alone, together = b.build(q, k), b.build(q, k, shared=shared)
+        assert torch.equal(alone.block_status(), together.block_status())
+    assert sorted(key[1] for key in shared) == ["pooled", "vertical_slash"]

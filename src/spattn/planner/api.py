@@ -202,7 +202,8 @@ def make_plan(
     """Plan a pattern per layer and head; returns the plan with its evidence (:class:`PlanResult`).
 
     Arguments as :func:`plan`, plus ``table`` (a :class:`CandidateTable` from an earlier call with the same
-    model, text and candidates: re-solve at another budget without recalibrating) and ``sweep_budgets``
+    model, text and candidates: re-solve at another budget without recalibrating; its lengths and block size
+    replace ``lengths`` and ``block_size``, so the plan's rule names the length it was calibrated at) and ``sweep_budgets``
     (fractions of the dense cost for the Pareto front).
     """
     started = time.perf_counter()
@@ -218,6 +219,8 @@ def make_plan(
     if task is not None and objective != "task":
         objective = "task"  # naming a task means planning for it
     constraints = constraints or Constraints()
+    if table is not None:  # the table fixes the calibration length and block size of the rule (and the costs)
+        lengths, block_size = list(table.lengths), table.block_size
     L0 = lengths[0]
     rule = parse_budget(budget, cost=cost, length=L0, block_size=block_size)
     cands = as_candidates(candidates, L0, block_size)

@@ -83,8 +83,21 @@ def value_hooks(model: torch.nn.Module, heads_kv: int, head_dim: int) -> Iterato
             h.remove()
 
 
+def _capture_target(model: torch.nn.Module) -> torch.nn.Module:
+    """The module whose forward reaches every attention layer: the base model of a ``...ForCausalLM`` (its
+    language-model head, about a fifth of SmolLM2-135M's forward at 1k tokens, is not needed to capture queries and
+    keys), or the model itself when it is a base model or already patched (its plan lives on the outer model)."""
+    base = getattr(model, "base_model", None)
+    if not isinstance(base, torch.nn.Module) or base is model or hasattr(model, "_spattn_original_attn"):
+        return model
+    return base if hasattr(base, "config") and hasattr(base, "set_attn_implementation") else model
+
+
 def capture_sample(model: torch.nn.Module, ids: torch.Tensor, *, values: bool) -> tuple[Any, dict[int, torch.Tensor]]:
-    """``(Capture, values)`` of one chunk ``[1, L]``: queries/keys per layer, and values when asked."""
+    """``(Capture, values)`` of chunks ``[S, L]`` (``S = 1`` for one chunk), in one batched forward:
+    queries/keys per layer ``[S, H(kv), L, D]``, and values when asked."""
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        raise ValueError(f"ids must be token ids int [S, L], got {getattr(ids, 'shape', type(ids))}")
     device = next(model.parameters()).device
     config = model.config
     heads = config.num_attention_heads
@@ -92,5 +105,20 @@ def capture_sample(model: torch.nn.Module, ids: torch.Tensor, *, values: bool) -
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     ctx = value_hooks(model, kv_heads, head_dim) if values else contextlib.nullcontext({})
     with ctx as vals:
-        cap = capture(model, ids.to(device), mode="full")
+        cap = capture(_capture_target(model), ids.to(device), mode="full")
     return cap, dict(vals)
+
+
+def capture_batches(model: torch.nn.Module, chunks: torch.Tensor, *, values: bool,
+                    max_bytes: int = 1 << 30) -> Iterator[tuple[Any, dict[int, torch.Tensor]]]:
+    """:func:`capture_sample` over the chunks ``[S, L]`` in as few forwards as fit ``max_bytes`` of captured
+    float32 queries, keys (and values) per forward (default 1 GiB; SmolLM2-135M at 1k tokens: 3 chunks in one)."""
+    config = model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    layers = len(attention_modules(model))
+    per_chunk = layers * (heads + kv_heads * (2 if values else 1)) * chunks.shape[1] * head_dim * 4
+    step = max(1, int(max_bytes // max(1, per_chunk)))
+    for s in range(0, chunks.shape[0], step):
+        yield capture_sample(model, chunks[s : s + step], values=values)

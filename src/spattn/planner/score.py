@@ -152,23 +152,28 @@ def score_layouts(
         n_rows = i1 - i0
         nq = math.ceil(n_rows / bs)
         rows = nq * bs  # padded to whole blocks; padded rows have p = 0 and are dropped at the end
+        # causal: rows before i1 see no key from block ceil(i1 / bs) on, so those columns are never computed
+        nk = math.ceil(i1 / bs) if causal else NK
+        kend = min(L, nk * bs)
         q = (query[:, :, i0:i1].to(cdt) * scale).view(B, Hkv, G, n_rows, D)
-        s = torch.matmul(q, k_all[:, :, None].transpose(-1, -2)).view(B, H, n_rows, L)
+        s = torch.matmul(q, k_all[:, :, None, :kend].transpose(-1, -2)).view(B, H, n_rows, kend)
         if causal:
-            future = torch.arange(L, device=dev)[None, :] > torch.arange(i0, i1, device=dev)[:, None]
+            future = torch.arange(kend, device=dev)[None, :] > torch.arange(i0, i1, device=dev)[:, None]
             s = s.masked_fill_(future, -math.inf)
-        p = torch.softmax(s, dim=-1).nan_to_num_(0.0)  # causal self-attention: every row sees at least itself
+        p = torch.softmax(s, dim=-1)  # no empty row: causal self-attention sees at least itself
         del s
-        p = torch.nn.functional.pad(p, (0, pad_k, 0, rows - n_rows)).view(B, H, nq, bs, NK, bs)
-        pooled = p.sum(-1)  # [B, H, nq, bs, NK]
+        if nk * bs != kend or rows != n_rows:
+            p = torch.nn.functional.pad(p, (0, nk * bs - kend, 0, rows - n_rows))
+        p = p.view(B, H, nq, bs, nk, bs)
+        pooled = p.sum(-1)  # [B, H, nq, bs, nk]
         qb0 = i0 // bs
-        full = full_all[:, :, :, qb0:qb0 + nq]  # [C, B, H, nq, NK]
+        full = full_all[:, :, :, qb0:qb0 + nq, :nk]  # [C, B, H, nq, nk]; later key blocks hold no mass
         kept = torch.einsum("bhqrn,cbhqn->cbhqr", pooled, full)  # [C, B, H, nq, bs]
-        in_chunk = (cells[:, 2] >= qb0) & (cells[:, 2] < qb0 + nq)
+        in_chunk = (cells[:, 2] >= qb0) & (cells[:, 2] < qb0 + nq) & (cells[:, 3] < nk)
         ub, uh, uq, uk, ut = cells[in_chunk].unbind(1)
         local = torch.full((cells.shape[0],), -1, dtype=torch.long, device=dev)
         local[in_chunk] = torch.arange(ub.numel(), device=dev)
-        p_tiles = p.permute(0, 1, 2, 4, 3, 5).contiguous()[ub, uh, uq - qb0, uk] * tiles_t[ut]  # [u, bs, bs]
+        p_tiles = p[ub, uh, uq - qb0, :, uk, :] * tiles_t[ut]  # [u, bs, bs] (query row, key) of each cell
         rows_of = parts_t[local[owner] >= 0]
         which = local[owner][local[owner] >= 0]
         cc, bb, hh, qb = rows_of[:, 0], rows_of[:, 1], rows_of[:, 2], rows_of[:, 3] - qb0
@@ -176,9 +181,9 @@ def score_layouts(
         kept = kept.flatten(3)[..., :n_rows]
         recall[..., i0:i1] = kept.clamp(0.0, 1.0)
         if value is not None:
-            # each key block's share of each row's output: [B, H, nq, bs, NK, Dv]
-            pv = torch.einsum("bhgqrnk,bhnkd->bhgqrnd", p.view(B, Hkv, G, nq, bs, NK, bs), v_blocks)
-            pv = pv.reshape(B, H, nq, bs, NK, -1)
+            # each key block's share of each row's output: [B, H, nq, bs, nk, Dv]
+            pv = torch.einsum("bhgqrnk,bhnkd->bhgqrnd", p.view(B, Hkv, G, nq, bs, nk, bs), v_blocks[:, :, :nk])
+            pv = pv.reshape(B, H, nq, bs, nk, -1)
             o_dense = pv.sum(-2).flatten(2, 3)[:, :, :n_rows]  # [B, H, rows, Dv]
             sq_ref += o_dense.double().square().sum((-1, -2))
             o_kept = torch.einsum("bhqrnd,cbhqn->cbhqrd", pv, full)  # [C, B, H, nq, bs, Dv]

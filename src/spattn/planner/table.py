@@ -22,7 +22,7 @@ from spattn._optional import require
 from spattn.integrations.plan import scale_pattern
 from spattn.patterns import Full, Layout, Pattern
 from spattn.patterns import compile as compile_pattern
-from spattn.planner.calibrate import capture_sample
+from spattn.planner.calibrate import capture_batches
 from spattn.planner.candidates import Candidate
 from spattn.planner.score import score_layouts
 from spattn.selectors import LayoutBuilder
@@ -116,30 +116,47 @@ def _visited(layout: Layout) -> torch.Tensor:
 
 
 class _Builder:
-    """Layouts of one candidate at one length: compiled once (static) or per input (dynamic)."""
+    """Layouts of one candidate at one length: compiled once (static) or per input (dynamic; one
+    ``LayoutBuilder`` per batch size)."""
 
     def __init__(self, pattern: Pattern, length: int, block_size: int, causal: bool, heads: int,
                  device: torch.device) -> None:
         self.pattern = pattern
         self.static: Layout | None = None
-        self.builder: LayoutBuilder | None = None
-        self.args = dict(causal=causal, block_size=block_size, batch=1, heads=heads, device=device)
+        self.builders: dict[int, LayoutBuilder | None] = {}
+        self.args = dict(causal=causal, block_size=block_size, heads=heads, device=device)
         self.length = length
+        self._static_counts: tuple[torch.Tensor, torch.Tensor] | None = None
         if not pattern.contains_dynamic():
             self.static = compile_pattern(pattern, length, length, causal=causal, block_size=block_size,
                                           device=device)
-            return
-        try:
-            self.builder = LayoutBuilder(pattern, length, length, **self.args)
-        except (ValueError, NotImplementedError, TypeError):
-            self.builder = None  # not a `static | one TopK/TopP` union: compile per input
 
-    def layout(self, query: torch.Tensor, key: torch.Tensor) -> Layout:
+    def layout(self, query: torch.Tensor, key: torch.Tensor, shared: dict | None = None) -> Layout:
+        """The layout on this input; ``shared`` (one dict per input) lets candidates of one selector share
+        its block scores."""
         if self.static is not None:
             return self.static
-        if self.builder is not None:
-            return self.builder.build(query, key)
-        return compile_pattern(self.pattern, self.length, self.length, query=query, key=key, **self.args)
+        batch = int(query.shape[0])
+        if batch not in self.builders:
+            try:
+                self.builders[batch] = LayoutBuilder(self.pattern, self.length, self.length, batch=batch,
+                                                     **self.args)
+            except (ValueError, NotImplementedError, TypeError):
+                self.builders[batch] = None  # not a `static | one TopK/TopP` union: compile per input
+        builder = self.builders[batch]
+        if builder is not None:
+            return builder.build(query, key, shared=shared)
+        return compile_pattern(self.pattern, self.length, self.length, query=query, key=key, batch=batch,
+                               **self.args)
+
+    def counts(self, layout: Layout, dense: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """float64 ``[Bl, Hl]``: keys per query and visited-tile fraction of ``layout`` (computed once when static)."""
+        if layout is self.static and self._static_counts is not None:
+            return self._static_counts
+        out = (layout.allowed_pairs() / self.length, _visited(layout) / dense)
+        if layout is self.static:
+            self._static_counts = out
+        return out
 
 
 def dense_tiles(length: int, block_size: int, causal: bool) -> float:
@@ -149,8 +166,9 @@ def dense_tiles(length: int, block_size: int, causal: bool) -> float:
 
 @dataclasses.dataclass
 class Sample:
-    """One calibration chunk's attention inputs, per layer: queries ``[1, H, L, D]``, keys ``[1, Hkv, L, D]``
-    and (for the output error) values ``[1, Hkv, L, Dv]``; ``causal`` and the softmax ``scale`` of the model."""
+    """Calibration chunks' attention inputs, per layer: queries ``[S, H, L, D]``, keys ``[S, Hkv, L, D]``
+    and (for the output error) values ``[S, Hkv, L, Dv]`` of ``S`` chunks (one batched forward; ``S = 1`` for
+    one chunk); ``causal`` and the softmax ``scale`` of the model."""
 
     queries: dict[int, torch.Tensor]
     keys: dict[int, torch.Tensor]
@@ -165,6 +183,11 @@ class Sample:
     @property
     def length(self) -> int:
         return int(self.queries[self.layers[0]].shape[2])
+
+    @property
+    def chunks(self) -> int:
+        """How many chunks the sample holds (the batch size S)."""
+        return int(self.queries[self.layers[0]].shape[0])
 
 
 def build_table(
@@ -195,8 +218,7 @@ def build_table(
         raise ValueError("chunks_by_length must name at least one length")
 
     def samples(chunks: torch.Tensor):
-        for s in range(chunks.shape[0]):
-            cap, vals = capture_sample(model, chunks[s : s + 1], values=values)
+        for cap, vals in capture_batches(model, chunks, values=values):  # as few forwards as memory allows
             yield Sample(cap.queries, cap.keys, vals if values else None, cap.causal, cap.scale)
 
     dev = torch.device(device) if device is not None else next(model.parameters()).device
@@ -216,8 +238,8 @@ def table_from_samples(
     """Score and cost every candidate on captured attention inputs (no model needed: tests plant their own).
 
     Args:
-        samples_by_length: ``{length: [Sample, ...]}`` (or ``(iterable, count)`` pairs, consumed once); the
-            first length is the calibration length of the costs.
+        samples_by_length: ``{length: [Sample, ...]}`` (or ``(iterable, chunks)`` pairs, consumed once; a
+            Sample may hold several chunks); the first length is the calibration length of the costs.
         candidates, block_size, rule_kind, device, progress: as in :func:`build_table`.
     """
     started = time.perf_counter()
@@ -236,18 +258,20 @@ def table_from_samples(
         if count < 1:
             raise ValueError(f"no calibration samples at length {length}")
         sources[length] = (it, count)
-    total_steps = sum(count for _, count in sources.values())
-    step = 0
+    total_chunks = sum(count for _, count in sources.values())  # for the progress bar; the averages count
+    seen: dict[int, int] = {}  # chunks actually scored per length
     has_values = None
     for length in lengths:
         it, count = sources[length]
         ratio = length / L0
         builders: list[_Builder] | None = None
-        for s, sample in enumerate(it):
+        seen[length] = 0
+        for sample in it:
             if sample.length != length:
                 raise ValueError(f"a sample given for length {length} has {sample.length} tokens")
             if has_values is None:
                 has_values = sample.values is not None
+            S = sample.chunks
             if builders is None:
                 first = sample.queries[sample.layers[0]]
                 H, D = first.shape[1], first.shape[3]
@@ -265,30 +289,36 @@ def table_from_samples(
                 q = sample.queries[layer].to(dev)
                 k = sample.keys[layer].to(dev)
                 v = sample.values[layer].to(dev) if has_values else None
-                layouts = [b.layout(q, k) for b in builders]
+                shared: dict = {}  # the selectors' block scores of this layer's input, computed once each
+                layouts = [b.layout(q, k, shared) for b in builders]
+                # every chunk of the sample at once: the layouts' tables are shared, the dense pass is batched
                 scores = score_layouts(q, k, layouts, value=v, causal=sample.causal, scale=sample.scale)
-                r = scores.recall[:, 0].double()  # [C, H, L]
-                sums["recall"][li] += r.mean(-1).T.cpu().numpy()
-                sums["log_recall"][li] += r.clamp_min(_MIN_RECALL).log().mean(-1).T.cpu().numpy()
+                r = scores.recall.double()  # [C, S, H, L]
+                sums["recall"][li] += r.mean(-1).sum(1).T.cpu().numpy()
+                sums["log_recall"][li] += r.clamp_min(_MIN_RECALL).log().mean(-1).sum(1).T.cpu().numpy()
                 if scores.output_error is not None:
-                    sums["output_error"][li] += scores.output_error[:, 0].double().T.cpu().numpy()
+                    sums["output_error"][li] += scores.output_error.double().sum(1).T.cpu().numpy()
                 if length == L0:
-                    for c, lay in enumerate(layouts):
-                        keys[li, :, c] += (lay.allowed_pairs()[0] / length).expand(meta["heads"]).cpu().numpy()
-                        blocks[li, :, c] += (_visited(lay)[0] / dense).expand(meta["heads"]).cpu().numpy()
+                    for c, (b, lay) in enumerate(zip(builders, layouts)):
+                        kq, frac = b.counts(lay, dense)  # [1 or S, 1 or H]
+                        keys[li, :, c] += kq.expand(S, meta["heads"]).sum(0).cpu().numpy()
+                        blocks[li, :, c] += frac.expand(S, meta["heads"]).sum(0).cpu().numpy()
                 if progress is not None:
-                    progress(f"calibration: {length} tokens, chunk {s + 1}/{count}",
-                             step * meta["layers"] + li + 1, total_steps * meta["layers"])
-            step += 1
+                    done = sum(seen.values())
+                    progress(f"calibration: {length} tokens, chunks {seen[length] + 1}-{seen[length] + S}/{count}",
+                             done * meta["layers"] + (li + 1) * S, total_chunks * meta["layers"])
+            seen[length] += S
+        if not seen[length]:
+            raise ValueError(f"no calibration samples at length {length}")
         if length == L0:
-            keys /= count
-            blocks /= count
-    avg = {name: arr / total_steps for name, arr in sums.items()}
+            keys /= seen[length]
+            blocks /= seen[length]
+    avg = {name: arr / sum(seen.values()) for name, arr in sums.items()}
     return CandidateTable(
         candidates=list(candidates), length=L0, lengths=lengths, block_size=block_size, causal=meta["causal"],
         head_dim=meta["head_dim"], kv_heads=meta["kv_heads"], recall=avg["recall"], log_recall=avg["log_recall"],
         output_error=avg["output_error"] if has_values else None, keys=keys, block_fraction=blocks,
-        samples=sources[L0][1], seconds=time.perf_counter() - started,
+        samples=seen[L0], seconds=time.perf_counter() - started,
     )
 
 

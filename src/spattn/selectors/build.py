@@ -112,13 +112,22 @@ class LayoutBuilder:
         self.mids = mids
         self.num_kv_blocks = -(-self.kv_len // block_size)
 
-    def build(self, query: torch.Tensor, key: torch.Tensor) -> Layout:
-        """The Layout for ``query [B, H, Lq, D]`` and ``key [B, Hkv, Lk, D]`` (tables ``[B, H, ...]``)."""
+    def build(self, query: torch.Tensor, key: torch.Tensor, *, shared: dict | None = None) -> Layout:
+        """The Layout for ``query [B, H, Lq, D]`` and ``key [B, Hkv, Lk, D]`` (tables ``[B, H, ...]``).
+
+        ``shared``: an optional dict, empty at first, passed to every build of the same ``query`` and ``key``
+        (the planner builds several candidates per layer): builders whose selections use the same selector and
+        options then compute its block scores once.
+        """
         ctx = Context(self.q_len, self.kv_len, self.block_size, self.device, self.causal, self.batch, self.heads,
                       query, key)
+        if shared:
+            ctx.cache.update(shared)
         ctx.cache.update(self._cache)
         # [B, H, NQ, NK] bool, never on a kept block (phase 2 of compile, given the static parts' status)
         chosen = self.dynamic.cached_selection(ctx, kept=self._kept, allowed=None)
+        if shared is not None:
+            shared.update((k, v) for k, v in ctx.cache.items() if isinstance(k, tuple) and k[0] == "selector_scores")
         dyn_status = torch.where(chosen, self._dyn_status, torch.zeros_like(self._dyn_status))
         dyn_mids = torch.where(chosen, self._dyn_mids, -1)
         if self.status is None:

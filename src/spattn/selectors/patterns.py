@@ -234,8 +234,15 @@ class _Selection(BlockSelection):
                                           exclude=kept_tokens)
             else:
                 missing = None
-                scores = selector.scores(q.detach(), k.detach(), block_size=g, causal=ctx.causal,
-                                         allowed=allowed)  # [B, H, NQ, NK]
+                # selections that differ only in their rule (TopK blocks, TopP mass) share one estimate of the
+                # same input: LayoutBuilder.build(..., shared=) hands the cache from one build to the next
+                memo = ("selector_scores", self.selector, self.options, g, ctx.causal) if allowed is None else None
+                scores = ctx.cache.get(memo) if memo is not None else None
+                if scores is None:
+                    scores = selector.scores(q.detach(), k.detach(), block_size=g, causal=ctx.causal,
+                                             allowed=allowed)  # [B, H, NQ, NK]
+                    if memo is not None:
+                        ctx.cache[memo] = scores
             if G > 1:  # one selection per key/value head group: average the group's scores
                 if missing is None:
                     scores = scores.reshape(B, Hkv, G, NQ, NK).mean(2)
