@@ -24,7 +24,7 @@ from spattn.report.frontier import pareto, recommend  # noqa: E402
 
 SCHEMA = Path(__file__).resolve().parents[1] / "src" / "spattn" / "report" / "schema.json"
 ARGS = ["--lengths", "128,256", "--block-size", "16", "--budgets", "0.1,0.5", "--families",
-        "window,random,budgeted,top_p", "--selectors", "pooled", "--calibration-chunks", "1", "--eval-chunks", "1",
+        "window,random,budgeted,top_p,plan,learned", "--selectors", "pooled", "--calibration-chunks", "1", "--eval-chunks", "1",
         "--repeats", "1", "--device", "cpu"]
 
 
@@ -86,7 +86,7 @@ def test_results_validate_against_schema(tiny):
     results = tiny["results"]
     jsonschema.validate(results, json.loads(SCHEMA.read_text()))
     assert results["model"]["layers"] == 3 and results["model"]["kv_heads"] == 2
-    assert len(results["candidates"]) + len(results["skipped"]) == 2 * 4
+    assert len(results["candidates"]) + len(results["skipped"]) == 2 * 6
     for c in results["candidates"]:
         assert len(c["recall"]["per_layer_head_mean"]) == 3
         assert all(len(row) == 4 for row in c["recall"]["per_layer_head_mean"])
