@@ -235,7 +235,9 @@ def fit_plan(table: Any, budget: float, length: int, block_size: int) -> Candida
         return Candidate(cid, "plan", budget, None, "", {}, False,
                          note=f"the planner cannot fit {budget:g} of the dense keys at {length} tokens: {exc}")
     got = result.plan
-    plan = Plan(layers=got.layers, default=got.default, meta=got.meta, heads=got.heads,
+    # the planner's notes without its wall times: the same inputs give the same plan, byte for byte
+    notes = {k: v for k, v in got.meta.get("planner", {}).items() if k != "seconds"}
+    plan = Plan(layers=got.layers, default=got.default, meta={"planner": notes}, heads=got.heads,
                 budget=BudgetRule("fraction", budget, length=length, block_size=block_size))
     return plan_candidate(cid, "plan", budget, plan, table.layers)
 
