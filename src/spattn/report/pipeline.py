@@ -31,6 +31,7 @@ from spattn.report.frontier import carry_over, contenders, holds, pareto, recomm
 from spattn.report.stages import StageCache
 
 FORMAT = "spattn.report/2"
+_BATCH = 4  # chunks per patched forward when scoring a split (logits of 4 x 1024 tokens: ~0.8 GB float32)
 
 
 def _backends(cfg: ReportConfig, length: int) -> tuple[str, str]:
@@ -233,9 +234,10 @@ def _scored(model: Any, chunks: torch.Tensor, refs: list[dict[str, torch.Tensor]
     from spattn.report import model as M
 
     parts = []
-    for ids, ref in zip(chunks, refs, strict=True):
-        logits = M.logits(model, ids, plan, backend=backend, block_size=block_size)
-        parts.append(intervals.segment_sums(token_scores(ref, logits)))
+    for start in range(0, chunks.shape[0], _BATCH):  # a few chunks per forward: one layout compile per layer each
+        batch = M.logits(model, chunks[start : start + _BATCH], plan, backend=backend, block_size=block_size)
+        for logits, ref in zip(batch, refs[start : start + _BATCH], strict=True):
+            parts.append(intervals.segment_sums(token_scores(ref, logits)))
     return intervals.merge(parts)
 
 
