@@ -470,3 +470,22 @@ def test_time_budget_skips_what_does_not_fit_and_says_so(tiny, tmp_path):
     for path in cached.glob("*.json") if cached.exists() else []:
         rec = json.loads(path.read_text())
         assert rec["id"] not in timed_out and not rec.get("out_of_time"), rec["id"]
+
+
+def test_quick_answer_says_what_it_omits_in_terminal_and_html(tiny):
+    from rich.console import Console
+
+    from spattn.report.config import ReportConfig, quick_omits
+    from spattn.report.render import render_html
+    from spattn.report.summary import print_summary
+
+    results = copy.deepcopy(tiny["results"])
+    assert results["quick"] is None  # a full run says nothing of the kind
+    omits = quick_omits(ReportConfig.quick_defaults())
+    results["quick"] = {"omits": omits}
+    console = Console(record=True, width=200)
+    print_summary(results, console, tiny["out"])
+    terminal = console.export_text()
+    assert "quick answer" in terminal and "the threads view" in terminal
+    page = html.unescape(_visible_text(render_html(results, tiny["out"])))
+    assert "Quick answer" in page and all(o in page for o in omits)

@@ -209,10 +209,20 @@ def planner_table(layers_by_chunk: list[list[tuple[torch.Tensor, torch.Tensor]]]
     """The planner's candidate table (:func:`spattn.planner.table_from_samples`) on the report's calibration
     captures (``[chunk][layer] -> (query [1, H, L, D], key [1, Hkv, L, D])``), static families only
     (:data:`PLAN_FAMILIES`): built once per report, solved once per budget."""
+    from spattn.planner import Candidate as PlannerCandidate
     from spattn.planner import default_candidates
+    from spattn.planner.candidates import SINKS
     from spattn.planner.table import Sample, table_from_samples
 
     cands = default_candidates(length, block_size, families=PLAN_FAMILIES)
+    # cheaper options than the planner's smallest (a window of half a block), so that the small budgets of the
+    # report (5% of 512 tokens is ~13 keys per query) have a choice in every head
+    names = {c.name for c in cands}
+    for w in sorted({max(1, block_size // 8), max(1, block_size // 4)}):
+        for name, fam, pattern in ((f"window:{w}", "window", spattn.Window(w)),
+                                   (f"sinks_window:{w}", "sinks_window", spattn.Sinks(SINKS) | spattn.Window(w))):
+            if name not in names:
+                cands.insert(0, PlannerCandidate(name, fam, pattern))
     samples = [Sample({i: q for i, (q, _) in enumerate(layers)}, {i: k for i, (_, k) in enumerate(layers)})
                for layers in layers_by_chunk]
     return table_from_samples({length: samples}, cands, block_size=block_size, device=device)
