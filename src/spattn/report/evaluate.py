@@ -329,8 +329,9 @@ def candidate_latency(pattern, captures: Captures, *, block_size: int, backend: 
 
 def dropped_threads(pattern, layers: list[tuple[torch.Tensor, torch.Tensor]], *, block_size: int,
                     top: int = 5, device: str | torch.device = "cpu") -> dict[str, Any]:
-    """Which threads a pattern (or a :class:`~spattn.Plan`: each layer's own pattern) cuts on one chunk: per query token, the share of its dense attention the pattern
-    drops (mean over layers and heads), and the ``top`` key tokens whose dropped mass is largest.
+    """Which threads a pattern (or a :class:`~spattn.Plan`: each layer's own pattern) cuts on one chunk: per
+    query token, the share of its dense attention the pattern drops (mean over layers and heads), and the ``top``
+    key tokens whose dropped mass is largest.
 
     ``layers``: per layer ``(query [1, H, L, D], key [1, Hkv, L, D])`` of one chunk (causal self-attention).
     Returns ``dropped`` ``[L]``, ``lost_keys`` / ``lost_mass`` ``[L][top]`` and ``per_layer_head`` ``[layers][H]``
