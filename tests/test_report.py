@@ -24,8 +24,8 @@ from spattn.report.frontier import pareto, recommend  # noqa: E402
 
 SCHEMA = Path(__file__).resolve().parents[1] / "src" / "spattn" / "report" / "schema.json"
 ARGS = ["--lengths", "128,256", "--block-size", "16", "--budgets", "0.1,0.5", "--families",
-        "window,random,budgeted,top_p", "--selectors", "pooled", "--calibration-chunks", "1", "--eval-chunks", "1",
-        "--repeats", "1", "--device", "cpu"]
+        "window,random,budgeted,top_p,plan,learned", "--selectors", "pooled", "--calibration-chunks", "1",
+        "--eval-chunks", "1", "--repeats", "1", "--device", "cpu"]
 
 
 def _make_tiny(root: Path) -> tuple[Path, Path]:
@@ -86,7 +86,11 @@ def test_results_validate_against_schema(tiny):
     results = tiny["results"]
     jsonschema.validate(results, json.loads(SCHEMA.read_text()))
     assert results["model"]["layers"] == 3 and results["model"]["kv_heads"] == 2
-    assert len(results["candidates"]) + len(results["skipped"]) == 2 * 4
+    assert len(results["candidates"]) + len(results["skipped"]) == 2 * 6
+    # the planner's plan is a candidate with a pattern per layer; without --gates the learned family says why not
+    plans = [c for c in results["candidates"] if c["family"] == "plan"]
+    assert plans and all(len(c["plan"]["layers"]) == 3 for c in plans)
+    assert [s["family"] for s in results["skipped"] if "--gates" in s["note"]] == ["learned", "learned"]
     for c in results["candidates"]:
         assert len(c["recall"]["per_layer_head_mean"]) == 3
         assert all(len(row) == 4 for row in c["recall"]["per_layer_head_mean"])
@@ -152,11 +156,13 @@ def test_recommended_pattern_costs_no_more_than_budget(tiny):
     for r in picked:
         c = by_id[r["candidate"]]
         assert c["cost"]["keys_fraction"] <= r["budget"]
-        if not c["dynamic"]:  # recompute the cost independently from the stored pattern
-            pattern = spattn.pattern_from_dict(c["pattern"])
-            layout = spattn.compile(pattern, 128, 128, causal=True, block_size=16)
-            assert layout_cost(layout)[0] <= r["budget"] + 1e-12
-            assert layout_cost(layout)[0] == pytest.approx(c["cost"]["keys_fraction"], rel=1e-5)
+        if not c["dynamic"]:  # recompute the cost independently from the stored pattern (each layer's, for a plan)
+            plan = spattn.Plan.from_dict(c["plan"]) if c.get("plan") else spattn.Plan.uniform(
+                spattn.pattern_from_dict(c["pattern"]))
+            costs = [layout_cost(spattn.compile(plan.pattern_for(i) or spattn.Full(), 128, 128, causal=True,
+                                                block_size=16, heads=4))[0] for i in range(3)]
+            assert sum(costs) / 3 <= r["budget"] + 1e-12
+            assert sum(costs) / 3 == pytest.approx(c["cost"]["keys_fraction"], rel=1e-5)
     for c in results["candidates"]:
         assert c["within_budget"] == (c["cost"]["keys_fraction"] <= c["budget"])
 
@@ -182,7 +188,7 @@ def test_same_seed_same_numbers_and_resume(tiny):
     state = out2 / ".spattn-report" / "state.json"
     state.write_text(json.dumps({"digest": again["digest"], "status": "running"}))
     cands = sorted((out2 / ".spattn-report" / again["digest"] / "L128" / "candidates").glob("*.json"))
-    assert len(cands) == 8
+    assert len(cands) == 12
     cands[0].unlink()
     (out2 / "results.json").unlink()
     result = _invoke("--model", str(tiny["model"]), "--text", str(tiny["text"]), "-o", str(out2), *ARGS)
@@ -464,3 +470,22 @@ def test_time_budget_skips_what_does_not_fit_and_says_so(tiny, tmp_path):
     for path in cached.glob("*.json") if cached.exists() else []:
         rec = json.loads(path.read_text())
         assert rec["id"] not in timed_out and not rec.get("out_of_time"), rec["id"]
+
+
+def test_quick_answer_says_what_it_omits_in_terminal_and_html(tiny):
+    from rich.console import Console
+
+    from spattn.report.config import ReportConfig, quick_omits
+    from spattn.report.render import render_html
+    from spattn.report.summary import print_summary
+
+    results = copy.deepcopy(tiny["results"])
+    assert results["quick"] is None  # a full run says nothing of the kind
+    omits = quick_omits(ReportConfig.quick_defaults())
+    results["quick"] = {"omits": omits}
+    console = Console(record=True, width=200)
+    print_summary(results, console, tiny["out"])
+    terminal = console.export_text()
+    assert "quick answer" in terminal and "the threads view" in terminal
+    page = html.unescape(_visible_text(render_html(results, tiny["out"])))
+    assert "Quick answer" in page and all(o in page for o in omits)

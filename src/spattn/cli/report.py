@@ -25,7 +25,8 @@ def report_command(
     model: str = typer.Option("smollm2", help="'smollm2' (SmolLM2-135M, offline) or a Hugging Face model folder."),
     text: str = typer.Option("austen", "--text", help="Corpus name ('austen', 'kjv') or a text file."),
     output: str = typer.Option("spattn-report", "--output", "-o", help="Output directory."),
-    budgets: str = typer.Option("0.05,0.1,0.25", help="Comma-separated fractions of the dense keys, each in (0, 1]."),
+    budgets: str | None = typer.Option(
+        None, help="Comma-separated fractions of the dense keys, each in (0, 1] (default 0.05,0.1,0.25; --quick 0.1)."),
     lengths: str | None = typer.Option(
         None, help="Comma-separated lengths in tokens: candidates are fitted and picked at the first, and the picks "
                    "are checked again at the others (default 1024,4096; --quick 512)."),
@@ -43,8 +44,11 @@ def report_command(
     retrieval_samples: int | None = typer.Option(
         None, help="Pass-key retrieval samples scored for each pick, its runner-up and dense (default 6; --quick 3; "
                    "0: none)."),
+    gates: str | None = typer.Option(
+        None, help="A saved gate checkpoint for this model (spattn.learned.save_gates): measures the learned family."),
     quick: bool = typer.Option(False, "--quick", metavar="",
-                               help="Shorter chunks, fewer candidates: a first look in about a minute."),
+                               help="A smoke answer in under a minute: 512 tokens, one budget (0.1), one candidate per "
+                                    "family, 2 pass keys, no threads view (the report says what it omits)."),
     overwrite: bool = typer.Option(False, "--overwrite", metavar="",
                                    help="Replace a report already in the output directory."),
     fresh: bool = typer.Option(False, "--fresh", metavar="", help="With --overwrite: recompute cached stages too."),
@@ -57,7 +61,8 @@ def report_command(
     """Find the sparse attention pattern that saves the most compute for a model while keeping what it needs.
 
     Captures the model's real attention on calibration chunks, fits candidate patterns (windows, sinks,
-    strided and random reach, Budgeted, dynamic TopP per selector) to each budget, measures their cost,
+    strided and random reach, Budgeted, dynamic Adaptive per selector, the planner's per-head plan, a saved learned
+    gate) to each budget, measures their cost,
     latency (interleaved with dense, noisy rows flagged), peak memory, recall per layer and head, reachability
     and held-out perplexity with bootstrap intervals; picks per budget on a selection split and reports on a
     separate held-out split; checks each pick again at the longer --lengths; and writes report.html,
@@ -83,7 +88,7 @@ def report_command(
     elif chunk_length is not None:
         all_lengths = (chunk_length,)
     options = dict(
-        model=model, text=text, budgets=_floats(budgets, "--budgets"),
+        model=model, text=text, budgets=None if budgets is None else _floats(budgets, "--budgets"), gates=gates,
         chunk_length=None if all_lengths is None else all_lengths[0],
         lengths=None if all_lengths is None else tuple(all_lengths[1:]),
         calibration_chunks=calibration_chunks, selection_chunks=selection_chunks, eval_chunks=eval_chunks,

@@ -24,12 +24,19 @@ FAMILY_TITLES = {
     "random": "sinks + window + random blocks",
     "budgeted": "Budgeted (sinks, window, block strides)",
     "top_p": "sinks + window + dynamic selection (Adaptive)",
+    "plan": "planner: a pattern per layer and head (spattn.plan)",
+    "learned": "sinks + window + learned gate (TopK of a saved gate)",
 }
+# the planner's options for the "plan" family: static only, so that a plan costs no selection in each forward
+PLAN_FAMILIES = ("window", "sinks_window", "strided", "budgeted", "dense")
 
 
 @dataclasses.dataclass
 class Candidate:
-    """One pattern at one budget (``pattern`` None: the family could not fit the budget; ``note`` says why)."""
+    """One pattern at one budget (``pattern`` None: the family could not fit the budget; ``note`` says why).
+
+    ``plan``: a candidate that differs per layer (and head): the :class:`~spattn.Plan` applied to the model;
+    ``pattern`` is then its middle layer's pattern (timed for latency and drawn in the layout picture)."""
 
     id: str
     family: str
@@ -40,6 +47,13 @@ class Candidate:
     dynamic: bool
     selector: str | None = None
     note: str | None = None
+    plan: Any = None
+
+    def pattern_for(self, layer: int) -> Pattern:
+        """The pattern of ``layer`` (full attention where a plan keeps a layer dense)."""
+        if self.plan is None:
+            return self.pattern
+        return self.plan.pattern_for(layer) or spattn.Full()
 
 
 def causal_pairs(length: int) -> int:
@@ -177,3 +191,99 @@ def fit_dynamic(selector: str, budget: float, length: int, block_size: int,
     keys = max(keys, 0)
     pattern = build(keys)
     return Candidate(cid, "top_p", budget, pattern, _fmt(pattern), {"keys": keys}, True, selector=selector)
+
+
+def _plan_label(plan: Any) -> str:
+    """``Plan(per head: 60% sinks_window, 30% window, ...)``: the planner's choices by family, largest first."""
+    counts: dict[str, int] = {}
+    for rows in plan.heads.values():
+        for row in rows:
+            counts[row["family"]] = counts.get(row["family"], 0) + 1
+    total = sum(counts.values()) or 1
+    parts = [f"{100 * n / total:.0f}% {fam}" for fam, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+    return f"Plan(per head: {', '.join(parts[:3])}{', ...' if len(parts) > 3 else ''})"
+
+
+def planner_table(layers_by_chunk: list[list[tuple[torch.Tensor, torch.Tensor]]], length: int, block_size: int,
+                  device: str | torch.device = "cpu") -> Any:
+    """The planner's candidate table (:func:`spattn.planner.table_from_samples`) on the report's calibration
+    captures (``[chunk][layer] -> (query [1, H, L, D], key [1, Hkv, L, D])``), static families only
+    (:data:`PLAN_FAMILIES`): built once per report, solved once per budget."""
+    from spattn.planner import Candidate as PlannerCandidate
+    from spattn.planner import default_candidates
+    from spattn.planner.candidates import SINKS
+    from spattn.planner.table import Sample, table_from_samples
+
+    cands = default_candidates(length, block_size, families=PLAN_FAMILIES)
+    # cheaper options than the planner's smallest (a window of half a block), so that the small budgets of the
+    # report (5% of 512 tokens is ~13 keys per query) have a choice in every head
+    names = {c.name for c in cands}
+    for w in sorted({max(1, block_size // 8), max(1, block_size // 4)}):
+        for name, fam, pattern in ((f"window:{w}", "window", spattn.Window(w)),
+                                   (f"sinks_window:{w}", "sinks_window", spattn.Sinks(SINKS) | spattn.Window(w))):
+            if name not in names:
+                cands.insert(0, PlannerCandidate(name, fam, pattern))
+    samples = [Sample({i: q for i, (q, _) in enumerate(layers)}, {i: k for i, (_, k) in enumerate(layers)})
+               for layers in layers_by_chunk]
+    return table_from_samples({length: samples}, cands, block_size=block_size, device=device)
+
+
+def fit_plan(table: Any, budget: float, length: int, block_size: int) -> Candidate:
+    """The planner's plan at ``budget``: the knapsack over every layer and head of ``table`` (its keys per query
+    summed over heads at most ``budget`` of the dense causal keys, recall as the objective), restated as a
+    ``"fraction"`` rule so that :meth:`~spattn.Plan.at_length` keeps the same share of the keys at other
+    lengths."""
+    from spattn.integrations.plan import BudgetRule, Plan
+    from spattn.planner import InfeasibleBudget, make_plan
+
+    cid = f"plan@{budget:g}"
+    keys = budget * (length + 1) / 2
+    try:
+        result = make_plan(None, None, budget=BudgetRule("keys", keys, length=length, block_size=block_size),
+                           candidates=table.candidates, lengths=(length,), block_size=block_size, table=table)
+    except InfeasibleBudget as exc:
+        return Candidate(cid, "plan", budget, None, "", {}, False,
+                         note=f"the planner cannot fit {budget:g} of the dense keys at {length} tokens: {exc}")
+    got = result.plan
+    # the planner's notes without its wall times: the same inputs give the same plan, byte for byte
+    notes = {k: v for k, v in got.meta.get("planner", {}).items() if k != "seconds"}
+    plan = Plan(layers=got.layers, default=got.default, meta={"planner": notes}, heads=got.heads,
+                budget=BudgetRule("fraction", budget, length=length, block_size=block_size))
+    return plan_candidate(cid, "plan", budget, plan, table.layers)
+
+
+def plan_candidate(cid: str, family: str, budget: float, plan: Any, layers: int) -> Candidate:
+    """A :class:`Candidate` for a per-layer ``plan`` of a ``layers``-layer model (its middle layer stands for
+    it in the latency timing and the layout picture)."""
+    patterns = [plan.pattern_for(i) or spattn.Full() for i in range(layers)]
+    dynamic = any(p.contains_dynamic() for p in patterns)
+    middle = patterns[layers // 2]
+    label = _plan_label(plan) if plan.heads else f"Plan({_fmt(middle)} in the middle layer)"
+    return Candidate(cid, family, budget, middle, label, {"layers": layers}, dynamic, plan=plan)
+
+
+def fit_learned(gates: str, budget: float, length: int, block_size: int, layers: int) -> Candidate:
+    """``Sinks | Window | TopK(gate of the layer, blocks)`` in every layer, from a saved gate checkpoint
+    (:func:`spattn.learned.load`): the sinks and window of :func:`safeguards`, and as many selected blocks as the
+    rest of the budget pays for (the gate's block cost is at most ``blocks * block_size`` keys per query)."""
+    from spattn.integrations.plan import BudgetRule, Plan
+    from spattn.learned import load
+    from spattn.selectors import TopK
+
+    cid = f"learned@{budget:g}"
+    K = budget * (length + 1) / 2
+    sinks, window = safeguards(K)
+    local = _static_cost(spattn.Sinks(sinks) | spattn.Window(window), length, block_size)
+    blocks = int(max(0.0, budget - local) * (length + 1) / 2 // block_size)
+    if local > budget or blocks < 1:
+        return Candidate(cid, "learned", budget, None, "", {}, True,
+                         note=f"a learned gate cannot fit {budget:g} of the dense keys at {length} tokens: its sinks "
+                              f"and window cost {local:.3g} and leave less than one {block_size}-token block")
+    per_layer = {i: spattn.Sinks(sinks) | spattn.Window(window) | TopK(load(gates, layer=i), blocks)
+                 for i in range(layers)}
+    plan = Plan(layers=per_layer, budget=BudgetRule("fraction", budget, length=length, block_size=block_size),
+                meta={"gates": gates})
+    cand = plan_candidate(cid, "learned", budget, plan, layers)
+    cand.label = f"Sinks({sinks}) | Window({window}) | TopK(gate, {blocks})"
+    cand.parameter = {"blocks": blocks}
+    return cand

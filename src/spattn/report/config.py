@@ -9,11 +9,15 @@ import json
 import re
 from typing import Any
 
-FAMILIES = ("window", "sinks_window", "strided", "random", "budgeted", "top_p")
+FAMILIES = ("window", "sinks_window", "strided", "random", "budgeted", "top_p", "plan", "learned")
 SELECTORS = ("probe", "pooled", "vertical_slash", "antidiagonal", "bounds")  # probe: issue 12 (docs/selection.md)
-QUICK_FAMILIES = ("window", "sinks_window", "random", "budgeted", "top_p")
+QUICK_FAMILIES = ("window", "sinks_window", "budgeted", "top_p", "plan", "learned")
 QUICK_SELECTORS = ("probe",)
-_CACHE_VERSION = 3
+QUICK_BUDGETS = (0.1,)
+# Note [what --quick omits]: the quick answer is a smoke test (under a minute on a 2-core CPU): one length (512),
+# one budget, so one candidate per family, two pass keys scored in one batched forward per candidate, and no
+# threads view. The terminal and the HTML say so (``quick_omits``), so that nobody reads it as the full report.
+_CACHE_VERSION = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +34,11 @@ class ReportConfig:
     ``chunk_length`` tokens. ``lengths`` are further (longer) lengths at which the picks and their runners-up are
     fitted and measured again, to show whether the recommendation holds there. ``retrieval_samples`` pass keys
     (spread over depths 0.1 / 0.5 / 0.9 of the text) test each pick and runner-up, and dense, at ``chunk_length``
-    (0: no retrieval evidence).
+    (0: no retrieval evidence). ``threads``: build the "threads the pick cuts" view. ``gates``: a gate checkpoint
+    (``spattn.learned.save_gates``, safetensors) for this model; the ``"learned"`` family is measured only when one
+    is given (otherwise the report says that no saved gate was given). The ``"plan"`` family is the planner's
+    per-layer and per-head plan (:func:`spattn.planner.make_plan`), one per budget, calibrated on the calibration
+    chunks.
     """
 
     model: str = "smollm2"
@@ -48,14 +56,16 @@ class ReportConfig:
     seed: int = 0
     latency_repeats: int = 3
     retrieval_samples: int = 6
+    threads: bool = True
+    gates: str | None = None
     quick: bool = False
 
     @classmethod
     def quick_defaults(cls, **overrides: Any) -> ReportConfig:
-        """The ``--quick`` configuration: shorter chunks, one calibration and one held-out chunk, fewer
-        candidate families and one selector."""
+        """The ``--quick`` configuration (Note [what --quick omits]): 512-token chunks, one budget (0.1), one
+        candidate per family (fewer families, one selector), 2 pass keys, no threads view."""
         base = dict(chunk_length=512, lengths=(), calibration_chunks=1, selection_chunks=1, eval_chunks=1,
-                    retrieval_samples=3,
+                    retrieval_samples=2, budgets=QUICK_BUDGETS, threads=False,
                     families=QUICK_FAMILIES,
                     selectors=QUICK_SELECTORS, latency_repeats=2, quick=True)
         base.update({k: v for k, v in overrides.items() if v is not None})
@@ -96,6 +106,8 @@ class ReportConfig:
         bad = [s for s in self.selectors if s not in SELECTORS]
         if bad or ("top_p" in self.families and not self.selectors):
             raise ValueError(f"unknown selectors {bad}; choose from {list(SELECTORS)}")
+        if self.gates is not None and not isinstance(self.gates, str):
+            raise TypeError(f"gates must be a path (str) to a gate checkpoint, got {type(self.gates).__name__}")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", str(self.device)):
             raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N' (N a GPU index), got {self.device!r}")
 
@@ -113,3 +125,23 @@ class ReportConfig:
         data.pop("latency_repeats")  # timings only
         data["cache_version"] = _CACHE_VERSION
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def quick_omits(cfg: ReportConfig) -> list[str]:
+    """What a ``--quick`` report leaves out of the full one, in words (Note [what --quick omits])."""
+    out = []
+    if not cfg.lengths:
+        out.append(f"the longer lengths (only {cfg.chunk_length} tokens)")
+    if len(cfg.budgets) < 3:
+        out.append("the other budgets (only " + ", ".join(f"{100 * b:g}%" for b in cfg.budgets)
+                   + " of the dense keys)")
+    missing = [f for f in FAMILIES if f not in cfg.families]
+    if missing:
+        out.append("the families " + ", ".join(missing))
+    if len(cfg.selectors) < len(SELECTORS):
+        out.append(f"{len(SELECTORS) - len(cfg.selectors)} of the {len(SELECTORS)} dynamic selectors")
+    if cfg.retrieval_samples < 6:
+        out.append(f"most of the retrieval evidence ({cfg.retrieval_samples} pass keys instead of 6)")
+    if not cfg.threads:
+        out.append("the threads view")
+    return out

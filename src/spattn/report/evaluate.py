@@ -198,6 +198,7 @@ class _Accumulator:
         self.flops_blk: list[float] = []
         self.layouts: list[spattn.Layout] = []  # chunk 0, one per layer
         self.static: spattn.Layout | None = None
+        self.per_layer: list[spattn.Layout] | None = None  # a static plan's layout of each layer
 
 
 def coverage_pass(cands: list[Candidate], captures: Captures, *, block_size: int, head_dim: int,
@@ -210,16 +211,24 @@ def coverage_pass(cands: list[Candidate], captures: Captures, *, block_size: int
     H = captures[0][0][0].shape[1]
     accs = [_Accumulator(c, n_layers) for c in cands]
     for acc in accs:
-        if not acc.cand.dynamic:
+        if not acc.cand.dynamic and acc.cand.plan is None:
             acc.static = spattn.compile(acc.cand.pattern, L, L, causal=True, block_size=block_size, device=device)
+        elif acc.cand.plan is not None and not acc.cand.dynamic:  # a static plan: one layout per layer
+            acc.per_layer = [spattn.compile(acc.cand.pattern_for(i), L, L, causal=True, block_size=block_size,
+                                            heads=H, device=device) for i in range(n_layers)]
     small = L <= _DENSE_PROBS_MAX_LEN
     for c, layers in enumerate(captures):
         for layer, (q, k) in enumerate(layers):
             q, k = q.to(device), k.to(device)
             probs = dense_probs(q, k) if small else None
             for acc in accs:
-                lay = acc.static if acc.static is not None else spattn.compile(
-                    acc.cand.pattern, L, L, causal=True, block_size=block_size, query=q, key=k)
+                if acc.static is not None:
+                    lay = acc.static
+                elif acc.per_layer is not None:
+                    lay = acc.per_layer[layer]
+                else:
+                    lay = spattn.compile(acc.cand.pattern_for(layer), L, L, causal=True, block_size=block_size,
+                                         heads=H, query=q, key=k)
                 kc, bc = layout_cost(lay)
                 acc.keys.append(kc)
                 acc.blocks.append(bc)
@@ -293,7 +302,7 @@ def candidate_latency(pattern, captures: Captures, *, block_size: int, backend: 
 
     def build():
         return spattn.compile(pattern, q.shape[2], k.shape[2], causal=True, block_size=block_size, device=q.device,
-                              query=q if dynamic else None, key=k if dynamic else None)
+                              heads=q.shape[1], query=q if dynamic else None, key=k if dynamic else None)
 
     compile_ms = time_call(build, repeats, q.device)
     target = pattern if dynamic else build()
@@ -320,8 +329,9 @@ def candidate_latency(pattern, captures: Captures, *, block_size: int, backend: 
 
 def dropped_threads(pattern, layers: list[tuple[torch.Tensor, torch.Tensor]], *, block_size: int,
                     top: int = 5, device: str | torch.device = "cpu") -> dict[str, Any]:
-    """Which threads a pattern cuts on one chunk: per query token, the share of its dense attention the pattern
-    drops (mean over layers and heads), and the ``top`` key tokens whose dropped mass is largest.
+    """Which threads a pattern (or a :class:`~spattn.Plan`: each layer's own pattern) cuts on one chunk: per
+    query token, the share of its dense attention the pattern drops (mean over layers and heads), and the ``top``
+    key tokens whose dropped mass is largest.
 
     ``layers``: per layer ``(query [1, H, L, D], key [1, Hkv, L, D])`` of one chunk (causal self-attention).
     Returns ``dropped`` ``[L]``, ``lost_keys`` / ``lost_mass`` ``[L][top]`` and ``per_layer_head`` ``[layers][H]``
@@ -329,9 +339,13 @@ def dropped_threads(pattern, layers: list[tuple[torch.Tensor, torch.Tensor]], *,
     L = layers[0][0].shape[2]
     acc = torch.zeros(L, L, dtype=torch.float32)
     per_layer_head = []
-    for q, k in layers:  # each layer moved to ``device`` in turn
+    from spattn.integrations.plan import Plan
+
+    plan = pattern if isinstance(pattern, Plan) else Plan.uniform(pattern)
+    for i, (q, k) in enumerate(layers):  # each layer moved to ``device`` in turn
         q, k = q.to(device), k.to(device)
         probs = dense_probs(q, k)  # [H, L, L]
+        pattern = plan.pattern_for(i) or spattn.Full()
         dynamic = pattern.contains_dynamic()
         lay = spattn.compile(pattern, L, L, causal=True, block_size=block_size, heads=q.shape[1],
                              query=q if dynamic else None, key=k if dynamic else None)

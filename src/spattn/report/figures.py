@@ -9,10 +9,11 @@ from spattn._optional import require
 
 _FAMILY_COLORS = {
     "window": "#7f7f7f", "sinks_window": "#1f77b4", "strided": "#9467bd", "random": "#8c564b",
-    "budgeted": "#2ca02c",
+    "budgeted": "#2ca02c", "plan": "#17becf", "learned": "#000000",
 }
 _SELECTOR_COLORS = {"pooled": "#d62728", "vertical_slash": "#ff7f0e", "antidiagonal": "#e377c2", "bounds": "#bcbd22"}
-_MARKERS = {"window": "s", "sinks_window": "o", "strided": "^", "random": "v", "budgeted": "D", "top_p": "*"}
+_MARKERS = {"window": "s", "sinks_window": "o", "strided": "^", "random": "v", "budgeted": "D", "top_p": "*",
+            "plan": "P", "learned": "X"}
 
 
 def series_key(rec: dict[str, Any]) -> str:
@@ -20,7 +21,7 @@ def series_key(rec: dict[str, Any]) -> str:
 
 
 def series_label(rec: dict[str, Any]) -> str:
-    return f"TopP {rec['selector']}" if rec["family"] == "top_p" else rec["family_title"]
+    return f"Adaptive {rec['selector']}" if rec["family"] == "top_p" else rec["family_title"]
 
 
 def color(rec: dict[str, Any]) -> str:

@@ -89,13 +89,17 @@ def load_chunks(text: str, tokenizer: Any, chunk_length: int, calibration: int,
 @torch.no_grad()
 def logits(model: Any, ids: torch.Tensor, plan: Any = None, *, backend: str = "dense",
            block_size: int = 64) -> torch.Tensor:
-    """float32 ``[L, V]`` logits of one chunk: the model's own attention when ``plan`` is None, else patched."""
+    """float32 logits ``[L, V]`` of one chunk ``ids`` ``[L]`` (or ``[B, L, V]`` of a batch ``[B, L]`` of
+    equal-length chunks, one forward): the model's own attention when ``plan`` is None, else patched."""
+    batch = ids if ids.dim() == 2 else ids[None]
     if plan is None:
-        return model(ids[None].to(model.device)).logits[0].float()
-    from spattn.integrations import hf
+        out = model(batch.to(model.device)).logits.float()
+    else:
+        from spattn.integrations import hf
 
-    with hf.patched(model, plan, backend=backend, block_size=block_size):
-        return model(ids[None].to(model.device)).logits[0].float()
+        with hf.patched(model, plan, backend=backend, block_size=block_size):
+            out = model(batch.to(model.device)).logits.float()
+    return out if ids.dim() == 2 else out[0]
 
 
 def perplexity(nll: float, tokens: int) -> float:

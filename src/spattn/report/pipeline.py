@@ -25,12 +25,13 @@ from spattn.integrations.plan import Plan
 from spattn.patterns import Full, pattern_from_dict
 from spattn.report import candidates as C
 from spattn.report import intervals
-from spattn.report.config import ReportConfig
+from spattn.report.config import ReportConfig, quick_omits
 from spattn.report.evaluate import candidate_latency, coverage_pass, dense_latency, dropped_threads, sig
 from spattn.report.frontier import carry_over, contenders, holds, pareto, recommend
 from spattn.report.stages import StageCache
 
 FORMAT = "spattn.report/2"
+_BATCH = 4  # chunks per patched forward when scoring a split (logits of 4 x 1024 tokens: ~0.8 GB float32)
 
 
 def _backends(cfg: ReportConfig, length: int) -> tuple[str, str]:
@@ -51,6 +52,13 @@ def candidate_ids(cfg: ReportConfig) -> list[tuple[str, float, str | None]]:
             else:
                 out.append((fam, b, None))
     return out
+
+
+def _plan_of(rec: dict[str, Any]) -> Plan:
+    """The plan a candidate record applies to the model: its own per-layer plan, or its pattern in every layer."""
+    if rec.get("plan") is not None:
+        return Plan.from_dict(rec["plan"])
+    return Plan.uniform(pattern_from_dict(rec["pattern"]))
 
 
 def _cid(family: str, budget: float, selector: str | None) -> str:
@@ -99,6 +107,8 @@ class _Run:
         self.latency_memo: dict[str, dict[str, Any]] = {}
         self.deadline = deadline
         self.skipped_for_time: list[str] = []
+        self.planner_tables: dict[int, Any] = {}  # length -> the planner's candidate table (built once)
+        self.first: dict[str, dict[str, Any]] = {}  # id -> record at the first length (plans carry from there)
 
     def out_of_time(self, what: str) -> bool:
         """True (and ``what`` recorded as skipped) once the run is past its ``time_budget``."""
@@ -157,6 +167,7 @@ def run_report(config: ReportConfig, output: str | os.PathLike, *, overwrite: bo
         first = config.chunk_length
         wanted = [(_cid(f, b, s), f, b, s) for f, b, s in candidate_ids(config)]
         main = _measure_length(run, first, data["lengths"][str(first)], wanted, select=True)
+        run.first = {c["id"]: c for c in main["candidates"]}
         recs = recommend(main["candidates"], list(config.budgets))
         others = []
         for length in config.lengths:
@@ -223,9 +234,10 @@ def _scored(model: Any, chunks: torch.Tensor, refs: list[dict[str, torch.Tensor]
     from spattn.report import model as M
 
     parts = []
-    for ids, ref in zip(chunks, refs, strict=True):
-        logits = M.logits(model, ids, plan, backend=backend, block_size=block_size)
-        parts.append(intervals.segment_sums(token_scores(ref, logits)))
+    for start in range(0, chunks.shape[0], _BATCH):  # a few chunks per forward: one layout compile per layer each
+        batch = M.logits(model, chunks[start : start + _BATCH], plan, backend=backend, block_size=block_size)
+        for logits, ref in zip(batch, refs[start : start + _BATCH], strict=True):
+            parts.append(intervals.segment_sums(token_scores(ref, logits)))
     return intervals.merge(parts)
 
 
@@ -289,7 +301,7 @@ def _measure_length(run: _Run, length: int, chunks: dict[str, Any], wanted: list
         task = bars.stage(f"fit candidates, {length} tokens", len(need_cov))
         fitted = []
         for cid, fam, b, sel in need_cov:
-            cand = _fit(cfg, length, fam, b, sel, captures)
+            cand = _fit(run, length, fam, b, sel, captures)
             if cand.pattern is None:
                 cache.put(cov_key(cid), _base(cand, fam, b, sel) | {"pattern": None, "note": cand.note})
             else:
@@ -304,6 +316,7 @@ def _measure_length(run: _Run, length: int, chunks: dict[str, Any], wanted: list
         for cand in fitted:
             cache.put(cov_key(cand.id), _base(cand, cand.family, cand.budget, cand.selector)
                       | {"label": cand.label, "pattern": cand.pattern.to_dict(), "parameter": cand.parameter}
+                      | ({"plan": cand.plan.to_dict()} if cand.plan is not None else {})
                       | cov[cand.id])
         run.timed("coverage", t)
 
@@ -356,8 +369,27 @@ def _measure_length(run: _Run, length: int, chunks: dict[str, Any], wanted: list
             "backends": {"model_eval": eval_backend, "latency": latency_backend}}
 
 
-def _fit(cfg: ReportConfig, length: int, family: str, budget: float, selector: str | None,
+def _fit(run: _Run, length: int, family: str, budget: float, selector: str | None,
          captures: list) -> C.Candidate:
+    cfg = run.cfg
+    n_layers = len(captures[0])
+    if family in ("plan", "learned") and length != cfg.chunk_length:
+        # the budget rule of a plan picked at the first length carries it here (Plan.at_length)
+        cid = _cid(family, budget, selector)
+        plan = Plan.from_dict(run.first[cid]["plan"]).at_length(length)
+        cand = C.plan_candidate(cid, family, budget, plan, n_layers)
+        cand.label = run.first[cid]["label"]
+        return cand
+    if family == "plan":
+        if length not in run.planner_tables:
+            run.planner_tables[length] = C.planner_table(captures, length, cfg.block_size, cfg.device)
+        return C.fit_plan(run.planner_tables[length], budget, length, cfg.block_size)
+    if family == "learned":
+        if cfg.gates is None:
+            return C.Candidate(_cid(family, budget, selector), family, budget, None, "", {}, True,
+                               note="no saved gate was given for this model (--gates PATH: a checkpoint written by "
+                                    "spattn.learned.save_gates), so the learned family was not measured")
+        return C.fit_learned(cfg.gates, budget, length, cfg.block_size, n_layers)
     if family != "top_p":
         return C.static_candidates(family, budget, length, cfg.block_size, cfg.seed)
     layers = captures[0]
@@ -384,7 +416,7 @@ def _finish_candidate(run: _Run, rec: dict[str, Any], captures: list, refs: dict
                                     repeats=cfg.latency_repeats, seed=cfg.seed, memo=run.latency_memo,
                                     device=cfg.device)
         model = {}
-    plan = Plan.uniform(pattern)
+    plan = _plan_of(rec)
     for split, split_refs in refs.items():
         chunks = torch.stack([r["ids"] for r in split_refs])
         seg = _scored(run.model, chunks, split_refs, plan, eval_backend, cfg.block_size)
@@ -437,9 +469,10 @@ def _retrieval(run: _Run, main: dict[str, Any], recs: list[dict[str, Any]], toke
                                seeds)[: cfg.retrieval_samples]
         eval_backend = main["backends"]["model_eval"]
         results = {}
-        for cid in [None, *ids]:
-            plan = None if cid is None else Plan.uniform(pattern_from_dict(by_id[cid]["pattern"]))
-            got = retrieval_accuracy(run.model, tokenizer, samples, plan, eval_backend, block_size=cfg.block_size)
+        for cid in [None, *ids]:  # one batched forward per configuration (the samples have equal lengths)
+            plan = None if cid is None else _plan_of(by_id[cid])
+            got = retrieval_accuracy(run.model, tokenizer, samples, plan, eval_backend, block_size=cfg.block_size,
+                                     batch_size=len(samples))
             results["dense" if cid is None else cid] = {
                 "accuracy": sig(got.accuracy.value), "interval": [sig(got.accuracy.low), sig(got.accuracy.high)],
                 "correct": got.correct}
@@ -467,6 +500,8 @@ def _retrieval(run: _Run, main: dict[str, Any], recs: list[dict[str, Any]], toke
 def _threads(run: _Run, main: dict[str, Any], recs: list[dict[str, Any]], chunks: dict[str, Any],
              tokenizer: Any) -> dict[str, Any] | None:
     """Which threads the pick of the middle budget cuts, on the first held-out report chunk."""
+    if not run.cfg.threads:
+        return None
     by_id = {c["id"]: c for c in main["candidates"]}
     picked = [x for x in recs if x["candidate"] in by_id]
     if not picked:
@@ -483,7 +518,7 @@ def _threads(run: _Run, main: dict[str, Any], recs: list[dict[str, Any]], chunks
     cap = capture(run.model, ids[None])
     layers = [(cap.queries[layer], cap.keys[layer]) for layer in cap.layers]
     cand = by_id[choice["candidate"]]
-    out = dropped_threads(pattern_from_dict(cand["pattern"]), layers, block_size=run.cfg.block_size,
+    out = dropped_threads(_plan_of(cand), layers, block_size=run.cfg.block_size,
                           device=run.cfg.device)
     out |= {"candidate": cand["id"], "budget": choice["budget"], "label": cand["label"],
             "tokens": [tokenizer.decode([int(t)]) for t in ids]}
@@ -530,4 +565,5 @@ def _assemble(cfg: ReportConfig, cache: StageCache, model_name: str, facts: dict
         "lengths": lengths,
         "threads": threads,
         "retrieval": retrieval,
+        "quick": {"omits": quick_omits(cfg)} if cfg.quick else None,
     }

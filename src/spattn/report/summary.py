@@ -53,6 +53,9 @@ def print_summary(results: dict[str, Any], console: Any, output: Path) -> None:
             f"{100 * x['retrieval']['accuracy']:.0f}%" + ("!" if "for_retrieval" in x else "") if "retrieval" in x
             else "—", latency_text(c["latency"]),
         )
+    if results.get("quick"):
+        console.print("[bold yellow]quick answer[/] (--quick, a smoke test): it omits "
+                      + "; ".join(results["quick"]["omits"]) + ". Run without --quick for the full report.")
     console.print(table)
     front = Table(title="Pareto frontier (cost against held-out perplexity)", title_justify="left")
     for col in ("pattern", "cost keys", "cost blocks", "perplexity [95%]", "ms"):
