@@ -112,13 +112,17 @@ class LayoutBuilder:
         self.mids = mids
         self.num_kv_blocks = -(-self.kv_len // block_size)
 
-    def build(self, query: torch.Tensor, key: torch.Tensor) -> Layout:
-        """The Layout for ``query [B, H, Lq, D]`` and ``key [B, Hkv, Lk, D]`` (tables ``[B, H, ...]``)."""
+    def build(self, query: torch.Tensor, key: torch.Tensor, *, allowed: torch.Tensor | None = None) -> Layout:
+        """The Layout for ``query [B, H, Lq, D]`` and ``key [B, Hkv, Lk, D]`` (tables ``[B, H, ...]``).
+
+        ``allowed`` (optional bool ``[B or 1, H or 1, NQ, NK]``): the only blocks the dynamic part may choose,
+        what ``compile`` hands it inside an intersection (e.g. the non-padding blocks of ``pattern & Document``);
+        the caller intersects the result with the restriction's token masks (default ``None``: every block)."""
         ctx = Context(self.q_len, self.kv_len, self.block_size, self.device, self.causal, self.batch, self.heads,
                       query, key)
         ctx.cache.update(self._cache)
         # [B, H, NQ, NK] bool, never on a kept block (phase 2 of compile, given the static parts' status)
-        chosen = self.dynamic.cached_selection(ctx, kept=self._kept, allowed=None)
+        chosen = self.dynamic.cached_selection(ctx, kept=self._kept, allowed=allowed)
         dyn_status = torch.where(chosen, self._dyn_status, torch.zeros_like(self._dyn_status))
         dyn_mids = torch.where(chosen, self._dyn_mids, -1)
         if self.status is None:
