@@ -154,17 +154,25 @@ LISTOPS_VOCAB: dict[str, int] = {
 _LISTOPS_VALUE_P = 0.25  # LRA: a node below the maximum depth is an operator with this probability
 
 
-def _listops_tree(rng: random.Random, depth: int, max_depth: int, max_args: int) -> tuple[Any, int]:
-    """A random ListOps tree and its length in tokens (LRA's generator semantics)."""
-    r = rng.random() if depth < max_depth else 1.0
-    if r > _LISTOPS_VALUE_P:
-        return rng.randint(0, 9), 1
-    children, length = [], 2  # the operator and the closing bracket
-    for _ in range(rng.randint(2, max_args)):
-        child, child_length = _listops_tree(rng, depth + 1, max_depth, max_args)
-        children.append(child)
-        length += child_length
-    return (rng.choice(LISTOPS_OPERATORS), children), length
+def _listops_tree(rng: random.Random, depth: int, max_depth: int, max_args: int,
+                  limit: int) -> tuple[Any, int] | None:
+    """A random ListOps tree and its length in tokens (LRA's generator semantics), or ``None`` as soon as it
+    grows past ``limit`` tokens (the draw would be rejected anyway: stopping early leaves the distribution of
+    kept trees unchanged). Uniform choices are ``int(rng.random() * n)`` (``randint``'s rejection loop is most
+    of the generator's time in pure Python)."""
+    draw = rng.random
+    if depth < max_depth and draw() <= _LISTOPS_VALUE_P:
+        children, length = [], 2  # the operator and the closing bracket
+        for _ in range(2 + int(draw() * (max_args - 1))):
+            drawn = _listops_tree(rng, depth + 1, max_depth, max_args, limit - length)
+            if drawn is None:
+                return None
+            children.append(drawn[0])
+            length += drawn[1]
+        if length > limit:
+            return None
+        return (LISTOPS_OPERATORS[int(draw() * len(LISTOPS_OPERATORS))], children), length
+    return (int(draw() * 10), 1) if limit >= 1 else None
 
 
 def listops_value(tree: Any) -> int:
@@ -243,9 +251,10 @@ def listops(
         if attempts > limit:
             raise ValueError(f"could not draw ListOps trees of {min_length} < length < {max_length} tokens with "
                              f"max_depth={max_depth}, max_args={max_args}: widen the bounds")
-        tree, length = _listops_tree(rng, 1, max_depth, max_args)
-        if not min_length < length < max_length:
+        drawn = _listops_tree(rng, 1, max_depth, max_args, max_length - 1)
+        if drawn is None or not min_length < drawn[1] < max_length:
             continue
+        tree = drawn[0]
         tokens = _listops_tokens(tree)
         inputs[made, : len(tokens)] = torch.tensor([LISTOPS_VOCAB[t] for t in tokens])
         labels[made] = listops_value(tree)

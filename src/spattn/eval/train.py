@@ -21,7 +21,7 @@ import dataclasses
 import functools
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,11 +32,14 @@ from torch import nn
 from spattn.eval import stats
 from spattn.eval.tasks import IGNORE_INDEX, LISTOPS_VOCAB, listops, mqar
 from spattn.integrations.plan import Plan, as_plan
+from spattn.layout import tables
+from spattn.layout.layout import Layout
 from spattn.learned.router import LearnedTopK
 from spattn.learned.schedule import Schedule
 from spattn.learned.train import Regularisers, regulariser_losses, routers
 from spattn.ops.attention.api import attention
-from spattn.patterns import Document, Full, Pattern, compile
+from spattn.patterns import Full, Pattern, compile
+from spattn.selectors import LayoutBuilder
 
 TASKS = ("mqar", "listops")
 
@@ -222,7 +225,7 @@ def _vocab_and_length(config: TrainConfig) -> tuple[int, int]:
     options = config.task_options
     if config.task == "mqar":
         return int(options.get("vocab_size", 8192)), int(options.get("seq_len", 256))
-    return len(LISTOPS_VOCAB), int(options.get("max_length", 2000))
+    return len(LISTOPS_VOCAB), _round_up(int(options.get("max_length", 2000)), config.block_size)
 
 
 # ---------------------------------------------------------------------------------------------- the model
@@ -240,17 +243,60 @@ class _Block(nn.Module):
             if mlp else None
         )
 
-    def forward(self, x: torch.Tensor, layout_or_pattern: Any, causal: bool, backend: str, block_size: int):
+    def forward(self, x: torch.Tensor, attend: Callable[..., torch.Tensor]) -> torch.Tensor:
+        """``attend(query, key, value) -> out``, all ``[B, H, L, d_model // heads]``."""
         B, L, d = x.shape
         q, k, v = self.qkv(self.norm(x)).view(B, L, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        if self.pattern is not None:
-            y = self.pattern.attend(q, k, v, causal=causal, scale=1.0 / math.sqrt(d // self.heads))
-        else:
-            y = attention(q, k, v, layout_or_pattern, causal=causal, backend=backend, block_size=block_size)
+        y = attend(q, k, v)
         x = x + self.out(y.transpose(1, 2).reshape(B, L, d))
         if self.mlp is not None:
             x = x + self.mlp(x)
         return x
+
+
+@dataclass
+class _PadTables:
+    """What :func:`_without_padding` needs of one Layout's mask table, made once per table: the masks with every
+    key cut ``c = 1 .. bs - 1`` of every stored mask and of the full block appended, and which cut masks still
+    allow a pair."""
+
+    masks: torch.Tensor  # bool [M + (M + 1) * (bs - 1), bs, bs]
+    nonempty: torch.Tensor  # bool [(M + 1) * (bs - 1)]
+    num_masks: int  # M
+
+    @classmethod
+    def of(cls, masks: torch.Tensor) -> _PadTables:
+        M, bs = masks.shape[0], masks.shape[-1]
+        stored = tables.tiles(masks)[: M + 1]  # the M masks, then the full block
+        cols = torch.arange(bs, device=masks.device)
+        cut = cols[None, :] < torch.arange(1, bs, device=masks.device)[:, None]  # [bs - 1, bs]: key < c
+        extra = (stored[:, None] & cut[None, :, None, :]).reshape(-1, bs, bs)
+        return cls(torch.cat([masks.to(torch.bool), extra]), extra.flatten(1).any(-1), M)
+
+
+def _without_padding(layout: Layout, lengths: torch.Tensor, pad: _PadTables,
+                     view: tuple[torch.Tensor, torch.Tensor] | None = None) -> Layout:
+    """``layout`` for a right-padded batch with ``lengths [B]`` tokens each: keys at or past a row's length are
+    never attended, query blocks wholly past it are empty (their rows give 0; the padded rows of the block that
+    holds the last token attend the real keys: their outputs only reach padded positions, which nothing reads).
+    The same pairs as ``pattern & Document(where(padding, -1, 0))`` for every real query, built on the device
+    with no host synchronisation (fixed-width tables). ``view``: ``tables.unpack(layout)`` if already known."""
+    bs, NQ, NK = layout.block_size, layout.num_q_blocks, layout.num_kv_blocks
+    status, slot = tables.unpack(layout) if view is None else view  # [Bl, Hl, NQ, NK]
+    B = lengths.shape[0]
+    status = status.expand(B, status.shape[1], NQ, NK)
+    n = lengths.view(B, 1, 1, 1)
+    key_start = (torch.arange(NK, device=lengths.device) * bs).view(1, 1, 1, NK)
+    query_start = (torch.arange(NQ, device=lengths.device) * bs).view(1, 1, NQ, 1)
+    gone = (key_start >= n) | (query_start >= n)
+    boundary = (key_start < n) & (n < key_start + bs) & (status != tables.EMPTY)
+    M = pad.num_masks
+    cut_slot = M + slot.clamp(max=M) * (bs - 1) + (n - key_start).clamp(1, bs - 1) - 1  # [B, Hl, NQ, NK]
+    cut_status = torch.where(pad.nonempty[cut_slot - M], tables.PARTIAL, tables.EMPTY)
+    status = torch.where(gone, tables.EMPTY, torch.where(boundary, cut_status, status)).to(torch.int8)
+    mask_ids = tables.mask_ids(status, torch.where(boundary, cut_slot, slot))
+    return Layout(q_len=layout.q_len, kv_len=layout.kv_len, block_size=bs, causal=layout.causal,
+                  **tables.pack(status, mask_ids, pad.masks, width=NK))
 
 
 class TinyTransformer(nn.Module):
@@ -263,10 +309,15 @@ class TinyTransformer(nn.Module):
             (full attention).
         causal: causal attention (language modelling) or bidirectional (classification).
         num_classes: ``None`` for next-token logits ``[B, L, vocab_size]``, else class logits
-            ``[B, num_classes]`` from the mean over non-padding (id 0) tokens.
+            ``[B, num_classes]`` from the mean over non-padding (id 0, on the right) tokens.
         backend, block_size: passed to :func:`spattn.attention`.
 
-    ``forward(input_ids)`` takes int64 ``[B, L]``.
+    ``forward(input_ids, positions=None)`` takes int64 ``[B, L]``; ``positions`` (int64 ``[B, P]``, optional)
+    returns next-token logits ``[B, P, vocab_size]`` at those positions only (the trainer asks for the labelled
+    ones: the head is most of the cost of MQAR). Every step runs without host synchronisation: static layouts
+    are compiled once per length, dynamic ones come from a :class:`spattn.LayoutBuilder` cached per shape, and
+    padding (classifiers) is removed on the device. Layouts are walked by their tables (``pattern=None``), so
+    every plan runs the same kernels (one triton compilation for all of them).
     """
 
     def __init__(
@@ -300,44 +351,83 @@ class TinyTransformer(nn.Module):
         )
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size if num_classes is None else num_classes, bias=False)
-        self._layouts: dict[tuple[int, int], Any] = {}
+        self._static: dict[tuple, tuple[Layout, tuple[torch.Tensor, torch.Tensor] | None, _PadTables | None]] = {}
+        self._builders: dict[tuple, tuple[LayoutBuilder, _PadTables | None]] = {}
 
-    def _pattern(self, layer: int, input_ids: torch.Tensor) -> Any:
-        """What layer ``layer`` attends with: a cached Layout for static patterns, else the pattern."""
+    def _static_layout(self, layer: int, pattern: Pattern, length: int, device: torch.device):
+        key = (layer, length, device)
+        if key not in self._static:
+            layout = compile(pattern, length, causal=self.causal, block_size=self.block_size,
+                             heads=self.blocks[layer].heads, device=device)
+            layout = dataclasses.replace(layout, pattern=None)  # walked by its tables (see the class notes)
+            padded = self.num_classes is not None
+            self._static[key] = (layout, tables.unpack(layout) if padded else None,
+                                 _PadTables.of(layout.masks) if padded else None)
+        return self._static[key]
+
+    def _builder(self, layer: int, pattern: Pattern, batch: int, length: int, device: torch.device):
+        key = (layer, batch, length, device)
+        if key not in self._builders:
+            builder = LayoutBuilder(pattern, length, causal=self.causal, block_size=self.block_size, batch=batch,
+                                    heads=self.blocks[layer].heads, device=device)
+            self._builders[key] = (builder, _PadTables.of(builder.masks) if self.num_classes is not None else None)
+        return self._builders[key]
+
+    def layout_for(self, layer: int, query: torch.Tensor, key: torch.Tensor,
+                   lengths: torch.Tensor | None = None) -> Layout:
+        """The Layout layer ``layer`` attends with for ``query``/``key`` ``[B, H, L, D]`` (not for a learned
+        router, whose layout depends on its gate): static patterns compiled once per length, dynamic ones built
+        by the cached :class:`spattn.LayoutBuilder`; with ``lengths`` (int64 ``[B]``, right padding) the padded
+        keys and query blocks are removed and the dynamic part chooses among real blocks only."""
+        if self.blocks[layer].pattern is not None:
+            raise ValueError(f"layer {layer} is a learned router: its layout comes from router.layout(...)")
         pattern = self.plan.pattern_for(layer) or Full()
-        padded = self.num_classes is not None and bool((input_ids == 0).any())
-        if padded:  # padding (id 0) keys are never attended; padded query rows give 0
-            segments = torch.where(input_ids == 0, -1, 0)
-            return pattern & Document(segments)
+        B, L = query.shape[0], query.shape[2]
+        device = query.device
         if pattern.contains_dynamic():
-            return pattern
-        key = (layer, input_ids.shape[1])
-        if key not in self._layouts:
-            self._layouts[key] = compile(
-                pattern, input_ids.shape[1], causal=self.causal, block_size=self.block_size,
-                heads=self.blocks[layer].heads, device=input_ids.device,
-            )
-        return self._layouts[key]
+            builder, pad = self._builder(layer, pattern, B, L, device)
+            if lengths is None:
+                return builder.build(query, key)
+            starts = torch.arange(0, L, self.block_size, device=device)
+            real = starts[None, :] < lengths[:, None]  # [B, N] blocks holding a real token
+            layout = builder.build(query, key, allowed=(real[:, :, None] & real[:, None, :])[:, None])
+            return _without_padding(layout, lengths, pad)
+        layout, view, pad = self._static_layout(layer, pattern, L, device)
+        return layout if lengths is None else _without_padding(layout, lengths, pad, view)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def _attend(self, layer: int, lengths: torch.Tensor | None):
+        """``attend(q, k, v)`` of layer ``layer`` for this batch (see :meth:`_Block.forward`)."""
+        block = self.blocks[layer]
+        if block.pattern is not None:  # learned
+            scale = 1.0 / math.sqrt(block.qkv.in_features // block.heads)
+            return lambda q, k, v: block.pattern.attend(q, k, v, causal=self.causal, scale=scale)
+        return lambda q, k, v: attention(q, k, v, self.layout_for(layer, q, k, lengths), causal=self.causal,
+                                         backend=self.backend)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         if input_ids.dim() != 2 or input_ids.dtype != torch.long:
             raise ValueError(f"input_ids must be int64 [B, L], got {input_ids.dtype} {tuple(input_ids.shape)}")
         L = input_ids.shape[1]
         if L > self.position.num_embeddings:
             raise ValueError(f"input length {L} exceeds max_length {self.position.num_embeddings}")
+        if positions is not None and (self.num_classes is not None or positions.dim() != 2
+                                      or positions.shape[0] != input_ids.shape[0] or positions.dtype != torch.long):
+            raise ValueError("positions must be int64 [B, P] and only for next-token models (num_classes=None), "
+                             f"got {positions.dtype} {tuple(positions.shape)}")
         x = self.embed(input_ids) + self.position(torch.arange(L, device=input_ids.device))
-        hold = None
-        if self.learned is not None and self.num_classes is not None and bool((input_ids == 0).any()):
-            hold = (input_ids != 0).unsqueeze(-1).to(x.dtype)  # padded positions held at zero (see Learned)
+        keep = lengths = None
+        if self.num_classes is not None:  # padding: id 0 on the right
+            keep = (input_ids != 0).unsqueeze(-1).to(x.dtype)
+            lengths = (input_ids != 0).sum(1)
         for layer, block in enumerate(self.blocks):
-            if hold is not None:
-                x = x * hold
-            pattern = None if self.learned is not None else self._pattern(layer, input_ids)
-            x = block(x, pattern, self.causal, self.backend, self.block_size)
+            if self.learned is not None and keep is not None:
+                x = x * keep  # padded positions held at zero (see Learned)
+            x = block(x, self._attend(layer, lengths))
+        if positions is not None:
+            x = x.gather(1, positions.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         x = self.norm(x)
         if self.num_classes is None:
             return self.head(x)
-        keep = (input_ids != 0).unsqueeze(-1).to(x.dtype)
         pooled = (x * keep).sum(1) / keep.sum(1).clamp_min(1)
         return self.head(pooled)
 
@@ -380,31 +470,108 @@ def _loss(config: TrainConfig, logits: torch.Tensor, labels: torch.Tensor) -> to
     return F.cross_entropy(logits, labels)
 
 
-def _trim(inputs: torch.Tensor) -> torch.Tensor:
-    """ListOps batches cut to their longest row (padding is on the right)."""
-    used = (inputs != 0).any(0).nonzero()
-    return inputs[:, : int(used.max()) + 1] if used.numel() else inputs[:, :1]
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _labelled(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MQAR: ``(positions, targets)`` int64 ``[N, P]``, the labelled positions of each row in order and their
+    labels, ``P`` the most any row has (shorter rows padded with position 0 and label -100)."""
+    asked = labels != IGNORE_INDEX
+    P = max(1, int(asked.sum(1).max())) if labels.numel() else 1
+    positions = torch.sort((~asked).to(torch.int8), dim=1, stable=True).indices[:, :P]
+    return positions, labels.gather(1, positions)
+
+
+class _Data:
+    """A task's examples on the device, once per run: MQAR inputs with their labelled positions and targets;
+    ListOps inputs padded to a multiple of the block size, and every row's length (kept on the host, so batch
+    lengths are known without reading the device)."""
+
+    def __init__(self, config: TrainConfig, inputs: torch.Tensor, labels: torch.Tensor) -> None:
+        self.task = config.task
+        if config.task == "mqar":
+            positions, targets = _labelled(labels)
+            self.positions, self.labels = positions.to(config.device), targets.to(config.device)
+            self.lengths = None
+        else:
+            self.lengths = (inputs != 0).sum(1).tolist()
+            width = _round_up(inputs.shape[1], config.block_size)
+            inputs = F.pad(inputs, (0, width - inputs.shape[1]))
+            self.positions, self.labels = None, labels.to(config.device)
+        self.inputs = inputs.to(config.device)
+        self.block_size = config.block_size
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+    def width(self, rows: Sequence[int]) -> int:
+        """ListOps: the padded length of a batch of these rows (its longest row, rounded up to a block)."""
+        return _round_up(max(max(self.lengths[i] for i in rows), 1), self.block_size)
+
+    def batch(self, index: torch.Tensor, width: int | None = None):
+        """``(inputs, positions or None, labels)`` of rows ``index`` (a device tensor; no host sync)."""
+        x = self.inputs[index]
+        if self.task == "mqar":
+            return x, self.positions[index], self.labels[index]
+        return x[:, :width], None, self.labels[index]
+
+
+def _batches(data: _Data, batch_size: int, steps: int, generator: torch.Generator, device: str):
+    """``steps`` training batches ``(index [batch_size] on the device, width)``, all drawn before training.
+
+    MQAR: consecutive slices of random permutations (a new one when the rest is shorter than a batch).
+    ListOps: length-bucketed batches: a random permutation cut into chunks of 50 batches, each chunk sorted
+    by length and cut into batches, the batches shuffled; a batch is padded to its longest row only, so
+    padding (and its compute) stays small."""
+    n = len(data)
+    if batch_size > n:
+        raise ValueError(f"TrainConfig.batch_size ({batch_size}) must be <= train_examples ({n})")
+    rows: list[torch.Tensor] = []
+    while len(rows) < steps:
+        order = torch.randperm(n, generator=generator)
+        if data.lengths is None:
+            rows.extend(order[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size))
+            continue
+        chunk = 50 * batch_size
+        epoch = []
+        for start in range(0, n - batch_size + 1, chunk):
+            part = order[start : start + chunk]
+            by_length = part[torch.tensor([data.lengths[i] for i in part.tolist()]).argsort(stable=True)]
+            epoch.extend(by_length[i : i + batch_size] for i in range(0, len(by_length) - batch_size + 1,
+                                                                      batch_size))
+        shuffle = torch.randperm(len(epoch), generator=generator).tolist()
+        rows.extend(epoch[i] for i in shuffle)
+    rows = rows[:steps]
+    widths = [data.width(r.tolist()) if data.lengths is not None else None for r in rows]
+    index = torch.stack(rows).to(device)
+    return [(index[i], widths[i]) for i in range(steps)]
 
 
 @torch.no_grad()
 def evaluate_model(model: TinyTransformer, config: TrainConfig, inputs: torch.Tensor, labels: torch.Tensor,
                    *, batch_size: int | None = None) -> list[float]:
-    """Per-example accuracy of a trained model on ``(inputs, labels)`` (see :class:`TrainResult`)."""
+    """Per-example accuracy of a trained model on ``(inputs, labels)`` (see :class:`TrainResult`), in the
+    order of ``inputs``. ListOps batches are length-sorted and cut to their longest row (padding does not
+    change the answer, so this only saves work). One host read at the end."""
     model.eval()
-    out: list[float] = []
+    data = _Data(config, inputs, labels)
     step = batch_size or config.batch_size
-    for start in range(0, inputs.shape[0], step):
-        x = inputs[start : start + step].to(config.device)
-        y = labels[start : start + step].to(config.device)
+    order = (torch.arange(len(data)) if data.lengths is None
+             else torch.tensor(data.lengths).argsort(stable=True))
+    scores = torch.empty(len(data), device=config.device)
+    for start in range(0, len(data), step):
+        rows = order[start : start + step]
+        index = rows.to(config.device)
+        x, positions, y = data.batch(index, None if data.lengths is None else data.width(rows.tolist()))
         if config.task == "mqar":
-            guess = model(x).argmax(-1)
+            guess = model(x, positions).argmax(-1)
             asked = y != IGNORE_INDEX
-            hits = ((guess == y) & asked).sum(1).float() / asked.sum(1).clamp_min(1)
-            out.extend(hits.tolist())
+            scores[index] = ((guess == y) & asked).sum(1).float() / asked.sum(1).clamp_min(1)
         else:
-            out.extend((model(_trim(x)).argmax(-1) == y).float().tolist())
+            scores[index] = (model(x).argmax(-1) == y).float()
     model.train()
-    return out
+    return scores.cpu().tolist()
 
 
 def train(config: TrainConfig, plan: Plan | Pattern | Learned | None = None, *, progress: Any = None
@@ -415,9 +582,11 @@ def train(config: TrainConfig, plan: Plan | Pattern | Learned | None = None, *, 
         config: the run (:func:`mqar_config`, :func:`listops_config` or your own).
         plan: a :class:`~spattn.Plan`, one pattern for every layer, a :class:`Learned` router spec (trained with
             the model; the regularisers its routers ask for are added to the loss) or ``None`` (full attention).
-        progress: optional ``callable(step, loss)`` called every step (the CLI's progress bar).
+        progress: optional ``callable(step, loss)`` called every step with the latest recorded loss (losses are
+            read from the device only every ~10% of the steps: the step loop never waits for the device).
 
-    Returns a :class:`TrainResult`.
+    The data goes to the device once and every batch is drawn before the first step; MQAR's head runs at the
+    labelled positions only (the same loss: the others are ignored by it). Returns a :class:`TrainResult`.
 
     Example:
         >>> result = train(mqar_config("tiny"), spattn.Window(8))  # doctest: +SKIP
@@ -428,14 +597,14 @@ def train(config: TrainConfig, plan: Plan | Pattern | Learned | None = None, *, 
     started = time.perf_counter()
     learned = plan if isinstance(plan, Learned) else None
     plan = plan if learned is not None else as_plan(plan)
-    train_x, train_y = _data(config, config.train_examples, seed=2 * config.seed)
     test_x, test_y = _data(config, config.test_examples, seed=2 * config.seed + 1)
+    data = _Data(config, *_data(config, config.train_examples, seed=2 * config.seed))
     model = build_model(config, plan)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n and "position" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n and "position" not in n)]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-        lr=config.learning_rate, betas=(0.9, 0.98),
+        lr=config.learning_rate, betas=(0.9, 0.98), fused=torch.device(config.device).type == "cuda" or None,
     )
     warmup = max(1, int(config.warmup * config.steps))
 
@@ -446,24 +615,19 @@ def train(config: TrainConfig, plan: Plan | Pattern | Learned | None = None, *, 
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     generator = torch.Generator().manual_seed(config.seed)
-    order = torch.randperm(config.train_examples, generator=generator)
-    position, losses, every = 0, [], max(1, config.steps // 10)
+    batches = _batches(data, config.batch_size, config.steps, generator, config.device)
+    recorded: list[torch.Tensor] = []
+    every = max(1, config.steps // 10)
+    last = float("nan")
     temperature = learned.schedule(config.steps) if learned is not None else None
     layer_routers = routers(model)
     model.train()
-    for step in range(config.steps):
+    for step, (index, width) in enumerate(batches):
         if temperature is not None:
             for router in layer_routers:
                 router.temperature = temperature.at(step)
-        if position + config.batch_size > config.train_examples:
-            order, position = torch.randperm(config.train_examples, generator=generator), 0
-        index = order[position : position + config.batch_size]
-        position += config.batch_size
-        x, y = train_x[index], train_y[index]
-        if config.task == "listops":
-            x = _trim(x)
-        x, y = x.to(config.device), y.to(config.device)
-        loss = _loss(config, model(x), y)
+        x, positions, y = data.batch(index, width)
+        loss = _loss(config, model(x, positions), y)
         total = loss
         if layer_routers:  # the routers' own losses (distill_loss with training="distill"); no regulariser
             total = loss + sum(regulariser_losses(model, Regularisers()).values(), torch.zeros((), device=loss.device))
@@ -472,13 +636,14 @@ def train(config: TrainConfig, plan: Plan | Pattern | Learned | None = None, *, 
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise FloatingPointError(f"training loss became {value} at step {step}: lower the learning rate")
         if step % every == 0 or step == config.steps - 1:
-            losses.append(value)
+            recorded.append(loss.detach())
+            last = float(recorded[-1])  # the only host read of the loop, ~10 per run
+            if not math.isfinite(last):
+                raise FloatingPointError(f"training loss became {last} at step {step}: lower the learning rate")
         if progress is not None:
-            progress(step, value)
+            progress(step, last)
+    losses = torch.stack(recorded).tolist() if recorded else []
     per_example = evaluate_model(model, config, test_x, test_y)
     return TrainResult(
         accuracy=stats.estimate(per_example), per_example=per_example, losses=losses,

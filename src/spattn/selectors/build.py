@@ -112,8 +112,13 @@ class LayoutBuilder:
         self.mids = mids
         self.num_kv_blocks = -(-self.kv_len // block_size)
 
-    def build(self, query: torch.Tensor, key: torch.Tensor, *, shared: dict | None = None) -> Layout:
+    def build(self, query: torch.Tensor, key: torch.Tensor, *, allowed: torch.Tensor | None = None,
+              shared: dict | None = None) -> Layout:
         """The Layout for ``query [B, H, Lq, D]`` and ``key [B, Hkv, Lk, D]`` (tables ``[B, H, ...]``).
+
+        ``allowed`` (optional bool ``[B or 1, H or 1, NQ, NK]``): the only blocks the dynamic part may choose,
+        what ``compile`` hands it inside an intersection (e.g. the non-padding blocks of ``pattern & Document``);
+        the caller intersects the result with the restriction's token masks (default ``None``: every block).
 
         ``shared``: an optional dict, empty at first, passed to every build of the same ``query`` and ``key``
         (the planner builds several candidates per layer): builders whose selections use the same selector and
@@ -125,7 +130,7 @@ class LayoutBuilder:
             ctx.cache.update(shared)
         ctx.cache.update(self._cache)
         # [B, H, NQ, NK] bool, never on a kept block (phase 2 of compile, given the static parts' status)
-        chosen = self.dynamic.cached_selection(ctx, kept=self._kept, allowed=None)
+        chosen = self.dynamic.cached_selection(ctx, kept=self._kept, allowed=allowed)
         if shared is not None:
             shared.update((k, v) for k, v in ctx.cache.items() if isinstance(k, tuple) and k[0] == "selector_scores")
         dyn_status = torch.where(chosen, self._dyn_status, torch.zeros_like(self._dyn_status))
