@@ -118,8 +118,8 @@ def test_learned_attention_trains_its_router_and_holds_padding():
         Learned(-1)
 
 
-@pytest.mark.parametrize("pattern", [spattn.Sinks(3) | spattn.Window(5, 5), spattn.Window(4, 4) | spattn.TopK("pooled", 1)],
-                         ids=["static", "dynamic"])
+@pytest.mark.parametrize("pattern", [spattn.Sinks(3) | spattn.Window(5, 5),
+                                     spattn.Window(4, 4) | spattn.TopK("pooled", 1)], ids=["static", "dynamic"])
 def test_padding_removed_on_the_device_is_the_document_pattern(pattern):
     # the model's layout for a right-padded batch: the pairs of `pattern & Document(pad -> -1)` for every real query
     torch.manual_seed(0)
