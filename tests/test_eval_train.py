@@ -116,3 +116,32 @@ def test_learned_attention_trains_its_router_and_holds_padding():
     torch.testing.assert_close(classifier(inputs), before, atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="blocks"):
         Learned(-1)
+
+
+@pytest.mark.parametrize("pattern", [spattn.Sinks(3) | spattn.Window(5, 5),
+                                     spattn.Window(4, 4) | spattn.TopK("pooled", 1)], ids=["static", "dynamic"])
+def test_padding_removed_on_the_device_is_the_document_pattern(pattern):
+    # the model's layout for a right-padded batch: the pairs of `pattern & Document(pad -> -1)` for every real query
+    torch.manual_seed(0)
+    B, H, L, D, bs = 3, 2, 40, 8, 8
+    model = TinyTransformer(16, L, d_model=H * D, heads=H, plan=pattern, causal=False, num_classes=10, block_size=bs)
+    q, k = torch.randn(B, H, L, D), torch.randn(B, H, L, D)
+    lengths = torch.tensor([40, 17, 9])  # full, mid-block, a block and one token (whole blocks padded)
+    got = model.layout_for(0, q, k, lengths).to_dense()
+    segments = torch.where(torch.arange(L)[None, :] < lengths[:, None], 0, -1)
+    want = spattn.compile(pattern & spattn.patterns.Document(segments), L, block_size=bs, batch=B, heads=H,
+                          query=q, key=k).to_dense()
+    real = torch.arange(L)[None, :] < lengths[:, None]  # [B, L]
+    got, want = got.expand(B, H, L, L), want.expand(B, H, L, L)
+    assert torch.equal(got[real[:, None, :].expand(B, H, L)], want[real[:, None, :].expand(B, H, L)])
+    assert not got[:, :, :, ~real.any(0)].any()  # keys no row has are never attended
+
+
+def test_head_at_the_labelled_positions():
+    torch.manual_seed(0)
+    model = TinyTransformer(32, 24, d_model=16, layers=2, plan=spattn.Window(8), block_size=8)
+    ids = torch.randint(1, 32, (2, 24))
+    positions = torch.tensor([[3, 7, 20], [0, 5, 23]])
+    torch.testing.assert_close(model(ids, positions), model(ids).gather(1, positions[..., None].expand(-1, -1, 32)))
+    with pytest.raises(ValueError, match="positions"):
+        model(ids, positions.int())
