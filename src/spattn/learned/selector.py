@@ -9,12 +9,14 @@ stays JSON (path and layer), so plans that use it round-trip.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+import warnings
 from typing import ClassVar
 
 import torch
 
-from spattn.learned.checkpoint import cached_gate
+from spattn.learned.checkpoint import cached_gate, read_meta
 from spattn.selectors.common import Selector, register_selector
 
 
@@ -43,13 +45,31 @@ class Gate(Selector):
                              f"compile with block_size={gate.block_size} (got {block_size})")
         return gate.to(query.device)
 
+    def _check_length(self, key: torch.Tensor) -> None:
+        """Warn when the keys reach past the positions the gate was distilled on (its scores read rotary
+        queries and keys, so they do not carry over to unseen positions: ``docs/learned.md``)."""
+        trained = _distilled_length(os.path.realpath(self.path), os.stat(self.path).st_mtime_ns)
+        if trained and key.shape[-2] > trained:
+            warnings.warn(f"gate {self.path!r} was distilled on {trained}-token chunks and is used on "
+                          f"{key.shape[-2]} keys: beyond position {trained} its selection is not trained and "
+                          "can be no better than a window; distil at the longest length you use",
+                          stacklevel=3)
+
     def scores(self, query, key, *, block_size, causal=False, scale=None, allowed=None):
         gate = self._gate(query, block_size)
+        self._check_length(key)
         with torch.no_grad():
             return gate(query, key, causal=causal, allowed=allowed).float()
 
     def reference(self, query, key, *, block_size, causal=False, scale=None):
         return self._gate(query, block_size).reference(query, key, causal=causal)
+
+
+@functools.lru_cache(maxsize=8)
+def _distilled_length(path: str, mtime_ns: int) -> int:
+    """Chunk length saved in a checkpoint's notes by ``distill`` (0 when unknown), read once per file version."""
+    length = read_meta(path).get("chunk_length", 0)
+    return length if isinstance(length, int) and not isinstance(length, bool) else 0
 
 
 def load(path: str | os.PathLike, layer: int = 0) -> Gate:
