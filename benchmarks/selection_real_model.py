@@ -472,12 +472,13 @@ def stage_lm(model, length: int, args, deadline: Deadline, stage: str, report: d
         entry["budgets"][str(budget)] = group
         groups.append(group)
         save()
-    chunks = text_chunks(args.text, tok, length, split="held_out", max_chunks=args.chunks_at[length])
+    first = getattr(args, "first_chunk", 0)  # resume: held-out chunks first, first + 1, ... (chunk indices kept)
+    chunks = text_chunks(args.text, tok, length, split="held_out", max_chunks=first + args.chunks_at[length])[first:]
     entry["held_out_chunks_available"] = int(text_chunks(args.text, tok, length, split="held_out").shape[0])
     last = 0.0
     for c in range(chunks.shape[0]):
         if not deadline.fits(stage, last):
-            deadline.skip(stage, f"lm {length}: held-out chunks {c}..{chunks.shape[0] - 1}", last)
+            deadline.skip(stage, f"lm {length}: held-out chunks {first + c}..{first + chunks.shape[0] - 1}", last)
             break
         t0 = time.perf_counter()
         ids = chunks[c:c + 1].to(args.device)
@@ -503,11 +504,12 @@ def stage_lm(model, length: int, args, deadline: Deadline, stage: str, report: d
                     r["keys"].append(counter.mean)
                 m = r["per_chunk"][-1]
                 keys = counter.mean if counter is not None else r["keys_per_query"]
-                print(f"lm {length} chunk {c} {group['budget']:5d} {r['variant']:70s} keys "
+                print(f"lm {length} chunk {first + c} {group['budget']:5d} {r['variant']:70s} keys "
                       f"{'-' if keys is None else f'{keys:7.1f}'} ppl {math.exp(m['nll']):.3f} top1 "
                       f"{m['agree']:.4f} KL {m['kl']:.4f} ({seconds:.2f} s)", flush=True)
             summarise_lm(group, args)
         entry["chunks"] = c + 1
+        entry["first_chunk"] = first
         last = time.perf_counter() - t0
         save()
 
@@ -728,6 +730,8 @@ def main(argv=None) -> None:
     parser.add_argument("--length", type=int, default=4096, help="recall: tokens of the captured chunk")
     parser.add_argument("--lengths", type=int, nargs="+", default=None,
                         help="lm / passkey / suite (default --length)")
+    parser.add_argument("--first-chunk", type=int, default=0,
+                        help="lm: start at this held-out chunk (to extend an earlier run with new chunks)")
     parser.add_argument("--chunks", type=int, nargs="+", default=[8],
                         help="held-out chunks, one value or one per length")
     parser.add_argument("--text", default="austen")
