@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import time
-import traceback
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +33,8 @@ import torch.nn.functional as F
 import spattn
 from spattn.bench import kernels_build
 from spattn.bench import record as bench_record
-from spattn.bench.timing import median_ms, sync
+from spattn.bench.record import failed
+from spattn.bench.timing import host_sync, median_ms, sync
 
 DEV = "cuda"  # ``--device cpu`` (a dry run under the triton interpreter) sets these two
 DTYPE = torch.bfloat16
@@ -55,12 +55,6 @@ def ceilings() -> dict:
     y = torch.empty_like(x)
     ms_copy = median_ms(lambda: y.copy_(x))
     return {"matmul_bf16_tflops": 2 * 8192**3 / ms / 1e9, "copy_tb_s": 2 * x.numel() / ms_copy / 1e9}
-
-
-def failed(row: dict, exc: Exception) -> dict:
-    """Mark ``row`` failed with the error and the end of its traceback."""
-    row.update(ok=False, error=repr(exc)[:800], trace=traceback.format_exc()[-3000:])
-    return row
 
 
 # ----------------------------------------------------------------------------------------------- correctness
@@ -430,15 +424,8 @@ def dynamic_row(L: int, H: int = 16, D: int = 128, topk: int = 8) -> dict:
             row["api_over_builder"] = row["api_ms"] / row["builder_ms"]
             row["compile_over_api"] = row["compile_ms"] / row["api_ms"]
             if DEV == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.set_sync_debug_mode("error")
-                try:
-                    run_api()
-                    row["api_host_sync"] = False
-                except RuntimeError as exc:
-                    row["api_host_sync"] = repr(exc)[:300]
-                finally:
-                    torch.cuda.set_sync_debug_mode("default")
+                error = host_sync(run_api)
+                row["api_host_sync"] = False if error is None else repr(error)[:300]
     except Exception as exc:  # noqa: BLE001 - a failed row is recorded, the run goes on
         failed(row, exc)
     torch.cuda.empty_cache()

@@ -16,7 +16,8 @@ import time
 import torch
 
 import spattn
-from spattn.bench.timing import median_ms
+from spattn.bench.record import failed
+from spattn.bench.timing import host_sync, median_ms
 
 BUILD_PATTERNS = ("block10%", "sinks64|window1024")
 
@@ -71,15 +72,8 @@ def build_row(L: int, name: str, device: str = "cuda", bs: int = 128, reps: int 
         row["fast_ms"] = median_ms(fast, device=device, wall=True, repeats=reps, warmup=2)
         row["general_ms"] = median_ms(general, device=device, wall=True, repeats=max(2, reps // 3), warmup=1)
         if device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                fast()
-                row["fast_host_sync"] = False
-            except RuntimeError as exc:
-                row["fast_host_sync"] = repr(exc)[:300]
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
+            error = host_sync(fast)
+            row["fast_host_sync"] = False if error is None else repr(error)[:300]
         try:
             from torch.nn.attention.flex_attention import create_block_mask
 
@@ -96,9 +90,7 @@ def build_row(L: int, name: str, device: str = "cuda", bs: int = 128, reps: int 
             row["create_block_mask_error"] = repr(exc)[:300]
         row["fast_vs_general"] = row["general_ms"] / row["fast_ms"]
     except Exception as exc:  # noqa: BLE001 - a failed row is recorded, the run goes on
-        import traceback
-
-        row.update(ok=False, error=repr(exc)[:800], trace=traceback.format_exc()[-3000:])
+        failed(row, exc)
     if device == "cuda":
         torch.cuda.empty_cache()
     return row
@@ -141,9 +133,7 @@ def traced_row(L: int, device: str = "cuda", H: int = 16, D: int = 128, dtype=to
             row["traced_ms"] = median_ms(lambda: traced(q, k, v), device=device, wall=True, repeats=reps, warmup=1)
             row["traced_speedup"] = row["eager_ms"] / row["traced_ms"]
     except Exception as exc:  # noqa: BLE001 - recorded: the issue asks whether the dynamic path traces
-        import traceback
-
-        row.update(ok=False, error=repr(exc)[:800], trace=traceback.format_exc()[-3000:])
+        failed(row, exc)
     if device == "cuda":
         torch.cuda.empty_cache()
     return row
@@ -210,9 +200,7 @@ def listops_row(device: str = "cuda", B: int = 32, L: int = 2000, H: int = 8, D:
         row["dense_step_ms"] = median_ms(step_dense, device=device, wall=True, repeats=reps, warmup=1)
         row["step_speedup_vs_dense"] = row["dense_step_ms"] / row["sparse_step_ms"]
     except Exception as exc:  # noqa: BLE001 - a failed row is recorded, the run goes on
-        import traceback
-
-        row.update(ok=False, error=repr(exc)[:800], trace=traceback.format_exc()[-3000:])
+        failed(row, exc)
     if device == "cuda":
         torch.cuda.empty_cache()
     return row
@@ -249,9 +237,7 @@ def coverage_row(L: int, device: str = "cuda", H: int = 8, D: int = 128, dtype=t
         row["triton_over_sdpa"] = row["triton_ms"] / row["sdpa_ms"]
         row["torch_over_sdpa"] = row["torch_ms"] / row["sdpa_ms"]
     except Exception as exc:  # noqa: BLE001 - a failed row is recorded, the run goes on
-        import traceback
-
-        row.update(ok=False, error=repr(exc)[:800], trace=traceback.format_exc()[-3000:])
+        failed(row, exc)
     if device == "cuda":
         torch.cuda.empty_cache()
     return row

@@ -5,11 +5,18 @@ from __future__ import annotations
 
 import json
 import pathlib
+import traceback
 from typing import Any
 
 from spattn.bench.env import machine_info
 
 COMMITTED = pathlib.Path("benchmarks") / "results"
+
+
+def failed(row: dict, exc: Exception) -> dict:
+    """Mark a benchmark ``row`` failed with the error and the end of its traceback (the run goes on)."""
+    row.update(ok=False, error=repr(exc)[:800], trace=traceback.format_exc()[-3000:])
+    return row
 
 
 def make(suite: str, config: dict, rows: list[dict], **extra: Any) -> dict:

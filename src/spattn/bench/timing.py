@@ -21,6 +21,20 @@ def sync(device: torch.device | str | None) -> None:
         torch.cuda.synchronize(device)
 
 
+def host_sync(fn: Callable[[], object]) -> RuntimeError | None:
+    """Run ``fn()`` once under ``torch.cuda.set_sync_debug_mode("error")`` (queued work drained first): ``None``
+    when it never synchronised with the host, else the error CUDA raised. CUDA only."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        return None
+    except RuntimeError as exc:
+        return exc
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def median_ms(
     fn: Callable[[], object],
     *,
