@@ -21,10 +21,17 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._primitives import dot, head_ptr, load_rows, row_ptr, store_rows
+from ._primitives import TABLE_STRIDES, dot, head_ptr, load_rows, row_ptr, store_rows
+
+# Note [one compile per length] in _primitives.py
+DO_NOT_SPECIALIZE = {
+    "attn_bwd_preprocess_kernel": ["Lq"],
+    "attn_bwd_dq_kernel": ["Lq", "Lk", *TABLE_STRIDES],
+    "attn_bwd_dkdv_kernel": ["Lq", "Lk", *TABLE_STRIDES],
+}
 
 
-@triton.jit
+@triton.jit(do_not_specialize=DO_NOT_SPECIALIZE["attn_bwd_preprocess_kernel"])
 def attn_bwd_preprocess_kernel(
     O, DO, LSE, DELTA, LSE2, Lq, H, so, sdo,
     D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -61,12 +68,12 @@ def dq_block(
     return dq + dot(ds.to(k.dtype), k)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=DO_NOT_SPECIALIZE["attn_bwd_dq_kernel"])
 def attn_bwd_dq_kernel(
     Q, K, V, DO, DQ, LSE2, DELTA,
     KV_NUM, KV_IDX, KV_MID, FKV_NUM, FKV_IDX, MASKS,
     qk_scale, scale, Lq, Lk, H, G,
-    sq, sk, sv, sdo, sdq, st_num, st_idx, st_full,
+    sq, sk, sv, sdo, sdq, st_num_b, st_num_h, st_idx_b, st_idx_h, st_idx_n, st_full_b, st_full_h, st_full_n,
     D: tl.constexpr, DP: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     EVEN: tl.constexpr,
 ):
@@ -88,17 +95,17 @@ def attn_bwd_dq_kernel(
     v_base = head_ptr(V, sv, b, h // G)
     dq = tl.zeros([BLOCK_M, DP], tl.float32)
 
-    n_full = tl.load(FKV_NUM + b * st_num[0] + h * st_num[1] + qb)
-    f_row = row_ptr(FKV_IDX, st_full, b, h, qb)
+    n_full = tl.load(FKV_NUM + b * st_num_b + h * st_num_h + qb)
+    f_row = row_ptr(FKV_IDX, st_full_b, st_full_h, st_full_n, b, h, qb)
     for e in range(0, n_full):
         kb = tl.load(f_row + e)
         for sub in tl.static_range(BS // BLOCK_N):
             cols = kb * BS + sub * BLOCK_N + offs_n
             dq = dq_block(dq, q, do, lse2, delta, k_base, v_base, sk[2], sv[2], cols, Lk, offs_d, MASKS, qk_scale,
                           D, DP, True, EVEN)
-    n_part = tl.load(KV_NUM + b * st_num[0] + h * st_num[1] + qb)
-    p_row = row_ptr(KV_IDX, st_idx, b, h, qb)
-    id_row = row_ptr(KV_MID, st_idx, b, h, qb)
+    n_part = tl.load(KV_NUM + b * st_num_b + h * st_num_h + qb)
+    p_row = row_ptr(KV_IDX, st_idx_b, st_idx_h, st_idx_n, b, h, qb)
+    id_row = row_ptr(KV_MID, st_idx_b, st_idx_h, st_idx_n, b, h, qb)
     for e in range(0, n_part):
         kb = tl.load(p_row + e)
         mid = tl.load(id_row + e).to(tl.int64)
@@ -131,12 +138,12 @@ def dkdv_block(
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=DO_NOT_SPECIALIZE["attn_bwd_dkdv_kernel"])
 def attn_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE2, DELTA,
     Q_NUM, Q_IDX, Q_MID, FQ_NUM, FQ_IDX, MASKS,
     qk_scale, scale, Lq, Lk, H, HKV, G,
-    sq, sk, sv, sdo, sdk, sdv, st_num, st_idx, st_full,
+    sq, sk, sv, sdo, sdk, sdv, st_num_b, st_num_h, st_idx_b, st_idx_h, st_idx_n, st_full_b, st_full_h, st_full_n,
     D: tl.constexpr, DP: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -158,8 +165,8 @@ def attn_bwd_dkdv_kernel(
         q_base = head_ptr(Q, sq, b, h)
         do_base = head_ptr(DO, sdo, b, h)
         row_base = (b * H + h) * Lq
-        n_full = tl.load(FQ_NUM + b * st_num[0] + h * st_num[1] + kb)
-        f_row = row_ptr(FQ_IDX, st_full, b, h, kb)
+        n_full = tl.load(FQ_NUM + b * st_num_b + h * st_num_h + kb)
+        f_row = row_ptr(FQ_IDX, st_full_b, st_full_h, st_full_n, b, h, kb)
         for e in range(0, n_full):
             qb = tl.load(f_row + e)
             for sub in tl.static_range(BS // BLOCK_M):
@@ -167,9 +174,9 @@ def attn_bwd_dkdv_kernel(
                 dk, dv = dkdv_block(
                     dk, dv, k, v, q_base, do_base, sq[2], sdo[2], LSE2, DELTA, row_base, rows, offs_n, Lq, Lk,
                     offs_d, MASKS, qk_scale, D, DP, True)
-        n_part = tl.load(Q_NUM + b * st_num[0] + h * st_num[1] + kb)
-        p_row = row_ptr(Q_IDX, st_idx, b, h, kb)
-        id_row = row_ptr(Q_MID, st_idx, b, h, kb)
+        n_part = tl.load(Q_NUM + b * st_num_b + h * st_num_h + kb)
+        p_row = row_ptr(Q_IDX, st_idx_b, st_idx_h, st_idx_n, b, h, kb)
+        id_row = row_ptr(Q_MID, st_idx_b, st_idx_h, st_idx_n, b, h, kb)
         for e in range(0, n_part):
             qb = tl.load(p_row + e)
             mid = tl.load(id_row + e).to(tl.int64)

@@ -26,7 +26,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._primitives import band_keep, dot, head_ptr, load_rows, row_ptr, store_rows
+from ._primitives import TABLE_STRIDES, band_keep, dot, head_ptr, load_rows, row_ptr, store_rows
+
+_BAND_ARGS = ("offset", "band_left", "band_right", "n_sinks", "sink_min_d")
+# Note [one compile per length] in _primitives.py
+DO_NOT_SPECIALIZE = {
+    "attn_fwd_kernel": ["Lq", "Lk", "NM", "TOTAL", *_BAND_ARGS, *TABLE_STRIDES],
+    "decode_kernel": ["Lk", "S", "PER", *_BAND_ARGS, *TABLE_STRIDES],
+}
 
 LN2 = tl.constexpr(0.6931471805599453)  # natural log of 2
 
@@ -65,7 +72,8 @@ def forward_block(
 @triton.jit
 def forward_row(
     acc, l_i, m_i, q, k_base, v_base, stride_k, stride_v, q_pos, mask_rows,
-    KV_NUM, KV_IDX, KV_MID, FKV_NUM, FKV_IDX, MASKS, st_num, st_idx, st_full, b, h, qb,
+    KV_NUM, KV_IDX, KV_MID, FKV_NUM, FKV_IDX, MASKS,
+    st_num_b, st_num_h, st_idx_b, st_idx_h, st_idx_n, st_full_b, st_full_h, st_full_n, b, h, qb,
     Lk, band_left, band_right, n_sinks, sink_min_d, qk_scale, e_lo, e_hi,
     D: tl.constexpr, DP: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
     EVEN: tl.constexpr, BAND: tl.constexpr, FULL_RUN: tl.constexpr, SPLIT: tl.constexpr,
@@ -74,11 +82,11 @@ def forward_row(
     stored mask tiles. SPLIT: only entries ``[e_lo, e_hi)`` of the (full, then partial) list (decode)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, DP)
-    n_full = tl.load(FKV_NUM + b * st_num[0] + h * st_num[1] + qb)
-    n_part = tl.load(KV_NUM + b * st_num[0] + h * st_num[1] + qb)
-    f_row = row_ptr(FKV_IDX, st_full, b, h, qb)
-    p_row = row_ptr(KV_IDX, st_idx, b, h, qb)
-    id_row = row_ptr(KV_MID, st_idx, b, h, qb)
+    n_full = tl.load(FKV_NUM + b * st_num_b + h * st_num_h + qb)
+    n_part = tl.load(KV_NUM + b * st_num_b + h * st_num_h + qb)
+    f_row = row_ptr(FKV_IDX, st_full_b, st_full_h, st_full_n, b, h, qb)
+    p_row = row_ptr(KV_IDX, st_idx_b, st_idx_h, st_idx_n, b, h, qb)
+    id_row = row_ptr(KV_MID, st_idx_b, st_idx_h, st_idx_n, b, h, qb)
     f_lo, f_hi, p_lo, p_hi = 0, n_full, 0, n_part
     if SPLIT:
         f_lo = tl.minimum(e_lo, n_full)
@@ -114,7 +122,7 @@ def forward_row(
 def _prefill_tile(
     pid_m, pid_bh, Q, K, V, O, LSE, KV_NUM, KV_IDX, KV_MID, FKV_NUM, FKV_IDX, MASKS,
     qk_scale, Lq, Lk, H, G, offset, band_left, band_right, n_sinks, sink_min_d,
-    sq, sk, sv, so, st_num, st_idx, st_full,
+    sq, sk, sv, so, st_num_b, st_num_h, st_idx_b, st_idx_h, st_idx_n, st_full_b, st_full_h, st_full_n,
     D: tl.constexpr, DP: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     EVEN: tl.constexpr, BAND: tl.constexpr, FULL_RUN: tl.constexpr,
 ):
@@ -131,7 +139,8 @@ def _prefill_tile(
     acc, l_i, m_i = forward_row(
         acc, l_i, m_i, q, head_ptr(K, sk, b, h // G), head_ptr(V, sv, b, h // G), sk[2], sv[2],
         offset + offs_m, offs_m - qb * BS, KV_NUM, KV_IDX, KV_MID, FKV_NUM, FKV_IDX, MASKS,
-        st_num, st_idx, st_full, b, h, qb, Lk, band_left, band_right, n_sinks, sink_min_d, qk_scale, 0, 0,
+        st_num_b, st_num_h, st_idx_b, st_idx_h, st_idx_n, st_full_b, st_full_h, st_full_n, b, h, qb,
+        Lk, band_left, band_right, n_sinks, sink_min_d, qk_scale, 0, 0,
         D, DP, BS, BLOCK_N, EVEN, BAND, FULL_RUN, False)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     store_rows(head_ptr(O, so, b, h), offs_m, so[2], Lq, offs_d, acc / l_safe[:, None], D)
@@ -139,13 +148,13 @@ def _prefill_tile(
     tl.store(LSE + (b * H + h) * Lq + offs_m, lse, mask=offs_m < Lq)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=DO_NOT_SPECIALIZE["attn_fwd_kernel"])
 def attn_fwd_kernel(
     Q, K, V, O, LSE,
     KV_NUM, KV_IDX, KV_MID, FKV_NUM, FKV_IDX, MASKS, ORDER,
     qk_scale,  # scale * log2(e)
     Lq, Lk, H, G, NM, TOTAL, offset, band_left, band_right, n_sinks, sink_min_d,
-    sq, sk, sv, so, st_num, st_idx, st_full,
+    sq, sk, sv, so, st_num_b, st_num_h, st_idx_b, st_idx_h, st_idx_n, st_full_b, st_full_h, st_full_n,
     D: tl.constexpr, DP: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     EVEN: tl.constexpr, BAND: tl.constexpr, FULL_RUN: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
@@ -157,20 +166,22 @@ def attn_fwd_kernel(
             _prefill_tile(
                 item % NM, item // NM, Q, K, V, O, LSE, KV_NUM, KV_IDX, KV_MID, FKV_NUM, FKV_IDX, MASKS,
                 qk_scale, Lq, Lk, H, G, offset, band_left, band_right, n_sinks, sink_min_d,
-                sq, sk, sv, so, st_num, st_idx, st_full, D, DP, BS, BLOCK_M, BLOCK_N, EVEN, BAND, FULL_RUN)
+                sq, sk, sv, so, st_num_b, st_num_h, st_idx_b, st_idx_h, st_idx_n, st_full_b, st_full_h, st_full_n,
+                D, DP, BS, BLOCK_M, BLOCK_N, EVEN, BAND, FULL_RUN)
     else:
         _prefill_tile(
             NM - 1 - pid % NM, pid // NM, Q, K, V, O, LSE, KV_NUM, KV_IDX, KV_MID, FKV_NUM, FKV_IDX, MASKS,
             qk_scale, Lq, Lk, H, G, offset, band_left, band_right, n_sinks, sink_min_d,
-            sq, sk, sv, so, st_num, st_idx, st_full, D, DP, BS, BLOCK_M, BLOCK_N, EVEN, BAND, FULL_RUN)
+            sq, sk, sv, so, st_num_b, st_num_h, st_idx_b, st_idx_h, st_idx_n, st_full_b, st_full_h, st_full_n,
+            D, DP, BS, BLOCK_M, BLOCK_N, EVEN, BAND, FULL_RUN)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=DO_NOT_SPECIALIZE["decode_kernel"])
 def decode_kernel(
     Q, K, V, O, LSE, OP, LP, COUNT,
     KV_NUM, KV_IDX, KV_MID, FKV_NUM, FKV_IDX, MASKS,
     qk_scale, Lq, Lk, H, HP, G, GP, S, PER, offset, band_left, band_right, n_sinks, sink_min_d,
-    sq, sk, sv, so, st_num, st_idx, st_full,
+    sq, sk, sv, so, st_num_b, st_num_h, st_idx_b, st_idx_h, st_idx_n, st_full_b, st_full_h, st_full_n,
     D: tl.constexpr, DP: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     EVEN: tl.constexpr, BAND: tl.constexpr, FULL_RUN: tl.constexpr,
 ):
@@ -200,7 +211,8 @@ def decode_kernel(
     acc = tl.zeros([BLOCK_M, DP], tl.float32)
     acc, l_i, m_i = forward_row(
         acc, l_i, m_i, q, head_ptr(K, sk, b, h0 // G), head_ptr(V, sv, b, h0 // G), sk[2], sv[2],
-        offset + i, i, KV_NUM, KV_IDX, KV_MID, FKV_NUM, FKV_IDX, MASKS, st_num, st_idx, st_full, b, h0, 0,
+        offset + i, i, KV_NUM, KV_IDX, KV_MID, FKV_NUM, FKV_IDX, MASKS,
+        st_num_b, st_num_h, st_idx_b, st_idx_h, st_idx_n, st_full_b, st_full_h, st_full_n, b, h0, 0,
         Lk, band_left, band_right, n_sinks, sink_min_d, qk_scale, pid_s * PER, pid_s * PER + PER,
         D, DP, BS, BLOCK_N, EVEN, BAND, FULL_RUN, True)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)

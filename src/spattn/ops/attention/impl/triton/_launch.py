@@ -33,8 +33,10 @@ def _s3(t: torch.Tensor) -> tuple[int, int, int]:
     return (t.stride(0) if t.shape[0] > 1 else 0, t.stride(1) if t.shape[1] > 1 else 0, t.stride(2))
 
 
-def _s2(t: torch.Tensor) -> tuple[int, int]:
-    return _s3(t)[:2]
+def _table_strides(num: torch.Tensor, idx: torch.Tensor, full_idx: torch.Tensor) -> tuple[int, ...]:
+    """The 8 table strides the kernels take as plain integers (Note [one compile per length] in
+    ``_primitives.py``): (batch, head) of the counts, (batch, head, row) of the partial and the full lists."""
+    return (*_s3(num)[:2], *_s3(idx), *_s3(full_idx))
 
 
 def _masks(masks: torch.Tensor) -> torch.Tensor:
@@ -105,7 +107,7 @@ def forward(q, k, v, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx, masks, scale: flo
         attn_fwd_kernel[grid](
             q, k, v, o, lse, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx, m8, work,
             scale * LOG2E, Lq, Lk, H, H // Hkv, NM, total, *scalars,
-            _s3(q), _s3(k), _s3(v), _s3(o), _s2(kv_num), _s3(kv_idx), _s3(fkv_idx),
+            _s3(q), _s3(k), _s3(v), _s3(o), *_table_strides(kv_num, kv_idx, fkv_idx),
             D=D, DP=_dp(D), BS=bs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EVEN=Lk % bs == 0,
             BAND=BAND, FULL_RUN=FULL_RUN, PERSISTENT=cfg.persistent,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -113,7 +115,7 @@ def forward(q, k, v, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx, masks, scale: flo
 
     key = _plan.facts(kv_idx, fkv_idx, _cdiv(Lk, bs), bs, H // Hkv) + ("|band" if BAND else "")
     cfg = _tuning.choose("fwd", D, q.dtype, key, q.device, bs, bench=lambda c: _bench(lambda: launch(c)),
-                         pairs=Lq * Lk, even=Lk % bs == 0)
+                         pairs=Lq * Lk, even=Lk % bs == 0, banded=BAND)
     _tuning.run_with_fallback(launch, cfg)
     return o, lse
 
@@ -164,7 +166,7 @@ class DecodePlan:
         offsets, BAND, FULL_RUN = _band_args(band, Lk, Lq)
         self.scalars = (scale * LOG2E, Lq, Lk, H, HP, G, GP, S, PER, *offsets)
         o_strides = (H * Lq * D if B > 1 else 0, Lq * D if H > 1 else 0, D)  # out: a fresh contiguous q.shape
-        self.strides = (_s3(q), _s3(k), _s3(v), o_strides, _s2(kv_num), _s3(kv_idx), _s3(fkv_idx))
+        self.strides = (_s3(q), _s3(k), _s3(v), o_strides, *_table_strides(kv_num, kv_idx, fkv_idx))
         self.meta = dict(D=D, DP=DP, BS=bs, BLOCK_M=max(16, _pow2(GP * Lq)), EVEN=Lk % bs == 0, BAND=BAND,
                          FULL_RUN=FULL_RUN)
         key = _plan.facts(kv_idx, fkv_idx, _cdiv(Lk, bs), bs, G) + ("|band" if BAND else "")
@@ -301,7 +303,7 @@ def backward(do, q, k, v, o, lse, dlse, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx
         attn_bwd_dq_kernel[(_cdiv(Lq, cfg.block_m), B * H)](
             q, k, v, do, dq, lse2, delta, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx, m8,
             scale * LOG2E, scale, Lq, Lk, H, G,
-            _s3(q), _s3(k), _s3(v), _s3(do), _s3(dq), _s2(kv_num), _s3(kv_idx), _s3(fkv_idx),
+            _s3(q), _s3(k), _s3(v), _s3(do), _s3(dq), *_table_strides(kv_num, kv_idx, fkv_idx),
             D=D, DP=DP, BS=bs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EVEN=Lk % bs == 0,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
@@ -310,7 +312,7 @@ def backward(do, q, k, v, o, lse, dlse, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx
         attn_bwd_dkdv_kernel[(_cdiv(Lk, cfg.block_n), B * Hkv)](
             q, k, v, do, dk, dv, lse2, delta, q_num, q_idx, q_mid, fq_num, fq_idx, m8,
             scale * LOG2E, scale, Lq, Lk, H, Hkv, G,
-            _s3(q), _s3(k), _s3(v), _s3(do), _s3(dk), _s3(dv), _s2(q_num), _s3(q_idx), _s3(fq_idx),
+            _s3(q), _s3(k), _s3(v), _s3(do), _s3(dk), _s3(dv), *_table_strides(q_num, q_idx, fq_idx),
             D=D, DP=DP, BS=bs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )

@@ -2,14 +2,22 @@
 stores with the tail masks, and the table-row addresses of a Layout.
 
 Notation as in ``_forward.py``. A stride tuple is ``(batch, head, row)`` for a [B, H, L, D] tensor (the last
-dimension has stride 1) and ``(batch, head, row)`` for a [Bl, Hl, N(, W)] table, with 0 in a broadcast
-dimension, so one helper serves tensors and tables alike.
+dimension has stride 1), with 0 in a broadcast dimension. Table strides (``[Bl, Hl, N(, W)]``) are passed as
+separate integers (``row_ptr``), which the kernels do not specialise on.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+# Note [one compile per length]: Triton specialises every integer argument on "== 1" and "divisible by 16"
+# (tuple elements included, whatever ``do_not_specialize`` says), and each combination is a new compile
+# (seconds each on an H200 host). Lengths, tile counts, band offsets and table strides change with the sequence
+# length and the pattern, so the kernels list them in ``do_not_specialize`` and take table strides as separate
+# integers; tensor strides stay specialised (multiples of the head dim: their divisibility never changes and
+# it is what lets K/V tiles load as wide vectors).
+TABLE_STRIDES = ("st_num_b", "st_num_h", "st_idx_b", "st_idx_h", "st_idx_n", "st_full_b", "st_full_h", "st_full_n")
 
 
 @triton.jit
@@ -30,9 +38,10 @@ def head_ptr(ptr, strides, b, h):
 
 
 @triton.jit
-def row_ptr(ptr, strides, b, h, n):
-    """Row ``n`` of a [Bl, Hl, N, W] table (or [B, H, L, D] tensor)."""
-    return ptr + b * strides[0] + h * strides[1] + n * strides[2]
+def row_ptr(ptr, stride_b, stride_h, stride_n, b, h, n):
+    """Row ``n`` of a [Bl, Hl, N, W] table. Table strides are plain (unspecialised) integers, not a tuple:
+    they change with the length (Note [one compile per length] in ``_launch.py``)."""
+    return ptr + b * stride_b + h * stride_h + n * stride_n
 
 
 @triton.jit

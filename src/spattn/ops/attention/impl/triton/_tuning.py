@@ -32,16 +32,36 @@ class Config:
 
 INTERPRETER = Config(64, 64, 4, 1)  # CPU interpreter: large tiles = fewer (slow) programs
 
-# defaults: (kernel, D <= 64) -> config; measured on an H200 (see benchmarks/NOTES-kernels.md)
-_DEFAULTS: dict[tuple[str, bool], Config] = {
-    ("fwd", True): Config(128, 64, 4, 3),
+# Note [defaults]: the configs used when tuning is off (``SPATTN_TRITON_AUTOTUNE=0``, every H200 run since
+# session 4) or not allowed. Derived from what the tuner chose on the H200 in the committed runs
+# (benchmarks/results/h200/kernels-v2*.json, kernels-v3.json "configs"; see benchmarks/NOTES-kernels.md):
+# - fwd, bf16/fp16: 128x64, 8 warps, 3 stages on stored masks (every D128 key; D64 mixed/partial keys);
+#   banded layouts (causal, sinks + window) with even lengths: 128x128 (the tuner's pick for the causal key
+#   at D128 and for D64's banded key). D128 tails keep 128x64 (masked loads need more shared memory: 128x128
+#   with 3 stages is at the 227 KB limit, and an out-of-resources retry is one more compile).
+# - dq: D128 128x64 / 8 warps, D64 64x64 / 4 warps; dkdv: D128 64x128 / 8 warps, D64 64x64 / 4 warps (all 3
+#   stages; the tuner's picks for every key).
+# - decode: 16x128, 4 warps, 3 stages (the tuner's pick for the head-shared keys at D128).
+# - fp32 (IEEE products, tiles twice the bytes): 64x64; 2 stages above D 64 so the tiles fit.
+_DEFAULTS: dict[tuple[str, bool], Config] = {  # (kernel, D <= 64), bf16 / fp16, stored masks
+    ("fwd", True): Config(128, 64, 8, 3),
     ("fwd", False): Config(128, 64, 8, 3),
     ("dq", True): Config(64, 64, 4, 3),
     ("dq", False): Config(128, 64, 8, 3),
     ("dkdv", True): Config(64, 64, 4, 3),
     ("dkdv", False): Config(64, 128, 8, 3),
+    ("decode", True): Config(16, 128, 4, 3),
+    ("decode", False): Config(16, 128, 4, 3),
+}
+_FP32: dict[tuple[str, bool], Config] = {
+    ("fwd", True): Config(64, 64, 8, 3),
+    ("fwd", False): Config(64, 64, 8, 2),
+    ("dq", True): Config(64, 64, 4, 3),
+    ("dq", False): Config(64, 64, 8, 2),
+    ("dkdv", True): Config(64, 64, 4, 3),
+    ("dkdv", False): Config(64, 64, 8, 2),
     ("decode", True): Config(16, 64, 4, 3),
-    ("decode", False): Config(16, 64, 4, 3),
+    ("decode", False): Config(16, 64, 4, 2),
 }
 
 _CANDIDATES: dict[str, list[Config]] = {
@@ -94,8 +114,18 @@ def cache_key(kernel: str, head_dim: int, dtype: torch.dtype, facts: str, device
     return f"{kernel}|D{head_dim}|{str(dtype).removeprefix('torch.')}|{facts}|{gpu}"
 
 
-def default(kernel: str, head_dim: int) -> Config:
-    return _DEFAULTS[(kernel, head_dim <= 64)]
+def default(kernel: str, head_dim: int, dtype: torch.dtype | None = None, *, banded: bool = False,
+            even: bool = True) -> Config:
+    """The untuned config (Note [defaults]) for ``kernel`` ("fwd", "dq", "dkdv", "decode") at this head dim and
+    dtype (None: bf16 / fp16); ``banded``: the forward runs the closed-form masks (Note [band] in
+    ``_forward.py``); ``even``: no key tail (lengths a multiple of the block size)."""
+    small = head_dim <= 64
+    if dtype == torch.float32:
+        return _FP32[(kernel, small)]
+    cfg = _DEFAULTS[(kernel, small)]
+    if kernel == "fwd" and banded and (small or even) and not cfg.persistent:
+        cfg = dataclasses.replace(cfg, block_n=max(cfg.block_n, 128))
+    return cfg
 
 
 def choose(
@@ -108,6 +138,7 @@ def choose(
     bench: Callable[[Config], float] | None = None,
     pairs: int = 0,
     even: bool = True,
+    banded: bool = False,
 ) -> Config:
     """The config for this key: cached, else tuned with ``bench(config) -> ms`` when allowed, else the default."""
     if device.type != "cuda":
@@ -123,7 +154,7 @@ def choose(
         return _memory[key]
     allowed = os.environ.get("SPATTN_TRITON_AUTOTUNE", "1") != "0" and not torch.cuda.is_current_stream_capturing()
     if bench is None or not allowed:
-        return default(kernel, head_dim).fit(block_size)
+        return default(kernel, head_dim, dtype, banded=banded, even=even).fit(block_size)
     seen: dict[Config, float] = {}
     for cfg in _CANDIDATES[kernel]:
         cfg = cfg.fit(block_size)
@@ -135,7 +166,7 @@ def choose(
             seen[cfg] = float("inf")
     best = min(seen, key=seen.__getitem__)
     if seen[best] == float("inf"):
-        best = default(kernel, head_dim).fit(block_size)
+        best = default(kernel, head_dim, dtype, banded=banded, even=even).fit(block_size)
     _memory[key] = best
     _save()
     return best
