@@ -1,7 +1,7 @@
 """Issue 18, session 5: the untuned Triton defaults and one compile per length, on one GPU (run ALONE: latency).
 
     SPATTN_TRITON_AUTOTUNE=0 PYTHONPATH=src python -P benchmarks/kernels_v5.py --out $OUT/kernels-v5.json \
-        --time-budget 140
+        --time-budget 135
 
 CPU dry run (triton interpreter, tiny sizes, every phase; no compile counts there, and the public call runs the
 reference backend, which is the only one ``spattn.attention`` takes for CPU tensors): add ``--device cpu``.
@@ -18,10 +18,13 @@ partial JSON), and a step whose estimate would pass ``--time-budget`` is skipped
    ``spattn.attention(q, k, v, pattern)`` (layout cache, host path included) and dense causal SDPA.
 3. ``jit``: the first ``spattn.attention`` call at lengths never seen (even and with a tail): wall seconds and
    the Triton compiles it triggered (expected 0 with ``do_not_specialize``).
-4. ``backward gate``: ``spattn.bench.kernels.check_case`` (out, lse, dq, dk, dv vs the oracle) at the gate shapes.
-5. ``flex``: forward and forward + backward vs ``torch.compile(flex_attention)`` on the same tables and dense
+4. ``configs`` (D 64): the causal forward at [1, 9, 8192, 64] under other tile configs, to check the defaults
+   (``is_default`` marks them; each config is one more compile, seconds each).
+5. ``backward gate``: ``spattn.bench.kernels.check_case`` (out, lse, dq, dk, dv vs the oracle) at the gate shapes.
+6. ``flex``: forward and forward + backward vs ``torch.compile(flex_attention)`` on the same tables and dense
    SDPA (``spattn.bench.kernels.prefill_row``), D 128 16k first, then D 64 8k / 4k.
-6. ``grid``: issue 18's rows at 65536 (causal, sinks|window, random 10%, GQA 16/4, D 64) while time remains.
+7. ``configs`` (D 128): the same at [1, 16, 16384, 128].
+8. ``grid``: issue 18's rows at 65536 (causal, sinks|window, random 10%, GQA 16/4, D 64) while time remains.
 
 Every Triton compile (kernel name, seconds, phase) is recorded under ``compiles`` (wrapping
 ``JITFunction.run``: a compile is a launch that returns a kernel object not seen before).
@@ -43,7 +46,7 @@ SPATTN_KERNELS = {"attn_fwd_kernel", "decode_kernel", "attn_bwd_preprocess_kerne
                   "attn_bwd_dkdv_kernel"}
 # seconds a step of each kind is expected to take before one was measured (then the last measured one is used);
 # the first Flex row carries torch.compile's start-up
-ESTIMATE_S = {"gate": 15.0, "forward": 4.0, "jit": 3.0, "bwd_gate": 15.0, "flex": 45.0, "grid": 30.0}
+ESTIMATE_S = {"gate": 15.0, "forward": 4.0, "jit": 3.0, "bwd_gate": 15.0, "flex": 45.0, "configs": 5.0, "grid": 30.0}
 
 
 class Compiles:
@@ -139,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         "suite": "kernels-v5", "machine": machine_info(dev if not cpu else "cpu"),
         "config": {**vars(args), "autotune": os.environ.get("SPATTN_TRITON_AUTOTUNE"), "dtype": str(dtype)},
         "defaults": {f"{k}|{'D<=64' if s else 'D>64'}": vars(c) for (k, s), c in _tuning._DEFAULTS.items()},
-        "phases": {}, "gate": [], "forward": [], "jit": [], "bwd_gate": [], "flex": [], "grid": [],
+        "phases": {}, "gate": [], "forward": [], "jit": [], "bwd_gate": [], "flex": [], "configs": [], "grid": [],
         "not_run": [], "compiles": compiles.events, "compile_counting": compiles.active,
     }
 
@@ -288,7 +291,36 @@ def main(argv: list[str] | None = None) -> int:
     step("jit", f"D{d64[2]} L{jit_lengths[-1]} sinks64|window fwd",
          jit_row(*d64, jit_lengths[-1], "sinks64|window", False))
 
-    # ------------------------------------------------------------------------------------------ 4. backward gate
+    # ------------------------------------------------------------------------------------------ 4. configs (D 64)
+    def config_row(H, Hkv, D, L, cfg):
+        def fn():
+            q, k, v = inputs(1, H, Hkv, L, D, seed=L + D)
+            layout = spattn.compile(spattn.Causal(), L, causal=True, device=dev)
+            choose = _tuning.choose
+            _tuning.choose = lambda *a, **kw: cfg.fit(layout.block_size)
+            try:
+                with torch.no_grad():
+                    ms = median_ms(lambda: tri.attention_triton(q, k, v, layout, scale=D**-0.5, return_lse=False),
+                                   device=dev, repeats=reps, warmup=2)
+            finally:
+                _tuning.choose = choose
+            default = _tuning.default("fwd", D, dtype, banded=True)
+            return {"shape": [1, H, L, D], "Hkv": Hkv, "pattern": "causal", "config": vars(cfg),
+                    "is_default": cfg == default, "triton_kernel_ms": ms,
+                    "useful_tflops": layout.flops(D, batch=1, heads=H) / ms / 1e9, "ok": True}
+        return fn
+
+    def configs(rows):
+        for (H, Hkv, D), L, cfg in rows:
+            step("configs", f"D{D} L{L} causal {cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}",
+                 config_row(H, Hkv, D, L, cfg))
+
+    C = _tuning.Config
+    configs([(d64, 256, C(64, 64, 4, 1)), (d64, 256, C(64, 32, 4, 1))] if cpu else
+            [(d64, 8192, c) for c in (C(128, 128, 8, 3), C(128, 64, 8, 3), C(128, 64, 4, 3), C(128, 128, 4, 3),
+                                     C(128, 64, 4, 4), C(64, 64, 4, 3))])
+
+    # ------------------------------------------------------------------------------------------ 5. backward gate
     def bwd_gate(H, Hkv, D, pname):
         def fn():
             L = gate_len
@@ -306,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     step("jit", f"D{d64[2]} L{jit_lengths[0] + 128} causal fwd+bwd (after the backward gate)",
          jit_row(*d64, jit_lengths[0] + 128, "causal", True))
 
-    # ------------------------------------------------------------------------------------------ 5. flex
+    # ------------------------------------------------------------------------------------------ 6. flex
     flex_rows = ([(256, "causal", 2, 2, 32)] if cpu else
                  [(16384, "causal", 16, 16, 128), (16384, "sinks64|window1024", 16, 16, 128),
                   (8192, "causal", 9, 3, 64), (8192, "sinks64|window1024", 9, 3, 64),
@@ -315,7 +347,11 @@ def main(argv: list[str] | None = None) -> int:
         step("flex", f"D{D} L{L} {pname}", lambda L=L, pname=pname, H=H, Hkv=Hkv, D=D:
              kbench.prefill_row(L, pname, H=H, Hkv=Hkv, D=D, backward=True))
 
-    # ------------------------------------------------------------------------------------------ 6. grid
+    # ------------------------------------------------------------------------------------------ 7. configs (D 128)
+    if not cpu:
+        configs([(d128, 16384, c) for c in (C(128, 128, 8, 3), C(128, 64, 8, 3), C(128, 64, 8, 4), C(128, 64, 4, 3))])
+
+    # ------------------------------------------------------------------------------------------ 8. grid
     grid_rows = ([] if cpu else
                  [(65536, "causal", 16, 16, 128), (65536, "sinks64|window1024", 16, 16, 128),
                   (65536, "random10%", 16, 16, 128), (65536, "causal", 16, 4, 128), (65536, "causal", 16, 16, 64),
