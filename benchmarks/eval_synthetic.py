@@ -154,7 +154,8 @@ def task_config(options: dict[str, Any], width: int) -> TrainConfig:
         if options["quick"]:
             config = mqar_config("tiny", d_model=width)
         else:
-            config = mqar_config(d_model=width, task_options={"seq_len": 256, "num_kv_pairs": options["kv_pairs"],
+            config = mqar_config(d_model=width, task_options={"seq_len": options["seq_len"],
+                                                              "num_kv_pairs": options["kv_pairs"],
                                                               "vocab_size": options["vocab"]})
         changes: dict[str, Any] = {"batch_size": options["batch_size"] or config.batch_size}
     else:
@@ -281,6 +282,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0", help="training seeds (every plan x rate x seed is a job)")
     parser.add_argument("--steps", type=int, default=None, help="steps per run (MQAR 8000, ListOps 5000), cut "
                                                                 "to what fits the budget")
+    parser.add_argument("--seq-len", type=int, default=256, help="MQAR sequence length (Zoology: 256)")
     parser.add_argument("--kv-pairs", type=int, default=16, help="MQAR pairs (Zoology: 16 at length 256)")
     parser.add_argument("--vocab", type=int, default=8192, help="MQAR vocabulary (Zoology: 8192)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: MQAR 256, ListOps 32")
@@ -319,7 +321,8 @@ def main() -> None:
         rates.setdefault(width, rates.get(64) or next(iter(rates.values())))
     steps = args.steps or ((200 if task == "mqar" else 20) if args.quick else (8000 if task == "mqar" else 5000))
     options = {
-        "task": task, "device": args.device, "backend": backend, "quick": args.quick, "kv_pairs": args.kv_pairs,
+        "task": task, "device": args.device, "backend": backend, "quick": args.quick, "seq_len": args.seq_len,
+        "kv_pairs": args.kv_pairs,
         "vocab": args.vocab, "batch_size": args.batch_size, "steps": steps, "precision": args.precision,
         "train_examples": args.train_examples or (None if task == "mqar" or args.quick else 24_000),
         "test_examples": args.test_examples, "matmul_precision": args.matmul_precision,
