@@ -20,7 +20,8 @@ keeps every finished job).
 2. MQAR (Zoology): sequences of 256, ``--kv-pairs`` pairs (Zoology 16), vocabulary ``--vocab`` (Zoology 8192),
    2 layers, one head, no MLP, learned positions, d_model ``--widths`` (64, 128), batch 256, 100 000 training
    examples, 3000 test, AdamW, warm-up 10% then cosine. Plans: dense; Window(32), Window(64), Window(128);
-   Sinks(16) | Window(48) (64 keys); dynamic selection Window(32) | TopK("pooled", 1) at block 32 (about 64
+   Sinks(2 * pairs) | Window(64 - 2 * pairs) (the pairs kept, 64 keys);
+   dynamic selection Window(32) | TopK("pooled", 1) at block 32 (about 64
    keys, the window-64 budget); learned Window(32) + 1 routed block of 32 (``spattn.learned.LearnedTopK``,
    the same budget, trained with the model, straight-through). Causal.
 3. ListOps (LRA): 4 layers, 512 wide, 8 heads, MLP, 500-2000 tokens, bfloat16 autocast. Plans: dense;
@@ -73,14 +74,16 @@ from spattn.testing import assert_within, dense_attention, max_err, plain_attent
 Plans = dict[str, tuple[Any, int]]  # name -> (pattern / Learned / None, block size)
 
 
-def mqar_plans() -> Plans:
-    """name -> (pattern / Learned / None, block size), most important first."""
+def mqar_plans(kv_pairs: int = 16) -> Plans:
+    """name -> (pattern / Learned / None, block size), most important first. The sinks cover the key-value
+    pairs (``2 * kv_pairs`` tokens at the start), the window the rest of a 64-key budget."""
+    sinks = min(2 * kv_pairs, 48)
     return {
         "dense": (None, 32),
         "window64": (spattn.Window(64), 32),
         "window32+topk_pooled1": (spattn.Window(32) | spattn.TopK("pooled", 1), 32),
         "window32+learned1": (Learned(1, safeguard=spattn.Window(32)), 32),
-        "sinks16+window48": (spattn.Sinks(16) | spattn.Window(48), 32),
+        f"sinks{sinks}+window{64 - sinks}": (spattn.Sinks(sinks) | spattn.Window(64 - sinks), 32),
         "window32": (spattn.Window(32), 32),
         "window128": (spattn.Window(128), 32),
     }
@@ -98,7 +101,12 @@ def listops_plans() -> Plans:
     }
 
 
-PLANS = {"mqar": mqar_plans, "listops": listops_plans}
+def plans_of(options: dict[str, Any]) -> Plans:
+    """The plans of a task (MQAR's sinks follow its key-value pairs)."""
+    if options["task"] == "listops":
+        return listops_plans()
+    return mqar_plans(3 if options["quick"] else options["kv_pairs"])
+
 GATED = {"mqar": "window32+topk_pooled1", "listops": "window64+topk_pooled2"}
 
 
@@ -200,7 +208,7 @@ def run_job(job: dict[str, Any]) -> None:
     record: dict[str, Any] = {"job": {k: v for k, v in job.items() if k != "options"}}
     try:
         torch.set_float32_matmul_precision(job["options"]["matmul_precision"])
-        plan, block = PLANS[job["options"]["task"]]()[job["plan"]]
+        plan, block = plans_of(job["options"])[job["plan"]]
         config = task_config(job["options"], job["width"]).replace(
             block_size=block, learning_rate=job["learning_rate"], seed=job["seed"])
         data = None
@@ -327,7 +335,7 @@ def main() -> None:
         "train_examples": args.train_examples or (None if task == "mqar" or args.quick else 24_000),
         "test_examples": args.test_examples, "matmul_precision": args.matmul_precision,
     }
-    plans = PLANS[task]()
+    plans = plans_of(options)
     chosen = list(plans) if args.plans is None else args.plans.split(",")
     unknown = [p for p in chosen if p not in plans]
     if unknown:
