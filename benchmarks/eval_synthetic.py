@@ -362,9 +362,15 @@ def main() -> None:
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
 
-    def save() -> None:
+    summarised = [0.0]
+
+    def save(summary: bool = True) -> None:
+        """Write the JSON; the summary (bootstraps) is recomputed when asked, at most every 20 s while
+        training (many runs can end at once near the deadline)."""
         record["seconds"] = clock.spent()
-        record["summary"] = summarise(record["runs"])
+        if summary or clock.spent() - summarised[0] > 20:
+            record["summary"] = summarise(record["runs"])
+            summarised[0] = clock.spent()
         with open(args.out + ".tmp", "w") as handle:
             json.dump(record, handle, indent=1)
         os.replace(args.out + ".tmp", args.out)
@@ -454,7 +460,7 @@ def main() -> None:
                     print(f"[{clock.spent():6.1f} s] {tag}: {result['error']}", flush=True)
             elif not any(s.startswith(tag) for s in record["skipped"]):
                 record["skipped"].append(f"{tag}: exited {process.returncode} without a result (see its log)")
-            save()
+            save(summary=False)
     phase("training", since)
     for key, block in record["summary"].items():
         print(f"\n{task} {key}: accuracy [95% interval], steps, vs dense")
