@@ -145,3 +145,33 @@ def test_head_at_the_labelled_positions():
     torch.testing.assert_close(model(ids, positions), model(ids).gather(1, positions[..., None].expand(-1, -1, 32)))
     with pytest.raises(ValueError, match="positions"):
         model(ids, positions.int())
+
+
+def test_time_limit_cuts_the_run_to_what_fits():
+    config = mqar_config("tiny", steps=3000, train_examples=320, test_examples=40)
+    result = train(config, None, time_limit=0.5)
+    steps = result.config["steps"]
+    assert 25 < steps <= 1000  # cut at the first check (not before it), to what the pace says fits
+    assert len(result.losses) >= 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    with pytest.raises(ValueError, match="time_limit"):
+        train(config, None, time_limit=0)
+
+
+def test_given_data_is_the_generated_data():
+    from spattn.eval.tasks import mqar
+
+    config = mqar_config("tiny", steps=5, train_examples=64, test_examples=16)
+    options = config.task_options
+    given = (*mqar(64, seed=0, **options), *mqar(16, seed=1, **options))
+    assert train(config, None, data=given).per_example == train(config, None).per_example
+    with pytest.raises(ValueError, match="data"):
+        train(config, None, data=given[:2])
+
+
+def test_bfloat16_autocast_trains_the_classifier():
+    config = listops_config("tiny", steps=4, train_examples=64, test_examples=16, block_size=8,
+                            precision="bfloat16")
+    result = train(config, spattn.Window(4, 4))
+    assert all(torch.isfinite(torch.tensor(result.losses))) and 0 <= result.accuracy.value <= 1
+    with pytest.raises(ValueError, match="precision"):
+        listops_config("tiny", precision="float16")

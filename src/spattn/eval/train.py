@@ -42,6 +42,8 @@ from spattn.patterns import Full, Pattern, compile
 from spattn.selectors import LayoutBuilder
 
 TASKS = ("mqar", "listops")
+TIME_CHECK_STEP = 25  # train(time_limit=): the step at which the run's length is projected
+PRECISIONS = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,8 @@ class TrainConfig:
         backend: spattn backend (``"reference"`` on CPU; ``"auto"`` picks triton on CUDA).
         device: where to train.
         seed: seeds the data, the initialisation and the batch order.
+        precision: ``"float32"`` (default) or ``"bfloat16"`` (autocast of the forward pass on ``device``;
+            parameters and optimiser state stay float32).
     """
 
     task: str = "mqar"
@@ -80,6 +84,7 @@ class TrainConfig:
     backend: str = "reference"
     device: str = "cpu"
     seed: int = 0
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -95,7 +100,14 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.learning_rate must be > 0, got {self.learning_rate!r}")
         if not 0 <= self.warmup < 1:
             raise ValueError(f"TrainConfig.warmup must be a fraction in [0, 1), got {self.warmup!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"TrainConfig.precision must be one of {PRECISIONS}, got {self.precision!r}")
         object.__setattr__(self, "task_options", dict(self.task_options))
+
+    def autocast(self) -> Any:
+        """The context the forward passes run in: bfloat16 autocast on ``device`` or nothing."""
+        return torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16,
+                              enabled=self.precision == "bfloat16")
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with some fields changed."""
@@ -564,18 +576,21 @@ def evaluate_model(model: TinyTransformer, config: TrainConfig, inputs: torch.Te
         rows = order[start : start + step]
         index = rows.to(config.device)
         x, positions, y = data.batch(index, None if data.lengths is None else data.width(rows.tolist()))
+        with config.autocast():
+            logits = model(x, positions)
         if config.task == "mqar":
-            guess = model(x, positions).argmax(-1)
+            guess = logits.argmax(-1)
             asked = y != IGNORE_INDEX
             scores[index] = ((guess == y) & asked).sum(1).float() / asked.sum(1).clamp_min(1)
         else:
-            scores[index] = (model(x).argmax(-1) == y).float()
+            scores[index] = (logits.argmax(-1) == y).float()
     model.train()
     return scores.cpu().tolist()
 
 
-def train(config: TrainConfig, plan: Plan | Pattern | Learned | None = None, *, progress: Any = None
-          ) -> TrainResult:
+def train(config: TrainConfig, plan: Plan | Pattern | Learned | None = None, *, progress: Any = None,
+          data: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+          time_limit: float | None = None) -> TrainResult:
     """Train a :class:`TinyTransformer` with ``plan`` on ``config.task`` from scratch and test it.
 
     Args:
@@ -584,6 +599,14 @@ def train(config: TrainConfig, plan: Plan | Pattern | Learned | None = None, *, 
             the model; the regularisers its routers ask for are added to the loss) or ``None`` (full attention).
         progress: optional ``callable(step, loss)`` called every step with the latest recorded loss (losses are
             read from the device only every ~10% of the steps: the step loop never waits for the device).
+        data: optional pre-generated ``(train_inputs, train_labels, test_inputs, test_labels)`` (int64, as the
+            task's generator returns them) instead of generating ``config.train_examples`` /
+            ``config.test_examples`` from ``config.seed``.
+        time_limit: optional seconds for the whole run. At step :data:`TIME_CHECK_STEP` (the first steps
+            compile) and then every ~10% of the steps, the run's time is projected from the pace since the last
+            check and, if it would not fit, ``config.steps`` is cut to what fits. A cut at the first check
+            re-plans warm-up and cosine decay for the new count; a later cut makes the decay end sooner (the
+            cosine is followed to the new end). The result's ``config`` holds the steps actually run.
 
     The data goes to the device once and every batch is drawn before the first step; MQAR's head runs at the
     labelled positions only (the same loss: the others are ignored by it). Returns a :class:`TrainResult`.
@@ -597,8 +620,16 @@ def train(config: TrainConfig, plan: Plan | Pattern | Learned | None = None, *, 
     started = time.perf_counter()
     learned = plan if isinstance(plan, Learned) else None
     plan = plan if learned is not None else as_plan(plan)
-    test_x, test_y = _data(config, config.test_examples, seed=2 * config.seed + 1)
-    data = _Data(config, *_data(config, config.train_examples, seed=2 * config.seed))
+    if data is None:
+        train_x, train_y = _data(config, config.train_examples, seed=2 * config.seed)
+        test_x, test_y = _data(config, config.test_examples, seed=2 * config.seed + 1)
+    else:
+        if len(data) != 4:
+            raise ValueError("data must be (train_inputs, train_labels, test_inputs, test_labels)")
+        train_x, train_y, test_x, test_y = data
+    if time_limit is not None and not time_limit > 0:
+        raise ValueError(f"time_limit must be > 0 seconds, got {time_limit!r}")
+    data = _Data(config, train_x, train_y)
     model = build_model(config, plan)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n and "position" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n and "position" not in n)]
@@ -606,12 +637,13 @@ def train(config: TrainConfig, plan: Plan | Pattern | Learned | None = None, *, 
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}],
         lr=config.learning_rate, betas=(0.9, 0.98), fused=torch.device(config.device).type == "cuda" or None,
     )
-    warmup = max(1, int(config.warmup * config.steps))
+    total = {"steps": config.steps, "warmup": max(1, int(config.warmup * config.steps))}
 
     def schedule(step: int) -> float:
+        warmup = total["warmup"]
         if step < warmup:
             return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, config.steps - warmup)))
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total["steps"] - warmup))))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     generator = torch.Generator().manual_seed(config.seed)
@@ -622,21 +654,43 @@ def train(config: TrainConfig, plan: Plan | Pattern | Learned | None = None, *, 
     temperature = learned.schedule(config.steps) if learned is not None else None
     layer_routers = routers(model)
     model.train()
+    sync = torch.cuda.synchronize if torch.device(config.device).type == "cuda" else (lambda: None)
+    check = (0, 0.0)
     for step, (index, width) in enumerate(batches):
+        if step >= total["steps"]:
+            break
+        if time_limit is not None and (step in (5, TIME_CHECK_STEP) or (step > TIME_CHECK_STEP and step % every == 0)):
+            sync()  # the run's only other host syncs: ~12 per run
+            now = time.perf_counter()
+            if step > 5:
+                per_step = (now - check[1]) / (step - check[0])  # the pace since the last check
+                reserve = per_step * (len(test_x) / config.batch_size + 10)  # evaluation, roughly
+                fits = int((time_limit - (now - started) - reserve) / per_step) + step
+                if fits < total["steps"]:
+                    total["steps"] = max(step + 1, fits)
+                    if step <= TIME_CHECK_STEP:  # the first cut re-plans warm-up, cosine and loss records
+                        total["warmup"] = max(1, int(config.warmup * total["steps"]))
+                        every = max(1, total["steps"] // 10)
+                    config = config.replace(steps=total["steps"])
+                    if learned is not None:
+                        temperature = learned.schedule(total["steps"])
+            check = (step, now)
         if temperature is not None:
             for router in layer_routers:
                 router.temperature = temperature.at(step)
         x, positions, y = data.batch(index, width)
-        loss = _loss(config, model(x, positions), y)
-        total = loss
+        with config.autocast():
+            loss = _loss(config, model(x, positions).float(), y)
+        objective = loss
         if layer_routers:  # the routers' own losses (distill_loss with training="distill"); no regulariser
-            total = loss + sum(regulariser_losses(model, Regularisers()).values(), torch.zeros((), device=loss.device))
+            objective = loss + sum(regulariser_losses(model, Regularisers()).values(),
+                                   torch.zeros((), device=loss.device))
         optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        objective.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
-        if step % every == 0 or step == config.steps - 1:
+        if step % every == 0 or step == total["steps"] - 1:
             recorded.append(loss.detach())
             last = float(recorded[-1])  # the only host read of the loop, ~10 per run
             if not math.isfinite(last):
