@@ -5,7 +5,7 @@ Steps, most important first; each result is written to the JSON as soon as it ex
 partial file), and ``--time-budget SECONDS`` skips a step whose estimate does not fit (recorded under ``skipped``):
 
 1. Correctness gate (stops on failure): the fast path (triton on CUDA) against the float64 dense reference
-   (``spattn.hierarchical.reference``, CPU) at the fast path's selection, forward and backward (q, k, v, gate
+   (``spattn.hierarchical.reference``, on the device) at the fast path's selection, forward and backward (q, k, v, gate
    logits, pooling logits), with the tolerance rule against the reference in the test dtype; the cost model's
    pair counts against the compiled layouts; the triton selection-score kernel against the torch sum and the
    device-built selected tables against ``spattn.compile`` at 8k; and, on CUDA, one warm forward and one
@@ -86,8 +86,9 @@ def gate(device, dtype, quick: bool, *, shape: tuple[int, int, int, int] | None 
     t0 = time.perf_counter()
     with poison_empty():
         fast = run(hierarchical_attention, device, dtype)
-    golden = run(reference, "cpu", torch.float64, chosen=chosen)
-    baseline = run(reference, "cpu", dtype, chosen=chosen)
+    # both references on the device (float64 is fast on an H200; bf16 matmuls on a CPU are slow)
+    golden = run(reference, device, torch.float64, chosen=chosen.to(device))
+    baseline = run(reference, device, dtype, chosen=chosen.to(device))
     errors = {}
     for name, f, gd, bl in zip(("out", "dq", "dk", "dv", "dgate", "dpool_key", "dpool_value"), fast, golden, baseline,
                                strict=True):

@@ -42,7 +42,7 @@ Sections (the JSON names them ``lm@2048`` ...):
   than the window stack's reach from its key): accuracy at equal budget with bootstrap intervals;
 * ``routers``: pooled and distill routers (optional).
 
-    SPATTN_TRITON_AUTOTUNE=0 PYTHONPATH=src python benchmarks/train_from_scratch.py --time-budget 450 --workers 14
+    SPATTN_TRITON_AUTOTUNE=0 PYTHONPATH=src python benchmarks/train_from_scratch.py --time-budget 440 --workers 14
     PYTHONPATH=src python benchmarks/train_from_scratch.py --quick --device cpu --workers 4 --out /tmp/tfs.json
     python benchmarks/train_from_scratch.py --plot benchmarks/results/h200/learned/train_from_scratch.json \\
         --figure docs/learned-from-scratch.png                   # the curves' figure (matplotlib)
@@ -114,7 +114,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny settings (a CPU smoke run of the same code)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=("bf16", "fp32"), help="autocast dtype (default bf16 on CUDA)")
-    p.add_argument("--time-budget", type=float, default=450.0,
+    p.add_argument("--time-budget", type=float, default=440.0,
                    help="seconds for the whole run (gate, JIT, every wave); what would not fit is skipped, recorded")
     p.add_argument("--workers", type=int, default=14, help="concurrent training subprocesses (one per variant)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default cpus // workers)")
@@ -464,6 +464,10 @@ def main(argv=None) -> dict:
     for name, section in result["sections"].items():
         if section.get("status") == "skipped":
             result["skipped"].append({"section": name, "reason": section.get("reason")})
+    if "lm0" in args.sections and "ablation" in args.sections:
+        result["ablation_comparisons"] = ablation_comparisons(result["sections"].get(section_name("lm0", args), {}),
+                                                              result["sections"].get(section_name("ablation", args),
+                                                                                     {}))
     if "lm0" in args.sections and "seed1" in args.sections:
         result["over_seeds"] = over_seeds(result["sections"].get(section_name("lm0", args), {}),
                                           result["sections"].get(section_name("seed1", args), {}))
@@ -504,35 +508,51 @@ def run_wave(index: int, wave, share: float, args, result: dict, run_dir: Path, 
             jobs.append({"job": job, "section": name, "variant": variant, "proc": proc, "log": log})
     print(f"wave {index}: {len(jobs)} workers, {share:.0f} s: " + ", ".join(j["job"] for j in jobs), flush=True)
 
-    # calibration barrier: wait for every worker's calibration (or its exit), at most 40% of the share
-    calib_end = t_start + 0.4 * share
+    # calibration barrier: wait for every worker's calibration (or its exit) up to 40% of the share, then, while
+    # a section has no calibrated worker at all, up to 70%
     calibrations: dict[str, dict] = {}
-    while time.time() < calib_end:
+    while True:
         for j in jobs:
             path = run_dir / f"{j['job']}.calib.json"
             if j["job"] not in calibrations and path.exists():
                 calibrations[j["job"]] = json.loads(path.read_text())
-        if all(j["job"] in calibrations or j["proc"].poll() is not None for j in jobs):
+        pending = [j for j in jobs if j["job"] not in calibrations and j["proc"].poll() is None]
+        if not pending:
+            break
+        elapsed = (time.time() - t_start) / share
+        empty = any(not any(j["job"] in calibrations for j in jobs if j["section"] == section_name(key, args))
+                    for key, _v in wave)
+        if elapsed > 0.7 or (elapsed > 0.4 and not empty):
             break
         time.sleep(0.2)
+    result["sections"][section_name(wave[0][0], args)]["calibration_wait_seconds"] = time.time() - t_start
     go: dict[str, int] = {}
+    room = train_end - time.time()
+    raw: dict[str, int] = {}
     for key, _variants in wave:
         name = section_name(key, args)
         section = result["sections"][name]
         mine = [j for j in jobs if j["section"] == name]
         ready = [j for j in mine if j["job"] in calibrations]
         section["calibration"] = {j["variant"]: calibrations[j["job"]] for j in ready}
-        section["dropped_for_time"] = [{"variant": j["variant"], "reason": "not calibrated in 40% of the wave's share"
-                                        if j["proc"].poll() is None else "worker exited before its calibration"}
-                                       for j in mine if j not in ready]
-        room = train_end - time.time()
+        late = "not calibrated in time (40-70% of the wave's share)"
+        section["dropped_for_time"] = [{"variant": j["variant"], "reason": late if j["proc"].poll() is None
+                                        else "worker exited before its calibration"} for j in mine if j not in ready]
         if ready:
             step = max(calibrations[j["job"]]["step_seconds"] for j in ready)
             evaluation = max(calibrations[j["job"]]["eval_seconds"] for j in ready)
-            steps = int(SAFETY * (room - (args.eval_points + 2) * evaluation) / max(step, 1e-6))
-            steps = min(args.max_steps, steps) if args.fixed_steps is None else args.fixed_steps
+            raw[name] = int(SAFETY * (room - (args.eval_points + 2) * evaluation) / max(step, 1e-6))
         else:
-            steps = 0
+            raw[name] = 0
+    # the LM sections of one length (main, second seed, ablation) share one step count: they are compared
+    group = {name: (result["sections"][name]["length"], result["sections"][name]["key"] == "passkey") for name in raw}
+    for key, _variants in wave:
+        name = section_name(key, args)
+        section = result["sections"][name]
+        mine = [j for j in jobs if j["section"] == name]
+        ready = [j for j in mine if j["job"] in calibrations]
+        steps = min(raw[n] for n in raw if group[n] == group[name])
+        steps = min(args.max_steps, steps) if args.fixed_steps is None else args.fixed_steps
         section["steps"] = steps
         section["trained_variants"] = [j["variant"] for j in ready] if steps >= args.min_steps else []
         if steps < args.min_steps:
@@ -794,6 +814,26 @@ def comparisons(section: dict, task: bool) -> dict:
     return out
 
 
+def ablation_comparisons(main: dict, ablation: dict) -> dict:
+    """Each regulariser alone against ``learned`` (none) and ``learned-reg`` (all) of the main section, on the
+    same held-out batches at the last step all of them logged (both sections train the same step count)."""
+    if not main.get("steps") or main.get("steps") != ablation.get("steps"):
+        return {"skipped": f"the sections trained different step counts ({main.get('steps')} vs "
+                           f"{ablation.get('steps')}) or one did not train"}
+    runs = {k: v for k, v in {**main.get("runs", {}), **ablation.get("runs", {})}.items()
+            if k.startswith("learned") and v.get("history")}
+    step = common_step(runs)
+    out: dict = {"at_step": step}
+    if step is None:
+        return out
+    for a in ABLATION:
+        for b in ("learned", "learned-reg"):
+            if a in runs and b in runs:
+                la, lb = losses_at(runs[a], step), losses_at(runs[b], step)
+                out[f"{a}_vs_{b}"] = {c: stats.compare(la[c], lb[c], higher_is_better=False).to_dict() for c in la}
+    return out
+
+
 def over_seeds(first: dict, second: dict) -> dict:
     """Per variant and corpus: the mean over seeds with a two-level bootstrap (seeds, then eval batches), when
     both seeds trained the same step count."""
@@ -852,7 +892,8 @@ def plot(path: Path, figure: Path) -> dict:
             ax.set_xscale("log")
             if ax.lines:
                 ax.legend(fontsize=7)
-    fig.suptitle(f"train_from_scratch, {data['machine'].get('device')}, commit {data['machine'].get('git_commit')}")
+    machine = data["machine"]
+    fig.suptitle(f"train_from_scratch, {machine.get('device')}, commit {str(machine.get('git_commit'))[:10]}")
     fig.tight_layout()
     figure.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(figure, dpi=90)
