@@ -361,6 +361,12 @@ def section_name(key: str, args) -> str:
     return f"{prefix}@{args.lengths[which]}"
 
 
+def job_name(section: str, variant: str) -> str:
+    """A worker's file stem: letters, digits and dashes only (``ablation@2048``, ``learned+drop`` ->
+    ``ablation-2048-learned-with-drop``)."""
+    return f"{section}-{variant}".replace("@", "-").replace("+", "-with-")
+
+
 def plan_waves(args) -> list[list[tuple[str, tuple[str, ...]]]]:
     """Whole sections in ``--sections`` order, grouped into waves of at most ``--workers`` jobs (a section
     larger than ``--workers`` runs alone in its wave, all its variants at once)."""
@@ -490,7 +496,7 @@ def run_wave(index: int, wave, share: float, args, result: dict, run_dir: Path, 
         section = result["sections"][name]
         section.update(wave=index, share_seconds=share, runs={})
         for variant in variants:
-            job = f"{name.replace('@', '-')}-{variant}"
+            job = job_name(name, variant)
             for suffix in (".json", ".jsonl", ".calib.json"):
                 (run_dir / f"{job}{suffix}").unlink(missing_ok=True)
             spec = {"job": job, "section": name, "key": key, "variant": variant, "length": section["length"],

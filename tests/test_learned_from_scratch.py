@@ -42,7 +42,8 @@ def test_quick_run_trains_every_section_at_matched_budget(tmp_path):
         assert section["steps"] == 3 and set(section["calibration"]) == set(section["runs"])  # --max-steps (quick)
         for variant, run in section["runs"].items():
             assert run["status"] == "done" and run["steps_done"] == 3 and not run["stopped_early"], variant
-            log = tmp_path / "tfs-runs" / f"{name.replace('@', '-')}-{variant}.jsonl"  # the worker's own curve
+            log = tmp_path / "tfs-runs" / f"{bench.job_name(name, variant)}.jsonl"  # the worker's own curve
+            assert log.name.replace("-", "").replace(".", "").isalnum()
             assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [0, 1, 2]
             for corpus in ("austen", "kjv"):
                 assert len(run["final_losses"][corpus]) == 2, variant
