@@ -559,6 +559,15 @@ def run_wave(index: int, wave, share: float, args, result: dict, run_dir: Path, 
         ready = [j for j in mine if j["job"] in calibrations]
         steps = min(raw[n] for n in raw if group[n] == group[name])
         steps = min(args.max_steps, steps) if args.fixed_steps is None else args.fixed_steps
+        # a group that trained in an earlier wave keeps its step count (comparisons need equal steps); the
+        # deadline stops what does not fit, and the comparisons use the last step every run logged
+        earlier = result.setdefault("group_steps", {})
+        tag = f"{group[name][0]}{'-task' if group[name][1] else ''}"
+        if earlier.get(tag, {}).get("wave", index) != index:
+            steps = earlier[tag]["steps"]
+            section["steps_from_wave"] = earlier[tag]["wave"]
+        elif steps >= args.min_steps:
+            earlier[tag] = {"steps": steps, "wave": index}
         section["steps"] = steps
         section["trained_variants"] = [j["variant"] for j in ready] if steps >= args.min_steps else []
         if steps < args.min_steps:

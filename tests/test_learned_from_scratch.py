@@ -36,6 +36,7 @@ def test_quick_run_trains_every_section_at_matched_budget(tmp_path):
     assert data["machine"]["versions"]["torch"] and data["command"]
     lm, ablation, seed1 = (data["sections"][f"{k}@256"] for k in ("lm", "ablation", "seed1"))
     assert lm["wave"] == ablation["wave"] == 0 and seed1["wave"] == 1  # whole sections, at most 4 workers a wave
+    assert seed1["steps_from_wave"] == 0  # the second seed keeps the first's step count
     for name in ("lm@256", "ablation@256", "seed1@256"):
         section = data["sections"][name]
         assert section["status"] == "done", section
