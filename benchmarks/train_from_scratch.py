@@ -913,7 +913,57 @@ def plot(path: Path, figure: Path) -> dict:
     figure.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(figure, dpi=90)
     print(f"wrote {figure}")
-    return {"figure": str(figure)}
+    table = summary(data)
+    print(table)
+    return {"figure": str(figure), "summary": table}
+
+
+def summary(data: dict) -> str:
+    """Markdown tables of a run: per section and variant the steps, the held-out losses at the comparison step
+    (or the pass-key accuracy), the keys per query, and the routers' held-out collapse metrics at the first and
+    last curve points."""
+    def interval(e: dict | None) -> str:
+        return "–" if not e else f"{e['value']:.3f} [{e['low']:.3f}, {e['high']:.3f}]"
+
+    lines = []
+    for name, section in data["sections"].items():
+        runs = section.get("runs") or {}
+        if not runs:
+            lines += [f"**{name}**: {section.get('status')} ({section.get('reason', 'no runs')})", ""]
+            continue
+        step = (section.get("comparisons") or {}).get("at_step")
+        task = section.get("key") == "passkey"
+        lines.append(f"**{name}** ({section.get('steps')} steps each, batch {next(iter(runs.values())).get('batch')}"
+                     + ("" if task else f", compared at step {step}") + ")")
+        lines.append("")
+        if task:
+            lines += ["| variant | steps done | accuracy | far accuracy | keys/query |", "|---|---|---|---|---|"]
+        else:
+            lines += ["| variant | steps done | Austen loss | KJV loss | keys/query | distinct blocks (held) | "
+                      "gate entropy (held) |", "|---|---|---|---|---|---|---|"]
+        for variant, run in runs.items():
+            keys = run.get("keys_per_query") or {}
+            kpq = keys.get("branches_total", keys.get("mean"))
+            if kpq is None:
+                kpq = section.get("budget", {}).get("keys_per_query", {}).get(variant.split("+")[0])
+            kpq = "–" if kpq is None else f"{kpq:.0f}"
+            done = run.get("steps_done", f"{run.get('status')}")
+            if task:
+                test = run.get("test") or {}
+                lines.append(f"| {variant} | {done} | {interval(test.get('accuracy'))} | "
+                             f"{interval(test.get('far_accuracy'))} | {kpq} |")
+                continue
+            point = next((r for r in run.get("history", []) if r["step"] == step), None) or {}
+            curve = [r for r in run.get("history", []) if "held_distinct_blocks" in r]
+
+            def ends(metric, curve=curve):
+                return "–" if not curve else f"{curve[0][metric]:.2f} → {curve[-1][metric]:.2f}"
+
+            lines.append(f"| {variant} | {done} | {interval(point.get('austen_loss'))} | "
+                         f"{interval(point.get('kjv_loss'))} | {kpq} | {ends('held_distinct_blocks')} | "
+                         f"{ends('held_gate_entropy')} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------- pass key
