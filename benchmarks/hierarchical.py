@@ -5,7 +5,7 @@ Steps, most important first; each result is written to the JSON as soon as it ex
 partial file), and ``--time-budget SECONDS`` skips a step whose estimate does not fit (recorded under ``skipped``):
 
 1. Correctness gate (stops on failure): the fast path (triton on CUDA) against the float64 dense reference
-   (``spattn.hierarchical.reference``, CPU) at the fast path's selection, forward and backward (q, k, v, gate
+   (``spattn.hierarchical.reference``, on the device) at the fast path's selection, forward and backward (q, k, v, gate
    logits, pooling logits), with the tolerance rule against the reference in the test dtype; the cost model's
    pair counts against the compiled layouts; the triton selection-score kernel against the torch sum and the
    device-built selected tables against ``spattn.compile`` at 8k; and, on CUDA, one warm forward and one
@@ -56,15 +56,21 @@ def median_ms(fn, **kwargs) -> float:
     return _median_ms(fn, **REPEATS, **kwargs)
 
 
-def gate(device, dtype, quick: bool) -> dict:
-    """Fast path == float64 reference, forward and backward, at the fast path's selection."""
-    L, H, Hkv, D = (200, 4, 2, 32) if quick else (1000, 8, 2, 64)
-    config = spattn.Hierarchical(compress_block=32, compress_stride=16, select_block=64, select_count=4,
-                                 window=128, pooling="learned") | spattn.Sinks(16)
+def gate(device, dtype, quick: bool, *, shape: tuple[int, int, int, int] | None = None,
+         config: spattn.Hierarchical | None = None) -> dict:
+    """Fast path == float64 reference, forward and backward, at the fast path's selection.
+
+    ``shape`` = (L, heads, kv_heads, head_dim) and ``config`` (learned pooling) default to this benchmark's; a
+    training script passes its own so that the gate JITs the kernels its training then reuses."""
+    L, H, Hkv, D = shape or ((200, 4, 2, 32) if quick else (1000, 8, 2, 64))
+    if config is None:
+        config = spattn.Hierarchical(compress_block=32, compress_stride=16, select_block=64, select_count=4,
+                                     window=128, pooling="learned") | spattn.Sinks(16)
+    block = config.compress_block
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, h, L, D, generator=g) for h in (H, Hkv, Hkv))
     gl = torch.randn(1, H, L, 3, generator=g)
-    pool = (torch.randn(Hkv, 32, generator=g), torch.randn(Hkv, 32, generator=g))
+    pool = (torch.randn(Hkv, block, generator=g), torch.randn(Hkv, block, generator=g))
     do = torch.randn(1, H, L, D, generator=g)
     with torch.no_grad():
         chosen = hierarchical_attention(q.to(device, dtype), k.to(device, dtype), v.to(device, dtype), config,
@@ -80,8 +86,9 @@ def gate(device, dtype, quick: bool) -> dict:
     t0 = time.perf_counter()
     with poison_empty():
         fast = run(hierarchical_attention, device, dtype)
-    golden = run(reference, "cpu", torch.float64, chosen=chosen)
-    baseline = run(reference, "cpu", dtype, chosen=chosen)
+    # both references on the device (float64 is fast on an H200; bf16 matmuls on a CPU are slow)
+    golden = run(reference, device, torch.float64, chosen=chosen.to(device))
+    baseline = run(reference, device, dtype, chosen=chosen.to(device))
     errors = {}
     for name, f, gd, bl in zip(("out", "dq", "dk", "dv", "dgate", "dpool_key", "dpool_value"), fast, golden, baseline,
                                strict=True):
@@ -271,12 +278,13 @@ def decode_loads(device, L, heads, kv_heads, head_dim, config) -> dict:
     q, k, v = inputs(device, torch.float32 if device.type == "cpu" else torch.bfloat16, L, heads, kv_heads, head_dim)
     with torch.no_grad():
         layouts = hierarchical_attention(q, k, v, config, return_info=True)[1]["layouts"]
-    loaded = {}
+    loaded, block_sizes = {}, {}
     for name in ("compressed", "selected", "window"):
         lay = layouts[name]
         if lay is None:
             loaded[name] = 0
             continue
+        block_sizes[name] = lay.block_size
         row = lay.num_q_blocks - 1  # the last query's block: the kernel loads every visited block in full
         blocks = torch.cat([lay.full_kv_indices[0, 0, row, :int(lay.full_kv_num_blocks[0, 0, row])],
                             lay.kv_indices[0, 0, row, :int(lay.kv_num_blocks[0, 0, row])]]).long()
@@ -287,7 +295,7 @@ def decode_loads(device, L, heads, kv_heads, head_dim, config) -> dict:
         loaded[name] = int(keys.sum())
     loaded["total"] = sum(loaded.values())
     model = cost(config, L, head_dim=head_dim, heads=heads, kv_heads=kv_heads)["decode_tokens"]
-    row = {"length": L, "decode_tokens_model": model, "decode_tokens_kernel_loads": loaded,
+    row = {"length": L, "decode_tokens_model": model, "decode_tokens_kernel_loads": loaded, "block_sizes": block_sizes,
            "kernel_over_model": loaded["total"] / model["total"],
            "note": "kernel loads = visited blocks of the last query block x block size (the prefill kernel's "
                    "granularity; a decode kernel loads the same blocks); model = exact tokens of that query"}

@@ -45,7 +45,7 @@ import torch
 import spattn
 from spattn.bench.env import machine_info
 from spattn.eval import stats
-from spattn.eval.tasks import IGNORE_INDEX, mqar
+from spattn.eval.tasks import IGNORE_INDEX
 from spattn.hierarchical import HierarchicalAttention, branch_layouts, fine_layout
 from spattn.learned.train import lm_batches, sequence_loss, task_batches
 from spattn.nn import TransformerLM
@@ -244,7 +244,7 @@ def retrieval_scores(model, inputs, labels, distance, far: int, batch: int) -> d
     correct = []
     for i in range(0, inputs.shape[0], batch):
         logits = model(inputs[i:i + batch].to(next(model.parameters()).device))
-        correct.append((logits.argmax(-1).cpu() == labels[i:i + batch]))
+        correct.append(logits.argmax(-1).cpu() == labels[i:i + batch])
     model.train()
     correct = torch.cat(correct)
     mask = labels != IGNORE_INDEX
@@ -339,7 +339,9 @@ def main(argv=None) -> None:
         model = make_model(variant, vocab, args, window_pattern)
         small = (te[0][:64], te[1][:64], te[2][:64])
         run = train(model, task_batches(tr[0], tr[1], args.batch_size, seed=args.seed), args.task_steps, args.lr,
-                    task_loss, lambda m: {"held_accuracy_64": retrieval_scores(m, *small, far, 16)["accuracy"]["value"]},
+                    task_loss,
+                    lambda m, small=small: {
+                        "held_accuracy_64": retrieval_scores(m, *small, far, 16)["accuracy"]["value"]},
                     args.eval_every)
         run["test"] = retrieval_scores(model, *te, far, 32)
         if variant == "hierarchical":

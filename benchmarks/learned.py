@@ -33,48 +33,62 @@ from spattn.nn import SparseAttention
 from spattn.testing import assert_within, brute_force_mask, dense_attention, plain_attention
 
 
-def correctness(device: torch.device) -> list[dict]:
-    checks = []
+def static_check(device: torch.device, dtype: torch.dtype, pattern, *, length: int = 1025, dim: int = 512,
+                 heads: int = 8, kv_heads: int = 2, block: int = 64) -> None:
+    """``SparseAttention`` with a static ``pattern`` against the float64 dense oracle (tolerance rule)."""
+    layer = SparseAttention(dim, heads, kv_heads, pattern=pattern, block_size=block).to(device, dtype)
+    with torch.no_grad():
+        q, k, v = layer.project(torch.randn(2, length, dim, device=device, dtype=dtype))
+        mask = brute_force_mask(pattern, length, causal=True).to(device)
+        golden, _ = dense_attention(q, k, v, mask)
+        assert_within(layer.attend(q, k, v), golden, plain_attention(q, k, v, mask)[0], what="static")
 
-    def check(name, fn):
-        t = time.perf_counter()
-        fn()
-        checks.append({"check": name, "ok": True, "seconds": time.perf_counter() - t})
+
+def router_check(device: torch.device, dtype: torch.dtype, *, length: int = 1025, dim: int = 512, heads: int = 8,
+                 kv_heads: int = 2, block: int = 64, blocks: int = 4, local: int = 0, safeguard=None) -> None:
+    """``LearnedTopK``'s straight-through training pass (gradients reach the gate) and its eval pass against the
+    float64 dense oracle on the mask it selected (tolerance rule)."""
+    router = LearnedTopK(heads, kv_heads, dim // heads, blocks=blocks, block_size=block, local=local,
+                         safeguard=safeguard)
+    layer = SparseAttention(dim, heads, kv_heads, pattern=router).to(device, dtype)
+    q, k, v = layer.project(torch.randn(2, length, dim, device=device, dtype=dtype))
+    scale = (dim // heads) ** -0.5
+    layer.train()
+    trained = router.attend(q, k, v, causal=True, scale=scale)  # straight-through pass
+    trained.float().square().mean().backward()
+    assert router.gate.query_proj.grad.abs().sum() > 0
+    mask = router.layout(q, k, router.last["chosen"], causal=True).to_dense()
+    q, k, v = q.detach(), k.detach(), v.detach()
+    golden, _ = dense_attention(q, k, v, mask, scale=scale)
+    baseline = plain_attention(q, k, v, mask, scale=scale)[0]
+    assert_within(trained.detach(), golden, baseline, what="router straight-through")
+    layer.eval()
+    with torch.no_grad():  # the same selection (no noise, no drop), plain sparse attention
+        assert_within(router.attend(q, k, v, causal=True, scale=scale), golden, baseline, what="router eval")
+
+
+def timed(checks: list[dict], name: str, fn) -> None:
+    """Run ``fn`` and append ``{"check": name, "ok": True, "seconds": ...}`` to ``checks`` (raises on failure)."""
+    t = time.perf_counter()
+    fn()
+    checks.append({"check": name, "ok": True, "seconds": time.perf_counter() - t})
+
+
+def correctness(device: torch.device) -> list[dict]:
+    checks: list[dict] = []
 
     def gate():
         g = BlockGate(8, 2, 64, block_size=64, hidden=32).to(device)
         q, k = torch.randn(2, 8, 1000, 64, device=device), torch.randn(2, 2, 1000, 64, device=device)
         torch.testing.assert_close(g(q, k).double().cpu(), g.cpu().reference(q.cpu(), k.cpu()), atol=1e-4, rtol=1e-3)
 
-    def static_layer():
-        pattern = spattn.Sinks(64) | spattn.Window(256) | spattn.Essential(positions=(300, 700))
-        layer = SparseAttention(512, 8, 2, pattern=pattern, block_size=64).to(device)
-        q, k, v = layer.project(torch.randn(2, 1025, 512, device=device))
-        mask = brute_force_mask(pattern, 1025, causal=True).to(device)
-        golden, _ = dense_attention(q, k, v, mask)
-        assert_within(layer.attend(q, k, v).detach(), golden, plain_attention(q, k, v, mask)[0], what="static")
-
-    def router_layer():
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the kernels' dtype on GPU
-        router = LearnedTopK(8, 2, 64, blocks=4, block_size=64, safeguard=spattn.Sinks(64) | spattn.Window(128))
-        layer = SparseAttention(512, 8, 2, pattern=router).to(device, dtype)
-        q, k, v = layer.project(torch.randn(2, 1025, 512, device=device, dtype=dtype))
-        layer.train()
-        trained = router.attend(q, k, v, causal=True, scale=0.125)  # straight-through pass
-        trained.float().square().mean().backward()
-        assert router.gate.query_proj.grad.abs().sum() > 0
-        mask = router.layout(q, k, router.last["chosen"], causal=True).to_dense()
-        q, k, v = q.detach(), k.detach(), v.detach()
-        golden, _ = dense_attention(q, k, v, mask, scale=0.125)
-        baseline = plain_attention(q, k, v, mask, scale=0.125)[0]
-        assert_within(trained.detach(), golden, baseline, what="router straight-through")
-        layer.eval()
-        with torch.no_grad():  # the same selection (no noise, no drop), plain sparse attention
-            assert_within(router.attend(q, k, v, causal=True, scale=0.125), golden, baseline, what="router eval")
-
-    check("gate == float64 reference", gate)
-    check("SparseAttention(static) within the tolerance rule", static_layer)
-    check("LearnedTopK: straight-through and sparse passes within the tolerance rule", router_layer)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the kernels' dtype on GPU
+    timed(checks, "gate == float64 reference", gate)
+    timed(checks, "SparseAttention(static) within the tolerance rule",
+          lambda: static_check(device, torch.float32,
+                               spattn.Sinks(64) | spattn.Window(256) | spattn.Essential(positions=(300, 700))))
+    timed(checks, "LearnedTopK: straight-through and sparse passes within the tolerance rule",
+          lambda: router_check(device, dtype, safeguard=spattn.Sinks(64) | spattn.Window(128)))
     return checks
 
 

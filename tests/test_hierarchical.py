@@ -301,3 +301,26 @@ def test_frozen_hf_model_under_patched():
         assert torch.isfinite(out).all() and not torch.allclose(out, dense, atol=1e-3)
         with spattn.patched(model, mixed, block_size=16), pytest.raises(NotImplementedError, match="cache"):
             model.generate(ids[:1, :20], max_new_tokens=2, do_sample=False)
+
+
+@pytest.mark.parametrize("length", [64, 100, 257])
+def test_decode_tokens_against_the_kernels_block_loads(length):
+    """The cost model's decode tokens against what the kernels load for the last query: every block its query
+    block visits in the tables the kernels iterate (``benchmarks/hierarchical.py::decode_loads``, keys past the
+    end not counted). Compressed and selected load exactly the model's tokens; the window loads whole blocks of
+    the query block's band: at most two blocks more than the model (and never more than the sequence)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "hierarchical.py"
+    spec = importlib.util.spec_from_file_location("spattn_bench_hierarchical", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    config = Hierarchical(compress_block=16, compress_stride=8, select_block=16, select_count=3, window=24)
+    row = bench.decode_loads(torch.device("cpu"), length, 2, 1, 8, config)
+    model, loads = row["decode_tokens_model"], row["decode_tokens_kernel_loads"]
+    assert model == decode_tokens(config, length)
+    assert loads["compressed"] == model["compressed"] and loads["selected"] == model["selected"]
+    block = row["block_sizes"]["window"]  # the window layout's blocks: a band of whole blocks per query block
+    assert model["window"] <= loads["window"] <= min(length, model["window"] + 2 * block)
+    assert loads["total"] == sum(loads[n] for n in ("compressed", "selected", "window"))

@@ -28,17 +28,24 @@ def test_quick_run_trains_every_section_at_matched_budget(tmp_path):
     threads = torch.get_num_threads()
     try:
         data = bench.main(["--quick", "--device", "cpu", "--skip-gate", "--time-budget", "900", "--out", str(out),
-                           "--sections", "lm0,ablation,seed1",
+                           "--sections", "lm0,ablation,seed1", "--workers", "4", "--in-process",
                            "--variants", "hierarchical,window,learned,learned+drop"])
     finally:
         torch.set_num_threads(threads)
     assert json.loads(out.read_text())["sections"].keys() == data["sections"].keys()
     assert data["machine"]["versions"]["torch"] and data["command"]
     lm, ablation, seed1 = (data["sections"][f"{k}@256"] for k in ("lm", "ablation", "seed1"))
-    for section in (lm, ablation, seed1):
+    assert lm["wave"] == ablation["wave"] == 0 and seed1["wave"] == 1  # whole sections, at most 4 workers a wave
+    assert seed1["steps_from_wave"] == 0  # the second seed keeps the first's step count
+    for name in ("lm@256", "ablation@256", "seed1@256"):
+        section = data["sections"][name]
         assert section["status"] == "done", section
+        assert section["steps"] == 3 and set(section["calibration"]) == set(section["runs"])  # --max-steps (quick)
         for variant, run in section["runs"].items():
-            assert run["steps_done"] == 2 and not run["stopped_early"], variant
+            assert run["status"] == "done" and run["steps_done"] == 3 and not run["stopped_early"], variant
+            log = tmp_path / "tfs-runs" / f"{bench.job_name(name, variant)}.jsonl"  # the worker's own curve
+            assert log.name.replace("-", "").replace(".", "").isalnum()
+            assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [0, 1, 2]
             for corpus in ("austen", "kjv"):
                 assert len(run["final_losses"][corpus]) == 2, variant
                 point = run["history"][-1][f"{corpus}_loss"]
@@ -54,10 +61,14 @@ def test_quick_run_trains_every_section_at_matched_budget(tmp_path):
             assert near <= abs(bench.band_keys_per_query(1 + n, budget["learned_block"], 256) - keys["hierarchical"])
     assert lm["runs"]["hierarchical"]["keys_per_query"]["branches_total"] > 0
     assert lm["runs"]["learned"]["keys_per_query"]["mean"] > 0
-    assert "gate_entropy" in lm["runs"]["learned"]["history"][-1]  # collapse metrics logged
+    assert "gate_entropy" in lm["runs"]["learned"]["history"][-1]  # collapse metrics logged, in training
+    assert 0 < lm["runs"]["learned"]["history"][-1]["held_distinct_blocks"] <= 1  # and on held-out text
+    assert "held_distinct_blocks" not in lm["runs"]["window"]["history"][-1]
     assert ablation["runs"]["learned+drop"]["regularisers"]["drop"] == 0.1
+    assert lm["comparisons"]["at_step"] == 2  # the last step, logged by every run
     assert lm["comparisons"]["hierarchical_vs_window"]["austen"]["winner"] in ("a", "b", "tie")
     assert set(data["over_seeds"]) == {"hierarchical", "window", "learned"}
+    assert data["ablation_comparisons"]["learned+drop_vs_learned"]["kjv"]["winner"] in ("a", "b", "tie")
 
 
 def test_fit_stops_at_the_deadline_and_trains_under_autocast():
