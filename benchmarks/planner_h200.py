@@ -34,15 +34,16 @@ from spattn.planner.cost import time_ms
 from spattn.testing import assert_within, dense_attention, plain_attention
 
 
-def gate(plan, table, block_size, device, backend="triton", layer=None, length=2048):
+def gate(plan, table, block_size, device, backend="triton", layer=None, length=2048, dtype=None):
     """One sparse layer of ``plan`` (default the first) through ``backend`` vs the float64 oracle on its exact
-    mask (float16 on CUDA, float32 on the CPU)."""
+    mask, in ``dtype`` (default float16 on CUDA, float32 on the CPU; pass the model's dtype so that the gate
+    compiles the kernels the measurement then reuses)."""
     if layer is None:
         layer = next((i for i in range(table.layers) if plan.pattern_for(i) is not None), None)
     if layer is None:
         return {"layer": None, "note": "dense plan"}
     H, Hkv, D, L = table.heads, table.kv_heads, table.head_dim, length
-    dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    dtype = dtype or (torch.float16 if torch.device(device).type == "cuda" else torch.float32)
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, H, L, D, generator=gen).to(device, dtype)
     k = torch.randn(1, Hkv, L, D, generator=gen).to(device, dtype)
@@ -58,10 +59,11 @@ def gate(plan, table, block_size, device, backend="triton", layer=None, length=2
             "max_error": float((fast.double() - golden).abs().max())}
 
 
-def attention_ms(plan, table, length, block_size, device, repeats, backend="triton"):
-    """Attention time of every layer of ``plan`` at ``length`` (sum over layers, each timed on its own)."""
+def attention_ms(plan, table, length, block_size, device, repeats, backend="triton", dtype=None):
+    """Attention time of every layer of ``plan`` at ``length`` (sum over layers, each timed on its own), in
+    ``dtype`` (default float16 on CUDA, float32 on the CPU)."""
     H, Hkv, D = table.heads, table.kv_heads, table.head_dim
-    dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    dtype = dtype or (torch.float16 if torch.device(device).type == "cuda" else torch.float32)
     gen = torch.Generator().manual_seed(1)
     q = torch.randn(1, H, length, D, generator=gen).to(device, dtype)
     k = torch.randn(1, Hkv, length, D, generator=gen).to(device, dtype)

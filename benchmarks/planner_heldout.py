@@ -114,6 +114,13 @@ class Clock:
         return False
 
 
+def phase(out: dict, name: str, since: float) -> None:
+    """Record (and print) the seconds of one phase of the run since ``since`` (``perf_counter``)."""
+    seconds = round(time.perf_counter() - since, 2)
+    out.setdefault("phase_seconds", {})[name] = seconds
+    print(f"[phase] {name}: {seconds:.1f} s", flush=True)
+
+
 def save(out: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -261,12 +268,13 @@ def evaluate_length(L, args, ctx, out, clock):
     if passkeys:
         res = retrieval_accuracy(model, tok, passkeys, None)
         entry["dense"]["passkey"] = {"accuracy": res.accuracy.to_dict(), "correct": res.correct}
-    captured = {"austen": capture_chunks(model, held[: args.recall_chunks]),
-                "kjv": capture_chunks(model, shift[: args.recall_chunks])}
+    captured = {} if "recall" in ctx["skip"] else {"austen": capture_chunks(model, held[: args.recall_chunks]),
+                                                   "kjv": capture_chunks(model, shift[: args.recall_chunks])}
     entry["held_out"] = {"austen_chunks": int(held.shape[0]), "kjv_chunks": int(shift.shape[0]),
-                         "recall_chunks": min(args.recall_chunks, int(held.shape[0])),
+                         "recall_chunks": 0 if "recall" in ctx["skip"] else min(args.recall_chunks, int(held.shape[0])),
                          "passkey_samples": len(passkeys), "passkey_depths": depths, "passkey_seeds": seeds}
     clock.record("dense", L, time.perf_counter() - t0)
+    phase(out, f"dense_{L}", t0)
     save(out, Path(args.out))
 
     jobs = []
@@ -301,7 +309,7 @@ def evaluate_length(L, args, ctx, out, clock):
         if not ranked:
             row["note"] = "no uniform candidate fits this budget"
         # recall and measured cost of every configuration, one dense pass per layer and chunk
-        if clock.fits("recall", L, out, f"recall at {L}, budget {budget}"):
+        if "recall" not in ctx["skip"] and clock.fits("recall", L, out, f"recall at {L}, budget {budget}"):
             t1 = time.perf_counter()
             for name, caps in captured.items():
                 scored = measured_recall(caps, [p for _, p, _ in configs], bs, device)
@@ -310,9 +318,10 @@ def evaluate_length(L, args, ctx, out, clock):
             clock.record("recall", L, time.perf_counter() - t1)
             save(out, Path(args.out))
         jobs.append((budget, row, configs, {}))
-    # LM + pass key: the plans and the best uniform of every budget first, then the runners-up
-    for rank in range(1 + args.uniform_top):
-        for budget, row, configs, lm in jobs:
+    # LM + pass key, budget by budget: the plan, then the uniform patterns in their rank order (a plan's row is
+    # only useful with its comparison, so each budget's pair completes before the next budget starts)
+    for budget, row, configs, lm in jobs:
+        for rank in range(1 + args.uniform_top):
             if rank >= len(configs) or (rank > 0 and "plan" not in lm):
                 continue
             name, plan, rec = configs[rank]
@@ -330,6 +339,7 @@ def evaluate_length(L, args, ctx, out, clock):
                 rec["passkey"] = {"accuracy": pk.accuracy.to_dict(), "correct": pk.correct}
             rec["seconds"] = time.perf_counter() - t1
             clock.record("config", L, rec["seconds"])
+            phase(out, f"config_{L}_{budget}_{name}", t1)
             if rank > 0:
                 rec["plan_minus_uniform"] = _comparisons(lm["plan"], lm[name], row["plan"], rec)
             save(out, Path(args.out))
@@ -375,16 +385,20 @@ def latency_section(L, args, ctx, out, clock):
     t0 = time.perf_counter()
     # beside the JSON (it comes back with the results, and the cache directory may not be writable)
     latency = LatencyTable(Path(args.out).with_name(Path(args.out).stem + "_latency.json"), device=device,
-                           backend=backend, repeats=args.repeats)
+                           backend=backend, repeats=args.repeats, dtype=ctx["dtype"])
     base = make_plan(None, None, budget=1.0, cost="latency", table=table, latency=latency)  # times every candidate
     clock.record("latency_table", L, time.perf_counter() - t0)
+    phase(out, f"latency_table_{L}", t0)
     dense_ms = float(table.latency_ms[..., table.index("dense")].sum())
     ids = text_chunks("austen", ctx["tokenizer"], L, split="held_out", max_chunks=args.eval_chunks)
     sec.update(latency_table_seconds=time.perf_counter() - t0, timed_entries=latency.measured,
                dense_attention_ms_predicted=dense_ms, backend=backend, repeats=args.repeats,
                uniform_at_dense_ms=base.uniform)
-    sec["dense_attention_ms_measured"] = attention_ms(spattn.Plan(), table, L, bs, device, args.repeats, backend)
+    t_dense = time.perf_counter()
+    sec["dense_attention_ms_measured"] = attention_ms(spattn.Plan(), table, L, bs, device, args.repeats, backend,
+                                                      dtype=ctx["dtype"])
     sec["dense_forward_ms"] = forward_ms(model, ids[:1].to(device), None, bs, max(3, args.repeats // 4), backend)
+    phase(out, f"latency_dense_{L}", t_dense)
     save(out, Path(args.out))
     cache: dict = {}
     for f in (float(x) for x in args.fractions.split(",") if x):
@@ -409,7 +423,8 @@ def latency_section(L, args, ctx, out, clock):
             rows = lm_rows(model, ids, res.plan, backend, bs, cache, device)
             row[name] = {
                 "predicted_ms": float(predicted), "tile_budget": tiles,
-                "measured_attention_ms": attention_ms(res.plan, table, L, bs, device, args.repeats, backend),
+                "measured_attention_ms": attention_ms(res.plan, table, L, bs, device, args.repeats, backend,
+                                                      dtype=ctx["dtype"]),
                 "forward_ms": forward_ms(model, ids[:1].to(device), res.plan, bs, max(3, args.repeats // 4), backend),
                 "calibration_recall": res.plan.meta["planner"]["mean_recall"],
                 "tile_fraction": res.plan.meta["planner"]["mean_tile_fraction"],
@@ -423,6 +438,7 @@ def latency_section(L, args, ctx, out, clock):
         for name in ("latency", "flops"):
             row.get(name, {}).pop("_rows", None)
         clock.record("latency_row", L, time.perf_counter() - t1)
+        phase(out, f"latency_row_{f:g}", t1)
         sec["rows"].append(row)
         save(out, Path(args.out))
         print("latency vs flops", json.dumps({k: row[k] for k in row if k != "latency_minus_flops"})[:400], flush=True)
@@ -449,7 +465,11 @@ def main() -> None:
     ap.add_argument("--latency-length", type=int, default=None, help="default the longest length")
     ap.add_argument("--fractions", default="0.25,0.5", help="ms budgets as fractions of the dense attention time")
     ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--skip", default="", help="comma-separated sections to skip: quality, latency")
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip: quality (the held-out rows), "
+                    "recall (the held-out recall rows inside quality), latency")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                    help="the model's dtype (the gate and the latency table use it too, so the gate compiles the "
+                    "kernels the measurement reuses)")
     ap.add_argument("--latency-share", type=float, default=0.3, help="share of --time-budget kept for the "
                     "latency section (the lengths share the rest in proportion to their length)")
     ap.add_argument("--time-budget", type=float, default=None, help="seconds for the whole run (model load "
@@ -474,10 +494,13 @@ def main() -> None:
            "note": "CPU timings come from a shared machine" if device.type == "cpu" else None}
     path = Path(args.out)
     save(out, path)
-    model, tokenizer = load_smollm2(device=device)
+    dtype = getattr(torch, args.dtype)
+    model, tokenizer = load_smollm2(device=device, dtype=dtype)
     out["model_load_seconds"] = time.perf_counter() - clock.start
+    phase(out, "model_load", clock.start)
     clock.setup_done()
     ctx = {"model": model, "tokenizer": tokenizer, "device": device, "backend": backend, "table": {},
+           "dtype": dtype, "skip": skip,
            "budgets": [parse_budget(b) for b in args.budgets.split(";") if b.strip()], "tables": {}}
     for t in args.table:
         ctx["tables"][CandidateTable.load(t).length] = t
@@ -494,8 +517,11 @@ def main() -> None:
                 res = first_feasible(table, ctx["budgets"] + [0.5, 0.9])
                 layers = [i for i in range(table.layers) if res.plan.pattern_for(i) is not None]
                 dynamic = [i for i in layers if res.plan.pattern_for(i).contains_dynamic()]
-                out["gate"] = [gate(res.plan, table, args.block_size, device, backend, layer=i, length=min(2048, L))
+                t_gate = time.perf_counter()
+                out["gate"] = [gate(res.plan, table, args.block_size, device, backend, layer=i, length=min(2048, L),
+                                    dtype=dtype)
                                for i in sorted(set(layers[:1] + dynamic[:1]))]
+                phase(out, "gate", t_gate)
                 save(out, path)
                 print("gate", json.dumps(out["gate"])[:300], flush=True)
             if table is not None and "quality" not in skip:

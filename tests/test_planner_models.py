@@ -121,6 +121,24 @@ def test_latency_table_cache_file(tmp_path):
         LatencyTable(path)
 
 
+def test_latency_table_times_candidates_interleaved():
+    calls = []
+
+    class Recording(LatencyTable):
+        def _runner(self, pattern, q, k, v, length, block_size, causal):
+            return lambda: calls.append(pattern)
+
+    a, b, c = spattn.Window(8), spattn.Window(16), spattn.Sinks(2) | spattn.Window(8)
+    table = Recording(None, device="cpu", repeats=3)
+    shape = dict(heads=2, kv_heads=1, head_dim=8, block_size=16)
+    table.layer_ms(c, 64, **shape)  # already in the table: not timed again below
+    calls.clear()
+    ms = table.measure([a, b, c, a], 64, **shape)
+    assert calls == [a, b] + [a, b] * 3  # one warm-up each, then round-robin rounds; the duplicate once
+    assert len(ms) == 4 and ms[0] == ms[3] and table.measured == 3
+    assert all(e["interleaved"] and e["repeats"] == 3 for e in table.entries.values())
+
+
 def test_encoder_plan_is_bidirectional():
     model = tiny_bert()
     ids = torch.randint(5, 120, (6 * 64,), generator=torch.Generator().manual_seed(1))

@@ -46,25 +46,63 @@ def load_model(name: str, device: str) -> tuple[Any, Any]:
 
 
 class RetrievalScorer:
-    """``--task retrieval``: passkey retrieval accuracy from the evaluation suite (``spattn.eval``)."""
+    """``--task retrieval``: pass-key retrieval, scored by the mean log-likelihood of the answer tokens.
+
+    ``samples`` pass keys (``spattn.eval.tasks.passkey``) hidden at depths ``(n + 0.5) / samples`` of
+    ``haystack`` (text or token ids ``[T]``: pass the calibration split, so that held-out text stays out of
+    planning) at ``length`` tokens. ``score(model, plan)`` is the mean over samples of the mean log-probability
+    of the answer's tokens after the prompt (teacher forced, one forward per sample): unlike exact match it
+    moves before the answer flips, so one sparse layer's effect on retrieval is visible with a few samples
+    (the planner's layer sensitivity). ``accuracy(model, plan)`` gives the exact match per sample
+    (``spattn.eval.retrieval.retrieval_accuracy``).
+    """
 
     name = "retrieval"
 
-    def __init__(self, tokenizer: Any, haystack: str, length: int, samples: int) -> None:
+    def __init__(self, tokenizer: Any, haystack: Any, length: int, samples: int, *, block_size: int = 64,
+                 seed: int = 0) -> None:
         try:
             from spattn.eval.retrieval import retrieval_accuracy
             from spattn.eval.tasks import passkey
         except ImportError as exc:
             raise ValueError(f"--task retrieval needs the evaluation suite (spattn.eval.tasks.passkey and "
                              f"spattn.eval.retrieval.retrieval_accuracy), which this install lacks: {exc}") from None
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"samples must be a positive int, got {samples!r}")
         self.tokenizer = tokenizer
+        self.block_size = block_size
         self._accuracy = retrieval_accuracy
         depths = [(n + 0.5) / samples for n in range(samples)]
-        self.samples = [passkey(tokenizer, haystack, length, depth, seed=n) for n, depth in enumerate(depths)]
+        self.samples = [passkey(tokenizer, haystack, length, depth, seed=seed + n) for n, depth in enumerate(depths)]
+
+    def log_likelihoods(self, model: Any, plan: Any) -> list[float]:
+        """Per sample, the mean log-probability of the answer tokens (dense when ``plan`` is None)."""
+        import torch
+        import torch.nn.functional as F
+
+        from spattn.integrations.hf import patched
+        from spattn.planner.tasks import block_size_of
+
+        device = next(model.parameters()).device
+        out = []
+        with torch.no_grad(), patched(model, plan, block_size=block_size_of(plan, self.block_size)):
+            for s in self.samples:
+                ids = torch.cat([s.input_ids[0], s.answer_ids[:-1]])[None].to(device)
+                logits = model(input_ids=ids).logits[0, s.input_ids.shape[1] - 1 :].float()
+                logp = F.log_softmax(logits, -1).gather(-1, s.answer_ids.to(device)[:, None])
+                out.append(float(logp.mean()))
+        return out
 
     def score(self, model: Any, plan: Any) -> float:
-        out = self._accuracy(model, self.tokenizer, self.samples, plan=plan)
-        return float(out if isinstance(out, (int, float)) else getattr(out, "accuracy", out))
+        values = self.log_likelihoods(model, plan)
+        return sum(values) / len(values)
+
+    def accuracy(self, model: Any, plan: Any) -> list[bool]:
+        """Exact match (greedy decoding emits the answer) per sample."""
+        from spattn.planner.tasks import block_size_of
+
+        return self._accuracy(model, self.tokenizer, self.samples, plan=plan,
+                              block_size=block_size_of(plan, self.block_size)).correct
 
 
 def plan_command(
@@ -112,10 +150,12 @@ def plan_command(
         net, tokenizer = load_model(model, device)
         scorer: Any = task
         calib_lengths = _ints(lengths, "--lengths")
-        if task == "retrieval":
-            from spattn.data import load_text
+        if task == "retrieval":  # pass keys in the calibration split after the captured chunks
+            from spattn.planner.calibrate import calibration_chunks
 
-            scorer = RetrievalScorer(tokenizer, load_text(text), calib_lengths[0], max(2, samples))
+            L0 = calib_lengths[0]
+            haystack = calibration_chunks(text, tokenizer, L0, samples + 2)[samples:].flatten()
+            scorer = RetrievalScorer(tokenizer, haystack, L0, max(2, samples), block_size=block_size)
         constraints = Constraints(dense_layers=_ints(dense_layers, "--dense-layers"), min_dense_heads=min_dense_heads,
                                   families=None if not families else tuple(f.strip() for f in families.split(",")))
         result = make_plan(net, text, budget=budget, cost=cost, objective=objective, task=scorer,

@@ -157,10 +157,11 @@ def _progress_bar(enabled: bool):
 
 
 def _latency_costs(table: CandidateTable, latency: LatencyTable, heads: int) -> np.ndarray:
-    """Per-head share of the measured layer latency, ``[layers, heads, C]`` (the same in every layer)."""
-    ms = np.array([latency.layer_ms(c.pattern, table.length, heads=heads, kv_heads=table.kv_heads,
-                                    head_dim=table.head_dim, block_size=table.block_size, causal=table.causal)
-                   for c in table.candidates]) / heads
+    """Per-head share of the measured layer latency, ``[layers, heads, C]`` (the same in every layer); the
+    candidates are timed interleaved (:meth:`LatencyTable.measure`)."""
+    ms = np.array(latency.measure([c.pattern for c in table.candidates], table.length, heads=heads,
+                                  kv_heads=table.kv_heads, head_dim=table.head_dim, block_size=table.block_size,
+                                  causal=table.causal)) / heads
     return np.broadcast_to(ms, (table.layers, heads, len(table.candidates))).copy()
 
 

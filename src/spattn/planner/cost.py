@@ -1,7 +1,8 @@
 """Cost models: analytic FLOPs from the visited tiles, and a measured latency table cached on disk.
 
 The latency of a candidate is the median time of one ``spattn.attention`` call for a whole layer (every head
-using the candidate) on random inputs of the model's shape, on the target device and backend; a head's share
+using the candidate) on random inputs of the model's shape, on the target device and backend, the candidates
+timed round-robin (interleaved) after one warm-up call each; a head's share
 is that time divided by the head count (a layer of mixed heads runs one kernel over per-head tables, so its
 time is about the sum of the shares; the planner's validation measures the real mixed layer to check).
 Static layouts are compiled outside the timed call (a deployed model reuses them); dynamic candidates are
@@ -37,19 +38,21 @@ def device_name(device: torch.device) -> str:
     return f"cpu:{platform.processor() or platform.machine()}:{os.cpu_count()}cores"
 
 
+def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+    """Wall milliseconds of one ``fn()`` call, synchronised before and after on CUDA."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) * 1e3
+
+
 def time_ms(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
     """Median wall time of ``fn()`` in milliseconds over ``repeats`` calls after one warm-up call."""
-    def once() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return (time.perf_counter() - start) * 1e3
-
-    once()
-    return statistics.median(once() for _ in range(repeats))
+    _timed(fn, device)
+    return statistics.median(_timed(fn, device) for _ in range(repeats))
 
 
 def default_path() -> Path:
@@ -102,29 +105,55 @@ class LatencyTable:
     def layer_ms(self, pattern: Pattern, length: int, *, heads: int, kv_heads: int, head_dim: int,
                  block_size: int = 64, causal: bool = True) -> float:
         """Median milliseconds of one attention call of a layer whose every head uses ``pattern``."""
-        key = self._key(pattern, length, heads, kv_heads, head_dim, block_size, causal)
-        hit = self.entries.get(key)
-        if hit is not None:
-            return float(hit["ms"])
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        q = torch.randn(1, heads, length, head_dim, generator=gen).to(self.device, self.dtype)
-        k = torch.randn(1, kv_heads, length, head_dim, generator=gen).to(self.device, self.dtype)
-        v = torch.randn(1, kv_heads, length, head_dim, generator=gen).to(self.device, self.dtype)
-        if pattern.contains_dynamic():
-            def run() -> Any:
-                return attention(q, k, v, pattern, causal=causal, backend=self.backend, block_size=block_size)
-        else:
-            layout = compile_pattern(pattern, length, length, causal=causal, block_size=block_size,
-                                     device=self.device)
+        return self.measure([pattern], length, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                            block_size=block_size, causal=causal)[0]
 
-            def run() -> Any:
-                return attention(q, k, v, layout, causal=causal, backend=self.backend)
+    def measure(self, patterns: list[Pattern], length: int, *, heads: int, kv_heads: int, head_dim: int,
+                block_size: int = 64, causal: bool = True) -> list[float]:
+        """Median milliseconds of one layer's attention call per pattern (every head using it), interleaved.
+
+        The patterns not yet in the table are warmed up once each (JIT, layout compile), then timed in
+        ``repeats`` rounds that call every pattern once (round-robin), so that clock and thermal drift over
+        the build spreads over all candidates instead of favouring the ones timed first. Inputs are random
+        ``[1, heads, length, head_dim]`` queries and ``[1, kv_heads, length, head_dim]`` keys and values.
+        Returns one time per pattern, in order (cached entries are not re-timed).
+        """
+        keys = [self._key(p, length, heads, kv_heads, head_dim, block_size, causal) for p in patterns]
+        todo = [i for i, key in enumerate(keys) if key not in self.entries]
+        seen: dict[str, int] = {}
+        runs: dict[int, Callable[[], Any]] = {}
+        if todo:
+            gen = torch.Generator(device="cpu").manual_seed(0)
+            q = torch.randn(1, heads, length, head_dim, generator=gen).to(self.device, self.dtype)
+            k = torch.randn(1, kv_heads, length, head_dim, generator=gen).to(self.device, self.dtype)
+            v = torch.randn(1, kv_heads, length, head_dim, generator=gen).to(self.device, self.dtype)
+            for i in todo:
+                if keys[i] in seen:  # the same pattern twice in the list: time it once
+                    continue
+                seen[keys[i]] = i
+                runs[i] = self._runner(patterns[i], q, k, v, length, block_size, causal)
+        samples: dict[int, list[float]] = {i: [] for i in runs}
         with torch.no_grad():
-            ms = time_ms(run, self.device, self.repeats)
-        self.entries[key] = {"ms": ms, "repeats": self.repeats,
-                             "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        self.measured += 1
-        return ms
+            for run in runs.values():  # warm-up: JIT and caches, outside the timing
+                run()
+            for _ in range(self.repeats):
+                for i, run in runs.items():
+                    samples[i].append(_timed(run, self.device))
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        for i, times in samples.items():
+            self.entries[keys[i]] = {"ms": statistics.median(times), "repeats": self.repeats, "interleaved": True,
+                                     "measured": stamp}
+            self.measured += 1
+        return [float(self.entries[key]["ms"]) for key in keys]
+
+    def _runner(self, pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int,
+                block_size: int, causal: bool) -> Callable[[], Any]:
+        """One layer's attention call with ``pattern`` (static layouts compiled here, outside the timing;
+        dynamic selection inside it, as a deployed model runs it)."""
+        if pattern.contains_dynamic():
+            return lambda: attention(q, k, v, pattern, causal=causal, backend=self.backend, block_size=block_size)
+        layout = compile_pattern(pattern, length, length, causal=causal, block_size=block_size, device=self.device)
+        return lambda: attention(q, k, v, layout, causal=causal, backend=self.backend)
 
     def save(self) -> Path | None:
         """Write the table to its file (atomically); returns the path (None for an in-memory table)."""
