@@ -51,7 +51,8 @@ from spattn.selectors.common import pool
 
 NAME = "spattn_runtime"
 Kernel = Callable[..., torch.Tensor]
-_STATIC_KWARGS = ("max_new_tokens", "pad_token_id", "eos_token_id")  # what the static loop takes (greedy)
+_STATIC_KWARGS = ("max_new_tokens", "min_new_tokens", "pad_token_id", "eos_token_id", "past_key_values",
+                  "output_logits")  # the static loop (greedy; output_logits: runtime.decoder.logits)
 KERNELS = {"auto": auto_paged_attention, "torch": paged_attention, "triton": triton_paged_attention}
 
 
@@ -79,6 +80,20 @@ def _dense(module, query, key, value, attention_mask, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _dense_static(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor,
+                  kwargs: dict) -> tuple[torch.Tensor, None]:
+    """Dense decode attention of the static step: one query ``[B, H, 1, D]`` over the keys ``valid`` marks
+    (bool ``[B, C]``) of the whole cache buffer ``[B, Hkv, C, D]``, torch SDPA with a boolean mask, the GQA group
+    folded into the query length (``[B, Hkv, G, D]``: K/V not repeated). Returns ``([B, 1, H, Dv], None)``."""
+    B, H, _, D = query.shape
+    Hkv = key.shape[1]
+    scale = kwargs.get("scaling")
+    q = query.reshape(B, Hkv, H // Hkv, D)
+    out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=valid[:, None, None, :],
+                                                           scale=None if scale is None else float(scale))
+    return out.reshape(B, H, 1, -1).transpose(1, 2).contiguous(), None
 
 
 def _valid_keys(attention_mask: torch.Tensor | None, batch: int, kv_len: int, device) -> torch.Tensor:
@@ -238,6 +253,11 @@ class Runtime:
                                  and not (k == "do_sample" and not v) and not (k == "num_beams" and v == 1))
             if "max_new_tokens" not in kwargs:
                 unsupported.append("max_new_tokens missing")
+            if getattr(self.model.config, "sliding_window", None) is not None:
+                unsupported.append("a sliding-window model")
+            generic = [i for i in self.sparse_layers if self.decode_plans[i] is None]
+            if generic:
+                unsupported.append(f"layers {generic} have no paged decode form (generic decode path)")
             if not unsupported:
                 from spattn.runtime.graph import generate_static
 
@@ -249,8 +269,9 @@ class Runtime:
                                                 requests=int(input_ids.shape[0]))
                 self.metrics.count_tokens(int((sequences.shape[1] - input_ids.shape[1]) * sequences.shape[0]))
                 return sequences
-            log_event(logging.INFO, "static_decode_off", reason="generate options the static loop does not support",
+            log_event(logging.INFO, "static_decode_off", reason="what the static loop does not support",
                       options=unsupported)
+            self.decoder = None
         processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
         processors.append(_StepClock(self))
         if "past_key_values" not in kwargs:
@@ -280,12 +301,12 @@ class Runtime:
     # ------------------------------------------------------------------ attention
     def attend(self, module, query, key, value, attention_mask, **kwargs) -> tuple[torch.Tensor, None]:
         layer = module.layer_idx
+        if self._static is not None and query.shape[2] == 1:
+            return self._decode_static(module, layer, query, key, value, attention_mask, kwargs)
         if layer not in self.decode_plans or self.controller.is_dense(layer) or kwargs.get("sliding_window"):
             return _dense(module, query, key, value, attention_mask, **kwargs)
         if query.shape[2] > 1:
             return self._prefill(module, layer, query, key, value, attention_mask, kwargs)
-        if self._static is not None:
-            return self._decode_static(module, layer, query, key, value, attention_mask, kwargs)
         return self._decode(module, layer, query, key, value, attention_mask, kwargs)
 
     def _record_prefill(self, seconds: float, args: tuple, kwargs: dict) -> None:
@@ -449,8 +470,8 @@ class Runtime:
         buffers ``[B, Hkv, C, D]``; device work only unless the step runs eagerly (then a kernel that raises
         makes the layer dense for this generation, and sampled recall is measured)."""
         st = self._static
-        if layer in st.dense_layers or st.kind == "dense":
-            return _dense(module, query, key, value, attention_mask, **kwargs)
+        if layer not in st.plans or layer in st.dense_layers or st.kind == "dense" or kwargs.get("sliding_window"):
+            return _dense_static(module, query, key, value, st.valid, kwargs)
         plan = st.plans[layer]
         D = query.shape[-1]
         scale = kwargs.get("scaling")
@@ -479,7 +500,7 @@ class Runtime:
             except Exception as exc:  # noqa: BLE001 - any kernel failure is answered by the dense rerun
                 self.controller.fallback(layer, "error", f"{type(exc).__name__}: {exc}")
                 st.failed.add(layer)
-                return _dense(module, query, key, value, attention_mask, **kwargs)
+                return _dense_static(module, query, key, value, st.valid, kwargs)
         else:
             out, selection = sparse()
         if self.check_finite:  # one device flag per layer, read by the loop once per step

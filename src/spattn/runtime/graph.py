@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from spattn.runtime.cache import PagedLayer, SpattnCache
 from spattn.runtime.decode import DecodePlan, static_rows
 from spattn.runtime.monitor import log_event
 
@@ -66,6 +68,7 @@ class StaticState:
     dense_layers: frozenset = frozenset()
     failed: set = dataclasses.field(default_factory=set)    # layers whose kernel raised in this generation
     forced: frozenset = frozenset()                         # layers dense for one rerun (non-finite output)
+    budget_values: list = dataclasses.field(default_factory=list)  # what ``budget`` holds (host copy)
     eager: bool = True       # the step being run is not a replay (recall sampling and exceptions allowed)
     sample: bool = False     # measure the sampled recall in this (eager) step
 
@@ -91,12 +94,17 @@ class StaticDecoder:
 
     def __init__(self, runtime: Runtime, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                  max_new_tokens: int, *, pad_token_id: int | None, eos_token_id: int | list[int] | None,
-                 cuda_graph: bool) -> None:
+                 cuda_graph: bool, cache=None, min_new_tokens: int = 0, keep_logits: bool = False) -> None:
         self.runtime = runtime
         self.input_ids = input_ids
         self.mask2d = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None \
             else attention_mask.to(torch.bool)
         self.max_new_tokens = int(max_new_tokens)
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}")
+        self.min_new_tokens = int(min_new_tokens or 0)
+        self.cache = cache
+        self.logits: list[torch.Tensor] | None = [] if keep_logits else None  # per generated token, [B, V]
         eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         self.eos = torch.tensor(eos, dtype=torch.long, device=input_ids.device) if eos else None
         if self.eos is not None and pad_token_id is None:
@@ -122,7 +130,7 @@ class StaticDecoder:
         rt = self.runtime
         B, P0 = self.input_ids.shape
         S = rt.block_size
-        C = -(-(P0 + self.max_new_tokens) // S) * S
+        C = int(cache.layers[0]._keys.shape[2])
         dev = self.device
         valid = torch.zeros(B, C, dtype=torch.bool, device=dev)
         valid[:, :P0] = self.mask2d
@@ -174,8 +182,10 @@ class StaticDecoder:
             st.widths[layer] = old if old is not None and old >= width and st.plans.get(layer) == plan else width
             st.plans[layer] = plan
         st.dense_layers = frozenset(dense)
-        st.budget.copy_(torch.tensor(budgets, dtype=torch.long))
-        return (st.dense_layers, tuple(sorted(st.widths.items())), tuple(sorted(st.plans.items(), key=lambda kv: kv[0])))
+        if budgets != st.budget_values:
+            st.budget.copy_(torch.tensor(budgets, dtype=torch.long))
+            st.budget_values = budgets
+        return st.dense_layers, tuple(sorted(st.widths.items())), tuple(sorted(st.plans.items(), key=lambda kv: kv[0]))
 
     # ------------------------------------------------------------------ one step
     def _forward(self, st: StaticState, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
@@ -215,15 +225,28 @@ class StaticDecoder:
         cfg = model.config
         heads = int(cfg.num_attention_heads)
         kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
-        C = -(-(P0 + self.max_new_tokens) // S) * S
-        cache = rt.new_cache(reserve=C)
+        need = P0 + self.max_new_tokens - 1  # the last token is not written to the cache
+        cache = self.cache
+        if cache is None:
+            cache = rt.new_cache(reserve=-(-need // S) * S)
+        rt.cache = cache
+        cached = cache.get_seq_length()
+        for layer in cache.layers:  # the whole capacity up front: static decode never grows the buffers
+            layer.reserve = max(layer.reserve, -(-need // S) * S)
+            if layer._keys is not None and layer._keys.shape[2] < need:
+                layer._ensure(layer._keys, layer._values, need)
+        if not isinstance(cache, SpattnCache) or cached >= P0 or any(
+                not isinstance(layer, PagedLayer) or layer.get_seq_length() != cached for layer in cache.layers):
+            raise ValueError("static decode needs a SpattnCache holding fewer tokens than input_ids, in every layer")
         rt.step_seconds = []
         positions = self.mask2d.long().cumsum(-1) - 1
         positions = positions.masked_fill(~self.mask2d, 1)
         start = time.perf_counter()
-        out = model(input_ids=self.input_ids, attention_mask=self.mask2d.long(), position_ids=positions,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
-        next_tokens = out.logits[:, -1].argmax(-1)
+        out = model(input_ids=self.input_ids[:, cached:], attention_mask=self.mask2d.long(),
+                    position_ids=positions[:, cached:], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        if self.logits is not None:
+            self.logits.append(out.logits[:, -1].clone())
+        next_tokens = self._pick(out.logits[:, -1], 0)
         finished = torch.zeros(B, dtype=torch.bool, device=self.device)
         if self.eos is not None:
             finished = torch.isin(next_tokens, self.eos)
@@ -262,7 +285,9 @@ class StaticDecoder:
                 flagged = bool(read[0])
                 if flagged:
                     logits = self._rerun(st, tokens, position, cache, heads, kv_heads)
-                nxt = logits.argmax(-1)
+                if self.logits is not None:
+                    self.logits.append(logits.clone())
+                nxt = self._pick(logits, len(generated))
                 if self.eos is not None:
                     nxt = torch.where(finished, torch.full_like(nxt, self.pad), nxt)
                     finished = finished | torch.isin(nxt, self.eos)
@@ -282,6 +307,12 @@ class StaticDecoder:
             rt._static = None
             cache.end_static(P0 + len(generated) - 1)
         return torch.cat([self.input_ids, torch.stack(generated, 1)], 1)
+
+    def _pick(self, logits: torch.Tensor, produced: int) -> torch.Tensor:
+        """Greedy next tokens ``[B]``; ``eos`` cannot win before ``min_new_tokens`` tokens (as in ``generate``)."""
+        if self.eos is not None and produced < self.min_new_tokens:
+            logits = logits.index_fill(-1, self.eos, -math.inf)
+        return logits.argmax(-1)
 
     def _rerun(self, st, tokens, position, cache, heads, kv_heads) -> torch.Tensor:
         """A step with a non-finite sparse output: count it per layer, rerun it eagerly with those layers
@@ -319,11 +350,14 @@ class StaticDecoder:
 def generate_static(runtime: Runtime, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                     **kwargs: Any) -> torch.Tensor:
     """Greedy ``[B, prompt + new]`` token ids through :class:`StaticDecoder` (the keyword arguments of
-    ``generate`` it supports: ``max_new_tokens``, ``pad_token_id``, ``eos_token_id``, ``do_sample=False``)."""
+    ``generate`` it supports: ``max_new_tokens``, ``min_new_tokens``, ``pad_token_id``, ``eos_token_id``,
+    ``past_key_values`` (a :class:`~spattn.runtime.SpattnCache` with capacity reserved), ``do_sample=False``)."""
     config = runtime.model.generation_config
     eos = kwargs.get("eos_token_id", config.eos_token_id)
     pad = kwargs.get("pad_token_id", config.pad_token_id)
     decoder = StaticDecoder(runtime, input_ids, attention_mask, int(kwargs["max_new_tokens"]), pad_token_id=pad,
-                            eos_token_id=eos, cuda_graph=runtime.cuda_graph)
+                            eos_token_id=eos, cuda_graph=runtime.cuda_graph, cache=kwargs.get("past_key_values"),
+                            min_new_tokens=int(kwargs.get("min_new_tokens") or 0),
+                            keep_logits=bool(kwargs.get("output_logits")))
     runtime.decoder = decoder
     return decoder.run()
