@@ -36,11 +36,12 @@ def prompts():
     return ids, mask
 
 
-def generate(model, plan, ids, mask, *, static, new=NEW, **kwargs):
+def generate(model, plan, ids, mask, *, static, new=NEW, gen=None, **kwargs):
     options = {"min_sparse_tokens": 0, "monitor_level": 1, **kwargs}
     runtime = Runtime(model, plan, block_size=8, cuda_graph=static, **options)
     try:
-        out = runtime.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0)
+        out = runtime.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0,
+                               **(gen or {}))
     finally:
         runtime.detach()
     return out, runtime
@@ -93,16 +94,11 @@ def test_min_new_tokens_and_eos_follow_generate(model, prompts):
     plan = spattn.Plan.uniform(spattn.Sinks(4) | spattn.Window(8) | spattn.TopK("bounds", 1))
     eager, _ = generate(model, plan, ids[:1], mask[:1], static=False)
     eos = int(eager[0, ids.shape[1] + 2])  # the third generated token ends the sequence
-    kw = dict(eos_token_id=eos, min_new_tokens=0)
-    outs = []
-    for static in (False, True):
-        runtime = Runtime(model, plan, block_size=8, min_sparse_tokens=0, cuda_graph=static)
-        outs.append(runtime.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0,
-                                     **kw))
-        runtime.detach()
-    assert torch.equal(outs[0], outs[1])
-    static_min, _ = generate(model, plan, ids, mask, static=True, eos_token_id=eos, min_new_tokens=NEW)
-    eager_min, _ = generate(model, plan, ids, mask, static=False, eos_token_id=eos, min_new_tokens=NEW)
+    outs = [generate(model, plan, ids, mask, static=static, gen={"eos_token_id": eos})[0] for static in (False, True)]
+    assert torch.equal(outs[0], outs[1]) and (outs[1][:, ids.shape[1]:] == eos).any()
+    gen = {"eos_token_id": eos, "min_new_tokens": NEW}
+    static_min, _ = generate(model, plan, ids, mask, static=True, gen=gen)
+    eager_min, _ = generate(model, plan, ids, mask, static=False, gen=gen)
     assert static_min.shape[1] == ids.shape[1] + NEW and torch.equal(static_min, eager_min)
 
 

@@ -503,8 +503,10 @@ class Runtime:
                 return _dense_static(module, query, key, value, st.valid, kwargs)
         else:
             out, selection = sparse()
-        if self.check_finite:  # one device flag per layer, read by the loop once per step
-            st.flags[layer:layer + 1].logical_or_(~torch.isfinite(out).all().view(1))
+        if self.check_finite:  # one device flag per layer, read by the loop once per step (a non-finite output
+            #                    from a finite query: a layer fed by an earlier layer's NaN is not to blame)
+            bad = ~torch.isfinite(out).all() & torch.isfinite(query).all()
+            st.flags[layer:layer + 1].logical_or_(bad.view(1))
         if self.level >= 1:
             st.density[layer:layer + 1].copy_(selection.density(st.valid.sum(-1)).mean().view(1))
             st.pages[layer:layer + 1].copy_((selection.pages >= 0).sum(-1).float().mean().view(1))
