@@ -99,12 +99,26 @@ def smollm2_shape(layers: int, max_positions: int, dtype, device, init: float = 
 
 
 def plans(quick: bool) -> dict[str, spattn.Plan]:
+    """The plans by variant name; ``<name>+graph`` decodes the same plan with ``Runtime(cuda_graph=True)``."""
     window, sinks = (64, 8) if quick else (1024, 64)
-    return {
+    base = {
         "dense": spattn.Plan(),
         "sparse-16": spattn.Plan.uniform(spattn.Sinks(sinks) | spattn.Window(window) | spattn.TopK("bounds", 16)),
         "sparse-64": spattn.Plan.uniform(spattn.Sinks(sinks) | spattn.Window(window) | spattn.TopK("bounds", 64)),
     }
+    return {**base, **{f"{name}+graph": plan for name, plan in base.items()}}
+
+
+def is_graph(variant: str) -> bool:
+    return variant.endswith("+graph")
+
+
+def baseline_of(variant: str) -> str:
+    """The dense row a variant is compared with: the same harness (captured against captured)."""
+    return "dense+graph" if is_graph(variant) else "dense"
+
+
+VARIANTS = ["dense+graph", "sparse-16+graph", "dense", "sparse-16", "sparse-64+graph", "sparse-64"]
 
 
 # ---------------------------------------------------------------------------------------------- gates
@@ -141,11 +155,11 @@ def gate_kernel(length: int, device, dtype, page: int) -> dict:
             "baseline_err": float((baseline.double() - golden).abs().max())}
 
 
-def gate_generate(device, page: int) -> dict:
+def gate_generate(device, page: int, prompt: int = 700) -> dict:
     """``generate`` with a plan that covers every token against dense ``generate`` (float32, 2 layers, one
     padded row): the same tokens, and per-step logits within 1e-3 of the largest logit where tokens agree."""
     model = smollm2_shape(2, 4096, torch.float32, device, init=0.2)  # larger weights: clear argmax margins
-    ids = torch.randint(3, 49152, (2, 700), generator=torch.Generator().manual_seed(2)).to(device)
+    ids = torch.randint(3, 49152, (2, prompt), generator=torch.Generator().manual_seed(2)).to(device)
     mask = torch.ones_like(ids)
     mask[1, :100] = 0
     kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=2, return_dict_in_generate=True,
@@ -168,9 +182,42 @@ def gate_generate(device, page: int) -> dict:
     if max(diffs) > 1e-3:
         raise AssertionError(f"generate with a plan covering every token differs from dense: relative logit "
                              f"error {max(diffs):.2e}")
-    return {"prompt": 700, "new_tokens": 8, "prefill_backend": "reference", "equal_tokens": equal,
-            "max_relative_logit_error": max(diffs),
-            "fallbacks": dict(runtime.controller.summary()["counts"])}
+    report = {"prompt": prompt, "new_tokens": 8, "prefill_backend": "reference", "equal_tokens": equal,
+              "max_relative_logit_error": max(diffs), "fallbacks": dict(runtime.controller.summary()["counts"])}
+    report["static"] = gate_static(model, ids, mask, page)
+    return report
+
+
+def gate_static(model, ids, mask, page: int) -> dict:
+    """The static decode step recorded in a CUDA graph (``Runtime(cuda_graph=True)``) against the eager
+    runtime, same sparse plan (sinks, window and 2 selected pages of a 700-token prompt, one padded row): the
+    same tokens and per-step logits within 1e-3 of the largest logit (both runs through the decode kernel the
+    measurements use, float32). Not fatal: a failure disables the graph
+    variants (recorded), the eager rows are still measured."""
+    plan = spattn.Plan.uniform(spattn.Sinks(64) | spattn.Window(256) | spattn.TopK("bounds", 2))
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=2, output_logits=True)
+    started = time.time()
+    eager = Runtime(model, plan, min_sparse_tokens=0, block_size=page, monitor_level=0, backend="reference",
+                    decode_kernel=KERNEL[0])
+    with torch.inference_mode():
+        expected = eager.generate(ids, return_dict_in_generate=True, **kw)
+    eager.detach()
+    static = Runtime(model, plan, min_sparse_tokens=0, block_size=page, monitor_level=0, backend="reference",
+                     decode_kernel=KERNEL[0], cuda_graph=True)
+    out = static.generate(ids, **kw)
+    static.detach()
+    decoder = static.decoder
+    equal = bool(torch.equal(out, expected.sequences))
+    diffs = []
+    for a, b in zip(decoder.logits, expected.logits, strict=True):
+        diffs.append(float((a.float() - b.float()).abs().max() / b.float().abs().max()))
+        if not torch.equal(a.argmax(-1), b.argmax(-1)):
+            break
+    result = {"plan": plan.to_dict(), "equal_tokens": equal, "max_relative_logit_error": max(diffs),
+              "captures": decoder.captures, "replays": decoder.replays, "graph_off_reason": decoder.reason,
+              "fallbacks": dict(static.controller.summary()["counts"]), "seconds": round(time.time() - started, 2)}
+    result["passed"] = equal and max(diffs) <= 1e-3 and (decoder.replays > 0 or model.device.type != "cuda")
+    return result
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -267,17 +314,26 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def measure_timing(model, plan, ids, cache, length, args, page, row) -> None:
-    """tokens/s and per-step p50 / p95 of ``generate``'s decode steps (3 warm-up steps first)."""
-    rt = Runtime(model, plan, min_sparse_tokens=0, block_size=page, monitor_level=0, decode_kernel=KERNEL[0])
+    """tokens/s and per-step p50 / p95 of ``generate``'s decode steps (3 warm-up steps first). A ``+graph``
+    variant: ``Runtime(cuda_graph=True)``; its first decode step (eager, then recorded) is left out of the
+    statistics and reported as ``first_step_ms``."""
+    graph = is_graph(row["variant"])
+    rt = Runtime(model, plan, min_sparse_tokens=0, block_size=page, monitor_level=0, decode_kernel=KERNEL[0],
+                 cuda_graph=graph)
     try:
         decode(rt, ids, cache, length, 3)
-        tokens, times = decode(rt, ids, cache, length, args.steps)
+        tokens, times = decode(rt, ids, cache, length, args.steps + (1 if graph else 0))
+        if graph:
+            d = rt.decoder
+            row.update(first_step_ms=times[0] * 1e3, captures=d.captures, replays=d.replays,
+                       graph_off_reason=d.reason)
+            times = times[1:]
     finally:
         rt.detach()
     med = statistics.median(times)
     row.update(step_p50_ms=med * 1e3, step_p95_ms=percentile(times, 0.95) * 1e3, step_mean_ms=statistics.fmean(times)
                * 1e3, tokens_per_second=args.batch / med, steps=len(times), step_ms=[t * 1e3 for t in times])
-    row["_tokens"] = tokens
+    row["_tokens"] = tokens[:, : args.steps]
 
 
 def measure_share(model, plan, ids, cache, length, args, device, page, row) -> None:
@@ -378,6 +434,35 @@ def measure_kernel(plan, cache, length, args, device, page, row, repeats: int = 
                 times.append(time.perf_counter() - start)
         return statistics.median(times)
 
+    def graph_timed(fn) -> float:
+        """Mean GPU time of ``fn`` recorded in a CUDA graph and replayed ``repeats`` times back to back."""
+        if device.type != "cuda":
+            return timed(fn)
+        with torch.inference_mode():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    fn()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            graph.replay()
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(repeats):
+                graph.replay()
+            sync(device)
+        return (time.perf_counter() - start) / repeats
+
+    if is_graph(row["variant"]):
+        if device.type != "cuda":  # a dry run: the same calls, timed without a graph
+            row["attention_call_note"] = "no CUDA: timed without a CUDA graph (dry run)"
+        measure_kernel_graph(dp, layer, query, L, page, len(cache.layers), device, row, graph_timed,
+                             lambda: torch.nn.functional.scaled_dot_product_attention(query, key, value,
+                                                                                       enable_gqa=True))
+        return
     med = timed(call)
     row["attention_call_ms"] = med * 1e3
     row["attention_per_step_ms"] = med * 1e3 * len(cache.layers)
@@ -391,22 +476,70 @@ def measure_kernel(plan, cache, length, args, device, page, row, repeats: int = 
             lambda: paged_attention(query, key, value, sel, page_size=page, scale=D ** -0.5)) * 1e3
 
 
+def measure_kernel_graph(dp, layer, query, L, page, layers, device, row, graph_timed, flash) -> None:
+    """The attention call of the captured static step, alone, in a CUDA graph (mean GPU time of back-to-back
+    replays): dense = SDPA over the cache's whole capacity with a bool mask (GQA folded into the query
+    length), and for reference torch's flash SDPA over exactly L keys; sparse = ``select_from_row`` over the
+    capacity with the step's static row and fixed width + the decode kernel on the whole buffers."""
+    from spattn.runtime.decode import select_from_row, static_rows
+    from spattn.runtime.engine import _dense_static
+
+    whole_k, whole_v = layer._keys, layer._values
+    B, Hkv, C, D = whole_k.shape
+    H = query.shape[1]
+    valid = torch.zeros(B, C, dtype=torch.bool, device=device)
+    valid[:, :L] = True
+    n = layers
+    if dp is None:
+        masked = graph_timed(lambda: _dense_static(None, query, whole_k, whole_v, valid, {"scaling": D ** -0.5}))
+        exact = graph_timed(flash)
+        row.update(attention_call_graph_ms=masked * 1e3, attention_per_step_graph_ms=masked * 1e3 * n,
+                   flash_exact_length_call_graph_ms=exact * 1e3, flash_exact_length_per_step_graph_ms=exact * 1e3 * n,
+                   attention_call_what="the static step's dense attention: SDPA over the whole capacity with a bool "
+                   "mask, GQA folded into the query length, in a CUDA graph; flash_exact_length_*: torch's flash "
+                   "SDPA (enable_gqa, no mask) over exactly L keys, in a CUDA graph")
+        if "step_p50_ms" in row:
+            row["step_p50_ms_with_flash_attention_estimate"] = row["step_p50_ms"] - (masked - exact) * 1e3 * n
+    else:
+        rows, pages = static_rows(dp, C, range(L, L + 1), batch=B, heads=H, page_size=page, device=device,
+                                  group=H // Hkv)
+        budget = torch.full((1,), dp.blocks, dtype=torch.long, device=device)
+        sizes = (L - torch.arange(C // page, device=device) * page).clamp(1, page)
+        width = min(C // page, pages + dp.blocks + 1)
+        key_min, key_max = layer._min, layer._max
+
+        def call():
+            sel = select_from_row(query, valid, dp, budget, rows[0], width, kv_heads=Hkv, page_size=page,
+                                  scale=D ** -0.5, key_min=key_min, key_max=key_max, page_sizes=sizes)
+            return KERNELS[KERNEL[0]](query, whole_k, whole_v, sel, page_size=page, scale=D ** -0.5)
+
+        med = graph_timed(call)
+        row.update(attention_call_graph_ms=med * 1e3, attention_per_step_graph_ms=med * 1e3 * n,
+                   attention_call_what="the static step's select_from_row over the capacity (static row, fixed "
+                   "width) + the decode kernel on the whole buffers, in a CUDA graph")
+    if "step_p50_ms" in row:
+        row["outside_attention_share"] = 1 - row["attention_per_step_graph_ms"] / row["step_p50_ms"]
+
+
 def tasks(contexts: list[int], variants: list[str]) -> list[tuple[str, int, str]]:
-    """(kind, context, variant), most important first: at the largest context the dense / first-sparse step
-    timing (the 8x target), the attention call alone, the model forward alone (no generate loop) and the share
-    of a step outside attention; then the same timings at the other contexts, recall, the other variants."""
+    """(kind, context, variant), most important first: at the largest context the step timing of the first
+    four variants (captured dense / sparse-16, then eager), the attention call alone of the first two (in a CUDA
+    graph: the share of the captured step outside attention); the same at the other contexts; the sampled
+    recall; the other variants; then the eager diagnostics (attention call, model forward alone, share)."""
     ordered = sorted(contexts, reverse=True)
-    top, others = ordered[0], ordered[1:]
-    first, rest = variants[:2], variants[2:]
-    sparse = [v for v in variants if v != "dense"]
-    out = [(kind, top, v) for kind in ("timing", "kernel", "forward", "share") for v in first]
-    out += [("timing", c, v) for c in others for v in first]
+    head, rest = variants[:4], variants[4:]
+    eager = [v for v in variants if not is_graph(v)][:2]
+    sparse = [v for v in variants if v.startswith("sparse") and not is_graph(v)]
+    out = []
+    for c in ordered:
+        out += [("timing", c, v) for v in head]
+        out += [("kernel", c, v) for v in head[:2]]
     out += [("recall", c, v) for c in ordered for v in sparse[:1]]
     out += [("timing", c, v) for c in ordered for v in rest]
-    out += [(kind, c, v) for kind in ("kernel", "forward", "share") for c in others for v in first]
+    out += [(kind, c, v) for c in ordered for kind in ("kernel", "share", "forward") for v in eager]
     out += [("recall", c, v) for c in ordered for v in sparse[1:]]
-    out += [(kind, c, v) for kind in ("kernel", "share") for c in ordered for v in rest]
-    return out
+    out += [("kernel", c, v) for c in ordered for v in rest]
+    return [t for i, t in enumerate(out) if t not in out[:i]]
 
 
 class Budget:
@@ -441,15 +574,27 @@ def write(report: dict, path: str) -> None:
 
 
 def speedups(rows: list[dict]) -> None:
+    """Speedups against the dense row of the same harness (captured against captured, eager against eager);
+    captured rows also against eager dense and their own eager variant."""
+    def find(context, variant):
+        return next((d for d in rows if d["context"] == context and d["variant"] == variant and "step_p50_ms" in d),
+                    None)
+
     for r in rows:
-        dense = next((d for d in rows if d["context"] == r["context"] and d["variant"] == "dense"
-                      and "step_p50_ms" in d), None)
+        if is_graph(r["variant"]) and "step_p50_ms" in r:
+            eager_dense, eager_same = find(r["context"], "dense"), find(r["context"], r["variant"][: -len("+graph")])
+            if eager_dense:
+                r["speedup_vs_eager_dense"] = eager_dense["step_p50_ms"] / r["step_p50_ms"]
+            if eager_same:
+                r["speedup_vs_own_eager"] = eager_same["step_p50_ms"] / r["step_p50_ms"]
+    for r in rows:
+        dense = find(r["context"], baseline_of(r["variant"]))
         if dense and "attention_call_ms" in r and "attention_call_ms" in dense:
             r["attention_call_speedup_vs_dense"] = dense["attention_call_ms"] / r["attention_call_ms"]
         if dense and "step_p50_ms" in r:
             r["speedup_vs_dense"] = dense["step_p50_ms"] / r["step_p50_ms"]
-            r["meets_8x"] = r["speedup_vs_dense"] >= 8.0 if r["variant"] != "dense" else None
-        if dense and "_tokens" in r and "_tokens" in dense and r["variant"] != "dense":
+            r["meets_8x"] = r["speedup_vs_dense"] >= 8.0 if not r["variant"].startswith("dense") else None
+        if dense and "_tokens" in r and "_tokens" in dense and not r["variant"].startswith("dense"):
             r["next_token_agreement_with_dense"] = float((r["_tokens"] == dense["_tokens"]).float().mean())
 
 
@@ -593,8 +738,8 @@ def main() -> None:
     parser.add_argument("--decode-kernel", default="auto", choices=sorted(KERNELS),
                         help="the runtime's sparse decode kernel (default auto: triton on CUDA, torch elsewhere; "
                              "triton on CPU needs TRITON_INTERPRET=1, a dry run)")
-    parser.add_argument("--variants", nargs="+", default=["dense", "sparse-16", "sparse-64"],
-                        choices=["dense", "sparse-16", "sparse-64"])
+    parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS,
+                        help="'+graph': Runtime(cuda_graph=True); each is compared with the dense of its harness")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--layers", type=int, default=30)
@@ -611,8 +756,8 @@ def main() -> None:
         args.batch, args.steps, args.layers, args.prefill_tokens = 2, 4, 2, 512
     args.contexts = args.contexts or [131072, 32768]
     KERNEL[0] = args.decode_kernel
-    if args.variants[0] != "dense":
-        parser.error("--variants must start with dense (the baseline of the speedups)")
+    if args.variants[0] not in ("dense", "dense+graph"):
+        parser.error("--variants must start with a dense variant (the baseline of the speedups)")
     budget = Budget(args.time_budget)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -627,7 +772,10 @@ def main() -> None:
     report["gates"]["kernel"] = gate_kernel(min(max(args.contexts), 32768), device, dtype, page)
     report["phase_seconds"]["kernel_gate_done"] = round(time.time() - budget.start, 2)
     write(report, args.out)
-    report["gates"]["generate"] = gate_generate(device, page)
+    report["gates"]["generate"] = gate_generate(device, page, prompt=200 if args.quick else 700)
+    if not report["gates"]["generate"]["static"]["passed"]:
+        args.variants = [v for v in args.variants if not is_graph(v)]
+        report["graph_variants_dropped"] = "the static / CUDA graph gate failed (gates.generate.static)"
     write(report, args.out)
     print("gates passed:", json.dumps(report["gates"]), flush=True)
     report["phase_seconds"]["gates_done"] = round(time.time() - budget.start, 2)

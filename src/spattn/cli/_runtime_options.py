@@ -7,7 +7,8 @@ from typing import Any
 
 def build_runtime(model: str, plan: str, *, device: str | None, dtype: str, min_sparse_tokens: int,
                   latency_target_ms: float | None, budget: int | None, max_budget: int, recall_floor: float | None,
-                  recall_sample: float, block_size: int, latency_scope: str = "step") -> tuple[Any, Any]:
+                  recall_sample: float, block_size: int, latency_scope: str = "step",
+                  cuda_graph: bool = False) -> tuple[Any, Any]:
     """``(Runtime, tokenizer)`` from the command-line options."""
     from spattn.runtime import ControllerConfig, Runtime
     from spattn.runtime.loading import load_model, load_plan
@@ -23,5 +24,5 @@ def build_runtime(model: str, plan: str, *, device: str | None, dtype: str, min_
     controller = ControllerConfig(latency_target_ms=latency_target_ms, latency_scope=latency_scope, budget=budget,
                                   max_budget=max_budget, recall_floor=recall_floor)
     runtime = Runtime(lm, load_plan(plan), min_sparse_tokens=min_sparse_tokens, controller=controller,
-                      recall_sample=recall_sample, block_size=block_size)
+                      recall_sample=recall_sample, block_size=block_size, cuda_graph=cuda_graph)
     return runtime, tokenizer

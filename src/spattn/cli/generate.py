@@ -29,6 +29,8 @@ def generate_command(
     recall_floor: float | None = typer.Option(None, help="Minimum sampled recall per layer."),
     recall_sample: float = typer.Option(0.0, min=0.0, max=1.0, help="Fraction of steps whose recall is measured."),
     block_size: int = typer.Option(128, min=1, help="Block size of the layouts and page size of the cache."),
+    cuda_graph: bool = typer.Option(False, help="Greedy decode with the static step recorded in a CUDA graph "
+                                    "(Runtime(cuda_graph=True); eager static step where capture is impossible)."),
     stats: bool = typer.Option(False, help="Print the controller's counts as JSON on stderr."),
 ) -> None:
     """Generate text from a prompt with a sparse plan; prints the completion."""
@@ -40,7 +42,7 @@ def generate_command(
     runtime, tokenizer = build_runtime(
         model, plan, device=device, dtype=dtype, min_sparse_tokens=min_sparse_tokens,
         latency_target_ms=latency_target_ms, latency_scope=latency_scope, budget=budget, max_budget=max_budget,
-        recall_floor=recall_floor, recall_sample=recall_sample, block_size=block_size)
+        recall_floor=recall_floor, recall_sample=recall_sample, block_size=block_size, cuda_graph=cuda_graph)
     if chat:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                             return_tensors="pt", return_dict=True)["input_ids"]
@@ -55,4 +57,8 @@ def generate_command(
                            pad_token_id=pad, **sampling)
     typer.echo(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     if stats:
-        typer.echo(json.dumps(runtime.controller.summary()), err=True)
+        summary = runtime.controller.summary()
+        if runtime.decoder is not None:
+            summary["cuda_graph"] = {"captures": runtime.decoder.captures, "replays": runtime.decoder.replays,
+                                     "off_reason": runtime.decoder.reason}
+        typer.echo(json.dumps(summary), err=True)

@@ -44,6 +44,7 @@ class PagedLayer(DynamicLayer):
         self._max: torch.Tensor | None = None
         self.track_means = bool(track_means)
         self._mean: torch.Tensor | None = None    # [B, Hkv, capacity // page_size, D] float32
+        self.slot: torch.Tensor | None = None     # int64 [1] on the device: static decode writes here
 
     # ------------------------------------------------------------------ storage
     def _ensure(self, key_states: torch.Tensor, value_states: torch.Tensor, needed: int) -> None:
@@ -127,9 +128,48 @@ class PagedLayer(DynamicLayer):
         self._refresh_pages(0)
         self._publish()
 
+    def _update_static(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """One decode token written at the device-side ``slot``: no host value read, fixed shapes (what a CUDA
+        graph can record); returns the whole ``[B, Hkv, C, D]`` buffers."""
+        if key_states.shape[2] != 1:
+            raise ValueError(f"a static cache takes one token per update, got {key_states.shape[2]}")
+        slot = self.slot
+        self._keys.index_copy_(2, slot, key_states)
+        self._values.index_copy_(2, slot, value_states)
+        S = self.page_size
+        page, first = slot // S, (slot % S == 0)
+        key = key_states
+        old_min, old_max = self._min.index_select(2, page), self._max.index_select(2, page)
+        self._min.index_copy_(2, page, torch.where(first, key, torch.minimum(old_min, key)))
+        self._max.index_copy_(2, page, torch.where(first, key, torch.maximum(old_max, key)))
+        if self._mean is not None:
+            mean = self._mean.index_select(2, page)
+            filled = (slot % S).to(torch.float32)
+            running = mean + (key.float() - mean) / (filled + 1)
+            self._mean.index_copy_(2, page, torch.where(first, key.float(), running))
+        return self._keys, self._values
+
+    def start_static(self, slot: torch.Tensor) -> None:
+        """Static decode from now on: each update writes its one token at ``slot`` (int64 ``[1]``, on the
+        device, advanced by the caller) and returns the whole buffers (capacity fixed by ``reserve``)."""
+        if self._keys is None:
+            raise ValueError("start_static needs a filled cache layer (run the prefill first)")
+        if int(self._keys.shape[2]) % self.page_size:
+            raise ValueError("the cache capacity must be a whole number of pages")
+        self.slot = slot
+
+    def end_static(self, length: int) -> None:
+        """Back to the host-side length after static decode: ``length`` tokens are filled."""
+        self.slot = None
+        self.length = int(length)
+        self._publish()
+
     # ------------------------------------------------------------------ transformers API
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Append ``[B, Hkv, n, D]`` keys/values; returns views of all ``[B, Hkv, L, D]``."""
+        """Append ``[B, Hkv, n, D]`` keys/values; returns views of all ``[B, Hkv, L, D]`` (in static decode, see
+        :meth:`start_static`, the whole ``[B, Hkv, C, D]`` buffers)."""
+        if self.slot is not None:
+            return self._update_static(key_states, value_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self._keys is not None and (key_states.shape[0] != self._keys.shape[0]
@@ -155,6 +195,7 @@ class PagedLayer(DynamicLayer):
     def reset(self) -> None:
         super().reset()
         self.length = 0
+        self.slot = None
         self._keys = self._values = self._min = self._max = self._mean = None
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -189,7 +230,10 @@ class PagedLayer(DynamicLayer):
         return -(-self.length // self.page_size)
 
     def page_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(key_min, key_max)``, each ``[B, Hkv, NP, D]``: elementwise bounds of the keys of each page."""
+        """``(key_min, key_max)``, each ``[B, Hkv, NP, D]``: elementwise bounds of the keys of each page (in
+        static decode, every page of the capacity: the pages past the slot are stale, masked by the caller)."""
+        if self.slot is not None:
+            return self._min, self._max
         if not self.length:
             raise ValueError("the cache layer is empty: no page statistics yet")
         n = self.num_pages
@@ -199,12 +243,16 @@ class PagedLayer(DynamicLayer):
         """float32 ``[B, Hkv, NP, D]``: the mean key of each page (needs ``track_means``)."""
         if not self.track_means:
             raise ValueError("this cache layer does not keep page means (track_means=False)")
+        if self.slot is not None:
+            return self._mean
         if not self.length:
             raise ValueError("the cache layer is empty: no page statistics yet")
         return self._mean[:, :, : self.num_pages]
 
     def holds(self, key: torch.Tensor) -> bool:
         """True when ``key`` is this layer's current key view (the tensor ``update`` returned)."""
+        if self.slot is not None:
+            return key is self._keys
         return self.keys is key or (
             self.length > 0 and key.shape == self.keys.shape and key.data_ptr() == self.keys.data_ptr()
         )
@@ -226,3 +274,13 @@ class SpattnCache(Cache):
             raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
         super().__init__(layers=[PagedLayer(page_size, reserve, track_means) for _ in range(num_layers)])
         self.page_size = page_size
+
+    def start_static(self, slot: torch.Tensor) -> None:
+        """Every layer in static decode (see :meth:`PagedLayer.start_static`), writing at ``slot``."""
+        for layer in self.layers:
+            layer.start_static(slot)
+
+    def end_static(self, length: int) -> None:
+        """Every layer back to a host-side ``length`` (see :meth:`PagedLayer.end_static`)."""
+        for layer in self.layers:
+            layer.end_static(length)

@@ -163,7 +163,7 @@ def static_row(plan: DecodePlan, kv_len: int, *, batch: int, heads: int, page_si
 # ---------------------------------------------------------------------------------------------- selection
 def page_scores(query: torch.Tensor, key_min: torch.Tensor | None, key_max: torch.Tensor | None, kv_len: int,
                 page_size: int, scale: float, visible: torch.Tensor, *, selector: str = "bounds",
-                key_mean: torch.Tensor | None = None) -> torch.Tensor:
+                key_mean: torch.Tensor | None = None, sizes: torch.Tensor | None = None) -> torch.Tensor:
     """float32 ``[B, Hkv, NP]``: the decode page scores of ``selector`` (``"bounds"``: from per-page key
     min/max; ``"pooled"``: from per-page mean keys).
 
@@ -185,7 +185,7 @@ def page_scores(query: torch.Tensor, key_min: torch.Tensor | None, key_max: torc
             - torch.einsum("bkgd,bkpd->bkgp", (-q).clamp_min(0), key_min.float())  # [B, Hkv, G, NP]
     else:
         raise ValueError(f"selector must be one of {PAGE_SELECTORS}, got {selector!r}")
-    sizes = block_sizes(kv_len, page_size, query.device).float()
+    sizes = (block_sizes(kv_len, page_size, query.device) if sizes is None else sizes).float()
     logits = u * scale + torch.log(sizes)
     # one selection per key/value group: the mean of the group's per-head page distributions
     per_head = masked_softmax(logits, visible[:, :, None, :])
@@ -227,28 +227,70 @@ def select(query: torch.Tensor, kv_len: int, valid: torch.Tensor, plan: DecodePl
         offsets: per sequence, the leading padding slots (left padding; default none): the static part is
             placed after them (see :func:`static_row`).
     """
+    B, H = query.shape[:2]
+    if H % kv_heads:
+        raise ValueError(f"query heads ({H}) must be a multiple of kv_heads ({kv_heads})")
+    if offsets is not None and len(offsets) != B:
+        raise ValueError(f"offsets must give one leading-padding count per sequence ({B}), got {len(offsets)}")
+    row, static_pages = offset_row(plan, kv_len, batch=B, heads=H, page_size=page_size, device=query.device,
+                                   group=H // kv_heads, offsets=offsets)
+    NP = -(-kv_len // page_size)
+    width = NP if dense_rows is not None and bool(dense_rows.any()) else min(NP, static_pages + int(budget) + 1)
+    return select_from_row(query, valid, plan, min(int(budget), NP), row, width, kv_heads=kv_heads,
+                           page_size=page_size, scale=scale, key_min=key_min, key_max=key_max, key_mean=key_mean,
+                           dense_rows=dense_rows)
+
+
+def offset_row(plan: DecodePlan, kv_len: int, *, batch: int, heads: int, page_size: int, device: torch.device,
+               group: int = 1, offsets: list[int] | None = None) -> tuple[torch.Tensor, int]:
+    """bool ``[Bs, Hs, L]``: the static part's keys for the query at ``L - 1`` of each sequence, ``offsets``
+    its leading padding (see :func:`static_row`; one row per distinct offset, each sequence takes its own with
+    one gather), and the largest number of pages they touch per key/value head."""
+    if not offsets or not any(offsets):
+        return static_row(plan, kv_len, batch=batch, heads=heads, page_size=page_size, device=device, group=group)
+    distinct = sorted(set(offsets))
+    rows = [static_row(plan, kv_len, batch=batch, heads=heads, page_size=page_size, device=device, group=group,
+                       offset=o) for o in distinct]
+    static_pages = max(pages for _, pages in rows)
+    Hs = max(r.shape[1] for r, _ in rows)
+    stacked = torch.stack([r.expand(batch, Hs, kv_len) for r, _ in rows])         # [O, B, Hs, L]
+    which = torch.tensor([distinct.index(o) for o in offsets], device=device)
+    return stacked[which, torch.arange(batch, device=device)], static_pages       # [B, Hs, L]
+
+
+def static_rows(plan: DecodePlan, capacity: int, lengths: range, *, batch: int, heads: int, page_size: int,
+                device: torch.device, group: int = 1,
+                offsets: list[int] | None = None) -> tuple[torch.Tensor, int]:
+    """bool ``[T, Bs, Hs, C]``: :func:`offset_row` for each cache length of ``lengths`` (``T`` of them), padded
+    with False to ``capacity``, and the most pages any of them touches: the static part of every decode step
+    of a generation, computed once, so that a step reads its row with a device index (static decode)."""
+    rows, pages = [], 0
+    for kv_len in lengths:
+        row, p = offset_row(plan, kv_len, batch=batch, heads=heads, page_size=page_size, device=device,
+                            group=group, offsets=offsets)
+        rows.append(torch.nn.functional.pad(row, (0, capacity - kv_len)))
+        pages = max(pages, p)
+    Bs, Hs = max(r.shape[0] for r in rows), max(r.shape[1] for r in rows)
+    return torch.stack([r.expand(Bs, Hs, capacity) for r in rows]), pages
+
+
+def select_from_row(query: torch.Tensor, valid: torch.Tensor, plan: DecodePlan, budget: int | torch.Tensor,
+                    row: torch.Tensor, width: int, *, kv_heads: int, page_size: int, scale: float,
+                    key_min: torch.Tensor | None = None, key_max: torch.Tensor | None = None,
+                    key_mean: torch.Tensor | None = None, dense_rows: torch.Tensor | None = None,
+                    page_sizes: torch.Tensor | None = None) -> DecodeSelection:
+    """:func:`select` given the static part's token row ``[Bs, Hs, L]`` and the selection width ``P`` (slots
+    per key/value head): device work only, no host read, so shapes are fixed when ``L`` and ``P`` are (static
+    decode; ``budget`` may then be a device tensor, ``page_sizes`` the int64 ``[NP]`` tokens of each page up to
+    the query, default from ``L``)."""
     B, H, _, D = query.shape
     S = page_size
+    kv_len = valid.shape[-1]
     NP = -(-kv_len // S)
     pad = NP * S - kv_len
     device = query.device
     Hkv = kv_heads
-    if H % Hkv:
-        raise ValueError(f"query heads ({H}) must be a multiple of kv_heads ({Hkv})")
     G = H // Hkv
-    if offsets is not None and len(offsets) != B:
-        raise ValueError(f"offsets must give one leading-padding count per sequence ({B}), got {len(offsets)}")
-    if not offsets or not any(offsets):
-        row, static_pages = static_row(plan, kv_len, batch=B, heads=H, page_size=S, device=device, group=G)
-    else:  # left padding: one row per distinct offset, each sequence takes its own (one gather)
-        distinct = sorted(set(offsets))
-        rows = [static_row(plan, kv_len, batch=B, heads=H, page_size=S, device=device, group=G, offset=o)
-                for o in distinct]
-        static_pages = max(pages for _, pages in rows)
-        Hs = max(r.shape[1] for r, _ in rows)
-        stacked = torch.stack([r.expand(B, Hs, kv_len) for r, _ in rows])          # [O, B, Hs, L]
-        which = torch.tensor([distinct.index(o) for o in offsets], device=device)
-        row = stacked[which, torch.arange(B, device=device)]                         # [B, Hs, L]
     grouped = row.shape[1] == 1
     row = row.expand(B, H, kv_len)
     token = row & valid[:, None, :]                                             # [B, H, L]
@@ -257,12 +299,11 @@ def select(query: torch.Tensor, kv_len: int, valid: torch.Tensor, plan: DecodePl
     tok_pages = (torch.nn.functional.pad(token, (0, pad)) if pad else token).unflatten(-1, (NP, S))
     kept_pages = tok_pages.any(-1).view(B, Hkv, G, NP).any(2)                  # [B, Hkv, NP]
     valid_pages = (torch.nn.functional.pad(valid, (0, pad)) if pad else valid).unflatten(-1, (NP, S)).any(-1)
-    budget = min(int(budget), NP)
     chosen = torch.zeros(B, Hkv, NP, dtype=torch.bool, device=device)
-    if plan.rule != "none" and budget > 0:
+    if plan.rule != "none" and (isinstance(budget, torch.Tensor) or budget > 0):
         visible = valid_pages[:, None, :].expand(B, Hkv, NP)
         scores = page_scores(query, key_min, key_max, kv_len, S, scale, visible, selector=plan.selector,
-                             key_mean=key_mean)                                   # [B, Hkv, NP]
+                             key_mean=key_mean, sizes=page_sizes)                 # [B, Hkv, NP]
         available = visible & ~kept_pages
         if dense_rows is not None:
             available = available & ~dense_rows[:, None, None]
@@ -273,7 +314,6 @@ def select(query: torch.Tensor, kv_len: int, valid: torch.Tensor, plan: DecodePl
             kept_mass = (scores * kept_pages).sum(-1)[:, :, None]
             chosen = top_p(s4, a4, plan.mass, kept_mass=kept_mass, max_blocks=budget)[:, :, 0]
     visit = kept_pages | chosen                                                  # [B, Hkv, NP]
-    width = NP if dense_rows is not None and bool(dense_rows.any()) else min(NP, static_pages + budget + 1)
     # pages to visit first (stable: ascending page order), unused slots after them
     order = torch.sort((~visit).to(torch.uint8), dim=-1, stable=True).indices[..., :width]  # [B, Hkv, P]
     used = visit.gather(-1, order)

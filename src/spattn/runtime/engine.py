@@ -43,6 +43,7 @@ from spattn.runtime.decode import (
     paged_attention,
     sampled_recall,
     select,
+    select_from_row,
     triton_paged_attention,
 )
 from spattn.runtime.monitor import LEVEL, Metrics, instrument, log_event
@@ -50,6 +51,8 @@ from spattn.selectors.common import pool
 
 NAME = "spattn_runtime"
 Kernel = Callable[..., torch.Tensor]
+_STATIC_KWARGS = ("max_new_tokens", "min_new_tokens", "pad_token_id", "eos_token_id", "past_key_values",
+                  "output_logits")  # the static loop (greedy; output_logits: runtime.decoder.logits)
 KERNELS = {"auto": auto_paged_attention, "torch": paged_attention, "triton": triton_paged_attention}
 
 
@@ -77,6 +80,20 @@ def _dense(module, query, key, value, attention_mask, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _dense_static(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor,
+                  kwargs: dict) -> tuple[torch.Tensor, None]:
+    """Dense decode attention of the static step: one query ``[B, H, 1, D]`` over the keys ``valid`` marks
+    (bool ``[B, C]``) of the whole cache buffer ``[B, Hkv, C, D]``, torch SDPA with a boolean mask, the GQA group
+    folded into the query length (``[B, Hkv, G, D]``: K/V not repeated). Returns ``([B, 1, H, Dv], None)``."""
+    B, H, _, D = query.shape
+    Hkv = key.shape[1]
+    scale = kwargs.get("scaling")
+    q = query.reshape(B, Hkv, H // Hkv, D)
+    out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=valid[:, None, None, :],
+                                                           scale=None if scale is None else float(scale))
+    return out.reshape(B, H, 1, -1).transpose(1, 2).contiguous(), None
 
 
 def _valid_keys(attention_mask: torch.Tensor | None, batch: int, kv_len: int, device) -> torch.Tensor:
@@ -131,6 +148,11 @@ class Runtime:
         check_finite: rerun dense any call whose sparse output is not finite (default True; one host sync
             per layer and step).
         seed: seed of the recall sampling.
+        cuda_graph: decode with the static step of :mod:`spattn.runtime.graph` (preallocated cache, device-side
+            positions, fixed selection width, no host read inside the step) and, on CUDA, record the whole
+            model's decode step in a CUDA graph and replay it (default False: ``model.generate`` step by step).
+            Greedy decoding only: ``generate`` with sampling, beams or other options falls back to
+            ``model.generate`` (logged); where capture fails the static step runs eagerly (logged).
         decode_kernel: ``"auto"`` (default: spattn's triton split-K decode kernel on CUDA, one launch per layer
             on block tables built on the device; the torch reference :func:`~spattn.runtime.paged_attention`
             elsewhere), ``"triton"`` or ``"torch"``.
@@ -156,6 +178,7 @@ class Runtime:
         check_finite: bool = True,
         seed: int = 0,
         decode_kernel: str = "auto",
+        cuda_graph: bool = False,
     ) -> None:
         if decode_kernel not in KERNELS:
             raise ValueError(f"decode_kernel must be one of {sorted(KERNELS)}, got {decode_kernel!r}")
@@ -175,6 +198,9 @@ class Runtime:
         self.check_finite = check_finite
         self.kernel: Kernel = KERNELS[decode_kernel]
         self._rng = random.Random(seed)
+        self.cuda_graph = bool(cuda_graph)
+        self.decoder = None  # the StaticDecoder of the last static generate (captures, replays, reason)
+        self._static = None  # its StaticState while a static decode step runs
         patch(model, self.plan, backend=backend, block_size=block_size)
         register()
         model.set_attn_implementation(NAME)
@@ -222,6 +248,30 @@ class Runtime:
         """``model.generate`` with a fresh SpattnCache and the step clock (keyword arguments pass through)."""
         from transformers import LogitsProcessorList
 
+        if self.cuda_graph:
+            unsupported = sorted(k for k, v in kwargs.items() if k not in _STATIC_KWARGS
+                                 and not (k == "do_sample" and not v) and not (k == "num_beams" and v == 1))
+            if "max_new_tokens" not in kwargs:
+                unsupported.append("max_new_tokens missing")
+            if getattr(self.model.config, "sliding_window", None) is not None:
+                unsupported.append("a sliding-window model")
+            generic = [i for i in self.sparse_layers if self.decode_plans[i] is None]
+            if generic:
+                unsupported.append(f"layers {generic} have no paged decode form (generic decode path)")
+            if not unsupported:
+                from spattn.runtime.graph import generate_static
+
+                start = time.perf_counter()
+                with torch.inference_mode():
+                    sequences = generate_static(self, input_ids, attention_mask, **kwargs)
+                self.controller.observe_request(time.perf_counter() - start,
+                                                [i for i in self.sparse_layers if not self.controller.is_dense(i)],
+                                                requests=int(input_ids.shape[0]))
+                self.metrics.count_tokens(int((sequences.shape[1] - input_ids.shape[1]) * sequences.shape[0]))
+                return sequences
+            log_event(logging.INFO, "static_decode_off", reason="what the static loop does not support",
+                      options=unsupported)
+            self.decoder = None
         processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
         processors.append(_StepClock(self))
         if "past_key_values" not in kwargs:
@@ -251,6 +301,8 @@ class Runtime:
     # ------------------------------------------------------------------ attention
     def attend(self, module, query, key, value, attention_mask, **kwargs) -> tuple[torch.Tensor, None]:
         layer = module.layer_idx
+        if self._static is not None and query.shape[2] == 1:
+            return self._decode_static(module, layer, query, key, value, attention_mask, kwargs)
         if layer not in self.decode_plans or self.controller.is_dense(layer) or kwargs.get("sliding_window"):
             return _dense(module, query, key, value, attention_mask, **kwargs)
         if query.shape[2] > 1:
@@ -412,3 +464,53 @@ class Runtime:
                 recall = sampled_recall(query, key, valid, selection, page_size=self.block_size, scale=scale)
                 self.controller.observe_recall(layer, float(recall.min()))
         return out.contiguous(), None
+
+    def _decode_static(self, module, layer, query, key, value, attention_mask, kwargs):
+        """The static decode step of ``layer`` (:mod:`spattn.runtime.graph`): key/value are the whole cache
+        buffers ``[B, Hkv, C, D]``; device work only unless the step runs eagerly (then a kernel that raises
+        makes the layer dense for this generation, and sampled recall is measured)."""
+        st = self._static
+        if layer not in st.plans or layer in st.dense_layers or st.kind == "dense" or kwargs.get("sliding_window"):
+            return _dense_static(module, query, key, value, st.valid, kwargs)
+        plan = st.plans[layer]
+        D = query.shape[-1]
+        scale = kwargs.get("scaling")
+        scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+        rows = st.rows[(plan.static, plan.keep)][0]                                 # [T, Bs, Hs, C]
+        row = rows.index_select(0, st.step.clamp(0, rows.shape[0] - 1))[0]
+        dense_rows = st.valid.sum(-1) < self.min_sparse_tokens if st.kind == "mixed" else None
+        cache_layer = self.cache.layers[layer]
+        key_min = key_max = key_mean = None
+        if plan.rule != "none":
+            if plan.selector == "pooled":
+                key_mean = cache_layer.page_means()
+            else:
+                key_min, key_max = cache_layer.page_bounds()
+
+        def sparse():
+            selection = select_from_row(query, st.valid, plan, st.budget[layer:layer + 1], row, st.widths[layer],
+                                        kv_heads=key.shape[1], page_size=self.block_size, scale=scale,
+                                        key_min=key_min, key_max=key_max, key_mean=key_mean,
+                                        dense_rows=dense_rows, page_sizes=st.page_sizes)
+            return self.kernel(query, key, value, selection, page_size=self.block_size, scale=scale), selection
+
+        if st.eager:
+            try:
+                out, selection = sparse()
+            except Exception as exc:  # noqa: BLE001 - any kernel failure is answered by the dense rerun
+                self.controller.fallback(layer, "error", f"{type(exc).__name__}: {exc}")
+                st.failed.add(layer)
+                return _dense_static(module, query, key, value, st.valid, kwargs)
+        else:
+            out, selection = sparse()
+        if self.check_finite:  # one device flag per layer, read by the loop once per step (a non-finite output
+            #                    from a finite query: a layer fed by an earlier layer's NaN is not to blame)
+            bad = ~torch.isfinite(out).all() & torch.isfinite(query).all()
+            st.flags[layer:layer + 1].logical_or_(bad.view(1))
+        if self.level >= 1:
+            st.density[layer:layer + 1].copy_(selection.density(st.valid.sum(-1)).mean().view(1))
+            st.pages[layer:layer + 1].copy_((selection.pages >= 0).sum(-1).float().mean().view(1))
+            if st.sample and st.eager:
+                recall = sampled_recall(query, key, st.valid, selection, page_size=self.block_size, scale=scale)
+                self.controller.observe_recall(layer, float(recall.min()))
+        return out.transpose(1, 2).contiguous(), None
