@@ -26,8 +26,16 @@ from spattn.patterns import Full, pattern_from_dict
 from spattn.report import candidates as C
 from spattn.report import intervals
 from spattn.report.config import ReportConfig, quick_omits
-from spattn.report.evaluate import candidate_latency, coverage_pass, dense_latency, dropped_threads, sig
-from spattn.report.frontier import carry_over, contenders, holds, pareto, recommend
+from spattn.report.evaluate import (
+    candidate_latency,
+    coverage_pass,
+    dense_latency,
+    dropped_threads,
+    kernel_references,
+    latency_inputs,
+    sig,
+)
+from spattn.report.frontier import carry_over, contenders, holds, pareto, recommend, task_profiles
 from spattn.report.stages import StageCache
 
 FORMAT = "spattn.report/2"
@@ -104,21 +112,33 @@ class _Run:
         self.cfg, self.cache, self.bars, self.model, self.facts = cfg, cache, bars, model, facts
         self.retime = retime
         self.timings: dict[str, float] = {}
+        self.cpu_timings: dict[str, float] = {}  # process CPU seconds (all threads): the load-independent cost
         self.latency_memo: dict[str, dict[str, Any]] = {}
         self.deadline = deadline
         self.skipped_for_time: list[str] = []
         self.planner_tables: dict[int, Any] = {}  # length -> the planner's candidate table (built once)
         self.first: dict[str, dict[str, Any]] = {}  # id -> record at the first length (plans carry from there)
+        self.latency_inputs: dict[int, tuple] = {}  # length -> (query, key, value) of the timed layer
 
-    def out_of_time(self, what: str) -> bool:
-        """True (and ``what`` recorded as skipped) once the run is past its ``time_budget``."""
-        if self.deadline is None or time.perf_counter() < self.deadline:
+    def out_of_time(self, what: str, estimate: float = 0.0) -> bool:
+        """True (and ``what`` recorded as skipped) once the run is past its ``time_budget``, or when ``what``, of
+        about ``estimate`` seconds, would end past it."""
+        if self.deadline is None or time.perf_counter() + estimate < self.deadline:
             return False
         self.skipped_for_time.append(what)
         return True
 
-    def timed(self, name: str, t0: float) -> None:
-        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+    def timed(self, name: str, t0: tuple[float, float]) -> None:
+        """Add the wall and the process CPU seconds since ``t0`` (a :func:`_clock`) to stage ``name``."""
+        wall, cpu = _clock()
+        self.timings[name] = self.timings.get(name, 0.0) + wall - t0[0]
+        self.cpu_timings[name] = self.cpu_timings.get(name, 0.0) + cpu - t0[1]
+
+
+def _clock() -> tuple[float, float]:
+    """(wall seconds, process CPU seconds of all threads): on a shared machine the CPU seconds measure a stage's
+    own cost, the wall seconds what the user waited."""
+    return time.perf_counter(), time.process_time()
 
 
 def run_report(config: ReportConfig, output: str | os.PathLike, *, overwrite: bool = False, fresh: bool = False,
@@ -135,7 +155,8 @@ def run_report(config: ReportConfig, output: str | os.PathLike, *, overwrite: bo
     from rich.console import Console
 
     console = console or Console()
-    t_total = time.perf_counter()
+    t_total, cpu_total = _clock()
+    load_start = [sig(x, 3) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     require("transformers", extra="hf")
     require("matplotlib", extra="viz")
     if torch.device(config.device).type == "cuda" and not torch.cuda.is_available():
@@ -149,7 +170,7 @@ def run_report(config: ReportConfig, output: str | os.PathLike, *, overwrite: bo
     torch.manual_seed(config.seed)
 
     with _Bars(console) as bars:
-        t = time.perf_counter()
+        t = _clock()
         task = bars.stage("load model and text", 2)
         try:
             model, tokenizer, model_name = M.load_model(config.model, config.device)
@@ -177,17 +198,27 @@ def run_report(config: ReportConfig, output: str | os.PathLike, *, overwrite: bo
             more = [(c["id"], c["family"], c["budget"], c["selector"]) for c in carried]
             others.append(_measure_length(run, length, data["lengths"][str(length)], more, select=False))
         holds(recs, main, others)
+        references = _kernel_references(run, [main, *others], recs, first_pass=True)
         retrieval = _retrieval(run, main, recs, tokenizer)
+        if references is not None and not references.get("complete"):  # not read back from the cache
+            references = _kernel_references(run, [main, *others], recs, first_pass=False, done=references)
         threads = _threads(run, main, recs, data["lengths"][str(first)], tokenizer)
 
-    t = time.perf_counter()
+    t = _clock()
     results = _assemble(config, cache, model_name, facts, data["info"], main, others, recs, threads, retrieval,
                         command)
+    results["kernel_references"] = references
     from spattn.report.render import write_outputs
 
     run.timed("report", t)
     results["timings"] = {"stages_s": {k: sig(v, 4) for k, v in run.timings.items()},
-                          "total_s": sig(time.perf_counter() - t_total, 4), "resumed": cache.resumed,
+                          "stages_cpu_s": {k: sig(v, 4) for k, v in run.cpu_timings.items()},
+                          "total_s": sig(time.perf_counter() - t_total, 4),
+                          "total_cpu_s": sig(time.process_time() - cpu_total, 4),
+                          "torch_threads": torch.get_num_threads(),
+                          "load_average_start": load_start,
+                          "load_average_end": [sig(x, 3) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+                          "resumed": cache.resumed,
                           "retimed": retime, "time_budget_s": time_budget,
                           "skipped_for_time": run.skipped_for_time}
     write_outputs(results, Path(output))
@@ -256,7 +287,7 @@ def _measure_length(run: _Run, length: int, chunks: dict[str, Any], wanted: list
     refs: dict[str, list[dict[str, torch.Tensor]]] = {s: [] for s in splits}
     captures: list = []
     if need_model:
-        t = time.perf_counter()
+        t = _clock()
         total = sum(chunks[s].shape[0] for s in splits)
         task = bars.stage(f"dense forward, {length} tokens", total)
         for s in splits:
@@ -264,15 +295,16 @@ def _measure_length(run: _Run, length: int, chunks: dict[str, Any], wanted: list
                 refs[s].append(dense_reference(M.logits(run.model, ids), ids) | {"ids": ids})
                 bars.advance(task, s)
         run.timed("dense", t)
-        t = time.perf_counter()
+        t = _clock()
         task = bars.stage(f"capture attention, {length} tokens", chunks["calibration"].shape[0])
         for ids in chunks["calibration"]:
             cap = capture(run.model, ids[None])
             captures.append([(cap.queries[layer], cap.keys[layer]) for layer in cap.layers])
             bars.advance(task, f"{len(captures[-1])} layers")
+        run.latency_inputs[length] = latency_inputs(captures, cfg.seed, cfg.device)
         run.timed("capture", t)
     if dense is None:
-        t = time.perf_counter()
+        t = _clock()
         dense = {"length": length}
         for s in splits:
             seg = intervals.merge([intervals.segment_sums({"nll": -r["logp"].gather(-1, r["target"][:, None])[:, 0]})
@@ -297,7 +329,7 @@ def _measure_length(run: _Run, length: int, chunks: dict[str, Any], wanted: list
     cov_key = lambda cid: prefix + "coverage/" + cache.candidate_path(cid).split("/", 1)[1]  # noqa: E731
     need_cov = [w for w in pending if cache.get(cov_key(w[0])) is None]
     if need_cov:
-        t = time.perf_counter()
+        t = _clock()
         task = bars.stage(f"fit candidates, {length} tokens", len(need_cov))
         fitted = []
         for cid, fam, b, sel in need_cov:
@@ -308,7 +340,7 @@ def _measure_length(run: _Run, length: int, chunks: dict[str, Any], wanted: list
                 fitted.append(cand)
             bars.advance(task, cid)
         run.timed("fit", t)
-        t = time.perf_counter()
+        t = _clock()
         task = bars.stage(f"coverage, {length} tokens", len(captures) * len(captures[0]))
         cov = {} if not fitted else coverage_pass(fitted, captures, block_size=cfg.block_size,
                                                   head_dim=run.facts["head_dim"],
@@ -320,7 +352,7 @@ def _measure_length(run: _Run, length: int, chunks: dict[str, Any], wanted: list
                       | cov[cand.id])
         run.timed("coverage", t)
 
-    t = time.perf_counter()
+    t = _clock()
     task = bars.stage(f"model damage and latency, {length} tokens", len(wanted))
     records, skipped, partial = [], [], {}
     first_split = splits[0]
@@ -458,7 +490,7 @@ def _retrieval(run: _Run, main: dict[str, Any], recs: list[dict[str, Any]], toke
         from spattn.data.corpora import load_text
         from spattn.eval.retrieval import make_samples, retrieval_accuracy
 
-        t = time.perf_counter()
+        t = _clock()
         by_id = {c["id"]: c for c in main["candidates"]}
         wanted = dict.fromkeys(x for r in recs for x in (r.get("candidate"), r.get("runner_up")))
         ids = [i for i in wanted if i in by_id]
@@ -494,7 +526,75 @@ def _retrieval(run: _Run, main: dict[str, Any], recs: list[dict[str, Any]], toke
             rec["retrieval"]["against_runner_up"] = {"a": "better", "b": "worse", "tie": "tie"}[verdict.winner]
             if verdict.winner == "b":
                 rec["for_retrieval"] = rec["runner_up"]
+        rec["profiles"] = task_profiles(rec, res)
     return cached
+
+
+def _kernel_references(run: _Run, measured: list[dict[str, Any]], recs: list[dict[str, Any]], *,
+                       first_pass: bool, done: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """spattn's kernel against FlexAttention and SDPA (:func:`~spattn.report.evaluate.kernel_references`) for dense
+    causal and each budget's pick, at every measured length, on that length's timed layer (``kernel_references``
+    of the configuration: on by default on CUDA).
+
+    Two passes (Note [kernel references first]): ``first_pass`` times dense causal and the middle budget's pick at
+    every length, before retrieval; the second (``done``: the first pass's record) the other picks. A row is
+    skipped, and said so, when the time it would take (the slowest row so far, which holds a JIT compile) does not
+    fit the run's ``--time-budget``. Rows go to the stage cache as soon as they are timed."""
+    # Note [kernel references first]: on the GPU the Flex reference is what the CUDA report is run for, and each
+    # row holds a torch.compile of flex_attention (a new BlockMask shape), so the most telling rows go first.
+    cfg = run.cfg
+    if not cfg.kernel_references:
+        return None
+    cached = run.cache.get("kernel_references")
+    if cached is not None and not run.retime:
+        return cached
+    t = _clock()
+    backend = _backends(cfg, cfg.chunk_length)[1]
+    out: dict[str, Any] = done or {"backend": backend, "rows": [], "skipped": [], "row_seconds": []}
+    middle = recs[len(recs) // 2]["budget"] if recs else None
+    todo = []
+    for part in measured:
+        by_id = {c["id"]: c for c in part["candidates"]}
+        rows = [("dense causal", None, Full().to_dict())]  # compiled with causal=True
+        for rec in recs:
+            cand = by_id.get(rec.get("candidate"))
+            if cand is not None:
+                rows.append((cand["label"], rec["budget"], cand["pattern"]))
+        seen = []
+        for label, budget, pattern in rows:
+            if pattern in seen:
+                continue
+            seen.append(pattern)
+            if first_pass == (budget is None or budget == middle):
+                todo.append((part["length"], label, budget, pattern))
+    task = run.bars.stage("kernel references (Flex, SDPA)" + ("" if first_pass else ", other picks"), len(todo))
+    for length, label, budget, pattern in todo:
+        what = f"kernel references of {label} at {length} tokens"
+        inputs = run.latency_inputs.get(length)
+        estimate = max(out["row_seconds"], default=0.0)
+        if inputs is None:
+            out["skipped"].append(f"{what}: no attention inputs in this run (all of its stages were cached); "
+                                  "rerun with --retime")
+        elif run.out_of_time(what, estimate):
+            out["skipped"].append(f"{what}: would not fit the run's --time-budget (a row took up to "
+                                  f"{estimate:.1f} s)")
+        else:
+            t_row = time.perf_counter()
+            try:
+                row = kernel_references(pattern_from_dict(pattern), *inputs, block_size=cfg.block_size,
+                                        backend=backend)
+            except Exception as exc:  # noqa: BLE001 - a reference that cannot run is reported, the report goes on
+                out["skipped"].append(f"{what}: failed ({type(exc).__name__}: {str(exc)[:300]})")
+            else:
+                out["rows"].append({"length": length, "label": label, "budget": budget} | row)
+            out["row_seconds"].append(sig(time.perf_counter() - t_row, 3))
+            run.cache.put("kernel_references_partial", out)
+        run.bars.advance(task, f"{label} @ {length}")
+    if not first_pass:
+        out["complete"] = True
+        run.cache.put("kernel_references", out)
+    run.timed("kernel_references", t)
+    return out
 
 
 def _threads(run: _Run, main: dict[str, Any], recs: list[dict[str, Any]], chunks: dict[str, Any],
@@ -512,7 +612,7 @@ def _threads(run: _Run, main: dict[str, Any], recs: list[dict[str, Any]], chunks
         return cached
     if run.out_of_time("threads"):
         return None
-    t = time.perf_counter()
+    t = _clock()
     task = run.bars.stage("threads the pick cuts", 1)
     ids = chunks["report"][0]
     cap = capture(run.model, ids[None])
