@@ -397,9 +397,9 @@ def kernel_references(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     The layout is compiled once outside the timed calls (a dynamic pattern's selection runs on these inputs
     first), so the three rows compare attention kernels alone: spattn and Flex on the same block tables
     (``Layout.to_block_mask()``, Flex compiled with ``torch.compile`` on CUDA, eager on the CPU), SDPA dense
-    causal (``enable_gqa``, torch's choice of kernel). Timed round-robin (:func:`_timed_rounds`); returns medians
-    (ms), spreads (IQR / median), the ratios against SDPA and spattn against Flex, the first call of each (JIT
-    included), and ``noisy`` when a spread exceeds ``SPREAD_NOISY``."""
+    causal (key and value expanded to the query heads once; torch picks the kernel). Timed round-robin
+    (:func:`_timed_rounds`); returns medians (ms), spreads (IQR / median), the ratios against SDPA and spattn
+    against Flex, the first call of each (JIT included), and ``noisy`` when a spread exceeds ``SPREAD_NOISY``."""
     from spattn.bench.selection import flex_fn
 
     device = q.device
@@ -411,10 +411,12 @@ def kernel_references(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     gqa = k.shape[1] != q.shape[1]
     scale = q.shape[-1] ** -0.5
     sdpa = torch.nn.functional.scaled_dot_product_attention
+    rep = q.shape[1] // k.shape[1]  # key/value expanded once: every SDPA kernel (fp32 included) takes it
+    kr, vr = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
     calls = {
         "spattn": lambda: spattn.attention(q, k, v, layout, causal=True, backend=backend, block_size=block_size),
         "flex": lambda: flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa),
-        "sdpa": lambda: sdpa(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa),
+        "sdpa": lambda: sdpa(q, kr, vr, is_causal=True, scale=scale),
     }
     t0 = time.perf_counter()
     times, first = _timed_rounds(calls, rounds, device)

@@ -141,6 +141,11 @@ def _clock() -> tuple[float, float]:
     return time.perf_counter(), time.process_time()
 
 
+def _load_average() -> list[float] | None:
+    """The machine's 1-, 5- and 15-minute load averages (None where the OS has none)."""
+    return [sig(x, 3) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
 def run_report(config: ReportConfig, output: str | os.PathLike, *, overwrite: bool = False, fresh: bool = False,
                retime: bool = False, console: Any = None, command: str | None = None,
                time_budget: float | None = None) -> dict[str, Any]:
@@ -156,7 +161,7 @@ def run_report(config: ReportConfig, output: str | os.PathLike, *, overwrite: bo
 
     console = console or Console()
     t_total, cpu_total = _clock()
-    load_start = [sig(x, 3) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    load_start = _load_average()
     require("transformers", extra="hf")
     require("matplotlib", extra="viz")
     if torch.device(config.device).type == "cuda" and not torch.cuda.is_available():
@@ -217,7 +222,7 @@ def run_report(config: ReportConfig, output: str | os.PathLike, *, overwrite: bo
                           "total_cpu_s": sig(time.process_time() - cpu_total, 4),
                           "torch_threads": torch.get_num_threads(),
                           "load_average_start": load_start,
-                          "load_average_end": [sig(x, 3) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+                          "load_average_end": _load_average(),
                           "resumed": cache.resumed,
                           "retimed": retime, "time_budget_s": time_budget,
                           "skipped_for_time": run.skipped_for_time}
