@@ -558,3 +558,17 @@ def test_profiles_shown_in_terminal_and_html_and_timings_carry_cpu_seconds_and_l
     assert "they disagree" in console.export_text()
     page = html.unescape(_visible_text(render_html(results, tiny["out"])))
     assert "they disagree" in page and "per task profile" in page
+
+
+def test_one_forward_per_distinct_static_layout():
+    import spattn
+    from spattn.integrations.plan import Plan
+    from spattn.report.pipeline import _layout_key
+
+    a = Plan.uniform(spattn.Sinks(4) | spattn.Window(21))
+    b = Plan(layers={i: spattn.Window(21) | spattn.Sinks(4) for i in range(3)})  # the same layouts, spelt otherwise
+    c = Plan.uniform(spattn.Sinks(4) | spattn.Window(22))
+    key = lambda plan: _layout_key(plan, 128, 16, layers=3, heads=4)  # noqa: E731
+    assert key(a) == key(b) != key(c)
+    assert key(Plan(layers={0: spattn.Sinks(4) | spattn.Window(21)})) != key(a)  # layers 1, 2 dense
+    assert key(Plan.uniform(spattn.Adaptive("pooled", keys=16, sinks=4, window=8))) is None  # input-dependent
