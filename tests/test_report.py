@@ -25,7 +25,7 @@ from spattn.report.frontier import pareto, recommend  # noqa: E402
 SCHEMA = Path(__file__).resolve().parents[1] / "src" / "spattn" / "report" / "schema.json"
 ARGS = ["--lengths", "128,256", "--block-size", "16", "--budgets", "0.1,0.5", "--families",
         "window,random,budgeted,top_p,plan,learned", "--selectors", "pooled", "--calibration-chunks", "1",
-        "--eval-chunks", "1", "--repeats", "1", "--device", "cpu"]
+        "--eval-chunks", "1", "--repeats", "1", "--device", "cpu", "--kernel-references"]
 
 
 def _make_tiny(root: Path) -> tuple[Path, Path]:
@@ -489,3 +489,86 @@ def test_quick_answer_says_what_it_omits_in_terminal_and_html(tiny):
     assert "quick answer" in terminal and "the threads view" in terminal
     page = html.unescape(_visible_text(render_html(results, tiny["out"])))
     assert "Quick answer" in page and all(o in page for o in omits)
+
+
+def test_kernel_references_time_dense_and_each_pick_at_every_length(tiny):
+    import torch
+
+    import spattn
+    from spattn.report.evaluate import kernel_references
+    from spattn.report.render import render_html
+
+    results = tiny["results"]
+    refs = results["kernel_references"]
+    assert refs is not None and refs["backend"] == results["backends"]["latency"]
+    rows = refs["rows"]
+    lengths = {results["data"]["chunk_length"], *(x["length"] for x in results["lengths"])}
+    assert {r["length"] for r in rows if r["label"] == "dense causal"} == lengths
+    picks = {c["label"] for c in results["candidates"] if c["id"] in
+             {x["candidate"] for x in results["recommendations"]}}
+    assert picks <= {r["label"] for r in rows if r["length"] == results["data"]["chunk_length"]}
+    for r in rows:
+        assert set(r["spreads"]) == {"spattn", "flex", "sdpa"} and isinstance(r["noisy"], bool)
+        assert r["spattn_vs_sdpa"] == pytest.approx(r["sdpa_ms"] / r["spattn_ms"], rel=2e-3)
+        assert r["first_call_ms"]["flex"] > 0
+        if r["label"] == "dense causal":
+            assert r["keys_fraction"] == 1.0 and r["budget"] is None
+    page = html.unescape(_visible_text(render_html(copy.deepcopy(results), tiny["out"])))
+    assert "Kernels against FlexAttention and SDPA" in page
+    # the three calls compute the same attention (the timed Flex call is the one the oracle checks)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(1, 4, 96, 16, generator=g), torch.randn(1, 2, 96, 16, generator=g), torch.randn(
+        1, 2, 96, 16, generator=g)
+    row = kernel_references(spattn.Sinks(8) | spattn.Window(24), q, k, v, block_size=16, backend="reference",
+                            rounds=2)
+    assert row["rounds"] == 2 and 0 < row["keys_fraction"] < 1 and row["dtype"] == "float32"
+
+
+def test_per_task_profile_names_one_pattern_per_profile():
+    from spattn.report.frontier import task_profiles
+
+    res = {"dense": {"accuracy": 1.0}, "a": {"accuracy": 0.0}, "b": {"accuracy": 1.0}}
+    disagree = task_profiles({"candidate": "a", "runner_up": "b", "for_retrieval": "b",
+                              "retrieval": {"against_runner_up": "worse"}}, res)
+    assert not disagree["agree"] and disagree["retrieval"]["candidate"] == "b" and disagree["evidence"]
+    assert disagree["language_modelling"]["candidate"] == "a"
+    assert disagree["retrieval"]["accuracy"] == 1.0 and disagree["retrieval"]["language_modelling_accuracy"] == 0.0
+    tie = task_profiles({"candidate": "a", "runner_up": "b", "retrieval": {"against_runner_up": "tie"}}, res)
+    assert tie["agree"] and tie["retrieval"]["candidate"] == "a" and "tie" in tie["retrieval"]["why"]
+    blind = task_profiles({"candidate": "a", "runner_up": "b", "retrieval": {"against_runner_up": "tie"}},
+                          res | {"dense": {"accuracy": 0.0}})
+    assert not blind["evidence"] and "dense retrieves none" in blind["retrieval"]["why"]
+
+
+def test_profiles_shown_in_terminal_and_html_and_timings_carry_cpu_seconds_and_load(tiny):
+    from rich.console import Console
+
+    from spattn.report.render import render_html
+    from spattn.report.summary import print_summary
+
+    results = copy.deepcopy(tiny["results"])
+    timings = results["timings"]
+    assert set(timings["stages_cpu_s"]) == set(timings["stages_s"]) and timings["total_cpu_s"] > 0
+    assert len(timings["load_average_start"]) == 3 and timings["torch_threads"] >= 1
+    rec = next(x for x in results["recommendations"] if x.get("profiles") and x.get("runner_up"))
+    rec["profiles"] |= {"agree": False, "retrieval": rec["profiles"]["retrieval"] | {
+        "candidate": rec["runner_up"], "accuracy": 1.0, "language_modelling_accuracy": 0.0}}
+    console = Console(record=True, width=250)
+    print_summary(results, console, tiny["out"])
+    assert "they disagree" in console.export_text()
+    page = html.unescape(_visible_text(render_html(results, tiny["out"])))
+    assert "they disagree" in page and "per task profile" in page
+
+
+def test_one_forward_per_distinct_static_layout():
+    import spattn
+    from spattn.integrations.plan import Plan
+    from spattn.report.pipeline import _layout_key
+
+    a = Plan.uniform(spattn.Sinks(4) | spattn.Window(21))
+    b = Plan(layers={i: spattn.Window(21) | spattn.Sinks(4) for i in range(3)})  # the same layouts, spelt otherwise
+    c = Plan.uniform(spattn.Sinks(4) | spattn.Window(22))
+    key = lambda plan: _layout_key(plan, 128, 16, layers=3, heads=4)  # noqa: E731
+    assert key(a) == key(b) != key(c)
+    assert key(Plan(layers={0: spattn.Sinks(4) | spattn.Window(21)})) != key(a)  # layers 1, 2 dense
+    assert key(Plan.uniform(spattn.Adaptive("pooled", keys=16, sinks=4, window=8))) is None  # input-dependent

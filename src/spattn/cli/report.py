@@ -46,6 +46,10 @@ def report_command(
                    "0: none)."),
     gates: str | None = typer.Option(
         None, help="A saved gate checkpoint for this model (spattn.learned.save_gates): measures the learned family."),
+    kernel_references: bool | None = typer.Option(
+        None, "--kernel-references/--no-kernel-references", show_default=False,
+        help="Time spattn's kernel against FlexAttention and SDPA for dense causal and each pick at every length "
+             "(default: on with CUDA, off on the CPU)."),
     quick: bool = typer.Option(False, "--quick", metavar="",
                                help="A smoke answer in under a minute: 512 tokens, one budget (0.1), one candidate per "
                                     "family, 2 pass keys, no threads view (the report says what it omits)."),
@@ -94,7 +98,7 @@ def report_command(
         calibration_chunks=calibration_chunks, selection_chunks=selection_chunks, eval_chunks=eval_chunks,
         block_size=block_size,
         families=_names(families), selectors=_names(selectors), device=device, seed=seed, latency_repeats=repeats,
-        retrieval_samples=retrieval_samples,
+        retrieval_samples=retrieval_samples, kernel_references=kernel_references,
     )
     try:
         if quick:

@@ -38,7 +38,9 @@ class ReportConfig:
     (``spattn.learned.save_gates``, safetensors) for this model; the ``"learned"`` family is measured only when one
     is given (otherwise the report says that no saved gate was given). The ``"plan"`` family is the planner's
     per-layer and per-head plan (:func:`spattn.planner.make_plan`), one per budget, calibrated on the calibration
-    chunks.
+    chunks. ``kernel_references`` (default None: on for CUDA, off on the CPU): time spattn's kernel against
+    FlexAttention and SDPA for dense causal and each pick at every length (``results.json``'s
+    ``kernel_references``).
     """
 
     model: str = "smollm2"
@@ -58,6 +60,7 @@ class ReportConfig:
     retrieval_samples: int = 6
     threads: bool = True
     gates: str | None = None
+    kernel_references: bool | None = None
     quick: bool = False
 
     @classmethod
@@ -110,6 +113,10 @@ class ReportConfig:
             raise TypeError(f"gates must be a path (str) to a gate checkpoint, got {type(self.gates).__name__}")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", str(self.device)):
             raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N' (N a GPU index), got {self.device!r}")
+        if self.kernel_references is None:
+            object.__setattr__(self, "kernel_references", str(self.device).startswith("cuda"))
+        elif not isinstance(self.kernel_references, bool):
+            raise TypeError(f"kernel_references must be a bool or None, got {type(self.kernel_references).__name__}")
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -123,6 +130,7 @@ class ReportConfig:
         """Hash of everything that changes the numbers (device included: dynamic selection may differ)."""
         data = self.to_dict()
         data.pop("latency_repeats")  # timings only
+        data.pop("kernel_references")
         data["cache_version"] = _CACHE_VERSION
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -358,3 +358,81 @@ def dropped_threads(pattern, layers: list[tuple[torch.Tensor, torch.Tensor]], *,
     mass, keys = acc.topk(min(top, L), dim=-1)
     return {"dropped": [sig(float(x), 4) for x in share], "lost_keys": keys.tolist(),
             "lost_mass": [[sig(float(x), 3) for x in row] for row in mass], "per_layer_head": per_layer_head}
+
+
+KERNEL_ROUNDS = 15  # interleaved rounds of the kernel references (each call timed per round)
+_KERNEL_INNER_CUDA = 10  # calls per timed round on CUDA (CUDA events around them: launch overhead amortised)
+
+
+def _timed_rounds(calls: dict[str, Any], rounds: int, device: torch.device
+                  ) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Milliseconds per call of every ``calls[name]()``, round-robin (a, b, c, a, b, c, ...) so that a change of
+    load or clock hits all alike, and the wall milliseconds of each one's first (warm-up, JIT) call. On CUDA each
+    round times ``_KERNEL_INNER_CUDA`` back-to-back calls with CUDA events; on the CPU one call with the wall
+    clock."""
+    first = {name: _once(fn, device) for name, fn in calls.items()}
+    inner = _KERNEL_INNER_CUDA if device.type == "cuda" else 1
+    out: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(inner):
+                    fn()
+                end.record()
+                end.synchronize()
+                out[name].append(start.elapsed_time(end) / inner)
+            else:
+                out[name].append(_once(fn, device))
+    return out, first
+
+
+def kernel_references(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int,
+                      backend: str, rounds: int = KERNEL_ROUNDS) -> dict[str, Any]:
+    """spattn on ``backend`` against FlexAttention and SDPA on the same inputs: one layer's
+    ``query [1, H, L, D]``, ``key / value [1, Hkv, L, D]``, in their own dtype (the model's: the same kernels the
+    report's latency column has compiled).
+
+    The layout is compiled once outside the timed calls (a dynamic pattern's selection runs on these inputs
+    first), so the three rows compare attention kernels alone: spattn and Flex on the same block tables
+    (``Layout.to_block_mask()``, Flex compiled with ``torch.compile`` on CUDA, eager on the CPU), SDPA dense
+    causal (key and value expanded to the query heads once; torch picks the kernel). Timed round-robin
+    (:func:`_timed_rounds`); returns medians (ms), spreads (IQR / median), the ratios against SDPA and spattn
+    against Flex, the first call of each (JIT included), and ``noisy`` when a spread exceeds ``SPREAD_NOISY``."""
+    from spattn.bench.selection import flex_fn
+
+    device = q.device
+    dynamic = pattern.contains_dynamic()
+    layout = spattn.compile(pattern, q.shape[2], k.shape[2], causal=True, block_size=block_size, device=device,
+                            heads=q.shape[1], query=q if dynamic else None, key=k if dynamic else None)
+    block_mask = layout.to_block_mask()
+    flex = flex_fn(device)
+    gqa = k.shape[1] != q.shape[1]
+    scale = q.shape[-1] ** -0.5
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    rep = q.shape[1] // k.shape[1]  # key/value expanded once: every SDPA kernel (fp32 included) takes it
+    kr, vr = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    calls = {
+        "spattn": lambda: spattn.attention(q, k, v, layout, causal=True, backend=backend, block_size=block_size),
+        "flex": lambda: flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa),
+        "sdpa": lambda: sdpa(q, kr, vr, is_causal=True, scale=scale),
+    }
+    t0 = time.perf_counter()
+    times, first = _timed_rounds(calls, rounds, device)
+    med = {name: statistics.median(x) for name, x in times.items()}
+    spreads = {name: spread(x) for name, x in times.items()}
+    return {
+        "backend": backend, "dtype": str(q.dtype).removeprefix("torch."), "shape": [list(q.shape), list(k.shape)],
+        "rounds": rounds,
+        "keys_fraction": sig(layout.density()), "block_fraction": sig(layout.density("block")),
+        "spattn_ms": sig(med["spattn"], 4), "flex_ms": sig(med["flex"], 4), "sdpa_ms": sig(med["sdpa"], 4),
+        "spreads": {name: sig(s, 3) for name, s in spreads.items()},
+        "spattn_vs_sdpa": sig(med["sdpa"] / med["spattn"], 4) if med["spattn"] > 0 else None,
+        "flex_vs_sdpa": sig(med["sdpa"] / med["flex"], 4) if med["flex"] > 0 else None,
+        "spattn_vs_flex": sig(med["flex"] / med["spattn"], 4) if med["spattn"] > 0 else None,
+        "noisy": max(spreads.values()) > SPREAD_NOISY,
+        "first_call_ms": {name: sig(ms, 4) for name, ms in first.items()},
+        "timing_s": sig(time.perf_counter() - t0, 3),
+        "load_average": sig(os.getloadavg()[0], 3) if hasattr(os, "getloadavg") else None,
+    }

@@ -143,3 +143,35 @@ def holds(recommendations: list[dict[str, Any]], main: dict[str, Any], others: l
             rec["lengths"].append(entry)
             if entry["holds"]:
                 rec["holds_at"].append(other["length"])
+
+
+def task_profiles(rec: dict[str, Any], retrieval: dict[str, Any]) -> dict[str, Any]:
+    """The recommendation of one budget per task profile (Note [task profiles]).
+
+    ``language_modelling``: the pick (selection-split perplexity, ties to the cheaper). ``retrieval``: the
+    runner-up when it retrieves significantly better than the pick on the same pass keys (paired bootstrap), else
+    the pick. ``agree`` says whether the two profiles name the same pattern; ``evidence`` whether the retrieval
+    profile rests on anything: dense itself must retrieve (otherwise the task cannot separate the candidates)."""
+    # Note [task profiles]: language modelling (perplexity, KL, agreement on held-out text) and retrieval (pass
+    # keys placed at depths 0.1 / 0.5 / 0.9 of the text) can disagree: a pattern that keeps the recent context
+    # wins perplexity while one that reaches further back retrieves. The report names one pattern per profile and
+    # says when they differ; it never silently averages the two.
+    dense = retrieval["dense"]["accuracy"]
+    lm = rec["candidate"]
+    other = rec.get("for_retrieval", lm)
+    pick, chosen = retrieval.get(lm), retrieval.get(other)
+    if dense == 0:
+        evidence, why = False, "dense retrieves none of the pass keys here: retrieval cannot separate the candidates"
+    elif other != lm:
+        evidence, why = True, ("the runner-up retrieves significantly more pass keys than the language-modelling pick "
+                               "(paired bootstrap on the same samples)")
+    elif rec.get("retrieval", {}).get("against_runner_up") == "tie":
+        evidence, why = True, "the pick and the runner-up retrieve alike (a tie): the pick serves both profiles"
+    else:
+        evidence, why = True, "the pick retrieves at least as well as the runner-up"
+    return {"language_modelling": {"candidate": lm, "why": "lowest selection-split perplexity (ties: the cheaper)"},
+            "retrieval": {"candidate": other, "why": why, "accuracy": None if chosen is None else chosen["accuracy"],
+                          "language_modelling_accuracy": None if pick is None else pick["accuracy"],
+                          "dense_accuracy": dense},
+            "agree": other == lm, "evidence": evidence}
+

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+import spattn
 from spattn._optional import require
 from spattn.bench.env import machine_info
 from spattn.eval.lm import dense_reference, token_scores
@@ -26,8 +27,17 @@ from spattn.patterns import Full, pattern_from_dict
 from spattn.report import candidates as C
 from spattn.report import intervals
 from spattn.report.config import ReportConfig, quick_omits
-from spattn.report.evaluate import candidate_latency, coverage_pass, dense_latency, dropped_threads, sig
-from spattn.report.frontier import carry_over, contenders, holds, pareto, recommend
+from spattn.report.evaluate import (
+    candidate_latency,
+    coverage_pass,
+    dense_latency,
+    dropped_threads,
+    kernel_references,
+    latency_inputs,
+    layout_fingerprint,
+    sig,
+)
+from spattn.report.frontier import carry_over, contenders, holds, pareto, recommend, task_profiles
 from spattn.report.stages import StageCache
 
 FORMAT = "spattn.report/2"
@@ -104,21 +114,39 @@ class _Run:
         self.cfg, self.cache, self.bars, self.model, self.facts = cfg, cache, bars, model, facts
         self.retime = retime
         self.timings: dict[str, float] = {}
+        self.cpu_timings: dict[str, float] = {}  # process CPU seconds (all threads): the load-independent cost
         self.latency_memo: dict[str, dict[str, Any]] = {}
         self.deadline = deadline
         self.skipped_for_time: list[str] = []
         self.planner_tables: dict[int, Any] = {}  # length -> the planner's candidate table (built once)
         self.first: dict[str, dict[str, Any]] = {}  # id -> record at the first length (plans carry from there)
+        self.latency_inputs: dict[int, tuple] = {}  # length -> (query, key, value) of the timed layer
+        self.scored_memo: dict[tuple, dict[str, Any]] = {}  # (length, split, layout key) -> split summary
 
-    def out_of_time(self, what: str) -> bool:
-        """True (and ``what`` recorded as skipped) once the run is past its ``time_budget``."""
-        if self.deadline is None or time.perf_counter() < self.deadline:
+    def out_of_time(self, what: str, estimate: float = 0.0) -> bool:
+        """True (and ``what`` recorded as skipped) once the run is past its ``time_budget``, or when ``what``, of
+        about ``estimate`` seconds, would end past it."""
+        if self.deadline is None or time.perf_counter() + estimate < self.deadline:
             return False
         self.skipped_for_time.append(what)
         return True
 
-    def timed(self, name: str, t0: float) -> None:
-        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+    def timed(self, name: str, t0: tuple[float, float]) -> None:
+        """Add the wall and the process CPU seconds since ``t0`` (a :func:`_clock`) to stage ``name``."""
+        wall, cpu = _clock()
+        self.timings[name] = self.timings.get(name, 0.0) + wall - t0[0]
+        self.cpu_timings[name] = self.cpu_timings.get(name, 0.0) + cpu - t0[1]
+
+
+def _clock() -> tuple[float, float]:
+    """(wall seconds, process CPU seconds of all threads): on a shared machine the CPU seconds measure a stage's
+    own cost, the wall seconds what the user waited."""
+    return time.perf_counter(), time.process_time()
+
+
+def _load_average() -> list[float] | None:
+    """The machine's 1-, 5- and 15-minute load averages (None where the OS has none)."""
+    return [sig(x, 3) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
 def run_report(config: ReportConfig, output: str | os.PathLike, *, overwrite: bool = False, fresh: bool = False,
@@ -135,7 +163,8 @@ def run_report(config: ReportConfig, output: str | os.PathLike, *, overwrite: bo
     from rich.console import Console
 
     console = console or Console()
-    t_total = time.perf_counter()
+    t_total, cpu_total = _clock()
+    load_start = _load_average()
     require("transformers", extra="hf")
     require("matplotlib", extra="viz")
     if torch.device(config.device).type == "cuda" and not torch.cuda.is_available():
@@ -149,7 +178,7 @@ def run_report(config: ReportConfig, output: str | os.PathLike, *, overwrite: bo
     torch.manual_seed(config.seed)
 
     with _Bars(console) as bars:
-        t = time.perf_counter()
+        t = _clock()
         task = bars.stage("load model and text", 2)
         try:
             model, tokenizer, model_name = M.load_model(config.model, config.device)
@@ -177,17 +206,27 @@ def run_report(config: ReportConfig, output: str | os.PathLike, *, overwrite: bo
             more = [(c["id"], c["family"], c["budget"], c["selector"]) for c in carried]
             others.append(_measure_length(run, length, data["lengths"][str(length)], more, select=False))
         holds(recs, main, others)
+        references = _kernel_references(run, [main, *others], recs, first_pass=True)
         retrieval = _retrieval(run, main, recs, tokenizer)
+        if references is not None and not references.get("complete"):  # not read back from the cache
+            references = _kernel_references(run, [main, *others], recs, first_pass=False, done=references)
         threads = _threads(run, main, recs, data["lengths"][str(first)], tokenizer)
 
-    t = time.perf_counter()
+    t = _clock()
     results = _assemble(config, cache, model_name, facts, data["info"], main, others, recs, threads, retrieval,
                         command)
+    results["kernel_references"] = references
     from spattn.report.render import write_outputs
 
     run.timed("report", t)
     results["timings"] = {"stages_s": {k: sig(v, 4) for k, v in run.timings.items()},
-                          "total_s": sig(time.perf_counter() - t_total, 4), "resumed": cache.resumed,
+                          "stages_cpu_s": {k: sig(v, 4) for k, v in run.cpu_timings.items()},
+                          "total_s": sig(time.perf_counter() - t_total, 4),
+                          "total_cpu_s": sig(time.process_time() - cpu_total, 4),
+                          "torch_threads": torch.get_num_threads(),
+                          "load_average_start": load_start,
+                          "load_average_end": _load_average(),
+                          "resumed": cache.resumed,
                           "retimed": retime, "time_budget_s": time_budget,
                           "skipped_for_time": run.skipped_for_time}
     write_outputs(results, Path(output))
@@ -256,23 +295,26 @@ def _measure_length(run: _Run, length: int, chunks: dict[str, Any], wanted: list
     refs: dict[str, list[dict[str, torch.Tensor]]] = {s: [] for s in splits}
     captures: list = []
     if need_model:
-        t = time.perf_counter()
+        t = _clock()
         total = sum(chunks[s].shape[0] for s in splits)
         task = bars.stage(f"dense forward, {length} tokens", total)
         for s in splits:
-            for ids in chunks[s]:
-                refs[s].append(dense_reference(M.logits(run.model, ids), ids) | {"ids": ids})
-                bars.advance(task, s)
+            for start in range(0, chunks[s].shape[0], _BATCH):  # a few chunks per forward, as in _scored
+                batch = chunks[s][start : start + _BATCH]
+                for ids, logits in zip(batch, M.logits(run.model, batch), strict=True):
+                    refs[s].append(dense_reference(logits, ids) | {"ids": ids})
+                    bars.advance(task, s)
         run.timed("dense", t)
-        t = time.perf_counter()
+        t = _clock()
         task = bars.stage(f"capture attention, {length} tokens", chunks["calibration"].shape[0])
         for ids in chunks["calibration"]:
             cap = capture(run.model, ids[None])
             captures.append([(cap.queries[layer], cap.keys[layer]) for layer in cap.layers])
             bars.advance(task, f"{len(captures[-1])} layers")
+        run.latency_inputs[length] = latency_inputs(captures, cfg.seed, cfg.device)
         run.timed("capture", t)
     if dense is None:
-        t = time.perf_counter()
+        t = _clock()
         dense = {"length": length}
         for s in splits:
             seg = intervals.merge([intervals.segment_sums({"nll": -r["logp"].gather(-1, r["target"][:, None])[:, 0]})
@@ -280,9 +322,10 @@ def _measure_length(run: _Run, length: int, chunks: dict[str, Any], wanted: list
             dense[s] = intervals.summarise(seg, seed=cfg.seed) | {"segments_sums": seg}
         dense["perplexity"] = sig(dense["report"]["perplexity"])
         dense["tokens"] = dense["report"]["tokens"]
-        full = _scored(run.model, chunks["report"], refs["report"], Plan.uniform(Full()), eval_backend,
-                       cfg.block_size)
-        dense["patched_full_perplexity"] = sig(intervals.summarise(full)["perplexity"])
+        if select:  # the integration's sanity check, once: the patched model with full attention is the model
+            full = _scored(run.model, chunks["report"], refs["report"], Plan.uniform(Full()), eval_backend,
+                           cfg.block_size)
+            dense["patched_full_perplexity"] = sig(intervals.summarise(full)["perplexity"])
         dense["attention_gflops"] = sig(4.0 * C.causal_pairs(length) * run.facts["head_dim"] * run.facts["heads"]
                                         * run.facts["layers"] / 1e9)
         dense["latency"] = dense_latency(captures, latency_backend, cfg.latency_repeats, cfg.seed, cfg.block_size,
@@ -297,7 +340,7 @@ def _measure_length(run: _Run, length: int, chunks: dict[str, Any], wanted: list
     cov_key = lambda cid: prefix + "coverage/" + cache.candidate_path(cid).split("/", 1)[1]  # noqa: E731
     need_cov = [w for w in pending if cache.get(cov_key(w[0])) is None]
     if need_cov:
-        t = time.perf_counter()
+        t = _clock()
         task = bars.stage(f"fit candidates, {length} tokens", len(need_cov))
         fitted = []
         for cid, fam, b, sel in need_cov:
@@ -308,7 +351,7 @@ def _measure_length(run: _Run, length: int, chunks: dict[str, Any], wanted: list
                 fitted.append(cand)
             bars.advance(task, cid)
         run.timed("fit", t)
-        t = time.perf_counter()
+        t = _clock()
         task = bars.stage(f"coverage, {length} tokens", len(captures) * len(captures[0]))
         cov = {} if not fitted else coverage_pass(fitted, captures, block_size=cfg.block_size,
                                                   head_dim=run.facts["head_dim"],
@@ -320,7 +363,7 @@ def _measure_length(run: _Run, length: int, chunks: dict[str, Any], wanted: list
                       | cov[cand.id])
         run.timed("coverage", t)
 
-    t = time.perf_counter()
+    t = _clock()
     task = bars.stage(f"model damage and latency, {length} tokens", len(wanted))
     records, skipped, partial = [], [], {}
     first_split = splits[0]
@@ -417,12 +460,45 @@ def _finish_candidate(run: _Run, rec: dict[str, Any], captures: list, refs: dict
                                     device=cfg.device)
         model = {}
     plan = _plan_of(rec)
+    length = int(refs[next(iter(refs))][0]["ids"].shape[-1])
+    key = _layout_key(plan, length, cfg.block_size, run.facts["layers"], run.facts["heads"])
     for split, split_refs in refs.items():
+        memo_key = None if key is None else (length, split, key)
+        if memo_key in run.scored_memo:  # Note [one forward per layout]
+            model[split] = run.scored_memo[memo_key]
+            continue
         chunks = torch.stack([r["ids"] for r in split_refs])
         seg = _scored(run.model, chunks, split_refs, plan, eval_backend, cfg.block_size)
         model[split] = intervals.summarise(seg, seed=cfg.seed) | {"segments_sums": seg}
+        if memo_key is not None:
+            run.scored_memo[memo_key] = model[split]
     shown = "report" if "report" in model else next(iter(model))
     return rec | {"latency": latency, "model": _shown_numbers(model, dense, shown)}
+
+
+def _layout_key(plan: Plan, length: int, block_size: int, layers: int, heads: int) -> str | None:
+    """A digest of the layouts ``plan`` compiles to in every layer at ``length`` (None for a dynamic plan, whose
+    layouts depend on the input): two candidates with the same key give the same model numbers."""
+    # Note [one forward per layout]: families often meet at a budget (Budgeted(k) compiles to the same Sinks |
+    # Window layout as the sinks_window candidate; a plan may choose one pattern everywhere): the patched forward
+    # is the report's largest cost on a CPU (a few seconds per 512 tokens for SmolLM2 on 2 cores), so each
+    # distinct static layout is scored once per split and length, and its twins reuse the numbers, which are
+    # exactly theirs (the same layouts give the same logits).
+    import hashlib
+
+    patterns = [plan.pattern_for(i) for i in range(layers)]
+    if any(p is not None and p.contains_dynamic() for p in patterns):
+        return None
+    digest = hashlib.sha256()
+    compiled: dict[str, str] = {}
+    for pattern in patterns:
+        spec = "full" if pattern is None else repr(pattern.to_dict())
+        if spec not in compiled:
+            lay = spattn.compile(pattern or Full(), length, length, causal=True, block_size=block_size,
+                                 heads=heads)
+            compiled[spec] = layout_fingerprint(lay)
+        digest.update(compiled[spec].encode())
+    return digest.hexdigest()[:16]
 
 
 def _shown_numbers(splits: dict[str, Any], dense: dict, split: str) -> dict[str, Any]:
@@ -458,7 +534,7 @@ def _retrieval(run: _Run, main: dict[str, Any], recs: list[dict[str, Any]], toke
         from spattn.data.corpora import load_text
         from spattn.eval.retrieval import make_samples, retrieval_accuracy
 
-        t = time.perf_counter()
+        t = _clock()
         by_id = {c["id"]: c for c in main["candidates"]}
         wanted = dict.fromkeys(x for r in recs for x in (r.get("candidate"), r.get("runner_up")))
         ids = [i for i in wanted if i in by_id]
@@ -494,7 +570,75 @@ def _retrieval(run: _Run, main: dict[str, Any], recs: list[dict[str, Any]], toke
             rec["retrieval"]["against_runner_up"] = {"a": "better", "b": "worse", "tie": "tie"}[verdict.winner]
             if verdict.winner == "b":
                 rec["for_retrieval"] = rec["runner_up"]
+        rec["profiles"] = task_profiles(rec, res)
     return cached
+
+
+def _kernel_references(run: _Run, measured: list[dict[str, Any]], recs: list[dict[str, Any]], *,
+                       first_pass: bool, done: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """spattn's kernel against FlexAttention and SDPA (:func:`~spattn.report.evaluate.kernel_references`) for dense
+    causal and each budget's pick, at every measured length, on that length's timed layer (``kernel_references``
+    of the configuration: on by default on CUDA).
+
+    Two passes (Note [kernel references first]): ``first_pass`` times dense causal and the middle budget's pick at
+    every length, before retrieval; the second (``done``: the first pass's record) the other picks. A row is
+    skipped, and said so, when the time it would take (the slowest row so far, which holds a JIT compile) does not
+    fit the run's ``--time-budget``. Rows go to the stage cache as soon as they are timed."""
+    # Note [kernel references first]: on the GPU the Flex reference is what the CUDA report is run for, and each
+    # row holds a torch.compile of flex_attention (a new BlockMask shape), so the most telling rows go first.
+    cfg = run.cfg
+    if not cfg.kernel_references:
+        return None
+    cached = run.cache.get("kernel_references")
+    if cached is not None and not run.retime:
+        return cached
+    t = _clock()
+    backend = _backends(cfg, cfg.chunk_length)[1]
+    out: dict[str, Any] = done or {"backend": backend, "rows": [], "skipped": [], "row_seconds": []}
+    middle = recs[len(recs) // 2]["budget"] if recs else None
+    todo = []
+    for part in measured:
+        by_id = {c["id"]: c for c in part["candidates"]}
+        rows = [("dense causal", None, Full().to_dict())]  # compiled with causal=True
+        for rec in recs:
+            cand = by_id.get(rec.get("candidate"))
+            if cand is not None:
+                rows.append((cand["label"], rec["budget"], cand["pattern"]))
+        seen = []
+        for label, budget, pattern in rows:
+            if pattern in seen:
+                continue
+            seen.append(pattern)
+            if first_pass == (budget is None or budget == middle):
+                todo.append((part["length"], label, budget, pattern))
+    task = run.bars.stage("kernel references (Flex, SDPA)" + ("" if first_pass else ", other picks"), len(todo))
+    for length, label, budget, pattern in todo:
+        what = f"kernel references of {label} at {length} tokens"
+        inputs = run.latency_inputs.get(length)
+        estimate = max(out["row_seconds"], default=0.0)
+        if inputs is None:
+            out["skipped"].append(f"{what}: no attention inputs in this run (all of its stages were cached); "
+                                  "rerun with --retime")
+        elif run.out_of_time(what, estimate):
+            out["skipped"].append(f"{what}: would not fit the run's --time-budget (a row took up to "
+                                  f"{estimate:.1f} s)")
+        else:
+            t_row = time.perf_counter()
+            try:
+                row = kernel_references(pattern_from_dict(pattern), *inputs, block_size=cfg.block_size,
+                                        backend=backend)
+            except Exception as exc:  # noqa: BLE001 - a reference that cannot run is reported, the report goes on
+                out["skipped"].append(f"{what}: failed ({type(exc).__name__}: {str(exc)[:300]})")
+            else:
+                out["rows"].append({"length": length, "label": label, "budget": budget} | row)
+            out["row_seconds"].append(sig(time.perf_counter() - t_row, 3))
+            run.cache.put("kernel_references_partial", out)
+        run.bars.advance(task, f"{label} @ {length}")
+    if not first_pass:
+        out["complete"] = True
+        run.cache.put("kernel_references", out)
+    run.timed("kernel_references", t)
+    return out
 
 
 def _threads(run: _Run, main: dict[str, Any], recs: list[dict[str, Any]], chunks: dict[str, Any],
@@ -512,7 +656,7 @@ def _threads(run: _Run, main: dict[str, Any], recs: list[dict[str, Any]], chunks
         return cached
     if run.out_of_time("threads"):
         return None
-    t = time.perf_counter()
+    t = _clock()
     task = run.bars.stage("threads the pick cuts", 1)
     ids = chunks["report"][0]
     cap = capture(run.model, ids[None])

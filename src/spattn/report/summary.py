@@ -57,6 +57,21 @@ def print_summary(results: dict[str, Any], console: Any, output: Path) -> None:
         console.print("[bold yellow]quick answer[/] (--quick, a smoke test): it omits "
                       + "; ".join(results["quick"]["omits"]) + ". Run without --quick for the full report.")
     console.print(table)
+    for x in results["recommendations"]:
+        prof = x.get("profiles")
+        if prof is None:
+            continue
+        lm = by_id[prof["language_modelling"]["candidate"]]["label"]
+        if prof["agree"]:
+            text = f"{lm} for language modelling and retrieval ({prof['retrieval']['why']})"
+        else:
+            other = by_id[prof["retrieval"]["candidate"]]["label"]
+            text = (f"[bold]they disagree[/]: language modelling → {lm}; retrieval → {other} "
+                    f"({100 * prof['retrieval']['accuracy']:.0f}% of the pass keys against "
+                    f"{100 * prof['retrieval']['language_modelling_accuracy']:.0f}%)")
+        if not prof["evidence"]:
+            text += " [yellow](no retrieval evidence: dense retrieves none)[/]"
+        console.print(f"per task profile, budget {100 * x['budget']:.1f}%: {text}")
     front = Table(title="Pareto frontier (cost against held-out perplexity)", title_justify="left")
     for col in ("pattern", "cost keys", "cost blocks", "perplexity [95%]", "ms"):
         front.add_column(col, justify="left" if col == "pattern" else "right", overflow="fold")
@@ -69,6 +84,17 @@ def print_summary(results: dict[str, Any], console: Any, output: Path) -> None:
                       + (" ˢ" if m.get("split") == "selection" else ""),
                       latency_text(c["latency"]))
     console.print(front)
+    refs = results.get("kernel_references")
+    if refs and refs["rows"]:
+        kern = Table(title=f"kernels: spattn ({refs['backend']}) and FlexAttention on the same block tables, SDPA "
+                           "dense causal (ms, one layer)", title_justify="left")
+        for col in ("length", "pattern", "spattn", "Flex", "SDPA", "spattn × SDPA", "spattn × Flex"):
+            kern.add_column(col, justify="left" if col == "pattern" else "right", overflow="fold")
+        for k in refs["rows"]:
+            kern.add_row(str(k["length"]), k["label"] + ("?" if k["noisy"] else ""), f"{k['spattn_ms']:.3f}",
+                         f"{k['flex_ms']:.3f}", f"{k['sdpa_ms']:.3f}", f"{k['spattn_vs_sdpa']:.2f}",
+                         f"{k['spattn_vs_flex']:.2f}")
+        console.print(kern)
     for col, meaning in COLUMNS.items():
         console.print(f"[dim]{col}: {meaning}[/]")
     console.print("[dim]ˢ: numbers from the selection split (the report split is scored only for the candidates "
