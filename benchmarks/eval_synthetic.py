@@ -1,15 +1,19 @@
 """Synthetic long-range tasks trained from scratch with spattn attention inside: MQAR and ListOps (issues 13, 14).
 
-Two commands for one H200 (each may share the GPU with other jobs; nothing here is a latency measurement):
+Two commands for one H200 (nothing here is a latency measurement, but every process sharing the GPU slows the
+steps, and with them what the runs learn in their budget: run them alone):
 
     PYTHONPATH=src python benchmarks/eval_synthetic.py mqar --time-budget 460 --out $OUT/eval_mqar.json
     PYTHONPATH=src python benchmarks/eval_synthetic.py listops --time-budget 430 --out $OUT/eval_listops.json
     PYTHONPATH=src python benchmarks/eval_synthetic.py mqar --quick --device cpu --out /tmp/q.json   # CPU smoke
 
-The models are tiny and a training step is bound by kernel launches, so the script trains many runs at once:
-one subprocess per (width, plan, learning rate, seed) job, ``--workers`` of them at a time, each writing its
-own JSON as soon as it finishes; the parent merges them into ``--out`` after every finished job (a killed run
-keeps every finished job).
+Every (width, plan, learning rate, seed) is one job, run as its own subprocess, ``--workers`` at a time (default
+1). Each writes its own JSON as soon as it finishes, and the parent merges them into ``--out`` after every
+finished job, so a killed run keeps every finished job. Session 5 on one H200 without MPS showed that running
+jobs at once gains nothing: 2 MQAR processes each ran at ~10.7 ms/step where one alone ran at 5.4, and 34
+processes (28 MQAR and 6 ListOps) each ran ~25x slower. The GPU time-slices between processes. More steps per
+second would need fewer kernel launches per step (CUDA graphs, or several plans batched in one model) in one
+process.
 
 1. Gate (seconds): one sparse plan (MQAR ``Window(32) | TopK("pooled", 1)``; ListOps ``Window(64, 64) |
    TopK("pooled", 2)`` with padding), at one small batch of the training shape and dtype, forward and the
@@ -31,9 +35,10 @@ keeps every finished job).
    chunk ``k`` of the training set from seed ``1_000_000 * 2 * seed + k``, of the test set from
    ``1_000_000 * (2 * seed + 1) + k``).
 
-Steps: every job trains ``--steps`` steps unless that would not fit before the script's deadline: then
-``spattn.eval.train.train(time_limit=...)`` cuts the run once, early, to what fits (the JSON holds the steps
-each run made; plans of one task are compared at the steps they made, listed in the summary). Jobs that could
+Steps: every job trains ``--steps`` steps unless that would not fit in its share of the time: then
+``spattn.eval.train.train(time_limit=...)`` cuts the run to what fits. A job's share is the time left times
+its plan's relative step cost (``step_cost``) over the cost of the jobs not started yet, per worker. The JSON
+holds the steps each run made, and the summary lists them. Jobs that could
 not start in time are listed under ``skipped``. Every accuracy carries a bootstrap interval (over seeds, then
 test examples); ``versus_dense`` is the paired bootstrap over the same test examples, a tie when its interval
 holds 0. The best learning rate per plan is picked by mean accuracy (Zoology's protocol).
@@ -99,6 +104,16 @@ def listops_plans() -> Plans:
         "window64+topk_pooled2": (spattn.Window(64, 64) | spattn.TopK("pooled", 2), 64),
         "window64+learned2": (Learned(2, safeguard=spattn.Window(64, 64)), 64),
     }
+
+
+def step_cost(plan: Any) -> float:
+    """Relative step time of a plan, for time shares (the H200 at chain B, MQAR d64: dense 5.4 ms, windows 5.6-6.6,
+    Window(32) | TopK 13.2, learned 34.6)."""
+    if isinstance(plan, Learned):
+        return 6.4
+    if plan is not None and plan.contains_dynamic():
+        return 2.4
+    return 1.0
 
 
 def plans_of(options: dict[str, Any]) -> Plans:
@@ -280,8 +295,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backend", default=None, help="spattn backend (default: auto on CUDA, reference on CPU)")
     parser.add_argument("--time-budget", type=float, default=470.0, help="seconds for the whole script")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="jobs trained at once (default: every job of the grid at once)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="jobs trained at once (default 1: on one H200 without MPS, 2 processes made no more "
+                             "steps per second than 1, and 34 made each ~25x slower)")
     parser.add_argument("--widths", default=None, help="MQAR d_model values (default 64,128; ListOps: 512)")
     parser.add_argument("--plans", default=None, help="comma-separated plan names (default: all)")
     parser.add_argument("--learning-rates", default=None,
@@ -416,7 +432,7 @@ def main() -> None:
                                  "seed": seed, "data": data_paths.get(seed), "deadline": deadline,
                                  "out": os.path.join(scratch, tag + ".json"), "options": options,
                                  "priority": (seed_index, rate_index)})
-    workers = args.workers or len(jobs)
+    workers = max(1, args.workers)
     logs = os.path.join(os.path.dirname(os.path.abspath(args.out)), f"eval_{task}_logs")
     os.makedirs(logs, exist_ok=True)
     record["log"].append(f"{len(jobs)} jobs, {workers} at a time, {steps} steps each at most")
@@ -426,10 +442,16 @@ def main() -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     while pending or running:
         while pending and len(running) < workers:
+            # this job's share of the time left: its step cost over the cost of the jobs not started yet,
+            # per worker (jobs of equal cost get equal time; slower plans more, for about equal steps)
+            left = deadline - time.time()
+            waiting = sum(step_cost(plans[j["plan"]][0]) for j in pending)
             job = pending.pop(0)
-            if deadline - time.time() < 30:
-                record["skipped"].append(f"{job['tag']}: {deadline - time.time():.0f} s left at its turn")
+            share = left * min(1.0, workers * step_cost(plans[job["plan"]][0]) / waiting)
+            if share < 30:
+                record["skipped"].append(f"{job['tag']}: {share:.0f} s share ({left:.0f} s left) at its turn")
                 continue
+            job["deadline"] = time.time() + share
             path = job["out"] + ".job"
             with open(path, "w") as handle:
                 json.dump(job, handle)
@@ -440,7 +462,7 @@ def main() -> None:
         time.sleep(1.0)
         for tag, (process, job, log) in list(running.items()):
             if process.poll() is None:
-                if time.time() > deadline + 3:  # past the deadline: stop it (its own session, by its id)
+                if time.time() > min(job["deadline"] + 15, deadline + 3):  # stop it (its own session, by its id)
                     os.killpg(process.pid, signal.SIGKILL)
                     process.wait()
                     record["skipped"].append(f"{tag}: killed at the deadline")
