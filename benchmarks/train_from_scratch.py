@@ -878,9 +878,26 @@ def plot(path: Path, figure: Path) -> dict:
     data = json.loads(path.read_text())
     lm = [(n, s) for n, s in data["sections"].items() if s.get("key") in ("lm0", "lm1", "ablation", "seed1")
           and s.get("runs")]
-    rows = max(1, len(lm))
+    tasks = [(n, s) for n, s in data["sections"].items() if s.get("key") == "passkey" and s.get("runs")]
+    rows = max(1, len(lm) + len(tasks))
     fig, axes = plt.subplots(rows, 4, figsize=(19, 3.6 * rows), squeeze=False)
+    for row, (name, section) in enumerate(tasks, start=len(lm)):
+        ax = axes[row][0]
+        for variant, run in section["runs"].items():
+            pts = [r for r in run.get("history", []) if "held_accuracy" in r]
+            if pts:
+                ax.plot([r["step"] + 1 for r in pts], [r["held_accuracy"] for r in pts], marker=".", label=variant)
+        ax.set_title(f"{name}: held-out pass-key accuracy (64 examples)")
+        ax.set_xlabel("step")
+        ax.set_xscale("log")
+        ax.legend(fontsize=7)
+        for col in (1, 2, 3):
+            axes[row][col].axis("off")
+    main = next((s for s in data["sections"].values() if s.get("key") == "lm0"), {})
     for row, (name, section) in enumerate(lm):
+        if section.get("key") == "ablation":  # beside none and all of the regularisers (the main section's runs)
+            section = {**section, "runs": {**{k: v for k, v in main.get("runs", {}).items()
+                                              if k in ("learned", "learned-reg")}, **section["runs"]}}
         for col, corpus in enumerate(("austen", "kjv")):
             ax = axes[row][col]
             for variant, run in section["runs"].items():
