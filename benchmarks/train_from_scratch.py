@@ -928,7 +928,7 @@ def plot(path: Path, figure: Path) -> dict:
     fig.suptitle(f"train_from_scratch, {machine.get('device')}, commit {str(machine.get('git_commit'))[:10]}")
     fig.tight_layout(rect=(0, 0, 1, 0.98))
     figure.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(figure, dpi=90)
+    fig.savefig(figure, dpi=72)
     print(f"wrote {figure}")
     table = summary(data)
     print(table)
