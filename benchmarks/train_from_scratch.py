@@ -878,13 +878,31 @@ def plot(path: Path, figure: Path) -> dict:
     data = json.loads(path.read_text())
     lm = [(n, s) for n, s in data["sections"].items() if s.get("key") in ("lm0", "lm1", "ablation", "seed1")
           and s.get("runs")]
-    rows = max(1, len(lm))
+    tasks = [(n, s) for n, s in data["sections"].items() if s.get("key") == "passkey" and s.get("runs")]
+    rows = max(1, len(lm) + len(tasks))
     fig, axes = plt.subplots(rows, 4, figsize=(19, 3.6 * rows), squeeze=False)
+    for row, (name, section) in enumerate(tasks, start=len(lm)):
+        ax = axes[row][0]
+        for variant, run in section["runs"].items():
+            pts = [r for r in run.get("history", []) if "held_accuracy" in r]
+            if pts:
+                ax.plot([r["step"] + 1 for r in pts], [r["held_accuracy"] for r in pts], marker=".", label=variant)
+        ax.set_title(f"{name}: held-out pass-key accuracy (64 examples)")
+        ax.set_xlabel("step")
+        ax.set_xscale("log")
+        ax.legend(fontsize=7)
+        for col in (1, 2, 3):
+            axes[row][col].axis("off")
+    main = next((s for s in data["sections"].values() if s.get("key") == "lm0"), {})
     for row, (name, section) in enumerate(lm):
+        if section.get("key") == "ablation":  # beside none and all of the regularisers (the main section's runs)
+            section = {**section, "runs": {**{k: v for k, v in main.get("runs", {}).items()
+                                              if k in ("learned", "learned-reg")}, **section["runs"]}}
         for col, corpus in enumerate(("austen", "kjv")):
             ax = axes[row][col]
+            late = (section.get("steps") or 0) // 5  # the first fifth (loss 5.5 -> 1.5) hides the differences
             for variant, run in section["runs"].items():
-                pts = [r for r in run.get("history", []) if f"{corpus}_loss" in r]
+                pts = [r for r in run.get("history", []) if f"{corpus}_loss" in r and r["step"] >= late]
                 if not pts:
                     continue
                 x = [r["step"] + 1 for r in pts]
@@ -892,9 +910,8 @@ def plot(path: Path, figure: Path) -> dict:
                 ax.plot(x, y, marker=".", label=variant)
                 ax.fill_between(x, [r[f"{corpus}_loss"]["low"] for r in pts],
                                 [r[f"{corpus}_loss"]["high"] for r in pts], alpha=0.2)
-            ax.set_title(f"{name}: held-out {corpus} (nats/byte)")
+            ax.set_title(f"{name}: held-out {corpus} (nats/byte), 95% CI")
             ax.set_xlabel("step")
-            ax.set_xscale("log")
             ax.legend(fontsize=7)
         for col, metric in ((2, "held_distinct_blocks"), (3, "held_gate_entropy")):
             ax = axes[row][col]
@@ -909,9 +926,9 @@ def plot(path: Path, figure: Path) -> dict:
                 ax.legend(fontsize=7)
     machine = data["machine"]
     fig.suptitle(f"train_from_scratch, {machine.get('device')}, commit {str(machine.get('git_commit'))[:10]}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
     figure.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(figure, dpi=90)
+    fig.savefig(figure, dpi=72)
     print(f"wrote {figure}")
     table = summary(data)
     print(table)
