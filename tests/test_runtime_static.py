@@ -5,6 +5,8 @@ to the eager ones, and the fallbacks (a kernel that raises or returns NaN) count
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -131,8 +133,8 @@ def test_select_from_row_over_the_capacity_equals_select_and_keeps_the_safeguard
         q, k = torch.randn(B, H, 1, D), torch.randn(B, Hkv, C, D)
         valid = torch.ones(B, L, dtype=torch.bool)
         valid[1, :5] = False
-        eager = select(q, L, valid, plan, 3, kv_heads=Hkv, page_size=S, scale=0.25, key_min=pool(k[:, :, :L], S, "amin"),
-                       key_max=pool(k[:, :, :L], S, "amax"), offsets=offsets)
+        eager = select(q, L, valid, plan, 3, kv_heads=Hkv, page_size=S, scale=0.25,
+                       key_min=pool(k[:, :, :L], S, "amin"), key_max=pool(k[:, :, :L], S, "amax"), offsets=offsets)
         wide = torch.zeros(B, C, dtype=torch.bool)
         wide[:, :L] = valid
         kmin, kmax = pool(k, S, "amin"), pool(k, S, "amax")  # pages past L hold other keys: never visible
@@ -231,3 +233,54 @@ def test_a_failing_kernel_in_the_static_step_is_answered_dense_and_counted(model
         assert counts[("fallback", 0, "error")] == 1 and counts[("fallback", 1, "error")] == 1
     else:  # every decode step of layer 0 is flagged and rerun; layer 1 never
         assert counts[("fallback", 0, "nonfinite")] == NEW - 1 and counts[("fallback", 1, "nonfinite")] == 0
+
+
+# ---------------------------------------------------------------------------------------------- capturable
+@contextlib.contextmanager
+def no_host_reads():
+    """Every Python-level read of a tensor's value (what a CUDA graph capture cannot contain) raises."""
+    names = ["item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy"]
+    saved = {name: getattr(torch.Tensor, name) for name in names}
+
+    def refuse(name):
+        def read(self, *args, **kwargs):
+            raise AssertionError(f"host read inside the static decode step: Tensor.{name}")
+        return read
+
+    for name in names:
+        setattr(torch.Tensor, name, refuse(name))
+    try:
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+class GuardedDecoder(StaticDecoder):
+    """Every static step after the first runs with host reads refused (what a replayed graph contains)."""
+
+    steps = 0
+
+    def _forward(self, st, tokens, positions, cache):
+        self.steps += 1
+        if self.steps == 1:
+            return super()._forward(st, tokens, positions, cache)
+        with no_host_reads():
+            return super()._forward(st, tokens, positions, cache)
+
+
+@pytest.mark.parametrize("plan", [
+    pytest.param(spattn.Plan(), id="dense"),
+    pytest.param(spattn.Plan.uniform(spattn.Sinks(4) | spattn.Window(8) | spattn.TopK("bounds", 1)), id="top-k"),
+    pytest.param(spattn.Plan.uniform(spattn.Window(12) | spattn.TopP("pooled", 0.5)), id="top-p-pooled"),
+])
+def test_the_static_decode_step_reads_nothing_on_the_host(model, prompts, plan):
+    ids, mask = prompts
+    runtime = Runtime(model, plan, block_size=8, min_sparse_tokens=0, monitor_level=1)
+    try:
+        with torch.inference_mode():
+            decoder = GuardedDecoder(runtime, ids, mask, 4, pad_token_id=0, eos_token_id=None, cuda_graph=False)
+            decoder.run()
+    finally:
+        runtime.detach()
+    assert decoder.steps == 3
