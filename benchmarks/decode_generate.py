@@ -1,8 +1,8 @@
 """Sparse decode inside Hugging Face ``generate``: tokens/s, per-step latency (p50 / p95), the share of a step
 outside attention, sampled recall, the 8x target at 128k, and the controller under a synthetic latency spike.
 
-    SPATTN_TRITON_AUTOTUNE=0 PYTHONPATH=src python benchmarks/decode_generate.py --time-budget 85 \
-        --out $OUT/decode_generate.json                                                              # H200
+    SPATTN_TRITON_AUTOTUNE=0 PYTHONPATH=src timeout 100 python benchmarks/decode_generate.py --time-budget 80 \
+        --out $OUT/decode_generate.json                                        # H200, alone on the GPU
     PYTHONPATH=src python benchmarks/decode_generate.py --quick --device cpu --out /tmp/decode.json          # CPU smoke
 
 Model: a random-weight Llama of SmolLM2-135M's shape (30 layers, hidden 576, 9 query / 3 key-value heads, head
@@ -17,7 +17,10 @@ first ``--prefill-tokens`` (32768) tokens are prefilled by the model (dense SDPA
 runs the same selection whatever the cached values are, so the timings are those of a 128k cache; the recall is
 the true recall against dense attention over this same (tiled) cache.
 
-Variants, decoded with ``Runtime.generate`` from the cache, ``--steps`` (32) timed steps after 3 warm-up steps:
+Variants, decoded with ``Runtime.generate`` from the cache, ``--steps`` (32) timed steps after 3 warm-up steps,
+each eager and captured (``<variant>+graph``: ``Runtime(cuda_graph=True)``, the whole model's static decode step
+recorded in a CUDA graph and replayed; compared with ``dense+graph``, the dense step captured in the same
+harness; see ``docs/runtime.md``, *Static decode and CUDA graphs*):
 
 * ``dense``: the plan ``Plan()`` -- transformers' SDPA attention in every layer (the baseline);
 * ``sparse-16`` / ``sparse-64``: ``Sinks(64) | Window(1024) | TopK("bounds", k)``, pages of 128 tokens chosen per
@@ -26,7 +29,8 @@ Variants, decoded with ``Runtime.generate`` from the cache, ``--steps`` (32) tim
   built on the device from the selected pages, one launch per layer, over the cache's whole zeroed buffer so the
   launch plan is the same at every step), elsewhere through the torch reference ``paged_attention``.
 
-Measured, in this order (most important first; each result is written to the JSON as soon as it exists, and a
+Measured, in the order of :func:`tasks` (captured rows first; the rest of this paragraph describes the eager
+diagnostics; each result is written to the JSON as soon as it exists, and a
 task whose estimated cost does not fit in what is left of ``--time-budget`` is skipped and recorded as skipped):
 at 128k, dense and sparse-16 ``generate`` step latency (the 8x target: ``speedup_vs_dense``, end to end, p50 over
 p50); the attention call alone (layer 0's cache: torch SDPA vs selection + kernel, x layers =
@@ -40,7 +44,8 @@ the model build finished.
 Correctness gates first (the run stops if one fails): the runtime's decode kernel (triton on CUDA) and the torch
 reference path against the float64 dense oracle at 32k (tolerance rule of ``spattn.testing``), and ``generate``
 with a plan that covers every token (through the runtime's default kernel) equal to dense ``generate`` (float32,
-2 layers). Random weights make attention diffuse, so the recall numbers say what the
+2 layers), then the captured static step equal to the eager runtime (``gate_static``; not fatal: a failure drops
+the ``+graph`` rows). Random weights make attention diffuse, so the recall numbers say what the
 selection keeps on this model, not on a trained one.
 
 Controller (last): at 32k with ``sparse-16``, target = 1.5 x the measured sparse median step; from step 16 to 40
