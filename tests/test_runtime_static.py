@@ -284,3 +284,40 @@ def test_the_static_decode_step_reads_nothing_on_the_host(model, prompts, plan):
     finally:
         runtime.detach()
     assert decoder.steps == 3
+
+
+def test_the_controller_moves_the_device_budget_and_switches_layers_dense_in_the_static_loop(model, prompts):
+    """A kernel that stalls past the latency target: the budget (a device tensor of the static step) goes down,
+    then the layers switch dense, and the answer is unchanged (the plan's safeguards cover every token)."""
+    import time
+
+    ids, mask = prompts
+    expected, _ = generate(model, spattn.Plan(), ids, mask, static=False)
+
+    def stalling_kernel(*args, **kwargs):
+        time.sleep(0.05)
+        return paged_attention(*args, **kwargs)
+
+    plan = spattn.Plan.uniform(spattn.Sinks(4) | spattn.Window(64) | spattn.TopK("bounds", 4))
+    runtime = Runtime(model, plan, block_size=8, min_sparse_tokens=0, monitor_level=1, cuda_graph=True,
+                      controller=ControllerConfig(latency_target_ms=1, budget=4, window=1, patience=1, cooldown=100))
+    runtime.kernel = stalling_kernel
+    seen = []
+    original = StaticDecoder._configure
+
+    def configure(self, st, heads, kv_heads):
+        key = original(self, st, heads, kv_heads)
+        seen.append((list(st.budget.tolist()), sorted(st.dense_layers)))
+        return key
+
+    StaticDecoder._configure = configure
+    try:
+        out = runtime.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    finally:
+        StaticDecoder._configure = original
+        runtime.detach()
+    assert torch.equal(out, expected)
+    assert seen[0] == ([4, 4], [])
+    assert any(budget == [0, 0] for budget, _ in seen) and seen[-1][1] == [0, 1]
+    counts = runtime.controller.counts
+    assert counts[("budget", "latency_down")] >= 1 and counts[("switch", 0, "dense", "latency")] == 1
