@@ -321,3 +321,45 @@ def test_the_controller_moves_the_device_budget_and_switches_layers_dense_in_the
     assert any(budget == [0, 0] for budget, _ in seen) and seen[-1][1] == [0, 1]
     counts = runtime.controller.counts
     assert counts[("budget", "latency_down")] >= 1 and counts[("switch", 0, "dense", "latency")] == 1
+
+
+class Collect:
+    """A streamer: what ``generate`` puts, in order."""
+
+    def __init__(self):
+        self.puts, self.ended = [], False
+
+    def put(self, value):
+        self.puts.append(value.tolist())
+
+    def end(self):
+        self.ended = True
+
+
+def test_streamer_stopping_criteria_and_logits_processors_as_in_generate(model, prompts):
+    """What ``spattn serve`` passes to ``generate``: the static loop streams, stops rows and processes scores as
+    ``model.generate`` does."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    ids, mask = prompts
+    P0 = ids.shape[1]
+
+    class StopRow0(StoppingCriteria):  # row 0 stops after 2 new tokens
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.tensor([input_ids.shape[1] - P0 >= 2, False])
+
+    def ban(input_ids, scores):  # a processor: token 48 never wins
+        return scores.index_fill(-1, torch.tensor([48]), -float("inf"))
+
+    plan = spattn.Plan.uniform(spattn.Sinks(4) | spattn.Window(8) | spattn.TopK("bounds", 1))
+    runs = []
+    for static in (False, True):
+        streamer = Collect()
+        gen = {"streamer": streamer, "stopping_criteria": StoppingCriteriaList([StopRow0()]),
+               "logits_processor": [ban], "eos_token_id": 96}
+        out, _ = generate(model, plan, ids, mask, static=static, gen=gen)
+        runs.append((out, streamer))
+    (eager, eager_stream), (static, static_stream) = runs
+    assert torch.equal(static, eager) and (static[:, P0:] != 48).all()
+    assert (static[0, P0 + 2:] == 0).all()  # row 0 stopped: padded after its second token
+    assert static_stream.puts == eager_stream.puts and static_stream.ended
