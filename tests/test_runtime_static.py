@@ -5,6 +5,8 @@ to the eager ones, and the fallbacks (a kernel that raises or returns NaN) count
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -36,6 +38,12 @@ def prompts():
     return ids, mask
 
 
+@pytest.fixture(scope="module")
+def dense(model, prompts):
+    """Dense eager ``generate`` of the prompts (what a plan covering every token must give)."""
+    return generate(model, spattn.Plan(), *prompts, static=False)[0]
+
+
 def generate(model, plan, ids, mask, *, static, new=NEW, gen=None, **kwargs):
     options = {"min_sparse_tokens": 0, "monitor_level": 1, **kwargs}
     runtime = Runtime(model, plan, block_size=8, cuda_graph=static, **options)
@@ -56,9 +64,9 @@ PLANS = [
 
 
 @pytest.mark.parametrize("plan", PLANS)
-def test_static_decode_equals_the_eager_path_token_for_token(model, prompts, plan):
+def test_static_decode_equals_the_eager_path_token_for_token(model, prompts, dense, plan):
     ids, mask = prompts
-    eager, _ = generate(model, plan, ids, mask, static=False)
+    eager = dense if not plan.layers and plan.default is None else generate(model, plan, ids, mask, static=False)[0]
     static, runtime = generate(model, plan, ids, mask, static=True)
     assert torch.equal(static, eager)
     decoder = runtime.decoder
@@ -96,10 +104,8 @@ def test_min_new_tokens_and_eos_follow_generate(model, prompts):
     eos = int(eager[0, ids.shape[1] + 2])  # the third generated token ends the sequence
     outs = [generate(model, plan, ids, mask, static=static, gen={"eos_token_id": eos})[0] for static in (False, True)]
     assert torch.equal(outs[0], outs[1]) and (outs[1][:, ids.shape[1]:] == eos).any()
-    gen = {"eos_token_id": eos, "min_new_tokens": NEW}
-    static_min, _ = generate(model, plan, ids, mask, static=True, gen=gen)
-    eager_min, _ = generate(model, plan, ids, mask, static=False, gen=gen)
-    assert static_min.shape[1] == ids.shape[1] + NEW and torch.equal(static_min, eager_min)
+    static_min, _ = generate(model, plan, ids, mask, static=True, gen={"eos_token_id": eos, "min_new_tokens": NEW})
+    assert static_min.shape[1] == ids.shape[1] + NEW and not (static_min[:, ids.shape[1]:] == eos).any()
 
 
 def test_unsupported_generate_options_fall_back_to_model_generate(model, prompts):
@@ -131,8 +137,8 @@ def test_select_from_row_over_the_capacity_equals_select_and_keeps_the_safeguard
         q, k = torch.randn(B, H, 1, D), torch.randn(B, Hkv, C, D)
         valid = torch.ones(B, L, dtype=torch.bool)
         valid[1, :5] = False
-        eager = select(q, L, valid, plan, 3, kv_heads=Hkv, page_size=S, scale=0.25, key_min=pool(k[:, :, :L], S, "amin"),
-                       key_max=pool(k[:, :, :L], S, "amax"), offsets=offsets)
+        eager = select(q, L, valid, plan, 3, kv_heads=Hkv, page_size=S, scale=0.25,
+                       key_min=pool(k[:, :, :L], S, "amin"), key_max=pool(k[:, :, :L], S, "amax"), offsets=offsets)
         wide = torch.zeros(B, C, dtype=torch.bool)
         wide[:, :L] = valid
         kmin, kmax = pool(k, S, "amin"), pool(k, S, "amax")  # pages past L hold other keys: never visible
@@ -207,10 +213,10 @@ def nan_on_layer_0(query, key, value, selection, **kwargs):
 
 @pytest.mark.parametrize("kernel,reason", [(raising_kernel, "error"), (nan_on_layer_0, "nonfinite")],
                          ids=["raises", "nan"])
-def test_a_failing_kernel_in_the_static_step_is_answered_dense_and_counted(model, prompts, kernel, reason):
+def test_a_failing_kernel_in_the_static_step_is_answered_dense_and_counted(model, prompts, dense, kernel, reason):
     ids, mask = prompts
     plan = spattn.Plan.uniform(spattn.Sinks(2) | spattn.Window(64))  # covers every token: sparse = dense
-    expected, _ = generate(model, spattn.Plan(), ids, mask, static=False)
+    expected = dense
     runtime = Runtime(model, plan, block_size=8, min_sparse_tokens=0, monitor_level=1, cuda_graph=True,
                       controller=ControllerConfig(error_limit=100))
     original = runtime.attend
@@ -231,3 +237,133 @@ def test_a_failing_kernel_in_the_static_step_is_answered_dense_and_counted(model
         assert counts[("fallback", 0, "error")] == 1 and counts[("fallback", 1, "error")] == 1
     else:  # every decode step of layer 0 is flagged and rerun; layer 1 never
         assert counts[("fallback", 0, "nonfinite")] == NEW - 1 and counts[("fallback", 1, "nonfinite")] == 0
+
+
+# ---------------------------------------------------------------------------------------------- capturable
+@contextlib.contextmanager
+def no_host_reads():
+    """Every Python-level read of a tensor's value (what a CUDA graph capture cannot contain) raises."""
+    names = ["item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy"]
+    saved = {name: getattr(torch.Tensor, name) for name in names}
+
+    def refuse(name):
+        def read(self, *args, **kwargs):
+            raise AssertionError(f"host read inside the static decode step: Tensor.{name}")
+        return read
+
+    for name in names:
+        setattr(torch.Tensor, name, refuse(name))
+    try:
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+class GuardedDecoder(StaticDecoder):
+    """Every static step after the first runs with host reads refused (what a replayed graph contains)."""
+
+    steps = 0
+
+    def _forward(self, st, tokens, positions, cache):
+        self.steps += 1
+        if self.steps == 1:
+            return super()._forward(st, tokens, positions, cache)
+        with no_host_reads():
+            return super()._forward(st, tokens, positions, cache)
+
+
+@pytest.mark.parametrize("plan", [
+    pytest.param(spattn.Plan(), id="dense"),
+    pytest.param(spattn.Plan.uniform(spattn.Sinks(4) | spattn.Window(8) | spattn.TopK("bounds", 1)), id="top-k"),
+    pytest.param(spattn.Plan.uniform(spattn.Window(12) | spattn.TopP("pooled", 0.5)), id="top-p-pooled"),
+])
+def test_the_static_decode_step_reads_nothing_on_the_host(model, prompts, plan):
+    ids, mask = prompts
+    runtime = Runtime(model, plan, block_size=8, min_sparse_tokens=0, monitor_level=1)
+    try:
+        with torch.inference_mode():
+            decoder = GuardedDecoder(runtime, ids, mask, 4, pad_token_id=0, eos_token_id=None, cuda_graph=False)
+            decoder.run()
+    finally:
+        runtime.detach()
+    assert decoder.steps == 3
+
+
+def test_the_controller_moves_the_device_budget_and_switches_layers_dense_in_the_static_loop(model, prompts, dense):
+    """A kernel that stalls past the latency target: the budget (a device tensor of the static step) goes down,
+    then the layers switch dense, and the answer is unchanged (the plan's safeguards cover every token)."""
+    import time
+
+    ids, mask = prompts
+    expected = dense
+
+    def stalling_kernel(*args, **kwargs):
+        time.sleep(0.05)
+        return paged_attention(*args, **kwargs)
+
+    plan = spattn.Plan.uniform(spattn.Sinks(4) | spattn.Window(64) | spattn.TopK("bounds", 4))
+    runtime = Runtime(model, plan, block_size=8, min_sparse_tokens=0, monitor_level=1, cuda_graph=True,
+                      controller=ControllerConfig(latency_target_ms=1, budget=4, window=1, patience=1, cooldown=100))
+    runtime.kernel = stalling_kernel
+    seen = []
+    original = StaticDecoder._configure
+
+    def configure(self, st, heads, kv_heads):
+        key = original(self, st, heads, kv_heads)
+        seen.append((list(st.budget.tolist()), sorted(st.dense_layers)))
+        return key
+
+    StaticDecoder._configure = configure
+    try:
+        out = runtime.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    finally:
+        StaticDecoder._configure = original
+        runtime.detach()
+    assert torch.equal(out, expected)
+    assert seen[0] == ([4, 4], [])
+    assert any(budget == [0, 0] for budget, _ in seen) and seen[-1][1] == [0, 1]
+    counts = runtime.controller.counts
+    assert counts[("budget", "latency_down")] >= 1 and counts[("switch", 0, "dense", "latency")] == 1
+
+
+class Collect:
+    """A streamer: what ``generate`` puts, in order."""
+
+    def __init__(self):
+        self.puts, self.ended = [], False
+
+    def put(self, value):
+        self.puts.append(value.tolist())
+
+    def end(self):
+        self.ended = True
+
+
+def test_streamer_stopping_criteria_and_logits_processors_as_in_generate(model, prompts):
+    """What ``spattn serve`` passes to ``generate``: the static loop streams, stops rows and processes scores as
+    ``model.generate`` does."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    ids, mask = prompts
+    P0 = ids.shape[1]
+
+    class StopRow0(StoppingCriteria):  # row 0 stops after 2 new tokens
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.tensor([input_ids.shape[1] - P0 >= 2, False])
+
+    def ban(input_ids, scores):  # a processor: token 48 never wins
+        return scores.index_fill(-1, torch.tensor([48]), -float("inf"))
+
+    plan = spattn.Plan.uniform(spattn.Sinks(4) | spattn.Window(8) | spattn.TopK("bounds", 1))
+    runs = []
+    for static in (False, True):
+        streamer = Collect()
+        gen = {"streamer": streamer, "stopping_criteria": StoppingCriteriaList([StopRow0()]),
+               "logits_processor": [ban], "eos_token_id": 96}
+        out, _ = generate(model, plan, ids, mask, static=static, gen=gen)
+        runs.append((out, streamer))
+    (eager, eager_stream), (static, static_stream) = runs
+    assert torch.equal(static, eager) and (static[:, P0:] != 48).all()
+    assert (static[0, P0 + 2:] == 0).all()  # row 0 stopped: padded after its second token
+    assert static_stream.puts == eager_stream.puts and static_stream.ended

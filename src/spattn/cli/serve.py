@@ -25,6 +25,8 @@ def serve_command(
     recall_floor: float | None = typer.Option(None, help="Minimum sampled recall per layer."),
     recall_sample: float = typer.Option(0.05, min=0.0, max=1.0, help="Fraction of steps whose recall is measured."),
     block_size: int = typer.Option(128, min=1, help="Block size of the layouts and page size of the cache."),
+    cuda_graph: bool = typer.Option(False, help="Greedy requests decode with the static step recorded in a CUDA "
+                                    "graph (Runtime(cuda_graph=True)); sampled requests use model.generate."),
     max_batch: int = typer.Option(8, min=1, help="Largest batch of requests per generate call."),
     batch_wait_ms: float = typer.Option(5.0, min=0.0, help="How long to wait to fill a batch."),
     max_queue: int = typer.Option(256, min=1, help="Queued requests beyond which new ones get 429."),
@@ -40,7 +42,7 @@ def serve_command(
     runtime, tokenizer = build_runtime(
         model, plan, device=device, dtype=dtype, min_sparse_tokens=min_sparse_tokens,
         latency_target_ms=latency_target_ms, latency_scope=latency_scope, budget=budget, max_budget=max_budget,
-        recall_floor=recall_floor, recall_sample=recall_sample, block_size=block_size)
+        recall_floor=recall_floor, recall_sample=recall_sample, block_size=block_size, cuda_graph=cuda_graph)
     engine = Engine(runtime, tokenizer, max_batch=max_batch, batch_wait_ms=batch_wait_ms, max_queue=max_queue,
                     model_name=model)
     app = create_app(engine)

@@ -51,8 +51,9 @@ from spattn.selectors.common import pool
 
 NAME = "spattn_runtime"
 Kernel = Callable[..., torch.Tensor]
+# what the static loop takes (greedy; output_logits: runtime.decoder.logits)
 _STATIC_KWARGS = ("max_new_tokens", "min_new_tokens", "pad_token_id", "eos_token_id", "past_key_values",
-                  "output_logits")  # the static loop (greedy; output_logits: runtime.decoder.logits)
+                  "output_logits", "logits_processor", "stopping_criteria", "streamer")
 KERNELS = {"auto": auto_paged_attention, "torch": paged_attention, "triton": triton_paged_attention}
 
 

@@ -94,7 +94,8 @@ class StaticDecoder:
 
     def __init__(self, runtime: Runtime, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                  max_new_tokens: int, *, pad_token_id: int | None, eos_token_id: int | list[int] | None,
-                 cuda_graph: bool, cache=None, min_new_tokens: int = 0, keep_logits: bool = False) -> None:
+                 cuda_graph: bool, cache=None, min_new_tokens: int = 0, keep_logits: bool = False,
+                 logits_processor=None, stopping_criteria=None, streamer=None) -> None:
         self.runtime = runtime
         self.input_ids = input_ids
         self.mask2d = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None \
@@ -105,6 +106,9 @@ class StaticDecoder:
         self.min_new_tokens = int(min_new_tokens or 0)
         self.cache = cache
         self.logits: list[torch.Tensor] | None = [] if keep_logits else None  # per generated token, [B, V]
+        self.processors = list(logits_processor or [])   # called (ids so far, scores) -> scores, as generate does
+        self.stopping = list(stopping_criteria or [])    # called (ids so far, scores) -> bool [B]: row finished
+        self.streamer = streamer                         # put(prompt), put(tokens) per step, end()
         eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         self.eos = torch.tensor(eos, dtype=torch.long, device=input_ids.device) if eos else None
         if self.eos is not None and pad_token_id is None:
@@ -246,16 +250,18 @@ class StaticDecoder:
                     position_ids=positions[:, cached:], past_key_values=cache, use_cache=True, logits_to_keep=1)
         if self.logits is not None:
             self.logits.append(out.logits[:, -1].clone())
-        next_tokens = self._pick(out.logits[:, -1], 0)
+        if self.streamer is not None:
+            self.streamer.put(self.input_ids.cpu())
         finished = torch.zeros(B, dtype=torch.bool, device=self.device)
-        if self.eos is not None:
-            finished = torch.isin(next_tokens, self.eos)
+        sequence = self.input_ids
+        next_tokens, finished, sequence = self._advance(out.logits[:, -1], 0, finished, sequence)
         generated = [next_tokens]
-        done = bool(finished.all()) if self.eos is not None else False
+        stopping = self.eos is not None or bool(self.stopping)
+        done = stopping and bool(finished.all())
         now = time.perf_counter()
         rt.end_step(now - start, prefill=True)
         if self.max_new_tokens == 1 or done:
-            return torch.cat([self.input_ids, torch.stack(generated, 1)], 1)
+            return self._finish(generated)
         st = self._state(cache)
         rt._static = st
         tokens = next_tokens[:, None].clone()
@@ -279,25 +285,18 @@ class StaticDecoder:
                     key = self._configure(st, heads, kv_heads)  # a kernel that raised made its layer dense
                     if self.use_graph and not st.sample and (self.recording is None or self.recording.key != key):
                         self._record(st, tokens, position, cache, key)
-                read = [st.flags.any()]
-                if self.eos is not None:
-                    read.append(finished.all())
-                flagged = bool(read[0])
-                if flagged:
+                if bool(st.flags.any()):  # the one host read of the step's checks
                     logits = self._rerun(st, tokens, position, cache, heads, kv_heads)
                 if self.logits is not None:
                     self.logits.append(logits.clone())
-                nxt = self._pick(logits, len(generated))
-                if self.eos is not None:
-                    nxt = torch.where(finished, torch.full_like(nxt, self.pad), nxt)
-                    finished = finished | torch.isin(nxt, self.eos)
+                nxt, finished, sequence = self._advance(logits, len(generated), finished, sequence)
                 generated.append(nxt)
                 tokens.copy_(nxt[:, None])
                 st.slot += 1
                 position += 1
                 if rt.level >= 1:
                     self._observe(st)
-                stop = self.eos is not None and bool(finished.all())
+                stop = stopping and bool(finished.all())
                 now = time.perf_counter()
                 rt.end_step(now - last, prefill=False)
                 last = now
@@ -306,13 +305,35 @@ class StaticDecoder:
         finally:
             rt._static = None
             cache.end_static(P0 + len(generated) - 1)
+        return self._finish(generated)
+
+    def _finish(self, generated: list[torch.Tensor]) -> torch.Tensor:
+        if self.streamer is not None:
+            self.streamer.end()
         return torch.cat([self.input_ids, torch.stack(generated, 1)], 1)
 
-    def _pick(self, logits: torch.Tensor, produced: int) -> torch.Tensor:
-        """Greedy next tokens ``[B]``; ``eos`` cannot win before ``min_new_tokens`` tokens (as in ``generate``)."""
+    def _advance(self, logits: torch.Tensor, produced: int, finished: torch.Tensor, sequence: torch.Tensor | None):
+        """``(next tokens [B], finished [B], ids so far)`` from this step's logits ``[B, V]``, as greedy
+        ``generate`` does it: ``eos`` cannot win before ``min_new_tokens`` tokens, then the logits processors,
+        argmax, ``pad`` for finished rows (when there is an ``eos``), ``eos`` and the stopping criteria end
+        rows, the streamer gets the tokens. The ids so far are kept only for processors / criteria."""
+        scores = logits
         if self.eos is not None and produced < self.min_new_tokens:
-            logits = logits.index_fill(-1, self.eos, -math.inf)
-        return logits.argmax(-1)
+            scores = scores.index_fill(-1, self.eos, -math.inf)
+        for processor in self.processors:
+            scores = processor(sequence, scores)
+        nxt = scores.argmax(-1)
+        if self.eos is not None:
+            nxt = torch.where(finished, torch.full_like(nxt, self.pad), nxt)
+        if self.processors or self.stopping:
+            sequence = torch.cat([sequence, nxt[:, None]], 1)
+        if self.eos is not None:
+            finished = finished | torch.isin(nxt, self.eos)
+        for criterion in self.stopping:
+            finished = finished | criterion(sequence, scores).to(finished.device)
+        if self.streamer is not None:
+            self.streamer.put(nxt.cpu())
+        return nxt, finished, sequence
 
     def _rerun(self, st, tokens, position, cache, heads, kv_heads) -> torch.Tensor:
         """A step with a non-finite sparse output: count it per layer, rerun it eagerly with those layers
@@ -351,13 +372,16 @@ def generate_static(runtime: Runtime, input_ids: torch.Tensor, attention_mask: t
                     **kwargs: Any) -> torch.Tensor:
     """Greedy ``[B, prompt + new]`` token ids through :class:`StaticDecoder` (the keyword arguments of
     ``generate`` it supports: ``max_new_tokens``, ``min_new_tokens``, ``pad_token_id``, ``eos_token_id``,
-    ``past_key_values`` (a :class:`~spattn.runtime.SpattnCache` with capacity reserved), ``do_sample=False``)."""
+    ``past_key_values`` (a :class:`~spattn.runtime.SpattnCache` with capacity reserved), ``do_sample=False``,
+    ``logits_processor``, ``stopping_criteria``, ``streamer``, ``output_logits`` (kept in ``decoder.logits``))."""
     config = runtime.model.generation_config
     eos = kwargs.get("eos_token_id", config.eos_token_id)
     pad = kwargs.get("pad_token_id", config.pad_token_id)
     decoder = StaticDecoder(runtime, input_ids, attention_mask, int(kwargs["max_new_tokens"]), pad_token_id=pad,
                             eos_token_id=eos, cuda_graph=runtime.cuda_graph, cache=kwargs.get("past_key_values"),
                             min_new_tokens=int(kwargs.get("min_new_tokens") or 0),
-                            keep_logits=bool(kwargs.get("output_logits")))
+                            keep_logits=bool(kwargs.get("output_logits")),
+                            logits_processor=kwargs.get("logits_processor"),
+                            stopping_criteria=kwargs.get("stopping_criteria"), streamer=kwargs.get("streamer"))
     runtime.decoder = decoder
     return decoder.run()
