@@ -1,10 +1,7 @@
 """Maths shared unchanged by the PyTorch backends: a masked softmax that never yields NaN, and the handling
-of non-finite keys and values (Note [non-finite inputs]); and :class:`PerObject`, the identity-keyed cache
-every backend keeps per Layout or tensor."""
+of non-finite keys and values (Note [non-finite inputs])."""
 
 from __future__ import annotations
-
-import weakref
 
 import torch
 
@@ -12,44 +9,17 @@ from spattn.layout import tables
 from spattn.layout.layout import Layout
 
 
-class PerObject:
-    """A cache keyed by an object's identity (a tensor, a Layout) that forgets the entry when the object is freed
-    (tensors compare elementwise, so they cannot be dictionary keys themselves). A value must not refer to its
-    key, or the entry is never freed."""
-
-    def __init__(self) -> None:
-        self._data: dict[int, tuple[weakref.ref, object]] = {}
-
-    def get(self, t: torch.Tensor, default=None):
-        hit = self._data.get(id(t))
-        return hit[1] if hit is not None and hit[0]() is t else default
-
-    def __contains__(self, t: torch.Tensor) -> bool:
-        hit = self._data.get(id(t))
-        return hit is not None and hit[0]() is t
-
-    def __getitem__(self, t: torch.Tensor):
-        return self._data[id(t)][1]
-
-    def __setitem__(self, t: torch.Tensor, value) -> None:
-        key = id(t)
-        self._data[key] = (weakref.ref(t, lambda _ref, key=key: self._data.pop(key, None)), value)
-
-
 def masked_softmax_lse(
-    scores: torch.Tensor, blocked: torch.Tensor, return_lse: bool = True, any_empty: bool | None = None
+    scores: torch.Tensor, blocked: torch.Tensor, return_lse: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Softmax over the last axis of ``scores`` with ``blocked`` pairs removed; rows with nothing allowed
     give p = 0 and lse = -inf, with finite gradients. Computed in float32 at least.
 
     ``scores`` may be overwritten (it must be a fresh tensor whose producer does not need it for its
     backward, e.g. a matmul output). When every row keeps something (the common case) it uses the fused
-    softmax kernel. ``any_empty``: whether some row of ``blocked`` is blocked entirely, when the caller knows
-    (None: checked here, one pass over ``blocked``). Returns (p, lse or None)."""
+    softmax kernel. Returns (p, lse or None)."""
     s = scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores
-    if any_empty is None:
-        any_empty = bool(blocked.all(-1).any())
-    if not any_empty:
+    if not bool(blocked.all(-1).any()):
         s = s.masked_fill_(blocked, float("-inf"))
         p = torch.softmax(s, -1)
         return p, (torch.logsumexp(s, -1) if return_lse else None)

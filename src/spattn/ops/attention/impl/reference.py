@@ -14,56 +14,9 @@ import torch.nn.functional as F
 
 from spattn.layout import tables
 from spattn.layout.layout import Layout
-from spattn.ops.attention.impl.common import PerObject, mark_nonfinite, masked_softmax_lse, split_nonfinite
+from spattn.ops.attention.impl.common import mark_nonfinite, masked_softmax_lse, split_nonfinite
 
 _CHUNK_ELEMENTS = 1 << 23  # score elements per chunk (B*H*C*bs*W*bs)
-_MASK_CACHE_BYTES = 1 << 25  # Note [reference masks]: the largest per-layout mask kept
-
-# Note [reference masks]: the blocked-pair mask of a chunk, in the scores' order ``[Bl, Hl, n, bs, W * bs]``,
-# depends on the layout alone; gathering the tiles and permuting them was a fifth of the reference's time on
-# ``Sinks(64) | Window(512)`` at 16k (CPU), plus a pass over the mask per chunk to find rows with nothing
-# allowed. So a layout's whole mask (when at most ``_MASK_CACHE_BYTES``) and, per query block, whether it has
-# such a row are computed once and kept while the layout lives (not while tracing); larger layouts build each
-# chunk's mask as before.
-_plans = PerObject()
-
-
-class _Plan:
-    __slots__ = ("idx", "slot", "blocked", "mask", "empty")
-
-    def __init__(self, layout: Layout) -> None:
-        self.idx, self.slot = tables.entries(layout)  # [Bl, Hl, NQ, W]
-        self.blocked = ~tables.tiles(layout.masks)  # per slot: True where the pair is NOT allowed
-        Bl, Hl, NQ, W = self.idx.shape
-        bs = layout.block_size
-        self.mask = self.empty = None
-        if Bl * Hl * NQ * bs * W * bs <= _MASK_CACHE_BYTES:
-            self.mask = self.chunk_mask(layout, 0, NQ)
-            self.empty = self.mask.all(-1).any(-1).flatten(0, 1).any(0).tolist()  # per query block
-
-    def chunk_mask(self, layout: Layout, c0: int, c1: int) -> torch.Tensor:
-        """bool ``[Bl, Hl, c1 - c0, bs, W * bs]``: True where query row r may not see key column j."""
-        bs, Lk = layout.block_size, layout.kv_len
-        if self.mask is not None:
-            return self.mask[:, :, c0:c1]
-        ic, sc = self.idx[:, :, c0:c1], self.slot[:, :, c0:c1]
-        Bl, Hl, n, W = ic.shape
-        mask = self.blocked[sc]  # [Bl, Hl, n, W, r, s]
-        if Lk % bs:
-            mask = mask | ((ic * bs)[..., None] + torch.arange(bs, device=ic.device) >= Lk)[..., None, :]
-        return mask.permute(0, 1, 2, 4, 3, 5).reshape(Bl, Hl, n, bs, W * bs)
-
-    def any_empty(self, c0: int, c1: int) -> bool | None:
-        return None if self.empty is None else any(self.empty[c0:c1])
-
-
-def _plan(layout: Layout) -> _Plan:
-    plan = _plans.get(layout)
-    if plan is None:
-        plan = _Plan(layout)
-        if not torch.compiler.is_compiling():
-            _plans[layout] = plan
-    return plan
 
 
 def attention_reference(
@@ -91,9 +44,10 @@ def attention_reference(
     vp = F.pad(value, (0, 0, 0, NK * bs - Lk)).reshape(B, Hk, NK, bs, Dv)
     qp = F.pad(query * scale, (0, 0, 0, NQ * bs - Lq)).reshape(B, Hk, G, NQ, bs, D)
 
-    plan = _plan(layout)
-    idx = plan.idx  # [Bl, Hl, NQ, W]
+    idx, slot = tables.entries(layout)  # [Bl, Hl, NQ, W]
     W = idx.shape[-1]
+    blocked = ~tables.tiles(layout.masks)  # per slot: True where the pair is NOT allowed
+    col = torch.arange(bs, device=dev)
     b_ix = torch.arange(B, device=dev)[:, None, None, None]
     if Hl == 1:  # gather per kv head: [B, Hk, C, W, bs, D]
         h_ix = torch.arange(Hk, device=dev)[None, :, None, None]
@@ -105,17 +59,18 @@ def attention_reference(
     for c0 in range(0, NQ, C):
         c1 = min(NQ, c0 + C)
         n = c1 - c0
-        ic = idx[:, :, c0:c1]
-        mask = plan.chunk_mask(layout, c0, c1)  # [Bl, Hl, n, bs, W*bs]
-        any_empty = plan.any_empty(c0, c1)
+        ic, sc = idx[:, :, c0:c1], slot[:, :, c0:c1]
+        mask = blocked[sc]  # [Bl, Hl, n, W, r, s]
+        if Lk % bs:
+            mask = mask | ((ic * bs)[..., None] + col >= Lk)[..., None, :]
+        mask = mask.permute(0, 1, 2, 4, 3, 5).reshape(Bl, Hl, n, bs, W * bs)
         kb = kp[b_ix, h_ix, ic]
         vb = vp[b_ix, h_ix, ic]
         qc = qp[:, :, :, c0:c1]  # [B, Hk, G, n, bs, D]
         if Hl == 1:
             qx = qc.permute(0, 1, 3, 2, 4, 5).reshape(B, Hk, n, G * bs, D)
             s = torch.matmul(qx, kb.reshape(B, Hk, n, W * bs, D).transpose(-1, -2))  # [B, Hk, n, G*bs, W*bs]
-            p, lse = masked_softmax_lse(s.view(B, Hk, n, G, bs, W * bs), mask[:, :, :, None], return_lse,
-                                        any_empty)
+            p, lse = masked_softmax_lse(s.view(B, Hk, n, G, bs, W * bs), mask[:, :, :, None], return_lse)
             o = torch.matmul(p.view(B, Hk, n, G * bs, W * bs), vb.reshape(B, Hk, n, W * bs, Dv))
             o = o.view(B, Hk, n, G, bs, Dv)
             lse = lse.transpose(2, 3) if return_lse else None
@@ -124,7 +79,7 @@ def attention_reference(
             kb = kb.reshape(B, Hk, G, n, W * bs, D)
             vb = vb.reshape(B, Hk, G, n, W * bs, Dv)
             s = torch.matmul(qc, kb.transpose(-1, -2))  # [B, Hk, G, n, bs, W*bs]
-            p, lse = masked_softmax_lse(s, mask.view(Bl, Hk, G, n, bs, W * bs), return_lse, any_empty)
+            p, lse = masked_softmax_lse(s, mask.view(Bl, Hk, G, n, bs, W * bs), return_lse)
             o = torch.matmul(p, vb)
         outs.append(o)
         lses.append(lse)

@@ -14,13 +14,36 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 
 import torch
 
-from spattn.ops.attention.impl.common import PerObject
-
 BIG = 1 << 30  # "unbounded" in the band's closed form (int32 arithmetic in the kernels)
 NO_BAND = (0, 0, 0, 0, False)
+
+
+class PerObject:
+    """A cache keyed by an object's identity (a tensor, a Layout) that forgets the entry when the object is freed
+    (tensors compare elementwise, so they cannot be dictionary keys themselves). A value must not refer to its
+    key, or the entry is never freed."""
+
+    def __init__(self) -> None:
+        self._data: dict[int, tuple[weakref.ref, object]] = {}
+
+    def get(self, t: torch.Tensor, default=None):
+        hit = self._data.get(id(t))
+        return hit[1] if hit is not None and hit[0]() is t else default
+
+    def __contains__(self, t: torch.Tensor) -> bool:
+        hit = self._data.get(id(t))
+        return hit is not None and hit[0]() is t
+
+    def __getitem__(self, t: torch.Tensor):
+        return self._data[id(t)][1]
+
+    def __setitem__(self, t: torch.Tensor, value) -> None:
+        key = id(t)
+        self._data[key] = (weakref.ref(t, lambda _ref, key=key: self._data.pop(key, None)), value)
 
 
 _bands = PerObject()
