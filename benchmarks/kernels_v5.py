@@ -94,13 +94,69 @@ class Compiles:
                 "all_compiles": len(self.events) - mark}
 
 
+def _f(x, digits: int = 3) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def summary(rec: dict) -> str:
+    """Markdown tables of a kernels-v5 record (``--summary PATH``; no GPU needed)."""
+    m = rec["machine"]
+    lines = [f"{m.get('device')}, torch {m.get('torch')}, triton {m.get('triton')}, commit {m.get('git_commit')}, "
+             f"autotune {rec['config'].get('autotune')}, {rec.get('seconds')} s", ""]
+    gate = rec.get("gate", []) + rec.get("bwd_gate", [])
+    lines.append("gate: " + ", ".join(f"{r.get('shape')} {r.get('pattern')} {'ok' if r.get('ok') else 'FAIL'}"
+                                      for r in gate))
+    lines += ["", "| shape [B,H,L,D] (Hkv) | pattern | kernel ms | public ms | public wall ms | SDPA causal ms | "
+              "kernel × SDPA | public × SDPA | TFLOP/s |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rec.get("forward", []):
+        if "triton_kernel_ms" not in r:
+            lines.append(f"| {r.get('what')} | failed: {r.get('error', '')[:80]} |")
+            continue
+        lines.append(f"| {r['shape']} ({r['Hkv']}) | {r['pattern']} | {_f(r['triton_kernel_ms'])} | "
+                     f"{_f(r['public_ms'])} | {_f(r['public_wall_ms'])} | {_f(r['sdpa_causal_ms'])} | "
+                     f"{_f(r['speedup_vs_sdpa'], 2)} | {_f(r['public_speedup_vs_sdpa'], 2)} | "
+                     f"{_f(r['useful_tflops'], 0)} |")
+    lines += ["", "| first call | even | seconds | spattn compiles | JIT s |", "|---|---|---|---|---|"]
+    for r in rec.get("jit", []):
+        lines.append(f"| {r.get('shape')} {r.get('pattern')} {'fwd+bwd' if r.get('backward') else 'fwd'} | "
+                     f"{r.get('even')} | {_f(r.get('first_call_s'), 2)} | {r.get('spattn_compiles')} | "
+                     f"{_f(r.get('spattn_jit_s'), 2)} |")
+    lines += ["", "| tile config (causal fwd) | shape | default | ms | TFLOP/s |", "|---|---|---|---|---|"]
+    for r in rec.get("configs", []):
+        c = r.get("config", {})
+        lines.append(f"| {c.get('block_m')}×{c.get('block_n')} w{c.get('num_warps')} s{c.get('num_stages')} | "
+                     f"{r.get('shape')} | {r.get('is_default')} | {_f(r.get('triton_kernel_ms'))} | "
+                     f"{_f(r.get('useful_tflops'), 0)} |")
+    lines += ["", "| L | pattern | H/Hkv | D | fwd ms | Flex fwd | fwd × Flex | fwd+bwd ms | Flex f+b | f+b × Flex | "
+              "fwd × SDPA | ok |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rec.get("flex", []) + rec.get("grid", []):
+        lines.append(f"| {r.get('L')} | {r.get('pattern')} | {r.get('H')}/{r.get('Hkv')} | {r.get('D')} | "
+                     f"{_f(r.get('triton_fwd_ms'))} | {_f(r.get('flex_fwd_ms'))} | "
+                     f"{_f(r.get('speedup_fwd_vs_flex'), 2)} | "
+                     f"{_f(r.get('triton_fwdbwd_ms'))} | {_f(r.get('flex_fwdbwd_ms'))} | "
+                     f"{_f(r.get('speedup_fwdbwd_vs_flex'), 2)} | {_f(r.get('speedup_fwd_vs_sdpa'), 2)} | "
+                     f"{r.get('ok')} |")
+    ev = [e for e in rec.get("compiles", []) if e["kernel"] in SPATTN_KERNELS]
+    by_phase: dict[str, list] = {}
+    for e in ev:
+        by_phase.setdefault(e["phase"], []).append(e["seconds"])
+    lines += ["", "spattn compiles: " + ", ".join(f"{k} {len(v)} ({sum(v):.1f} s)" for k, v in by_phase.items()),
+              "not run: " + ", ".join(f"{n['phase']} {n['what']}" for n in rec.get("not_run", []))]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="kernels-v5.json")
+    ap.add_argument("--summary", default=None, metavar="JSON", help="print the tables of a finished run and exit")
     ap.add_argument("--time-budget", type=float, default=140.0, help="seconds, JIT included (default 140)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                     help="cpu: the dry run under the triton interpreter (float32, tiny sizes)")
     args = ap.parse_args(argv)
+    if args.summary:
+        with open(args.summary) as f:
+            print(summary(json.load(f)))
+        return 0
     start = time.time()
     cpu = args.device == "cpu"
     if cpu:

@@ -98,17 +98,19 @@ class _Recorder:
 
 
 def _specialisations(name, kernel, args) -> list:
-    """Triton's specialisation of each non-tensor argument (tuples element by element)."""
+    """Triton's specialisation of each non-tensor argument (tuples element by element), leaving out the
+    length arguments a kernel keeps specialised on purpose (``_backward.SPECIALISED_LENGTHS``)."""
     from triton.backends.compiler import BaseBackend
     from triton.runtime.jit import native_specialize_impl
 
     names = list(inspect.signature(kernel.fn).parameters)
     dns = set(DO_NOT_SPECIALIZE[name])
     out = []
-    for name, arg in zip(names, args, strict=False):
-        if isinstance(arg, torch.Tensor):
+    kept = _backward.SPECIALISED_LENGTHS.get(name, ())
+    for arg_name, arg in zip(names, args, strict=False):
+        if isinstance(arg, torch.Tensor) or arg_name in kept:
             continue
-        out.append((name, str(native_specialize_impl(BaseBackend, arg, False, name not in dns, True))))
+        out.append((arg_name, str(native_specialize_impl(BaseBackend, arg, False, arg_name not in dns, True))))
     return out
 
 
@@ -142,6 +144,9 @@ def test_one_specialisation_for_every_length(monkeypatch):
             _launch.decode(q[:, :, :1].contiguous(), k, k, *tabs, dec.masks, 0.1)
     for name, rec in recorders.items():
         assert rec.calls, f"{name} was never launched"
+        for kept in _backward.SPECIALISED_LENGTHS.get(name, ()):  # at most two classes: % 16 or not, never 1
+            at = list(inspect.signature(rec.kernel.fn).parameters).index(kept)
+            assert all(args[at] > 1 for args, _ in rec.calls)
         for args, _ in rec.calls:
             seen.setdefault(name, set()).add(tuple(_specialisations(name, rec.kernel, args)))
         assert len(seen[name]) == 1, f"{name}: {len(seen[name])} specialisations across lengths and patterns: " + \

@@ -23,12 +23,17 @@ import triton.language as tl
 
 from ._primitives import TABLE_STRIDES, dot, head_ptr, load_rows, row_ptr, store_rows
 
-# Note [one compile per length] in _primitives.py
+# Note [one compile per length] in _primitives.py. The dK/dV kernel keeps ``Lq`` specialised: its inner loop
+# masks every q / dO / lse / delta load with ``rows < Lq``, and without knowing Lq % 16 the compiled sm_90 code
+# carries 48 more compares and 60 more ors per loop body (PTX of the D128 causal kernel: setp.lt 113 vs 65);
+# the H200 run without it measured forward + backward 5-10% slower than session 3's (kernels-v5.json vs
+# kernels-v2.json, same tile configs). It costs one more compile for lengths that are not a multiple of 16.
 DO_NOT_SPECIALIZE = {
     "attn_bwd_preprocess_kernel": ["Lq"],
     "attn_bwd_dq_kernel": ["Lq", "Lk", *TABLE_STRIDES],
-    "attn_bwd_dkdv_kernel": ["Lq", "Lk", *TABLE_STRIDES],
+    "attn_bwd_dkdv_kernel": ["Lk", *TABLE_STRIDES],
 }
+SPECIALISED_LENGTHS = {"attn_bwd_dkdv_kernel": ("Lq",)}  # the length arguments kept specialised (tests)
 
 
 @triton.jit(do_not_specialize=DO_NOT_SPECIALIZE["attn_bwd_preprocess_kernel"])
