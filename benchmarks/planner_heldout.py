@@ -395,6 +395,7 @@ def latency_section(L, args, ctx, out, clock):
                dense_attention_ms_predicted=dense_ms, backend=backend, repeats=args.repeats,
                uniform_at_dense_ms=base.uniform)
     t_dense = time.perf_counter()
+    save(out, Path(args.out))
     sec["dense_attention_ms_measured"] = attention_ms(spattn.Plan(), table, L, bs, device, args.repeats, backend,
                                                       dtype=ctx["dtype"])
     sec["dense_forward_ms"] = forward_ms(model, ids[:1].to(device), None, bs, max(3, args.repeats // 4), backend)

@@ -157,11 +157,11 @@ def main() -> None:
         ret_eval = RetrievalScorer(tok, hay_held, L, args.eval_passkeys, block_size=bs, seed=1000)
         t1 = time.perf_counter()
         cache: dict = {}
-        dense_ll = ret_eval.log_likelihoods(model, None)
+        dense_ll, dense_correct = ret_eval.per_sample(model, None)
         rows_dense = lm_rows(model, held, None, bs, cache)
         out["dense"] = {"perplexity": math.exp(sum(r["nll"] for r in rows_dense) / len(rows_dense)),
                         "passkey_log_likelihood": sum(dense_ll) / len(dense_ll),
-                        "passkey_correct": ret_eval.accuracy(model, None)}
+                        "passkey_correct": dense_correct}
         phase("dense", t1)
         evals: dict = {}
         for name in ("lm", "retrieval", "recall"):
@@ -173,8 +173,7 @@ def main() -> None:
             t1 = time.perf_counter()
             plan = results[name].plan
             rows = lm_rows(model, held, plan, bs, cache)
-            ll = ret_eval.log_likelihoods(model, plan)
-            correct = ret_eval.accuracy(model, plan)
+            ll, correct = ret_eval.per_sample(model, plan)
             evals[name] = {"rows": rows, "ll": ll, "correct": [float(c) for c in correct]}
             out["plans"][name]["held_out"] = {
                 "perplexity": math.exp(sum(r["nll"] for r in rows) / len(rows)),

@@ -53,8 +53,8 @@ class RetrievalScorer:
     planning) at ``length`` tokens. ``score(model, plan)`` is the mean over samples of the mean log-probability
     of the answer's tokens after the prompt (teacher forced, one forward per sample): unlike exact match it
     moves before the answer flips, so one sparse layer's effect on retrieval is visible with a few samples
-    (the planner's layer sensitivity). ``accuracy(model, plan)`` gives the exact match per sample
-    (``spattn.eval.retrieval.retrieval_accuracy``).
+    (the planner's layer sensitivity). ``accuracy(model, plan)`` gives the exact match per sample, and
+    ``per_sample`` both from the same forwards.
     """
 
     name = "retrieval"
@@ -62,21 +62,21 @@ class RetrievalScorer:
     def __init__(self, tokenizer: Any, haystack: Any, length: int, samples: int, *, block_size: int = 64,
                  seed: int = 0) -> None:
         try:
-            from spattn.eval.retrieval import retrieval_accuracy
             from spattn.eval.tasks import passkey
         except ImportError as exc:
-            raise ValueError(f"--task retrieval needs the evaluation suite (spattn.eval.tasks.passkey and "
-                             f"spattn.eval.retrieval.retrieval_accuracy), which this install lacks: {exc}") from None
+            raise ValueError(f"--task retrieval needs the evaluation suite (spattn.eval.tasks.passkey), which this "
+                             f"install lacks: {exc}") from None
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise ValueError(f"samples must be a positive int, got {samples!r}")
         self.tokenizer = tokenizer
         self.block_size = block_size
-        self._accuracy = retrieval_accuracy
         depths = [(n + 0.5) / samples for n in range(samples)]
         self.samples = [passkey(tokenizer, haystack, length, depth, seed=seed + n) for n, depth in enumerate(depths)]
 
-    def log_likelihoods(self, model: Any, plan: Any) -> list[float]:
-        """Per sample, the mean log-probability of the answer tokens (dense when ``plan`` is None)."""
+    def per_sample(self, model: Any, plan: Any) -> tuple[list[float], list[bool]]:
+        """Per sample, in one forward each: the mean log-probability of the answer tokens, and exact match
+        (the argmax at every answer position is the answer's next token, as in
+        ``spattn.eval.retrieval.retrieval_accuracy``). Dense when ``plan`` is None."""
         import torch
         import torch.nn.functional as F
 
@@ -84,25 +84,23 @@ class RetrievalScorer:
         from spattn.planner.tasks import block_size_of
 
         device = next(model.parameters()).device
-        out = []
+        likelihoods, correct = [], []
         with torch.no_grad(), patched(model, plan, block_size=block_size_of(plan, self.block_size)):
             for s in self.samples:
                 ids = torch.cat([s.input_ids[0], s.answer_ids[:-1]])[None].to(device)
                 logits = model(input_ids=ids).logits[0, s.input_ids.shape[1] - 1 :].float()
-                logp = F.log_softmax(logits, -1).gather(-1, s.answer_ids.to(device)[:, None])
-                out.append(float(logp.mean()))
-        return out
+                answer = s.answer_ids.to(device)
+                likelihoods.append(float(F.log_softmax(logits, -1).gather(-1, answer[:, None]).mean()))
+                correct.append(bool((logits.argmax(-1) == answer).all()))
+        return likelihoods, correct
 
     def score(self, model: Any, plan: Any) -> float:
-        values = self.log_likelihoods(model, plan)
+        values = self.per_sample(model, plan)[0]
         return sum(values) / len(values)
 
     def accuracy(self, model: Any, plan: Any) -> list[bool]:
         """Exact match (greedy decoding emits the answer) per sample."""
-        from spattn.planner.tasks import block_size_of
-
-        return self._accuracy(model, self.tokenizer, self.samples, plan=plan,
-                              block_size=block_size_of(plan, self.block_size)).correct
+        return self.per_sample(model, plan)[1]
 
 
 def plan_command(
