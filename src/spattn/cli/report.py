@@ -50,7 +50,7 @@ def report_command(
     gates: str | None = typer.Option(
         None, help="A saved gate checkpoint for this model (spattn.learned.save_gates): measures the learned family."),
     kernel_references: bool | None = typer.Option(
-        None, "--kernel-references/--no-kernel-references", show_default=False,
+        None, "--kernel-references/--no-kernel-references", show_default=False, metavar="",
         help="Time spattn's kernel against FlexAttention and SDPA for dense causal and each pick at every length "
              "(default: on with CUDA, off on the CPU)."),
     quick: bool = typer.Option(False, "--quick", metavar="",
