@@ -408,6 +408,12 @@ def kernel_references(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                             heads=q.shape[1], query=q if dynamic else None, key=k if dynamic else None)
     block_mask = layout.to_block_mask()
     flex = flex_fn(device)
+    # Note [Flex tile and block size]: inductor's Flex kernel needs its tiles (BLOCK_M x BLOCK_N) to divide the
+    # BlockMask's block size; with autotune off it has one config, whose tile (128 in fp32 on the H200) does not
+    # divide a 64-token block (session 5's CUDA report: "Q and KV block size must be divisible by BLOCK_M and
+    # BLOCK_N"), so on CUDA the tile is the layout's block size, at most 128.
+    tile = min(block_size, 128)
+    options = {"kernel_options": {"BLOCK_M": tile, "BLOCK_N": tile}} if device.type == "cuda" else {}
     gqa = k.shape[1] != q.shape[1]
     scale = q.shape[-1] ** -0.5
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -415,7 +421,7 @@ def kernel_references(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     kr, vr = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
     calls = {
         "spattn": lambda: spattn.attention(q, k, v, layout, causal=True, backend=backend, block_size=block_size),
-        "flex": lambda: flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa),
+        "flex": lambda: flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa, **options),
         "sdpa": lambda: sdpa(q, kr, vr, is_causal=True, scale=scale),
     }
     t0 = time.perf_counter()
@@ -424,7 +430,7 @@ def kernel_references(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     spreads = {name: spread(x) for name, x in times.items()}
     return {
         "backend": backend, "dtype": str(q.dtype).removeprefix("torch."), "shape": [list(q.shape), list(k.shape)],
-        "rounds": rounds,
+        "rounds": rounds, "flex_kernel_options": options.get("kernel_options"),
         "keys_fraction": sig(layout.density()), "block_fraction": sig(layout.density("block")),
         "spattn_ms": sig(med["spattn"], 4), "flex_ms": sig(med["flex"], 4), "sdpa_ms": sig(med["sdpa"], 4),
         "spreads": {name: sig(s, 3) for name, s in spreads.items()},
