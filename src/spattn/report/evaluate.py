@@ -360,7 +360,8 @@ def dropped_threads(pattern, layers: list[tuple[torch.Tensor, torch.Tensor]], *,
             "lost_mass": [[sig(float(x), 3) for x in row] for row in mass], "per_layer_head": per_layer_head}
 
 
-KERNEL_ROUNDS = 15  # interleaved rounds of the kernel references (each call timed per round)
+KERNEL_ROUNDS = 15  # interleaved rounds of the kernel references on CUDA (each call timed per round)
+KERNEL_ROUNDS_CPU = 5  # on the CPU (a dry run of the GPU path: eager Flex is slow there)
 _KERNEL_INNER_CUDA = 10  # calls per timed round on CUDA (CUDA events around them: launch overhead amortised)
 
 
@@ -389,7 +390,7 @@ def _timed_rounds(calls: dict[str, Any], rounds: int, device: torch.device
 
 
 def kernel_references(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int,
-                      backend: str, rounds: int = KERNEL_ROUNDS) -> dict[str, Any]:
+                      backend: str, rounds: int | None = None) -> dict[str, Any]:
     """spattn on ``backend`` against FlexAttention and SDPA on the same inputs: one layer's
     ``query [1, H, L, D]``, ``key / value [1, Hkv, L, D]``, in their own dtype (the model's: the same kernels the
     report's latency column has compiled).
@@ -398,11 +399,14 @@ def kernel_references(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     first), so the three rows compare attention kernels alone: spattn and Flex on the same block tables
     (``Layout.to_block_mask()``, Flex compiled with ``torch.compile`` on CUDA, eager on the CPU), SDPA dense
     causal (key and value expanded to the query heads once; torch picks the kernel). Timed round-robin
-    (:func:`_timed_rounds`); returns medians (ms), spreads (IQR / median), the ratios against SDPA and spattn
-    against Flex, the first call of each (JIT included), and ``noisy`` when a spread exceeds ``SPREAD_NOISY``."""
+    (:func:`_timed_rounds`, ``rounds`` default 15 on CUDA, 5 on the CPU); returns medians (ms), spreads
+    (IQR / median), the ratios against SDPA and spattn against Flex, the first call of each (JIT included), and
+    ``noisy`` when a spread exceeds ``SPREAD_NOISY``."""
     from spattn.bench.selection import flex_fn
 
     device = q.device
+    if rounds is None:
+        rounds = KERNEL_ROUNDS if device.type == "cuda" else KERNEL_ROUNDS_CPU
     dynamic = pattern.contains_dynamic()
     layout = spattn.compile(pattern, q.shape[2], k.shape[2], causal=True, block_size=block_size, device=device,
                             heads=q.shape[1], query=q if dynamic else None, key=k if dynamic else None)
