@@ -171,6 +171,9 @@ def _strip_timings(results: dict) -> dict:
     r = copy.deepcopy(results)
     for key in ("timings", "command", "environment"):  # when, where and which commit: not numbers
         r.pop(key)
+    refs = r.pop("kernel_references")  # timings: only which rows were timed must agree
+    r["kernel_rows"] = None if refs is None else [(x["length"], x["label"], x["budget"], x["keys_fraction"])
+                                                  for x in refs["rows"]]
     for part in [r, *r["lengths"]]:
         part["dense"].pop("latency")
         for c in part["candidates"]:

@@ -76,7 +76,7 @@ def test_learned_gate_family_from_a_saved_checkpoint(tmp_path):
 
 def test_quick_is_one_candidate_per_family_and_says_what_it_omits():
     cfg = ReportConfig.quick_defaults()
-    assert cfg.chunk_length == 512 and cfg.lengths == () and cfg.budgets == (0.1,)
+    assert cfg.chunk_length == 256 and cfg.lengths == () and cfg.budgets == (0.25,)
     assert cfg.retrieval_samples == 2 and not cfg.threads and cfg.selectors == ("probe",)  # the issue-12 selector
     omits = " ".join(quick_omits(cfg))
     assert "longer lengths" in omits and "threads view" in omits and "2 pass keys" in omits

@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from spattn.report.config import FAMILIES, SELECTORS
+from spattn.report.config import DEFAULT_SELECTORS, FAMILIES, SELECTORS
 
 
 def _floats(text: str, name: str) -> tuple[float, ...]:
@@ -26,10 +26,11 @@ def report_command(
     text: str = typer.Option("austen", "--text", help="Corpus name ('austen', 'kjv') or a text file."),
     output: str = typer.Option("spattn-report", "--output", "-o", help="Output directory."),
     budgets: str | None = typer.Option(
-        None, help="Comma-separated fractions of the dense keys, each in (0, 1] (default 0.05,0.1,0.25; --quick 0.1)."),
+        None, help="Comma-separated fractions of the dense keys, each in (0, 1] "
+                   "(default 0.05,0.1,0.25; --quick 0.25)."),
     lengths: str | None = typer.Option(
         None, help="Comma-separated lengths in tokens: candidates are fitted and picked at the first, and the picks "
-                   "are checked again at the others (default 1024,4096; --quick 512)."),
+                   "are checked again at the others (default 1024,4096; --quick 256)."),
     chunk_length: int | None = typer.Option(None, help="Only one length: tokens per chunk (same as --lengths N)."),
     calibration_chunks: int | None = typer.Option(None, help="Chunks captured to measure recall and fit (default 1)."),
     selection_chunks: int | None = typer.Option(None, help="Held-out chunks the pick is made on (default 1)."),
@@ -37,22 +38,25 @@ def report_command(
                                                       "(default 1)."),
     block_size: int = typer.Option(64, help="Block size of the compiled layouts and of dynamic selection."),
     families: str | None = typer.Option(None, help=f"Candidate families, comma-separated, from {','.join(FAMILIES)}."),
-    selectors: str | None = typer.Option(None, help=f"Selectors of the TopP family, from {','.join(SELECTORS)}."),
+    selectors: str | None = typer.Option(
+        None, help=f"Selectors of the dynamic (Adaptive) family, from {','.join(SELECTORS)} "
+                   f"(default {','.join(DEFAULT_SELECTORS)})."),
     device: str = typer.Option("auto", help="'auto' (CUDA when present), 'cpu' or 'cuda'."),
     seed: int = typer.Option(0, help="Seed of random patterns and timing inputs."),
     repeats: int | None = typer.Option(None, help="Timed repetitions for latency (median; default 3, --quick 2)."),
     retrieval_samples: int | None = typer.Option(
-        None, help="Pass-key retrieval samples scored for each pick, its runner-up and dense (default 6; --quick 3; "
-                   "0: none)."),
+        None, help="Pass-key retrieval samples scored for each pick, its runner-up and dense (default 3, one per "
+                   "depth; --quick 2; 0: none)."),
     gates: str | None = typer.Option(
         None, help="A saved gate checkpoint for this model (spattn.learned.save_gates): measures the learned family."),
     kernel_references: bool | None = typer.Option(
-        None, "--kernel-references/--no-kernel-references", show_default=False,
+        None, "--kernel-references/--no-kernel-references", show_default=False, metavar="",
         help="Time spattn's kernel against FlexAttention and SDPA for dense causal and each pick at every length "
              "(default: on with CUDA, off on the CPU)."),
     quick: bool = typer.Option(False, "--quick", metavar="",
-                               help="A smoke answer in under a minute: 512 tokens, one budget (0.1), one candidate per "
-                                    "family, 2 pass keys, no threads view (the report says what it omits)."),
+                               help="A smoke answer aimed at under a minute: 256 tokens, one budget (0.25), one "
+                                    "candidate per family, 2 pass keys, no threads view (the report says what it "
+                                    "omits)."),
     overwrite: bool = typer.Option(False, "--overwrite", metavar="",
                                    help="Replace a report already in the output directory."),
     fresh: bool = typer.Option(False, "--fresh", metavar="", help="With --overwrite: recompute cached stages too."),

@@ -360,7 +360,8 @@ def dropped_threads(pattern, layers: list[tuple[torch.Tensor, torch.Tensor]], *,
             "lost_mass": [[sig(float(x), 3) for x in row] for row in mass], "per_layer_head": per_layer_head}
 
 
-KERNEL_ROUNDS = 15  # interleaved rounds of the kernel references (each call timed per round)
+KERNEL_ROUNDS = 15  # interleaved rounds of the kernel references on CUDA (each call timed per round)
+KERNEL_ROUNDS_CPU = 5  # on the CPU (a dry run of the GPU path: eager Flex is slow there)
 _KERNEL_INNER_CUDA = 10  # calls per timed round on CUDA (CUDA events around them: launch overhead amortised)
 
 
@@ -389,7 +390,7 @@ def _timed_rounds(calls: dict[str, Any], rounds: int, device: torch.device
 
 
 def kernel_references(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int,
-                      backend: str, rounds: int = KERNEL_ROUNDS) -> dict[str, Any]:
+                      backend: str, rounds: int | None = None) -> dict[str, Any]:
     """spattn on ``backend`` against FlexAttention and SDPA on the same inputs: one layer's
     ``query [1, H, L, D]``, ``key / value [1, Hkv, L, D]``, in their own dtype (the model's: the same kernels the
     report's latency column has compiled).
@@ -398,16 +399,25 @@ def kernel_references(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     first), so the three rows compare attention kernels alone: spattn and Flex on the same block tables
     (``Layout.to_block_mask()``, Flex compiled with ``torch.compile`` on CUDA, eager on the CPU), SDPA dense
     causal (key and value expanded to the query heads once; torch picks the kernel). Timed round-robin
-    (:func:`_timed_rounds`); returns medians (ms), spreads (IQR / median), the ratios against SDPA and spattn
-    against Flex, the first call of each (JIT included), and ``noisy`` when a spread exceeds ``SPREAD_NOISY``."""
+    (:func:`_timed_rounds`, ``rounds`` default 15 on CUDA, 5 on the CPU); returns medians (ms), spreads
+    (IQR / median), the ratios against SDPA and spattn against Flex, the first call of each (JIT included), and
+    ``noisy`` when a spread exceeds ``SPREAD_NOISY``."""
     from spattn.bench.selection import flex_fn
 
     device = q.device
+    if rounds is None:
+        rounds = KERNEL_ROUNDS if device.type == "cuda" else KERNEL_ROUNDS_CPU
     dynamic = pattern.contains_dynamic()
     layout = spattn.compile(pattern, q.shape[2], k.shape[2], causal=True, block_size=block_size, device=device,
                             heads=q.shape[1], query=q if dynamic else None, key=k if dynamic else None)
     block_mask = layout.to_block_mask()
     flex = flex_fn(device)
+    # Note [Flex tile and block size]: inductor's Flex kernel needs its tiles (BLOCK_M x BLOCK_N) to divide the
+    # BlockMask's block size; with autotune off it has one config, whose tile (128 in fp32 on the H200) does not
+    # divide a 64-token block (session 5's CUDA report: "Q and KV block size must be divisible by BLOCK_M and
+    # BLOCK_N"), so on CUDA the tile is the layout's block size, at most 128.
+    tile = min(block_size, 128)
+    options = {"kernel_options": {"BLOCK_M": tile, "BLOCK_N": tile}} if device.type == "cuda" else {}
     gqa = k.shape[1] != q.shape[1]
     scale = q.shape[-1] ** -0.5
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -415,7 +425,7 @@ def kernel_references(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     kr, vr = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
     calls = {
         "spattn": lambda: spattn.attention(q, k, v, layout, causal=True, backend=backend, block_size=block_size),
-        "flex": lambda: flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa),
+        "flex": lambda: flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa, **options),
         "sdpa": lambda: sdpa(q, kr, vr, is_causal=True, scale=scale),
     }
     t0 = time.perf_counter()
@@ -424,7 +434,7 @@ def kernel_references(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     spreads = {name: spread(x) for name, x in times.items()}
     return {
         "backend": backend, "dtype": str(q.dtype).removeprefix("torch."), "shape": [list(q.shape), list(k.shape)],
-        "rounds": rounds,
+        "rounds": rounds, "flex_kernel_options": options.get("kernel_options"),
         "keys_fraction": sig(layout.density()), "block_fraction": sig(layout.density("block")),
         "spattn_ms": sig(med["spattn"], 4), "flex_ms": sig(med["flex"], 4), "sdpa_ms": sig(med["sdpa"], 4),
         "spreads": {name: sig(s, 3) for name, s in spreads.items()},

@@ -92,13 +92,14 @@ def logits(model: Any, ids: torch.Tensor, plan: Any = None, *, backend: str = "d
     """float32 logits ``[L, V]`` of one chunk ``ids`` ``[L]`` (or ``[B, L, V]`` of a batch ``[B, L]`` of
     equal-length chunks, one forward): the model's own attention when ``plan`` is None, else patched."""
     batch = ids if ids.dim() == 2 else ids[None]
+    # use_cache=False: a scoring forward never decodes, so building the key/value cache is wasted work
     if plan is None:
-        out = model(batch.to(model.device)).logits.float()
+        out = model(batch.to(model.device), use_cache=False).logits.float()
     else:
         from spattn.integrations import hf
 
         with hf.patched(model, plan, backend=backend, block_size=block_size):
-            out = model(batch.to(model.device)).logits.float()
+            out = model(batch.to(model.device), use_cache=False).logits.float()
     return out if ids.dim() == 2 else out[0]
 
 

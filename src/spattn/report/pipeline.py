@@ -198,6 +198,7 @@ def run_report(config: ReportConfig, output: str | os.PathLike, *, overwrite: bo
         main = _measure_length(run, first, data["lengths"][str(first)], wanted, select=True)
         run.first = {c["id"]: c for c in main["candidates"]}
         recs = recommend(main["candidates"], list(config.budgets))
+        references = _kernel_references(run, [main], recs, first_pass=True)
         others = []
         for length in config.lengths:
             if run.out_of_time(f"length {length}"):
@@ -205,11 +206,10 @@ def run_report(config: ReportConfig, output: str | os.PathLike, *, overwrite: bo
             carried = carry_over(main["candidates"], recs)
             more = [(c["id"], c["family"], c["budget"], c["selector"]) for c in carried]
             others.append(_measure_length(run, length, data["lengths"][str(length)], more, select=False))
+            references = _kernel_references(run, others[-1:], recs, first_pass=True, done=references)
         holds(recs, main, others)
-        references = _kernel_references(run, [main, *others], recs, first_pass=True)
         retrieval = _retrieval(run, main, recs, tokenizer)
-        if references is not None and not references.get("complete"):  # not read back from the cache
-            references = _kernel_references(run, [main, *others], recs, first_pass=False, done=references)
+        references = _kernel_references(run, [main, *others], recs, first_pass=False, done=references)
         threads = _threads(run, main, recs, data["lengths"][str(first)], tokenizer)
 
     t = _clock()
@@ -580,15 +580,20 @@ def _kernel_references(run: _Run, measured: list[dict[str, Any]], recs: list[dic
     causal and each budget's pick, at every measured length, on that length's timed layer (``kernel_references``
     of the configuration: on by default on CUDA).
 
-    Two passes (Note [kernel references first]): ``first_pass`` times dense causal and the middle budget's pick at
-    every length, before retrieval; the second (``done``: the first pass's record) the other picks. A row is
+    Two passes (Note [kernel references first]): ``first_pass`` times dense causal and the middle budget's pick of
+    the lengths in ``measured`` (called after each length is measured); the second, after retrieval, the other
+    picks at every length (``done``: the record so far, extended in place). A row is
     skipped, and said so, when the time it would take (the slowest row so far, which holds a JIT compile) does not
     fit the run's ``--time-budget``. Rows go to the stage cache as soon as they are timed."""
     # Note [kernel references first]: on the GPU the Flex reference is what the CUDA report is run for, and each
-    # row holds a torch.compile of flex_attention (a new BlockMask shape), so the most telling rows go first.
+    # row holds a torch.compile of flex_attention (a new BlockMask shape), so the most telling rows go first, each
+    # length's right after it is measured (while its attention inputs are at hand and before a --time-budget runs
+    # out on the longer lengths).
     cfg = run.cfg
     if not cfg.kernel_references:
         return None
+    if done is not None and done.get("complete"):  # read back from the cache by an earlier pass
+        return done
     cached = run.cache.get("kernel_references")
     if cached is not None and not run.retime:
         return cached
