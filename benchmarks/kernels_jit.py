@@ -33,27 +33,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heads", type=int, nargs=2, default=[9, 3], help="query heads, key/value heads")
     args = ap.parse_args(argv)
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="spattn-jit-")  # no disk-cache hits
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from compile_sm90 import _Sm90  # the stand-in sm_90 driver; imported before --src goes first on the path
     sys.path.insert(0, os.path.abspath(args.src))
 
     import torch
     import triton
-    from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
 
-    class Sm90:
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device=None):
-            return 0
-
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-
-        def get_active_torch_device(self):
-            return torch.device("cpu")
-
-    driver.set_active(Sm90())
+    driver.set_active(_Sm90())
     import spattn
     from spattn.ops.attention.impl import triton as tri
     from spattn.ops.attention.impl.triton import _launch, _tuning
