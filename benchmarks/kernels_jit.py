@@ -5,9 +5,9 @@
 The interpreter (``TRITON_INTERPRET=1``) has no compile cache, so compiles are not observable there. Instead,
 as ``benchmarks/compile_sm90.py`` does, a stand-in driver reports an sm_90 target and every launch becomes a
 ``warmup`` compile (no kernel runs): a compile is a launch that returns a kernel object not returned before.
-The forward at head dim 64 by default (bf16, 9 query / 3 KV heads, SmolLM2's shape), the backward and the decode kernel are
-launched for ``Causal()`` and ``Sinks(s) | Window(w)`` (several s, w) at every length of ``--lengths``, with the
-untuned defaults (``_tuning.default``). Run it from another checkout (``--src``) to count an older tree.
+The forward at head dim 64 by default (bf16, 9 query / 3 KV heads, SmolLM2's shape), the backward and the decode
+kernel are launched for ``Causal()`` and ``Sinks(s) | Window(w)`` (several s, w) at every length of ``--lengths``,
+with the untuned defaults (``_tuning.default``). Run it from another checkout (``--src``) to count an older tree.
 Compiling takes ~15 s per variant on a shared 2-core CPU, so the older tree's count takes minutes.
 """
 
