@@ -175,26 +175,29 @@ class _Spy:
         return self.kernel[grid]
 
 
-ATOMIC_CASES = [  # Note [atomic backward]: the one-pass backward on awkward shapes (GQA, tails, Lq != Lk, D 80/128)
-    pytest.param((1, 4, 2, 130, 130, 64), S(8) | W(48), True, 64, torch.float32, id="L130-gqa-D64-sinkwin"),
-    pytest.param((1, 1, 1, 127, 127, 80), spattn.Causal(), False, 32, torch.float16, id="L127-D80-causal-fp16"),
-    pytest.param((2, 1, 1, 63, 130, 64), W(40, 8), True, 32, torch.float32, id="B2-Lq63-Lk130-window"),
-    pytest.param((1, 1, 1, 130, 130, 128), W(50), True, 64, torch.float32, id="L130-D128-window"),
-    pytest.param((1, 2, 1, 96, 96, 32), spattn.Strided(3, block=16), True, 32, torch.float16, id="L96-strided-fp16"),
+ATOMIC_CASES = [  # Note [atomic backward]: the one-pass backward on awkward shapes (GQA, tails, Lq != Lk, D 80/128);
+    # tma "load": q / dO through tensor descriptors (the interpreter has no descriptor reductions, so dQ stays atomic)
+    pytest.param((1, 2, 1, 100, 100, 64), S(8) | W(40), True, 32, torch.float32, "load", id="L100-gqa-D64-sinkwin-tma"),
+    pytest.param((1, 1, 1, 127, 127, 80), spattn.Causal(), False, 32, torch.float16, "0", id="L127-D80-causal-fp16"),
+    pytest.param((2, 1, 1, 63, 130, 64), W(40, 8), True, 32, torch.float32, "0", id="B2-Lq63-Lk130-window"),
+    pytest.param((1, 1, 1, 130, 130, 128), W(50), True, 64, torch.float32, "load", id="L130-D128-window-tma"),
+    pytest.param((1, 2, 1, 96, 96, 32), spattn.Strided(3, block=16), True, 32, torch.float16, "0", id="L96-strided"),
 ]
 
 
 @needs_interp
-@pytest.mark.parametrize("shape,pattern,causal,bs,dtype", ATOMIC_CASES)
-def test_atomic_backward(monkeypatch, shape, pattern, causal, bs, dtype):
+@pytest.mark.parametrize("shape,pattern,causal,bs,dtype,tma", ATOMIC_CASES)
+def test_atomic_backward(monkeypatch, shape, pattern, causal, bs, dtype, tma):
     from spattn.ops.attention.impl.triton import _launch
 
     spy = _Spy(_launch.attn_bwd_fused_kernel)
     monkeypatch.setattr(_launch, "attn_bwd_fused_kernel", spy)
     monkeypatch.setenv("SPATTN_TRITON_BACKWARD", "atomic")
+    monkeypatch.setenv("SPATTN_TRITON_TMA", tma)
     B, H, Hkv, Lq, Lk, D = shape
     q, k, v = _qkv(B, H, Hkv, Lq, Lk, D, dtype, seed=21)
     layout, mask = _layout_and_mask(pattern, B, H, Lq, Lk, causal, bs)
+    assert _launch._tma_modes(q, q, q.float()) == (tma == "load", False)
     check(q, k, v, layout, mask)
     assert spy.launches == 1
 
@@ -207,18 +210,18 @@ def test_atomic_backward_empty_rows_lse_grad_and_determinism_flag(monkeypatch):
     spy = _Spy(_launch.attn_bwd_fused_kernel)
     monkeypatch.setattr(_launch, "attn_bwd_fused_kernel", spy)
     monkeypatch.setenv("SPATTN_TRITON_BACKWARD", "atomic")
-    L = 100
+    L = 80
     ids = torch.zeros(2, L, dtype=torch.long)
-    ids[0, 40:] = 1
-    ids[0, 90:] = -1  # padding: empty rows (out 0, lse -inf, zero gradients)
+    ids[0, 30:] = 1
+    ids[0, 70:] = -1  # padding: empty rows (out 0, lse -inf, zero gradients)
     ids[1, 10:] = 1
-    ids[1, 70:] = -1
-    q, k, v = _qkv(2, 2, 1, L, L, 32, torch.float32, seed=23)
+    ids[1, 60:] = -1
+    q, k, v = _qkv(2, 1, 1, L, L, 32, torch.float32, seed=23)
     pattern = spattn.Document(ids)
-    layout = spattn.compile(pattern, L, L, causal=True, block_size=32, batch=2, heads=2, device=DEVICE)
+    layout = spattn.compile(pattern, L, L, causal=True, block_size=32, batch=2, device=DEVICE)
     out, lse, dq, dk, dv = check(q, k, v, layout, brute_force_mask(pattern, L, L, causal=True, batch=2), grad_lse=True)
     assert spy.launches == 1
-    assert torch.equal(dq[0, :, 90:], torch.zeros_like(dq[0, :, 90:]))
+    assert torch.equal(dq[0, :, 70:], torch.zeros_like(dq[0, :, 70:]))
     # deterministic=True takes the split kernels whatever the environment says
     tables = [getattr(layout, n) for n in TABLES]
     qs = q.clone().requires_grad_()
