@@ -12,6 +12,9 @@ per call with ``SPATTN_TRITON_BACKWARD``. Phases, most important first; every re
 soon as it exists (a killed run keeps its partial JSON) and a step whose estimate would pass ``--time-budget``
 is skipped and listed under ``not_run``:
 
+0. ``precheck``: the atomic backward once in a child process ([1, 2, 1024, 128] causal, the same kernels as
+   below, compiled into Triton's disk cache for the parent): a crash there (an illegal address leaves the CUDA
+   context unusable) or a wrong result drops the atomic method, so a broken new kernel cannot cost the call.
 1. ``gate``: out, lse, dq, dk, dv of both methods against the float64 oracle (``check_case``: dense on the
    brute-force token mask, the bf16 ``plain_attention`` baseline, ``err <= 2 * err_baseline + 1e-3 * max``) on ONE
    small shape, [1, 16, 1024, 128], causal and sinks 64 + window 256: the kernels it compiles are the ones the
@@ -124,6 +127,31 @@ def summary(rec: dict) -> str:
     return "\n".join(lines)
 
 
+def precheck(method: str, device: str) -> int:
+    """Phase 0's child: ``method``'s backward against the oracle on one small shape; exit 0 when correct."""
+    if device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    import torch
+
+    import spattn
+    from spattn.bench import kernels as kbench
+    from spattn.testing import brute_force_mask
+
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    H, L, D = (1, 256, 64) if device == "cpu" else (2, 1024, 128)
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(1, H, L, D, device=device, generator=g).to(dtype) for _ in range(3))
+    layout = spattn.compile(spattn.Causal(), L, causal=True, device=device)
+    with backward_method(method):
+        errors = kbench.check_case(q, k, v, layout, brute_force_mask(spattn.Causal(), L, causal=True).to(device),
+                                   D**-0.5)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    ok = all(e["ok"] for e in errors.values())
+    print(json.dumps({"ok": ok, "errors": errors}), flush=True)
+    return 0 if ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="kernels-v6.json")
@@ -131,7 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--time-budget", type=float, default=165.0, help="seconds, JIT included (default 165)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                     help="cpu: the dry run under the triton interpreter (float32, tiny sizes)")
+    ap.add_argument("--precheck", default=None, choices=["atomic"], help=argparse.SUPPRESS)  # the child of phase 0
     args = ap.parse_args(argv)
+    if args.precheck:
+        return precheck(args.precheck, args.device)
     if args.summary:
         with open(args.summary) as f:
             print(summary(json.load(f)))
@@ -236,6 +267,24 @@ def main(argv: list[str] | None = None) -> int:
             o, lse = tri.attention_triton(q, k, v, layout, scale=q.shape[-1] ** -0.5, return_lse=True)
         return lambda: _launch.backward(do, q, k, v, o, lse, None, *tables, q.shape[-1] ** -0.5, method=method)
 
+    # ------------------------------------------------------------------------------------------ 0. precheck
+    import subprocess
+
+    t0 = time.time()
+    try:
+        child = subprocess.run(
+            [sys.executable, "-P", os.path.abspath(__file__), "--precheck", "atomic", "--device", dev],
+            capture_output=True, text=True, timeout=300 if cpu else 60)
+        rc, tail = child.returncode, (child.stdout + child.stderr)[-1500:]
+    except subprocess.TimeoutExpired as exc:
+        rc, tail = "timeout", str(exc)[-500:]
+    rec["precheck"] = {"method": "atomic", "returncode": rc, "ok": rc == 0, "seconds": round(time.time() - t0, 2),
+                       "output_tail": tail}
+    print(f"[{time.time() - start:6.1f}s] precheck atomic: rc={rc} in {rec['precheck']['seconds']} s", flush=True)
+    if rc != 0:
+        print(tail, flush=True)
+    save()
+
     # ------------------------------------------------------------------------------------------ 1. gate
     def gate(method, H, Hkv, D, pname):
         def fn():
@@ -251,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         return fn
 
     def gate_all(H, Hkv, D) -> None:
-        methods = methods_for.setdefault(D, list(METHODS))
+        methods = methods_for.setdefault(D, list(METHODS) if rec["precheck"]["ok"] else ["split"])
         for method in list(methods):
             rows = [step("gate", f"{method} D{D} {pname}", gate(method, H, Hkv, D, pname))
                     for pname in ("causal", "sinks64|window")]
