@@ -30,6 +30,8 @@ is skipped and listed under ``not_run``:
    same tables, and the backward alone per method, for causal, sinks 64 + window 1024 and random 10% blocks
    at 16k and 64k (D 128, 16 heads). Each row also compares the atomic gradients with the split ones and
    Flex's (max abs difference over max |split|).
+3a. ``order``: the backward alone with the grid's programs issued heads first (the default, Note [heads first]
+   in ``_backward.py``) and tiles first (before), at 64k sinks|window and 16k causal, per method.
 4. ``fwd_configs``: the banded forward (sinks 64 + window 1024) under other tiles and the persistent order.
 5. ``extra``: D 64 at 64k (after a D 64 gate), random 50% / 5%, document, GQA 16/4 at 64k.
 
@@ -57,7 +59,7 @@ from kernels_v5 import SPATTN_KERNELS, Compiles  # noqa: E402 - the compile coun
 SPATTN_KERNELS.add("attn_bwd_fused_kernel")
 METHODS = ("split", "atomic")
 # seconds a step of each kind is expected to take before one was measured (then the last measured one is used)
-ESTIMATE_S = {"gate": 12.0, "bwd_configs": 6.0, "rows": 15.0, "fwd_configs": 4.0, "extra": 15.0}
+ESTIMATE_S = {"gate": 12.0, "bwd_configs": 6.0, "rows": 15.0, "order": 6.0, "fwd_configs": 4.0, "extra": 15.0}
 
 
 @contextlib.contextmanager
@@ -111,6 +113,12 @@ def summary(rec: dict) -> str:
                      f"{_f(r.get('split_fwdbwd_vs_flex'), 2)} | {_f(r.get('atomic_fwdbwd_vs_flex'), 2)} | "
                      f"{_f(r.get('split_bwd_ms'))} | {_f(r.get('atomic_bwd_ms'))} | "
                      f"{_f(r.get('atomic_vs_split_grad_diff'), 4)} | {r.get('ok')} |")
+    lines += ["", "| grid order (bwd alone) | L | split heads first | split tiles first | atomic heads first | "
+              "atomic tiles first |", "|---|---|---|---|---|---|"]
+    for r in rec.get("order", []):
+        lines.append(f"| {r.get('pattern')} | {r.get('L')} | {_f(r.get('split_bwd_ms_heads_first'))} | "
+                     f"{_f(r.get('split_bwd_ms_tiles_first'))} | {_f(r.get('atomic_bwd_ms_heads_first'))} | "
+                     f"{_f(r.get('atomic_bwd_ms_tiles_first'))} |")
     lines += ["", "| banded fwd config | L | ms | × default |", "|---|---|---|---|"]
     for r in rec.get("fwd_configs", []):
         c = r.get("config") or {}
@@ -203,8 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         "suite": "kernels-v6", "machine": machine_info(dev if not cpu else "cpu"),
         "config": {**vars(args), "autotune": os.environ.get("SPATTN_TRITON_AUTOTUNE"), "dtype": str(dtype)},
         "defaults": {f"{k}|{'D<=64' if s else 'D>64'}": vars(c) for (k, s), c in _tuning._DEFAULTS.items()},
-        "methods": list(METHODS), "phases": {}, "gate": [], "bwd_configs": [], "rows": [], "fwd_configs": [],
-        "extra": [], "not_run": [], "compiles": compiles.events, "compile_counting": compiles.active,
+        "methods": list(METHODS), "phases": {}, "gate": [], "bwd_configs": [], "rows": [], "order": [],
+        "fwd_configs": [], "extra": [], "not_run": [], "compiles": compiles.events, "compile_counting": compiles.active,
     }
     methods_for: dict[int, list[str]] = {}  # the methods that passed the gate, per head dim
 
@@ -446,6 +454,29 @@ def main(argv: list[str] | None = None) -> int:
     for L in big:
         for pname in ("causal", "sinks64|window1024", "random10%"):
             step("rows", f"D{D} L{L} {pname}", fwdbwd_row(L, pname, H, H, D))
+
+    # ------------------------------------------------------------------------------------------ 3a. grid order
+    def order_row(L, pname):
+        def fn():
+            q, k, v, do = inputs(1, H, H, L, D, seed=L + 3)
+            pattern, _mod = kbench.pattern_for(pname, L)
+            layout = spattn.compile(pattern, L, L, causal=True, device=dev)
+            row = {"L": L, "pattern": pname, "H": H, "D": D, "ok": True}
+            try:
+                for method in methods_for.get(D, ["split"]):
+                    for first in (True, False):
+                        _launch.HEADS_FIRST = first
+                        row[f"{method}_bwd_ms_{'heads_first' if first else 'tiles_first'}"] = ms(
+                            bwd_alone(q, k, v, do, layout, method))
+                    row[f"{method}_heads_first_speedup"] = (row[f"{method}_bwd_ms_tiles_first"]
+                                                            / row[f"{method}_bwd_ms_heads_first"])
+            finally:
+                _launch.HEADS_FIRST = True
+            return row
+        return fn
+
+    for L, pname in ((big[-1], "sinks64|window1024"), (big[0], "causal")):
+        step("order", f"L{L} {pname}", order_row(L, pname))
 
     # ------------------------------------------------------------------------------------------ 3b. TMA backward
     if best_atomic is not None:  # tensor-descriptor (TMA) loads, then loads + dQ reduction (not interpretable)

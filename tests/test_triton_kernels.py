@@ -362,6 +362,23 @@ def test_backward_is_deterministic():
         assert torch.equal(x, y)
 
 
+@needs_interp
+def test_backward_grid_order_changes_nothing(monkeypatch):
+    # Note [heads first]: the grid order only changes which program runs when, never a result (split: bitwise)
+    from spattn.ops.attention.impl.triton import _launch
+
+    q, k, v = _qkv(1, 4, 2, 96, 96, 32, torch.float32, seed=12)
+    layout = spattn.compile(S(4) | W(40), 96, 96, block_size=32, device=DEVICE)
+    run = lambda q, k, v: tri.attention_triton(q, k, v, layout, scale=0.2, return_lse=True)  # noqa: E731
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(0)).to(q)
+    got = {}
+    for first in (True, False):
+        monkeypatch.setattr(_launch, "HEADS_FIRST", first)
+        got[first] = _grads(run, q, k, v, do, None)
+    for x, y in zip(got[True], got[False], strict=True):
+        assert torch.equal(x, y)
+
+
 def test_tuner_key_is_layout_facts():
     from spattn.ops.attention.impl.triton import _plan
 

@@ -18,6 +18,11 @@ one-pass kernel (``method="atomic"``) walks the transposed tables like dK/dV and
 fp32 dQ buffer with relaxed atomic adds: 5 matmuls per pair, one launch instead of two, at the price of
 [BLOCK_M, D] fp32 atomics per pair (resolved in L2) and a summation order that depends on the schedule. The
 preprocess kernel zeroes that buffer and folds the lse gradient into delta, and one cast writes dq = scale * dq32.
+Note [heads first]: CUDA issues a grid's programs x-fastest. With the tile index on x, every head's heaviest
+programs wait for all tiles of the heads before it: the key tile holding the sinks (visited by every query
+block: 512 blocks at 64k) or causal's first key tile / last query tile then starts near the end of the
+launch and runs alone (a tail of one long program). ``HEADS_FIRST`` (a runtime 0/1, not specialised) puts
+batch x heads on x, so the heaviest tile of every head is issued first (longest processing time first).
 Note [tails in backward]: out-of-bounds rows load q = do = 0 and LSE2 = +inf, so their p is exactly 0;
 out-of-bounds key columns load k = v = 0, which adds exactly 0 to dQ; their dK/dV rows are never stored.
 So full blocks need no score mask in backward.
@@ -37,9 +42,9 @@ from ._primitives import TABLE_STRIDES, dot, head_ptr, load_rows, row_ptr, store
 # kernels-v2.json, same tile configs). It costs one more compile for lengths that are not a multiple of 16.
 DO_NOT_SPECIALIZE = {
     "attn_bwd_preprocess_kernel": ["Lq"],
-    "attn_bwd_fused_kernel": ["Lk", *TABLE_STRIDES],
-    "attn_bwd_dq_kernel": ["Lq", "Lk", *TABLE_STRIDES],
-    "attn_bwd_dkdv_kernel": ["Lk", *TABLE_STRIDES],
+    "attn_bwd_fused_kernel": ["Lk", "HEADS_FIRST", *TABLE_STRIDES],
+    "attn_bwd_dq_kernel": ["Lq", "Lk", "HEADS_FIRST", *TABLE_STRIDES],
+    "attn_bwd_dkdv_kernel": ["Lk", "HEADS_FIRST", *TABLE_STRIDES],
 }
 # the length arguments kept specialised (tests)
 SPECIALISED_LENGTHS = {"attn_bwd_dkdv_kernel": ("Lq",), "attn_bwd_fused_kernel": ("Lq",)}
@@ -92,13 +97,17 @@ def dq_block(
 def attn_bwd_dq_kernel(
     Q, K, V, DO, DQ, LSE2, DELTA,
     KV_NUM, KV_IDX, KV_MID, FKV_NUM, FKV_IDX, MASKS,
-    qk_scale, scale, Lq, Lk, H, G,
+    qk_scale, scale, Lq, Lk, H, G, HEADS_FIRST,
     sq, sk, sv, sdo, sdq, st_num_b, st_num_h, st_idx_b, st_idx_h, st_idx_n, st_full_b, st_full_h, st_full_n,
     D: tl.constexpr, DP: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     EVEN: tl.constexpr,
 ):
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows (causal) first
-    pid_bh = tl.program_id(1).to(tl.int64)
+    if HEADS_FIRST:  # Note [heads first]
+        pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # longest rows (causal) first
+        pid_bh = tl.program_id(0).to(tl.int64)
+    else:
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+        pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
     start_m = pid_m * BLOCK_M
@@ -162,12 +171,16 @@ def dkdv_block(
 def attn_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE2, DELTA,
     Q_NUM, Q_IDX, Q_MID, FQ_NUM, FQ_IDX, MASKS,
-    qk_scale, scale, Lq, Lk, H, HKV, G,
+    qk_scale, scale, Lq, Lk, H, HKV, G, HEADS_FIRST,
     sq, sk, sv, sdo, sdk, sdv, st_num_b, st_num_h, st_idx_b, st_idx_h, st_idx_n, st_full_b, st_full_h, st_full_n,
     D: tl.constexpr, DP: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    if HEADS_FIRST:  # Note [heads first]
+        pid_n = tl.program_id(1)
+        pid_bh = tl.program_id(0).to(tl.int64)
+    else:
+        pid_n = tl.program_id(0)
+        pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // HKV
     hk = pid_bh % HKV
     start_n = pid_n * BLOCK_N
@@ -249,7 +262,7 @@ def fused_block(
 def attn_bwd_fused_kernel(
     Q, K, V, DO, DK, DV, DQ32, LSE2, DELTA,
     Q_NUM, Q_IDX, Q_MID, FQ_NUM, FQ_IDX, MASKS, Q_DESC, DO_DESC, DQ_DESC,
-    qk_scale, scale, Lq, Lk, H, HKV, G,
+    qk_scale, scale, Lq, Lk, H, HKV, G, HEADS_FIRST,
     sq, sk, sv, sdo, sdk, sdv, sdq32,
     st_num_b, st_num_h, st_idx_b, st_idx_h, st_idx_n, st_full_b, st_full_h, st_full_n,
     D: tl.constexpr, DP: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -258,8 +271,12 @@ def attn_bwd_fused_kernel(
     """The one-pass backward (Note [atomic backward]): grid (cdiv(Lk, BLOCK_N), B * Hkv), as the dK/dV kernel;
     DQ32 [B, H, Lq, D] fp32, zeroed, receives the unscaled dS K. Q_DESC / DO_DESC / DQ_DESC: [B, H, L, D]
     tensor descriptors with [1, 1, BLOCK_M, D] blocks when TMA / TMA_DQ (else unused)."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    if HEADS_FIRST:  # Note [heads first]
+        pid_n = tl.program_id(1)
+        pid_bh = tl.program_id(0).to(tl.int64)
+    else:
+        pid_n = tl.program_id(0)
+        pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // HKV
     hk = pid_bh % HKV
     start_n = pid_n * BLOCK_N

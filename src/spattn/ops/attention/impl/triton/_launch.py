@@ -25,6 +25,12 @@ from ._forward import attn_fwd_kernel, decode_kernel
 LOG2E = 1.4426950408889634
 PERSISTENT_WAVES = 2  # programs per SM of the persistent forward
 BACKWARD_METHODS = ("split", "atomic")
+HEADS_FIRST = True  # backward grids issue every head's heaviest tile first (Note [heads first] in _backward.py)
+
+
+def _bwd_grid(tiles: int, heads: int) -> tuple[tuple[int, int], int]:
+    """(grid, HEADS_FIRST) of a backward kernel with ``tiles`` row/column tiles per (batch, head)."""
+    return ((heads, tiles), 1) if HEADS_FIRST else ((tiles, heads), 0)
 
 
 def backward_method() -> str:
@@ -355,9 +361,10 @@ def backward(do, q, k, v, o, lse, dlse, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx
             block = [1, 1, cfg.block_m, D]
             descs = (_descriptor(q, block) if tma else None, _descriptor(do, block) if tma else None,
                      _descriptor(dq32, block) if tma_dq else None)
-            attn_bwd_fused_kernel[(_cdiv(Lk, cfg.block_n), B * Hkv)](
+            grid, first = _bwd_grid(_cdiv(Lk, cfg.block_n), B * Hkv)
+            attn_bwd_fused_kernel[grid](
                 q, k, v, do, dk, dv, dq32, lse2, delta, q_num, q_idx, q_mid, fq_num, fq_idx, m8, *descs,
-                scale * LOG2E, scale, Lq, Lk, H, Hkv, G,
+                scale * LOG2E, scale, Lq, Lk, H, Hkv, G, first,
                 _s3(q), _s3(k), _s3(v), _s3(do), _s3(dk), _s3(dv), _s3(dq32),
                 *_table_strides(q_num, q_idx, fq_idx),
                 D=D, DP=DP, BS=bs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=tma, TMA_DQ=tma_dq,
@@ -376,18 +383,20 @@ def backward(do, q, k, v, o, lse, dlse, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx
     kv_num, kv_idx, kv_mid, fkv_num, fkv_idx = _tables(kv_num, kv_idx, kv_mid, fkv_num, fkv_idx)
 
     def launch_dq(cfg: _tuning.Config) -> None:
-        attn_bwd_dq_kernel[(_cdiv(Lq, cfg.block_m), B * H)](
+        grid, first = _bwd_grid(_cdiv(Lq, cfg.block_m), B * H)
+        attn_bwd_dq_kernel[grid](
             q, k, v, do, dq, lse2, delta, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx, m8,
-            scale * LOG2E, scale, Lq, Lk, H, G,
+            scale * LOG2E, scale, Lq, Lk, H, G, first,
             _s3(q), _s3(k), _s3(v), _s3(do), _s3(dq), *_table_strides(kv_num, kv_idx, fkv_idx),
             D=D, DP=DP, BS=bs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EVEN=Lk % bs == 0,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
     def launch_dkdv(cfg: _tuning.Config) -> None:
-        attn_bwd_dkdv_kernel[(_cdiv(Lk, cfg.block_n), B * Hkv)](
+        grid, first = _bwd_grid(_cdiv(Lk, cfg.block_n), B * Hkv)
+        attn_bwd_dkdv_kernel[grid](
             q, k, v, do, dk, dv, lse2, delta, q_num, q_idx, q_mid, fq_num, fq_idx, m8,
-            scale * LOG2E, scale, Lq, Lk, H, Hkv, G,
+            scale * LOG2E, scale, Lq, Lk, H, Hkv, G, first,
             _s3(q), _s3(k), _s3(v), _s3(do), _s3(dk), _s3(dv), *_table_strides(q_num, q_idx, fq_idx),
             D=D, DP=DP, BS=bs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
