@@ -23,7 +23,7 @@ is skipped and listed under ``not_run``:
 2. ``bwd_configs``: the backward alone (``_launch.backward`` on saved forward outputs) at [1, 16, 16384, 128]
    causal: split with its defaults and with other dK/dV tiles, atomic with its default and other tiles (each
    config one compile, seconds); the fastest atomic config becomes the atomic default for the later phases
-   (recorded in ``bwd_default_used``). After phase 3, that config with tensor-descriptor loads of q / dO
+   (recorded in ``bwd_default_used``). After phase 4, that config with tensor-descriptor loads of q / dO
    (``SPATTN_TRITON_TMA=load``) and also the dQ reduction by descriptor (``=1``), timed and compared only
    (not used elsewhere: compiled for sm_90 on the CPU they spilled more), also under ``bwd_configs``.
 3. ``rows``: forward and forward + backward (split, atomic) against ``torch.compile(flex_attention)`` on the
@@ -478,13 +478,6 @@ def main(argv: list[str] | None = None) -> int:
     for L, pname in ((big[-1], "sinks64|window1024"), (big[0], "causal")):
         step("order", f"L{L} {pname}", order_row(L, pname))
 
-    # ------------------------------------------------------------------------------------------ 3b. TMA backward
-    if best_atomic is not None:  # tensor-descriptor (TMA) loads, then loads + dQ reduction (not interpretable)
-        for tma in ("load",) if cpu else ("load", "1"):
-            step("bwd_configs", f"atomic TMA={tma} {best_atomic[1]}",
-                 bwd_config_row("atomic", "bwd", best_atomic[1], tma))
-    q = k = v = do = reference = None  # free the 16k tensors (the closures above are done with them)
-
     # ------------------------------------------------------------------------------------------ 4. banded fwd configs
     def fwd_config_row(L, cfg):
         def fn():
@@ -509,6 +502,13 @@ def main(argv: list[str] | None = None) -> int:
                                                C(128, 128, 8, 3, True), C(64, 64, 4, 3)]
     for cfg in fwd_cfgs:
         step("fwd_configs", f"L{big[0]} {cfg}", fwd_config_row(big[0], cfg))
+
+    # ------------------------------------------------------------------------------------------ 4b. TMA backward
+    if best_atomic is not None:  # tensor-descriptor (TMA) loads, then loads + dQ reduction (not interpretable)
+        for tma in ("load",) if cpu else ("load", "1"):
+            step("bwd_configs", f"atomic TMA={tma} {best_atomic[1]}",
+                 bwd_config_row("atomic", "bwd", best_atomic[1], tma))
+    q = k = v = do = reference = None  # free the 16k tensors (the closures above are done with them)
 
     # ------------------------------------------------------------------------------------------ 5. extra rows
     d64 = (1, 32) if cpu else (16, 64)
