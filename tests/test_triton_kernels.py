@@ -203,6 +203,25 @@ def test_atomic_backward(monkeypatch, shape, pattern, causal, bs, dtype, tma):
 
 
 @needs_interp
+def test_atomic_backward_tuning_leaves_dq_alone(monkeypatch):
+    # the tuner benchmarks candidate configs by running them: they must accumulate into scratch, not into dQ
+    from spattn.ops.attention.impl.triton import _launch, _tuning
+
+    def tuning_choose(kernel, head_dim, dtype, facts, device, block_size, bench=None, **kw):
+        if kernel == "bwd":
+            for _ in range(2):
+                bench(_tuning.INTERPRETER.fit(block_size))
+        return _tuning.INTERPRETER.fit(block_size)
+
+    monkeypatch.setattr(_tuning, "choose", tuning_choose)
+    monkeypatch.setattr(_launch, "_bench", lambda fn: (fn(), 1.0)[1])
+    monkeypatch.setenv("SPATTN_TRITON_BACKWARD", "atomic")
+    q, k, v = _qkv(1, 1, 1, 64, 64, 32, torch.float32, seed=25)
+    layout, mask = _layout_and_mask(spattn.Causal(), 1, 1, 64, 64, True, 32)
+    check(q, k, v, layout, mask)
+
+
+@needs_interp
 def test_atomic_backward_empty_rows_lse_grad_and_determinism_flag(monkeypatch):
     from spattn.ops.attention.impl.triton import _launch
     from spattn.ops.attention.impl.triton._op import TABLES, EagerAttention

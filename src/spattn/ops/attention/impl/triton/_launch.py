@@ -357,22 +357,23 @@ def backward(do, q, k, v, o, lse, dlse, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx
     if atomic:
         tma, tma_dq = _tma_modes(q, do, dq32)
 
-        def launch_fused(cfg: _tuning.Config) -> None:
+        def launch_fused(cfg: _tuning.Config, dq_acc: torch.Tensor = dq32) -> None:
             block = [1, 1, cfg.block_m, D]
             descs = (_descriptor(q, block) if tma else None, _descriptor(do, block) if tma else None,
-                     _descriptor(dq32, block) if tma_dq else None)
+                     _descriptor(dq_acc, block) if tma_dq else None)
             grid, first = _bwd_grid(_cdiv(Lk, cfg.block_n), B * Hkv)
             attn_bwd_fused_kernel[grid](
-                q, k, v, do, dk, dv, dq32, lse2, delta, q_num, q_idx, q_mid, fq_num, fq_idx, m8, *descs,
+                q, k, v, do, dk, dv, dq_acc, lse2, delta, q_num, q_idx, q_mid, fq_num, fq_idx, m8, *descs,
                 scale * LOG2E, scale, Lq, Lk, H, Hkv, G, first,
-                _s3(q), _s3(k), _s3(v), _s3(do), _s3(dk), _s3(dv), _s3(dq32),
+                _s3(q), _s3(k), _s3(v), _s3(do), _s3(dk), _s3(dv), _s3(dq_acc),
                 *_table_strides(q_num, q_idx, fq_idx),
                 D=D, DP=DP, BS=bs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=tma, TMA_DQ=tma_dq,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
 
-        def bench_fused(cfg: _tuning.Config) -> float:
-            return _bench(lambda: (dq32.zero_(), launch_fused(cfg)))
+        def bench_fused(cfg: _tuning.Config) -> float:  # tuning accumulates into a scratch buffer, not dq32
+            scratch = torch.zeros_like(dq32)
+            return _bench(lambda: (scratch.zero_(), launch_fused(cfg, scratch)))
 
         key = _plan.facts(q_idx, fq_idx, _cdiv(Lq, bs), bs, G)
         cfg = _tuning.choose("bwd", D, q.dtype, key, q.device, bs, bench=bench_fused, pairs=Lq * Lk, even=even)
