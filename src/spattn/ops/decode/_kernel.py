@@ -27,7 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-DO_NOT_SPECIALIZE = ["NP", "W", "sr_t", "sr_b", "sv_b"]
+DO_NOT_SPECIALIZE = ["NP", "W", "T", "sr_t", "sr_b", "sv_b"]
 
 
 @triton.jit(do_not_specialize=DO_NOT_SPECIALIZE)
@@ -35,7 +35,7 @@ def page_select_kernel(
     Q, KMIN, KMAX, ROWS, VALID, SLOT, STEP, BUDGET,
     LOGITS, SCORE, CODE,
     KV_NUM, KV_IDX, MASKS, STATS,
-    scale, NP, W, sr_t, sr_b, sv_b, sq, sk,
+    scale, NP, W, T, sr_t, sr_b, sv_b, sq, sk,
     Hkv: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, S: tl.constexpr,
     BLOCK_P: tl.constexpr, NPP: tl.constexpr, WP: tl.constexpr,
 ):
@@ -55,7 +55,7 @@ def page_select_kernel(
     q_pos = tl.maximum(q, 0.0)
     q_neg = tl.maximum(-q, 0.0)
     length = tl.load(SLOT) + 1                                     # keys up to the query (its page sizes)
-    step = tl.load(STEP)
+    step = tl.minimum(tl.maximum(tl.load(STEP), 0), T - 1)        # as the torch path: clamped to the rows
     row_base = ROWS + step * sr_t + b * sr_b
     valid_base = VALID + b * sv_b
     stat_base = (b * Hkv + k) * NP                                  # [B, Hkv, NP] scratch

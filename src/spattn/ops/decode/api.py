@@ -47,7 +47,7 @@ def select_pages(query: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tens
         key_min, key_max: ``[B, Hkv, NP, D]`` contiguous per-page key bounds (``NP = C / S`` pages of the
             capacity ``C``; pages past the query are masked by ``valid``).
         rows: bool ``[T, Bs, 1, C]`` (``Bs`` in (1, B)): the static part's keys for each decode step.
-        step: int64 ``[1]``: the row of ``rows`` this step reads.
+        step: int64 ``[1]``: the row of ``rows`` this step reads (clamped to ``[0, T)``).
         valid: bool ``[B, C]``: keys that may be attended (prompt without padding, decoded tokens so far).
         slot: int64 ``[1]``: the query's cache slot (``slot + 1`` keys up to it; the last page's size).
         budget: int64 ``[1]``: pages the top-k may choose beyond the safeguards' (per key/value head).
@@ -111,7 +111,7 @@ def select_pages(query: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tens
     page_select_kernel[(B * Hkv,)](
         query, key_min, key_max, rows.view(torch.uint8), valid.view(torch.uint8), slot, step, budget,
         *scratch, kv_num, kv_idx, masks, stats,
-        float(scale), NP, width, rows.stride(0), sr_b, valid.stride(0),
+        float(scale), NP, width, rows.shape[0], rows.stride(0), sr_b, valid.stride(0),
         (query.stride(0), query.stride(1)), (key_min.stride(1), key_min.stride(2)),
         Hkv=Hkv, G=G, GP=max(16, _pow2(G)), D=D, DP=max(16, _pow2(D)), S=S, BLOCK_P=32, NPP=max(16, _pow2(NP)),
         WP=max(16, _pow2(width)), num_warps=4,
