@@ -38,9 +38,9 @@ from spattn.runtime.cache import PagedLayer, SpattnCache
 from spattn.runtime.controller import Controller, ControllerConfig
 from spattn.runtime.decode import (
     DecodePlan,
-    has_triton,
     auto_paged_attention,
     decode_plan,
+    has_triton,
     paged_attention,
     sampled_recall,
     select,
