@@ -187,7 +187,11 @@ def measure(model, row_name: str, ids, cache, length, args, page, device) -> dic
             decode(rt, ids, cache, length, 3)
             tokens, times = decode(rt, ids, cache, length, args.steps + 2)  # + the recorded step, dropped
         d = rt.decoder
+        paths: dict[str, int] = {}
+        for path in d.paths.values():
+            paths[path] = paths.get(path, 0) + 1
         row.update(first_step_ms=times[0] * 1e3, captures=d.captures, replays=d.replays, graph_off_reason=d.reason,
+                   attention_paths=paths,
                    fallbacks=dict((f"{k[0]}:{k[1]}", v) for k, v in rt.controller.counts.items()))
         times = times[1:]
     finally:
@@ -326,7 +330,10 @@ def real_recall(args, device, page, report, budget: Budget) -> list[dict]:
     from spattn.integrations.models import load_smollm2
     from spattn.runtime.cache import SpattnCache
 
-    model, tokenizer = load_smollm2(dtype=torch.bfloat16, device=device)
+    model, tokenizer = load_smollm2(dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, device=device)
+    if args.quick:  # the CPU dry run interprets the kernels: 2 of the 30 layers
+        model.model.layers = model.model.layers[:2]
+        model.config.num_hidden_layers = 2
     text = load_text("austen")
     ids_all = tokenizer(text[: 8 * 40 * 4096 if not args.quick else 200000], return_tensors="pt").input_ids[0]
     out = []
@@ -420,6 +427,7 @@ def main() -> None:
             gated = True
             phase(report, "gate", started)
             write(report, args.out)
+        rows_started = time.time()
         for name in ROWS:
             if name == "sparse-16-torch" and "torch" in args.skip:
                 continue
@@ -443,7 +451,7 @@ def main() -> None:
             write(report, args.out)
             print(json.dumps({k: v for k, v in row.items() if k not in ("traceback",) and not k.startswith("_")}),
                   flush=True)
-        phase(report, f"rows {context}x{batch}", started)
+        phase(report, f"rows {context}x{batch}", rows_started)
         if context == min(contexts) and "controller" not in args.skip:
             started = time.time()
             if budget.left() > (10 if args.quick else 20):

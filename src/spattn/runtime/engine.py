@@ -504,7 +504,11 @@ class Runtime:
         and ``layer`` is not being rerun after a failure, else masked SDPA."""
         st = self._static
         if st.dense is None or layer in st.failed or layer in st.forced:
+            if st.eager:
+                st.paths[layer] = "dense-sdpa"
             return _dense_static(module, query, key, value, st.valid, kwargs)
+        if st.eager:
+            st.paths[layer] = "dense-kernel"
         scale = kwargs.get("scaling")
         scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
         out = tables_attention(query, key, value, st.dense, scale=scale, grouped=False)
@@ -526,6 +530,8 @@ class Runtime:
         if self._uses_fused(query.device) and fused_applies(plan, rows, st.kind == "mixed", self.block_size):
             return self._decode_static_fused(layer, query, key, value, plan, rows, scale, module, kwargs)
         row = rows.index_select(0, st.step.clamp(0, rows.shape[0] - 1))[0]
+        if st.eager:
+            st.paths[layer] = "torch"
         cache_layer = self.cache.layers[layer]
         key_min = key_max = key_mean = None
         if plan.rule != "none":
@@ -567,6 +573,8 @@ class Runtime:
         writing the block tables, one decode launch reading them."""
         st = self._static
         key_min, key_max = self.cache.layers[layer].page_bounds()
+        if st.eager:
+            st.paths[layer] = "fused"
 
         def sparse():
             tables, page_tables = fused_tables(query, key_min, key_max, rows, st.step, st.valid, st.slot,

@@ -73,6 +73,7 @@ class StaticState:
     eager: bool = True       # the step being run is not a replay (recall sampling and exceptions allowed)
     dense_width: int = 1     # partial entries of the dense tables (runtime.fused.partial_page_bound)
     dense: tuple | None = None  # this step's dense tables (split-K kernel over the valid keys), None: SDPA
+    paths: dict = dataclasses.field(default_factory=dict)  # layer -> attention path of its last eager step
     sample: bool = False     # measure the sampled recall in this (eager) step
 
     @property
@@ -124,6 +125,7 @@ class StaticDecoder:
         self.captures = 0
         self.replays = 0
         self.reason: str | None = None  # why steps are not replayed (None while they are)
+        self.paths: dict[int, str] = {}  # layer -> "fused" / "torch" selection, "dense-kernel" / "dense-sdpa"
         if self.use_graph and self.device.type != "cuda":
             self._no_graph(f"no CUDA graph on device {self.device.type!r}: the static step runs eagerly")
 
@@ -271,6 +273,7 @@ class StaticDecoder:
         if self.max_new_tokens == 1 or done:
             return self._finish(generated)
         st = self._state(cache)
+        st.paths = self.paths
         rt._static = st
         tokens = next_tokens[:, None].clone()
         position = positions[:, -1:].clone() + 1
