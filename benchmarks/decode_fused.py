@@ -119,6 +119,27 @@ def phase(report: dict, name: str, started: float) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- gate
+def graph_ms(fn, device, reps: int = 20) -> float | None:
+    """Mean GPU ms of ``fn`` recorded once in a CUDA graph and replayed ``reps`` times back to back (None off
+    CUDA): what the call costs inside the captured decode step."""
+    if device.type != "cuda":
+        return None
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
 def gate(cache, length: int, args, device, page: int) -> dict:
     """Layer 0 of the cache: fused tables vs the torch selection, decode on them vs the float64 oracle, the dense
     kernel vs the float64 dense oracle (bf16, the rows' dtype and shapes)."""
@@ -175,6 +196,20 @@ def gate(cache, length: int, args, device, page: int) -> dict:
     out["dense_max_err"] = float((dense.double() - golden.double()).abs().max())
     if out["rows_equal_share"] < 0.95 or not torch.isfinite(fast).all():
         raise AssertionError(f"fused selection differs from the torch selection: {out}")
+    # one layer's call inside a graph (the rows' kernels, already compiled): selection alone and with the decode
+    step0 = torch.zeros(1, dtype=torch.long, device=device)
+    fused = lambda: fused_tables(q, kmin, kmax, rows, step0, valid, slot, budget, width=width,  # noqa: E731
+                                 page_size=page, scale=scale)
+    torch_sel = lambda: block_tables(select_from_row(  # noqa: E731
+        q, valid, dp, budget, rows[0], width, kv_heads=Hkv, page_size=page, scale=scale, key_min=kmin,
+        key_max=kmax, page_sizes=sizes), heads=H, page_size=page)
+    out["fused_select_call_graph_ms"] = graph_ms(fused, device)
+    out["torch_select_call_graph_ms"] = graph_ms(torch_sel, device)
+    out["fused_select_and_decode_call_graph_ms"] = graph_ms(
+        lambda: tables_attention(q, kbuf, vbuf, fused()[0], scale=scale, grouped=True), device)
+    dense_w = partial_page_bound(valid[:, :length], page)
+    out["dense_kernel_call_graph_ms"] = graph_ms(lambda: tables_attention(
+        q, kbuf, vbuf, dense_tables(valid, page_size=page, partial_width=dense_w), scale=scale, grouped=False), device)
     return out
 
 
@@ -481,7 +516,8 @@ def main() -> None:
         else:
             started = time.time()
             try:
-                cache_args = argparse.Namespace(batch=batch, steps=args.steps + 8, prefill_tokens=args.prefill_tokens)
+                cache_args = argparse.Namespace(batch=batch, steps=args.steps + 8,  # a shorter prefix to tile
+                                                prefill_tokens=min(args.prefill_tokens, 8192))
                 ids, cache, info = build_cache(model, context, cache_args, device, page)
                 report.setdefault("caches", {})[f"{context}x{batch}"] = info
                 for name in ("dense-kernel", "sparse-16-fused", "null", "dense-sdpa"):

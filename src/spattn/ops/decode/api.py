@@ -113,7 +113,7 @@ def select_pages(query: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tens
         *scratch, kv_num, kv_idx, masks, stats,
         float(scale), NP, width, rows.shape[0], rows.stride(0), sr_b, valid.stride(0),
         (query.stride(0), query.stride(1)), (key_min.stride(1), key_min.stride(2)),
-        Hkv=Hkv, G=G, GP=max(16, _pow2(G)), D=D, DP=max(16, _pow2(D)), S=S, BLOCK_P=32, NPP=max(16, _pow2(NP)),
-        WP=max(16, _pow2(width)), num_warps=4,
+        Hkv=Hkv, G=G, GP=max(16, _pow2(G)), D=D, DP=max(16, _pow2(D)), S=S, BLOCK_P=64, NPP=max(16, _pow2(NP)),
+        WP=max(16, _pow2(width)), num_warps=8,
     )
     return PageTables(kv_num=kv_num, kv_idx=kv_idx, masks=masks, stats=stats)
