@@ -186,6 +186,34 @@ def test_static_step_fused_and_kernel_dense_equal_torch_paths():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_a_failing_fused_selection_hands_over_to_the_torch_selection(monkeypatch):
+    """The fused selection raising (e.g. no triton compiler) switches it off for good, logged, and the step
+    runs the torch selection: the tokens of ``decode_selection="torch"``, no dense fallback."""
+    from spattn.runtime import engine
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler")
+
+    model = tiny_llama(seed=3)
+    ids = torch.randint(3, 97, (1, 50), generator=torch.Generator().manual_seed(8))
+    plan = spattn.Plan.uniform(spattn.Sinks(4) | spattn.Window(16) | spattn.TopK("bounds", 1))
+    outs = {}
+    for name in ("torch", "fused"):
+        if name == "fused":
+            monkeypatch.setattr(engine, "fused_tables", broken)
+        runtime = Runtime(model, plan, block_size=16, min_sparse_tokens=0, monitor_level=0, cuda_graph=True,
+                          decode_selection=name, dense_decode="sdpa", decode_kernel="torch" if name == "torch"
+                          else "auto")
+        try:
+            outs[name] = runtime.generate(ids, max_new_tokens=3, pad_token_id=0)
+            assert not runtime.controller.counts
+            assert runtime.decoder.paths == {0: "torch", 1: "torch"}
+            assert (runtime.fused_off is None) == (name == "torch")
+        finally:
+            runtime.detach()
+    assert torch.equal(outs["torch"], outs["fused"])
+
+
 def test_selection_options_are_validated():
     with pytest.raises(ValueError, match="decode_selection"):
         Runtime(tiny_llama(), spattn.Plan(), decode_selection="gpu")

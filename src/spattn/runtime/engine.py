@@ -165,7 +165,8 @@ class Runtime:
             the fused triton selection, :func:`spattn.ops.decode.select_pages`, on CUDA for the layers it
             covers: top-k on ``bounds`` scores, head-independent safeguards, no dense rows; the torch selection
             elsewhere), ``"fused"`` (the same, also on CPU under ``TRITON_INTERPRET=1``) or ``"torch"``. A
-            replaced :attr:`kernel` always gets the torch selection (it takes a ``DecodeSelection``).
+            replaced :attr:`kernel` always gets the torch selection (it takes a ``DecodeSelection``). If the fused
+            selection raises, the torch selection takes over for good (logged; ``runtime.fused_off`` says why).
         dense_decode: dense attention of the static decode step: ``"auto"`` (default: spattn's split-K decode
             kernel over exactly the valid keys of each sequence on CUDA with triton, torch's masked SDPA over the
             whole capacity elsewhere), ``"kernel"`` or ``"sdpa"``. Reruns after a failed or non-finite sparse
@@ -204,6 +205,7 @@ class Runtime:
             raise ValueError(f"dense_decode must be one of {DENSE_DECODES}, got {dense_decode!r}")
         self.decode_selection = decode_selection
         self.dense_decode = dense_decode
+        self.fused_off: str | None = None  # why the fused selection was switched off (it raised), None while on
         if isinstance(min_sparse_tokens, bool) or not isinstance(min_sparse_tokens, int) or min_sparse_tokens < 0:
             raise ValueError(f"min_sparse_tokens must be an int >= 0, got {min_sparse_tokens!r}")
         if not 0.0 <= float(recall_sample) <= 1.0:
@@ -495,7 +497,8 @@ class Runtime:
         return self.dense_decode == "kernel" or (device.type == "cuda" and has_triton())
 
     def _uses_fused(self, device: torch.device) -> bool:
-        if self.decode_selection == "torch" or self.kernel not in (auto_paged_attention, triton_paged_attention):
+        if self.decode_selection == "torch" or self.fused_off is not None \
+                or self.kernel not in (auto_paged_attention, triton_paged_attention):
             return False
         return self.decode_selection == "fused" or (device.type == "cuda" and has_triton())
 
@@ -585,10 +588,10 @@ class Runtime:
         if st.eager:
             try:
                 out, page_tables = sparse()
-            except Exception as exc:  # noqa: BLE001 - any kernel failure is answered by the dense rerun
-                self.controller.fallback(layer, "error", f"{type(exc).__name__}: {exc}")
-                st.failed.add(layer)
-                return _dense_static(module, query, key, value, st.valid, kwargs)
+            except Exception as exc:  # noqa: BLE001 - the torch selection takes over, for every layer from now on
+                self.fused_off = f"{type(exc).__name__}: {exc}"
+                log_event(logging.WARNING, "fused_selection_off", layer=layer, reason=self.fused_off)
+                return self._decode_static(module, layer, query, key, value, None, kwargs)
         else:
             out, page_tables = sparse()
         if self.check_finite:
