@@ -121,8 +121,9 @@ def phase(report: dict, name: str, started: float) -> None:
 # ---------------------------------------------------------------------------------------------- gate
 def graph_ms(fn, device, reps: int = 20) -> float | None:
     """Mean GPU ms of ``fn`` recorded once in a CUDA graph and replayed ``reps`` times back to back (None off
-    CUDA): what the call costs inside the captured decode step."""
+    CUDA, where the call runs once): what the call costs inside the captured decode step."""
     if device.type != "cuda":
+        fn()  # the dry run still runs the call once
         return None
     fn()
     torch.cuda.synchronize()
@@ -196,7 +197,21 @@ def gate(cache, length: int, args, device, page: int) -> dict:
     out["dense_max_err"] = float((dense.double() - golden.double()).abs().max())
     if out["rows_equal_share"] < 0.95 or not torch.isfinite(fast).all():
         raise AssertionError(f"fused selection differs from the torch selection: {out}")
-    # one layer's call inside a graph (the rows' kernels, already compiled): selection alone and with the decode
+    try:
+        out.update(call_timings(q, kmin, kmax, rows, valid, slot, budget, kbuf, vbuf, dp, sizes, width, length, page,
+                                scale, device))
+    except Exception as exc:  # noqa: BLE001 - a timing, not the gate: recorded
+        out["call_timings_error"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+def call_timings(q, kmin, kmax, rows, valid, slot, budget, kbuf, vbuf, dp, sizes, width, length, page, scale,
+                 device) -> dict:
+    """One layer's calls inside a CUDA graph (the rows' kernels, already compiled): the fused and the torch
+    selection alone, the fused selection with its decode, the dense kernel with its tables."""
+    B, H = q.shape[:2]
+    Hkv = kmin.shape[1]
+    out = {}
     step0 = torch.zeros(1, dtype=torch.long, device=device)
     fused = lambda: fused_tables(q, kmin, kmax, rows, step0, valid, slot, budget, width=width,  # noqa: E731
                                  page_size=page, scale=scale)
@@ -458,7 +473,12 @@ def main() -> None:
         phase(report, f"cache {context}x{batch}", started)
         if not gated:
             started = time.time()
-            report["gate"] = gate(cache, context, args, device, page)
+            try:
+                report["gate"] = gate(cache, context, args, device, page)
+            except Exception as exc:  # the gate is fatal: recorded, then the run stops
+                report["gate"] = {"failed": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+                write(report, args.out)
+                raise
             gated = True
             phase(report, "gate", started)
             write(report, args.out)
