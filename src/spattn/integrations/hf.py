@@ -69,10 +69,11 @@ _LAYOUT_CACHE_SIZE = 32
 # 32 layouts served them once, but a plan with more distinct layer patterns than that (a 32-layer model planned
 # per head, or a report alternating plans) cycles through the LRU and recompiled every layer in every forward.
 # Each Plan object now keeps its own layouts, for the ``_SHAPES_KEPT`` shapes (lengths, batch, device) it ran at
-# most recently, and drops them with the plan (a weak reference); the LRU still serves plans made afresh from one pattern
-# (``patched(model, pattern)`` in a loop). A dynamic pattern keeps a LayoutBuilder instead (its selection runs on
-# every input, with no host synchronisation); one the builder cannot take (per-head dynamic heads) is compiled
-# per call. A static per-head plan's second forward at a length compiles nothing and reads no tensor on the host.
+# most recently, and drops them with the plan (a weak reference); the LRU still serves plans made afresh from one
+# pattern (``patched(model, pattern)`` in a loop). A dynamic pattern keeps a LayoutBuilder instead (its selection
+# runs on every input, with no host synchronisation); one the builder cannot take (per-head dynamic heads) is
+# compiled per call. A static per-head plan's second forward at a length compiles nothing and reads no tensor on
+# the host.
 _PLAN_LAYOUTS: dict[int, tuple[weakref.ref, OrderedDict]] = {}  # id(plan) -> (plan, {shape: {pattern: layout}})
 _SHAPES_KEPT = 4
 _NO_BUILDER = object()
@@ -256,7 +257,8 @@ def spattn_attention_forward(
     segments = padding_segments(attention_mask, q_len, kv_len, causal, window)
     if pattern is not None and pattern.kind == "hierarchical":  # three branches, not one layout (spattn.hierarchical)
         out = frozen_model_attention(query, key, value, pattern, causal=causal, scale=scaling,
-                                     padded=segments is not None or window is not None)
+                                     padded=segments is not None or window is not None,
+                                     backend=getattr(module, "_spattn_backend", "auto"))
         return out.transpose(1, 2).contiguous(), None
     if pattern is None:
         pattern = Full()
