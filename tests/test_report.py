@@ -254,10 +254,22 @@ def test_pareto_and_recommend():
     ({"chunk_length": 8}, "chunk_length"),
     ({"families": ("windows",)}, "unknown candidate families"),
     ({"block_size": 4096}, "block_size"),
+    ({"latency_dtype": "bf16"}, "latency_dtype must be one of"),
 ])
 def test_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         ReportConfig(**kwargs)
+
+
+def test_latency_dtype_is_the_serving_dtype_on_cuda_and_help_shows_no_bool():
+    # Note [latency dtype]: CUDA times bfloat16 (tensor cores), the CPU float32, unless asked otherwise
+    assert ReportConfig(device="cuda").latency_dtype == "bfloat16"
+    assert ReportConfig().latency_dtype == "float32"
+    assert ReportConfig(latency_dtype="float16").latency_dtype == "float16"
+    assert ReportConfig(latency_dtype="float16").digest() != ReportConfig().digest()
+    text = _invoke("--help").output
+    assert "--kernel-references" in text and "--no-kernel-references" in text and "--latency-dtype" in text
+    assert "<bool>" not in text and "Show this message and exit." in text
 
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -427,6 +439,7 @@ def test_latency_rows_carry_their_spread_and_noise_is_flagged(tiny):
         lat = c["latency"]
         assert lat["repeats"] >= 1 and lat["spread"] >= 0 and isinstance(lat["noisy"], bool)
         assert lat["peak_memory_mb"] >= 0 and lat["dense_ms"] > 0
+        assert lat["dtype"] == tiny["results"]["backends"]["latency_dtype"] == "float32"
     # a planted noisy timing: alternately fast and very slow calls
     calls = [0]
 
@@ -525,6 +538,11 @@ def test_kernel_references_time_dense_and_each_pick_at_every_length(tiny):
     row = kernel_references(spattn.Sinks(8) | spattn.Window(24), q, k, v, block_size=16, backend="reference",
                             rounds=2)
     assert row["rounds"] == 2 and 0 < row["keys_fraction"] < 1 and row["dtype"] == "float32"
+    assert row["max_abs_difference_vs_flex"] < 1e-5  # the same run's correctness check
+    # Note [latency dtype]: the CUDA report times the serving dtype; the CPU dry run of that path in bfloat16
+    half = kernel_references(spattn.Sinks(8) | spattn.Window(24), q.bfloat16(), k.bfloat16(), v.bfloat16(),
+                             block_size=16, backend="reference", rounds=1)
+    assert half["dtype"] == "bfloat16" and half["max_abs_difference_vs_flex"] < 0.05
 
 
 def test_per_task_profile_names_one_pattern_per_profile():

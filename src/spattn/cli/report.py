@@ -21,6 +21,13 @@ def _names(text: str | None) -> tuple[str, ...] | None:
     return None if text is None else tuple(x.strip() for x in text.split(",") if x.strip())
 
 
+def _show_help(ctx: typer.Context, value: bool) -> None:
+    """``--help`` declared here so that it carries no ``<bool>`` (typer shows a type for every flag it makes)."""
+    if value and not ctx.resilient_parsing:
+        typer.echo(ctx.get_help(), color=ctx.color)
+        raise typer.Exit()
+
+
 def report_command(
     model: str = typer.Option("smollm2", help="'smollm2' (SmolLM2-135M, offline) or a Hugging Face model folder."),
     text: str = typer.Option("austen", "--text", help="Corpus name ('austen', 'kjv') or a text file."),
@@ -53,6 +60,9 @@ def report_command(
         None, "--kernel-references/--no-kernel-references", show_default=False, metavar="",
         help="Time spattn's kernel against FlexAttention and SDPA for dense causal and each pick at every length "
              "(default: on with CUDA, off on the CPU)."),
+    latency_dtype: str | None = typer.Option(
+        None, help="Dtype the latency column and the kernel references time the attention inputs in: float32, "
+                   "bfloat16 or float16 (default bfloat16 with CUDA, the serving dtype; float32 on the CPU)."),
     quick: bool = typer.Option(False, "--quick", metavar="",
                                help="A smoke answer aimed at under a minute: 256 tokens, one budget (0.25), one "
                                     "candidate per family, 2 pass keys, no threads view (the report says what it "
@@ -65,6 +75,8 @@ def report_command(
                    "threads view, and say so in results.json (timings.skipped_for_time); default no limit."),
     retime: bool = typer.Option(False, "--retime", metavar="",
                                 help="Measure every latency again and reuse everything else (implies --overwrite)."),
+    _help: bool = typer.Option(False, "--help", metavar="", is_eager=True, expose_value=False, callback=_show_help,
+                               help="Show this message and exit."),
 ) -> None:
     """Find the sparse attention pattern that saves the most compute for a model while keeping what it needs.
 
@@ -102,7 +114,7 @@ def report_command(
         calibration_chunks=calibration_chunks, selection_chunks=selection_chunks, eval_chunks=eval_chunks,
         block_size=block_size,
         families=_names(families), selectors=_names(selectors), device=device, seed=seed, latency_repeats=repeats,
-        retrieval_samples=retrieval_samples, kernel_references=kernel_references,
+        retrieval_samples=retrieval_samples, kernel_references=kernel_references, latency_dtype=latency_dtype,
     )
     try:
         if quick:

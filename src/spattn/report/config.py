@@ -28,7 +28,14 @@ QUICK_LENGTH = 256
 # no threads view. The time goes into model forwards (about 60% of a quick run's CPU seconds, profiled: the
 # linear layers of SmolLM2, not attention), whose cost is linear in the tokens, hence 256 rather than 512. The
 # terminal and the HTML say so (``quick_omits``), so that nobody reads it as the full report.
-_CACHE_VERSION = 4
+# Note [latency dtype]: a model is served in half precision on a GPU, where an fp32 attention (what the model's
+# converted fp32 weights give) runs its products without tensor cores and makes every kernel several times slower
+# than in service (session 5's H200 report timed fp32: SDPA 2.97 ms at 8192 tokens). So on CUDA the latency
+# column and the kernel references time the captured queries and keys cast to bfloat16 (the dtype SmolLM2 is
+# trained and served in); the CPU keeps float32 (its bf16 matmuls are slower, not faster). The quality numbers
+# come from the model in its own dtype either way; results.json says which dtype was timed (backends).
+LATENCY_DTYPES = ("float32", "bfloat16", "float16")
+_CACHE_VERSION = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +58,9 @@ class ReportConfig:
     per-layer and per-head plan (:func:`spattn.planner.make_plan`), one per budget, calibrated on the calibration
     chunks. ``kernel_references`` (default None: on for CUDA, off on the CPU): time spattn's kernel against
     FlexAttention and SDPA for dense causal and each pick at every length (``results.json``'s
-    ``kernel_references``).
+    ``kernel_references``). ``latency_dtype`` (default None: ``"bfloat16"`` on CUDA, ``"float32"`` on the CPU; Note
+    [latency dtype]): the dtype of the attention inputs the latency column and the kernel references time; the
+    model's forwards (every quality number) keep the model's own dtype.
     """
 
     model: str = "smollm2"
@@ -72,6 +81,7 @@ class ReportConfig:
     threads: bool = True
     gates: str | None = None
     kernel_references: bool | None = None
+    latency_dtype: str | None = None
     quick: bool = False
 
     @classmethod
@@ -124,6 +134,10 @@ class ReportConfig:
             raise TypeError(f"gates must be a path (str) to a gate checkpoint, got {type(self.gates).__name__}")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", str(self.device)):
             raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N' (N a GPU index), got {self.device!r}")
+        if self.latency_dtype is None:
+            object.__setattr__(self, "latency_dtype", "bfloat16" if str(self.device).startswith("cuda") else "float32")
+        elif self.latency_dtype not in LATENCY_DTYPES:
+            raise ValueError(f"latency_dtype must be one of {list(LATENCY_DTYPES)}, got {self.latency_dtype!r}")
         if self.kernel_references is None:
             object.__setattr__(self, "kernel_references", str(self.device).startswith("cuda"))
         elif not isinstance(self.kernel_references, bool):

@@ -38,7 +38,7 @@ def _p5(values: torch.Tensor) -> float:
 
 
 LATENCY_MAX_REPEATS = 25  # interleaved (dense, candidate) pairs at most
-LATENCY_MAX_SECONDS = 2.0  # ... or this much timing past the minimum repeats
+LATENCY_MAX_SECONDS = 1.0  # ... or this much timing past the minimum repeats (a default run times ~30 rows)
 SPREAD_TARGET = 0.10  # stop once both spreads (IQR / median) are at most this
 SPREAD_NOISY = 0.25  # a row whose spread is larger is flagged and not ranked by latency
 
@@ -144,15 +144,19 @@ def peak_memory_bytes(fn, device: torch.device) -> int:
     return int(mode.peak)
 
 
-def latency_inputs(captures: Captures, seed: int, device: str | torch.device = "cpu"
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def latency_inputs(captures: Captures, seed: int, device: str | torch.device = "cpu",
+                   dtype: str | torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Query and key of the middle layer of the first calibration chunk, and a seeded random value of the key's
-    shape (latency does not depend on the values), on ``device`` (captures are kept on the CPU)."""
+    shape (latency does not depend on the values), on ``device`` (captures are kept on the CPU), cast to ``dtype``
+    (a torch dtype or its name, e.g. ``"bfloat16"``; default None: the captured dtype; Note [latency dtype])."""
     layers = captures[0]
     q, k = layers[len(layers) // 2]
     gen = torch.Generator(device="cpu").manual_seed(seed)
     v = torch.randn(k.shape, generator=gen)
-    return q.to(device), k.to(device), v.to(device)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    dtype = dtype or q.dtype
+    return q.to(device, dtype), k.to(device, dtype), v.to(device, dtype)
 
 
 def _dense_call(q, k, v, backend: str, block_size: int):
@@ -160,9 +164,10 @@ def _dense_call(q, k, v, backend: str, block_size: int):
 
 
 def dense_latency(captures: Captures, backend: str, repeats: int, seed: int, block_size: int,
-                  device: str | torch.device = "cpu") -> dict[str, Any]:
-    """Dense causal attention on the timing inputs: spattn on ``backend`` and SDPA, medians; peak memory of both."""
-    q, k, v = latency_inputs(captures, seed, device)
+                  device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None) -> dict[str, Any]:
+    """Dense causal attention on the timing inputs (:func:`latency_inputs`, in ``dtype``): spattn on ``backend``
+    and SDPA, medians; peak memory of both."""
+    q, k, v = latency_inputs(captures, seed, device, dtype)
     rep = q.shape[1] // k.shape[1]
     kr, vr = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
     sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, kr, vr, is_causal=True)  # noqa: E731
@@ -170,7 +175,7 @@ def dense_latency(captures: Captures, backend: str, repeats: int, seed: int, blo
     ms_spattn = time_call(causal, repeats, q.device)
     ms_sdpa = time_call(sdpa, repeats, q.device)
     return {"backend": backend, "spattn_causal_ms": sig(ms_spattn, 4), "sdpa_ms": sig(ms_sdpa, 4),
-            "shape": [list(q.shape), list(k.shape)],
+            "shape": [list(q.shape), list(k.shape)], "dtype": str(q.dtype).removeprefix("torch."),
             "peak_memory_mb": sig(peak_memory_bytes(causal, q.device) / 2**20, 4),
             "sdpa_peak_memory_mb": sig(peak_memory_bytes(sdpa, q.device) / 2**20, 4)}
 
@@ -300,15 +305,15 @@ def layout_fingerprint(layout: spattn.Layout) -> str:
 
 def candidate_latency(pattern, captures: Captures, *, block_size: int, backend: str, repeats: int,
                       seed: int, memo: dict[str, dict[str, Any]] | None = None,
-                      device: str | torch.device = "cpu") -> dict[str, Any]:
+                      device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None) -> dict[str, Any]:
     """Time ``spattn.attention`` with ``pattern`` on the middle layer of the first calibration chunk, interleaved
     with dense causal attention on the same backend (:func:`interleaved_latency`), and its peak memory.
 
     A static pattern is compiled once outside the timed call (a layout is reused for every input of that
     shape) and timed once per distinct layout (``memo``, keyed by :func:`layout_fingerprint`); a dynamic pattern
     is timed with its selection, which runs for every input. ``compile_ms`` is the compile (and selection) time
-    alone."""
-    q, k, v = latency_inputs(captures, seed, device)
+    alone. The inputs are cast to ``dtype`` (default None: the captured dtype; Note [latency dtype])."""
+    q, k, v = latency_inputs(captures, seed, device, dtype)
     if isinstance(pattern, spattn.Hierarchical):
         return hierarchical_latency(pattern, q, k, v, block_size=block_size, backend=backend, repeats=repeats)
     dynamic = pattern.contains_dynamic()
@@ -317,24 +322,33 @@ def candidate_latency(pattern, captures: Captures, *, block_size: int, backend: 
         return spattn.compile(pattern, q.shape[2], k.shape[2], causal=True, block_size=block_size, device=q.device,
                               heads=q.shape[1], query=q if dynamic else None, key=k if dynamic else None)
 
+    notes = []
+    try:
+        build()
+    except (RuntimeError, TypeError) as exc:  # a selection that cannot run in the latency dtype: say so
+        if dtype is None or q.dtype == captures[0][0][0].dtype:
+            raise
+        notes.append(f"compiling in {str(q.dtype).removeprefix('torch.')} failed ({str(exc)[:200]}); timed in the "
+                     "captured dtype")
+        q, k, v = latency_inputs(captures, seed, device)
     compile_ms = time_call(build, repeats, q.device)
     target = pattern if dynamic else build()
     key = None if dynamic else layout_fingerprint(target)
     if memo is not None and key in memo:
         return dict(memo[key], compile_ms=sig(compile_ms, 4), shared_timing=True)
-    note = None
     try:
         spattn.attention(q, k, v, target, causal=True, backend=backend, block_size=block_size)
     except RuntimeError as exc:  # e.g. a kernel that does not support this shape: say so, time what auto runs
-        note = f"{backend} could not run ({exc}); timed backend='auto'"
+        notes.append(f"{backend} could not run ({exc}); timed backend='auto'")
         backend = "auto"
     call = lambda: spattn.attention(q, k, v, target, causal=True, backend=backend,  # noqa: E731
                                     block_size=block_size)
     out = interleaved_latency(call, _dense_call(q, k, v, backend, block_size), repeats=repeats, device=q.device)
-    out.update({"backend": backend, "compile_ms": sig(compile_ms, 4), "includes_selection": dynamic,
+    out.update({"backend": backend, "dtype": str(q.dtype).removeprefix("torch."), "compile_ms": sig(compile_ms, 4),
+                "includes_selection": dynamic,
                 "peak_memory_mb": sig(peak_memory_bytes(call, q.device) / 2**20, 4), "shared_timing": False})
-    if note:
-        out["note"] = note
+    if notes:
+        out["note"] = "; ".join(notes)
     if memo is not None and key is not None:
         memo[key] = out
     return out
@@ -432,8 +446,10 @@ def kernel_references(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     (``Layout.to_block_mask()``, Flex compiled with ``torch.compile`` on CUDA, eager on the CPU), SDPA dense
     causal (key and value expanded to the query heads once; torch picks the kernel). Timed round-robin
     (:func:`_timed_rounds`, ``rounds`` default 15 on CUDA, 5 on the CPU); returns medians (ms), spreads
-    (IQR / median), the ratios against SDPA and spattn against Flex, the first call of each (JIT included), and
-    ``noisy`` when a spread exceeds ``SPREAD_NOISY``."""
+    (IQR / median), the ratios against SDPA and spattn against Flex, the first call of each (JIT included),
+    ``noisy`` when a spread exceeds ``SPREAD_NOISY`` and ``max_abs_difference_vs_flex``, the largest difference
+    between spattn's and Flex's outputs (the same run's correctness check: both compute the same masked
+    attention)."""
     from spattn.bench.selection import flex_fn
 
     device = q.device
@@ -465,6 +481,9 @@ def kernel_references(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     }
     t0 = time.perf_counter()
     times, first = _timed_rounds(calls, rounds, device)
+    # the correctness check of the same run: spattn and Flex compute the same masked attention (float32 difference)
+    out_spattn, out_flex = calls["spattn"](), calls["flex"]()
+    difference = float((out_spattn.float() - out_flex.float()).abs().max())
     med = {name: statistics.median(x) for name, x in times.items()}
     spreads = {name: spread(x) for name, x in times.items()}
     return {
@@ -477,6 +496,7 @@ def kernel_references(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         "flex_vs_sdpa": sig(med["sdpa"] / med["flex"], 4) if med["flex"] > 0 else None,
         "spattn_vs_flex": sig(med["flex"] / med["spattn"], 4) if med["spattn"] > 0 else None,
         "noisy": max(spreads.values()) > SPREAD_NOISY,
+        "max_abs_difference_vs_flex": sig(difference, 3),
         "first_call_ms": {name: sig(ms, 4) for name, ms in first.items()},
         "timing_s": sig(time.perf_counter() - t0, 3),
         "load_average": sig(os.getloadavg()[0], 3) if hasattr(os, "getloadavg") else None,

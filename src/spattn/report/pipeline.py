@@ -199,6 +199,11 @@ def run_report(config: ReportConfig, output: str | os.PathLike, *, overwrite: bo
         run.first = {c["id"]: c for c in main["candidates"]}
         recs = recommend(main["candidates"], list(config.budgets))
         references = _kernel_references(run, [main], recs, first_pass=True)
+        # Note [retrieval before the longer lengths]: retrieval and the threads view look at the first length's
+        # picks alone (a few short forwards); the longer lengths cost the most, so under a --time-budget the task
+        # evidence and the threads view come first
+        retrieval = _retrieval(run, main, recs, tokenizer)
+        threads = _threads(run, main, recs, data["lengths"][str(first)], tokenizer)
         others = []
         for length in config.lengths:
             if run.out_of_time(f"length {length}"):
@@ -208,9 +213,7 @@ def run_report(config: ReportConfig, output: str | os.PathLike, *, overwrite: bo
             others.append(_measure_length(run, length, data["lengths"][str(length)], more, select=False))
             references = _kernel_references(run, others[-1:], recs, first_pass=True, done=references)
         holds(recs, main, others)
-        retrieval = _retrieval(run, main, recs, tokenizer)
         references = _kernel_references(run, [main, *others], recs, first_pass=False, done=references)
-        threads = _threads(run, main, recs, data["lengths"][str(first)], tokenizer)
 
     t = _clock()
     results = _assemble(config, cache, model_name, facts, data["info"], main, others, recs, threads, retrieval,
@@ -311,7 +314,7 @@ def _measure_length(run: _Run, length: int, chunks: dict[str, Any], wanted: list
             cap = capture(run.model, ids[None])
             captures.append([(cap.queries[layer], cap.keys[layer]) for layer in cap.layers])
             bars.advance(task, f"{len(captures[-1])} layers")
-        run.latency_inputs[length] = latency_inputs(captures, cfg.seed, cfg.device)
+        run.latency_inputs[length] = latency_inputs(captures, cfg.seed, cfg.device, cfg.latency_dtype)
         run.timed("capture", t)
     if dense is None:
         t = _clock()
@@ -329,12 +332,12 @@ def _measure_length(run: _Run, length: int, chunks: dict[str, Any], wanted: list
         dense["attention_gflops"] = sig(4.0 * C.causal_pairs(length) * run.facts["head_dim"] * run.facts["heads"]
                                         * run.facts["layers"] / 1e9)
         dense["latency"] = dense_latency(captures, latency_backend, cfg.latency_repeats, cfg.seed, cfg.block_size,
-                                         cfg.device)
+                                         cfg.device, cfg.latency_dtype)
         cache.put(prefix + "dense", dense)
         run.timed("dense", t)
     elif run.retime:
         dense["latency"] = dense_latency(captures, latency_backend, cfg.latency_repeats, cfg.seed, cfg.block_size,
-                                         cfg.device)
+                                         cfg.device, cfg.latency_dtype)
         cache.put(prefix + "dense", dense)
 
     cov_key = lambda cid: prefix + "coverage/" + cache.candidate_path(cid).split("/", 1)[1]  # noqa: E731
@@ -384,7 +387,7 @@ def _measure_length(run: _Run, length: int, chunks: dict[str, Any], wanted: list
             rec["latency"] = candidate_latency(pattern_from_dict(rec["pattern"]), captures,
                                                block_size=cfg.block_size, backend=latency_backend,
                                                repeats=cfg.latency_repeats, seed=cfg.seed, memo=run.latency_memo,
-                                    device=cfg.device)
+                                               device=cfg.device, dtype=cfg.latency_dtype)
         partial[cid] = rec
         bars.advance(task, cid)
     # Note [report split only for contenders]: the report split is scored only for the candidates that can still
@@ -409,7 +412,7 @@ def _measure_length(run: _Run, length: int, chunks: dict[str, Any], wanted: list
     for r in records:
         r["within_budget"] = r["cost"]["keys_fraction"] <= r["budget"]
     return {"length": length, "dense": dense, "candidates": records, "skipped": skipped,
-            "backends": {"model_eval": eval_backend, "latency": latency_backend}}
+            "backends": {"model_eval": eval_backend, "latency": latency_backend, "latency_dtype": cfg.latency_dtype}}
 
 
 def _fit(run: _Run, length: int, family: str, budget: float, selector: str | None,
@@ -459,7 +462,7 @@ def _finish_candidate(run: _Run, rec: dict[str, Any], captures: list, refs: dict
     else:
         latency = candidate_latency(pattern, captures, block_size=cfg.block_size, backend=latency_backend,
                                     repeats=cfg.latency_repeats, seed=cfg.seed, memo=run.latency_memo,
-                                    device=cfg.device)
+                                    device=cfg.device, dtype=cfg.latency_dtype)
         model = {}
     plan = _plan_of(rec)
     length = int(refs[next(iter(refs))][0]["ids"].shape[-1])

@@ -19,10 +19,11 @@ COLUMNS = {
 
 def latency_text(lat: dict[str, Any]) -> str:
     """Median ms and the speed-up against dense, or a flag when the timing spread is too large to rank."""
+    ms = f"{lat['median_ms']:.3g}"  # three digits: CPU rows are milliseconds to seconds, GPU rows a fraction of one
     if lat.get("noisy"):
-        return f"{lat['median_ms']:.1f}? (spread {100 * lat['spread']:.0f}%)"
+        return f"{ms}? (spread {100 * lat['spread']:.0f}%)"
     ratio = lat.get("speedup_vs_dense")
-    return f"{lat['median_ms']:.1f} (×{ratio:.2f})" if ratio else f"{lat['median_ms']:.1f}"
+    return f"{ms} (×{ratio:.2f})" if ratio else ms
 
 
 def print_summary(results: dict[str, Any], console: Any, output: Path) -> None:
@@ -97,9 +98,18 @@ def print_summary(results: dict[str, Any], console: Any, output: Path) -> None:
         console.print(kern)
     for col, meaning in COLUMNS.items():
         console.print(f"[dim]{col}: {meaning}[/]")
+    backends = results["backends"]
+    console.print(f"[dim]latency timed on the {backends['latency']} backend with "
+                  f"{backends.get('latency_dtype', 'float32')} inputs (Note [latency dtype]); the quality numbers come "
+                  "from the model in its own dtype[/]")
     console.print("[dim]ˢ: numbers from the selection split (the report split is scored only for the candidates "
                   "that can still be recommended)[/]")
     for s in results["skipped"]:
         console.print(f"[dim]skipped {s['id']}: {s['note']}[/]")
+    timings = results["timings"]
+    console.print("[dim]seconds per stage (wall / CPU): " + ", ".join(
+        f"{name} {wall:.1f}/{timings['stages_cpu_s'].get(name, 0.0):.1f}" for name, wall in timings["stages_s"].items())
+        + (f"; skipped for time: {len(timings['skipped_for_time'])}" if timings.get("skipped_for_time") else "")
+        + "[/]")
     console.print(f"report: [link=file://{(output / 'report.html').resolve()}]{output / 'report.html'}[/]  "
                   f"numbers: {output / 'results.json'}  ({results['timings']['total_s']:.0f} s)")
