@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("specs", nargs="*", default=DEFAULT_SPECS, help=f"configs (default {' '.join(DEFAULT_SPECS)})")
     ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--tma", default="0", choices=["0", "load", "1"])
+    ap.add_argument("--tma", default="0", choices=["0", "load"], help="1 needs CUDA tensors (not here)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     os.environ["SPATTN_TRITON_TMA"] = args.tma
