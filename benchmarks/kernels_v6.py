@@ -23,7 +23,7 @@ is skipped and listed under ``not_run``:
 2. ``bwd_configs``: the backward alone (``_launch.backward`` on saved forward outputs) at [1, 16, 16384, 128]
    causal: split with its defaults and with other dK/dV tiles, atomic with its default and other tiles (each
    config one compile, seconds); the fastest atomic config becomes the atomic default for the later phases
-   (recorded in ``bwd_default_used``). After phase 4, that config with tensor-descriptor loads of q / dO
+   (recorded in ``bwd_default_used``). Last (phase 6), that config with tensor-descriptor loads of q / dO
    (``SPATTN_TRITON_TMA=load``) and also the dQ reduction by descriptor (``=1``), timed and compared only
    (not used elsewhere: compiled for sm_90 on the CPU they spilled more), also under ``bwd_configs``.
 3. ``rows``: forward and forward + backward (split, atomic) against ``torch.compile(flex_attention)`` on the
@@ -34,6 +34,7 @@ is skipped and listed under ``not_run``:
    in ``_backward.py``) and tiles first (before), at 64k sinks|window and 16k causal, per method.
 4. ``fwd_configs``: the banded forward (sinks 64 + window 1024) under other tiles and the persistent order.
 5. ``extra``: D 64 at 64k (after a D 64 gate), random 50% / 5%, document, GQA 16/4 at 64k.
+6. the TMA rows of phase 2 (under ``bwd_configs``).
 
 Every Triton compile (kernel, seconds, phase) is recorded under ``compiles``; ``phases`` sums each phase's
 seconds and compiles.
@@ -359,8 +360,8 @@ def main(argv: list[str] | None = None) -> int:
 
     reference = {"split": bwd_alone(q, k, v, do, layout, "split")()}
 
-    atomic_cfgs = [] if cpu else [C(64, 64, 8, 3), C(64, 128, 8, 2), C(128, 64, 8, 3)]
-    split_cfgs = [] if cpu else [C(64, 64, 8, 3)]
+    atomic_cfgs = [] if cpu else [C(64, 64, 8, 3), C(64, 128, 8, 2)]
+    split_cfgs: list = []  # the tuner chose 64x128 for dK/dV on every key in earlier H200 runs
     best_atomic = None
     if "atomic" in methods:
         row = step("bwd_configs", "atomic default", bwd_config_row("atomic", "bwd", None))
@@ -503,13 +504,6 @@ def main(argv: list[str] | None = None) -> int:
     for cfg in fwd_cfgs:
         step("fwd_configs", f"L{big[0]} {cfg}", fwd_config_row(big[0], cfg))
 
-    # ------------------------------------------------------------------------------------------ 4b. TMA backward
-    if best_atomic is not None:  # tensor-descriptor (TMA) loads, then loads + dQ reduction (not interpretable)
-        for tma in ("load",) if cpu else ("load", "1"):
-            step("bwd_configs", f"atomic TMA={tma} {best_atomic[1]}",
-                 bwd_config_row("atomic", "bwd", best_atomic[1], tma))
-    q = k = v = do = reference = None  # free the 16k tensors (the closures above are done with them)
-
     # ------------------------------------------------------------------------------------------ 5. extra rows
     d64 = (1, 32) if cpu else (16, 64)
     if cpu or fits("extra", "D64 gate"):
@@ -521,6 +515,13 @@ def main(argv: list[str] | None = None) -> int:
                   (Lx, "causal", H, 4, D)]
     for L, pname, h, hkv, d in extra:
         step("extra", f"D{d} Hkv{hkv} L{L} {pname}", fwdbwd_row(L, pname, h, hkv, d))
+
+    # ------------------------------------------------------------------------------------------ 6. TMA backward
+    if best_atomic is not None:  # tensor-descriptor (TMA) loads, then loads + dQ reduction (not interpretable)
+        for tma in ("load",) if cpu else ("load", "1"):
+            step("bwd_configs", f"atomic TMA={tma} {best_atomic[1]}",
+                 bwd_config_row("atomic", "bwd", best_atomic[1], tma))
+    q = k = v = do = reference = None  # free the 16k tensors (the closures above are done with them)
 
     rec["configs_chosen"] = _tuning.chosen()
     save()

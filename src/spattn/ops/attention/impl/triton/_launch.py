@@ -297,8 +297,9 @@ def _tma_modes(q: torch.Tensor, do: torch.Tensor, dq32: torch.Tensor) -> tuple[b
     """(TMA loads of q / dO, TMA reduction of dQ) for the atomic backward, from ``SPATTN_TRITON_TMA`` ("0": off,
     the default; "load": loads only; "1": both, CUDA only: the interpreter has no descriptor reductions), where
     the head dim is a power of two >= 16 and the tensors' strides are 16-byte aligned. Off by default: compiled
-    for sm_90 on the CPU (triton 3.9) the TMA variant spilled more registers (424 against 264 bytes at 64x128)
-    and needed 241 KB of shared memory, above the 227 KB limit (``benchmarks/NOTES-kernels.md``, v6)."""
+    for sm_90 on the CPU (triton 3.9) the TMA variants spilled more (64x128: 472 bytes of stack with TMA loads,
+    424 with loads + reduction, against 264) and the reduction needed 241 KB of shared memory, above the 227 KB
+    limit (``benchmarks/NOTES-kernels.md``, v6; ``benchmarks/results/cpu/kernels-regs*.json``)."""
     mode = os.environ.get("SPATTN_TRITON_TMA", "0")
     if mode not in ("0", "load", "1"):
         raise ValueError(f"SPATTN_TRITON_TMA must be 0, load or 1, got {mode!r}")
