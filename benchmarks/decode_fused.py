@@ -387,14 +387,14 @@ def real_recall(args, device, page, report, budget: Budget) -> list[dict]:
     text = load_text("austen")
     ids_all = tokenizer(text[: 8 * 40 * 4096 if not args.quick else 200000], return_tensors="pt").input_ids[0]
     out = []
-    lengths = [600] if args.quick else [8192, 16384, 32768]
+    lengths = args.real_lengths or ([600] if args.quick else [8192, 16384, 32768])
     steps = 2 if args.quick else 8
     for length in lengths:
         if budget.left() < (6 if args.quick else 12):
             out.append({"context": length, "skipped": f"time budget ({budget.left():.0f} s left)"})
             continue
         started = time.time()
-        B = 2
+        B = args.real_batch
         if ids_all.numel() < B * (length + 1) + 1:
             out.append({"context": length, "skipped": "text too short"})
             continue
@@ -402,7 +402,8 @@ def real_recall(args, device, page, report, budget: Budget) -> list[dict]:
         cache = SpattnCache(model.config.num_hidden_layers, page_size=page, reserve=length + 16)
         with torch.inference_mode():
             model(ids[:, :length], past_key_values=cache, use_cache=True, logits_to_keep=1)
-        rt = runtime_for(model, "sparse-16-fused", args.quick, page, monitor_level=1, recall_sample=1.0)
+        rt = runtime_for(model, f"sparse-16-{args.real_selection}", args.quick, page, monitor_level=1,
+                         recall_sample=1.0)
         recalls = record_recalls(rt.controller)
         try:
             decode(rt, ids, cache, length, steps)
@@ -433,6 +434,11 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], choices=["controller", "big-batch", "real", "torch"])
     parser.add_argument("--quick", action="store_true", help="tiny sizes for a CPU smoke run")
     parser.add_argument("--time-budget", type=float, default=140.0)
+    parser.add_argument("--only-real", action="store_true", help="only the real-model recall phase")
+    parser.add_argument("--real-selection", default="fused", choices=["fused", "torch"],
+                        help="selection of the real-model phase (torch: the fused one's oracle, for a CPU run)")
+    parser.add_argument("--real-lengths", type=int, nargs="+", default=None, help="default 8192 16384 32768")
+    parser.add_argument("--real-batch", type=int, default=2)
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.quick:
@@ -456,6 +462,11 @@ def main() -> None:
         report["versions"]["triton"] = None
     page = 32 if args.quick else 128
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    if args.only_real:
+        report["note"] = "real-model phase only"
+        real_recall(args, device, page, report, budget)
+        write(report, args.out)
+        return
     started = time.time()
     model = smollm2_shape(args.layers, max(args.contexts) + 4096, dtype, device)
     phase(report, "model", started)
