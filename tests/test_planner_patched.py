@@ -152,3 +152,21 @@ def test_padded_batches_are_not_kept_on_the_plan(compile_calls):
     kept = hf._plan_layouts(plan)
     assert all(len(v) == 0 for v in kept.values())  # each forward's padding is its own pattern
     assert compile_calls["n"] == 3 * 2
+
+
+def test_per_head_compiles_heads_sharing_a_pattern_together():
+    from spattn.patterns.compile import brute_force_mask
+
+    shared = spattn.Budgeted(40, sinks=4)
+    heads = (shared, spattn.Window(9), shared, spattn.RandomBlocks(1, seed=3, per_head=True), shared,
+             spattn.RandomBlocks(1, seed=3, per_head=True))
+    pattern = spattn.PerHead(heads)
+    layout = spattn.compile(pattern, 64, causal=True, block_size=16, heads=len(heads))
+    dense = layout.to_dense()
+    assert torch.equal(dense, brute_force_mask(pattern, 64, causal=True, block_size=16, heads=len(heads)))
+    for h, p in enumerate(heads):  # each head is its pattern compiled for all heads (per-head seeds included)
+        alone = spattn.compile(p, 64, causal=True, block_size=16, heads=len(heads)).to_dense()
+        assert torch.equal(dense[:, h], alone[:, h if alone.shape[1] > 1 else 0])
+    # the shared pattern's partial blocks are evaluated once for its three heads, not once per head
+    one = spattn.compile(spattn.PerHead((shared, spattn.Window(9))), 64, causal=True, block_size=16, heads=2)
+    assert layout.info["masks_evaluated"] == one.info["masks_evaluated"]
