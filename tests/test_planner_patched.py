@@ -76,7 +76,7 @@ def test_second_forward_compiles_nothing_and_reads_nothing(compile_calls, monkey
     # more distinct layer patterns than the process-wide LRU keeps (32 there, 2 here, so that the model is small):
     # cycling through it used to recompile every layer in every forward
     monkeypatch.setattr(hf, "_LAYOUT_CACHE_SIZE", 2)
-    layers = 4
+    layers = 3
     model, plan = _llama(layers), _per_head_plan(layers)
     ids = torch.randint(0, 50, (1, 64), generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), spattn.patched(model, plan, backend="dense", block_size=16):
