@@ -80,16 +80,16 @@ def summary(r: dict[str, list[float]]) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--length", type=int, default=128, help="tokens per passage (MiniLM takes up to 512)")
-    ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--budget", default="0.3", help="one budget for both plans, as spattn.plan takes it")
+    ap.add_argument("--length", type=int, default=256, help="tokens per passage (MiniLM takes up to 512)")
+    ap.add_argument("--block-size", type=int, default=32)
+    ap.add_argument("--budget", default="0.4", help="one budget for both plans, as spattn.plan takes it")
     ap.add_argument("--samples", type=int, default=3, help="calibration passages captured for the table")
     ap.add_argument("--eval-passages", type=int, default=48, help="held-out passages")
     ap.add_argument("--quick", action="store_true", help="tiny dry run (64 tokens, few passages)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     if args.quick:
-        args.length, args.samples, args.eval_passages = 64, 1, 6
+        args.length, args.samples, args.eval_passages, args.budget = 64, 1, 6, "0.7"
     started = time.perf_counter()
     path = Path(args.out)
     torch.manual_seed(0)
