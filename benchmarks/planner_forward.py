@@ -16,7 +16,7 @@ skips what would not fit and records it:
    model's own SDPA, spattn dense (``Full`` through the backend), the latency plan and the FLOP plan; beside it
    the host milliseconds (until ``model(...)`` returns, before the device finishes), the ``spattn.compile``
    calls made by the timed forwards (0 after the first forward), and whether a forward synchronises with the
-   host (``torch.cuda.set_sync_debug_mode``).
+   host (``torch.cuda.set_sync_debug_mode``); then the two plans again with contiguous attention inputs.
 4. attention alone, per plan: every layer's layout timed on random contiguous inputs (session 5's
    ``measured_attention_ms``) and on inputs strided like the model's (``[B, L, H, D]`` transposed).
 5. session 5's forward timing (``patched`` entered and left inside every timed call), for comparison.
@@ -62,6 +62,28 @@ S5_PLANS = "benchmarks/results/h200/planner/s5/planner_latency_latency_{}_0.5.js
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class ContiguousInputs:
+    """Inside the block, the integration hands ``spattn.attention`` contiguous query/key/value (one copy each)
+    instead of the model's strided views: whether the kernels lose time on the strides in a real forward."""
+
+    def __init__(self) -> None:
+        import spattn.ops.attention.api as api
+
+        self._api, self._real = api, api.attention
+
+    def __enter__(self) -> ContiguousInputs:
+        real = self._real
+
+        def contiguous(query, key, value, *args, **kwargs):
+            return real(query.contiguous(), key.contiguous(), value.contiguous(), *args, **kwargs)
+
+        self._api.attention = contiguous
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._api.attention = self._real
 
 
 class CompileCalls:
@@ -269,6 +291,17 @@ def main() -> None:
             phase(out, f"forward_{name}", t0)
             save(out, path)
             print("forward", name, json.dumps(out["forward"][name])[:300], flush=True)
+        for name, plan in plans.items():  # 3b. the same forwards with contiguous attention inputs
+            if not clock.fits("forward", L, out, f"forward {name} (contiguous inputs)", default=5.0):
+                continue
+            t0 = time.perf_counter()
+            with ContiguousInputs():
+                out["forward"][name + "_contiguous_inputs"] = timed_forwards(model, ids, plan, backend, bs,
+                                                                             args.repeats, device)
+            clock.record("forward", L, time.perf_counter() - t0)
+            save(out, path)
+            print("forward contiguous", name, json.dumps(out["forward"][name + "_contiguous_inputs"])[:200],
+                  flush=True)
         out["attention"] = {}
         for name, plan in [("spattn_dense", spattn.Plan())] + list(plans.items()):  # 4. attention alone
             if not clock.fits("attention", L, out, f"attention {name}", default=5.0):
@@ -297,7 +330,10 @@ def main() -> None:
             if not clock.fits("profile", L, out, f"profile {name}", default=5.0):
                 continue
             t0 = time.perf_counter()
-            out["profile"][name] = profile_forward(model, ids, plan, backend, bs, device)
+            try:
+                out["profile"][name] = profile_forward(model, ids, plan, backend, bs, device)
+            except Exception as err:  # the profiler (CUPTI) is a diagnostic: keep the timings above
+                out["profile"][name] = {"error": f"{type(err).__name__}: {err}"[:300]}
             clock.record("profile", L, time.perf_counter() - t0)
             phase(out, f"profile_{name}", t0)
             save(out, path)

@@ -76,7 +76,7 @@ def test_second_forward_compiles_nothing_and_reads_nothing(compile_calls, monkey
     # more distinct layer patterns than the process-wide LRU keeps (32 there, 2 here, so that the model is small):
     # cycling through it used to recompile every layer in every forward
     monkeypatch.setattr(hf, "_LAYOUT_CACHE_SIZE", 2)
-    layers = 4
+    layers = 3
     model, plan = _llama(layers), _per_head_plan(layers)
     ids = torch.randint(0, 50, (1, 64), generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), spattn.patched(model, plan, backend="dense", block_size=16):
@@ -152,3 +152,21 @@ def test_padded_batches_are_not_kept_on_the_plan(compile_calls):
     kept = hf._plan_layouts(plan)
     assert all(len(v) == 0 for v in kept.values())  # each forward's padding is its own pattern
     assert compile_calls["n"] == 3 * 2
+
+
+def test_per_head_compiles_heads_sharing_a_pattern_together():
+    from spattn.patterns.compile import brute_force_mask
+
+    shared = spattn.Budgeted(40, sinks=4)
+    heads = (shared, spattn.Window(9), shared, spattn.RandomBlocks(1, seed=3, per_head=True), shared,
+             spattn.RandomBlocks(1, seed=3, per_head=True))
+    pattern = spattn.PerHead(heads)
+    layout = spattn.compile(pattern, 64, causal=True, block_size=16, heads=len(heads))
+    dense = layout.to_dense()
+    assert torch.equal(dense, brute_force_mask(pattern, 64, causal=True, block_size=16, heads=len(heads)))
+    for h, p in enumerate(heads):  # each head is its pattern compiled for all heads (per-head seeds included)
+        alone = spattn.compile(p, 64, causal=True, block_size=16, heads=len(heads)).to_dense()
+        assert torch.equal(dense[:, h], alone[:, h if alone.shape[1] > 1 else 0])
+    # the shared pattern's partial blocks are evaluated once for its three heads, not once per head
+    one = spattn.compile(spattn.PerHead((shared, spattn.Window(9))), 64, causal=True, block_size=16, heads=2)
+    assert layout.info["masks_evaluated"] == one.info["masks_evaluated"]

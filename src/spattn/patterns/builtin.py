@@ -505,10 +505,38 @@ class PerHead(Pattern):
         if ctx.heads is not None and ctx.heads != len(self.patterns):
             raise ValueError(f"PerHead has {len(self.patterns)} patterns but heads={ctx.heads}")
 
+    def _groups(self) -> list[tuple[Pattern, tuple[int, ...]]]:
+        """The distinct patterns and the heads using each (first-use order): heads sharing a pattern are
+        evaluated together (a plan gives many heads of a layer the same window)."""
+        groups: list[tuple[Pattern, list[int]]] = []
+        for k, p in enumerate(self.patterns):
+            for q, heads in groups:
+                try:
+                    same = q is p or bool(q == p)
+                except (RuntimeError, TypeError):  # patterns holding tensors compare elementwise: kept apart
+                    same = False
+                if same:
+                    heads.append(k)
+                    break
+            else:
+                groups.append((p, [k]))
+        return [(p, tuple(heads)) for p, heads in groups]
+
+    @staticmethod
+    def _heads(h, heads: tuple[int, ...]):
+        sel = h == heads[0]
+        for k in heads[1:]:
+            sel = sel | (h == k)
+        return sel
+
     def block_status(self, ctx):
         self._check(ctx)
         H = len(self.patterns)
-        sts = [p.status(ctx) for p in self.patterns]
+        sts = [None] * H
+        for p, heads in self._groups():
+            st = p.status(ctx)
+            for k in heads:
+                sts[k] = st
         Bs = max(s.shape[0] for s in sts)
         rows = []
         for h, s in enumerate(sts):
@@ -520,16 +548,16 @@ class PerHead(Pattern):
 
     def token_mask(self, ctx, b, h, i, j):
         out = None
-        for k, p in enumerate(self.patterns):
-            m = p.token_mask(ctx, b, h, i, j) & (h == k)
+        for p, heads in self._groups():
+            m = p.token_mask(ctx, b, h, i, j) & self._heads(h, heads)
             out = m if out is None else out | m
         return out
 
     def signature(self, ctx, b, h, qb, kb):
         sig = torch.zeros(qb.shape[0], dtype=torch.long, device=qb.device)
         base = 0
-        for k, p in enumerate(self.patterns):
-            sel = h == k
+        for p, heads in self._groups():
+            sel = self._heads(h, heads)
             if bool(sel.any()):
                 cols = p.signature(ctx, b[sel], h[sel], qb[sel], kb[sel])
                 _, inv = torch.unique(cols, dim=0, return_inverse=True)
