@@ -213,8 +213,8 @@ def task_config(options: dict[str, Any], width: int) -> TrainConfig:
     if options["test_examples"]:
         changes["test_examples"] = options["test_examples"]
     for name in ("warmup", "weight_decay", "init_std", "tie_embeddings", "clip_grad"):  # recipe overrides
-        if options.get(name) is not None:
-            changes[name] = options[name]
+        if options.get(name) is not None:  # None: the preset's; init_std / clip_grad 0: PyTorch's init / none
+            changes[name] = (options[name] or None) if name in ("init_std", "clip_grad") else options[name]
     return config.replace(steps=options["steps"], device=device, backend=backend, **changes)
 
 
@@ -334,6 +334,8 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 "seeds": [g["job"]["seed"] for g in by_rate[best]],
                 "steps": [g["steps"] for g in by_rate[best]],
                 "final_loss": [g["result"]["losses"][-1] if g["result"]["losses"] else None for g in by_rate[best]],
+                "ms_per_step": [g.get("ms_per_step") for g in by_rate[best]],
+                "recorded": [bool(g.get("graph", {}).get("captured")) for g in by_rate[best]],
             }
         if "dense" in best_runs:
             dense = {g["job"]["seed"]: g["result"]["per_example"] for g in best_runs["dense"]}
@@ -421,8 +423,7 @@ def main() -> None:
         "train_examples": args.train_examples or (None if task == "mqar" or args.quick else 24_000),
         "test_examples": args.test_examples, "matmul_precision": args.matmul_precision,
         "warmup": args.warmup, "weight_decay": args.weight_decay,
-        "init_std": None if args.init_std is None else (args.init_std or None),
-        "tie_embeddings": args.tie_embeddings, "clip_grad": None if args.clip_grad is None else (args.clip_grad or None),
+        "init_std": args.init_std, "tie_embeddings": args.tie_embeddings, "clip_grad": args.clip_grad,
     }
     plans = plans_of(options)
     chosen = list(plans) if args.plans is None else args.plans.split(",")
@@ -533,6 +534,11 @@ def main() -> None:
 
     record["graph_off"] = graph_off
 
+    def tier(job: dict[str, Any]) -> int:
+        """1: the fixed and dynamic plans (issue 13); 2: attention trained with the model (issues 14, 15)."""
+        plan = plans[job["plan"]][0]
+        return 2 if isinstance(plan, (Learned, spattn.Hierarchical)) else 1
+
     jobs = []  # most important first: the first width (every rate), then the next; then further seeds
     for seed_index, seed in enumerate(seeds):
         for width in widths:
@@ -544,6 +550,7 @@ def main() -> None:
                                  "out": os.path.join(scratch, tag + ".json"), "options": options,
                                  "graph": name not in graph_off, "graph_reason": graph_off.get(name),
                                  "priority": (seed_index, rate_index)})
+    jobs.sort(key=lambda j: tier(j))  # stable: within a tier, the order above
     workers = max(1, args.workers)
     record["log"].append(f"{len(jobs)} jobs, {workers} at a time "
                          f"({'in this process' if workers == 1 else 'subprocesses'}), {steps} steps each at most")
@@ -564,7 +571,8 @@ def main() -> None:
             if result.get("ms_per_step"):
                 measured[result["job"]["plan"]] = result["ms_per_step"]
             graph = result.get("graph", {})
-            how = "recorded" if graph.get("captured") else f"eager ({graph.get('skipped_because') or graph.get('reason')})"
+            how = ("recorded" if graph.get("captured")
+                   else f"eager ({graph.get('skipped_because') or graph.get('reason')})")
             print(f"[{clock.spent():6.1f} s] {tag}: {a['value']:.3f} [{a['low']:.3f}, {a['high']:.3f}] "
                   f"{result['steps']} steps, {result.get('ms_per_step') or 0:.2f} ms/step {how}, "
                   f"{result['wall_seconds']:.0f} s", flush=True)
@@ -582,11 +590,18 @@ def main() -> None:
         while pending and len(running) < workers:
             # this job's share of the time left: its estimated seconds over those of the jobs not started yet,
             # per worker (a job that needs less than its share leaves the rest to the later ones)
-            left = deadline - time.time()
-            needs = [estimate(j) for j in pending]
+            left = (deadline - time.time()) * workers
             job = pending.pop(0)
-            need = needs[0]
-            share = min(need, water_level(needs, left * workers)) * 1.25 + 5  # slack: estimates are rough
+            need = estimate(job)
+            # tier 1 (the fixed and dynamic plans) shares the time left less a reserve for tier 2 (the learned
+            # router and hierarchical attention, trained with the model), which shares what is left after it
+            later = [estimate(j) for j in pending if tier(j) == 2]
+            if tier(job) == 1:
+                level = water_level([need] + [estimate(j) for j in pending if tier(j) == 1],
+                                    left - min(sum(later), 0.25 * left))
+            else:
+                level = water_level([need] + later, left)
+            share = min(need, level) * 1.25 + 5  # slack: the estimates are rough, and train() cuts what won't fit
             if share < min(30.0, 0.25 * need):  # not even a quarter of its steps: leave the time to others
                 record["skipped"].append(f"{job['tag']}: {share:.0f} s share of the ~{need:.0f} s it needs "
                                          f"({left:.0f} s left) at its turn")
@@ -630,7 +645,8 @@ def main() -> None:
             row = block["rows"][name]
             a, v = row["accuracy"], row.get("versus_dense")
             print(f"  {name:24s} {a['value']:.3f} [{a['low']:.3f}, {a['high']:.3f}] lr {row['best_learning_rate']:g}"
-                  f" steps {row['steps']}" + ("" if v is None else f"  {v['winner']} ({v['difference']:+.3f})"))
+                  f" steps {row['steps']} ms/step {[round(m or 0, 2) for m in row['ms_per_step']]}"
+                  + ("" if v is None else f"  {v['winner']} ({v['difference']:+.3f})"))
     if record["skipped"]:
         print("skipped:", *record["skipped"], sep="\n  ")
     print(f"\nwrote {args.out} in {clock.spent():.0f} s")
