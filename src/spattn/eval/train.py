@@ -854,7 +854,7 @@ def train(config: TrainConfig, plan: Plan | Pattern | Learned | None = None, *, 
     temperature = learned.schedule(config.steps) if learned is not None else None
     layer_routers = routers(model)
     shared_temperature = None
-    if layer_routers and on_cuda:  # one device scalar for every router: a recorded step reads its new value
+    if layer_routers and temperature is not None:  # one device scalar for every router: a recorded step reads it
         shared_temperature = torch.tensor(float(temperature.at(0)), device=config.device)
         for router in layer_routers:
             router.temperature = shared_temperature
