@@ -331,7 +331,15 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             for rate, group in by_rate.items():
                 group.sort(key=lambda r: r["job"]["seed"])
                 scored[rate] = stats.seed_interval([g["result"]["per_example"] for g in group])
-            best = max(scored, key=lambda rate: scored[rate].value)
+            # the best rate by the seeds every rate ran (further seeds run at the best rate only), then its
+            # interval over all its seeds
+            common = set.intersection(*({g["job"]["seed"] for g in group} for group in by_rate.values()))
+
+            def chosen_by(rate: float, common: set = common, by_rate: dict = by_rate) -> float:
+                runs = [g for g in by_rate[rate] if g["job"]["seed"] in common]
+                return sum(g["result"]["accuracy"]["value"] for g in runs) / max(1, len(runs))
+
+            best = max(scored, key=chosen_by)
             best_runs[name] = by_rate[best]
             rows[name] = {
                 "accuracy": scored[best].to_dict(), "best_learning_rate": best,
@@ -370,7 +378,9 @@ def main() -> None:
     parser.add_argument("--learning-rates", default=None,
                         help="MQAR default 0.003,0.01 (d64) and 0.002,0.006 (d128) as 'd64:...;d128:...'; "
                              "ListOps default 0.0005")
-    parser.add_argument("--seeds", default="0", help="training seeds (every plan x rate x seed is a job)")
+    parser.add_argument("--seeds", default=None,
+                        help="training seeds (default MQAR 0,1, ListOps 0); every plan x rate runs the first seed, "
+                             "further seeds run each plan at its best rate, in the time the first seed leaves")
     parser.add_argument("--steps", type=int, default=None, help="steps per run (MQAR 8000, ListOps 5000), cut "
                                                                 "to what fits the budget")
     parser.add_argument("--seq-len", type=int, default=256, help="MQAR sequence length (Zoology: 256)")
@@ -402,7 +412,7 @@ def main() -> None:
     deadline = time.time() + args.time_budget - 6  # the parent's merge and summary after the last job
     torch.set_float32_matmul_precision(args.matmul_precision)
     backend = args.backend or ("auto" if args.device.startswith("cuda") else "reference")
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = [int(s) for s in (args.seeds or ("0,1" if args.task == "mqar" else "0")).split(",")]
     task = args.task
     widths = [int(w) for w in (args.widths or ("64,128" if task == "mqar" else "512")).split(",")]
     if task == "listops" and args.quick:
@@ -541,7 +551,16 @@ def main() -> None:
     record["graph_off"] = graph_off
 
     def tier(job: dict[str, Any]) -> int:
-        return plan_tier(plans[job["plan"]][0])
+        """1, 2: the first seed's tier-1 and tier-2 plans; 3, 4: further seeds (at each plan's best rate only)."""
+        return plan_tier(plans[job["plan"]][0]) + (2 if job["priority"][0] > 0 else 0)
+
+    def best_rate(width: int, name: str) -> float | None:
+        """The first seed's best learning rate of a plan at a width (None before any of its runs finished)."""
+        done = [r for r in record["runs"] if "result" in r and r["job"]["width"] == width
+                and r["job"]["plan"] == name and r["job"]["seed"] == seeds[0]]
+        if not done:
+            return None
+        return max(done, key=lambda r: r["result"]["accuracy"]["value"])["job"]["learning_rate"]
 
     jobs = []  # most important first: the first width (every rate), then the next; then further seeds
     for seed_index, seed in enumerate(seeds):
@@ -599,12 +618,15 @@ def main() -> None:
             need = estimate(job)
             # tier 1 (the fixed and dynamic plans) shares the time left less a reserve for tier 2 (the learned
             # router and hierarchical attention, trained with the model), which shares what is left after it
-            later = [estimate(j) for j in pending if tier(j) == 2]
-            if tier(job) == 1:
-                level = water_level([need] + [estimate(j) for j in pending if tier(j) == 1],
-                                    left - min(sum(later), 0.25 * left))
-            else:
-                level = water_level([need] + later, left)
+            # (further seeds, tiers 3 and 4, get only what the first seed leaves, and only at its best rate)
+            mine = tier(job)
+            if mine >= 3 and best_rate(job["width"], job["plan"]) != job["learning_rate"]:
+                record["skipped"].append(f"{job['tag']}: further seeds run at the plan's best rate only")
+                continue
+            same = [need] + [estimate(j) for j in pending if tier(j) == mine
+                             and (mine < 3 or best_rate(j["width"], j["plan"]) == j["learning_rate"])]
+            later = sum(estimate(j) for j in pending if tier(j) == mine + 1) if mine % 2 else 0.0
+            level = water_level(same, left - min(later, 0.25 * left))
             share = min(need, level) * 1.25 + 5  # slack: the estimates are rough, and train() cuts what won't fit
             if share < min(30.0, 0.25 * need):  # not even a quarter of its steps: leave the time to others
                 record["skipped"].append(f"{job['tag']}: {share:.0f} s share of the ~{need:.0f} s it needs "
