@@ -492,7 +492,8 @@ def main() -> None:
     since = time.perf_counter()  # 0. the recording checks, in a child process: dense first, seconds
     graph_off: dict[str, str] = {}  # plan -> why its runs train eagerly
     check_width = widths[0]
-    use_graphs = task == "mqar" and not args.no_graph
+    # on a CPU nothing can be recorded: the checks run there only with --quick (a dry run of this path)
+    use_graphs = task == "mqar" and not args.no_graph and (args.device.startswith("cuda") or args.quick)
     record["graph_checks"] = {}
     if use_graphs:
         in_order = sorted(chosen, key=lambda n: plan_tier(plans[n][0]))  # tier 2 last: a crash there costs less
@@ -526,7 +527,8 @@ def main() -> None:
                 graph_off.setdefault(name, "the dense recording disagreed with eager training")
         phase("graph_checks", since)
     elif task == "mqar":
-        graph_off.update({name: "--no-graph" for name in chosen})
+        reason = "--no-graph" if args.no_graph else f"device {args.device!r}: CUDA graphs need a CUDA device"
+        graph_off.update({name: reason for name in chosen})
 
     since = time.perf_counter()  # 1. the gate
     gated = GATED[task]
