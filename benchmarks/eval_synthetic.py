@@ -586,7 +586,10 @@ def main() -> None:
         """Seconds a job needs: steps x its plan's step time (measured, else the recording check's, else
         the prior) plus ~3 s of model, data and test."""
         check_ms = record["graph_checks"].get(job["plan"], {}).get("graph_ms_per_step") if job["graph"] else None
-        ms = measured.get(job["plan"]) or check_ms or step_cost(plans[job["plan"]][0])
+        ms = measured.get(job["plan"]) or check_ms
+        if not ms:  # the prior, scaled by how the measured plans compared with theirs (another device, say)
+            ratios = sorted(m / step_cost(plans[name][0]) for name, m in measured.items())
+            ms = step_cost(plans[job["plan"]][0]) * (ratios[len(ratios) // 2] if ratios else 1.0)
         return steps * ms / 1000 + 3.0
 
     def finished(tag: str, result: dict[str, Any]) -> None:
@@ -630,6 +633,8 @@ def main() -> None:
             later = sum(estimate(j) for j in pending if tier(j) == mine + 1) if mine % 2 else 0.0
             level = water_level(same, left - min(later, 0.25 * left))
             share = min(need, level) * 1.25 + 5  # slack: the estimates are rough, and train() cuts what won't fit
+            # and a run may use whatever the runs after it are not expected to need
+            share = max(share, left - sum(estimate(j) for j in pending))
             if share < min(30.0, 0.25 * need):  # not even a quarter of its steps: leave the time to others
                 record["skipped"].append(f"{job['tag']}: {share:.0f} s share of the ~{need:.0f} s it needs "
                                          f"({left:.0f} s left) at its turn")
