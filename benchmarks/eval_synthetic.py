@@ -112,6 +112,11 @@ def listops_plans() -> Plans:
     }
 
 
+def plan_tier(plan: Any) -> int:
+    """1: the fixed and dynamic plans (issue 13); 2: attention trained with the model (issues 14, 15), run after."""
+    return 2 if isinstance(plan, (Learned, spattn.Hierarchical)) else 1
+
+
 def step_cost(plan: Any) -> float:
     """Prior step time of a plan in milliseconds, for time shares until a run of it has measured its own (the
     H200, MQAR d64, eager, session 5: dense 5.4 ms, windows 5.6-6.6, Window(32) | TopK 13.2, learned 34.6;
@@ -213,8 +218,8 @@ def task_config(options: dict[str, Any], width: int) -> TrainConfig:
     if options["test_examples"]:
         changes["test_examples"] = options["test_examples"]
     for name in ("warmup", "weight_decay", "init_std", "tie_embeddings", "clip_grad"):  # recipe overrides
-        if options.get(name) is not None:
-            changes[name] = options[name]
+        if options.get(name) is not None:  # None: the preset's; init_std / clip_grad 0: PyTorch's init / none
+            changes[name] = (options[name] or None) if name in ("init_std", "clip_grad") else options[name]
     return config.replace(steps=options["steps"], device=device, backend=backend, **changes)
 
 
@@ -326,7 +331,15 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             for rate, group in by_rate.items():
                 group.sort(key=lambda r: r["job"]["seed"])
                 scored[rate] = stats.seed_interval([g["result"]["per_example"] for g in group])
-            best = max(scored, key=lambda rate: scored[rate].value)
+            # the best rate by the seeds every rate ran (further seeds run at the best rate only), then its
+            # interval over all its seeds
+            common = set.intersection(*({g["job"]["seed"] for g in group} for group in by_rate.values()))
+
+            def chosen_by(rate: float, common: set = common, by_rate: dict = by_rate) -> float:
+                runs = [g for g in by_rate[rate] if g["job"]["seed"] in common]
+                return sum(g["result"]["accuracy"]["value"] for g in runs) / max(1, len(runs))
+
+            best = max(scored, key=chosen_by)
             best_runs[name] = by_rate[best]
             rows[name] = {
                 "accuracy": scored[best].to_dict(), "best_learning_rate": best,
@@ -334,6 +347,8 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 "seeds": [g["job"]["seed"] for g in by_rate[best]],
                 "steps": [g["steps"] for g in by_rate[best]],
                 "final_loss": [g["result"]["losses"][-1] if g["result"]["losses"] else None for g in by_rate[best]],
+                "ms_per_step": [g.get("ms_per_step") for g in by_rate[best]],
+                "recorded": [bool(g.get("graph", {}).get("captured")) for g in by_rate[best]],
             }
         if "dense" in best_runs:
             dense = {g["job"]["seed"]: g["result"]["per_example"] for g in best_runs["dense"]}
@@ -363,7 +378,9 @@ def main() -> None:
     parser.add_argument("--learning-rates", default=None,
                         help="MQAR default 0.003,0.01 (d64) and 0.002,0.006 (d128) as 'd64:...;d128:...'; "
                              "ListOps default 0.0005")
-    parser.add_argument("--seeds", default="0", help="training seeds (every plan x rate x seed is a job)")
+    parser.add_argument("--seeds", default=None,
+                        help="training seeds (default MQAR 0,1, ListOps 0); every plan x rate runs the first seed, "
+                             "further seeds run each plan at its best rate, in the time the first seed leaves")
     parser.add_argument("--steps", type=int, default=None, help="steps per run (MQAR 8000, ListOps 5000), cut "
                                                                 "to what fits the budget")
     parser.add_argument("--seq-len", type=int, default=256, help="MQAR sequence length (Zoology: 256)")
@@ -395,7 +412,7 @@ def main() -> None:
     deadline = time.time() + args.time_budget - 6  # the parent's merge and summary after the last job
     torch.set_float32_matmul_precision(args.matmul_precision)
     backend = args.backend or ("auto" if args.device.startswith("cuda") else "reference")
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = [int(s) for s in (args.seeds or ("0,1" if args.task == "mqar" else "0")).split(",")]
     task = args.task
     widths = [int(w) for w in (args.widths or ("64,128" if task == "mqar" else "512")).split(",")]
     if task == "listops" and args.quick:
@@ -421,8 +438,7 @@ def main() -> None:
         "train_examples": args.train_examples or (None if task == "mqar" or args.quick else 24_000),
         "test_examples": args.test_examples, "matmul_precision": args.matmul_precision,
         "warmup": args.warmup, "weight_decay": args.weight_decay,
-        "init_std": None if args.init_std is None else (args.init_std or None),
-        "tie_embeddings": args.tie_embeddings, "clip_grad": None if args.clip_grad is None else (args.clip_grad or None),
+        "init_std": args.init_std, "tie_embeddings": args.tie_embeddings, "clip_grad": args.clip_grad,
     }
     plans = plans_of(options)
     chosen = list(plans) if args.plans is None else args.plans.split(",")
@@ -476,10 +492,12 @@ def main() -> None:
     since = time.perf_counter()  # 0. the recording checks, in a child process: dense first, seconds
     graph_off: dict[str, str] = {}  # plan -> why its runs train eagerly
     check_width = widths[0]
-    use_graphs = task == "mqar" and not args.no_graph
+    # on a CPU nothing can be recorded: the checks run there only with --quick (a dry run of this path)
+    use_graphs = task == "mqar" and not args.no_graph and (args.device.startswith("cuda") or args.quick)
     record["graph_checks"] = {}
     if use_graphs:
-        spec = {"options": options, "plans": chosen, "width": check_width, "learning_rate": rates[check_width][0],
+        in_order = sorted(chosen, key=lambda n: plan_tier(plans[n][0]))  # tier 2 last: a crash there costs less
+        spec = {"options": options, "plans": in_order, "width": check_width, "learning_rate": rates[check_width][0],
                 "out": os.path.join(scratch, "graph_checks.json")}
         with open(spec["out"] + ".spec", "w") as handle:
             json.dump(spec, handle)
@@ -509,7 +527,8 @@ def main() -> None:
                 graph_off.setdefault(name, "the dense recording disagreed with eager training")
         phase("graph_checks", since)
     elif task == "mqar":
-        graph_off.update({name: "--no-graph" for name in chosen})
+        reason = "--no-graph" if args.no_graph else f"device {args.device!r}: CUDA graphs need a CUDA device"
+        graph_off.update({name: reason for name in chosen})
 
     since = time.perf_counter()  # 1. the gate
     gated = GATED[task]
@@ -533,6 +552,18 @@ def main() -> None:
 
     record["graph_off"] = graph_off
 
+    def tier(job: dict[str, Any]) -> int:
+        """1, 2: the first seed's tier-1 and tier-2 plans; 3, 4: further seeds (at each plan's best rate only)."""
+        return plan_tier(plans[job["plan"]][0]) + (2 if job["priority"][0] > 0 else 0)
+
+    def best_rate(width: int, name: str) -> float | None:
+        """The first seed's best learning rate of a plan at a width (None before any of its runs finished)."""
+        done = [r for r in record["runs"] if "result" in r and r["job"]["width"] == width
+                and r["job"]["plan"] == name and r["job"]["seed"] == seeds[0]]
+        if not done:
+            return None
+        return max(done, key=lambda r: r["result"]["accuracy"]["value"])["job"]["learning_rate"]
+
     jobs = []  # most important first: the first width (every rate), then the next; then further seeds
     for seed_index, seed in enumerate(seeds):
         for width in widths:
@@ -544,6 +575,7 @@ def main() -> None:
                                  "out": os.path.join(scratch, tag + ".json"), "options": options,
                                  "graph": name not in graph_off, "graph_reason": graph_off.get(name),
                                  "priority": (seed_index, rate_index)})
+    jobs.sort(key=lambda j: tier(j))  # stable: within a tier, the order above
     workers = max(1, args.workers)
     record["log"].append(f"{len(jobs)} jobs, {workers} at a time "
                          f"({'in this process' if workers == 1 else 'subprocesses'}), {steps} steps each at most")
@@ -554,7 +586,10 @@ def main() -> None:
         """Seconds a job needs: steps x its plan's step time (measured, else the recording check's, else
         the prior) plus ~3 s of model, data and test."""
         check_ms = record["graph_checks"].get(job["plan"], {}).get("graph_ms_per_step") if job["graph"] else None
-        ms = measured.get(job["plan"]) or check_ms or step_cost(plans[job["plan"]][0])
+        ms = measured.get(job["plan"]) or check_ms
+        if not ms:  # the prior, scaled by how the measured plans compared with theirs (another device, say)
+            ratios = sorted(m / step_cost(plans[name][0]) for name, m in measured.items())
+            ms = step_cost(plans[job["plan"]][0]) * (ratios[len(ratios) // 2] if ratios else 1.0)
         return steps * ms / 1000 + 3.0
 
     def finished(tag: str, result: dict[str, Any]) -> None:
@@ -564,7 +599,8 @@ def main() -> None:
             if result.get("ms_per_step"):
                 measured[result["job"]["plan"]] = result["ms_per_step"]
             graph = result.get("graph", {})
-            how = "recorded" if graph.get("captured") else f"eager ({graph.get('skipped_because') or graph.get('reason')})"
+            how = ("recorded" if graph.get("captured")
+                   else f"eager ({graph.get('skipped_because') or graph.get('reason')})")
             print(f"[{clock.spent():6.1f} s] {tag}: {a['value']:.3f} [{a['low']:.3f}, {a['high']:.3f}] "
                   f"{result['steps']} steps, {result.get('ms_per_step') or 0:.2f} ms/step {how}, "
                   f"{result['wall_seconds']:.0f} s", flush=True)
@@ -582,11 +618,23 @@ def main() -> None:
         while pending and len(running) < workers:
             # this job's share of the time left: its estimated seconds over those of the jobs not started yet,
             # per worker (a job that needs less than its share leaves the rest to the later ones)
-            left = deadline - time.time()
-            needs = [estimate(j) for j in pending]
+            left = (deadline - time.time()) * workers
             job = pending.pop(0)
-            need = needs[0]
-            share = min(need, water_level(needs, left * workers)) * 1.25 + 5  # slack: estimates are rough
+            need = estimate(job)
+            # tier 1 (the fixed and dynamic plans) shares the time left less a reserve for tier 2 (the learned
+            # router and hierarchical attention, trained with the model), which shares what is left after it
+            # (further seeds, tiers 3 and 4, get only what the first seed leaves, and only at its best rate)
+            mine = tier(job)
+            if mine >= 3 and best_rate(job["width"], job["plan"]) != job["learning_rate"]:
+                record["skipped"].append(f"{job['tag']}: further seeds run at the plan's best rate only")
+                continue
+            same = [need] + [estimate(j) for j in pending if tier(j) == mine
+                             and (mine < 3 or best_rate(j["width"], j["plan"]) == j["learning_rate"])]
+            later = sum(estimate(j) for j in pending if tier(j) == mine + 1) if mine % 2 else 0.0
+            level = water_level(same, left - min(later, 0.25 * left))
+            share = min(need, level) * 1.25 + 5  # slack: the estimates are rough, and train() cuts what won't fit
+            # and a run may use whatever the runs after it are not expected to need
+            share = max(share, left - sum(estimate(j) for j in pending))
             if share < min(30.0, 0.25 * need):  # not even a quarter of its steps: leave the time to others
                 record["skipped"].append(f"{job['tag']}: {share:.0f} s share of the ~{need:.0f} s it needs "
                                          f"({left:.0f} s left) at its turn")
@@ -630,7 +678,8 @@ def main() -> None:
             row = block["rows"][name]
             a, v = row["accuracy"], row.get("versus_dense")
             print(f"  {name:24s} {a['value']:.3f} [{a['low']:.3f}, {a['high']:.3f}] lr {row['best_learning_rate']:g}"
-                  f" steps {row['steps']}" + ("" if v is None else f"  {v['winner']} ({v['difference']:+.3f})"))
+                  f" steps {row['steps']} ms/step {[round(m or 0, 2) for m in row['ms_per_step']]}"
+                  + ("" if v is None else f"  {v['winner']} ({v['difference']:+.3f})"))
     if record["skipped"]:
         print("skipped:", *record["skipped"], sep="\n  ")
     print(f"\nwrote {args.out} in {clock.spent():.0f} s")

@@ -199,8 +199,8 @@ def mqar_config(size: str = "published", d_model: int | None = None, **changes: 
     ``"published"``: Zoology's setting, sequences of 256 with 16 key-value pairs, vocabulary 8192, 2 layers,
     one head, no MLP, learned positions, ``d_model`` 64 (default) or 128 (100 000 training examples, 3000
     test), Zoology's normal(0, 0.02) initialisation (its tied head is not used: on a reduced task it learned
-    more slowly, ``benchmarks/results/cpu/eval/mqar-recipe``). ``"tiny"``: 24 tokens, 3 pairs, vocabulary 32, width 32, seconds on a CPU (CI). ``changes``
-    override fields."""
+    more slowly, ``benchmarks/results/cpu/eval/mqar-recipe``). ``"tiny"``: 24 tokens, 3 pairs, vocabulary 32,
+    width 32, seconds on a CPU (CI). ``changes`` override fields."""
     if size == "published":
         config = TrainConfig(
             task="mqar", task_options={"seq_len": 256, "num_kv_pairs": 16, "vocab_size": 8192},
@@ -854,7 +854,7 @@ def train(config: TrainConfig, plan: Plan | Pattern | Learned | None = None, *, 
     temperature = learned.schedule(config.steps) if learned is not None else None
     layer_routers = routers(model)
     shared_temperature = None
-    if layer_routers and on_cuda:  # one device scalar for every router: a recorded step reads its new value
+    if layer_routers and temperature is not None:  # one device scalar for every router: a recorded step reads it
         shared_temperature = torch.tensor(float(temperature.at(0)), device=config.device)
         for router in layer_routers:
             router.temperature = shared_temperature
