@@ -17,6 +17,7 @@ from spattn.hierarchical import (
     fit_budget,
     hierarchical_attention,
     prefill_pairs,
+    reference,
 )
 from spattn.patterns import Hierarchical, Sinks, Window
 from spattn.testing import assert_within, dense_attention, plain_attention
@@ -104,3 +105,20 @@ def test_frozen_form_is_one_softmax_over_its_fine_keys():
     assert_within(hierarchical_attention(q, k, v, config), golden, baseline)
     # the fine keys hold the selected blocks of every query block: chosen from [1, Hkv, NQ, NQ]
     assert view.chosen.shape == (1, 2, 10, 10) and int(view.chosen[0, 0, 5].sum()) == 3
+
+
+@pytest.mark.parametrize("gates", [(0.0, 1.0, 1.0), (0.0, 1.0, 0.0), (1.0, 1.0, 0.0)])
+def test_branches_with_a_zero_fixed_gate_are_skipped_exactly(gates):
+    # Note [zero fixed gates]: the skipped branch is not run; the selection and the output are those of the
+    # float64 reference (which runs every branch) at the same selection
+    L = 150
+    q, k, v = _qkv(L, seed=4)
+    config = Hierarchical(compress_block=16, compress_stride=8, select_block=16, select_count=3, window=24,
+                          gates=gates) | Sinks(2)
+    out, info = hierarchical_attention(q, k, v, config, return_info=True)
+    golden, ref_info = reference(q.double(), k.double(), v.double(), config, return_info=True)
+    assert torch.equal(info["chosen"], ref_info["chosen"])
+    baseline = reference(q, k, v, config, chosen=info["chosen"])
+    assert_within(out, golden, baseline)
+    for branch, gate in enumerate(gates):
+        assert bool(info["outputs"][branch].abs().sum() == 0) == (gate == 0)

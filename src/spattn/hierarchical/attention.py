@@ -104,7 +104,8 @@ def hierarchical_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
             ``pooling="learned"`` (softmax position weights); default ``None``: mean pooling.
         backend: ``spattn.attention`` backend of every branch (default ``"auto"``).
         return_info: also return a dict: the branch ``layouts``, ``chosen`` blocks ``[B, Hkv, NQ, NQ]``,
-            ``outputs`` (per-branch ``[B, H, L, Dv]``).
+            ``outputs`` (per-branch ``[B, H, L, Dv]``; zeros for a branch whose fixed gate is 0, which is not
+            run, and for the compressed branch on sequences shorter than ``compress_block``).
 
     Returns:
         ``[B, H, L, Dv]`` in the input dtype (and the info dict).
@@ -120,8 +121,17 @@ def hierarchical_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     plan = branch_plan(config, L, B, H, key.shape[1], query.device)
     kc = compress(key, config, None if pool_logits is None else pool_logits[0])
-    vc = compress(value, config, None if pool_logits is None else pool_logits[1])
-    if kc.shape[2] > 0:  # Note [padded compressed keys]
+    # Note [zero fixed gates]: a branch whose fixed gate is 0 adds nothing to the mix, so it is not run (its
+    # output is zeros). The compressed branch's scores still need its log-sum-exp: on the CPU that comes from
+    # compressed_lse over the Nc real compressed keys (the branch's call would attend over L padded keys); on
+    # CUDA from the branch's triton call, whose lse is cheaper than the torch stream at long lengths.
+    zero = [gate_logits is None and config.gates is not None and g == 0 for g in config.gates or (1, 1, 1)]
+    if kc.shape[2] > 0 and zero[0] and query.device.type == "cpu":
+        compressed = query.new_zeros(B, H, L, value.shape[-1])
+        lse = compressed_lse(query, kc, config, scale=scale)
+        scores = selection_scores(query, kc, config, scale=scale, lse=lse, overlap=plan.overlap, backend="torch")
+    elif kc.shape[2] > 0:  # Note [padded compressed keys]
+        vc = compress(value, config, None if pool_logits is None else pool_logits[1])
         pad = (0, 0, 0, L - kc.shape[2])
         compressed, lse = attention(query, torch.nn.functional.pad(kc, pad), torch.nn.functional.pad(vc, pad),
                                     plan.compressed, scale=scale, backend=backend, return_lse=True)
@@ -135,6 +145,7 @@ def hierarchical_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     selected = plan.selected(chosen)
     outputs = [compressed,
                attention(query, key, value, selected, causal=True, scale=scale, backend=backend),
+               query.new_zeros(B, H, L, value.shape[-1]) if zero[2] else  # Note [zero fixed gates]
                attention(query, key, value, plan.window, causal=True, scale=scale, backend=backend)]
     out = mix(outputs, config, gate_logits,
               weights=None if gate_logits is not None else plan.mix_weights(query.dtype))

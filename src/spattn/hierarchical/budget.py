@@ -237,8 +237,8 @@ def describe(query: torch.Tensor, key: torch.Tensor, config: Hierarchical, *, bl
     if query.dim() != 4 or key.dim() != 4:
         raise ValueError(f"query and key must be [B, H, L, D], got {tuple(query.shape)} and {tuple(key.shape)}")
     layout, chosen = fine_layout_and_chosen(query, key, config, scale=scale)
-    return LayerView(layout, cost_at(config, query.shape[2], head_dim=query.shape[3], heads=query.shape[1],
-                                     block_size=block_size, device=query.device), chosen)
+    cost = cost_at(config, query.shape[2], head_dim=query.shape[3], heads=query.shape[1], block_size=block_size)
+    return LayerView(layout, cost, chosen)  # the cost does not depend on the input: counted once, on the CPU
 
 
 __all__ = ["COMPRESS_SHARE", "FROZEN_GATES", "WINDOW_SHARE", "LayerView", "cost_at", "describe", "fit_budget"]
