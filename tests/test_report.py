@@ -267,7 +267,7 @@ def test_latency_dtype_is_the_serving_dtype_on_cuda_and_help_shows_no_bool():
     assert ReportConfig().latency_dtype == "float32"
     assert ReportConfig(latency_dtype="float16").latency_dtype == "float16"
     assert ReportConfig(latency_dtype="float16").digest() != ReportConfig().digest()
-    text = _invoke("--help").output
+    text = CliRunner().invoke(app, ["report", "--help"], env={"COLUMNS": "200"}, catch_exceptions=False).output
     assert "--kernel-references" in text and "--no-kernel-references" in text and "--latency-dtype" in text
     assert "<bool>" not in text and "Show this message and exit." in text
 
@@ -593,3 +593,23 @@ def test_one_forward_per_distinct_static_layout():
     assert key(a) == key(b) != key(c)
     assert key(Plan(layers={0: spattn.Sinks(4) | spattn.Window(21)})) != key(a)  # layers 1, 2 dense
     assert key(Plan.uniform(spattn.Adaptive("pooled", keys=16, sinks=4, window=8))) is None  # input-dependent
+
+
+def test_scoring_backend_takes_the_reference_only_where_its_measured_latency_is_faster():
+    from spattn.report.pipeline import _scoring_backend
+
+    dense = {"latency": {"dense_backend_ms": 100.0}}
+    fast = {"backend": "reference", "median_ms": 40.0, "compile_ms": 5.0, "includes_selection": False}
+    assert _scoring_backend("dense", fast, dense) == "reference"
+    assert _scoring_backend("dense", fast | {"median_ms": 150.0}, dense) == "dense"
+    # a dynamic layout pays its selection on either backend: compared with the dense backend plus the selection
+    assert _scoring_backend("dense", fast | {"median_ms": 110.0, "compile_ms": 20.0, "includes_selection": True},
+                            dense) == "reference"
+    assert _scoring_backend("auto", fast, dense) == "auto"  # CUDA: never switched
+    assert _scoring_backend("dense", fast, {"latency": {}}) == "dense"  # a cache without the dense-backend time
+
+
+def test_default_is_1024_and_2048_at_two_budgets():
+    # Note [default lengths and budgets]: the 1024 + 4096 and three budgets are flags away
+    cfg = ReportConfig()
+    assert (cfg.chunk_length, cfg.lengths, cfg.budgets) == (1024, (2048,), (0.1, 0.25))
