@@ -73,24 +73,30 @@ from spattn.bench.env import machine_info, versions
 from spattn.bench.timing import TimeBudget
 from spattn.eval import stats
 from spattn.eval.tasks import listops
-from spattn.eval.train import Learned, TrainConfig, build_model, listops_config, mqar_config, train
+from spattn.eval.train import Learned, TrainConfig, build_model, check_graph, listops_config, mqar_config, train
 from spattn.testing import assert_within, dense_attention, max_err, plain_attention
 
 Plans = dict[str, tuple[Any, int]]  # name -> (pattern / Learned / None, block size)
 
 
-def mqar_plans(kv_pairs: int = 16) -> Plans:
+def mqar_plans(kv_pairs: int = 16, block: int = 32) -> Plans:
     """name -> (pattern / Learned / None, block size), most important first. The sinks cover the key-value
-    pairs (``2 * kv_pairs`` tokens at the start), the window the rest of a 64-key budget."""
+    pairs (``2 * kv_pairs`` tokens at the start), the window the rest of a 64-key budget. The dynamic, learned
+    and hierarchical plans spend the window-64 budget as a 32-key window plus one chosen key block of 32:
+    top-k by pooled scores, a learned router (issue 14), and NSA-style hierarchical attention (issue 15: the
+    query's own block and one block chosen from the compressed scores, a 32-key window, compressed tokens of 16
+    keys; learned gates and pooling)."""
     sinks = min(2 * kv_pairs, 48)
     return {
-        "dense": (None, 32),
-        "window64": (spattn.Window(64), 32),
-        "window32+topk_pooled1": (spattn.Window(32) | spattn.TopK("pooled", 1), 32),
-        "window32+learned1": (Learned(1, safeguard=spattn.Window(32)), 32),
-        f"sinks{sinks}+window{64 - sinks}": (spattn.Sinks(sinks) | spattn.Window(64 - sinks), 32),
-        "window32": (spattn.Window(32), 32),
-        "window128": (spattn.Window(128), 32),
+        "dense": (None, block),
+        "window64": (spattn.Window(64), block),
+        "window32+topk_pooled1": (spattn.Window(32) | spattn.TopK("pooled", 1), block),
+        "window32+learned1": (Learned(1, safeguard=spattn.Window(32)), block),
+        "hierarchical": (spattn.Hierarchical(compress_block=16, compress_stride=16, select_block=block,
+                                             select_count=2, window=32, pooling="learned"), block),
+        f"sinks{sinks}+window{64 - sinks}": (spattn.Sinks(sinks) | spattn.Window(64 - sinks), block),
+        "window32": (spattn.Window(32), block),
+        "window128": (spattn.Window(128), block),
     }
 
 
@@ -107,22 +113,40 @@ def listops_plans() -> Plans:
 
 
 def step_cost(plan: Any) -> float:
-    """Relative step time of a plan, for time shares (the H200 at chain B, MQAR d64: dense 5.4 ms, windows 5.6-6.6,
-    Window(32) | TopK 13.2, learned 34.6)."""
+    """Prior step time of a plan in milliseconds, for time shares until a run of it has measured its own (the
+    H200, MQAR d64, eager, session 5: dense 5.4 ms, windows 5.6-6.6, Window(32) | TopK 13.2, learned 34.6;
+    hierarchical: ~150 launches a layer, guessed 40)."""
     if isinstance(plan, Learned):
-        return 6.4
+        return 34.6
+    if isinstance(plan, spattn.Hierarchical):
+        return 40.0
     if plan is not None and plan.contains_dynamic():
-        return 2.4
-    return 1.0
+        return 13.2
+    return 6.0
 
 
 def plans_of(options: dict[str, Any]) -> Plans:
     """The plans of a task (MQAR's sinks follow its key-value pairs)."""
     if options["task"] == "listops":
         return listops_plans()
-    return mqar_plans(3 if options["quick"] else options["kv_pairs"])
+    return mqar_plans(3 if options["quick"] else options["kv_pairs"], 16 if options["quick"] else 32)
 
 GATED = {"mqar": "window32+topk_pooled1", "listops": "window64+topk_pooled2"}
+
+
+def water_level(needs: list[float], budget: float) -> float:
+    """The time cap ``c`` with ``sum(min(need, c)) == budget`` (max-min fair shares): every job that needs less
+    than ``c`` gets what it needs, the others ``c`` each, so cheap runs reach their steps and the expensive ones
+    share what is left. ``inf`` when everything fits."""
+    if sum(needs) <= budget:
+        return float("inf")
+    rest, count = budget, len(needs)
+    for need in sorted(needs):
+        if need * count > rest:
+            return rest / count
+        rest -= need
+        count -= 1
+    return float("inf")
 
 
 # ---------------------------------------------------------------------------------------------- 1. gate
@@ -188,6 +212,9 @@ def task_config(options: dict[str, Any], width: int) -> TrainConfig:
         changes["train_examples"] = options["train_examples"]
     if options["test_examples"]:
         changes["test_examples"] = options["test_examples"]
+    for name in ("warmup", "weight_decay", "init_std", "tie_embeddings", "clip_grad"):  # recipe overrides
+        if options.get(name) is not None:
+            changes[name] = options[name]
     return config.replace(steps=options["steps"], device=device, backend=backend, **changes)
 
 
@@ -217,15 +244,17 @@ def listops_data(config: TrainConfig, seed: int, processes: int, path: str) -> s
 
 
 # ---------------------------------------------------------------------------------------------- a job
-def run_job(job: dict[str, Any]) -> None:
-    """One training run in this process; writes ``job["out"]`` (the result, or the error)."""
+def train_job(job: dict[str, Any]) -> dict[str, Any]:
+    """One training run in this process: the record (the result, or the error). ``job["graph"]`` False trains
+    eagerly (``job["graph_reason"]`` says why: an earlier recording of the plan failed or disagreed)."""
     started = time.time()
     record: dict[str, Any] = {"job": {k: v for k, v in job.items() if k != "options"}}
     try:
         torch.set_float32_matmul_precision(job["options"]["matmul_precision"])
         plan, block = plans_of(job["options"])[job["plan"]]
         config = task_config(job["options"], job["width"]).replace(
-            block_size=block, learning_rate=job["learning_rate"], seed=job["seed"])
+            block_size=block, learning_rate=job["learning_rate"], seed=job["seed"],
+            cuda_graph=bool(job.get("graph", True)))
         data = None
         if job.get("data"):
             saved = torch.load(job["data"], weights_only=True)
@@ -236,15 +265,46 @@ def run_job(job: dict[str, Any]) -> None:
         record["result"] = result.to_dict(per_example=True)
         record["steps"] = result.config["steps"]
         record["steps_asked"] = config.steps
-        record["ms_per_step"] = 1000 * result.seconds / max(1, result.config["steps"])  # includes compile, eval
+        record["ms_per_step"] = result.ms_per_step  # the step loop only (no data, model, test)
+        record["graph"] = dict(result.graph, **({"skipped_because": job["graph_reason"]}
+                                                if job.get("graph_reason") else {}))
     except Exception as exc:  # noqa: BLE001 - the parent records it
         record["error"] = f"{type(exc).__name__}: {exc}"
         record["traceback"] = traceback.format_exc()
         print(record["traceback"], flush=True)
     record["wall_seconds"] = time.time() - started
+    return record
+
+
+def run_job(job: dict[str, Any]) -> None:
+    """One training run (a subprocess of the parent, ``--workers`` > 1); writes ``job["out"]``."""
+    record = train_job(job)
     with open(job["out"] + ".tmp", "w") as handle:
         json.dump(record, handle)
     os.replace(job["out"] + ".tmp", job["out"])
+
+
+def run_graph_checks(spec: dict[str, Any]) -> None:
+    """The child process of the recording checks: :func:`spattn.eval.train.check_graph` (8 steps eager, 8
+    recorded, the losses compared) for every plan in ``spec["plans"]`` in order, at the first width and rate;
+    ``spec["out"]`` is rewritten after every plan (a crash keeps the plans before it)."""
+    options = spec["options"]
+    torch.set_float32_matmul_precision(options["matmul_precision"])
+    plans = plans_of(options)
+    results: dict[str, Any] = {}
+    for name in spec["plans"]:
+        plan, block = plans[name]
+        config = task_config(options, spec["width"]).replace(block_size=block, learning_rate=spec["learning_rate"])
+        try:
+            results[name] = check_graph(config, plan, steps=8)
+        except Exception as exc:  # noqa: BLE001 - recorded; this plan trains eagerly
+            results[name] = {"captured": False, "passed": False, "reason": f"{type(exc).__name__}: {exc}"[:600],
+                             "traceback": traceback.format_exc(limit=4)}
+        print(f"graph check {name}: {'passed' if results[name]['passed'] else 'failed'} "
+              f"({results[name].get('seconds', 0):.1f} s)", flush=True)
+        with open(spec["out"] + ".tmp", "w") as handle:
+            json.dump(results, handle)
+        os.replace(spec["out"] + ".tmp", spec["out"])
 
 
 # ---------------------------------------------------------------------------------------------- summary
@@ -318,7 +378,17 @@ def main() -> None:
     parser.add_argument("--matmul-precision", default="high", choices=("highest", "high", "medium"),
                         help="torch.set_float32_matmul_precision (high: TF32 matmuls on the H200)")
     parser.add_argument("--quick", action="store_true", help="tiny configurations (a CPU smoke run)")
+    parser.add_argument("--warmup", type=float, default=None, help="warm-up fraction (default: the preset's)")
+    parser.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default: preset's)")
+    parser.add_argument("--init-std", type=float, default=None,
+                        help="normal initialisation std (0: PyTorch's; default: the preset's)")
+    parser.add_argument("--tie-embeddings", default=None, action=argparse.BooleanOptionalAction,
+                        help="MQAR head tied to the token embedding (default: the preset's)")
+    parser.add_argument("--clip-grad", type=float, default=None, help="gradient clipping norm (0: none)")
+    parser.add_argument("--no-graph", action="store_true",
+                        help="train every MQAR run eagerly (default on CUDA: the step recorded in a CUDA graph)")
     parser.add_argument("--job", default=None, help=argparse.SUPPRESS)  # internal: run one job
+    parser.add_argument("--graph-checks", default=None, help=argparse.SUPPRESS)  # internal: the checks' child
     parser.add_argument("--out", default="eval_synthetic.json")
     args = parser.parse_args()
     clock = TimeBudget(args.time_budget)
@@ -350,6 +420,9 @@ def main() -> None:
         "vocab": args.vocab, "batch_size": args.batch_size, "steps": steps, "precision": args.precision,
         "train_examples": args.train_examples or (None if task == "mqar" or args.quick else 24_000),
         "test_examples": args.test_examples, "matmul_precision": args.matmul_precision,
+        "warmup": args.warmup, "weight_decay": args.weight_decay,
+        "init_std": None if args.init_std is None else (args.init_std or None),
+        "tie_embeddings": args.tie_embeddings, "clip_grad": None if args.clip_grad is None else (args.clip_grad or None),
     }
     plans = plans_of(options)
     chosen = list(plans) if args.plans is None else args.plans.split(",")
@@ -400,6 +473,44 @@ def main() -> None:
         record["phases"]["data"] = data_seconds
     save()
 
+    since = time.perf_counter()  # 0. the recording checks, in a child process: dense first, seconds
+    graph_off: dict[str, str] = {}  # plan -> why its runs train eagerly
+    check_width = widths[0]
+    use_graphs = task == "mqar" and not args.no_graph
+    record["graph_checks"] = {}
+    if use_graphs:
+        spec = {"options": options, "plans": chosen, "width": check_width, "learning_rate": rates[check_width][0],
+                "out": os.path.join(scratch, "graph_checks.json")}
+        with open(spec["out"] + ".spec", "w") as handle:
+            json.dump(spec, handle)
+        limit = max(30.0, min(180.0, 0.35 * clock.left()))
+        try:  # a child: a recording that breaks the CUDA context takes only the child down
+            subprocess.run([sys.executable, os.path.abspath(__file__), task, "--graph-checks", spec["out"] + ".spec"],
+                           timeout=limit, check=False, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        except subprocess.TimeoutExpired:
+            record["log"].append(f"the recording checks ran past {limit:.0f} s and were stopped")
+        if os.path.exists(spec["out"]):
+            with open(spec["out"]) as handle:
+                record["graph_checks"] = json.load(handle)
+        for name in chosen:
+            result = record["graph_checks"].get(name)
+            if result is None:
+                graph_off[name] = "no recording check result (the check process stopped before this plan)"
+            elif not result["passed"]:
+                graph_off[name] = (f"the recording check at d{check_width} failed: "
+                                   + (result.get("reason") or f"loss difference {result.get('max_loss_difference')}"))
+            print(f"graph check {name}: " + (
+                f"ok, eager {result['eager_ms_per_step']:.1f} / recorded {result['graph_ms_per_step']:.1f} ms a step "
+                f"over 8 steps (eager includes JIT), loss difference {result['max_loss_difference']:.1e}"
+                if name not in graph_off else f"-> eager: {graph_off[name]}"), flush=True)
+        dense_check = record["graph_checks"].get("dense", {})
+        if dense_check.get("captured") and not dense_check.get("passed"):  # recorded but wrong: trust none
+            for name in chosen:
+                graph_off.setdefault(name, "the dense recording disagreed with eager training")
+        phase("graph_checks", since)
+    elif task == "mqar":
+        graph_off.update({name: "--no-graph" for name in chosen})
+
     since = time.perf_counter()  # 1. the gate
     gated = GATED[task]
     gate_plan, gate_block = plans[gated]
@@ -420,38 +531,72 @@ def main() -> None:
         save()
         sys.exit(1)
 
-    jobs = []  # most important first: the first learning rate of every width, then the others, then seeds
+    record["graph_off"] = graph_off
+
+    jobs = []  # most important first: the first width (every rate), then the next; then further seeds
     for seed_index, seed in enumerate(seeds):
-        for rate_index in range(max(len(r) for r in rates.values())):
-            for width in widths:
-                if rate_index >= len(rates[width]):
-                    continue
+        for width in widths:
+            for rate_index, rate in enumerate(rates[width]):
                 for name in chosen:
-                    tag = f"d{width}_{name}_lr{rates[width][rate_index]:g}_s{seed}"
-                    jobs.append({"tag": tag, "width": width, "plan": name, "learning_rate": rates[width][rate_index],
+                    tag = f"d{width}_{name}_lr{rate:g}_s{seed}"
+                    jobs.append({"tag": tag, "width": width, "plan": name, "learning_rate": rate,
                                  "seed": seed, "data": data_paths.get(seed), "deadline": deadline,
                                  "out": os.path.join(scratch, tag + ".json"), "options": options,
+                                 "graph": name not in graph_off, "graph_reason": graph_off.get(name),
                                  "priority": (seed_index, rate_index)})
     workers = max(1, args.workers)
-    logs = os.path.join(os.path.dirname(os.path.abspath(args.out)), f"eval_{task}_logs")
-    os.makedirs(logs, exist_ok=True)
-    record["log"].append(f"{len(jobs)} jobs, {workers} at a time, {steps} steps each at most")
+    record["log"].append(f"{len(jobs)} jobs, {workers} at a time "
+                         f"({'in this process' if workers == 1 else 'subprocesses'}), {steps} steps each at most")
     print(record["log"][-1], flush=True)
+    measured: dict[str, float] = {}  # plan -> ms per step of its last finished run
+
+    def estimate(job: dict[str, Any]) -> float:
+        """Seconds a job needs: steps x its plan's step time (measured, else the recording check's, else
+        the prior) plus ~3 s of model, data and test."""
+        check_ms = record["graph_checks"].get(job["plan"], {}).get("graph_ms_per_step") if job["graph"] else None
+        ms = measured.get(job["plan"]) or check_ms or step_cost(plans[job["plan"]][0])
+        return steps * ms / 1000 + 3.0
+
+    def finished(tag: str, result: dict[str, Any]) -> None:
+        record["runs"].append(result)
+        if "result" in result:
+            a = result["result"]["accuracy"]
+            if result.get("ms_per_step"):
+                measured[result["job"]["plan"]] = result["ms_per_step"]
+            graph = result.get("graph", {})
+            how = "recorded" if graph.get("captured") else f"eager ({graph.get('skipped_because') or graph.get('reason')})"
+            print(f"[{clock.spent():6.1f} s] {tag}: {a['value']:.3f} [{a['low']:.3f}, {a['high']:.3f}] "
+                  f"{result['steps']} steps, {result.get('ms_per_step') or 0:.2f} ms/step {how}, "
+                  f"{result['wall_seconds']:.0f} s", flush=True)
+        else:
+            print(f"[{clock.spent():6.1f} s] {tag}: {result['error']}", flush=True)
+        save(summary=False)
+
     since = time.perf_counter()
     pending, running = list(jobs), {}
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    if workers > 1:
+        logs = os.path.join(os.path.dirname(os.path.abspath(args.out)), f"eval_{task}_logs")
+        os.makedirs(logs, exist_ok=True)
     while pending or running:
         while pending and len(running) < workers:
-            # this job's share of the time left: its step cost over the cost of the jobs not started yet,
-            # per worker (jobs of equal cost get equal time; slower plans more, for about equal steps)
+            # this job's share of the time left: its estimated seconds over those of the jobs not started yet,
+            # per worker (a job that needs less than its share leaves the rest to the later ones)
             left = deadline - time.time()
-            waiting = sum(step_cost(plans[j["plan"]][0]) for j in pending)
+            needs = [estimate(j) for j in pending]
             job = pending.pop(0)
-            share = left * min(1.0, workers * step_cost(plans[job["plan"]][0]) / waiting)
-            if share < 30:
-                record["skipped"].append(f"{job['tag']}: {share:.0f} s share ({left:.0f} s left) at its turn")
+            need = needs[0]
+            share = min(need, water_level(needs, left * workers)) * 1.25 + 5  # slack: estimates are rough
+            if share < min(30.0, 0.25 * need):  # not even a quarter of its steps: leave the time to others
+                record["skipped"].append(f"{job['tag']}: {share:.0f} s share of the ~{need:.0f} s it needs "
+                                         f"({left:.0f} s left) at its turn")
                 continue
             job["deadline"] = time.time() + share
+            if workers == 1:  # in this process, one run after another (the GPU gains nothing from more)
+                finished(job["tag"], train_job(job))
+                if args.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+                continue
             path = job["out"] + ".job"
             with open(path, "w") as handle:
                 json.dump(job, handle)
@@ -459,6 +604,8 @@ def main() -> None:
             process = subprocess.Popen([sys.executable, os.path.abspath(__file__), task, "--job", path],
                                        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
             running[job["tag"]] = (process, job, log)
+        if not running:
+            continue
         time.sleep(1.0)
         for tag, (process, job, log) in list(running.items()):
             if process.poll() is None:
@@ -472,17 +619,10 @@ def main() -> None:
             del running[tag]
             if os.path.exists(job["out"]):
                 with open(job["out"]) as handle:
-                    result = json.load(handle)
-                record["runs"].append(result)
-                if "result" in result:
-                    a = result["result"]["accuracy"]
-                    print(f"[{clock.spent():6.1f} s] {tag}: {a['value']:.3f} [{a['low']:.3f}, {a['high']:.3f}] "
-                          f"{result['steps']} steps, {result['wall_seconds']:.0f} s", flush=True)
-                else:
-                    print(f"[{clock.spent():6.1f} s] {tag}: {result['error']}", flush=True)
+                    finished(tag, json.load(handle))
             elif not any(s.startswith(tag) for s in record["skipped"]):
                 record["skipped"].append(f"{tag}: exited {process.returncode} without a result (see its log)")
-            save(summary=False)
+                save(summary=False)
     phase("training", since)
     for key, block in record["summary"].items():
         print(f"\n{task} {key}: accuracy [95% interval], steps, vs dense")
@@ -500,5 +640,8 @@ if __name__ == "__main__":
     if "--job" in sys.argv:
         with open(sys.argv[sys.argv.index("--job") + 1]) as handle:
             run_job(json.load(handle))
+    elif "--graph-checks" in sys.argv:
+        with open(sys.argv[sys.argv.index("--graph-checks") + 1]) as handle:
+            run_graph_checks(json.load(handle))
     else:
         main()

@@ -24,6 +24,7 @@ Writes ``$OUT/hierarchical.json`` (default ``benchmarks/results/h200/hierarchica
 commit and command.
 
     python benchmarks/hierarchical.py --time-budget 170                 # H200 (about 2 minutes)
+    python benchmarks/hierarchical.py --time-budget 85 --forward-only-lengths   # H200: 64k / 32k / 8k only
     python benchmarks/hierarchical.py --quick --device cpu              # a smoke run of the same code, tiny sizes
 """
 
@@ -340,19 +341,34 @@ def main(argv=None) -> int:
         write(record, path, overwrite=bool(written) or args.overwrite)
         written.append(True)
 
-    record["checks"].append(gate(device, dtype, args.quick))
+    record["phases"] = {}  # seconds of each step (JIT included in the first that meets a kernel)
+
+    def phase(name: str, t0: float) -> None:
+        record["phases"][name] = round(time.perf_counter() - t0, 2)
+        print(f"[{name}] {record['phases'][name]:.1f} s (total {time.perf_counter() - started:.1f} s)", flush=True)
+
+    t0 = time.perf_counter()
+    # the gate runs the timings' head dim, heads, dtype and block sizes, so its JIT is the timings' JIT
+    record["checks"].append(gate(device, dtype, args.quick,
+                                 shape=None if args.quick else (1024, heads, kv_heads, head_dim)))
     print(record["checks"][-1], flush=True)
+    phase("gate", t0)
     save()
+    t0 = time.perf_counter()
     record["checks"].append(parts_check(device, dtype, 512 if args.quick else 8192, heads, kv_heads, head_dim,
                                         config))
     print(record["checks"][-1], flush=True)
+    phase("parts_check", t0)
     save()
     # rough per-length costs (s) on an H200, compile and tuning included in the first: for the budget only
-    estimate = {L: (4 if args.quick else 8) + L / 65536 * 10 for L in lengths + forward_only}
+    # (session 3's run: the three rows, parts, decode and 128k took 28 s together after the gate's JIT)
+    estimate = {L: (4 if args.quick else 3) + L / 65536 * 6 for L in lengths + forward_only}
     first = True
     for L in lengths:
-        if budget.fits(f"timings L={L} forward + backward", estimate[L] + (20 if first else 0)):
+        if budget.fits(f"timings L={L} forward + backward", estimate[L] + (10 if first else 0)):
+            t0 = time.perf_counter()
             record["rows"].append(timing_row(device, dtype, L, heads, kv_heads, head_dim, config, backward=True))
+            phase(f"timings L={L}", t0)
             first = False
             save()
             if device.type == "cuda":

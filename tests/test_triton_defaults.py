@@ -31,6 +31,11 @@ KERNELS = {
     "attn_bwd_preprocess_kernel": _backward.attn_bwd_preprocess_kernel,
     "attn_bwd_dq_kernel": _backward.attn_bwd_dq_kernel,
     "attn_bwd_dkdv_kernel": _backward.attn_bwd_dkdv_kernel,
+    "attn_bwd_fused_kernel": _backward.attn_bwd_fused_kernel,
+}
+LAUNCHED = {  # the kernels each backward method launches (with the forward and decode ones)
+    "split": ("attn_bwd_preprocess_kernel", "attn_bwd_dq_kernel", "attn_bwd_dkdv_kernel"),
+    "atomic": ("attn_bwd_preprocess_kernel", "attn_bwd_fused_kernel"),
 }
 
 
@@ -44,13 +49,13 @@ def test_defaults_per_kernel_head_dim_dtype_and_band():
     assert _tuning.default("fwd", 64, bf16) == _tuning.Config(128, 64, 8, 3)
     assert _tuning.default("fwd", 64, torch.float16) == _tuning.default("fwd", 64, bf16)
     # the backward and decode ignore the band
-    for kernel in ("dq", "dkdv", "decode"):
+    for kernel in ("dq", "dkdv", "bwd", "decode"):
         for D in (64, 128):
             assert _tuning.default(kernel, D, bf16, banded=True) == _tuning.default(kernel, D, bf16)
     assert _tuning.default("dkdv", 128, bf16) == _tuning.Config(64, 128, 8, 3)
     assert _tuning.default("decode", 128, bf16) == _tuning.Config(16, 128, 4, 3)
     # fp32 tiles are twice the bytes: 64x64, two stages above D 64
-    for kernel in ("fwd", "dq", "dkdv"):
+    for kernel in ("fwd", "dq", "dkdv", "bwd"):
         cfg = _tuning.default(kernel, 128, torch.float32, banded=True)
         assert (cfg.block_m, cfg.block_n, cfg.num_stages) == (64, 64, 2)
     # a block size below the tile shrinks it
@@ -114,12 +119,13 @@ def _specialisations(name, kernel, args) -> list:
     return out
 
 
-def test_one_specialisation_for_every_length(monkeypatch):
+@pytest.mark.parametrize("method", sorted(LAUNCHED))
+def test_one_specialisation_for_every_length(monkeypatch, method):
     pytest.importorskip("triton.runtime.jit").__dict__.get("native_specialize_impl") or pytest.skip(
         "this triton has no native_specialize_impl")
+    monkeypatch.setenv("SPATTN_TRITON_BACKWARD", method)
     recorders = {}
-    for name in ("attn_fwd_kernel", "decode_kernel", "attn_bwd_preprocess_kernel", "attn_bwd_dq_kernel",
-                 "attn_bwd_dkdv_kernel"):
+    for name in ("attn_fwd_kernel", "decode_kernel", *LAUNCHED[method]):
         recorders[name] = _Recorder(KERNELS[name])
         monkeypatch.setattr(_launch, name, recorders[name])
     H, Hkv, D = 3, 1, 32

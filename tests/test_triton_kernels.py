@@ -164,6 +164,93 @@ def test_forward_backward(shape, pattern, causal, bs, dtype):
     check(q, k, v, layout, mask, backward=Lq < 1000)
 
 
+class _Spy:
+    """Wraps a kernel, counting launches (the launch still runs)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+ATOMIC_CASES = [  # Note [atomic backward]: the one-pass backward on awkward shapes (GQA, tails, Lq != Lk, D 80/128);
+    # tma "load": q / dO through tensor descriptors (the interpreter has no descriptor reductions, so dQ stays atomic)
+    pytest.param((1, 2, 1, 100, 100, 64), S(8) | W(40), True, 32, torch.float32, "load", id="L100-gqa-D64-sinkwin-tma"),
+    pytest.param((1, 1, 1, 127, 127, 80), spattn.Causal(), False, 32, torch.float16, "0", id="L127-D80-causal-fp16"),
+    pytest.param((2, 1, 1, 63, 130, 64), W(40, 8), True, 32, torch.float32, "0", id="B2-Lq63-Lk130-window"),
+    pytest.param((1, 1, 1, 130, 130, 128), W(50), True, 64, torch.float32, "load", id="L130-D128-window-tma"),
+    pytest.param((1, 2, 1, 96, 96, 32), spattn.Strided(3, block=16), True, 32, torch.float16, "0", id="L96-strided"),
+]
+
+
+@needs_interp
+@pytest.mark.parametrize("shape,pattern,causal,bs,dtype,tma", ATOMIC_CASES)
+def test_atomic_backward(monkeypatch, shape, pattern, causal, bs, dtype, tma):
+    from spattn.ops.attention.impl.triton import _launch
+
+    spy = _Spy(_launch.attn_bwd_fused_kernel)
+    monkeypatch.setattr(_launch, "attn_bwd_fused_kernel", spy)
+    monkeypatch.setenv("SPATTN_TRITON_BACKWARD", "atomic")
+    monkeypatch.setenv("SPATTN_TRITON_TMA", tma)
+    B, H, Hkv, Lq, Lk, D = shape
+    q, k, v = _qkv(B, H, Hkv, Lq, Lk, D, dtype, seed=21)
+    layout, mask = _layout_and_mask(pattern, B, H, Lq, Lk, causal, bs)
+    assert _launch._tma_modes(q, q, q.float()) == (tma == "load", False)
+    check(q, k, v, layout, mask)
+    assert spy.launches == 1
+
+
+@needs_interp
+def test_atomic_backward_tuning_leaves_dq_alone(monkeypatch):
+    # the tuner benchmarks candidate configs by running them: they must accumulate into scratch, not into dQ
+    from spattn.ops.attention.impl.triton import _launch, _tuning
+
+    def tuning_choose(kernel, head_dim, dtype, facts, device, block_size, bench=None, **kw):
+        if kernel == "bwd":
+            for _ in range(2):
+                bench(_tuning.INTERPRETER.fit(block_size))
+        return _tuning.INTERPRETER.fit(block_size)
+
+    monkeypatch.setattr(_tuning, "choose", tuning_choose)
+    monkeypatch.setattr(_launch, "_bench", lambda fn: (fn(), 1.0)[1])
+    monkeypatch.setenv("SPATTN_TRITON_BACKWARD", "atomic")
+    q, k, v = _qkv(1, 1, 1, 64, 64, 32, torch.float32, seed=25)
+    layout, mask = _layout_and_mask(spattn.Causal(), 1, 1, 64, 64, True, 32)
+    check(q, k, v, layout, mask)
+
+
+@needs_interp
+def test_atomic_backward_empty_rows_lse_grad_and_determinism_flag(monkeypatch):
+    from spattn.ops.attention.impl.triton import _launch
+    from spattn.ops.attention.impl.triton._op import TABLES, EagerAttention
+
+    spy = _Spy(_launch.attn_bwd_fused_kernel)
+    monkeypatch.setattr(_launch, "attn_bwd_fused_kernel", spy)
+    monkeypatch.setenv("SPATTN_TRITON_BACKWARD", "atomic")
+    L = 80
+    ids = torch.zeros(2, L, dtype=torch.long)
+    ids[0, 30:] = 1
+    ids[0, 70:] = -1  # padding: empty rows (out 0, lse -inf, zero gradients)
+    ids[1, 10:] = 1
+    ids[1, 60:] = -1
+    q, k, v = _qkv(2, 1, 1, L, L, 32, torch.float32, seed=23)
+    pattern = spattn.Document(ids)
+    layout = spattn.compile(pattern, L, L, causal=True, block_size=32, batch=2, device=DEVICE)
+    out, lse, dq, dk, dv = check(q, k, v, layout, brute_force_mask(pattern, L, L, causal=True, batch=2), grad_lse=True)
+    assert spy.launches == 1
+    assert torch.equal(dq[0, :, 70:], torch.zeros_like(dq[0, :, 70:]))
+    # deterministic=True takes the split kernels whatever the environment says
+    tables = [getattr(layout, n) for n in TABLES]
+    qs = q.clone().requires_grad_()
+    EagerAttention.apply(qs, k, v, 0.2, [], False, True, *tables)[0].sum().backward()
+    assert spy.launches == 1 and torch.isfinite(qs.grad).all()
+    monkeypatch.setenv("SPATTN_TRITON_BACKWARD", "fused")
+    with pytest.raises(ValueError, match="SPATTN_TRITON_BACKWARD"):
+        EagerAttention.apply(q.clone().requires_grad_(), k, v, 0.2, [], False, False, *tables)[0].sum().backward()
+
+
 @needs_interp
 def test_banded_path_is_taken_and_equals_stored_masks():
     from spattn.ops.attention.impl.triton import _plan
@@ -291,6 +378,23 @@ def test_backward_is_deterministic():
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(0)).to(q)
     a, b = _grads(run, q, k, v, do, None), _grads(run, q, k, v, do, None)
     for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)
+
+
+@needs_interp
+def test_backward_grid_order_changes_nothing(monkeypatch):
+    # Note [heads first]: the grid order only changes which program runs when, never a result (split: bitwise)
+    from spattn.ops.attention.impl.triton import _launch
+
+    q, k, v = _qkv(1, 4, 2, 96, 96, 32, torch.float32, seed=12)
+    layout = spattn.compile(S(4) | W(40), 96, 96, block_size=32, device=DEVICE)
+    run = lambda q, k, v: tri.attention_triton(q, k, v, layout, scale=0.2, return_lse=True)  # noqa: E731
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(0)).to(q)
+    got = {}
+    for first in (True, False):
+        monkeypatch.setattr(_launch, "HEADS_FIRST", first)
+        got[first] = _grads(run, q, k, v, do, None)
+    for x, y in zip(got[True], got[False], strict=True):
         assert torch.equal(x, y)
 
 

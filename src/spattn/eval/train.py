@@ -38,7 +38,7 @@ from spattn.learned.router import LearnedTopK
 from spattn.learned.schedule import Schedule
 from spattn.learned.train import Regularisers, regulariser_losses, routers
 from spattn.ops.attention.api import attention
-from spattn.patterns import Full, Pattern, compile
+from spattn.patterns import Full, Hierarchical, Pattern, compile
 from spattn.selectors import LayoutBuilder
 
 TASKS = ("mqar", "listops")
@@ -65,6 +65,15 @@ class TrainConfig:
         seed: seeds the data, the initialisation and the batch order.
         precision: ``"float32"`` (default) or ``"bfloat16"`` (autocast of the forward pass on ``device``;
             parameters and optimiser state stay float32).
+        init_std: ``None`` (default: PyTorch's module initialisation) or the standard deviation of a normal
+            initialisation of every linear and embedding weight, the attention output projections scaled by
+            ``1 / sqrt(2 * layers)`` (GPT-2's and Zoology's ``0.02``).
+        tie_embeddings: next-token models only: the output head shares the token embedding (Zoology's MQAR
+            models; default ``False``).
+        clip_grad: gradient norm clipping (default ``1.0``; ``None``: no clipping, as Zoology).
+        cuda_graph: on CUDA, record the whole training step (forward, backward, clipping, AdamW) in a CUDA
+            graph and replay it (default ``True``); a plan that cannot be recorded trains eagerly and the
+            result says why (:attr:`TrainResult.graph`). Ignored on CPU.
     """
 
     task: str = "mqar"
@@ -85,6 +94,10 @@ class TrainConfig:
     device: str = "cpu"
     seed: int = 0
     precision: str = "float32"
+    init_std: float | None = None
+    tie_embeddings: bool = False
+    clip_grad: float | None = 1.0
+    cuda_graph: bool = True
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -102,6 +115,13 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.warmup must be a fraction in [0, 1), got {self.warmup!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"TrainConfig.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.init_std is not None and not self.init_std > 0:
+            raise ValueError(f"TrainConfig.init_std must be None or > 0, got {self.init_std!r}")
+        if self.clip_grad is not None and not self.clip_grad > 0:
+            raise ValueError(f"TrainConfig.clip_grad must be None or > 0, got {self.clip_grad!r}")
+        if self.tie_embeddings and self.task != "mqar":
+            raise ValueError("TrainConfig.tie_embeddings needs a next-token task (mqar), got task "
+                             f"{self.task!r}")
         object.__setattr__(self, "task_options", dict(self.task_options))
 
     def autocast(self) -> Any:
@@ -178,14 +198,15 @@ def mqar_config(size: str = "published", d_model: int | None = None, **changes: 
 
     ``"published"``: Zoology's setting, sequences of 256 with 16 key-value pairs, vocabulary 8192, 2 layers,
     one head, no MLP, learned positions, ``d_model`` 64 (default) or 128 (100 000 training examples, 3000
-    test). ``"tiny"``: 24 tokens, 3 pairs, vocabulary 32, width 32, seconds on a CPU (CI). ``changes``
+    test), Zoology's normal(0, 0.02) initialisation (its tied head is not used: on a reduced task it learned
+    more slowly, ``benchmarks/results/cpu/eval/mqar-recipe``). ``"tiny"``: 24 tokens, 3 pairs, vocabulary 32, width 32, seconds on a CPU (CI). ``changes``
     override fields."""
     if size == "published":
         config = TrainConfig(
             task="mqar", task_options={"seq_len": 256, "num_kv_pairs": 16, "vocab_size": 8192},
             d_model=d_model or 64,
             layers=2, heads=1, mlp=False, train_examples=100_000, test_examples=3000, steps=3000, batch_size=256,
-            learning_rate=1e-3, block_size=32,
+            learning_rate=1e-3, block_size=32, init_std=0.02,
         )
     elif size == "tiny":
         config = TrainConfig(
@@ -323,6 +344,10 @@ class TinyTransformer(nn.Module):
         num_classes: ``None`` for next-token logits ``[B, L, vocab_size]``, else class logits
             ``[B, num_classes]`` from the mean over non-padding (id 0, on the right) tokens.
         backend, block_size: passed to :func:`spattn.attention`.
+        init_std: ``None`` (PyTorch's initialisation) or a normal initialisation of every linear and embedding
+            weight with this standard deviation, attention output projections ``/ sqrt(2 * layers)`` (GPT-2,
+            Zoology); a learned router keeps its own initialisation.
+        tie_embeddings: the next-token head shares the token embedding (default ``False``).
 
     ``forward(input_ids, positions=None)`` takes int64 ``[B, L]``; ``positions`` (int64 ``[B, P]``, optional)
     returns next-token logits ``[B, P, vocab_size]`` at those positions only (the trainer asks for the labelled
@@ -346,8 +371,12 @@ class TinyTransformer(nn.Module):
         num_classes: int | None = None,
         backend: str = "reference",
         block_size: int = 64,
+        init_std: float | None = None,
+        tie_embeddings: bool = False,
     ) -> None:
         super().__init__()
+        if tie_embeddings and num_classes is not None:
+            raise ValueError("tie_embeddings needs a next-token model (num_classes=None)")
         self.learned = plan if isinstance(plan, Learned) else None
         self.plan = as_plan(None if self.learned is not None else plan)
         too_far = [i for i in self.plan.layers if i >= layers]
@@ -357,14 +386,46 @@ class TinyTransformer(nn.Module):
         self.embed = nn.Embedding(vocab_size, d_model)
         self.position = nn.Embedding(max_length, d_model)
         self.blocks = nn.ModuleList(
-            _Block(d_model, heads, mlp,
-                   None if self.learned is None else self.learned.build(heads, d_model // heads, block_size, backend))
-            for _ in range(layers)
+            _Block(d_model, heads, mlp, self._parametrised(layer, heads, d_model // heads)) for layer in range(layers)
         )
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size if num_classes is None else num_classes, bias=False)
+        if init_std is not None:
+            self._initialise(init_std)
+        if tie_embeddings:
+            self.head.weight = self.embed.weight
         self._static: dict[tuple, tuple[Layout, tuple[torch.Tensor, torch.Tensor] | None, _PadTables | None]] = {}
         self._builders: dict[tuple, tuple[LayoutBuilder, _PadTables | None]] = {}
+
+    def _parametrised(self, layer: int, heads: int, head_dim: int) -> nn.Module | None:
+        """The parametrised pattern of a layer: a learned router, a :class:`spattn.Hierarchical` layer's
+        :class:`~spattn.hierarchical.HierarchicalAttention` (learned gates and pooling), or ``None``."""
+        if self.learned is not None:
+            return self.learned.build(heads, head_dim, self.block_size, self.backend)
+        pattern = self.plan.pattern_for(layer)
+        if not isinstance(pattern, Hierarchical):
+            return None
+        if not self.causal:
+            raise ValueError(f"layer {layer}: Hierarchical attention is causal; this model is not (classifier)")
+        from spattn.hierarchical import HierarchicalAttention
+
+        return HierarchicalAttention(pattern, heads, heads, head_dim, backend=self.backend)
+
+    def _initialise(self, std: float) -> None:
+        """Normal(0, ``std``) weights for the embeddings and every linear layer of the blocks and the head,
+        zero biases, the attention output projections at ``std / sqrt(2 * layers)``; LayerNorms stay at
+        (1, 0) and a learned router keeps its own initialisation."""
+        own = [self.embed, self.position, self.head]
+        for block in self.blocks:
+            own += [block.qkv, block.out]
+            if block.mlp is not None:
+                own += [m for m in block.mlp if isinstance(m, nn.Linear)]
+        for module in own:
+            nn.init.normal_(module.weight, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        for block in self.blocks:
+            nn.init.normal_(block.out.weight, std=std / math.sqrt(2 * len(self.blocks)))
 
     def _static_layout(self, layer: int, pattern: Pattern, length: int, device: torch.device):
         key = (layer, length, device)
@@ -392,7 +453,8 @@ class TinyTransformer(nn.Module):
         by the cached :class:`spattn.LayoutBuilder`; with ``lengths`` (int64 ``[B]``, right padding) the padded
         keys and query blocks are removed and the dynamic part chooses among real blocks only."""
         if self.blocks[layer].pattern is not None:
-            raise ValueError(f"layer {layer} is a learned router: its layout comes from router.layout(...)")
+            raise ValueError(f"layer {layer} is parametrised (a learned router or Hierarchical): it has no single "
+                             "Layout")
         pattern = self.plan.pattern_for(layer) or Full()
         B, L = query.shape[0], query.shape[2]
         device = query.device
@@ -410,7 +472,7 @@ class TinyTransformer(nn.Module):
     def _attend(self, layer: int, lengths: torch.Tensor | None):
         """``attend(q, k, v)`` of layer ``layer`` for this batch (see :meth:`_Block.forward`)."""
         block = self.blocks[layer]
-        if block.pattern is not None:  # learned
+        if block.pattern is not None:  # learned router or hierarchical
             scale = 1.0 / math.sqrt(block.qkv.in_features // block.heads)
             return lambda q, k, v: block.pattern.attend(q, k, v, causal=self.causal, scale=scale)
         return lambda q, k, v: attention(q, k, v, self.layout_for(layer, q, k, lengths), causal=self.causal,
@@ -451,7 +513,8 @@ def build_model(config: TrainConfig, plan: Plan | Pattern | Learned | None) -> T
     return TinyTransformer(
         vocab, length, d_model=config.d_model, layers=config.layers, heads=config.heads, mlp=config.mlp,
         plan=plan, causal=config.task == "mqar", num_classes=10 if config.task == "listops" else None,
-        backend=config.backend, block_size=config.block_size,
+        backend=config.backend, block_size=config.block_size, init_std=config.init_std,
+        tie_embeddings=config.tie_embeddings,
     ).to(config.device)
 
 
@@ -459,7 +522,11 @@ def build_model(config: TrainConfig, plan: Plan | Pattern | Learned | None) -> T
 @dataclass
 class TrainResult:
     """One training run: test accuracy per example (MQAR: share of its queries answered; ListOps: 0/1) and
-    its mean with a bootstrap interval over examples, the training loss curve (every ~10% of the steps)."""
+    its mean with a bootstrap interval over examples, the training loss curve (every ~10% of the steps).
+
+    ``seconds``: the whole run (data, model, training, test); ``train_seconds``: the step loop alone (the
+    device waited for); ``graph``: whether the step was recorded in a CUDA graph (``captured``, at which step,
+    ``replays``) or, if not, why (``reason``)."""
 
     accuracy: stats.Estimate
     per_example: list[float]
@@ -467,9 +534,19 @@ class TrainResult:
     seconds: float
     config: dict[str, Any]
     plan: dict[str, Any]
+    train_seconds: float | None = None
+    graph: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ms_per_step(self) -> float | None:
+        """Milliseconds per training step (the step loop over the steps run)."""
+        if self.train_seconds is None:
+            return None
+        return 1000 * self.train_seconds / max(1, int(self.config["steps"]))
 
     def to_dict(self, *, per_example: bool = False) -> dict[str, Any]:
         out = {"accuracy": self.accuracy.to_dict(), "losses": self.losses, "seconds": self.seconds,
+               "train_seconds": self.train_seconds, "ms_per_step": self.ms_per_step, "graph": self.graph,
                "config": self.config, "plan": self.plan}
         if per_example:
             out["per_example"] = self.per_example
@@ -503,7 +580,7 @@ class _Data:
     def __init__(self, config: TrainConfig, inputs: torch.Tensor, labels: torch.Tensor) -> None:
         self.task = config.task
         if config.task == "mqar":
-            positions, targets = _labelled(labels)
+            positions, targets = _labelled(labels.to(config.device))  # the sort runs on the device
             self.positions, self.labels = positions.to(config.device), targets.to(config.device)
             self.lengths = None
         else:
@@ -558,6 +635,122 @@ def _batches(data: _Data, batch_size: int, steps: int, generator: torch.Generato
     widths = [data.width(r.tolist()) if data.lengths is not None else None for r in rows]
     index = torch.stack(rows).to(device)
     return [(index[i], widths[i]) for i in range(steps)]
+
+
+GRAPH_WARMUP = 3  # eager steps before a recording (on a side stream): triton JIT, cuBLAS workspaces, AdamW state
+
+
+@dataclass
+class _GraphPlan:
+    """Whether a run records its training step in a CUDA graph: ``wanted`` (CUDA, MQAR, asked for) and, when the
+    run trains eagerly, why (``reason``); where and how the recording went (:attr:`TrainResult.graph`)."""
+
+    wanted: bool
+    reason: str | None = None
+    captured_at: int | None = None
+    capture_seconds: float | None = None
+    replays: int = 0
+
+    @classmethod
+    def of(cls, config: TrainConfig, on_cuda: bool) -> _GraphPlan:
+        if not config.cuda_graph:
+            return cls(False, "TrainConfig.cuda_graph is False")
+        if not on_cuda:
+            return cls(False, f"device {config.device!r}: CUDA graphs need a CUDA device")
+        if config.task != "mqar":
+            return cls(False, "ListOps batches vary in width (length buckets); recordings are made for MQAR only")
+        return cls(True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"captured": self.captured_at is not None, "reason": self.reason, "captured_at": self.captured_at,
+                "capture_seconds": self.capture_seconds, "replays": self.replays}
+
+
+class _Stepper:
+    """One training step of a run, eager or replayed from a CUDA graph.
+
+    The step is one function (:meth:`_compute`: the batch gathered from the device-resident set by an index,
+    forward, loss, backward, clipping, AdamW with its device learning rate), so both ways run the same
+    operations. With a :class:`_GraphPlan` that wants a recording, the first :data:`GRAPH_WARMUP` steps run
+    eagerly on a side stream, the next one is recorded with a static index buffer (the batch rows) and every
+    later step copies its rows into that buffer and replays. The gradients live in the recording's memory
+    (set to ``None`` before it, so its backward writes them afresh at every replay). A recording that fails
+    (an operation that reads the device from the host, say) leaves the run eager and the reason in the plan."""
+
+    def __init__(self, config: TrainConfig, model: TinyTransformer, optimizer: torch.optim.Optimizer, data: _Data,
+                 layer_routers: list) -> None:
+        self.config, self.model, self.optimizer, self.data = config, model, optimizer, data
+        self.layer_routers = layer_routers
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_index: torch.Tensor | None = None
+        self.static_loss: torch.Tensor | None = None
+        self.stream: torch.cuda.Stream | None = None
+
+    def _compute(self, index: torch.Tensor, width: int | None) -> torch.Tensor:
+        x, positions, y = self.data.batch(index, width)
+        with self.config.autocast():
+            loss = _loss(self.config, self.model(x, positions).float(), y)
+        objective = loss
+        if self.layer_routers:  # the routers' own losses (distill_loss with training="distill"); no regulariser
+            objective = loss + sum(regulariser_losses(self.model, Regularisers()).values(),
+                                   torch.zeros((), device=loss.device))
+        objective.backward()
+        if self.config.clip_grad is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.clip_grad)
+        self.optimizer.step()
+        return loss.detach()
+
+    def eager(self, index: torch.Tensor, width: int | None) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        return self._compute(index, width)
+
+    def step(self, step: int, index: torch.Tensor, width: int | None, plan: _GraphPlan) -> torch.Tensor:
+        """Train on rows ``index``; the loss (a device scalar: a replayed step overwrites it at the next)."""
+        if self.graph is not None:
+            self.static_index.copy_(index)
+            self.graph.replay()
+            plan.replays += 1
+            return self.static_loss
+        if not plan.wanted or plan.reason is not None:
+            return self.eager(index, width)
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(device=index.device)
+        if step < GRAPH_WARMUP:  # warm-up off the default stream, as torch.cuda.graphs asks
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream):
+                loss = self.eager(index, width)
+            torch.cuda.current_stream().wait_stream(self.stream)
+            return loss
+        since = time.perf_counter()
+        current = torch.cuda.current_stream()
+        try:
+            torch.cuda.synchronize()
+            self.static_index = index.clone()
+            self.optimizer.zero_grad(set_to_none=True)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=self.stream):
+                self.static_loss = self._compute(self.static_index, width)
+            self.graph = graph
+        except Exception as exc:  # noqa: BLE001 - any failure: this run trains eagerly, and says why
+            torch.cuda.set_stream(current)
+            self.graph = self.static_loss = self.static_index = None
+            plan.reason = f"recording failed at step {step}: {type(exc).__name__}: {exc}"[:600]
+            try:
+                torch.cuda.synchronize()
+            except Exception as again:  # noqa: BLE001
+                plan.reason += f" (then: {type(again).__name__}: {again})"[:300]
+            return self.eager(index, width)
+        plan.captured_at = step
+        plan.capture_seconds = round(time.perf_counter() - since, 3)
+        self.graph.replay()  # the recording ran nothing: this replay is step ``step``
+        plan.replays += 1
+        return self.static_loss
+
+    def release(self) -> None:
+        """Free the recording (its memory pool goes with it)."""
+        self.graph = self.static_loss = self.static_index = None
+        self.optimizer.zero_grad(set_to_none=True)
 
 
 @torch.no_grad()
@@ -630,22 +823,29 @@ def train(config: TrainConfig, plan: Plan | Pattern | Learned | None = None, *, 
     if time_limit is not None and not time_limit > 0:
         raise ValueError(f"time_limit must be > 0 seconds, got {time_limit!r}")
     data = _Data(config, train_x, train_y)
+    on_cuda = torch.device(config.device).type == "cuda"
+    graph = _GraphPlan.of(config, on_cuda)
     model = build_model(config, plan)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n and "position" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n and "position" not in n)]
+    # on CUDA the learning rate is a device tensor and AdamW keeps its step count on the device (capturable):
+    # the same optimiser for the eager and the recorded step, so the two run the same arithmetic
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-        lr=config.learning_rate, betas=(0.9, 0.98), fused=torch.device(config.device).type == "cuda" or None,
+        lr=config.learning_rate, betas=(0.9, 0.98), fused=True if on_cuda else None, capturable=on_cuda,
     )
+    if on_cuda:
+        for group in optimizer.param_groups:
+            group["lr"] = torch.tensor(float(config.learning_rate), device=config.device)
     total = {"steps": config.steps, "warmup": max(1, int(config.warmup * config.steps))}
 
     def schedule(step: int) -> float:
+        """Linear warm-up then cosine decay to 0 (the factor of the base learning rate at ``step``)."""
         warmup = total["warmup"]
         if step < warmup:
             return (step + 1) / warmup
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total["steps"] - warmup))))
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     generator = torch.Generator().manual_seed(config.seed)
     batches = _batches(data, config.batch_size, config.steps, generator, config.device)
     recorded: list[torch.Tensor] = []
@@ -653,9 +853,16 @@ def train(config: TrainConfig, plan: Plan | Pattern | Learned | None = None, *, 
     last = float("nan")
     temperature = learned.schedule(config.steps) if learned is not None else None
     layer_routers = routers(model)
+    shared_temperature = None
+    if layer_routers and on_cuda:  # one device scalar for every router: a recorded step reads its new value
+        shared_temperature = torch.tensor(float(temperature.at(0)), device=config.device)
+        for router in layer_routers:
+            router.temperature = shared_temperature
     model.train()
-    sync = torch.cuda.synchronize if torch.device(config.device).type == "cuda" else (lambda: None)
+    stepper = _Stepper(config, model, optimizer, data, layer_routers)
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
     check = (0, 0.0)
+    loop_started = time.perf_counter()
     for step, (index, width) in enumerate(batches):
         if step >= total["steps"]:
             break
@@ -676,32 +883,34 @@ def train(config: TrainConfig, plan: Plan | Pattern | Learned | None = None, *, 
                         temperature = learned.schedule(total["steps"])
             check = (step, now)
         if temperature is not None:
-            for router in layer_routers:
-                router.temperature = temperature.at(step)
-        x, positions, y = data.batch(index, width)
-        with config.autocast():
-            loss = _loss(config, model(x, positions).float(), y)
-        objective = loss
-        if layer_routers:  # the routers' own losses (distill_loss with training="distill"); no regulariser
-            objective = loss + sum(regulariser_losses(model, Regularisers()).values(),
-                                   torch.zeros((), device=loss.device))
-        optimizer.zero_grad(set_to_none=True)
-        objective.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
+            if shared_temperature is not None:
+                shared_temperature.fill_(temperature.at(step))
+            else:
+                for router in layer_routers:
+                    router.temperature = temperature.at(step)
+        factor = schedule(step)
+        for group in optimizer.param_groups:
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(config.learning_rate * factor)  # a device write: no host sync
+            else:
+                group["lr"] = config.learning_rate * factor
+        loss = stepper.step(step, index, width, graph)
         if step % every == 0 or step == total["steps"] - 1:
-            recorded.append(loss.detach())
+            recorded.append(loss.clone())  # a recorded step overwrites its loss buffer at the next replay
             last = float(recorded[-1])  # the only host read of the loop, ~10 per run
             if not math.isfinite(last):
                 raise FloatingPointError(f"training loss became {last} at step {step}: lower the learning rate")
         if progress is not None:
             progress(step, last)
+    sync()
+    train_seconds = time.perf_counter() - loop_started
+    stepper.release()
     losses = torch.stack(recorded).tolist() if recorded else []
     per_example = evaluate_model(model, config, test_x, test_y)
     return TrainResult(
         accuracy=stats.estimate(per_example), per_example=per_example, losses=losses,
         seconds=time.perf_counter() - started, config=config.to_dict(), plan=plan.to_dict(),
+        train_seconds=train_seconds, graph=graph.to_dict(),
     )
 
 
@@ -753,3 +962,35 @@ def sweep(
         best_learning_rate=best[0], accuracy=stats.Estimate(**by_rate[repr(best[0])]), by_learning_rate=by_rate,
         runs=runs,
     )
+
+
+def check_graph(config: TrainConfig, plan: Plan | Pattern | Learned | None = None, *, steps: int = 8,
+                tolerance: float = 1e-4) -> dict[str, Any]:
+    """Train ``steps`` steps of ``config`` twice from the same seed, eagerly and with the step recorded in a
+    CUDA graph (:attr:`TrainConfig.cuda_graph`), and compare the loss at every step.
+
+    The recorded run warms up for :data:`GRAPH_WARMUP` eager steps, records the next and replays the rest, so a
+    replay that read a stale batch, a baked-in learning rate or temperature, or gradients that accumulate
+    shows as a loss that leaves the eager one. ``passed``: the step was recorded and every loss agrees within
+    ``tolerance * max(1, |eager loss|)``. On a CPU nothing is recorded (``captured`` False, ``reason`` says why).
+
+    Returns a dict: ``captured``, ``reason``, ``passed``, ``max_loss_difference``, both loss lists, both runs'
+    milliseconds per step (the first includes triton JIT) and the seconds the check took.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < GRAPH_WARMUP + 2:
+        raise ValueError(f"steps must be an int >= {GRAPH_WARMUP + 2} (warm-up, recording, replays), got {steps!r}")
+    started = time.perf_counter()
+    small = config.replace(steps=steps, test_examples=min(config.test_examples, config.batch_size))
+    eager = train(small.replace(cuda_graph=False), plan)
+    recorded = train(small.replace(cuda_graph=True), plan)
+    difference = max((abs(a - b) / max(1.0, abs(a)) for a, b in zip(eager.losses, recorded.losses, strict=True)),
+                     default=float("nan"))
+    captured = bool(recorded.graph.get("captured"))
+    return {
+        "captured": captured, "reason": recorded.graph.get("reason"),
+        "passed": captured and len(eager.losses) == steps and difference <= tolerance,
+        "max_loss_difference": difference, "tolerance": tolerance, "steps": steps,
+        "losses_eager": eager.losses, "losses_graph": recorded.losses,
+        "eager_ms_per_step": eager.ms_per_step, "graph_ms_per_step": recorded.ms_per_step,
+        "graph": recorded.graph, "seconds": round(time.perf_counter() - started, 2),
+    }

@@ -17,18 +17,26 @@ from spattn.layout import Layout
 from spattn.patterns import BlockLayout, Hierarchical, compile
 
 
-def fine_layout(query: torch.Tensor, key: torch.Tensor, config: Hierarchical, *, scale: float | None = None,
-                pool_logits: tuple[torch.Tensor, torch.Tensor] | None = None) -> Layout:
-    """The Layout of the keys read at full resolution (selected | safeguard | window) for query ``[B, H, L, D]``
-    and key ``[B, Hkv, L, D]``, compiled causal at ``select_block``."""
+def fine_layout_and_chosen(query: torch.Tensor, key: torch.Tensor, config: Hierarchical, *,
+                           scale: float | None = None,
+                           pool_logits: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[Layout, torch.Tensor]:
+    """:func:`fine_layout` and the selection it holds (``chosen`` bool ``[B, Hkv, NQ, NQ]``)."""
     B, H, L, _ = query.shape
     chosen = branch_layouts(query, key, config, scale=scale, pool_logits=pool_logits)["chosen"]
     pattern = BlockLayout(chosen.repeat_interleave(H // key.shape[1], 1), block=config.select_block) | \
         config.window_pattern()
     if config.safeguard is not None:
         pattern = config.safeguard | pattern
-    return compile(pattern, L, L, causal=True, block_size=config.select_block, batch=B, heads=H,
-                   device=query.device)
+    layout = compile(pattern, L, L, causal=True, block_size=config.select_block, batch=B, heads=H,
+                     device=query.device)
+    return layout, chosen
+
+
+def fine_layout(query: torch.Tensor, key: torch.Tensor, config: Hierarchical, *, scale: float | None = None,
+                pool_logits: tuple[torch.Tensor, torch.Tensor] | None = None) -> Layout:
+    """The Layout of the keys read at full resolution (selected | safeguard | window) for query ``[B, H, L, D]``
+    and key ``[B, Hkv, L, D]``, compiled causal at ``select_block``."""
+    return fine_layout_and_chosen(query, key, config, scale=scale, pool_logits=pool_logits)[0]
 
 
 def coverage(query: torch.Tensor, key: torch.Tensor, config: Hierarchical, *, value: torch.Tensor | None = None,
@@ -40,4 +48,4 @@ def coverage(query: torch.Tensor, key: torch.Tensor, config: Hierarchical, *, va
     return measure(query, key, layout, value=value, causal=True, scale=scale, **options)
 
 
-__all__ = ["coverage", "fine_layout"]
+__all__ = ["coverage", "fine_layout", "fine_layout_and_chosen"]

@@ -65,6 +65,18 @@ class _MaskMemo:
 _MEMO = _MaskMemo()
 _LAYOUTS: OrderedDict[tuple, Any] = OrderedDict()  # compiled layouts shared by layers with equal patterns
 _LAYOUT_CACHE_SIZE = 32
+# Note [plan layout cache]: every layer of a patched forward asks for its pattern's Layout. A process-wide LRU of
+# 32 layouts served them once, but a plan with more distinct layer patterns than that (a 32-layer model planned
+# per head, or a report alternating plans) cycles through the LRU and recompiled every layer in every forward.
+# Each Plan object now keeps its own layouts, for the ``_SHAPES_KEPT`` shapes (lengths, batch, device) it ran at
+# most recently, and drops them with the plan (a weak reference); the LRU still serves plans made afresh from one
+# pattern (``patched(model, pattern)`` in a loop). A dynamic pattern keeps a LayoutBuilder instead (its selection
+# runs on every input, with no host synchronisation); one the builder cannot take (per-head dynamic heads) is
+# compiled per call. A static per-head plan's second forward at a length compiles nothing and reads no tensor on
+# the host.
+_PLAN_LAYOUTS: dict[int, tuple[weakref.ref, OrderedDict]] = {}  # id(plan) -> (plan, {shape: {pattern: layout}})
+_SHAPES_KEPT = 4
+_NO_BUILDER = object()
 
 
 def _document(segments: torch.Tensor) -> Document:
@@ -74,20 +86,43 @@ def _document(segments: torch.Tensor) -> Document:
     return _MEMO.document[1]
 
 
-def _layout(pattern: Pattern, query: torch.Tensor, key: torch.Tensor, causal: bool, block_size: int) -> Any:
-    """Compile ``pattern`` for these shapes, reusing the layout of an earlier layer with an equal pattern."""
+def _layout(pattern: Pattern, query: torch.Tensor, key: torch.Tensor, causal: bool, block_size: int,
+            plan: Plan | None = None) -> Any:
+    """The Layout ``pattern`` runs on for these shapes (Note [plan layout cache]): compiled once per plan, shape
+    and pattern (layers with equal patterns share it); dynamic patterns rebuilt from the input every call."""
     from spattn.patterns import compile as compile_pattern
 
     B, H, Lq, _ = query.shape
     args = (Lq, key.shape[2])
     kwargs = dict(causal=causal, block_size=block_size, batch=B, heads=H, device=query.device)
-    if pattern.contains_dynamic():
-        return compile_pattern(pattern, *args, **kwargs, query=query, key=key)
+    shape = (*args, causal, block_size, B, H, str(query.device))
     try:
-        cache_key = (pattern, *args, causal, block_size, B, H, str(query.device))
-        hash(cache_key)
-    except TypeError:  # a pattern holding unhashable values
-        return compile_pattern(pattern, *args, **kwargs)
+        hash(pattern)
+    except TypeError:  # a pattern holding unhashable values: nothing can be kept for it
+        return compile_pattern(pattern, *args, **kwargs, query=query, key=key)
+    kept = _plan_layouts(plan) if plan is not None else None
+    if kept is not None:
+        layouts = kept.get(shape)
+        if layouts is None:
+            layouts = kept[shape] = {}
+            while len(kept) > _SHAPES_KEPT:
+                kept.popitem(last=False)
+        else:
+            kept.move_to_end(shape)
+        hit = layouts.get(pattern)
+    else:
+        layouts, hit = None, None
+    if pattern.contains_dynamic():
+        if hit is None:
+            hit = _builder(pattern, args, kwargs)
+            if layouts is not None:
+                layouts[pattern] = hit
+        if hit is _NO_BUILDER:  # compile's general path selects (and synchronises with the host) every call
+            return compile_pattern(pattern, *args, **kwargs, query=query, key=key)
+        return hit.build(query, key)
+    if hit is not None:
+        return hit
+    cache_key = (pattern, *shape)
     layout = _LAYOUTS.get(cache_key)
     if layout is None:
         layout = compile_pattern(pattern, *args, **kwargs)
@@ -96,7 +131,29 @@ def _layout(pattern: Pattern, query: torch.Tensor, key: torch.Tensor, causal: bo
             _LAYOUTS.popitem(last=False)
     else:
         _LAYOUTS.move_to_end(cache_key)
+    if layouts is not None:
+        layouts[pattern] = layout
     return layout
+
+
+def _plan_layouts(plan: Plan) -> OrderedDict:
+    """The layouts kept for ``plan`` (Plans compare by value and are unhashable: kept by identity)."""
+    hit = _PLAN_LAYOUTS.get(id(plan))
+    if hit is None or hit[0]() is not plan:
+        key = id(plan)
+        hit = (weakref.ref(plan, lambda _ref, key=key: _PLAN_LAYOUTS.pop(key, None)), OrderedDict())
+        _PLAN_LAYOUTS[key] = hit
+    return hit[1]
+
+
+def _builder(pattern: Pattern, args: tuple, kwargs: dict) -> Any:
+    """A sync-free :class:`~spattn.LayoutBuilder` for ``static | TopK/TopP/Adaptive``, else ``_NO_BUILDER``."""
+    from spattn.selectors import LayoutBuilder
+
+    try:
+        return LayoutBuilder(pattern, *args, **kwargs)
+    except (ValueError, NotImplementedError):  # PerHead with dynamic heads, sub-block cells, keep=...
+        return _NO_BUILDER
 
 
 def _keep_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -200,7 +257,8 @@ def spattn_attention_forward(
     segments = padding_segments(attention_mask, q_len, kv_len, causal, window)
     if pattern is not None and pattern.kind == "hierarchical":  # three branches, not one layout (spattn.hierarchical)
         out = frozen_model_attention(query, key, value, pattern, causal=causal, scale=scaling,
-                                     padded=segments is not None or window is not None)
+                                     padded=segments is not None or window is not None,
+                                     backend=getattr(module, "_spattn_backend", "auto"))
         return out.transpose(1, 2).contiguous(), None
     if pattern is None:
         pattern = Full()
@@ -209,7 +267,9 @@ def spattn_attention_forward(
     if segments is not None:
         pattern = pattern & _document(segments)
     backend = getattr(module, "_spattn_backend", "auto")
-    layout = _layout(pattern, query, key, causal, getattr(module, "_spattn_block_size", 128))
+    # a padded batch's pattern holds this forward's padding (a new Document each forward): not kept on the plan
+    layout = _layout(pattern, query, key, causal, getattr(module, "_spattn_block_size", 128),
+                     plan if segments is None else None)
     for layout_hook_fn in _LAYOUT_HOOKS:
         layout_hook_fn(module, layer, layout)
     out = attention(query, key, value, layout, causal=causal, scale=scaling, backend=backend)

@@ -26,6 +26,7 @@ FAMILY_TITLES = {
     "top_p": "sinks + window + dynamic selection (Adaptive)",
     "plan": "planner: a pattern per layer and head (spattn.plan)",
     "learned": "sinks + window + learned gate (TopK of a saved gate)",
+    "hierarchical": "hierarchical: compressed tokens choose blocks (Hierarchical, NSA-style)",
 }
 # the planner's options for the "plan" family: static only, so that a plan costs no selection in each forward
 PLAN_FAMILIES = ("window", "sinks_window", "strided", "budgeted", "dense")
@@ -100,9 +101,12 @@ def _fmt(pattern: Pattern) -> str:
         "Window": ["left"], "Sinks": ["n"], "Strided": ["stride"], "RandomBlocks": ["per_row", "block"],
         "Budgeted": ["keys_per_query", "sinks"], "TopP": ["selector", "mass"], "TopK": ["selector", "blocks"],
         "Adaptive": ["selector", "keys", "sinks", "window"],
+        "Hierarchical": ["compress_stride", "select_block", "select_count"],
     }.get(name)
     if shown is None:
         return repr(pattern)
+    if name == "Hierarchical" and pattern.safeguard is not None:  # its sinks and window: the safeguard
+        return f"{_fmt(dataclasses.replace(pattern, safeguard=None))} | {_fmt(pattern.safeguard)}"
     args = []
     for n, key in enumerate(shown):
         v = d.get(key)
@@ -287,3 +291,26 @@ def fit_learned(gates: str, budget: float, length: int, block_size: int, layers:
     cand.label = f"Sinks({sinks}) | Window({window}) | TopK(gate, {blocks})"
     cand.parameter = {"blocks": blocks}
     return cand
+
+
+def fit_hierarchical(budget: float, length: int, block_size: int) -> Candidate:
+    """``Hierarchical`` in its frozen-model form (:func:`spattn.hierarchical.fit_budget`: the compressed tokens
+    choose ``select_count - 1`` blocks, which share one softmax with the sinks and window of :func:`safeguards`),
+    its keys per query (compressed tokens counted too) within ``budget``."""
+    from spattn.hierarchical import fit_budget
+
+    K = budget * (length + 1) / 2
+    sinks, _ = safeguards(K)
+    cid = f"hierarchical@{budget:g}"
+    select_block = 1 << (block_size.bit_length() - 1)  # a power of two (its triton blocks), at most block_size
+    if select_block < 16:
+        return Candidate(cid, "hierarchical", budget, None, "", {}, True,
+                         note=f"hierarchical needs a block size >= 16 (its selection blocks), got {block_size}")
+    pattern = fit_budget(K, length, block_size=select_block, sinks=sinks)
+    if pattern is None:
+        return Candidate(cid, "hierarchical", budget, None, "", {}, True,
+                         note=f"hierarchical cannot fit {budget:g} of the dense keys at {length} tokens: its "
+                              "compressed tokens, sinks, window, own block and one chosen 16-token block exceed it")
+    parameter = {"select_count": pattern.select_count, "select_block": pattern.select_block,
+                 "compress_stride": pattern.compress_stride}
+    return Candidate(cid, "hierarchical", budget, pattern, _fmt(pattern), parameter, True)

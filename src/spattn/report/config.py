@@ -9,7 +9,7 @@ import json
 import re
 from typing import Any
 
-FAMILIES = ("window", "sinks_window", "strided", "random", "budgeted", "top_p", "plan", "learned")
+FAMILIES = ("window", "sinks_window", "strided", "random", "budgeted", "top_p", "plan", "learned", "hierarchical")
 SELECTORS = ("probe", "pooled", "vertical_slash", "antidiagonal", "bounds")  # probe: issue 12 (docs/selection.md)
 # Note [default run time]: the default run must finish in under 10 minutes on a 2-core CPU, where a SmolLM2 forward
 # costs seconds (1024 tokens) to tens of seconds (4096); each selector adds three candidates (one per budget) and

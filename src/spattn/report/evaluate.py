@@ -16,6 +16,8 @@ from torch.utils._pytree import tree_leaves
 
 import spattn
 from spattn.coverage import measure, reachability
+from spattn.hierarchical import describe as hierarchical_view
+from spattn.hierarchical import fine_layout, hierarchical_attention
 from spattn.layout.dense import to_dense
 from spattn.report.candidates import Candidate, causal_pairs, layout_cost
 
@@ -232,18 +234,27 @@ def coverage_pass(cands: list[Candidate], captures: Captures, *, block_size: int
             q, k = q.to(device), k.to(device)
             probs = dense_probs(q, k) if small else None
             for acc in accs:
+                view = None
                 if acc.static is not None:
                     lay = acc.static
                 elif acc.per_layer is not None:
                     lay = acc.per_layer[layer]
+                elif isinstance(acc.cand.pattern, spattn.Hierarchical):  # recall on its fine keys, cost of all
+                    view = hierarchical_view(q, k, acc.cand.pattern, block_size=block_size)
+                    lay = view.layout
                 else:
                     lay = spattn.compile(acc.cand.pattern_for(layer), L, L, causal=True, block_size=block_size,
                                          heads=H, query=q, key=k)
-                kc, bc = layout_cost(lay)
+                if view is None:
+                    kc, bc = layout_cost(lay)
+                    ftok, fblk = lay.flops(head_dim, heads=H), lay.flops(head_dim, heads=H, level="block")
+                else:
+                    kc, bc = view.cost["keys_fraction"], view.cost["block_fraction"]
+                    ftok, fblk = view.cost["attention_flops"], view.cost["attention_flops_block"]
                 acc.keys.append(kc)
                 acc.blocks.append(bc)
-                acc.flops_tok.append(lay.flops(head_dim, heads=H))
-                acc.flops_blk.append(lay.flops(head_dim, heads=H, level="block"))
+                acc.flops_tok.append(ftok)
+                acc.flops_blk.append(fblk)
                 if probs is not None:
                     recall = (probs * to_dense(lay)[0].to(probs.device)).sum(-1).double().clamp_(max=1.0).cpu()
                 else:
@@ -308,6 +319,8 @@ def candidate_latency(pattern, captures: Captures, *, block_size: int, backend: 
     is timed with its selection, which runs for every input. ``compile_ms`` is the compile (and selection) time
     alone. The inputs are cast to ``dtype`` (default None: the captured dtype; Note [latency dtype])."""
     q, k, v = latency_inputs(captures, seed, device, dtype)
+    if isinstance(pattern, spattn.Hierarchical):
+        return hierarchical_latency(pattern, q, k, v, block_size=block_size, backend=backend, repeats=repeats)
     dynamic = pattern.contains_dynamic()
 
     def build():
@@ -346,6 +359,22 @@ def candidate_latency(pattern, captures: Captures, *, block_size: int, backend: 
     return out
 
 
+def hierarchical_latency(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int,
+                         backend: str, repeats: int) -> dict[str, Any]:
+    """:func:`candidate_latency` of a ``spattn.Hierarchical``: the whole call
+    (``spattn.hierarchical.hierarchical_attention``: pooling, the compressed branch, the selection, the branch
+    attentions and the mix; every branch on ``backend``) against dense causal attention on the same backend;
+    ``compile_ms`` is the selection alone (the compressed branch's scores and the chosen blocks' tables)."""
+    from spattn.hierarchical import branch_layouts
+
+    compile_ms = time_call(lambda: branch_layouts(q, k, pattern), repeats, q.device)
+    call = lambda: hierarchical_attention(q, k, v, pattern, backend=backend)  # noqa: E731
+    out = interleaved_latency(call, _dense_call(q, k, v, backend, block_size), repeats=repeats, device=q.device)
+    out.update({"backend": backend, "compile_ms": sig(compile_ms, 4), "includes_selection": True,
+                "peak_memory_mb": sig(peak_memory_bytes(call, q.device) / 2**20, 4), "shared_timing": False})
+    return out
+
+
 def dropped_threads(pattern, layers: list[tuple[torch.Tensor, torch.Tensor]], *, block_size: int,
                     top: int = 5, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Which threads a pattern (or a :class:`~spattn.Plan`: each layer's own pattern) cuts on one chunk: per
@@ -366,8 +395,11 @@ def dropped_threads(pattern, layers: list[tuple[torch.Tensor, torch.Tensor]], *,
         probs = dense_probs(q, k)  # [H, L, L]
         pattern = plan.pattern_for(i) or spattn.Full()
         dynamic = pattern.contains_dynamic()
-        lay = spattn.compile(pattern, L, L, causal=True, block_size=block_size, heads=q.shape[1],
-                             query=q if dynamic else None, key=k if dynamic else None)
+        if isinstance(pattern, spattn.Hierarchical):  # the keys it reads at full resolution
+            lay = fine_layout(q, k, pattern)
+        else:
+            lay = spattn.compile(pattern, L, L, causal=True, block_size=block_size, heads=q.shape[1],
+                                 query=q if dynamic else None, key=k if dynamic else None)
         dropped = probs * ~lay.to_dense()[0].to(probs.device)  # [H, L, L]
         acc += dropped.mean(0).cpu()
         per_layer_head.append([sig(float(x), 4) for x in dropped.sum(-1).mean(-1)])
@@ -426,6 +458,9 @@ def kernel_references(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     from spattn.bench.selection import flex_fn
 
     device = q.device
+    if isinstance(pattern, spattn.Hierarchical):
+        raise ValueError("Hierarchical is three attention calls mixed by gates, not one block mask: it has no "
+                         "Flex reference (its latency column times spattn.hierarchical.hierarchical_attention)")
     if rounds is None:
         rounds = KERNEL_ROUNDS if device.type == "cuda" else KERNEL_ROUNDS_CPU
     dynamic = pattern.contains_dynamic()

@@ -9,11 +9,11 @@ from spattn._optional import require
 
 _FAMILY_COLORS = {
     "window": "#7f7f7f", "sinks_window": "#1f77b4", "strided": "#9467bd", "random": "#8c564b",
-    "budgeted": "#2ca02c", "plan": "#17becf", "learned": "#000000",
+    "budgeted": "#2ca02c", "plan": "#17becf", "learned": "#000000", "hierarchical": "#bc8f00",
 }
 _SELECTOR_COLORS = {"pooled": "#d62728", "vertical_slash": "#ff7f0e", "antidiagonal": "#e377c2", "bounds": "#bcbd22"}
 _MARKERS = {"window": "s", "sinks_window": "o", "strided": "^", "random": "v", "budgeted": "D", "top_p": "*",
-            "plan": "P", "learned": "X"}
+            "plan": "P", "learned": "X", "hierarchical": "h"}
 
 
 def series_key(rec: dict[str, Any]) -> str:

@@ -437,6 +437,8 @@ def _fit(run: _Run, length: int, family: str, budget: float, selector: str | Non
                                note="no saved gate was given for this model (--gates PATH: a checkpoint written by "
                                     "spattn.learned.save_gates), so the learned family was not measured")
         return C.fit_learned(cfg.gates, budget, length, cfg.block_size, n_layers)
+    if family == "hierarchical":
+        return C.fit_hierarchical(budget, length, cfg.block_size)
     if family != "top_p":
         return C.static_candidates(family, budget, length, cfg.block_size, cfg.seed)
     layers = captures[0]

@@ -359,6 +359,28 @@ def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 _TABLE_BUFFERS: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = OrderedDict()
 
 
+def table_buffers(B: int, H: int, Hkv: int, P: int, S: int, device: torch.device, *,
+                  grouped: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(kv_mid [B, H, 1, P], full_kv_num [B, H, 1], full_kv_idx [1, 1, 1, 1], masks uint8 [B * Ht * P, S, S])``
+    of the decode tables of :func:`block_tables` (``Ht = Hkv`` when ``grouped``, else ``H``): the tile ids, the
+    empty full list and the mask tiles, cached per shape and shared by every layer and step (the torch and the
+    fused selection both write row 0 of the tiles; launches on one stream run in order)."""
+    Ht = Hkv if grouped else H
+    key = (B, H, Ht, P, S, str(device))
+    bufs = _TABLE_BUFFERS.get(key)
+    if bufs is None:
+        ids = torch.arange(B * Ht * P, dtype=torch.int32, device=device).view(B, Ht, 1, P)
+        if grouped:
+            ids = ids.repeat_interleave(H // Hkv, dim=1)
+        bufs = (ids.contiguous(), torch.zeros(B, H, 1, dtype=torch.int32, device=device),
+                torch.zeros(1, 1, 1, 1, dtype=torch.int32, device=device),
+                torch.zeros(B * Ht * P, S, S, dtype=torch.uint8, device=device))
+        _TABLE_BUFFERS[key] = bufs
+        while len(_TABLE_BUFFERS) > _ROWS_SIZE:
+            _TABLE_BUFFERS.popitem(last=False)
+    return bufs
+
+
 def block_tables(selection: DecodeSelection, *, heads: int, page_size: int) -> tuple[torch.Tensor, ...]:
     """The selection as a Layout's decode tables, built on the device (no host synchronisation):
     ``(kv_num [B, H, 1], kv_idx [B, H, 1, P], kv_mid [B, H, 1, P], full_kv_num [B, H, 1], full_kv_idx
@@ -373,21 +395,8 @@ def block_tables(selection: DecodeSelection, *, heads: int, page_size: int) -> t
     B, Hkv, P = selection.pages.shape
     H, S = heads, page_size
     G = H // Hkv
-    device = selection.pages.device
-    Ht = Hkv if selection.grouped else H
-    key = (B, H, Ht, P, S, str(device))
-    bufs = _TABLE_BUFFERS.get(key)
-    if bufs is None:
-        ids = torch.arange(B * Ht * P, dtype=torch.int32, device=device).view(B, Ht, 1, P)
-        if selection.grouped:
-            ids = ids.repeat_interleave(G, dim=1)
-        bufs = (ids.contiguous(), torch.zeros(B, H, 1, dtype=torch.int32, device=device),
-                torch.zeros(1, 1, 1, 1, dtype=torch.int32, device=device),
-                torch.zeros(B * Ht * P, S, S, dtype=torch.uint8, device=device))
-        _TABLE_BUFFERS[key] = bufs
-        while len(_TABLE_BUFFERS) > _ROWS_SIZE:
-            _TABLE_BUFFERS.popitem(last=False)
-    kv_mid, full_num, full_idx, masks = bufs
+    kv_mid, full_num, full_idx, masks = table_buffers(B, H, Hkv, P, S, selection.pages.device,
+                                                      grouped=selection.grouped)
     used = selection.pages >= 0
     kv_num = used.sum(-1, dtype=torch.int32).repeat_interleave(G, dim=1)[..., None]          # [B, H, 1]
     kv_idx = selection.pages.clamp_min(0).to(torch.int32).repeat_interleave(G, dim=1)[:, :, None, :]
@@ -437,13 +446,13 @@ def auto_paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
                          *, page_size: int, scale: float, whole_buffer: bool = False) -> torch.Tensor:
     """:func:`triton_paged_attention` for CUDA tensors when triton is installed and ``page_size`` is a power of
     two >= 16, else :func:`paged_attention` (the reference, on CPU)."""
-    if query.is_cuda and page_size >= 16 and not page_size & (page_size - 1) and _has_triton():
+    if query.is_cuda and page_size >= 16 and not page_size & (page_size - 1) and has_triton():
         return triton_paged_attention(query, key, value, selection, page_size=page_size, scale=scale,
                                       whole_buffer=whole_buffer)
     return paged_attention(query, key, value, selection, page_size=page_size, scale=scale)
 
 
-def _has_triton() -> bool:
+def has_triton() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("triton") is not None

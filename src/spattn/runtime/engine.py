@@ -40,12 +40,14 @@ from spattn.runtime.decode import (
     DecodePlan,
     auto_paged_attention,
     decode_plan,
+    has_triton,
     paged_attention,
     sampled_recall,
     select,
     select_from_row,
     triton_paged_attention,
 )
+from spattn.runtime.fused import fused_applies, fused_tables, selection_of, tables_attention
 from spattn.runtime.monitor import LEVEL, Metrics, instrument, log_event
 from spattn.selectors.common import pool
 
@@ -55,6 +57,8 @@ Kernel = Callable[..., torch.Tensor]
 _STATIC_KWARGS = ("max_new_tokens", "min_new_tokens", "pad_token_id", "eos_token_id", "past_key_values",
                   "output_logits", "logits_processor", "stopping_criteria", "streamer")
 KERNELS = {"auto": auto_paged_attention, "torch": paged_attention, "triton": triton_paged_attention}
+SELECTIONS = ("auto", "fused", "torch")
+DENSE_DECODES = ("auto", "kernel", "sdpa")
 
 
 def register() -> None:
@@ -157,6 +161,16 @@ class Runtime:
         decode_kernel: ``"auto"`` (default: spattn's triton split-K decode kernel on CUDA, one launch per layer
             on block tables built on the device; the torch reference :func:`~spattn.runtime.paged_attention`
             elsewhere), ``"triton"`` or ``"torch"``.
+        decode_selection: page selection of the static decode step (``cuda_graph=True``): ``"auto"`` (default:
+            the fused triton selection, :func:`spattn.ops.decode.select_pages`, on CUDA for the layers it
+            covers: top-k on ``bounds`` scores, head-independent safeguards, no dense rows; the torch selection
+            elsewhere), ``"fused"`` (the same, also on CPU under ``TRITON_INTERPRET=1``) or ``"torch"``. A
+            replaced :attr:`kernel` always gets the torch selection (it takes a ``DecodeSelection``). If the fused
+            selection raises, the torch selection takes over for good (logged; ``runtime.fused_off`` says why).
+        dense_decode: dense attention of the static decode step: ``"auto"`` (default: spattn's split-K decode
+            kernel over exactly the valid keys of each sequence on CUDA with triton, torch's masked SDPA over the
+            whole capacity elsewhere), ``"kernel"`` or ``"sdpa"``. Reruns after a failed or non-finite sparse
+            call always use SDPA.
 
     Attributes:
         kernel: the sparse decode kernel, ``kernel(query, key, value, selection, page_size=, scale=)``
@@ -180,9 +194,18 @@ class Runtime:
         seed: int = 0,
         decode_kernel: str = "auto",
         cuda_graph: bool = False,
+        decode_selection: str = "auto",
+        dense_decode: str = "auto",
     ) -> None:
         if decode_kernel not in KERNELS:
             raise ValueError(f"decode_kernel must be one of {sorted(KERNELS)}, got {decode_kernel!r}")
+        if decode_selection not in SELECTIONS:
+            raise ValueError(f"decode_selection must be one of {SELECTIONS}, got {decode_selection!r}")
+        if dense_decode not in DENSE_DECODES:
+            raise ValueError(f"dense_decode must be one of {DENSE_DECODES}, got {dense_decode!r}")
+        self.decode_selection = decode_selection
+        self.dense_decode = dense_decode
+        self.fused_off: str | None = None  # why the fused selection was switched off (it raised), None while on
         if isinstance(min_sparse_tokens, bool) or not isinstance(min_sparse_tokens, int) or min_sparse_tokens < 0:
             raise ValueError(f"min_sparse_tokens must be an int >= 0, got {min_sparse_tokens!r}")
         if not 0.0 <= float(recall_sample) <= 1.0:
@@ -466,20 +489,52 @@ class Runtime:
                 self.controller.observe_recall(layer, float(recall.min()))
         return out.contiguous(), None
 
+    def uses_kernel_dense(self, device: torch.device) -> bool:
+        """True when the static step's dense layers run spattn's split-K decode kernel (``dense_decode``)."""
+        S = self.block_size
+        if self.dense_decode == "sdpa" or S < 16 or S & (S - 1):
+            return False
+        return self.dense_decode == "kernel" or (device.type == "cuda" and has_triton())
+
+    def _uses_fused(self, device: torch.device) -> bool:
+        if self.decode_selection == "torch" or self.fused_off is not None \
+                or self.kernel not in (auto_paged_attention, triton_paged_attention):
+            return False
+        return self.decode_selection == "fused" or (device.type == "cuda" and has_triton())
+
+    def _dense_step(self, module, layer, query, key, value, kwargs):
+        """Dense attention of the static step: the split-K kernel on the step's dense tables when they exist
+        and ``layer`` is not being rerun after a failure, else masked SDPA."""
+        st = self._static
+        if st.dense is None or layer in st.failed or layer in st.forced:
+            if st.eager:
+                st.paths[layer] = "dense-sdpa"
+            return _dense_static(module, query, key, value, st.valid, kwargs)
+        if st.eager:
+            st.paths[layer] = "dense-kernel"
+        scale = kwargs.get("scaling")
+        scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+        out = tables_attention(query, key, value, st.dense, scale=scale, grouped=False)
+        return out.transpose(1, 2).contiguous(), None
+
     def _decode_static(self, module, layer, query, key, value, attention_mask, kwargs):
         """The static decode step of ``layer`` (:mod:`spattn.runtime.graph`): key/value are the whole cache
         buffers ``[B, Hkv, C, D]``; device work only unless the step runs eagerly (then a kernel that raises
         makes the layer dense for this generation, and sampled recall is measured)."""
         st = self._static
         if layer not in st.plans or layer in st.dense_layers or st.kind == "dense" or kwargs.get("sliding_window"):
-            return _dense_static(module, query, key, value, st.valid, kwargs)
+            return self._dense_step(module, layer, query, key, value, kwargs)
         plan = st.plans[layer]
         D = query.shape[-1]
         scale = kwargs.get("scaling")
         scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
         rows = st.rows[(plan.static, plan.keep)][0]                                 # [T, Bs, Hs, C]
-        row = rows.index_select(0, st.step.clamp(0, rows.shape[0] - 1))[0]
         dense_rows = st.valid.sum(-1) < self.min_sparse_tokens if st.kind == "mixed" else None
+        if self._uses_fused(query.device) and fused_applies(plan, rows, st.kind == "mixed", self.block_size):
+            return self._decode_static_fused(layer, query, key, value, plan, rows, scale, module, kwargs)
+        row = rows.index_select(0, st.step.clamp(0, rows.shape[0] - 1))[0]
+        if st.eager:
+            st.paths[layer] = "torch"
         cache_layer = self.cache.layers[layer]
         key_min = key_max = key_mean = None
         if plan.rule != "none":
@@ -512,6 +567,42 @@ class Runtime:
             st.density[layer:layer + 1].copy_(selection.density(st.valid.sum(-1)).mean().view(1))
             st.pages[layer:layer + 1].copy_((selection.pages >= 0).sum(-1).float().mean().view(1))
             if st.sample and st.eager:
+                recall = sampled_recall(query, key, st.valid, selection, page_size=self.block_size, scale=scale)
+                self.controller.observe_recall(layer, float(recall.min()))
+        return out.transpose(1, 2).contiguous(), None
+
+    def _decode_static_fused(self, layer, query, key, value, plan, rows, scale, module, kwargs):
+        """:meth:`_decode_static` with the fused selection (:mod:`spattn.runtime.fused`): one selection launch
+        writing the block tables, one decode launch reading them."""
+        st = self._static
+        key_min, key_max = self.cache.layers[layer].page_bounds()
+        if st.eager:
+            st.paths[layer] = "fused"
+
+        def sparse():
+            tables, page_tables = fused_tables(query, key_min, key_max, rows, st.step, st.valid, st.slot,
+                                               st.budget[layer:layer + 1], width=st.widths[layer],
+                                               page_size=self.block_size, scale=scale)
+            return tables_attention(query, key, value, tables, scale=scale, grouped=True), page_tables
+
+        if st.eager:
+            try:
+                out, page_tables = sparse()
+            except Exception as exc:  # noqa: BLE001 - the torch selection takes over, for every layer from now on
+                self.fused_off = f"{type(exc).__name__}: {exc}"
+                log_event(logging.WARNING, "fused_selection_off", layer=layer, reason=self.fused_off)
+                return self._decode_static(module, layer, query, key, value, None, kwargs)
+        else:
+            out, page_tables = sparse()
+        if self.check_finite:
+            bad = ~torch.isfinite(out).all() & torch.isfinite(query).all()
+            st.flags[layer:layer + 1].logical_or_(bad.view(1))
+        if self.level >= 1:
+            counts = st.valid.sum(-1).clamp_min(1)
+            st.density[layer:layer + 1].copy_((page_tables.stats[..., 0].float() / counts[:, None]).mean().view(1))
+            st.pages[layer:layer + 1].copy_(page_tables.stats[..., 1].float().mean().view(1))
+            if st.sample and st.eager:
+                selection = selection_of(page_tables, heads=query.shape[1], page_size=self.block_size)
                 recall = sampled_recall(query, key, st.valid, selection, page_size=self.block_size, scale=scale)
                 self.controller.observe_recall(layer, float(recall.min()))
         return out.transpose(1, 2).contiguous(), None

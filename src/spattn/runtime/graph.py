@@ -31,6 +31,7 @@ import torch
 
 from spattn.runtime.cache import PagedLayer, SpattnCache
 from spattn.runtime.decode import DecodePlan, static_rows
+from spattn.runtime.fused import dense_tables, partial_page_bound
 from spattn.runtime.monitor import log_event
 
 if TYPE_CHECKING:
@@ -70,6 +71,9 @@ class StaticState:
     forced: frozenset = frozenset()                         # layers dense for one rerun (non-finite output)
     budget_values: list = dataclasses.field(default_factory=list)  # what ``budget`` holds (host copy)
     eager: bool = True       # the step being run is not a replay (recall sampling and exceptions allowed)
+    dense_width: int = 1     # partial entries of the dense tables (runtime.fused.partial_page_bound)
+    dense: tuple | None = None  # this step's dense tables (split-K kernel over the valid keys), None: SDPA
+    paths: dict = dataclasses.field(default_factory=dict)  # layer -> attention path of its last eager step
     sample: bool = False     # measure the sampled recall in this (eager) step
 
     @property
@@ -121,6 +125,7 @@ class StaticDecoder:
         self.captures = 0
         self.replays = 0
         self.reason: str | None = None  # why steps are not replayed (None while they are)
+        self.paths: dict[int, str] = {}  # layer -> "fused" / "torch" selection, "dense-kernel" / "dense-sdpa"
         if self.use_graph and self.device.type != "cuda":
             self._no_graph(f"no CUDA graph on device {self.device.type!r}: the static step runs eagerly")
 
@@ -153,7 +158,8 @@ class StaticDecoder:
                                                                                        device=dev),
             budget=torch.zeros(n, dtype=torch.long, device=dev), flags=torch.zeros(n, dtype=torch.bool, device=dev),
             density=torch.zeros(n, device=dev), pages=torch.zeros(n, device=dev), prompt_len=P0, capacity=C,
-            steps=self.max_new_tokens - 1, offsets=_leading(self.mask2d), kind=kind)
+            steps=self.max_new_tokens - 1, offsets=_leading(self.mask2d), kind=kind,
+            dense_width=partial_page_bound(self.mask2d, S))
 
     def _configure(self, st: StaticState, heads: int, kv_heads: int) -> tuple:
         """Plans, rows, widths and budgets of the current controller state; returns the recording key."""
@@ -199,6 +205,10 @@ class StaticDecoder:
         torch.sub(st.slot, st.prompt_len, out=st.step)
         length = st.slot + 1
         st.page_sizes.copy_((length - torch.arange(st.page_sizes.shape[0], device=self.device) * S).clamp(1, S))
+        rt = self.runtime
+        needs_dense = st.kind == "dense" or bool(st.dense_layers) or len(st.plans) < rt.num_layers
+        st.dense = dense_tables(st.valid, page_size=S, partial_width=st.dense_width) \
+            if needs_dense and rt.uses_kernel_dense(self.device) else None
         out = self.runtime.model(input_ids=tokens, attention_mask=st.mask, position_ids=positions,
                                  past_key_values=cache, use_cache=True)
         return out.logits[:, -1]
@@ -263,6 +273,7 @@ class StaticDecoder:
         if self.max_new_tokens == 1 or done:
             return self._finish(generated)
         st = self._state(cache)
+        st.paths = self.paths
         rt._static = st
         tokens = next_tokens[:, None].clone()
         position = positions[:, -1:].clone() + 1

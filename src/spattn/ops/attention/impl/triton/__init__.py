@@ -78,8 +78,9 @@ def attention_triton(
     Args:
         query: [B, H, Lq, D]; key, value: [B, Hkv, Lk, D] with H % Hkv == 0 (GQA reads K/V in place).
         layout: a :class:`spattn.Layout` for (Lq, Lk); tables [Bl, Hl, ...] with Bl in (1, B), Hl in (1, H).
-        scale: softmax scale. return_lse: also return the log-sum-exp. deterministic: request bitwise
-            reproducible gradients (every current configuration already is).
+        scale: softmax scale. return_lse: also return the log-sum-exp. deterministic: bitwise reproducible
+            gradients (default False): takes the split backward even when ``SPATTN_TRITON_BACKWARD=atomic``
+            selects the one-pass atomic one (Note [atomic backward] in ``_backward.py``).
 
     Returns:
         (out [B, H, Lq, D] in the input dtype, lse float32 [B, H, Lq] natural log or None). Rows with no

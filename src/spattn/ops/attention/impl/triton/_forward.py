@@ -108,10 +108,14 @@ def forward_row(
                 band_left, band_right, n_sinks, sink_min_d, qk_scale, D, DP, True, EVEN, BAND)
     for e in range(p_lo, p_hi):
         kb = tl.load(p_row + e)
-        mid = tl.load(id_row + e).to(tl.int64)
+        if not BAND:  # the banded path computes its masks from iota: no mask id to load
+            mid = tl.load(id_row + e).to(tl.int64)
         for sub in tl.static_range(BS // BLOCK_N):
             cols = kb * BS + sub * BLOCK_N + offs_n
-            mask_ptrs = MASKS + mid * (BS * BS) + mask_rows[:, None] * BS + (sub * BLOCK_N + offs_n)[None, :]
+            if BAND:
+                mask_ptrs = MASKS
+            else:
+                mask_ptrs = MASKS + mid * (BS * BS) + mask_rows[:, None] * BS + (sub * BLOCK_N + offs_n)[None, :]
             acc, l_i, m_i = forward_block(
                 acc, l_i, m_i, q, k_base, v_base, stride_k, stride_v, cols, Lk, offs_d, mask_ptrs, q_pos,
                 band_left, band_right, n_sinks, sink_min_d, qk_scale, D, DP, False, EVEN, BAND)

@@ -14,14 +14,33 @@ order; under CUDA-graph capture fresh ones are made, owned by the graph.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import _plan, _tuning
-from ._backward import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
+from ._backward import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_fused_kernel, attn_bwd_preprocess_kernel
 from ._forward import attn_fwd_kernel, decode_kernel
 
 LOG2E = 1.4426950408889634
 PERSISTENT_WAVES = 2  # programs per SM of the persistent forward
+BACKWARD_METHODS = ("split", "atomic")
+HEADS_FIRST = True  # backward grids issue every head's heaviest tile first (Note [heads first] in _backward.py)
+
+
+def _bwd_grid(tiles: int, heads: int) -> tuple[tuple[int, int], int]:
+    """(grid, HEADS_FIRST) of a backward kernel with ``tiles`` row/column tiles per (batch, head)."""
+    return ((heads, tiles), 1) if HEADS_FIRST else ((tiles, heads), 0)
+
+
+def backward_method() -> str:
+    """The backward kernels used when the caller does not ask for determinism: ``SPATTN_TRITON_BACKWARD``
+    ("split": dQ and dK/dV kernels, deterministic; "atomic": the one-pass kernel, Note [atomic backward] in
+    ``_backward.py``); default "split"."""
+    method = os.environ.get("SPATTN_TRITON_BACKWARD", "split")
+    if method not in BACKWARD_METHODS:
+        raise ValueError(f"SPATTN_TRITON_BACKWARD must be one of {BACKWARD_METHODS}, got {method!r}")
+    return method
 
 
 def _lastdim(t: torch.Tensor) -> torch.Tensor:
@@ -274,50 +293,116 @@ def decode_layout(q, k, v, layout, scale: float, band=()) -> tuple[torch.Tensor,
     return plan.run(q, k, v)
 
 
+def _tma_modes(q: torch.Tensor, do: torch.Tensor, dq32: torch.Tensor) -> tuple[bool, bool]:
+    """(TMA loads of q / dO, TMA reduction of dQ) for the atomic backward, from ``SPATTN_TRITON_TMA`` ("0": off,
+    the default; "load": loads only; "1": both, CUDA only: the interpreter has no descriptor reductions), where
+    the head dim is a power of two >= 16 and the tensors' strides are 16-byte aligned. Off by default: compiled
+    for sm_90 on the CPU (triton 3.9) the TMA variant spilled more registers (424 against 264 bytes at 64x128)
+    and needed 241 KB of shared memory, above the 227 KB limit (``benchmarks/NOTES-kernels.md``, v6)."""
+    mode = os.environ.get("SPATTN_TRITON_TMA", "0")
+    if mode not in ("0", "load", "1"):
+        raise ValueError(f"SPATTN_TRITON_TMA must be 0, load or 1, got {mode!r}")
+    if mode == "1" and q.device.type != "cuda":
+        mode = "load"
+    D = q.shape[-1]
+    ok = D == _dp(D) and all(
+        t.stride(-1) == 1 and all((s * t.element_size()) % 16 == 0 for s in t.stride()[:-1]) and t.data_ptr() % 16 == 0
+        for t in (q, do, dq32))
+    if mode == "0" or not ok:
+        return False, False
+    return True, mode == "1"
+
+
+def _descriptor(t: torch.Tensor, block: list[int]):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), block)
+
+
 def backward(do, q, k, v, o, lse, dlse, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx,
-             q_num, q_idx, q_mid, fq_num, fq_idx, masks, scale: float):
-    """(dq, dk, dv) in the input dtypes; ``dlse`` (or None) is the gradient flowing into lse. Always the stored
-    masks (Note [no band in backward] in ``_backward.py``)."""
+             q_num, q_idx, q_mid, fq_num, fq_idx, masks, scale: float, method: str | None = None,
+             deterministic: bool = False):
+    """(dq, dk, dv) in the input dtypes; ``dlse`` (or None) is the gradient flowing into lse. ``method``:
+    "split" or "atomic" (Note [atomic backward] in ``_backward.py``; None: :func:`backward_method`);
+    ``deterministic`` always takes "split". Always the stored masks (Note [no band in backward])."""
+    if deterministic:
+        method = "split"
+    elif method is None:
+        method = backward_method()
+    elif method not in BACKWARD_METHODS:
+        raise ValueError(f"method must be one of {BACKWARD_METHODS}, got {method!r}")
+    atomic = method == "atomic"
     q, k, v, o, do = _lastdim(q), _lastdim(k), _lastdim(v), _lastdim(o), _lastdim(do)
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     G = H // Hkv
     bs = masks.shape[-1]
-    kv_num, kv_idx, kv_mid, fkv_num, fkv_idx = _tables(kv_num, kv_idx, kv_mid, fkv_num, fkv_idx)
     q_num, q_idx, q_mid, fq_num, fq_idx = _tables(q_num, q_idx, q_mid, fq_num, fq_idx)
     m8 = _masks(masks)
     DP = _dp(D)
     lse = lse.contiguous()
     delta = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
     lse2 = torch.empty_like(delta)
+    dlse32 = None if dlse is None else dlse.to(torch.float32).contiguous()
+    dq32 = torch.empty(B, H, Lq, D, dtype=torch.float32, device=q.device) if atomic else delta
     PB = 64
     attn_bwd_preprocess_kernel[(_cdiv(Lq, PB), B * H)](
-        o, do, lse, delta, lse2, Lq, H, _s3(o), _s3(do), D=D, DP=DP, BLOCK_M=PB)
-    if dlse is not None:
-        delta = delta - dlse.to(torch.float32)
+        o, do, lse, delta if dlse32 is None else dlse32, delta, lse2, dq32, Lq, H, _s3(o), _s3(do), _s3(dq32)
+        if atomic else (0, 0, 0), D=D, DP=DP, BLOCK_M=PB, HAS_DLSE=dlse32 is not None, ZERO_DQ=atomic)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    even = Lk % bs == 0 and Lq % bs == 0
+
+    if atomic:
+        tma, tma_dq = _tma_modes(q, do, dq32)
+
+        def launch_fused(cfg: _tuning.Config, dq_acc: torch.Tensor = dq32) -> None:
+            block = [1, 1, cfg.block_m, D]
+            descs = (_descriptor(q, block) if tma else None, _descriptor(do, block) if tma else None,
+                     _descriptor(dq_acc, block) if tma_dq else None)
+            grid, first = _bwd_grid(_cdiv(Lk, cfg.block_n), B * Hkv)
+            attn_bwd_fused_kernel[grid](
+                q, k, v, do, dk, dv, dq_acc, lse2, delta, q_num, q_idx, q_mid, fq_num, fq_idx, m8, *descs,
+                scale * LOG2E, scale, Lq, Lk, H, Hkv, G, first,
+                _s3(q), _s3(k), _s3(v), _s3(do), _s3(dk), _s3(dv), _s3(dq_acc),
+                *_table_strides(q_num, q_idx, fq_idx),
+                D=D, DP=DP, BS=bs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=tma, TMA_DQ=tma_dq,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
+
+        def bench_fused(cfg: _tuning.Config) -> float:  # tuning accumulates into a scratch buffer, not dq32
+            scratch = torch.zeros_like(dq32)
+            return _bench(lambda: (scratch.zero_(), launch_fused(cfg, scratch)))
+
+        key = _plan.facts(q_idx, fq_idx, _cdiv(Lq, bs), bs, G)
+        cfg = _tuning.choose("bwd", D, q.dtype, key, q.device, bs, bench=bench_fused, pairs=Lq * Lk, even=even)
+        _tuning.run_with_fallback(launch_fused, cfg)
+        torch.mul(dq32, scale, out=dq)
+        return dq, dk, dv
+
+    kv_num, kv_idx, kv_mid, fkv_num, fkv_idx = _tables(kv_num, kv_idx, kv_mid, fkv_num, fkv_idx)
 
     def launch_dq(cfg: _tuning.Config) -> None:
-        attn_bwd_dq_kernel[(_cdiv(Lq, cfg.block_m), B * H)](
+        grid, first = _bwd_grid(_cdiv(Lq, cfg.block_m), B * H)
+        attn_bwd_dq_kernel[grid](
             q, k, v, do, dq, lse2, delta, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx, m8,
-            scale * LOG2E, scale, Lq, Lk, H, G,
+            scale * LOG2E, scale, Lq, Lk, H, G, first,
             _s3(q), _s3(k), _s3(v), _s3(do), _s3(dq), *_table_strides(kv_num, kv_idx, fkv_idx),
             D=D, DP=DP, BS=bs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EVEN=Lk % bs == 0,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
     def launch_dkdv(cfg: _tuning.Config) -> None:
-        attn_bwd_dkdv_kernel[(_cdiv(Lk, cfg.block_n), B * Hkv)](
+        grid, first = _bwd_grid(_cdiv(Lk, cfg.block_n), B * Hkv)
+        attn_bwd_dkdv_kernel[grid](
             q, k, v, do, dk, dv, lse2, delta, q_num, q_idx, q_mid, fq_num, fq_idx, m8,
-            scale * LOG2E, scale, Lq, Lk, H, Hkv, G,
+            scale * LOG2E, scale, Lq, Lk, H, Hkv, G, first,
             _s3(q), _s3(k), _s3(v), _s3(do), _s3(dk), _s3(dv), *_table_strides(q_num, q_idx, fq_idx),
             D=D, DP=DP, BS=bs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
-    even = Lk % bs == 0 and Lq % bs == 0
     key = _plan.facts(kv_idx, fkv_idx, _cdiv(Lk, bs), bs, G)
     cfg = _tuning.choose("dq", D, q.dtype, key, q.device, bs, bench=lambda c: _bench(lambda: launch_dq(c)),
                          pairs=Lq * Lk, even=even)

@@ -42,9 +42,9 @@ def attention_backward_op(
     grad_out: Tensor, grad_lse: Tensor | None, query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor,
     tables: list[Tensor], scale: float, deterministic: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    # Note [no atomics] in _backward.py: every configuration is deterministic, so `deterministic` only
-    # records the request (a faster atomic variant would have to honour it).
-    return _launch.backward(grad_out, query, key, value, out, lse, grad_lse, *tables, scale)
+    # Note [no atomics] / [atomic backward] in _backward.py: `deterministic` takes the split backward
+    return _launch.backward(grad_out, query, key, value, out, lse, grad_lse, *tables, scale,
+                            deterministic=deterministic)
 
 
 @attention_backward_op.register_fake
@@ -87,7 +87,7 @@ class EagerAttention(torch.autograd.Function):
         fn = _launch.decode if use_decode else _launch.forward
         out, lse = fn(query, key, value, *tables[:5], tables[10], scale, band)
         ctx.save_for_backward(query, key, value, out, lse, *tables)
-        ctx.scale, ctx.band = scale, band
+        ctx.scale, ctx.band, ctx.deterministic = scale, band, deterministic
         ctx.mark_non_differentiable(*tables)
         ctx.set_materialize_grads(False)  # an unused lse gets no zero gradient (and no extra kernel)
         return out, lse
@@ -98,5 +98,6 @@ class EagerAttention(torch.autograd.Function):
         query, key, value, out, lse = saved[:5]
         if grad_out is None:
             grad_out = torch.zeros_like(out)
-        dq, dk, dv = _launch.backward(grad_out, query, key, value, out, lse, grad_lse, *saved[5:], ctx.scale)
+        dq, dk, dv = _launch.backward(grad_out, query, key, value, out, lse, grad_lse, *saved[5:], ctx.scale,
+                                      deterministic=ctx.deterministic)
         return (dq, dk, dv) + (None,) * (4 + len(saved) - 5)

@@ -41,6 +41,8 @@ INTERPRETER = Config(64, 64, 4, 1)  # CPU interpreter: large tiles = fewer (slow
 #   with 3 stages is at the 227 KB limit, and an out-of-resources retry is one more compile).
 # - dq: D128 128x64 / 8 warps, D64 64x64 / 4 warps; dkdv: D128 64x128 / 8 warps, D64 64x64 / 4 warps (all 3
 #   stages; the tuner's picks for every key).
+# - bwd (the one-pass atomic backward, Note [atomic backward] in ``_backward.py``): the dkdv tiles (it walks
+#   the same tables with the same accumulators) until an H200 run says otherwise (kernels_v6.py A/Bs them).
 # - decode: 16x128, 4 warps, 3 stages (the tuner's pick for the head-shared keys at D128).
 # - fp32 (IEEE products, tiles twice the bytes): 64x64; 2 stages above D 64 so the tiles fit.
 _DEFAULTS: dict[tuple[str, bool], Config] = {  # (kernel, D <= 64), bf16 / fp16, stored masks
@@ -52,6 +54,8 @@ _DEFAULTS: dict[tuple[str, bool], Config] = {  # (kernel, D <= 64), bf16 / fp16,
     ("dkdv", False): Config(64, 128, 8, 3),
     ("decode", True): Config(16, 128, 4, 3),
     ("decode", False): Config(16, 128, 4, 3),
+    ("bwd", True): Config(64, 64, 4, 3),
+    ("bwd", False): Config(64, 128, 8, 3),
 }
 _FP32: dict[tuple[str, bool], Config] = {
     ("fwd", True): Config(64, 64, 8, 3),
@@ -62,6 +66,8 @@ _FP32: dict[tuple[str, bool], Config] = {
     ("dkdv", False): Config(64, 64, 8, 2),
     ("decode", True): Config(16, 64, 4, 3),
     ("decode", False): Config(16, 64, 4, 2),
+    ("bwd", True): Config(64, 64, 4, 3),
+    ("bwd", False): Config(64, 64, 8, 2),
 }
 
 _CANDIDATES: dict[str, list[Config]] = {
@@ -71,6 +77,7 @@ _CANDIDATES: dict[str, list[Config]] = {
     ],
     "dq": [Config(128, 64, 8, 3), Config(64, 64, 4, 3), Config(64, 128, 8, 2)],
     "dkdv": [Config(64, 128, 8, 3), Config(64, 64, 4, 3), Config(128, 64, 8, 2)],
+    "bwd": [Config(64, 128, 8, 3), Config(64, 128, 8, 2), Config(64, 64, 4, 3), Config(32, 128, 4, 3)],
     "decode": [Config(16, 64, 4, 3), Config(16, 128, 4, 3), Config(16, 64, 4, 4), Config(16, 128, 8, 3)],
 }
 
@@ -116,7 +123,7 @@ def cache_key(kernel: str, head_dim: int, dtype: torch.dtype, facts: str, device
 
 def default(kernel: str, head_dim: int, dtype: torch.dtype | None = None, *, banded: bool = False,
             even: bool = True) -> Config:
-    """The untuned config (Note [defaults]) for ``kernel`` ("fwd", "dq", "dkdv", "decode") at this head dim and
+    """The untuned config (Note [defaults]) for ``kernel`` ("fwd", "dq", "dkdv", "bwd", "decode") at this head dim and
     dtype (None: bf16 / fp16); ``banded``: the forward runs the closed-form masks (Note [band] in
     ``_forward.py``); ``even``: no key tail (lengths a multiple of the block size)."""
     small = head_dim <= 64

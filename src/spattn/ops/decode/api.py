@@ -1,0 +1,119 @@
+"""``select_pages``: the fused decode page selection (one triton launch per layer and step), its checks and
+its launch. The reference is the torch selection of :mod:`spattn.runtime.decode`
+(:func:`~spattn.runtime.decode.select_from_row` + :func:`~spattn.runtime.decode.block_tables`), which the
+tests use as the oracle; the kernel is in ``_kernel.py``."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from spattn._optional import require
+
+_SCRATCH: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+@dataclasses.dataclass
+class PageTables:
+    """What :func:`select_pages` writes: ``kv_num`` int32 ``[B, H, 1]`` (visited pages), ``kv_idx`` int32
+    ``[B, H, 1, W]`` (their indices, ascending, unused slots 0; equal for the G query heads of a key/value
+    group), row 0 of ``masks`` uint8 ``[B * Hkv * W, S, S]`` (tile ``(b * Hkv + k) * W + j``: the token mask of
+    slot ``j``), ``stats`` int32 ``[B, Hkv, 3]`` (attended tokens, visited pages, pages chosen by the top-k)."""
+
+    kv_num: torch.Tensor
+    kv_idx: torch.Tensor
+    masks: torch.Tensor
+    stats: torch.Tensor
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def select_pages(query: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor, rows: torch.Tensor,
+                 step: torch.Tensor, valid: torch.Tensor, slot: torch.Tensor, budget: torch.Tensor, masks: torch.Tensor,
+                 *, width: int, scale: float) -> PageTables:
+    """The pages one decode query attends, as block tables for the split-K decode kernel, with no host read.
+
+    The safeguards (the static row: sinks, window, mandatory tokens) keep their pages; of the other visible
+    pages the ``budget`` best by Quest's bound (per-page key min / max, the mean over the key/value group's
+    query heads of each head's page softmax) are chosen; the visited pages fill the first ``width`` slots in
+    ascending order. Same selection as :func:`spattn.runtime.decode.select_from_row` with ``rule="top_k"``,
+    ``selector="bounds"``, a head-independent static row and no dense rows.
+
+    Args:
+        query: ``[B, H, 1, D]`` (CUDA, or CPU under ``TRITON_INTERPRET=1``).
+        key_min, key_max: ``[B, Hkv, NP, D]`` contiguous per-page key bounds (``NP = C / S`` pages of the
+            capacity ``C``; pages past the query are masked by ``valid``).
+        rows: bool ``[T, Bs, 1, C]`` (``Bs`` in (1, B)): the static part's keys for each decode step.
+        step: int64 ``[1]``: the row of ``rows`` this step reads (clamped to ``[0, T)``).
+        valid: bool ``[B, C]``: keys that may be attended (prompt without padding, decoded tokens so far).
+        slot: int64 ``[1]``: the query's cache slot (``slot + 1`` keys up to it; the last page's size).
+        budget: int64 ``[1]``: pages the top-k may choose beyond the safeguards' (per key/value head).
+        masks: uint8 ``[>= B * Hkv * width, S, S]``: the mask tiles; only row 0 of the used tiles is written.
+        width: ``W``, slots of the tables (``>= 1``).
+        scale: softmax scale of the page logits (``> 0``).
+
+    Returns:
+        :class:`PageTables`.
+    """
+    require("triton", extra="gpu")
+    from spattn.ops.decode._kernel import page_select_kernel
+
+    if query.dim() != 4 or query.shape[2] != 1:
+        raise ValueError(f"query must be [B, H, 1, D], got shape {tuple(query.shape)}")
+    B, H, _, D = query.shape
+    if key_min.dim() != 4 or key_min.shape != key_max.shape or key_min.shape[0] != B or key_min.shape[3] != D:
+        raise ValueError(f"key_min/key_max must be [B={B}, Hkv, NP, D={D}] and equal, got "
+                         f"{tuple(key_min.shape)} / {tuple(key_max.shape)}")
+    Hkv, NP = key_min.shape[1], key_min.shape[2]
+    if H % Hkv:
+        raise ValueError(f"query heads ({H}) must be a multiple of the key/value heads ({Hkv})")
+    if valid.dim() != 2 or valid.shape[0] != B or valid.shape[1] % NP or valid.dtype != torch.bool:
+        raise ValueError(f"valid must be bool [B={B}, C] with C a multiple of NP={NP}, got "
+                         f"{valid.dtype} {tuple(valid.shape)}")
+    C = valid.shape[1]
+    S = C // NP
+    if S < 1 or S & (S - 1):
+        raise ValueError(f"the page size C / NP = {S} must be a power of two")
+    if rows.dim() != 4 or rows.shape[1] not in (1, B) or rows.shape[2] != 1 or rows.shape[3] != C \
+            or rows.dtype != torch.bool:
+        raise ValueError(f"rows must be bool [T, 1 or {B}, 1, C={C}], got {rows.dtype} {tuple(rows.shape)}")
+    if not isinstance(width, int) or width < 1:
+        raise ValueError(f"width must be an int >= 1, got {width!r}")
+    if masks.dim() != 3 or masks.shape[0] < B * Hkv * width or masks.shape[1:] != (S, S) \
+            or masks.dtype != torch.uint8 or not masks.is_contiguous():
+        raise ValueError(f"masks must be contiguous uint8 [>= {B * Hkv * width}, {S}, {S}], got "
+                         f"{masks.dtype} {tuple(masks.shape)}")
+    if not float(scale) > 0:
+        raise ValueError(f"scale must be > 0, got {scale!r}")
+    for name, t in (("step", step), ("slot", slot), ("budget", budget)):
+        if t.numel() != 1 or t.dtype != torch.long:
+            raise ValueError(f"{name} must be an int64 tensor of one element, got {t.dtype} {tuple(t.shape)}")
+    key_min, key_max = key_min.contiguous(), key_max.contiguous()
+    rows = rows.contiguous()
+    dev = query.device
+    skey = (B, H, Hkv, NP, str(dev))
+    scratch = _SCRATCH.get(skey)
+    if scratch is None:
+        scratch = (torch.empty(B * H * NP, dtype=torch.float32, device=dev),
+                   torch.empty(B * Hkv * NP, dtype=torch.float32, device=dev),
+                   torch.empty(B * Hkv * NP, dtype=torch.int32, device=dev))
+        if len(_SCRATCH) >= 8:
+            _SCRATCH.pop(next(iter(_SCRATCH)))
+        _SCRATCH[skey] = scratch
+    kv_num = torch.empty(B, H, 1, dtype=torch.int32, device=dev)
+    kv_idx = torch.empty(B, H, 1, width, dtype=torch.int32, device=dev)
+    stats = torch.empty(B, Hkv, 3, dtype=torch.int32, device=dev)
+    G = H // Hkv
+    sr_b = rows.stride(1) if rows.shape[1] > 1 else 0
+    page_select_kernel[(B * Hkv,)](
+        query, key_min, key_max, rows.view(torch.uint8), valid.view(torch.uint8), slot, step, budget,
+        *scratch, kv_num, kv_idx, masks, stats,
+        float(scale), NP, width, rows.shape[0], rows.stride(0), sr_b, valid.stride(0),
+        (query.stride(0), query.stride(1)), (key_min.stride(1), key_min.stride(2)),
+        Hkv=Hkv, G=G, GP=max(16, _pow2(G)), D=D, DP=max(16, _pow2(D)), S=S, BLOCK_P=64, NPP=max(16, _pow2(NP)),
+        WP=max(16, _pow2(width)), num_warps=8,
+    )
+    return PageTables(kv_num=kv_num, kv_idx=kv_idx, masks=masks, stats=stats)
