@@ -607,6 +607,10 @@ def test_scoring_backend_takes_the_reference_only_where_its_measured_latency_is_
                             dense) == "reference"
     assert _scoring_backend("auto", fast, dense) == "auto"  # CUDA: never switched
     assert _scoring_backend("dense", fast, {"latency": {}}) == "dense"  # a cache without the dense-backend time
+    # a Hierarchical row compares its own whole call on the two backends
+    assert _scoring_backend("dense", fast | {"whole_call": True}, dense) == "dense"
+    assert _scoring_backend("dense", fast | {"whole_call": True, "dense_backend_ms": 30.0}, dense) == "dense"
+    assert _scoring_backend("dense", fast | {"whole_call": True, "dense_backend_ms": 90.0}, dense) == "reference"
 
 
 def test_default_is_1024_and_2048_at_two_budgets():

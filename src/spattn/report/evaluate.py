@@ -370,8 +370,12 @@ def hierarchical_latency(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     compile_ms = time_call(lambda: branch_layouts(q, k, pattern), repeats, q.device)
     call = lambda: hierarchical_attention(q, k, v, pattern, backend=backend)  # noqa: E731
     out = interleaved_latency(call, _dense_call(q, k, v, backend, block_size), repeats=repeats, device=q.device)
-    out.update({"backend": backend, "compile_ms": sig(compile_ms, 4), "includes_selection": True,
+    out.update({"backend": backend, "dtype": str(q.dtype).removeprefix("torch."), "compile_ms": sig(compile_ms, 4),
+                "includes_selection": True, "whole_call": True,
                 "peak_memory_mb": sig(peak_memory_bytes(call, q.device) / 2**20, 4), "shared_timing": False})
+    if backend == "reference":  # the same call on the dense backend, for Note [scoring backend per candidate]
+        out["dense_backend_ms"] = sig(time_call(lambda: hierarchical_attention(q, k, v, pattern, backend="dense"),
+                                                1, q.device), 4)
     return out
 
 

@@ -494,8 +494,11 @@ def _scoring_backend(default: str, latency: dict[str, Any], dense: dict[str, Any
     # reference on this layer, and the dense stage the dense backend on the same inputs (dense_backend_ms), so
     # each candidate's forwards take the faster of the two. Both compute the same attention (the reference is
     # the oracle the dense backend is tested against), so the numbers do not depend on the choice; results.json
-    # records it (candidates[].model.backend).
+    # records it (candidates[].model.backend). A Hierarchical row times its whole call (pooling, selection,
+    # branches) on both backends itself.
     reference_ms, dense_ms = latency.get("median_ms"), dense.get("latency", {}).get("dense_backend_ms")
+    if latency.get("whole_call"):  # a Hierarchical row: its own call (three branches) on the dense backend
+        dense_ms = latency.get("dense_backend_ms")
     if default != "dense" or latency.get("backend") != "reference" or reference_ms is None or dense_ms is None:
         return default
     dense_ms += latency.get("compile_ms", 0.0) if latency.get("includes_selection") else 0.0
