@@ -617,3 +617,20 @@ def test_default_is_1024_and_2048_at_two_budgets():
     # Note [default lengths and budgets]: the 1024 + 4096 and three budgets are flags away
     cfg = ReportConfig()
     assert (cfg.chunk_length, cfg.lengths, cfg.budgets) == (1024, (2048,), (0.1, 0.25))
+
+
+def test_latency_rows_are_timed_in_the_latency_dtype():
+    import torch
+
+    import spattn
+    from spattn.report.evaluate import candidate_latency, dense_latency
+
+    g = torch.Generator().manual_seed(0)
+    captures = [[(torch.randn(1, 4, 64, 16, generator=g), torch.randn(1, 2, 64, 16, generator=g))] * 3]
+    row = candidate_latency(spattn.Sinks(4) | spattn.Window(12), captures, block_size=16, backend="reference",
+                            repeats=1, seed=0, dtype="bfloat16")
+    assert row["dtype"] == "bfloat16" and row["median_ms"] > 0 and "note" not in row
+    dense = dense_latency(captures, "reference", 1, 0, 16, dtype="bfloat16", scoring_backend="dense")
+    assert dense["dtype"] == "bfloat16" and dense["dense_backend_ms"] > 0
+    assert candidate_latency(spattn.Window(8), captures, block_size=16, backend="reference", repeats=1,
+                             seed=0)["dtype"] == "float32"  # default: the captured dtype
