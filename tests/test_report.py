@@ -440,6 +440,7 @@ def test_latency_rows_carry_their_spread_and_noise_is_flagged(tiny):
         assert lat["repeats"] >= 1 and lat["spread"] >= 0 and isinstance(lat["noisy"], bool)
         assert lat["peak_memory_mb"] >= 0 and lat["dense_ms"] > 0
         assert lat["dtype"] == tiny["results"]["backends"]["latency_dtype"] == "float32"
+        assert c["model"]["backend"] in ("dense", "reference")  # Note [scoring backend per candidate]
     # a planted noisy timing: alternately fast and very slow calls
     calls = [0]
 
@@ -595,22 +596,16 @@ def test_one_forward_per_distinct_static_layout():
     assert key(Plan.uniform(spattn.Adaptive("pooled", keys=16, sinks=4, window=8))) is None  # input-dependent
 
 
-def test_scoring_backend_takes_the_reference_only_where_its_measured_latency_is_faster():
-    from spattn.report.pipeline import _scoring_backend
+def test_scoring_backend_is_a_rule_on_the_layout_cost_so_runs_repeat():
+    from spattn.report.pipeline import REFERENCE_MAX_BLOCK_FRACTION, _scoring_backend
 
-    dense = {"latency": {"dense_backend_ms": 100.0}}
-    fast = {"backend": "reference", "median_ms": 40.0, "compile_ms": 5.0, "includes_selection": False}
-    assert _scoring_backend("dense", fast, dense) == "reference"
-    assert _scoring_backend("dense", fast | {"median_ms": 150.0}, dense) == "dense"
-    # a dynamic layout pays its selection on either backend: compared with the dense backend plus the selection
-    assert _scoring_backend("dense", fast | {"median_ms": 110.0, "compile_ms": 20.0, "includes_selection": True},
-                            dense) == "reference"
-    assert _scoring_backend("auto", fast, dense) == "auto"  # CUDA: never switched
-    assert _scoring_backend("dense", fast, {"latency": {}}) == "dense"  # a cache without the dense-backend time
-    # a Hierarchical row compares its own whole call on the two backends
-    assert _scoring_backend("dense", fast | {"whole_call": True}, dense) == "dense"
-    assert _scoring_backend("dense", fast | {"whole_call": True, "dense_backend_ms": 30.0}, dense) == "dense"
-    assert _scoring_backend("dense", fast | {"whole_call": True, "dense_backend_ms": 90.0}, dense) == "reference"
+    static = {"family": "sinks_window", "dynamic": False, "cost": {"block_fraction": 0.3}}
+    assert _scoring_backend("dense", static) == "reference"
+    wide = static | {"cost": {"block_fraction": REFERENCE_MAX_BLOCK_FRACTION + 0.01}}
+    assert _scoring_backend("dense", wide) == "dense"
+    assert _scoring_backend("dense", static | {"family": "top_p", "dynamic": True}) == "dense"  # token selection
+    assert _scoring_backend("dense", {"family": "hierarchical", "dynamic": True, "cost": {}}) == "reference"
+    assert _scoring_backend("auto", static) == "auto"  # CUDA: never switched
 
 
 def test_default_is_1024_and_2048_at_two_budgets():
@@ -630,7 +625,7 @@ def test_latency_rows_are_timed_in_the_latency_dtype():
     row = candidate_latency(spattn.Sinks(4) | spattn.Window(12), captures, block_size=16, backend="reference",
                             repeats=1, seed=0, dtype="bfloat16")
     assert row["dtype"] == "bfloat16" and row["median_ms"] > 0 and "note" not in row
-    dense = dense_latency(captures, "reference", 1, 0, 16, dtype="bfloat16", scoring_backend="dense")
-    assert dense["dtype"] == "bfloat16" and dense["dense_backend_ms"] > 0
+    dense = dense_latency(captures, "reference", 1, 0, 16, dtype="bfloat16")
+    assert dense["dtype"] == "bfloat16" and dense["spattn_causal_ms"] > 0
     assert candidate_latency(spattn.Window(8), captures, block_size=16, backend="reference", repeats=1,
                              seed=0)["dtype"] == "float32"  # default: the captured dtype

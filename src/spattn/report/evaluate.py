@@ -164,11 +164,9 @@ def _dense_call(q, k, v, backend: str, block_size: int):
 
 
 def dense_latency(captures: Captures, backend: str, repeats: int, seed: int, block_size: int,
-                  device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-                  scoring_backend: str | None = None) -> dict[str, Any]:
+                  device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None) -> dict[str, Any]:
     """Dense causal attention on the timing inputs (:func:`latency_inputs`, in ``dtype``): spattn on ``backend``
-    and SDPA, medians; peak memory of both. ``scoring_backend="dense"`` also times spattn's dense backend
-    (``dense_backend_ms``: its cost does not depend on the layout; Note [scoring backend per candidate])."""
+    and SDPA, medians; peak memory of both."""
     q, k, v = latency_inputs(captures, seed, device, dtype)
     rep = q.shape[1] // k.shape[1]
     kr, vr = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
@@ -176,10 +174,7 @@ def dense_latency(captures: Captures, backend: str, repeats: int, seed: int, blo
     causal = _dense_call(q, k, v, backend, block_size)
     ms_spattn = time_call(causal, repeats, q.device)
     ms_sdpa = time_call(sdpa, repeats, q.device)
-    extra = {}
-    if scoring_backend == "dense" and backend != "dense":
-        extra["dense_backend_ms"] = sig(time_call(_dense_call(q, k, v, "dense", block_size), repeats, q.device), 4)
-    return extra | {"backend": backend, "spattn_causal_ms": sig(ms_spattn, 4), "sdpa_ms": sig(ms_sdpa, 4),
+    return {"backend": backend, "spattn_causal_ms": sig(ms_spattn, 4), "sdpa_ms": sig(ms_sdpa, 4),
             "shape": [list(q.shape), list(k.shape)], "dtype": str(q.dtype).removeprefix("torch."),
             "peak_memory_mb": sig(peak_memory_bytes(causal, q.device) / 2**20, 4),
             "sdpa_peak_memory_mb": sig(peak_memory_bytes(sdpa, q.device) / 2**20, 4)}
@@ -371,11 +366,8 @@ def hierarchical_latency(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     call = lambda: hierarchical_attention(q, k, v, pattern, backend=backend)  # noqa: E731
     out = interleaved_latency(call, _dense_call(q, k, v, backend, block_size), repeats=repeats, device=q.device)
     out.update({"backend": backend, "dtype": str(q.dtype).removeprefix("torch."), "compile_ms": sig(compile_ms, 4),
-                "includes_selection": True, "whole_call": True,
+                "includes_selection": True,
                 "peak_memory_mb": sig(peak_memory_bytes(call, q.device) / 2**20, 4), "shared_timing": False})
-    if backend == "reference":  # the same call on the dense backend, for Note [scoring backend per candidate]
-        out["dense_backend_ms"] = sig(time_call(lambda: hierarchical_attention(q, k, v, pattern, backend="dense"),
-                                                1, q.device), 4)
     return out
 
 
