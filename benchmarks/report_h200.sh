@@ -3,7 +3,7 @@
 # family, pass-key retrieval, the threads view and the kernel references (spattn's triton kernel against
 # FlexAttention and SDPA), latency timed in bfloat16 (Note [latency dtype] in src/spattn/report/config.py).
 #
-#   OUT=/path/to/out bash benchmarks/report_h200.sh [TIME_BUDGET_SECONDS [MORE REPORT OPTIONS]]   # default 110
+#   OUT=/path/to/out bash benchmarks/report_h200.sh [TIME_BUDGET_SECONDS [MORE REPORT OPTIONS]]   # default 118
 #
 # Further options go to `spattn report` after the script's own (the last of a repeated option wins), e.g. the CPU
 # dry run of this path: `OUT=/tmp/h200-dry bash benchmarks/report_h200.sh 300 --device cpu --lengths 256,512
@@ -19,7 +19,7 @@
 # family as skipped and says why.
 set -u
 : "${OUT:?set OUT to the output folder}"
-budget=${1:-110}
+budget=${1:-118}
 shift $(( $# > 0 ? 1 : 0 ))
 gates=()
 if [[ -n "${SPATTN_REPORT_GATES:-}" && -f "${SPATTN_REPORT_GATES}" ]]; then
@@ -29,7 +29,7 @@ start=$(date +%s.%N)
 echo "report_h200: budget ${budget} s, gates: ${gates[*]:-none}, $(date -u +%FT%TZ)" | tee "$OUT/report-h200.log"
 nvidia-smi --query-gpu=name,memory.used,utilization.gpu --format=csv,noheader 2>&1 | tee -a "$OUT/report-h200.log"
 SPATTN_TRITON_AUTOTUNE=0 PYTHONPATH=src COLUMNS=140 timeout $((budget + 25)) \
-  python -m spattn.cli.main report --device cuda --lengths 1024,4096,8192 \
+  python -m spattn.cli.main report --device cuda --lengths 1024,4096,8192 --budgets 0.05,0.1,0.25 \
     --selectors probe,antidiagonal,pooled "${gates[@]}" --repeats 5 --time-budget "$budget" \
     -o "$OUT/report-h200" "$@" >> "$OUT/report-h200.log" 2>&1
 rc=$?

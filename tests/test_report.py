@@ -267,7 +267,7 @@ def test_latency_dtype_is_the_serving_dtype_on_cuda_and_help_shows_no_bool():
     assert ReportConfig().latency_dtype == "float32"
     assert ReportConfig(latency_dtype="float16").latency_dtype == "float16"
     assert ReportConfig(latency_dtype="float16").digest() != ReportConfig().digest()
-    text = _invoke("--help").output
+    text = CliRunner().invoke(app, ["report", "--help"], env={"COLUMNS": "200"}, catch_exceptions=False).output
     assert "--kernel-references" in text and "--no-kernel-references" in text and "--latency-dtype" in text
     assert "<bool>" not in text and "Show this message and exit." in text
 
@@ -440,6 +440,7 @@ def test_latency_rows_carry_their_spread_and_noise_is_flagged(tiny):
         assert lat["repeats"] >= 1 and lat["spread"] >= 0 and isinstance(lat["noisy"], bool)
         assert lat["peak_memory_mb"] >= 0 and lat["dense_ms"] > 0
         assert lat["dtype"] == tiny["results"]["backends"]["latency_dtype"] == "float32"
+        assert c["model"]["backend"] in ("dense", "reference")  # Note [scoring backend per candidate]
     # a planted noisy timing: alternately fast and very slow calls
     calls = [0]
 
@@ -593,3 +594,38 @@ def test_one_forward_per_distinct_static_layout():
     assert key(a) == key(b) != key(c)
     assert key(Plan(layers={0: spattn.Sinks(4) | spattn.Window(21)})) != key(a)  # layers 1, 2 dense
     assert key(Plan.uniform(spattn.Adaptive("pooled", keys=16, sinks=4, window=8))) is None  # input-dependent
+
+
+def test_scoring_backend_is_a_rule_on_the_layout_cost_so_runs_repeat():
+    from spattn.report.pipeline import REFERENCE_MAX_BLOCK_FRACTION, _scoring_backend
+
+    static = {"family": "sinks_window", "dynamic": False, "cost": {"block_fraction": 0.3}}
+    assert _scoring_backend("dense", static) == "reference"
+    wide = static | {"cost": {"block_fraction": REFERENCE_MAX_BLOCK_FRACTION + 0.01}}
+    assert _scoring_backend("dense", wide) == "dense"
+    assert _scoring_backend("dense", static | {"family": "top_p", "dynamic": True}) == "dense"  # token selection
+    assert _scoring_backend("dense", {"family": "hierarchical", "dynamic": True, "cost": {}}) == "reference"
+    assert _scoring_backend("auto", static) == "auto"  # CUDA: never switched
+
+
+def test_default_is_1024_and_2048_at_two_budgets():
+    # Note [default lengths and budgets]: the 1024 + 4096 and three budgets are flags away
+    cfg = ReportConfig()
+    assert (cfg.chunk_length, cfg.lengths, cfg.budgets) == (1024, (2048,), (0.1, 0.25))
+
+
+def test_latency_rows_are_timed_in_the_latency_dtype():
+    import torch
+
+    import spattn
+    from spattn.report.evaluate import candidate_latency, dense_latency
+
+    g = torch.Generator().manual_seed(0)
+    captures = [[(torch.randn(1, 4, 64, 16, generator=g), torch.randn(1, 2, 64, 16, generator=g))] * 3]
+    row = candidate_latency(spattn.Sinks(4) | spattn.Window(12), captures, block_size=16, backend="reference",
+                            repeats=1, seed=0, dtype="bfloat16")
+    assert row["dtype"] == "bfloat16" and row["median_ms"] > 0 and "note" not in row
+    dense = dense_latency(captures, "reference", 1, 0, 16, dtype="bfloat16")
+    assert dense["dtype"] == "bfloat16" and dense["spattn_causal_ms"] > 0
+    assert candidate_latency(spattn.Window(8), captures, block_size=16, backend="reference", repeats=1,
+                             seed=0)["dtype"] == "float32"  # default: the captured dtype

@@ -365,7 +365,8 @@ def hierarchical_latency(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     compile_ms = time_call(lambda: branch_layouts(q, k, pattern), repeats, q.device)
     call = lambda: hierarchical_attention(q, k, v, pattern, backend=backend)  # noqa: E731
     out = interleaved_latency(call, _dense_call(q, k, v, backend, block_size), repeats=repeats, device=q.device)
-    out.update({"backend": backend, "compile_ms": sig(compile_ms, 4), "includes_selection": True,
+    out.update({"backend": backend, "dtype": str(q.dtype).removeprefix("torch."), "compile_ms": sig(compile_ms, 4),
+                "includes_selection": True,
                 "peak_memory_mb": sig(peak_memory_bytes(call, q.device) / 2**20, 4), "shared_timing": False})
     return out
 

@@ -41,6 +41,7 @@ from spattn.report.frontier import carry_over, contenders, holds, pareto, recomm
 from spattn.report.stages import StageCache
 
 FORMAT = "spattn.report/2"
+REFERENCE_MAX_BLOCK_FRACTION = 0.5  # Note [scoring backend per candidate]
 _BATCH = 4  # chunks per patched forward when scoring a split (logits of 4 x 1024 tokens: ~0.8 GB float32)
 
 
@@ -404,7 +405,8 @@ def _measure_length(run: _Run, length: int, chunks: dict[str, Any], wanted: list
                                     latency_backend, keep=rec)
             bars.advance(task, cid)
         if rec.get("pattern") is not None and "report" not in rec["model"]["splits"]:
-            rec = rec | {"model": _shown_numbers(rec["model"]["splits"], dense, "selection")}
+            rec = rec | {"model": _shown_numbers(rec["model"]["splits"], dense, "selection")
+                         | {"backend": rec["model"].get("backend", eval_backend)}}
         if not rec.get("out_of_time"):
             cache.put(prefix + cache.candidate_path(cid), rec)
         (records if rec.get("pattern") is not None else skipped).append(rec)
@@ -466,6 +468,7 @@ def _finish_candidate(run: _Run, rec: dict[str, Any], captures: list, refs: dict
         model = {}
     plan = _plan_of(rec)
     length = int(refs[next(iter(refs))][0]["ids"].shape[-1])
+    eval_backend = _scoring_backend(eval_backend, rec)
     key = _layout_key(plan, length, cfg.block_size, run.facts["layers"], run.facts["heads"])
     for split, split_refs in refs.items():
         memo_key = None if key is None else (length, split, key)
@@ -478,7 +481,28 @@ def _finish_candidate(run: _Run, rec: dict[str, Any], captures: list, refs: dict
         if memo_key is not None:
             run.scored_memo[memo_key] = model[split]
     shown = "report" if "report" in model else next(iter(model))
-    return rec | {"latency": latency, "model": _shown_numbers(model, dense, shown)}
+    return rec | {"latency": latency, "model": _shown_numbers(model, dense, shown) | {"backend": eval_backend}}
+
+
+def _scoring_backend(default: str, rec: dict[str, Any]) -> str:
+    """The backend of a candidate's patched forwards: ``default``, or on the CPU the reference backend for the
+    layouts it runs faster than the dense backend (Note [scoring backend per candidate])."""
+    # Note [scoring backend per candidate]: on the CPU the dense backend (SDPA under the layout's token mask)
+    # costs a full L x L product per head whatever the layout; the reference backend visits only the kept
+    # blocks, about 1.6 ms per 64 x 64 block of SmolLM2's 9 heads against the dense backend's ~120 ms at 1024
+    # tokens (one layer, one thread, this machine: dense causal 214 ms on the reference), so it is faster below
+    # about half of the causal blocks; a dynamic selection with token-level partial blocks runs it several times
+    # slower (session 5: 250 ms), and a Hierarchical layer 3x faster (0.2-0.3 s against 0.7-1.0 s). The rule is
+    # on the layout's cost, not on a timing, so the same configuration always takes the same backend (and gives
+    # the same numbers: Note [one forward per layout]). Both backends compute the same attention (the reference is
+    # the oracle the dense backend is tested against); results.json records which ran (candidates[].model.backend).
+    if default != "dense":
+        return default
+    if rec["family"] == "hierarchical":
+        return "reference"
+    if rec.get("dynamic") or rec["cost"]["block_fraction"] > REFERENCE_MAX_BLOCK_FRACTION:
+        return default
+    return "reference"
 
 
 def _layout_key(plan: Plan, length: int, block_size: int, layers: int, heads: int) -> str | None:
@@ -552,7 +576,8 @@ def _retrieval(run: _Run, main: dict[str, Any], recs: list[dict[str, Any]], toke
         results = {}
         for cid in [None, *ids]:  # one batched forward per configuration (the samples have equal lengths)
             plan = None if cid is None else _plan_of(by_id[cid])
-            got = retrieval_accuracy(run.model, tokenizer, samples, plan, eval_backend, block_size=cfg.block_size,
+            backend = eval_backend if cid is None else by_id[cid]["model"].get("backend", eval_backend)
+            got = retrieval_accuracy(run.model, tokenizer, samples, plan, backend, block_size=cfg.block_size,
                                      batch_size=len(samples))
             results["dense" if cid is None else cid] = {
                 "accuracy": sig(got.accuracy.value), "interval": [sig(got.accuracy.low), sig(got.accuracy.high)],
