@@ -555,8 +555,16 @@ def test_per_task_profile_names_one_pattern_per_profile():
     assert not disagree["agree"] and disagree["retrieval"]["candidate"] == "b" and disagree["evidence"]
     assert disagree["language_modelling"]["candidate"] == "a"
     assert disagree["retrieval"]["accuracy"] == 1.0 and disagree["retrieval"]["language_modelling_accuracy"] == 0.0
-    tie = task_profiles({"candidate": "a", "runner_up": "b", "retrieval": {"against_runner_up": "tie"}}, res)
+    tie = task_profiles({"candidate": "a", "runner_up": "b", "retrieval": {"against_runner_up": "tie"}},
+                        res | {"a": {"accuracy": 0.5}, "b": {"accuracy": 0.5}})
     assert tie["agree"] and tie["retrieval"]["candidate"] == "a" and "tie" in tie["retrieval"]["why"]
+    assert not tie["retrieval"]["none_retrieves"]
+    # Note [no candidate retrieves]: both at 0 while dense retrieves is no "tie that serves both profiles"
+    none = task_profiles({"candidate": "a", "runner_up": "b", "retrieval": {"against_runner_up": "tie"}},
+                         res | {"b": {"accuracy": 0.0}})
+    assert none["retrieval"]["none_retrieves"] and none["retrieval"]["candidate"] is None and not none["agree"]
+    assert none["evidence"] and "no measured candidate at this budget" in none["retrieval"]["why"]
+    assert none["language_modelling"]["candidate"] == "a"
     blind = task_profiles({"candidate": "a", "runner_up": "b", "retrieval": {"against_runner_up": "tie"}},
                           res | {"dense": {"accuracy": 0.0}})
     assert not blind["evidence"] and "dense retrieves none" in blind["retrieval"]["why"]
@@ -580,6 +588,13 @@ def test_profiles_shown_in_terminal_and_html_and_timings_carry_cpu_seconds_and_l
     assert "they disagree" in console.export_text()
     page = html.unescape(_visible_text(render_html(results, tiny["out"])))
     assert "they disagree" in page and "per task profile" in page
+    rec["profiles"] |= {"agree": False, "retrieval": rec["profiles"]["retrieval"] | {
+        "candidate": None, "accuracy": 0.0, "none_retrieves": True, "why": "no measured candidate at this budget"}}
+    console = Console(record=True, width=250)
+    print_summary(results, console, tiny["out"])
+    assert "for retrieval, none at this budget" in console.export_text()
+    page = html.unescape(_visible_text(render_html(results, tiny["out"])))
+    assert "retrieval → none at this budget" in page
 
 
 def test_one_forward_per_distinct_static_layout():

@@ -150,18 +150,26 @@ def task_profiles(rec: dict[str, Any], retrieval: dict[str, Any]) -> dict[str, A
 
     ``language_modelling``: the pick (selection-split perplexity, ties to the cheaper). ``retrieval``: the
     runner-up when it retrieves significantly better than the pick on the same pass keys (paired bootstrap), else
-    the pick. ``agree`` says whether the two profiles name the same pattern; ``evidence`` whether the retrieval
-    profile rests on anything: dense itself must retrieve (otherwise the task cannot separate the candidates)."""
+    the pick; none when neither retrieves a pass key that dense finds (``none_retrieves``). ``agree`` says whether
+    the two profiles name the same pattern; ``evidence`` whether the retrieval profile rests on anything: dense
+    itself must retrieve (otherwise the task cannot separate the candidates)."""
     # Note [task profiles]: language modelling (perplexity, KL, agreement on held-out text) and retrieval (pass
     # keys placed at depths 0.1 / 0.5 / 0.9 of the text) can disagree: a pattern that keeps the recent context
     # wins perplexity while one that reaches further back retrieves. The report names one pattern per profile and
     # says when they differ; it never silently averages the two.
+    # Note [no candidate retrieves]: when dense finds pass keys and the profile's candidate finds none, a "tie"
+    # between pick and runner-up (both 0) must not read as "the pick serves retrieval": the profile then names no
+    # pattern for retrieval (``retrieval.candidate`` is None, ``none_retrieves`` True) and says why.
     dense = retrieval["dense"]["accuracy"]
     lm = rec["candidate"]
     other = rec.get("for_retrieval", lm)
     pick, chosen = retrieval.get(lm), retrieval.get(other)
+    none = dense > 0 and chosen is not None and chosen["accuracy"] == 0  # Note [no candidate retrieves]
     if dense == 0:
         evidence, why = False, "dense retrieves none of the pass keys here: retrieval cannot separate the candidates"
+    elif none:
+        evidence, why = True, (f"neither the pick nor the runner-up retrieves a pass key (dense {100 * dense:.0f}%): "
+                               "no measured candidate at this budget serves retrieval; use a larger budget or dense")
     elif other != lm:
         evidence, why = True, ("the runner-up retrieves significantly more pass keys than the language-modelling pick "
                                "(paired bootstrap on the same samples)")
@@ -170,8 +178,8 @@ def task_profiles(rec: dict[str, Any], retrieval: dict[str, Any]) -> dict[str, A
     else:
         evidence, why = True, "the pick retrieves at least as well as the runner-up"
     return {"language_modelling": {"candidate": lm, "why": "lowest selection-split perplexity (ties: the cheaper)"},
-            "retrieval": {"candidate": other, "why": why, "accuracy": None if chosen is None else chosen["accuracy"],
+            "retrieval": {"candidate": None if none else other, "why": why, "none_retrieves": none, "accuracy": None if chosen is None else chosen["accuracy"],
                           "language_modelling_accuracy": None if pick is None else pick["accuracy"],
                           "dense_accuracy": dense},
-            "agree": other == lm, "evidence": evidence}
+            "agree": other == lm and not none, "evidence": evidence}
 

@@ -63,7 +63,10 @@ def print_summary(results: dict[str, Any], console: Any, output: Path) -> None:
         if prof is None:
             continue
         lm = by_id[prof["language_modelling"]["candidate"]]["label"]
-        if prof["agree"]:
+        if prof["retrieval"].get("none_retrieves"):
+            text = (f"{lm} for language modelling; [bold]for retrieval, none at this budget[/] "
+                    f"({prof['retrieval']['why']})")
+        elif prof["agree"]:
             text = f"{lm} for language modelling and retrieval ({prof['retrieval']['why']})"
         else:
             other = by_id[prof["retrieval"]["candidate"]]["label"]
