@@ -25,7 +25,8 @@ from spattn.report.frontier import pareto, recommend  # noqa: E402
 SCHEMA = Path(__file__).resolve().parents[1] / "src" / "spattn" / "report" / "schema.json"
 ARGS = ["--lengths", "128,256", "--block-size", "16", "--budgets", "0.1,0.5", "--families",
         "window,random,budgeted,top_p,plan,learned", "--selectors", "pooled", "--calibration-chunks", "1",
-        "--eval-chunks", "1", "--repeats", "1", "--device", "cpu", "--kernel-references"]
+        "--eval-chunks", "1", "--repeats", "1", "--device", "cpu", "--kernel-references",
+        "--retrieval-at-every-length"]
 
 
 def _make_tiny(root: Path) -> tuple[Path, Path]:
@@ -269,6 +270,7 @@ def test_latency_dtype_is_the_serving_dtype_on_cuda_and_help_shows_no_bool():
     assert ReportConfig(latency_dtype="float16").digest() != ReportConfig().digest()
     text = CliRunner().invoke(app, ["report", "--help"], env={"COLUMNS": "200"}, catch_exceptions=False).output
     assert "--kernel-references" in text and "--no-kernel-references" in text and "--latency-dtype" in text
+    assert "--retrieval-at-every-length" in text and "--no-retrieval-at-every-length" in text
     assert "<bool>" not in text and "Show this message and exit." in text
 
 
@@ -544,6 +546,34 @@ def test_kernel_references_time_dense_and_each_pick_at_every_length(tiny):
     half = kernel_references(spattn.Sinks(8) | spattn.Window(24), q.bfloat16(), k.bfloat16(), v.bfloat16(),
                              block_size=16, backend="reference", rounds=1)
     assert half["dtype"] == "bfloat16" and half["max_abs_difference_vs_flex"] < 0.05
+
+
+def test_retrieval_at_every_length(tiny):
+    """Note [retrieval at every length]: the further length carries its own pass-key record (dense and the picks
+    re-fitted there, on the same samples), each recommendation's entry for it the pick's accuracy, and the terminal
+    and the page show it; on the CPU it is off unless asked."""
+    results = tiny["results"]
+    part = results["lengths"][0]
+    got = part["retrieval"]
+    assert got["length"] == part["length"] == 256 and got["samples"] == results["retrieval"]["samples"]
+    here = {c["id"] for c in part["candidates"]}
+    assert "dense" in got["results"] and set(got["results"]) - {"dense"} <= here
+    for r in got["results"].values():
+        assert len(r["correct"]) == got["samples"] and r["interval"][0] <= r["accuracy"] <= r["interval"][1]
+    recs = [x for x in results["recommendations"] if x.get("candidate") in got["results"]]
+    assert recs
+    for rec in recs:
+        entry = next(e for e in rec["lengths"] if e["length"] == 256)
+        assert entry["retrieval"]["accuracy"] == got["results"][rec["candidate"]]["accuracy"]
+        assert entry["retrieval"]["dense_accuracy"] == got["results"]["dense"]["accuracy"]
+    assert "pass-key retrieval at 256 tokens: dense" in tiny["output"]
+    page = html.unescape(_visible_text((tiny["out"] / "report.html").read_text()))
+    assert "Pass-key retrieval at this length" in page
+    assert ReportConfig().retrieval_at_every_length is False
+    assert ReportConfig(device="cuda").retrieval_at_every_length is True
+    assert ReportConfig().digest() == ReportConfig(retrieval_at_every_length=True).digest()  # cached per length
+    with pytest.raises(TypeError, match="retrieval_at_every_length must be a bool"):
+        ReportConfig(retrieval_at_every_length="yes")
 
 
 def test_per_task_profile_names_one_pattern_per_profile():

@@ -61,6 +61,10 @@ def report_command(
         None, "--kernel-references/--no-kernel-references", show_default=False, metavar="",
         help="Time spattn's kernel against FlexAttention and SDPA for dense causal and each pick at every length "
              "(default: on with CUDA, off on the CPU)."),
+    retrieval_at_every_length: bool | None = typer.Option(
+        None, "--retrieval-at-every-length/--no-retrieval-at-every-length", show_default=False, metavar="",
+        help="Also score the pass keys at each further length, for dense and each pick and runner-up fitted there "
+             "(default: on with CUDA, off on the CPU, where it would take the default run past 10 minutes)."),
     latency_dtype: str | None = typer.Option(
         None, help="Dtype the latency column and the kernel references time the attention inputs in: float32, "
                    "bfloat16 or float16 (default bfloat16 with CUDA, the serving dtype; float32 on the CPU)."),
@@ -116,6 +120,7 @@ def report_command(
         block_size=block_size,
         families=_names(families), selectors=_names(selectors), device=device, seed=seed, latency_repeats=repeats,
         retrieval_samples=retrieval_samples, kernel_references=kernel_references, latency_dtype=latency_dtype,
+        retrieval_at_every_length=retrieval_at_every_length,
     )
     try:
         if quick:

@@ -44,6 +44,10 @@ QUICK_LENGTH = 256
 # trained and served in); the CPU keeps float32 (its bf16 matmuls are slower, not faster). The quality numbers
 # come from the model in its own dtype either way; results.json says which dtype was timed (backends).
 LATENCY_DTYPES = ("float32", "bfloat16", "float16")
+# Note [retrieval at every length]: the pass keys are scored at the first length for every report; at the further
+# lengths (where the picks are re-fitted) only when asked, by default on CUDA: on the 2-core CPU the default run's
+# retrieval at 1024 tokens already costs 90 of its 564 s, and at 2048 tokens each forward costs about twice that,
+# which the 10-minute default cannot hold (Note [default run time]). `--retrieval-at-every-length` turns it on.
 _CACHE_VERSION = 5
 
 
@@ -69,7 +73,9 @@ class ReportConfig:
     FlexAttention and SDPA for dense causal and each pick at every length (``results.json``'s
     ``kernel_references``). ``latency_dtype`` (default None: ``"bfloat16"`` on CUDA, ``"float32"`` on the CPU; Note
     [latency dtype]): the dtype of the attention inputs the latency column and the kernel references time; the
-    model's forwards (every quality number) keep the model's own dtype.
+    model's forwards (every quality number) keep the model's own dtype. ``retrieval_at_every_length`` (default
+    None: on for CUDA, off on the CPU; Note [retrieval at every length]): also score the pass keys at each further
+    length, for dense and each pick and runner-up fitted there.
     """
 
     model: str = "smollm2"
@@ -91,6 +97,7 @@ class ReportConfig:
     gates: str | None = None
     kernel_references: bool | None = None
     latency_dtype: str | None = None
+    retrieval_at_every_length: bool | None = None
     quick: bool = False
 
     @classmethod
@@ -147,10 +154,12 @@ class ReportConfig:
             object.__setattr__(self, "latency_dtype", "bfloat16" if str(self.device).startswith("cuda") else "float32")
         elif self.latency_dtype not in LATENCY_DTYPES:
             raise ValueError(f"latency_dtype must be one of {list(LATENCY_DTYPES)}, got {self.latency_dtype!r}")
-        if self.kernel_references is None:
-            object.__setattr__(self, "kernel_references", str(self.device).startswith("cuda"))
-        elif not isinstance(self.kernel_references, bool):
-            raise TypeError(f"kernel_references must be a bool or None, got {type(self.kernel_references).__name__}")
+        for name in ("kernel_references", "retrieval_at_every_length"):
+            value = getattr(self, name)
+            if value is None:
+                object.__setattr__(self, name, str(self.device).startswith("cuda"))
+            elif not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool or None, got {type(value).__name__}")
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -165,6 +174,7 @@ class ReportConfig:
         data = self.to_dict()
         data.pop("latency_repeats")  # timings only
         data.pop("kernel_references")
+        data.pop("retrieval_at_every_length")  # which retrieval stages run, not their numbers (cached per length)
         data["cache_version"] = _CACHE_VERSION
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 

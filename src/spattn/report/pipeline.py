@@ -214,6 +214,7 @@ def run_report(config: ReportConfig, output: str | os.PathLike, *, overwrite: bo
             others.append(_measure_length(run, length, data["lengths"][str(length)], more, select=False))
             references = _kernel_references(run, others[-1:], recs, first_pass=True, done=references)
         holds(recs, main, others)
+        _retrieval_further(run, others, recs, tokenizer)
         references = _kernel_references(run, [main, *others], recs, first_pass=False, done=references)
 
     t = _clock()
@@ -550,43 +551,54 @@ def _shown_numbers(splits: dict[str, Any], dense: dict, split: str) -> dict[str,
     }
 
 
+def _retrieval_at(run: _Run, part: dict[str, Any], recs: list[dict[str, Any]], tokenizer: Any, length: int,
+                  key: str) -> dict[str, Any] | None:
+    """Pass-key accuracy of dense and of each pick and runner-up of ``part`` (one measured length) on the same
+    samples at ``length`` tokens, cached as stage ``key``; None when there is no time left for it."""
+    cfg = run.cfg
+    cached = run.cache.get(key)
+    if cached is not None:
+        return cached
+    if run.out_of_time(key):
+        return None
+    from spattn.data.corpora import load_text
+    from spattn.eval.retrieval import make_samples, retrieval_accuracy
+
+    t = _clock()
+    by_id = {c["id"]: c for c in part["candidates"]}
+    wanted = dict.fromkeys(x for r in recs for x in (r.get("candidate"), r.get("runner_up")))
+    ids = [i for i in wanted if i in by_id]
+    task = run.bars.stage("pass-key retrieval" + ("" if length == cfg.chunk_length else f", {length} tokens"),
+                          len(ids) + 1)
+    depths = (0.1, 0.5, 0.9)
+    seeds = range(-(-cfg.retrieval_samples // len(depths)))
+    samples = make_samples("passkey", tokenizer, load_text(cfg.text), [length], depths, seeds)[: cfg.retrieval_samples]
+    eval_backend = part["backends"]["model_eval"]
+    results = {}
+    for cid in [None, *ids]:  # one batched forward per configuration (the samples have equal lengths)
+        plan = None if cid is None else _plan_of(by_id[cid])
+        backend = eval_backend if cid is None else by_id[cid]["model"].get("backend", eval_backend)
+        got = retrieval_accuracy(run.model, tokenizer, samples, plan, backend, block_size=cfg.block_size,
+                                 batch_size=len(samples))
+        results["dense" if cid is None else cid] = {
+            "accuracy": sig(got.accuracy.value), "interval": [sig(got.accuracy.low), sig(got.accuracy.high)],
+            "correct": got.correct}
+        run.bars.advance(task, cid or "dense")
+    cached = {"task": "passkey", "length": length, "depths": list(depths), "samples": len(samples),
+              "results": results}
+    run.cache.put(key, cached)
+    run.timed("retrieval", t)
+    return cached
+
+
 def _retrieval(run: _Run, main: dict[str, Any], recs: list[dict[str, Any]], tokenizer: Any) -> dict[str, Any] | None:
     """Pass-key retrieval (the evaluation suite's task) of dense, each pick and its runner-up at the first length,
     on the same samples; each recommendation learns whether retrieval agrees with it (paired bootstrap)."""
-    cfg = run.cfg
-    if cfg.retrieval_samples == 0:
+    if run.cfg.retrieval_samples == 0:
         return None
-    if run.cache.get("retrieval") is None and run.out_of_time("retrieval"):
-        return None
-    cached = run.cache.get("retrieval")
+    cached = _retrieval_at(run, main, recs, tokenizer, run.cfg.chunk_length, "retrieval")
     if cached is None:
-        from spattn.data.corpora import load_text
-        from spattn.eval.retrieval import make_samples, retrieval_accuracy
-
-        t = _clock()
-        by_id = {c["id"]: c for c in main["candidates"]}
-        wanted = dict.fromkeys(x for r in recs for x in (r.get("candidate"), r.get("runner_up")))
-        ids = [i for i in wanted if i in by_id]
-        task = run.bars.stage("pass-key retrieval", len(ids) + 1)
-        depths = (0.1, 0.5, 0.9)
-        seeds = range(-(-cfg.retrieval_samples // len(depths)))
-        samples = make_samples("passkey", tokenizer, load_text(cfg.text), [cfg.chunk_length], depths,
-                               seeds)[: cfg.retrieval_samples]
-        eval_backend = main["backends"]["model_eval"]
-        results = {}
-        for cid in [None, *ids]:  # one batched forward per configuration (the samples have equal lengths)
-            plan = None if cid is None else _plan_of(by_id[cid])
-            backend = eval_backend if cid is None else by_id[cid]["model"].get("backend", eval_backend)
-            got = retrieval_accuracy(run.model, tokenizer, samples, plan, backend, block_size=cfg.block_size,
-                                     batch_size=len(samples))
-            results["dense" if cid is None else cid] = {
-                "accuracy": sig(got.accuracy.value), "interval": [sig(got.accuracy.low), sig(got.accuracy.high)],
-                "correct": got.correct}
-            run.bars.advance(task, cid or "dense")
-        cached = {"task": "passkey", "length": cfg.chunk_length, "depths": list(depths), "samples": len(samples),
-                  "results": results}
-        run.cache.put("retrieval", cached)
-        run.timed("retrieval", t)
+        return None
     from spattn.eval.stats import compare
 
     res = cached["results"]
@@ -602,6 +614,27 @@ def _retrieval(run: _Run, main: dict[str, Any], recs: list[dict[str, Any]], toke
                 rec["for_retrieval"] = rec["runner_up"]
         rec["profiles"] = task_profiles(rec, res)
     return cached
+
+
+def _retrieval_further(run: _Run, others: list[dict[str, Any]], recs: list[dict[str, Any]], tokenizer: Any) -> None:
+    """Note [retrieval at every length]: the pass keys at each further length, for dense and the picks and
+    runners-up re-fitted there; the length's part gets ``retrieval`` (the same record as the first length's) and
+    each recommendation's entry for that length gets the pick's and dense's accuracy."""
+    if run.cfg.retrieval_samples == 0 or not run.cfg.retrieval_at_every_length:
+        return
+    for part in others:
+        length = part["length"]
+        got = _retrieval_at(run, part, recs, tokenizer, length, f"retrieval@{length}")
+        if got is None:
+            continue
+        part["retrieval"] = got
+        res = got["results"]
+        for rec in recs:
+            # the pick keeps its id at every length (carry_over re-fits the same family and budget)
+            pick = res.get(rec.get("candidate"))
+            entry = next((e for e in rec.get("lengths", []) if e["length"] == length), None)
+            if pick is not None and entry is not None:
+                entry["retrieval"] = {"accuracy": pick["accuracy"], "dense_accuracy": res["dense"]["accuracy"]}
 
 
 def _kernel_references(run: _Run, measured: list[dict[str, Any]], recs: list[dict[str, Any]], *,
@@ -721,7 +754,8 @@ def _assemble(cfg: ReportConfig, cache: StageCache, model_name: str, facts: dict
     if command is None:
         command = " ".join(shlex.quote(a) for a in ["spattn", *sys.argv[1:]]) if sys.argv else "spattn report"
     lengths = [{"length": o["length"], "dense": o["dense"], "candidates": o["candidates"], "skipped": o["skipped"],
-                "backends": o["backends"], "frontier": _frontier(o["candidates"])} for o in others]
+                "backends": o["backends"], "frontier": _frontier(o["candidates"]), "retrieval": o.get("retrieval")}
+               for o in others]
     return {
         "format": FORMAT,
         "command": command,

@@ -12,7 +12,8 @@ COLUMNS = {
     "agree": "top-1 next-token agreement with the dense model",
     "recall": "mean / 5th percentile of the dense attention mass kept, over queries, heads and layers",
     "holds at": "lengths at which the pick stays within budget and is not beaten by the runner-up",
-    "passkey": "pass-key retrieval accuracy at the first length; ! = the runner-up retrieves better",
+    "passkey": "pass-key retrieval accuracy at the first length (further lengths: the lines below the table); "
+               "! = the runner-up retrieves better",
     "ms": "attention latency of one layer (median, interleaved with dense); '?' = too noisy to rank",
 }
 
@@ -76,6 +77,16 @@ def print_summary(results: dict[str, Any], console: Any, output: Path) -> None:
         if not prof["evidence"]:
             text += " [yellow](no retrieval evidence: dense retrieves none)[/]"
         console.print(f"per task profile, budget {100 * x['budget']:.1f}%: {text}")
+    for part in results.get("lengths", []):  # Note [retrieval at every length]
+        got = part.get("retrieval")
+        if not got:
+            continue
+        res, n = got["results"], got["samples"]
+        by_here = {c["id"]: c for c in part["candidates"]}
+        shown = [f"dense {round(n * res['dense']['accuracy'])}/{n}"] + [
+            f"{by_here[cid]['label']} {round(n * r['accuracy'])}/{n}" for cid, r in res.items()
+            if cid != "dense" and cid in by_here]
+        console.print(f"pass-key retrieval at {part['length']} tokens: " + "; ".join(shown))
     front = Table(title="Pareto frontier (cost against held-out perplexity)", title_justify="left")
     for col in ("pattern", "cost keys", "cost blocks", "perplexity [95%]", "ms"):
         front.add_column(col, justify="left" if col == "pattern" else "right", overflow="fold")
