@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `spattn report` on one H200, alone on the card (issue 21): the CUDA path at 1024 / 4096 / 8192 tokens, every
-# family, pass-key retrieval, the threads view and the kernel references (spattn's triton kernel against
+# family, pass-key retrieval (9 keys, at every length: session 7's run had 3 at 1024 only, 4.3 s), the threads view
+# and the kernel references (spattn's triton kernel against
 # FlexAttention and SDPA), latency timed in bfloat16 (Note [latency dtype] in src/spattn/report/config.py).
 #
 #   OUT=/path/to/out bash benchmarks/report_h200.sh [TIME_BUDGET_SECONDS [MORE REPORT OPTIONS]]   # default 118
@@ -30,7 +31,7 @@ echo "report_h200: budget ${budget} s, gates: ${gates[*]:-none}, $(date -u +%FT%
 nvidia-smi --query-gpu=name,memory.used,utilization.gpu --format=csv,noheader 2>&1 | tee -a "$OUT/report-h200.log"
 SPATTN_TRITON_AUTOTUNE=0 PYTHONPATH=src COLUMNS=140 timeout $((budget + 25)) \
   python -m spattn.cli.main report --device cuda --lengths 1024,4096,8192 --budgets 0.05,0.1,0.25 \
-    --selectors probe,antidiagonal,pooled "${gates[@]}" --repeats 5 --time-budget "$budget" \
+    --selectors probe,antidiagonal,pooled "${gates[@]}" --repeats 5 --retrieval-samples 9 --time-budget "$budget" \
     -o "$OUT/report-h200" "$@" >> "$OUT/report-h200.log" 2>&1
 rc=$?
 end=$(date +%s.%N)
