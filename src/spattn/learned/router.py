@@ -36,12 +36,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from spattn.layout import tables
+from spattn.layout.layout import Layout
 from spattn.learned.distill import block_targets, distill_loss
 from spattn.learned.gate import BlockGate
 from spattn.learned.regularisers import drop_blocks
 from spattn.ops.attention import attention
-from spattn.layout import tables
-from spattn.layout.layout import Layout
 from spattn.patterns import EMPTY, BlockLayout, Full, Pattern, compile
 from spattn.selectors.budget import top_k
 from spattn.selectors.common import block_sizes, masked_softmax, pool, visible_blocks
