@@ -187,9 +187,19 @@ def _bench():
     return module
 
 
-def test_time_shares_give_cheap_runs_their_steps_and_split_the_rest():
-    level = _bench().water_level
-    assert level([10, 20], 100) == float("inf")  # everything fits
-    cap = level([10, 10, 300, 300], 220)  # the cheap runs get all they need, the dear ones share the rest
-    assert cap == pytest.approx(100) and sum(min(n, cap) for n in (10, 10, 300, 300)) == pytest.approx(220)
-    assert level([50, 50], 60) == pytest.approx(30)
+def test_every_run_gets_its_minimum_steps_or_is_skipped():
+    allot = _bench().allot
+    # everything fits: the run gets its need (with slack)
+    assert allot(50, 30, [30, 30], 1000) == pytest.approx(50 * 1.2 + 5)
+    # tight: the later runs' minimums stay free, this one gets the rest (at least its own minimum)
+    assert allot(100, 60, [60, 60], 200) == pytest.approx(80)
+    # a later minimum that cannot fit anyway is not kept free (that run will be skipped)
+    assert allot(200, 60, [150, 30], 200) == pytest.approx(170)
+    # too tight for the later ones: this run still gets its minimum, not a share too short to learn
+    assert allot(100, 60, [60, 60], 90) == pytest.approx(60)
+    assert allot(100, 60, [], 50) is None  # its minimum does not fit: skipped, the time goes to the later ones
+    split = _bench().split_variant
+    assert split("dense") == ("dense", {}) and split("sinks32+window32@prefix32") == ("sinks32+window32",
+                                                                                         {"prefix_length": 32})
+    with pytest.raises(ValueError, match="variant"):
+        split("dense@shuffled")
