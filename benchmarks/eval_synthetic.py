@@ -43,13 +43,14 @@ process.
 
 Steps: jobs run most important first (the first seed; in it the first width, then its learning rates, the
 plans in ``--plans`` order; further seeds only at the best rate of their plan). Each job gets at least
-``--min-steps`` steps or is skipped (``allot``): it gets its ``--steps`` if the minimums of the later jobs still
-fit after it, else what those minimums leave; ``spattn.eval.train.train(time_limit=...)`` cuts a run that
-would not fit its time. Session 7's first H200 run split 455 s fairly over 64 jobs: 19 s each, d64 dense and
-top-k skipped, runs cut to 2000-5000 steps; now a grid too large for the budget loses whole jobs (the least
-important), listed under ``skipped`` with the reason, and the summary marks a run that still ended below its
-minimum (``below_min_steps``: a slower pace than estimated). The JSON holds the steps each run made. Every accuracy carries a bootstrap interval (over seeds, then
-test examples); ``versus_dense`` is the paired bootstrap over the same test examples, a tie when its interval
+``--min-steps`` steps or is skipped (``allot``): it may use all the time left but the estimated minimums of the
+later jobs, and stops at its ``--steps`` or where ``spattn.eval.train.train(time_limit=...)`` sees its time
+run out. Session 7's first H200 run split 455 s fairly over 64 jobs: 19 s each, d64 dense and top-k skipped,
+the learned router never trained; now a grid too large for the budget loses whole jobs (the least important),
+listed under ``skipped`` with the reason, and the summary marks a run that still ended below its minimum
+(``below_min_steps``: a slower pace than estimated). The JSON holds the steps each run made. Every accuracy
+carries a bootstrap interval (over seeds, then test examples); ``versus_dense`` is the paired bootstrap over
+the same test examples (against dense on the same task variant), a tie when its interval
 holds 0. The best learning rate per plan is picked by mean accuracy (Zoology's protocol).
 
 Writes JSON: card, versions (torch, triton, transformers), git commit, command, the gate with its seconds, the
@@ -167,21 +168,21 @@ def plan_of(options: dict[str, Any], name: str) -> tuple[Any, int]:
 GATED = {"mqar": "window32+topk_pooled1", "listops": "window64+topk_pooled2"}
 
 
-def allot(need: float, floor: float, later_floors: list[float], left: float, *, slack: float = 1.2,
-          extra: float = 5.0) -> float | None:
-    """Seconds for the next job, jobs being taken most important first: its ``need`` (with ``slack`` and
-    ``extra`` seconds: the estimates are rough, and ``train(time_limit=)`` cuts a run that would not fit) if the
-    minimums (``floor``: the seconds of ``--min-steps``) of the later jobs that still fit after it stay free,
-    else what those minimums leave, but never less than its own minimum; ``None`` when even that does not fit
-    in the ``left`` seconds (the job is skipped and the time goes to the later ones). So every run gets at
-    least its minimum steps or does not run at all: no run is cut to a share too short to learn."""
+def allot(floor: float, later_floors: list[float], left: float) -> float | None:
+    """Seconds for the next job, jobs being taken most important first: the ``left`` seconds less the minimums
+    (``floor``: the estimated seconds of ``--min-steps``) of the later jobs that still fit after its own, so
+    never less than its own minimum; ``None`` when even that does not fit (the job is skipped and the time goes
+    to the later ones). The run stops at its ``--steps`` (what it does not use goes to the later jobs) or where
+    ``train(time_limit=)`` sees the time run out: a slower pace than estimated eats the slack, not the later
+    jobs' minimums. So every run gets at least its minimum steps or does not run at all: no run is cut to a
+    share too short to learn."""
     if floor > left:
         return None
     reserve = 0.0
     for later in later_floors:  # in priority order; a later minimum that cannot fit is not kept free
         if floor + reserve + later <= left:
             reserve += later
-    return max(floor, min(need * slack + extra, left - reserve))
+    return left - reserve
 
 
 # ---------------------------------------------------------------------------------------------- 1. gate
@@ -454,7 +455,7 @@ def main() -> None:
     parser.add_argument("--no-graph", action="store_true",
                         help="train every MQAR run eagerly (default on CUDA: the step recorded in a CUDA graph)")
     parser.add_argument("--job", default=None, help=argparse.SUPPRESS)  # internal: run one job
-    parser.add_argument("--graph-checks", default=None, help=argparse.SUPPRESS)  # internal: the checks' child
+    parser.add_argument("--graph-checks-spec", default=None, help=argparse.SUPPRESS)  # internal: the checks' child
     parser.add_argument("--out", default="eval_synthetic.json")
     args = parser.parse_args()
     clock = TimeBudget(args.time_budget)
@@ -572,8 +573,9 @@ def main() -> None:
             json.dump(spec, handle)
         limit = max(30.0, min(180.0, 0.35 * clock.left()))
         try:  # a child: a recording that breaks the CUDA context takes only the child down
-            subprocess.run([sys.executable, os.path.abspath(__file__), task, "--graph-checks", spec["out"] + ".spec"],
-                           timeout=limit, check=False, env=dict(os.environ, OMP_NUM_THREADS="1"))
+            subprocess.run([sys.executable, os.path.abspath(__file__), task, "--graph-checks-spec",
+                            spec["out"] + ".spec"], timeout=limit, check=False,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"))
         except subprocess.TimeoutExpired:
             record["log"].append(f"the recording checks ran past {limit:.0f} s and were stopped")
         if os.path.exists(spec["out"]):
@@ -702,8 +704,8 @@ def main() -> None:
             if not eligible(job):
                 record["skipped"].append(f"{job['tag']}: further seeds run at the plan's best rate only")
                 continue
-            need, floor = estimate(job), 1.1 * estimate(job, min_steps)
-            share = allot(need, floor, [1.1 * estimate(j, min_steps) for j in pending if eligible(j)], left)
+            floor = 1.1 * estimate(job, min_steps)
+            share = allot(floor, [1.1 * estimate(j, min_steps) for j in pending if eligible(j)], left)
             if share is None:
                 record["skipped"].append(f"{job['tag']}: its {min_steps} steps at least need ~{floor:.0f} s, "
                                          f"{left:.0f} s left at its turn")
@@ -758,8 +760,8 @@ if __name__ == "__main__":
     if "--job" in sys.argv:
         with open(sys.argv[sys.argv.index("--job") + 1]) as handle:
             run_job(json.load(handle))
-    elif "--graph-checks" in sys.argv:
-        with open(sys.argv[sys.argv.index("--graph-checks") + 1]) as handle:
+    elif "--graph-checks-spec" in sys.argv:
+        with open(sys.argv[sys.argv.index("--graph-checks-spec") + 1]) as handle:
             run_graph_checks(json.load(handle))
     else:
         main()

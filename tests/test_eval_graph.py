@@ -189,15 +189,13 @@ def _bench():
 
 def test_every_run_gets_its_minimum_steps_or_is_skipped():
     allot = _bench().allot
-    # everything fits: the run gets its need (with slack)
-    assert allot(50, 30, [30, 30], 1000) == pytest.approx(50 * 1.2 + 5)
-    # tight: the later runs' minimums stay free, this one gets the rest (at least its own minimum)
-    assert allot(100, 60, [60, 60], 200) == pytest.approx(80)
+    assert allot(30, [30, 30], 1000) == pytest.approx(940)  # all but the later runs' minimums
+    assert allot(60, [60, 60], 200) == pytest.approx(80)
     # a later minimum that cannot fit anyway is not kept free (that run will be skipped)
-    assert allot(200, 60, [150, 30], 200) == pytest.approx(170)
+    assert allot(60, [150, 30], 200) == pytest.approx(170)
     # room for one later minimum only: that one stays free, the last one will be skipped
-    assert allot(100, 60, [60, 60], 130) == pytest.approx(70)
-    assert allot(100, 60, [], 50) is None  # its minimum does not fit: skipped, the time goes to the later ones
+    assert allot(60, [60, 60], 130) == pytest.approx(70)
+    assert allot(60, [], 50) is None  # its minimum does not fit: skipped, the time goes to the later ones
     split = _bench().split_variant
     assert split("dense") == ("dense", {}) and split("sinks32+window32@prefix32") == ("sinks32+window32",
                                                                                          {"prefix_length": 32})
