@@ -127,9 +127,10 @@ def step_cost(plan: Any, recorded: bool = True) -> float:
     measured its own. Recorded in a CUDA graph (session 7, chain A, ded742c): windows and sinks + window
     3.5-4.5 ms; hierarchical 102.8 (its recording check); dense, dynamic top-k and the learned router are
     guesses (dense ~1.4x a window, as at d128: 10.2 against 7.3 ms). Eager (session 5): dense 5.4,
-    windows 5.6-6.6, Window(32) | TopK 13.2, learned 34.6."""
+    windows 5.6-6.6, Window(32) | TopK 13.2, learned 34.6 (then compiling its layout at every step; now
+    merged on the device: a guess of 20)."""
     if isinstance(plan, Learned):
-        return 12.0 if recorded else 34.6
+        return 12.0 if recorded else 20.0
     if isinstance(plan, spattn.Hierarchical):
         return 102.8 if recorded else 150.0
     if plan is None:

@@ -696,6 +696,8 @@ class _Stepper:
             objective = loss + sum(regulariser_losses(self.model, Regularisers()).values(),
                                    torch.zeros((), device=loss.device))
         objective.backward()
+        for router in self.layer_routers:  # its last pass would keep this step's autograd graph alive into the
+            router.last = {}  # next (torch warns that a kept AccumulateGrad node can break a recording)
         if self.config.clip_grad is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.clip_grad)
         self.optimizer.step()
