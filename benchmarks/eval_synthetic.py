@@ -591,7 +591,8 @@ def main() -> None:
                                    + (result.get("reason") or f"loss difference {result.get('max_loss_difference')}"))
             print(f"graph check {name}: " + (
                 f"ok, eager {result['eager_ms_per_step']:.1f} / recorded {result['graph_ms_per_step']:.1f} ms a step "
-                f"over 8 steps (eager includes JIT), loss difference {result['max_loss_difference']:.1e}"
+                f"over 8 steps (eager includes JIT), replay {result.get('replay_ms') or 0:.2f} ms, "
+                f"loss difference {result['max_loss_difference']:.1e}"
                 if name not in graph_off else f"-> eager: {graph_off[name]}"), flush=True)
         dense_check = record["graph_checks"].get("dense", {})
         if dense_check.get("captured") and not dense_check.get("passed"):  # recorded but wrong: trust none
@@ -659,9 +660,11 @@ def main() -> None:
     def estimate(job: dict[str, Any], count: int | None = None) -> float:
         """Seconds a job needs for ``count`` steps (default ``--steps``): its plan's step time (its last run's,
         else the prior scaled by how the measured plans compared with theirs: another width or device) plus
-        ~3 s of model, data and test. (A recording check's pace is not used: it averages 8 steps, 3 of them
-        eager warm-up.)"""
+        ~3 s of model, data and test. A recording check's replay pace stands in for a run of its own (not its
+        ``graph_ms_per_step``: an average over 8 steps, 3 of them eager warm-up)."""
         ms = measured.get(job["plan"])
+        if not ms and job["graph"]:
+            ms = record["graph_checks"].get(job["plan"], {}).get("replay_ms")
         if not ms:
             ratios = sorted(m / step_cost(plan_of(options, name)[0], recorded_on.get(name, False))
                             for name, m in measured.items())
