@@ -532,7 +532,7 @@ def main() -> None:
         "plans": chosen, "steps": steps, "min_steps": min_steps, "graph_checked": checked,
         "phases": {}, "gate": {}, "runs": [], "skipped": [], "log": [],
     }
-    if task == "mqar" and any(n.startswith("sinks") and not split_variant(n)[1] for n in chosen):
+    if task == "mqar" and any(n.startswith("sinks") for n in chosen):
         record["notes"] = [
             "Sinks(2 * pairs) | Window(...) on Zoology's layout is a task artefact: the pairs are the first "
             "2 * pairs tokens, so the sinks see every pair from every query; '@prefixN' variants (N filler tokens "
