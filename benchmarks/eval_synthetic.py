@@ -4,6 +4,10 @@ Two commands for one H200 (nothing here is a latency measurement, but every proc
 steps, and with them what the runs learn in their budget: run them alone):
 
     PYTHONPATH=src python benchmarks/eval_synthetic.py mqar --time-budget 460 --out $OUT/eval_mqar.json
+    # the focused MQAR run of session 7 (d64, one rate, one seed, the plans in order of importance):
+    PYTHONPATH=src python benchmarks/eval_synthetic.py mqar --widths 64 --learning-rates d64:0.003 --seeds 0 \
+        --plans dense,window64,window32+topk_pooled1,window32+learned1,sinks32+window32@prefix32 \
+        --steps 6000 --min-steps 4000 --graph-checks window32+learned1 --time-budget 300 --out $OUT/eval_mqar.json
     PYTHONPATH=src python benchmarks/eval_synthetic.py listops --time-budget 430 --out $OUT/eval_listops.json
     PYTHONPATH=src python benchmarks/eval_synthetic.py mqar --quick --device cpu --out /tmp/q.json   # CPU smoke
 
@@ -24,7 +28,9 @@ process.
 2. MQAR (Zoology): sequences of 256, ``--kv-pairs`` pairs (Zoology 16), vocabulary ``--vocab`` (Zoology 8192),
    2 layers, one head, no MLP, learned positions, d_model ``--widths`` (64, 128), batch 256, 100 000 training
    examples, 3000 test, AdamW, warm-up 10% then cosine. Plans: dense; Window(32), Window(64), Window(128);
-   Sinks(2 * pairs) | Window(64 - 2 * pairs) (the pairs kept, 64 keys);
+   Sinks(2 * pairs) | Window(64 - 2 * pairs) (the pairs kept, 64 keys: a task artefact, Zoology's pairs being
+   the first tokens; a plan name may end in ``@prefixN``, the same plan on MQAR with ``N`` filler tokens
+   before the pairs, ``spattn.eval.tasks.mqar(prefix_length=N)``, which removes it);
    dynamic selection Window(32) | TopK("pooled", 1) at block 32 (about 64
    keys, the window-64 budget); learned Window(32) + 1 routed block of 32 (``spattn.learned.LearnedTopK``,
    the same budget, trained with the model, straight-through). Causal.
@@ -35,12 +41,16 @@ process.
    chunk ``k`` of the training set from seed ``1_000_000 * 2 * seed + k``, of the test set from
    ``1_000_000 * (2 * seed + 1) + k``).
 
-Steps: every job trains ``--steps`` steps unless that would not fit in its share of the time: then
-``spattn.eval.train.train(time_limit=...)`` cuts the run to what fits. A job's share is the time left times
-its plan's relative step cost (``step_cost``) over the cost of the jobs not started yet, per worker. The JSON
-holds the steps each run made, and the summary lists them. Jobs that could
-not start in time are listed under ``skipped``. Every accuracy carries a bootstrap interval (over seeds, then
-test examples); ``versus_dense`` is the paired bootstrap over the same test examples, a tie when its interval
+Steps: jobs run most important first (the first seed; in it the first width, then its learning rates, the
+plans in ``--plans`` order; further seeds only at the best rate of their plan). Each job gets at least
+``--min-steps`` steps or is skipped (``allot``): it may use all the time left but the estimated minimums of the
+later jobs, and stops at its ``--steps`` or where ``spattn.eval.train.train(time_limit=...)`` sees its time
+run out. Session 7's first H200 run split 455 s fairly over 64 jobs: 19 s each, d64 dense and top-k skipped,
+the learned router never trained; now a grid too large for the budget loses whole jobs (the least important),
+listed under ``skipped`` with the reason, and the summary marks a run that still ended below its minimum
+(``below_min_steps``: a slower pace than estimated). The JSON holds the steps each run made. Every accuracy
+carries a bootstrap interval (over seeds, then test examples); ``versus_dense`` is the paired bootstrap over
+the same test examples (against dense on the same task variant), a tie when its interval
 holds 0. The best learning rate per plan is picked by mean accuracy (Zoology's protocol).
 
 Writes JSON: card, versions (torch, triton, transformers), git commit, command, the gate with its seconds, the
@@ -112,22 +122,37 @@ def listops_plans() -> Plans:
     }
 
 
-def plan_tier(plan: Any) -> int:
-    """1: the fixed and dynamic plans (issue 13); 2: attention trained with the model (issues 14, 15), run after."""
-    return 2 if isinstance(plan, (Learned, spattn.Hierarchical)) else 1
-
-
-def step_cost(plan: Any) -> float:
-    """Prior step time of a plan in milliseconds, for time shares until a run of it has measured its own (the
-    H200, MQAR d64, eager, session 5: dense 5.4 ms, windows 5.6-6.6, Window(32) | TopK 13.2, learned 34.6;
-    hierarchical: ~150 launches a layer, guessed 40)."""
+def step_cost(plan: Any, recorded: bool = True) -> float:
+    """Prior step time of a plan in milliseconds (MQAR d64 on the H200), for time shares until a run of it has
+    measured its own. Recorded in a CUDA graph (session 7, chain A, ded742c): windows and sinks + window
+    3.5-4.5 ms; hierarchical 102.8 (its recording check); dense, dynamic top-k and the learned router are
+    guesses (dense ~1.4x a window, as at d128: 10.2 against 7.3 ms). Eager (session 5): dense 5.4,
+    windows 5.6-6.6, Window(32) | TopK 13.2, learned 34.6 (then compiling its layout at every step; now
+    merged on the device: a guess of 20)."""
     if isinstance(plan, Learned):
-        return 34.6
+        return 12.0 if recorded else 20.0
     if isinstance(plan, spattn.Hierarchical):
-        return 40.0
-    if plan is not None and plan.contains_dynamic():
-        return 13.2
-    return 6.0
+        return 102.8 if recorded else 150.0
+    if plan is None:
+        return 5.5
+    if plan.contains_dynamic():
+        return 8.0 if recorded else 13.2
+    return 4.0 if recorded else 6.0
+
+
+VARIANT_SEPARATOR = "@"
+
+
+def split_variant(name: str) -> tuple[str, dict[str, Any]]:
+    """A plan name with an optional task variant, ``"sinks32+window32@prefix32"``: the plan and the MQAR
+    options that change (``prefixN``: ``N`` random filler tokens before the pairs, ``spattn.eval.tasks.mqar``'s
+    ``prefix_length``, which takes the pairs out of reach of sinks over the first tokens)."""
+    base, _, variant = name.partition(VARIANT_SEPARATOR)
+    if not variant:
+        return base, {}
+    if variant.startswith("prefix") and variant[len("prefix"):].isdigit():
+        return base, {"prefix_length": int(variant[len("prefix"):])}
+    raise ValueError(f"plan {name!r}: unknown task variant {variant!r} (known: prefixN, e.g. @prefix32)")
 
 
 def plans_of(options: dict[str, Any]) -> Plans:
@@ -136,22 +161,29 @@ def plans_of(options: dict[str, Any]) -> Plans:
         return listops_plans()
     return mqar_plans(3 if options["quick"] else options["kv_pairs"], 16 if options["quick"] else 32)
 
+
+def plan_of(options: dict[str, Any], name: str) -> tuple[Any, int]:
+    """(pattern / Learned / None, block size) of a plan name, task variant allowed (``split_variant``)."""
+    return plans_of(options)[split_variant(name)[0]]
+
 GATED = {"mqar": "window32+topk_pooled1", "listops": "window64+topk_pooled2"}
 
 
-def water_level(needs: list[float], budget: float) -> float:
-    """The time cap ``c`` with ``sum(min(need, c)) == budget`` (max-min fair shares): every job that needs less
-    than ``c`` gets what it needs, the others ``c`` each, so cheap runs reach their steps and the expensive ones
-    share what is left. ``inf`` when everything fits."""
-    if sum(needs) <= budget:
-        return float("inf")
-    rest, count = budget, len(needs)
-    for need in sorted(needs):
-        if need * count > rest:
-            return rest / count
-        rest -= need
-        count -= 1
-    return float("inf")
+def allot(floor: float, later_floors: list[float], left: float) -> float | None:
+    """Seconds for the next job, jobs being taken most important first: the ``left`` seconds less the minimums
+    (``floor``: the estimated seconds of ``--min-steps``) of the later jobs that still fit after its own, so
+    never less than its own minimum; ``None`` when even that does not fit (the job is skipped and the time goes
+    to the later ones). The run stops at its ``--steps`` (what it does not use goes to the later jobs) or where
+    ``train(time_limit=)`` sees the time run out: a slower pace than estimated eats the slack, not the later
+    jobs' minimums. So every run gets at least its minimum steps or does not run at all: no run is cut to a
+    share too short to learn."""
+    if floor > left:
+        return None
+    reserve = 0.0
+    for later in later_floors:  # in priority order; a later minimum that cannot fit is not kept free
+        if floor + reserve + later <= left:
+            reserve += later
+    return left - reserve
 
 
 # ---------------------------------------------------------------------------------------------- 1. gate
@@ -199,8 +231,9 @@ def gate(config: TrainConfig, plan: Any, batch: int, length: int, padded: bool) 
 
 
 # ---------------------------------------------------------------------------------------------- configs, data
-def task_config(options: dict[str, Any], width: int) -> TrainConfig:
-    """The TrainConfig of one job (``options``: the parent's arguments that shape the runs)."""
+def task_config(options: dict[str, Any], width: int, plan: str | None = None) -> TrainConfig:
+    """The TrainConfig of one job (``options``: the parent's arguments that shape the runs; ``plan``: its plan
+    name, whose task variant changes the MQAR options)."""
     device, backend = options["device"], options["backend"]
     if options["task"] == "mqar":
         if options["quick"]:
@@ -213,6 +246,11 @@ def task_config(options: dict[str, Any], width: int) -> TrainConfig:
     else:
         config = listops_config("tiny") if options["quick"] else listops_config()
         changes = {"precision": options["precision"], "batch_size": options["batch_size"] or config.batch_size}
+    variant = split_variant(plan)[1] if plan else {}
+    if variant:
+        if options["task"] != "mqar":
+            raise ValueError(f"plan {plan!r}: task variants are MQAR options")
+        changes["task_options"] = {**config.task_options, **variant}
     if options["train_examples"]:
         changes["train_examples"] = options["train_examples"]
     if options["test_examples"]:
@@ -256,8 +294,8 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
     record: dict[str, Any] = {"job": {k: v for k, v in job.items() if k != "options"}}
     try:
         torch.set_float32_matmul_precision(job["options"]["matmul_precision"])
-        plan, block = plans_of(job["options"])[job["plan"]]
-        config = task_config(job["options"], job["width"]).replace(
+        plan, block = plan_of(job["options"], job["plan"])
+        config = task_config(job["options"], job["width"], job["plan"]).replace(
             block_size=block, learning_rate=job["learning_rate"], seed=job["seed"],
             cuda_graph=bool(job.get("graph", True)))
         data = None
@@ -295,11 +333,11 @@ def run_graph_checks(spec: dict[str, Any]) -> None:
     ``spec["out"]`` is rewritten after every plan (a crash keeps the plans before it)."""
     options = spec["options"]
     torch.set_float32_matmul_precision(options["matmul_precision"])
-    plans = plans_of(options)
     results: dict[str, Any] = {}
     for name in spec["plans"]:
-        plan, block = plans[name]
-        config = task_config(options, spec["width"]).replace(block_size=block, learning_rate=spec["learning_rate"])
+        plan, block = plan_of(options, name)
+        config = task_config(options, spec["width"], name).replace(block_size=block,
+                                                                    learning_rate=spec["learning_rate"])
         try:
             results[name] = check_graph(config, plan, steps=8)
         except Exception as exc:  # noqa: BLE001 - recorded; this plan trains eagerly
@@ -349,16 +387,23 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 "final_loss": [g["result"]["losses"][-1] if g["result"]["losses"] else None for g in by_rate[best]],
                 "ms_per_step": [g.get("ms_per_step") for g in by_rate[best]],
                 "recorded": [bool(g.get("graph", {}).get("captured")) for g in by_rate[best]],
+                "below_min_steps": any(g["steps"] < g["job"].get("min_steps", 0) for g in by_rate[best]),
             }
-        if "dense" in best_runs:
-            dense = {g["job"]["seed"]: g["result"]["per_example"] for g in best_runs["dense"]}
-            for name, group in best_runs.items():
-                seeds = [g["job"]["seed"] for g in group if g["job"]["seed"] in dense]
-                if name == "dense" or not seeds:
-                    continue
-                mine = {g["job"]["seed"]: g["result"]["per_example"] for g in group}
-                rows[name]["versus_dense"] = stats.compare([x for s in seeds for x in mine[s]],
-                                                           [x for s in seeds for x in dense[s]]).to_dict()
+        for name, group in best_runs.items():
+            # paired over the same test examples: against dense on the same task variant only
+            _, variant = split_variant(name)
+            reference = "dense" + name[len(name.partition(VARIANT_SEPARATOR)[0]):]
+            if variant:
+                rows[name]["task_variant"] = variant
+            if name == reference or reference not in best_runs:
+                continue
+            dense = {g["job"]["seed"]: g["result"]["per_example"] for g in best_runs[reference]}
+            seeds = [g["job"]["seed"] for g in group if g["job"]["seed"] in dense]
+            if not seeds:
+                continue
+            mine = {g["job"]["seed"]: g["result"]["per_example"] for g in group}
+            rows[name]["versus_dense"] = stats.compare([x for s in seeds for x in mine[s]],
+                                                       [x for s in seeds for x in dense[s]]).to_dict()
         out[f"d{width}"] = {"rows": rows, "ordering": sorted(rows, key=lambda n: -rows[n]["accuracy"]["value"])}
     return out
 
@@ -402,10 +447,16 @@ def main() -> None:
     parser.add_argument("--tie-embeddings", default=None, action=argparse.BooleanOptionalAction,
                         help="MQAR head tied to the token embedding (default: the preset's)")
     parser.add_argument("--clip-grad", type=float, default=None, help="gradient clipping norm (0: none)")
+    parser.add_argument("--min-steps", type=int, default=None,
+                        help="a run gets at least this many steps or is skipped (default: half of --steps)")
+    parser.add_argument("--graph-checks", default="all",
+                        help="plans whose CUDA-graph recording is checked against eager training before the runs "
+                             "(8 steps each, in a child process): 'all' (default: every plan), 'none', or names; "
+                             "unchecked plans record in their own runs and fall back to eager if that fails")
     parser.add_argument("--no-graph", action="store_true",
                         help="train every MQAR run eagerly (default on CUDA: the step recorded in a CUDA graph)")
     parser.add_argument("--job", default=None, help=argparse.SUPPRESS)  # internal: run one job
-    parser.add_argument("--graph-checks", default=None, help=argparse.SUPPRESS)  # internal: the checks' child
+    parser.add_argument("--graph-checks-spec", default=None, help=argparse.SUPPRESS)  # internal: the checks' child
     parser.add_argument("--out", default="eval_synthetic.json")
     args = parser.parse_args()
     clock = TimeBudget(args.time_budget)
@@ -442,9 +493,24 @@ def main() -> None:
     }
     plans = plans_of(options)
     chosen = list(plans) if args.plans is None else args.plans.split(",")
-    unknown = [p for p in chosen if p not in plans]
+    unknown = [p for p in chosen if split_variant(p)[0] not in plans]
     if unknown:
-        parser.error(f"--plans: unknown {unknown}; known: {list(plans)}")
+        parser.error(f"--plans: unknown {unknown}; known: {list(plans)} (a task variant may follow: @prefix32)")
+    for name in chosen:
+        try:
+            if split_variant(name)[1] and task != "mqar":
+                parser.error(f"--plans: {name!r}: task variants are MQAR options")
+        except ValueError as exc:
+            parser.error(f"--plans: {exc}")
+    if args.graph_checks in ("all", None):
+        checked = list(chosen)
+    elif args.graph_checks == "none":
+        checked = []
+    else:
+        checked = args.graph_checks.split(",")
+        if [p for p in checked if p not in chosen]:
+            parser.error(f"--graph-checks: {[p for p in checked if p not in chosen]} are not in --plans {chosen}")
+    min_steps = steps // 2 if args.min_steps is None else min(args.min_steps, steps)
     scratch = tempfile.mkdtemp(prefix="eval_synthetic_")
     data_paths: dict[int, str] = {}
     data_seconds = None
@@ -463,8 +529,14 @@ def main() -> None:
         "card": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu", "quick": args.quick,
         "time_budget": args.time_budget, "options": options, "learning_rates": {f"d{w}": r for w, r in rates.items()},
         "seeds": seeds, "triton_autotune": os.environ.get("SPATTN_TRITON_AUTOTUNE", "1"),
+        "plans": chosen, "steps": steps, "min_steps": min_steps, "graph_checked": checked,
         "phases": {}, "gate": {}, "runs": [], "skipped": [], "log": [],
     }
+    if task == "mqar" and any(n.startswith("sinks") for n in chosen):
+        record["notes"] = [
+            "Sinks(2 * pairs) | Window(...) on Zoology's layout is a task artefact: the pairs are the first "
+            "2 * pairs tokens, so the sinks see every pair from every query; '@prefixN' variants (N filler tokens "
+            "before the pairs, spattn.eval.tasks.mqar(prefix_length=N)) remove it"]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
 
     summarised = [0.0]
@@ -489,28 +561,28 @@ def main() -> None:
         record["phases"]["data"] = data_seconds
     save()
 
-    since = time.perf_counter()  # 0. the recording checks, in a child process: dense first, seconds
+    since = time.perf_counter()  # 0. the recording checks (--graph-checks), in a child process
     graph_off: dict[str, str] = {}  # plan -> why its runs train eagerly
     check_width = widths[0]
     # on a CPU nothing can be recorded: the checks run there only with --quick (a dry run of this path)
     use_graphs = task == "mqar" and not args.no_graph and (args.device.startswith("cuda") or args.quick)
     record["graph_checks"] = {}
-    if use_graphs:
-        in_order = sorted(chosen, key=lambda n: plan_tier(plans[n][0]))  # tier 2 last: a crash there costs less
-        spec = {"options": options, "plans": in_order, "width": check_width, "learning_rate": rates[check_width][0],
+    if use_graphs and checked:
+        spec = {"options": options, "plans": checked, "width": check_width, "learning_rate": rates[check_width][0],
                 "out": os.path.join(scratch, "graph_checks.json")}
         with open(spec["out"] + ".spec", "w") as handle:
             json.dump(spec, handle)
         limit = max(30.0, min(180.0, 0.35 * clock.left()))
         try:  # a child: a recording that breaks the CUDA context takes only the child down
-            subprocess.run([sys.executable, os.path.abspath(__file__), task, "--graph-checks", spec["out"] + ".spec"],
-                           timeout=limit, check=False, env=dict(os.environ, OMP_NUM_THREADS="1"))
+            subprocess.run([sys.executable, os.path.abspath(__file__), task, "--graph-checks-spec",
+                            spec["out"] + ".spec"], timeout=limit, check=False,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"))
         except subprocess.TimeoutExpired:
             record["log"].append(f"the recording checks ran past {limit:.0f} s and were stopped")
         if os.path.exists(spec["out"]):
             with open(spec["out"]) as handle:
                 record["graph_checks"] = json.load(handle)
-        for name in chosen:
+        for name in checked:
             result = record["graph_checks"].get(name)
             if result is None:
                 graph_off[name] = "no recording check result (the check process stopped before this plan)"
@@ -519,12 +591,17 @@ def main() -> None:
                                    + (result.get("reason") or f"loss difference {result.get('max_loss_difference')}"))
             print(f"graph check {name}: " + (
                 f"ok, eager {result['eager_ms_per_step']:.1f} / recorded {result['graph_ms_per_step']:.1f} ms a step "
-                f"over 8 steps (eager includes JIT), loss difference {result['max_loss_difference']:.1e}"
+                f"over 8 steps (eager includes JIT), replay {result.get('replay_ms') or 0:.2f} ms, "
+                f"loss difference {result['max_loss_difference']:.1e}"
                 if name not in graph_off else f"-> eager: {graph_off[name]}"), flush=True)
         dense_check = record["graph_checks"].get("dense", {})
         if dense_check.get("captured") and not dense_check.get("passed"):  # recorded but wrong: trust none
             for name in chosen:
                 graph_off.setdefault(name, "the dense recording disagreed with eager training")
+        unchecked = [n for n in chosen if n not in checked]
+        if unchecked:  # they record in their own runs (a failed recording falls back to eager, and says why)
+            record["log"].append(f"no recording check for {unchecked} (--graph-checks): each run's own recording "
+                                 "decides")
         phase("graph_checks", since)
     elif task == "mqar":
         reason = "--no-graph" if args.no_graph else f"device {args.device!r}: CUDA graphs need a CUDA device"
@@ -532,7 +609,7 @@ def main() -> None:
 
     since = time.perf_counter()  # 1. the gate
     gated = GATED[task]
-    gate_plan, gate_block = plans[gated]
+    gate_plan, gate_block = plans[gated]  # the kernels of every plan (layouts are walked by their tables)
     for width in widths if task == "mqar" else widths[:1]:
         config = task_config(options, width).replace(block_size=gate_block)
         length = config.task_options["seq_len"] if task == "mqar" else (64 if args.quick else 1024)
@@ -552,10 +629,6 @@ def main() -> None:
 
     record["graph_off"] = graph_off
 
-    def tier(job: dict[str, Any]) -> int:
-        """1, 2: the first seed's tier-1 and tier-2 plans; 3, 4: further seeds (at each plan's best rate only)."""
-        return plan_tier(plans[job["plan"]][0]) + (2 if job["priority"][0] > 0 else 0)
-
     def best_rate(width: int, name: str) -> float | None:
         """The first seed's best learning rate of a plan at a width (None before any of its runs finished)."""
         done = [r for r in record["runs"] if "result" in r and r["job"]["width"] == width
@@ -564,7 +637,7 @@ def main() -> None:
             return None
         return max(done, key=lambda r: r["result"]["accuracy"]["value"])["job"]["learning_rate"]
 
-    jobs = []  # most important first: the first width (every rate), then the next; then further seeds
+    jobs = []  # most important first: the first seed; in it the first width, its rates, the plans in order
     for seed_index, seed in enumerate(seeds):
         for width in widths:
             for rate_index, rate in enumerate(rates[width]):
@@ -574,23 +647,30 @@ def main() -> None:
                                  "seed": seed, "data": data_paths.get(seed), "deadline": deadline,
                                  "out": os.path.join(scratch, tag + ".json"), "options": options,
                                  "graph": name not in graph_off, "graph_reason": graph_off.get(name),
-                                 "priority": (seed_index, rate_index)})
-    jobs.sort(key=lambda j: tier(j))  # stable: within a tier, the order above
+                                 "priority": (seed_index, rate_index), "min_steps": min_steps})
     workers = max(1, args.workers)
     record["log"].append(f"{len(jobs)} jobs, {workers} at a time "
-                         f"({'in this process' if workers == 1 else 'subprocesses'}), {steps} steps each at most")
+                         f"({'in this process' if workers == 1 else 'subprocesses'}), {steps} steps each at most, "
+                         f"{min_steps} at least (or skipped)")
     print(record["log"][-1], flush=True)
     measured: dict[str, float] = {}  # plan -> ms per step of its last finished run
 
-    def estimate(job: dict[str, Any]) -> float:
-        """Seconds a job needs: steps x its plan's step time (measured, else the recording check's, else
-        the prior) plus ~3 s of model, data and test."""
-        check_ms = record["graph_checks"].get(job["plan"], {}).get("graph_ms_per_step") if job["graph"] else None
-        ms = measured.get(job["plan"]) or check_ms
-        if not ms:  # the prior, scaled by how the measured plans compared with theirs (another device, say)
-            ratios = sorted(m / step_cost(plans[name][0]) for name, m in measured.items())
-            ms = step_cost(plans[job["plan"]][0]) * (ratios[len(ratios) // 2] if ratios else 1.0)
-        return steps * ms / 1000 + 3.0
+    recorded_on = {name: name not in graph_off for name in chosen}
+
+    def estimate(job: dict[str, Any], count: int | None = None) -> float:
+        """Seconds a job needs for ``count`` steps (default ``--steps``): its plan's step time (its last run's,
+        else the prior scaled by how the measured plans compared with theirs: another width or device) plus
+        ~3 s of model, data and test. A recording check's replay pace stands in for a run of its own (not its
+        ``graph_ms_per_step``: an average over 8 steps, 3 of them eager warm-up)."""
+        ms = measured.get(job["plan"])
+        if not ms and job["graph"]:
+            ms = record["graph_checks"].get(job["plan"], {}).get("replay_ms")
+        if not ms:
+            ratios = sorted(m / step_cost(plan_of(options, name)[0], recorded_on.get(name, False))
+                            for name, m in measured.items())
+            ms = (step_cost(plan_of(options, job["plan"])[0], job["graph"])
+                  * (ratios[len(ratios) // 2] if ratios else 1.0))
+        return (steps if count is None else count) * ms / 1000 + 3.0
 
     def finished(tag: str, result: dict[str, Any]) -> None:
         record["runs"].append(result)
@@ -616,28 +696,23 @@ def main() -> None:
         os.makedirs(logs, exist_ok=True)
     while pending or running:
         while pending and len(running) < workers:
-            # this job's share of the time left: its estimated seconds over those of the jobs not started yet,
-            # per worker (a job that needs less than its share leaves the rest to the later ones)
+            # most important first: this job gets its steps if the minimum steps of the later ones still fit
+            # after it, else what they leave, never less than its own minimum; a job whose minimum does not fit
+            # is skipped (further seeds run only at the first seed's best rate of their plan)
             left = (deadline - time.time()) * workers
             job = pending.pop(0)
-            need = estimate(job)
-            # tier 1 (the fixed and dynamic plans) shares the time left less a reserve for tier 2 (the learned
-            # router and hierarchical attention, trained with the model), which shares what is left after it
-            # (further seeds, tiers 3 and 4, get only what the first seed leaves, and only at its best rate)
-            mine = tier(job)
-            if mine >= 3 and best_rate(job["width"], job["plan"]) != job["learning_rate"]:
+
+            def eligible(j: dict[str, Any]) -> bool:
+                return j["priority"][0] == 0 or best_rate(j["width"], j["plan"]) == j["learning_rate"]
+
+            if not eligible(job):
                 record["skipped"].append(f"{job['tag']}: further seeds run at the plan's best rate only")
                 continue
-            same = [need] + [estimate(j) for j in pending if tier(j) == mine
-                             and (mine < 3 or best_rate(j["width"], j["plan"]) == j["learning_rate"])]
-            later = sum(estimate(j) for j in pending if tier(j) == mine + 1) if mine % 2 else 0.0
-            level = water_level(same, left - min(later, 0.25 * left))
-            share = min(need, level) * 1.25 + 5  # slack: the estimates are rough, and train() cuts what won't fit
-            # and a run may use whatever the runs after it are not expected to need
-            share = max(share, left - sum(estimate(j) for j in pending))
-            if share < min(30.0, 0.25 * need):  # not even a quarter of its steps: leave the time to others
-                record["skipped"].append(f"{job['tag']}: {share:.0f} s share of the ~{need:.0f} s it needs "
-                                         f"({left:.0f} s left) at its turn")
+            floor = 1.1 * estimate(job, min_steps)
+            share = allot(floor, [1.1 * estimate(j, min_steps) for j in pending if eligible(j)], left)
+            if share is None:
+                record["skipped"].append(f"{job['tag']}: its {min_steps} steps at least need ~{floor:.0f} s, "
+                                         f"{left:.0f} s left at its turn")
                 continue
             job["deadline"] = time.time() + share
             if workers == 1:  # in this process, one run after another (the GPU gains nothing from more)
@@ -689,8 +764,8 @@ if __name__ == "__main__":
     if "--job" in sys.argv:
         with open(sys.argv[sys.argv.index("--job") + 1]) as handle:
             run_job(json.load(handle))
-    elif "--graph-checks" in sys.argv:
-        with open(sys.argv[sys.argv.index("--graph-checks") + 1]) as handle:
+    elif "--graph-checks-spec" in sys.argv:
+        with open(sys.argv[sys.argv.index("--graph-checks-spec") + 1]) as handle:
             run_graph_checks(json.load(handle))
     else:
         main()

@@ -58,6 +58,30 @@ def test_mqar_random_non_queries_and_determinism():
     assert torch.equal(plain[1], a[1])  # the same queries and labels either way
 
 
+def test_mqar_filler_prefix_moves_the_pairs_out_of_the_first_tokens():
+    """Zoology's layout puts the pairs first, so sinks over the first 2K tokens see every pair: the prefix of
+    value-half filler moves them, and the task is otherwise the same (labels = the queried key's value)."""
+    N, L, K, V, P = 40, 96, 4, 256, 8
+    plain, _ = tasks.mqar(N, seq_len=L, num_kv_pairs=K, vocab_size=V, seed=5)
+    inputs, labels = tasks.mqar(N, seq_len=L, num_kv_pairs=K, vocab_size=V, seed=5, prefix_length=P)
+    assert bool((plain[:, 0 : 2 * K : 2] < V // 2).all())  # the default: keys are the first tokens
+    assert bool((inputs[:, :P] >= V // 2).all())  # filler from the value half: never a key
+    keys, values = inputs[:, P : P + 2 * K : 2], inputs[:, P + 1 : P + 2 * K : 2]
+    assert bool(((keys >= 1) & (keys < V // 2)).all()) and bool((values >= V // 2).all())
+    assert bool((labels[:, : P + 2 * K] == -100).all())
+    for n in range(N):
+        asked = (labels[n] != -100).nonzero().flatten()
+        assert len(asked) == K and bool(((asked - P - 2 * K) % 2 == 0).all())
+        pairs = dict(zip(keys[n].tolist(), values[n].tolist(), strict=True))
+        assert all(labels[n, p].item() == pairs[inputs[n, p].item()] for p in asked.tolist())
+        assert not set(inputs[n, : 2 * K].tolist()) & set(pairs)  # Sinks(2K) sees no key of a pair
+    again = tasks.mqar(N, seq_len=L, num_kv_pairs=K, vocab_size=V, seed=5, prefix_length=P)
+    assert torch.equal(inputs, again[0]) and torch.equal(labels, again[1])
+    for bad in (3, -2, L):
+        with pytest.raises(ValueError, match="prefix_length"):
+            tasks.mqar(2, seq_len=L, num_kv_pairs=K, vocab_size=V, prefix_length=bad)
+
+
 def test_mqar_gap_distribution_follows_the_power_law():
     N, L, K = 4000, 64, 1
     inputs, labels = tasks.mqar(N, seq_len=L, num_kv_pairs=K, vocab_size=128, seed=0)

@@ -78,6 +78,7 @@ def mqar(
     random_non_queries: bool = False,
     *,
     power_a: float = 0.01,
+    prefix_length: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Multi-query associative recall (Zoology): ``(inputs, labels)``, both int64 ``[N, seq_len]``.
 
@@ -89,6 +90,12 @@ def mqar(
     must emit after reading the key) and ``-100`` everywhere else. Other query-region positions are 0, or
     random tokens of the whole vocabulary with ``random_non_queries=True``.
 
+    ``prefix_length`` (default 0: Zoology's layout) puts that many filler tokens before the pairs, drawn
+    uniformly from the value half (never a key, so no query has a second match); the pairs then start at
+    ``prefix_length`` and the query region shrinks by as many tokens. With Zoology's layout the pairs are the
+    first ``2 * num_kv_pairs`` tokens, so ``Sinks(2 * num_kv_pairs)`` sees every pair from every query and
+    solves the task by position alone; a prefix at least that long removes this artefact.
+
     Args:
         num_examples: ``N``.
         seq_len: ``L``, even, ``>= 4 * num_kv_pairs``.
@@ -97,6 +104,8 @@ def mqar(
         seed: the same seed gives the same data.
         random_non_queries: fill non-query positions with random tokens instead of 0.
         power_a: exponent of the gap distribution (Zoology's 0.01).
+        prefix_length: filler tokens before the pairs (default 0), even, ``2 * num_kv_pairs + prefix_length
+            + 2 * num_kv_pairs <= seq_len``.
 
     Example:
         >>> inputs, labels = mqar(8, seq_len=64, num_kv_pairs=4, vocab_size=128)
@@ -108,8 +117,11 @@ def mqar(
     _positive_int(seq_len, "seq_len", 2)
     if seq_len % 2:
         raise ValueError(f"seq_len must be even (two-token query slots), got {seq_len}")
-    if num_kv_pairs * 4 > seq_len:
-        raise ValueError(f"seq_len must be >= 4 * num_kv_pairs = {4 * num_kv_pairs}, got {seq_len}")
+    if isinstance(prefix_length, bool) or not isinstance(prefix_length, int) or prefix_length < 0 or prefix_length % 2:
+        raise ValueError(f"prefix_length must be an even int >= 0 (two-token query slots), got {prefix_length!r}")
+    if num_kv_pairs * 4 + prefix_length > seq_len:
+        raise ValueError(f"seq_len must be >= 4 * num_kv_pairs + prefix_length = {4 * num_kv_pairs + prefix_length}, "
+                         f"got {seq_len}")
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= seq_len:
         raise ValueError(f"vocab_size must be an int > seq_len ({seq_len}), got {vocab_size!r}")
     if vocab_size // 2 - 1 < num_kv_pairs:
@@ -118,7 +130,8 @@ def mqar(
         raise ValueError(f"power_a must be in (0, 1], got {power_a!r}")
     gen = _generator(seed)
     half = vocab_size // 2
-    context = 2 * num_kv_pairs
+    start = prefix_length  # the first pair
+    context = start + 2 * num_kv_pairs  # the first query slot
     space = (seq_len - context) // 2
     keys = _distinct(num_examples, half - 1, num_kv_pairs, gen) + 1
     values = _distinct(num_examples, vocab_size - half, num_kv_pairs, gen) + half
@@ -127,8 +140,8 @@ def mqar(
         generator=gen,
     )
     inputs = torch.zeros(num_examples, seq_len, dtype=torch.long)
-    inputs[:, 0:context:2] = keys
-    inputs[:, 1:context:2] = values
+    inputs[:, start:context:2] = keys
+    inputs[:, start + 1:context:2] = values
     positions = context + 2 * gaps
     inputs.scatter_(1, positions, keys)
     labels = torch.full((num_examples, seq_len), IGNORE_INDEX, dtype=torch.long)
@@ -139,6 +152,8 @@ def mqar(
         free[:, context:] = True
         free.scatter_(1, positions, False)
         inputs = torch.where(free, fill, inputs)
+    if prefix_length:
+        inputs[:, :start] = torch.randint(half, vocab_size, (num_examples, start), generator=gen)
     return inputs, labels
 
 

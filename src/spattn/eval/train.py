@@ -526,7 +526,8 @@ class TrainResult:
 
     ``seconds``: the whole run (data, model, training, test); ``train_seconds``: the step loop alone (the
     device waited for); ``graph``: whether the step was recorded in a CUDA graph (``captured``, at which step,
-    ``replays``) or, if not, why (``reason``)."""
+    ``replays``, ``replay_ms``: milliseconds per replay after the first, no warm-up or JIT in it) or, if not,
+    why (``reason``)."""
 
     accuracy: stats.Estimate
     per_example: list[float]
@@ -650,6 +651,8 @@ class _GraphPlan:
     captured_at: int | None = None
     capture_seconds: float | None = None
     replays: int = 0
+    replays_started: float | None = None  # perf_counter after the first replay
+    replay_ms: float | None = None  # milliseconds per replay after the first (set by train at the end)
 
     @classmethod
     def of(cls, config: TrainConfig, on_cuda: bool) -> _GraphPlan:
@@ -663,7 +666,7 @@ class _GraphPlan:
 
     def to_dict(self) -> dict[str, Any]:
         return {"captured": self.captured_at is not None, "reason": self.reason, "captured_at": self.captured_at,
-                "capture_seconds": self.capture_seconds, "replays": self.replays}
+                "capture_seconds": self.capture_seconds, "replays": self.replays, "replay_ms": self.replay_ms}
 
 
 class _Stepper:
@@ -696,6 +699,8 @@ class _Stepper:
             objective = loss + sum(regulariser_losses(self.model, Regularisers()).values(),
                                    torch.zeros((), device=loss.device))
         objective.backward()
+        for router in self.layer_routers:  # its last pass would keep this step's autograd graph alive into the
+            router.last = {}  # next (torch warns that a kept AccumulateGrad node can break a recording)
         if self.config.clip_grad is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.clip_grad)
         self.optimizer.step()
@@ -745,6 +750,8 @@ class _Stepper:
         plan.capture_seconds = round(time.perf_counter() - since, 3)
         self.graph.replay()  # the recording ran nothing: this replay is step ``step``
         plan.replays += 1
+        torch.cuda.synchronize()  # once: the replays' pace is timed from here (see _GraphPlan.replay_ms)
+        plan.replays_started = time.perf_counter()
         return self.static_loss
 
     def release(self) -> None:
@@ -904,6 +911,8 @@ def train(config: TrainConfig, plan: Plan | Pattern | Learned | None = None, *, 
             progress(step, last)
     sync()
     train_seconds = time.perf_counter() - loop_started
+    if graph.replays_started is not None and graph.replays > 1:  # the recorded step's own pace (no warm-up, JIT)
+        graph.replay_ms = round(1000 * (time.perf_counter() - graph.replays_started) / (graph.replays - 1), 4)
     stepper.release()
     losses = torch.stack(recorded).tolist() if recorded else []
     per_example = evaluate_model(model, config, test_x, test_y)
@@ -975,7 +984,8 @@ def check_graph(config: TrainConfig, plan: Plan | Pattern | Learned | None = Non
     ``tolerance * max(1, |eager loss|)``. On a CPU nothing is recorded (``captured`` False, ``reason`` says why).
 
     Returns a dict: ``captured``, ``reason``, ``passed``, ``max_loss_difference``, both loss lists, both runs'
-    milliseconds per step (the first includes triton JIT) and the seconds the check took.
+    milliseconds per step (averages over all the steps: the eager one includes triton JIT, the recorded one its
+    eager warm-up and the recording), ``replay_ms`` (the recorded step alone) and the seconds the check took.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < GRAPH_WARMUP + 2:
         raise ValueError(f"steps must be an int >= {GRAPH_WARMUP + 2} (warm-up, recording, replays), got {steps!r}")
@@ -992,5 +1002,6 @@ def check_graph(config: TrainConfig, plan: Plan | Pattern | Learned | None = Non
         "max_loss_difference": difference, "tolerance": tolerance, "steps": steps,
         "losses_eager": eager.losses, "losses_graph": recorded.losses,
         "eager_ms_per_step": eager.ms_per_step, "graph_ms_per_step": recorded.ms_per_step,
+        "replay_ms": recorded.graph.get("replay_ms"),
         "graph": recorded.graph, "seconds": round(time.perf_counter() - started, 2),
     }

@@ -31,20 +31,38 @@ in training), ``drop`` (stochastic block pruning rate in training). After each c
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from spattn.layout import tables
+from spattn.layout.layout import Layout
 from spattn.learned.distill import block_targets, distill_loss
 from spattn.learned.gate import BlockGate
 from spattn.learned.regularisers import drop_blocks
 from spattn.ops.attention import attention
-from spattn.patterns import EMPTY, BlockLayout, Pattern, compile
+from spattn.patterns import EMPTY, BlockLayout, Full, Pattern, compile
 from spattn.selectors.budget import top_k
 from spattn.selectors.common import block_sizes, masked_softmax, pool, visible_blocks
 
 SCORERS = ("gate", "pooled")
 TRAINING = ("straight_through", "distill")
+
+
+@dataclass
+class _ShapeTables:
+    """The input-free part of a :class:`LearnedTopK` layout at one shape: ``kept`` bool ``[Bs, Hs, NQ, NK]``
+    (blocks the safeguard or the local band touch), their dense view (``status`` int8 / ``mask_ids`` int32,
+    ``None`` without either), what a routed block becomes (``routed_status`` / ``routed_mask_ids``: full, or its
+    causal token mask on the diagonal, ``Full() & Causal()``), and the masks both index."""
+
+    kept: torch.Tensor
+    status: torch.Tensor | None
+    mask_ids: torch.Tensor | None
+    routed_status: torch.Tensor
+    routed_mask_ids: torch.Tensor
+    masks: torch.Tensor
 
 
 class LearnedTopK(nn.Module):
@@ -101,7 +119,7 @@ class LearnedTopK(nn.Module):
         self.gate = BlockGate(num_heads, num_kv_heads, head_dim, block_size=block_size, hidden=hidden) \
             if scorer == "gate" else None
         self.last: dict[str, torch.Tensor] = {}
-        self._kept_cache: dict[tuple, torch.Tensor] = {}
+        self._shape_cache: dict[tuple, _ShapeTables] = {}
 
     # -- pieces -----------------------------------------------------------------------------------
     def _logits(self, query, key, causal):
@@ -114,17 +132,34 @@ class LearnedTopK(nn.Module):
         logits = logits + torch.log(block_sizes(key.shape[2], bs, query.device).float())
         return logits, visible_blocks(query.shape[2], key.shape[2], bs, causal, query.device)
 
-    def _kept(self, q_len, kv_len, batch, causal, device) -> torch.Tensor:
-        """bool ``[Bs, 1, NQ, NK]``: blocks the safeguard touches (cached per shape for batch-free safeguards)."""
+    def _tables(self, q_len, kv_len, batch, causal, device) -> _ShapeTables:
+        """The fixed part of this shape's layouts, built once per shape (one shape at a time; the safeguard is
+        compiled here, never in a training step): see :class:`_ShapeTables`."""
         key = (q_len, kv_len, batch, causal, str(device))
-        if key not in self._kept_cache:
-            band = self.local_blocks(q_len, kv_len, device)[None, None]
+        if key not in self._shape_cache:
+            bs = self.block_size
+            local = self.local_blocks(q_len, kv_len, device)
+            fixed = BlockLayout(local, block=bs) if self.local else None
             if self.safeguard is not None:
-                layout = compile(self.safeguard, q_len, kv_len, causal=causal, block_size=self.block_size,
-                                 batch=batch, device=device)
-                band = band | (layout.block_status() != EMPTY)
-            self._kept_cache = {key: band}  # one shape at a time
-        return self._kept_cache[key]
+                fixed = self.safeguard if fixed is None else self.safeguard | fixed
+            options = dict(causal=causal, block_size=bs, device=device)
+            masks, status, mask_ids = [], None, None
+            if fixed is not None:
+                layout = compile(fixed, q_len, kv_len, batch=batch, **options)
+                status, slot = tables.unpack(layout)
+                mask_ids = tables.mask_ids(status, slot)
+                masks.append(layout.masks)
+            kept = (torch.zeros_like(local)[None, None] if status is None else status != EMPTY)
+            # what a routed block becomes: full, or its causal token mask on the diagonal
+            base = compile(Full(), q_len, kv_len, **options)
+            routed_status, slot = tables.unpack(base)
+            routed_ids = tables.mask_ids(routed_status, slot)
+            offset = masks[0].shape[0] if masks else 0
+            routed_ids = torch.where(routed_ids >= 0, routed_ids + offset, -1)
+            masks.append(base.masks)
+            self._shape_cache = {key: _ShapeTables(kept, status, mask_ids, routed_status, routed_ids,
+                                                   torch.cat(masks))}
+        return self._shape_cache[key]
 
     def local_blocks(self, q_len: int, kv_len: int, device) -> torch.Tensor:
         """bool ``[NQ, NK]``: the ``local`` key blocks ending at the last key each query block may see."""
@@ -140,7 +175,7 @@ class LearnedTopK(nn.Module):
         Hkv, Lk = key.shape[1], key.shape[2]
         q_in, k_in = (query.detach(), key.detach()) if self.detach_inputs else (query, key)
         logits, visible = self._logits(q_in, k_in, causal)
-        kept = self._kept(Lq, Lk, B, causal, query.device)
+        kept = self._tables(Lq, Lk, B, causal, query.device).kept
         routable = visible & ~kept
         probs = masked_softmax(logits / self.temperature, routable)
         rank = probs.detach()
@@ -162,14 +197,26 @@ class LearnedTopK(nn.Module):
         self.last = {"logits": logits, "visible": visible, "probs": probs, "routable": routable, "chosen": chosen}
         return chosen
 
-    def layout(self, query: torch.Tensor, key: torch.Tensor, chosen: torch.Tensor, *, causal: bool):
-        """The compiled Layout: the safeguard | the local blocks | the routed blocks."""
+    def layout(self, query: torch.Tensor, key: torch.Tensor, chosen: torch.Tensor, *, causal: bool) -> Layout:
+        """The Layout of the safeguard | the local blocks | the ``chosen`` blocks (bool ``[B, H, NQ, NK]``, as
+        :meth:`route` returns them: never a block the first two keep), tables ``[B, H, ...]`` ``NK`` wide.
+
+        The fixed part is compiled once per shape (:meth:`_tables`); each call merges the chosen blocks into it
+        with two ``torch.where`` and packs the tables at a fixed width: no host read, no host-to-device copy, so
+        a CUDA graph can record it (compiling ``safeguard | BlockLayout(chosen)`` at every step could not).
+        Equal to that compile block for block and token for token."""
         B, H, Lq, _ = query.shape
-        pattern = BlockLayout(chosen | self.local_blocks(Lq, key.shape[2], query.device), block=self.block_size)
-        if self.safeguard is not None:
-            pattern = self.safeguard | pattern
-        return compile(pattern, Lq, key.shape[2], causal=causal, block_size=self.block_size, batch=B, heads=H,
-                       device=query.device)
+        Lk = key.shape[2]
+        fixed = self._tables(Lq, Lk, B, causal, query.device)
+        take = chosen & ~fixed.kept  # route never chooses a kept block; this keeps the merge a union regardless
+        status = torch.where(take, fixed.routed_status, torch.zeros_like(fixed.routed_status))
+        mask_ids = torch.where(take, fixed.routed_mask_ids, -1)
+        if fixed.status is not None:
+            status = torch.where(take, status, fixed.status)
+            mask_ids = torch.where(take, mask_ids, fixed.mask_ids.expand_as(mask_ids))
+        status = status.expand(B, H, -1, -1)
+        return Layout(q_len=Lq, kv_len=Lk, block_size=self.block_size, causal=causal,
+                      **tables.pack(status, mask_ids.expand_as(status), fixed.masks, width=status.shape[-1]))
 
     # -- the parametrised-pattern protocol ----------------------------------------------------------
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, causal: bool,
@@ -197,7 +244,8 @@ class LearnedTopK(nn.Module):
         logp = torch.log(self.last["probs"].clamp_min(1e-12))
         beta = torch.where(chosen, logp - logp.detach(), torch.zeros_like(logp)).to(query.dtype)  # [B, H, NQ, NK]
         qblock = torch.arange(Lq, device=query.device) // bs
-        onehot = torch.nn.functional.one_hot(qblock, NQ).to(query.dtype).expand(B, H, Lq, NQ)
+        # [Lq, NQ] one-hot rows by comparison: F.one_hot reads its input's range on the host (CPU)
+        onehot = (qblock[:, None] == torch.arange(NQ, device=query.device)).to(query.dtype).expand(B, H, Lq, NQ)
         kblock = torch.arange(Lk, device=query.device) // bs
         kbias = beta.transpose(-1, -2)[:, :, kblock]  # [B, H, Lk, NQ]
         G = H // Hkv
