@@ -251,7 +251,7 @@ def inputs(device, dtype, L, heads, kv_heads, head_dim):
 
 def timing_row(device, dtype, L, heads, kv_heads, head_dim, config, backward: bool) -> dict:
     q, k, v = inputs(device, dtype, L, heads, kv_heads, head_dim)
-    window_layout = branch_plan(config, L, 1, heads, kv_heads, device).window  # the same layout (block 128)
+    window_layout = branch_plan(config, L, 1, heads, kv_heads, device).window  # the same layout and block
     variants = {
         "dense_sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                                      enable_gqa=heads != kv_heads),
