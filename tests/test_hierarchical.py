@@ -21,6 +21,7 @@ from spattn.hierarchical import (
     prefill_pairs,
     reference,
 )
+from spattn.hierarchical.plan import branch_plan, static_block
 from spattn.patterns import CompressedCausal, Hierarchical, Sinks, Window
 from spattn.testing import assert_within, brute_force_mask, poison_empty
 
@@ -108,6 +109,8 @@ CASES = [
                       gates=(0.2, 0.5, 0.3)), (1, 2, 1, 70, 8), id="L70-mqa-fixed-gates-count>blocks"),
     pytest.param(dict(compress_block=16, compress_stride=8, select_block=16, select_count=2, window=4),
                  (1, 2, 1, 1, 8), id="L1"),
+    pytest.param(dict(compress_block=16, compress_stride=16, select_block=16, select_count=2, window=100),
+                 (1, 2, 1, 130, 8), id="L130-window-block128-compressed-block16"),
 ]
 
 
@@ -128,6 +131,19 @@ def test_reference_and_fast_equal_oracle_float64(params, shape):
     assert torch.equal(ref_info["chosen"], chosen) and torch.equal(info["chosen"], chosen)
     torch.testing.assert_close(ref, expected, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(fast, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_static_branches_block_size_follows_their_reach():
+    """Note [static block size]: 128 where the branch reaches at least 128 - 2 * select_block keys back."""
+    mqar = Hierarchical(compress_block=16, compress_stride=16, select_block=32, select_count=2, window=32)
+    plan = branch_plan(mqar, 256, 2, 1, 1, "cpu")
+    assert (plan.compressed.block_size, plan.window.block_size) == (32, 32)  # 16 compressed tokens, window 32
+    plan = branch_plan(mqar, 2048, 1, 1, 1, "cpu")
+    assert (plan.compressed.block_size, plan.window.block_size) == (128, 32)  # 128 compressed tokens
+    long = Hierarchical(compress_block=32, compress_stride=16, select_block=64, select_count=4, window=512)
+    plan = branch_plan(long, 1024, 1, 2, 1, "cpu")
+    assert (plan.compressed.block_size, plan.window.block_size) == (128, 128)
+    assert [static_block(r, 32) for r in (63, 64)] == [32, 128] and static_block(0, 256) == 256
 
 
 def test_learned_gates_and_pooling_equal_oracle():

@@ -13,9 +13,15 @@ changes; :meth:`BranchPlan.selected` turns the chosen blocks into the selected b
   GQA group), then the forward tables are cut to their known bound (``static width + select_count``: the
   chosen blocks are at most ``select_count`` per row) and repeated over each group's query heads.
 
-Note [static block size]: the compressed and window Layouts do not depend on ``select_block``; they are compiled
+Note [static block size]: the compressed and window Layouts do not depend on ``select_block``; each is compiled
 at 128 (or ``select_block`` when larger), where the triton kernels run 128-query tiles (a 64-block layout caps
-the tile at 64 queries, about half the throughput on an H200: ``benchmarks/NOTES-kernels.md``).
+the tile at 64 queries, about half the throughput on an H200: ``benchmarks/NOTES-kernels.md``), unless the
+branch reaches so few keys back that 128-blocks compute more than twice the work of ``select_block``-blocks: a
+row reaching ``r`` keys back visits about ``r + b`` keys at block ``b``, so 128 pays when
+``(r + 128) / 2 <= r + select_block``, i.e. ``r >= 128 - 2 * select_block`` (the window branch reaches
+``window`` keys, the compressed branch its ``Nc`` compressed tokens). Session 7's MQAR plan (``window=32``,
+``select_block=32``, 256 tokens) computed the whole causal triangle in both branches at block 128; it now runs
+them at block 32. With ``select_block >= 64`` the rule always gives 128.
 
 No host synchronisation and no ``spattn.compile`` per call: the Layout equals
 ``spattn.compile(BlockLayout(chosen) | safeguard, causal=True)`` token for token (``tests/test_hierarchical.py``);
@@ -39,6 +45,12 @@ _CACHE_SIZE = 16
 STATIC_BLOCK = 128  # block size of the static branches (compressed, window): the kernels' 128-query tiles
 _cache: collections.OrderedDict[tuple, BranchPlan] = collections.OrderedDict()
 _lock = threading.Lock()
+
+
+def static_block(reach: int, select_block: int) -> int:
+    """Block size of a static branch whose rows reach ``reach`` keys back (Note [static block size])."""
+    big = max(select_block, STATIC_BLOCK)
+    return big if reach >= big - 2 * select_block else select_block
 
 
 def selection_masks(num_blocks: int, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,10 +83,11 @@ class BranchPlan:
         self.device = device
         L, sb = length, config.select_block
         self.num_blocks = NQ = -(-L // sb)
-        static_block = max(sb, STATIC_BLOCK)  # Note [static block size]
-        self.compressed = compile(config.compressed_pattern(), L, L, block_size=static_block, device=device) \
-            if config.num_compressed(L) else None
-        self.window = compile(config.window_pattern(), L, L, causal=True, block_size=static_block, device=device)
+        nc = config.num_compressed(L)
+        self.compressed = compile(config.compressed_pattern(), L, L, block_size=static_block(nc, sb),
+                                  device=device) if nc else None
+        self.window = compile(config.window_pattern(), L, L, causal=True, block_size=static_block(config.window, sb),
+                              device=device)
         self.overlap = config.overlap(L, device)
         self.nonempty = compressed_nonempty(config, L, device)
         G = heads // kv_heads
@@ -154,4 +167,4 @@ def branch_plan(config: Hierarchical, length: int, batch: int, heads: int, kv_he
     return plan
 
 
-__all__ = ["BranchPlan", "branch_plan", "selection_masks"]
+__all__ = ["BranchPlan", "branch_plan", "selection_masks", "static_block"]
