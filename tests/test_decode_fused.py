@@ -48,12 +48,15 @@ def test_interpreter_subprocess():
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
 
 
-def _case(B, H, Hkv, D, S, C, P0, padding, budget, seed=0):
-    """Query, page bounds of random keys, the static rows of ``Sinks(3) | Window(2S)``, the valid mask of a
-    left-padded batch whose query is at slot ``P0`` of a capacity-``C`` cache."""
+def _case(B, H, Hkv, D, S, C, P0, padding, budget, seed=0, ties=False):
+    """Query, page bounds of random keys (``ties``: one key repeated, so every full page scores the same), the
+    static rows of ``Sinks(3) | Window(2S)``, the valid mask of a left-padded batch whose query is at slot ``P0``
+    of a capacity-``C`` cache."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, H, 1, D, generator=g)
     keys = torch.randn(B, Hkv, C, D, generator=g)
+    if ties:
+        keys = keys[:, :, :1].expand(B, Hkv, C, D).clone()
     keys[:, :, P0 + 1:] = 0  # the unfilled cache (its stale page bounds are masked by valid)
     valid = torch.zeros(B, C, dtype=torch.bool)
     valid[:, : P0 + 1] = True
@@ -66,18 +69,22 @@ def _case(B, H, Hkv, D, S, C, P0, padding, budget, seed=0):
 
 
 CASES = [
-    # B, H, Hkv, D, S, C, P0 (query slot), left padding, budget
+    # B, H, Hkv, D, S, C, P0 (query slot), left padding, budget[, ties]
     pytest.param(3, 6, 2, 64, 16, 16 * 13, 170, (0, 37, 100), 3, id="B3-G3-D64-ragged"),
     pytest.param(2, 4, 4, 80, 16, 16 * 9, 120, (0, 5), 2, id="B2-mha-D80-tail"),
     pytest.param(1, 6, 2, 64, 32, 32 * 5, 140, (0,), 0, id="B1-budget0"),
     pytest.param(2, 6, 2, 64, 16, 16 * 8, 95, (0, 17), 50, id="B2-budget-covers-all"),
+    # 70 pages: three programs of the page-parallel launch (the last one ragged), 45 slots: two mask chunks
+    pytest.param(2, 6, 2, 64, 16, 16 * 70, 1000, (0, 300), 40, id="B2-70pages-3chunks-W45"),
+    pytest.param(1, 3, 1, 64, 16, 16 * 40, 600, (0,), 4, True, id="B1-G3-ties-to-lower-page"),
 ]
 
 
 @needs_interp
-@pytest.mark.parametrize("B, H, Hkv, D, S, C, P0, padding, budget", CASES)
-def test_fused_selection_equals_torch_selection(B, H, Hkv, D, S, C, P0, padding, budget):
-    q, keys, valid, plan, rows, pages = _case(B, H, Hkv, D, S, C, P0, padding, budget)
+@pytest.mark.parametrize("B, H, Hkv, D, S, C, P0, padding, budget, ties",
+                         [pytest.param(*c.values, *((False,) if len(c.values) == 9 else ()), id=c.id) for c in CASES])
+def test_fused_selection_equals_torch_selection(B, H, Hkv, D, S, C, P0, padding, budget, ties):
+    q, keys, valid, plan, rows, pages = _case(B, H, Hkv, D, S, C, P0, padding, budget, ties=ties)
     kmin, kmax = pool(keys, S, "amin"), pool(keys, S, "amax")
     NP = C // S
     slot = torch.tensor([P0])

@@ -1,7 +1,8 @@
-"""``select_pages``: the fused decode page selection (one triton launch per layer and step), its checks and
-its launch. The reference is the torch selection of :mod:`spattn.runtime.decode`
-(:func:`~spattn.runtime.decode.select_from_row` + :func:`~spattn.runtime.decode.block_tables`), which the
-tests use as the oracle; the kernel is in ``_kernel.py``."""
+"""``select_pages``: the fused decode page selection (two triton launches per layer and step: page-parallel
+logits, then the per-row top-k and tables), its checks and its launches. The reference is the torch selection
+of :mod:`spattn.runtime.decode` (:func:`~spattn.runtime.decode.select_from_row` +
+:func:`~spattn.runtime.decode.block_tables`), which the tests use as the oracle; the kernels are in
+``_kernel.py``."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from spattn._optional import require
 
-_SCRATCH: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+_SCRATCH: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 @dataclasses.dataclass
@@ -25,6 +26,9 @@ class PageTables:
     kv_idx: torch.Tensor
     masks: torch.Tensor
     stats: torch.Tensor
+
+
+_BLOCK_P = 32  # pages per program of the logit launch (Note [why two launches] in _kernel.py)
 
 
 def _pow2(n: int) -> int:
@@ -59,7 +63,9 @@ def select_pages(query: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tens
         :class:`PageTables`.
     """
     require("triton", extra="gpu")
-    from spattn.ops.decode._kernel import page_select_kernel
+    import triton
+
+    from spattn.ops.decode._kernel import page_choose_kernel, page_logit_kernel
 
     if query.dim() != 4 or query.shape[2] != 1:
         raise ValueError(f"query must be [B, H, 1, D], got shape {tuple(query.shape)}")
@@ -96,24 +102,31 @@ def select_pages(query: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tens
     dev = query.device
     skey = (B, H, Hkv, NP, str(dev))
     scratch = _SCRATCH.get(skey)
-    if scratch is None:
+    if scratch is None:  # per-head page logits, per-page visible / kept codes (rewritten by every call)
         scratch = (torch.empty(B * H * NP, dtype=torch.float32, device=dev),
-                   torch.empty(B * Hkv * NP, dtype=torch.float32, device=dev),
                    torch.empty(B * Hkv * NP, dtype=torch.int32, device=dev))
         if len(_SCRATCH) >= 8:
             _SCRATCH.pop(next(iter(_SCRATCH)))
         _SCRATCH[skey] = scratch
+    logits, code = scratch
+    slots = torch.empty(B * Hkv * width, dtype=torch.int32, device=dev)
     kv_num = torch.empty(B, H, 1, dtype=torch.int32, device=dev)
     kv_idx = torch.empty(B, H, 1, width, dtype=torch.int32, device=dev)
     stats = torch.empty(B, Hkv, 3, dtype=torch.int32, device=dev)
     G = H // Hkv
     sr_b = rows.stride(1) if rows.shape[1] > 1 else 0
-    page_select_kernel[(B * Hkv,)](
-        query, key_min, key_max, rows.view(torch.uint8), valid.view(torch.uint8), slot, step, budget,
-        *scratch, kv_num, kv_idx, masks, stats,
-        float(scale), NP, width, rows.shape[0], rows.stride(0), sr_b, valid.stride(0),
+    rows_u8, valid_u8 = rows.view(torch.uint8), valid.view(torch.uint8)
+    page_logit_kernel[(B * Hkv, triton.cdiv(NP, _BLOCK_P))](
+        query, key_min, key_max, rows_u8, valid_u8, slot, step, logits, code,
+        float(scale), NP, rows.shape[0], rows.stride(0), sr_b, valid.stride(0),
         (query.stride(0), query.stride(1)), (key_min.stride(1), key_min.stride(2)),
-        Hkv=Hkv, G=G, GP=max(16, _pow2(G)), D=D, DP=max(16, _pow2(D)), S=S, BLOCK_P=64, NPP=max(16, _pow2(NP)),
-        WP=max(16, _pow2(width)), num_warps=8,
+        Hkv=Hkv, G=G, GP=max(16, _pow2(G)), D=D, DP=max(16, _pow2(D)), S=S, BLOCK_P=_BLOCK_P, num_warps=4,
+    )
+    NPP = max(16, _pow2(NP))
+    page_choose_kernel[(B * Hkv,)](
+        rows_u8, valid_u8, step, budget, logits, code, slots, kv_num, kv_idx, masks, stats,
+        NP, width, rows.shape[0], rows.stride(0), sr_b, valid.stride(0),
+        Hkv=Hkv, G=G, S=S, NPP=NPP, BLOCK_W=min(32, max(16, _pow2(width))),
+        num_warps=8 if NPP <= 2048 else 16,
     )
     return PageTables(kv_num=kv_num, kv_idx=kv_idx, masks=masks, stats=stats)
