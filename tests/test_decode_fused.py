@@ -226,3 +226,76 @@ def test_selection_options_are_validated():
         Runtime(tiny_llama(), spattn.Plan(), decode_selection="gpu")
     with pytest.raises(ValueError, match="dense_decode"):
         Runtime(tiny_llama(), spattn.Plan(), dense_decode="flash")
+
+
+@needs_interp
+def test_flag_nonfinite_equals_the_torch_check():
+    """One launch computes ``flags[i] |= ~isfinite(out).all() & isfinite(query).all()``: NaN or inf anywhere in
+    a multi-block output sets the flag, a non-finite query (an earlier layer's fault) does not, a set flag stays
+    set and the other flags are untouched."""
+    from spattn.ops.decode import flag_nonfinite
+
+    g = torch.Generator().manual_seed(3)
+    query = torch.randn(2, 3, 1, 16, generator=g)
+    for fault, in_query, before in (("none", False, False), ("nan", False, False), ("inf", False, False),
+                                    ("-inf", False, False), ("nan", True, False), ("none", False, True)):
+        out = torch.randn(3, 5, 1, 100, generator=g)  # 1500 elements: two blocks of the kernel
+        q = query.clone()
+        if fault != "none":
+            out.view(-1)[1400] = float(fault)
+        if in_query:
+            q.view(-1)[7] = float("nan")
+        flags = torch.zeros(4, dtype=torch.bool)
+        flags[2] = before
+        expected = flags.clone()
+        expected[2:3].logical_or_((~torch.isfinite(out).all() & torch.isfinite(q).all()).view(1))
+        flag_nonfinite(out, q, flags, 2)
+        assert torch.equal(flags, expected), (fault, in_query, before, flags)
+    with pytest.raises(ValueError, match="index"):
+        flag_nonfinite(out, q, flags, 4)
+    with pytest.raises(ValueError, match="flags"):
+        flag_nonfinite(out, q, flags.int(), 0)
+
+
+@needs_interp
+def test_a_nan_from_the_fused_path_is_flagged_and_rerun_dense(monkeypatch):
+    """The fused path's one-launch check flags a NaN output of layer 0 at every static step: each step is rerun
+    with layer 0 dense (counted per step), layer 1 stays on the fused selection, and the tokens are dense
+    attention's (the window covers every token, so the sparse plan computes dense attention)."""
+    from spattn.runtime import engine
+
+    model = tiny_llama(seed=3)
+    ids = torch.randint(3, 97, (1, 40), generator=torch.Generator().manual_seed(9))
+    pattern = spattn.Sinks(4) | spattn.Window(64) | spattn.TopK("bounds", 1)
+    new = 3
+    reference = Runtime(model, spattn.Plan(), block_size=16, min_sparse_tokens=0, monitor_level=0,
+                        cuda_graph=True, decode_selection="torch", dense_decode="sdpa")
+    try:
+        expected = reference.generate(ids, max_new_tokens=new, pad_token_id=0)
+    finally:
+        reference.detach()
+    original = engine.tables_attention
+    layer = {"index": -1}
+
+    def nan_on_layer_0(query, key, value, tables, **kwargs):
+        out = original(query, key, value, tables, **kwargs)
+        return out * float("nan") if layer["index"] == 0 and kwargs.get("grouped") else out
+
+    monkeypatch.setattr(engine, "tables_attention", nan_on_layer_0)
+    runtime = Runtime(model, spattn.Plan.uniform(pattern), block_size=16, min_sparse_tokens=0, monitor_level=0,
+                      cuda_graph=True, decode_selection="fused", dense_decode="sdpa")
+    attend = runtime.attend
+
+    def which_layer(module, *args, **kwargs):
+        layer["index"] = module.layer_idx
+        return attend(module, *args, **kwargs)
+
+    runtime.attend = which_layer
+    try:
+        out = runtime.generate(ids, max_new_tokens=new, pad_token_id=0)
+    finally:
+        runtime.detach()
+    counts = runtime.controller.counts
+    assert counts[("fallback", 0, "nonfinite")] == new - 1 and counts.get(("fallback", 1, "nonfinite"), 0) == 0
+    assert runtime.decoder.paths[1] == "fused" and runtime.fused_off is None
+    assert torch.equal(out, expected)

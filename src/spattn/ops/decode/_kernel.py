@@ -164,3 +164,21 @@ def page_choose_kernel(
     tl.store(st, tl.sum(attended, 0))
     tl.store(st + 1, n)
     tl.store(st + 2, tl.sum(chosen.to(tl.int32), 0))
+
+
+@triton.jit(do_not_specialize=["n_out", "n_query", "index"])
+def nonfinite_flag_kernel(OUT, QUERY, FLAGS, n_out, n_query, index, BLOCK: tl.constexpr):
+    """One program: ``FLAGS[index] |= any(OUT is not finite) & all(QUERY is finite)`` (``|x| < inf`` is an
+    ordered compare: false for NaN and for +-inf)."""
+    offs = tl.arange(0, BLOCK)
+    bad = tl.zeros([BLOCK], tl.int32)
+    for i in range(0, n_out, BLOCK):
+        x = tl.load(OUT + i + offs, mask=i + offs < n_out, other=0.0).to(tl.float32)
+        bad = bad | (~(tl.abs(x) < float("inf"))).to(tl.int32)
+    fine = tl.full([BLOCK], 1, tl.int32)
+    for i in range(0, n_query, BLOCK):
+        x = tl.load(QUERY + i + offs, mask=i + offs < n_query, other=0.0).to(tl.float32)
+        fine = fine & (tl.abs(x) < float("inf")).to(tl.int32)
+    flag = (tl.max(bad, 0) & tl.min(fine, 0)) != 0
+    old = tl.load(FLAGS + index) != 0
+    tl.store(FLAGS + index, (old | flag).to(tl.uint8))

@@ -130,3 +130,30 @@ def select_pages(query: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tens
         num_warps=8 if NPP <= 2048 else 16,
     )
     return PageTables(kv_num=kv_num, kv_idx=kv_idx, masks=masks, stats=stats)
+
+
+def flag_nonfinite(output: torch.Tensor, query: torch.Tensor, flags: torch.Tensor, index: int) -> None:
+    """``flags[index] |= (output has a NaN or inf) & (query is all finite)``, in one triton launch with no host
+    read (the static decode step's per-layer check: a non-finite output from a finite query; a layer fed an
+    earlier layer's NaN is not to blame). Same as
+    ``flags[index] |= ~torch.isfinite(output).all() & torch.isfinite(query).all()`` (seven kernels).
+
+    Args:
+        output: any shape, floating (e.g. the attention output ``[B, H, 1, D]``).
+        query: any shape, floating.
+        flags: bool ``[N]`` contiguous, on the same device.
+        index: ``0 <= index < N``.
+    """
+    require("triton", extra="gpu")
+    from spattn.ops.decode._kernel import nonfinite_flag_kernel
+
+    if flags.dtype != torch.bool or flags.dim() != 1 or not flags.is_contiguous():
+        raise ValueError(f"flags must be a contiguous bool [N] tensor, got {flags.dtype} {tuple(flags.shape)}")
+    if not 0 <= int(index) < flags.shape[0]:
+        raise ValueError(f"index must be in [0, {flags.shape[0]}), got {index!r}")
+    for name, t in (("output", output), ("query", query)):
+        if not t.is_floating_point() or t.device != flags.device:
+            raise ValueError(f"{name} must be a floating tensor on {flags.device}, got {t.dtype} on {t.device}")
+    out, q = output.contiguous().view(-1), query.contiguous().view(-1)
+    nonfinite_flag_kernel[(1,)](out, q, flags.view(torch.uint8), out.numel(), q.numel(), int(index), BLOCK=1024,
+                                num_warps=4)
