@@ -64,7 +64,7 @@ from spattn.bench.env import git_commit, machine_info
 from spattn.runtime import ControllerConfig, Runtime
 from spattn.runtime import engine as runtime_engine
 from spattn.runtime.decode import block_tables, decode_plan, select_from_row, static_rows
-from spattn.runtime.fused import dense_tables, fused_tables, partial_page_bound, tables_attention
+from spattn.runtime.fused import dense_tables, flag_nonfinite, fused_tables, partial_page_bound, tables_attention
 from spattn.testing import assert_within, dense_attention, plain_attention
 
 ROWS = ["dense-kernel", "sparse-16-fused", "dense-sdpa", "null", "sparse-16-torch"]
@@ -228,6 +228,18 @@ def call_timings(q, kmin, kmax, rows, valid, slot, budget, kbuf, vbuf, dp, sizes
     dense_w = partial_page_bound(valid[:, :length], page)
     out["dense_kernel_call_graph_ms"] = graph_ms(lambda: tables_attention(
         q, kbuf, vbuf, dense_tables(valid, page_size=page, partial_width=dense_w), scale=scale, grouped=False), device)
+    # the per-layer pieces around attention: the non-finite check (fused path) and the static cache append
+    # (keys, values, page min / max at a device-side slot; every row pays it, it is part of the null step)
+    flags = torch.zeros(30, dtype=torch.bool, device=device)
+    attn = tables_attention(q, kbuf, vbuf, fused()[0], scale=scale, grouped=True)
+    out["nonfinite_flag_call_graph_ms"] = graph_ms(lambda: flag_nonfinite(attn, q, flags, 3), device)
+    from spattn.runtime.cache import PagedLayer
+
+    small = PagedLayer(page, reserve=4 * page)
+    small.update(kbuf[:, :, : 2 * page].clone(), vbuf[:, :, : 2 * page].clone())
+    small.start_static(torch.tensor([2 * page + 5], device=device))
+    k1, v1 = kbuf[:, :, :1].clone(), vbuf[:, :, :1].clone()
+    out["cache_append_call_graph_ms"] = graph_ms(lambda: small.update(k1, v1), device)
     return out
 
 
