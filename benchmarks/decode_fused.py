@@ -200,6 +200,7 @@ def gate(cache, length: int, args, device, page: int) -> dict:
     out["dense_max_err"] = float((dense.double() - golden.double()).abs().max())
     if out["rows_equal_share"] < 0.95 or not torch.isfinite(fast).all():
         raise AssertionError(f"fused selection differs from the torch selection: {out}")
+    out.update(append_gate(kbuf, vbuf, page))
     try:
         out.update(call_timings(q, kmin, kmax, rows, valid, slot, budget, kbuf, vbuf, dp, sizes, width, length, page,
                                 scale, device))
@@ -233,14 +234,44 @@ def call_timings(q, kmin, kmax, rows, valid, slot, budget, kbuf, vbuf, dp, sizes
     flags = torch.zeros(30, dtype=torch.bool, device=device)
     attn = tables_attention(q, kbuf, vbuf, fused()[0], scale=scale, grouped=True)
     out["nonfinite_flag_call_graph_ms"] = graph_ms(lambda: flag_nonfinite(attn, q, flags, 3), device)
+    k1, v1 = kbuf[:, :, :1].clone(), vbuf[:, :, :1].clone()
+    for name, fused_append in (("torch", False), ("fused", True)):
+        small = small_layer(kbuf, vbuf, page, fused_append, 2 * page + 5)
+        out[f"cache_append_{name}_call_graph_ms"] = graph_ms(lambda: small.update(k1, v1), device)  # noqa: B023
+    return out
+
+
+def small_layer(kbuf, vbuf, page: int, fused_append: bool, slot: int):
     from spattn.runtime.cache import PagedLayer
 
-    small = PagedLayer(page, reserve=4 * page)
-    small.update(kbuf[:, :, : 2 * page].clone(), vbuf[:, :, : 2 * page].clone())
-    small.start_static(torch.tensor([2 * page + 5], device=device))
-    k1, v1 = kbuf[:, :, :1].clone(), vbuf[:, :, :1].clone()
-    out["cache_append_call_graph_ms"] = graph_ms(lambda: small.update(k1, v1), device)
-    return out
+    layer = PagedLayer(page, reserve=4 * page)
+    layer.fused_append = fused_append
+    layer.update(kbuf[:, :, : 2 * page].clone(), vbuf[:, :, : 2 * page].clone())
+    layer.start_static(torch.tensor([slot], device=kbuf.device))
+    return layer
+
+
+def append_gate(kbuf, vbuf, page: int) -> dict:
+    """The fused static append (one launch) against the torch ops, bit for bit, over steps that end a page and
+    start the next; if they differ (or it raises), every cache of the run falls back to the torch ops."""
+    from spattn.runtime.cache import disable_fused_append
+
+    layers = [small_layer(kbuf, vbuf, page, fused, page - 2) for fused in (False, True)]
+    try:
+        for step in range(4):
+            k1, v1 = kbuf[:, :, 100 + step: 101 + step].clone(), vbuf[:, :, 100 + step: 101 + step].clone()
+            for layer in layers:
+                layer.update(k1, v1)
+                layer.slot += 1
+        a, b = layers
+        equal = all(torch.equal(getattr(a, n), getattr(b, n)) for n in ("_keys", "_values")) and all(
+            torch.equal(getattr(a, n)[:, :, :2], getattr(b, n)[:, :, :2]) for n in ("_min", "_max"))
+        error = None
+    except Exception as exc:  # noqa: BLE001 - recorded; the rows then use the torch ops
+        equal, error = False, f"{type(exc).__name__}: {exc}"
+    if not equal:
+        disable_fused_append(f"decode_fused.py gate: fused append differs from the torch ops ({error})")
+    return {"fused_append_equal": equal, "fused_append_error": error}
 
 
 # ---------------------------------------------------------------------------------------------- rows

@@ -166,9 +166,9 @@ def test_dense_tables_equal_the_dense_oracle():
 
 @needs_interp
 def test_static_step_fused_and_kernel_dense_equal_torch_paths():
-    """``Runtime(cuda_graph=True, decode_selection="fused", dense_decode="kernel")`` (the static step eagerly on
-    CPU) generates the tokens and logits of the torch selection with SDPA, for a left-padded batch with a dense
-    layer, with no fallback."""
+    """``Runtime(cuda_graph=True, decode_selection="fused", dense_decode="kernel")`` with the fused static cache
+    append (the static step eagerly on CPU) generates the tokens and logits of the torch selection with SDPA and
+    the torch cache ops, for a left-padded batch with a dense layer, with no fallback."""
     model = tiny_llama(seed=2)
     g = torch.Generator().manual_seed(6)
     ids = torch.randint(3, 97, (2, 45), generator=g)
@@ -180,8 +180,12 @@ def test_static_step_fused_and_kernel_dense_equal_torch_paths():
     for name, opts in (("torch", dict(decode_selection="torch", dense_decode="sdpa")),
                        ("fused", dict(decode_selection="fused", dense_decode="kernel"))):
         runtime = Runtime(model, plan, block_size=16, min_sparse_tokens=0, monitor_level=1, cuda_graph=True, **opts)
+        cache = runtime.new_cache()
+        for layer in cache.layers:  # the fused variant also writes the cache with the one-launch static append
+            layer.fused_append = name == "fused"
         try:
-            seq = runtime.generate(ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0, output_logits=True)
+            seq = runtime.generate(ids, attention_mask=mask, max_new_tokens=3, pad_token_id=0, output_logits=True,
+                                   past_key_values=cache)
             outs[name] = (seq, runtime.decoder.logits, runtime.decoder.paths)
             assert not runtime.controller.counts
         finally:
@@ -299,3 +303,39 @@ def test_a_nan_from_the_fused_path_is_flagged_and_rerun_dense(monkeypatch):
     assert counts[("fallback", 0, "nonfinite")] == new - 1 and counts.get(("fallback", 1, "nonfinite"), 0) == 0
     assert runtime.decoder.paths[1] == "fused" and runtime.fused_off is None
     assert torch.equal(out, expected)
+
+
+@needs_interp
+@pytest.mark.parametrize("Hkv, D, Dv", [(3, 64, 64), (2, 80, 48)], ids=["gqa-D64", "D80-Dv48"])
+def test_fused_static_append_equals_the_torch_ops(Hkv, D, Dv):
+    """``append_static`` (one launch) writes what ``PagedLayer``'s torch ops write in static decode, bit for bit:
+    keys, values and page min / max over steps that fill a page, start the next one (its bounds reset to the
+    key) and continue it; a wrong dtype is refused."""
+    from spattn.runtime.cache import PagedLayer
+
+    g = torch.Generator().manual_seed(5)
+    S, P0, B = 16, 29, 2
+    k0, v0 = torch.randn(B, Hkv, P0, D, generator=g), torch.randn(B, Hkv, P0, Dv, generator=g)
+    layers = {}
+    for name in ("torch", "fused"):
+        layer = PagedLayer(S, reserve=4 * S)
+        layer.fused_append = name == "fused"
+        layer.update(k0.clone(), v0.clone())
+        slot = torch.tensor([P0])
+        layer.start_static(slot)
+        layers[name] = (layer, slot)
+    for _ in range(6):  # slots 29..34: page 1 filled at 31, page 2 started at 32
+        k1, v1 = torch.randn(B, Hkv, 1, D, generator=g), torch.randn(B, Hkv, 1, Dv, generator=g)
+        for layer, slot in layers.values():
+            layer.update(k1, v1)
+            slot += 1
+    (a, _), (b, _) = layers["torch"], layers["fused"]
+    for name in ("_keys", "_values"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    for name in ("_min", "_max"):  # pages 0..2 hold tokens (page 3 is unwritten memory in both)
+        assert torch.equal(getattr(a, name)[:, :, :3], getattr(b, name)[:, :, :3]), name
+    assert torch.equal(b._min[:, :, 2], b._keys[:, :, 32:35].amin(2))  # the new page's bounds: its keys only
+    from spattn.ops.decode import append_static
+
+    with pytest.raises(ValueError, match="dtype"):
+        append_static(k1.double(), v1, b._keys, b._values, b._min, b._max, layers["fused"][1], page_size=S)

@@ -182,3 +182,33 @@ def nonfinite_flag_kernel(OUT, QUERY, FLAGS, n_out, n_query, index, BLOCK: tl.co
     flag = (tl.max(bad, 0) & tl.min(fine, 0)) != 0
     old = tl.load(FLAGS + index) != 0
     tl.store(FLAGS + index, (old | flag).to(tl.uint8))
+
+
+@triton.jit
+def append_static_kernel(
+    KEY, VALUE, KEYS, VALUES, KMIN, KMAX, SLOT,
+    sk_in, sv_in, s_keys, s_values, s_bounds,
+    Hkv: tl.constexpr, S: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
+):
+    """One program per (b, key/value head): the token's key / value written at the cache slot ``SLOT[0]`` and
+    the page minimum / maximum keys updated (reset to the key on a page's first slot), as
+    ``PagedLayer._update_static`` does with torch ops."""
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // Hkv
+    k = pid % Hkv
+    slot = tl.load(SLOT)
+    page = slot // S
+    first = (slot % S) == 0
+    offs_d = tl.arange(0, DP)
+    offs_v = tl.arange(0, DVP)
+    dm = offs_d < D
+    vm = offs_v < DV
+    key = tl.load(KEY + b * sk_in[0] + k * sk_in[1] + offs_d, mask=dm)
+    value = tl.load(VALUE + b * sv_in[0] + k * sv_in[1] + offs_v, mask=vm)
+    tl.store(KEYS + b * s_keys[0] + k * s_keys[1] + slot * s_keys[2] + offs_d, key, mask=dm)
+    tl.store(VALUES + b * s_values[0] + k * s_values[1] + slot * s_values[2] + offs_v, value, mask=vm)
+    bound = b * s_bounds[0] + k * s_bounds[1] + page * s_bounds[2] + offs_d
+    old_min = tl.load(KMIN + bound, mask=dm)
+    old_max = tl.load(KMAX + bound, mask=dm)
+    tl.store(KMIN + bound, tl.where(first, key, tl.minimum(old_min, key)), mask=dm)
+    tl.store(KMAX + bound, tl.where(first, key, tl.maximum(old_max, key)), mask=dm)

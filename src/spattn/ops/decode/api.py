@@ -157,3 +157,47 @@ def flag_nonfinite(output: torch.Tensor, query: torch.Tensor, flags: torch.Tenso
     out, q = output.contiguous().view(-1), query.contiguous().view(-1)
     nonfinite_flag_kernel[(1,)](out, q, flags.view(torch.uint8), out.numel(), q.numel(), int(index), BLOCK=1024,
                                 num_warps=4)
+
+
+def append_static(key: torch.Tensor, value: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                  key_min: torch.Tensor, key_max: torch.Tensor, slot: torch.Tensor, *, page_size: int) -> None:
+    """One decode token into a static paged cache, in one triton launch with no host read: ``keys[:, :, slot] =
+    key``, ``values[:, :, slot] = value``, and the page ``slot // page_size``'s minimum / maximum keys updated
+    (set to the key on the page's first slot). Same as the torch ops of
+    :meth:`spattn.runtime.cache.PagedLayer.update` in static decode (about a dozen kernels), bit for bit.
+
+    Args:
+        key: ``[B, Hkv, 1, D]``; value: ``[B, Hkv, 1, Dv]`` (the token's, same dtype as the cache).
+        keys: ``[B, Hkv, C, D]``; values: ``[B, Hkv, C, Dv]``; key_min / key_max: ``[B, Hkv, C / page_size, D]``
+            (the cache's buffers; the last dim contiguous).
+        slot: int64 ``[1]`` on the device, ``0 <= slot < C``.
+        page_size: tokens per page.
+    """
+    require("triton", extra="gpu")
+    from spattn.ops.decode._kernel import append_static_kernel
+
+    B, Hkv, C, D = keys.shape
+    Dv = values.shape[-1]
+    if key.shape != (B, Hkv, 1, D) or value.shape != (B, Hkv, 1, Dv):
+        raise ValueError(f"key / value must be [B={B}, Hkv={Hkv}, 1, D] matching the cache, got "
+                         f"{tuple(key.shape)} / {tuple(value.shape)}")
+    if key.dtype != keys.dtype or value.dtype != values.dtype or key_min.dtype != keys.dtype:
+        raise ValueError(f"key / value / bounds must have the cache's dtype {keys.dtype}, got {key.dtype} / "
+                         f"{value.dtype} / {key_min.dtype}")
+    if key_min.shape != (B, Hkv, C // page_size, D) or key_max.shape != key_min.shape:
+        raise ValueError(f"key_min / key_max must be [{B}, {Hkv}, {C // page_size}, {D}], got "
+                         f"{tuple(key_min.shape)} / {tuple(key_max.shape)}")
+    if key_min.stride() != key_max.stride():
+        raise ValueError("key_min and key_max must have the same strides")
+    for name, t in (("key", key), ("value", value), ("keys", keys), ("values", values), ("key_min", key_min)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dim")
+    if slot.numel() != 1 or slot.dtype != torch.long:
+        raise ValueError(f"slot must be an int64 tensor of one element, got {slot.dtype} {tuple(slot.shape)}")
+    append_static_kernel[(B * Hkv,)](
+        key, value, keys, values, key_min, key_max, slot,
+        (key.stride(0), key.stride(1)), (value.stride(0), value.stride(1)),
+        (keys.stride(0), keys.stride(1), keys.stride(2)), (values.stride(0), values.stride(1), values.stride(2)),
+        (key_min.stride(0), key_min.stride(1), key_min.stride(2)),
+        Hkv=Hkv, S=page_size, D=D, DP=max(16, _pow2(D)), DV=Dv, DVP=max(16, _pow2(Dv)), num_warps=1,
+    )
