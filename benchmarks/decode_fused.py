@@ -13,8 +13,8 @@ Rows per (context, batch), most important first:
 
 * ``dense-kernel``: the fair dense step -- spattn's split-K decode kernel over exactly each sequence's valid keys
   (``Runtime(dense_decode="kernel")``: full pages without masks, the page being filled with its mask);
-* ``sparse-16-fused``: ``Sinks(64) | Window(1024) | TopK("bounds", 16)``, selection by the fused triton kernel
-  (``decode_selection="fused"``: scores, safeguards, top-k, block tables in one launch per layer);
+* ``sparse-16-fused``: ``Sinks(64) | Window(1024) | TopK("bounds", 16)``, selection by the fused triton kernels
+  (``decode_selection="fused"``: scores, safeguards, top-k, block tables in two launches per layer);
 * ``dense-sdpa``: the old captured dense step (torch's masked SDPA over the whole capacity), labelled;
 * ``null``: every attention call replaced by zeros (the cache is still written): the step outside attention,
   whence ``outside_attention_share`` = null / row and the Amdahl bound ``1 / outside share`` of each row;
@@ -30,7 +30,9 @@ Then the controller under captured decode (32k, batch 8, sparse-16-fused): targe
 from step 16 to 40 a synthetic stall proportional to the current budget is added to every step (a kernel whose
 cost grows with the pages it reads: 1.5 x the base step at budget 16); reported: steps / seconds until the
 controller's p95 is back under the target, the budget trace, and the sampled recall against a floor of half the
-recall measured before the spike. Then batch 32 at 128k when the free memory allows it. Then, when
+recall measured before the spike. Then the larger batches of ``--big-batch`` (default 16 then 32) at 128k when
+the free memory allows it (the estimate: the cache's exact bytes plus a fixed headroom, against the free memory
+after the earlier caches are collected; both recorded under ``memory``). Then, when
 ``SPATTN_SMOLLM2_GGUF`` is set, the real SmolLM2-135M: sampled decode recall of the fused selection at 8k, 16k
 and 32k (cache prefilled dense by the model on Austen; positions past 8192 are beyond its training).
 
@@ -42,6 +44,7 @@ left of ``--time-budget`` is skipped and recorded. ``phase_seconds`` gives the s
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -61,7 +64,7 @@ from spattn.bench.env import git_commit, machine_info
 from spattn.runtime import ControllerConfig, Runtime
 from spattn.runtime import engine as runtime_engine
 from spattn.runtime.decode import block_tables, decode_plan, select_from_row, static_rows
-from spattn.runtime.fused import dense_tables, fused_tables, partial_page_bound, tables_attention
+from spattn.runtime.fused import dense_tables, flag_nonfinite, fused_tables, partial_page_bound, tables_attention
 from spattn.testing import assert_within, dense_attention, plain_attention
 
 ROWS = ["dense-kernel", "sparse-16-fused", "dense-sdpa", "null", "sparse-16-torch"]
@@ -197,6 +200,7 @@ def gate(cache, length: int, args, device, page: int) -> dict:
     out["dense_max_err"] = float((dense.double() - golden.double()).abs().max())
     if out["rows_equal_share"] < 0.95 or not torch.isfinite(fast).all():
         raise AssertionError(f"fused selection differs from the torch selection: {out}")
+    out.update(append_gate(kbuf, vbuf, page))
     try:
         out.update(call_timings(q, kmin, kmax, rows, valid, slot, budget, kbuf, vbuf, dp, sizes, width, length, page,
                                 scale, device))
@@ -225,7 +229,49 @@ def call_timings(q, kmin, kmax, rows, valid, slot, budget, kbuf, vbuf, dp, sizes
     dense_w = partial_page_bound(valid[:, :length], page)
     out["dense_kernel_call_graph_ms"] = graph_ms(lambda: tables_attention(
         q, kbuf, vbuf, dense_tables(valid, page_size=page, partial_width=dense_w), scale=scale, grouped=False), device)
+    # the per-layer pieces around attention: the non-finite check (fused path) and the static cache append
+    # (keys, values, page min / max at a device-side slot; every row pays it, it is part of the null step)
+    flags = torch.zeros(30, dtype=torch.bool, device=device)
+    attn = tables_attention(q, kbuf, vbuf, fused()[0], scale=scale, grouped=True)
+    out["nonfinite_flag_call_graph_ms"] = graph_ms(lambda: flag_nonfinite(attn, q, flags, 3), device)
+    k1, v1 = kbuf[:, :, :1].clone(), vbuf[:, :, :1].clone()
+    for name, fused_append in (("torch", False), ("fused", True)):
+        small = small_layer(kbuf, vbuf, page, fused_append, 2 * page + 5)
+        out[f"cache_append_{name}_call_graph_ms"] = graph_ms(lambda: small.update(k1, v1), device)  # noqa: B023
     return out
+
+
+def small_layer(kbuf, vbuf, page: int, fused_append: bool, slot: int):
+    from spattn.runtime.cache import PagedLayer
+
+    layer = PagedLayer(page, reserve=4 * page)
+    layer.fused_append = fused_append
+    layer.update(kbuf[:, :, : 2 * page].clone(), vbuf[:, :, : 2 * page].clone())
+    layer.start_static(torch.tensor([slot], device=kbuf.device))
+    return layer
+
+
+def append_gate(kbuf, vbuf, page: int) -> dict:
+    """The fused static append (one launch) against the torch ops, bit for bit, over steps that end a page and
+    start the next; if they differ (or it raises), every cache of the run falls back to the torch ops."""
+    from spattn.runtime.cache import disable_fused_append
+
+    layers = [small_layer(kbuf, vbuf, page, fused, page - 2) for fused in (False, True)]
+    try:
+        for step in range(4):
+            k1, v1 = kbuf[:, :, 100 + step: 101 + step].clone(), vbuf[:, :, 100 + step: 101 + step].clone()
+            for layer in layers:
+                layer.update(k1, v1)
+                layer.slot += 1
+        a, b = layers
+        equal = all(torch.equal(getattr(a, n), getattr(b, n)) for n in ("_keys", "_values")) and all(
+            torch.equal(getattr(a, n)[:, :, :2], getattr(b, n)[:, :, :2]) for n in ("_min", "_max"))
+        error = None
+    except Exception as exc:  # noqa: BLE001 - recorded; the rows then use the torch ops
+        equal, error = False, f"{type(exc).__name__}: {exc}"
+    if not equal:
+        disable_fused_append(f"decode_fused.py gate: fused append differs from the torch ops ({error})")
+    return {"fused_append_equal": equal, "fused_append_error": error}
 
 
 # ---------------------------------------------------------------------------------------------- rows
@@ -421,13 +467,36 @@ def real_recall(args, device, page, report, budget: Budget) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- main
+def cache_bytes(layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int, page: int,
+                itemsize: int = 2) -> int:
+    """Bytes of a :class:`~spattn.runtime.SpattnCache` of ``capacity`` tokens: keys and values
+    ``[B, Hkv, C, D]`` plus the page minimum / maximum keys ``[B, Hkv, C / S, D]``, in every layer."""
+    per_layer = 2 * batch * kv_heads * capacity * head_dim + 2 * batch * kv_heads * (capacity // page) * head_dim
+    return layers * per_layer * itemsize
+
+
+HEADROOM_GIB = 8.0  # prefill activations, the tiling copy of one layer, graph pools, the allocator's slack
+
+
+def free_memory(device) -> float:
+    """Free device bytes once the earlier rows' caches are gone: a Runtime and its decoder reference each other,
+    so what they hold (the cache, the CUDA graph's pool) waits for the cycle collector, not for ``del``."""
+    gc.collect()
+    if device.type != "cuda":
+        return float("inf")
+    torch.cuda.empty_cache()
+    return float(torch.cuda.mem_get_info()[0])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--contexts", type=int, nargs="+", default=None, help="default 131072 32768")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--big-batch", type=int, default=32, help="the extra batch at the largest context")
+    parser.add_argument("--big-batch", type=int, nargs="*", default=[16, 32],
+                        help="the extra batches at the largest context, in order (default 16 32)")
+    parser.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS, help="rows per (context, batch), in order")
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--prefill-tokens", type=int, default=32768)
@@ -443,7 +512,8 @@ def main() -> None:
     device = torch.device(args.device)
     if args.quick:
         args.contexts = args.contexts or [512, 256]
-        args.layers, args.steps, args.prefill_tokens, args.big_batch = 2, 2, 256, 3
+        args.layers, args.steps, args.prefill_tokens = 2, 2, 256
+        args.big_batch = [3] if args.big_batch == [16, 32] else args.big_batch
         args.batch = min(args.batch, 2)
     args.contexts = args.contexts or [131072, 32768]
     budget = Budget(args.time_budget)
@@ -494,7 +564,7 @@ def main() -> None:
             phase(report, "gate", started)
             write(report, args.out)
         rows_started = time.time()
-        for name in ROWS:
+        for name in args.rows:
             if name == "sparse-16-torch" and "torch" in args.skip:
                 continue
             need = est.get((context, name), est.get(name, 4.0)) + 1
@@ -531,13 +601,19 @@ def main() -> None:
             phase(report, "controller", started)
             write(report, args.out)
         del ids, cache
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    if "big-batch" not in args.skip:
-        context, batch = max(contexts), args.big_batch
-        need_bytes = 2 * args.layers * batch * 3 * (context + 128) * 64 * 2 * 1.25
-        free = torch.cuda.mem_get_info()[0] if device.type == "cuda" else float("inf")
-        need = 2 * est.get("dense-kernel", 4.0) + 3 * est.get("sparse-16-fused", 4.0) + 15
+        free_memory(device)
+    big_rows = [r for r in args.rows if r != "dense-sdpa"]  # masked SDPA over a big batch: known slow, GiBs of
+    #                                                         repeated keys
+    for batch in ([] if "big-batch" in args.skip else args.big_batch):
+        context = max(contexts)
+        capacity = -(-(context + args.steps + 8 + 16) // page) * page  # build_cache's reserve, whole pages
+        need_bytes = cache_bytes(args.layers, batch, 3, capacity, 64, page, 2 if device.type == "cuda" else 4) \
+            + HEADROOM_GIB * 2**30
+        free = free_memory(device)
+        report.setdefault("memory", []).append({"batch": batch, "context": context, "capacity": capacity,
+                                                "cache_gib": round((need_bytes / 2**30) - HEADROOM_GIB, 2),
+                                                "headroom_gib": HEADROOM_GIB, "free_gib": round(free / 2**30, 2)})
+        need = sum(2 * est.get(name, 4.0) for name in big_rows) + 10
         if need_bytes > free:
             report["skipped"].append(f"batch {batch} @ {context}: memory ({need_bytes / 2**30:.0f} GiB needed, "
                                      f"{free / 2**30:.0f} GiB free)")
@@ -546,12 +622,13 @@ def main() -> None:
                                      f"{budget.left():.0f} s left)")
         else:
             started = time.time()
+            ids = cache = None
             try:
                 cache_args = argparse.Namespace(batch=batch, steps=args.steps + 8,  # a shorter prefix to tile
                                                 prefill_tokens=min(args.prefill_tokens, 8192))
                 ids, cache, info = build_cache(model, context, cache_args, device, page)
                 report.setdefault("caches", {})[f"{context}x{batch}"] = info
-                for name in ("dense-kernel", "sparse-16-fused", "null", "dense-sdpa"):
+                for name in big_rows:
                     if budget.left() < 2 * est.get(name, 4.0) + 2:
                         report["skipped"].append(f"{name} @ {context}x{batch}: time budget")
                         continue
@@ -563,11 +640,10 @@ def main() -> None:
                     report["rows"] = public_rows(rows)
                     write(report, args.out)
                     print(json.dumps({k: v for k, v in row.items() if not k.startswith("_")}), flush=True)
-                del ids, cache
             except Exception as exc:  # noqa: BLE001 - e.g. out of memory: recorded
-                report["big_batch_error"] = f"{type(exc).__name__}: {exc}"
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+                report.setdefault("big_batch_errors", []).append(f"batch {batch}: {type(exc).__name__}: {exc}")
+            ids = cache = None
+            free_memory(device)
             phase(report, f"rows {context}x{batch}", started)
             write(report, args.out)
     if "real" not in args.skip:

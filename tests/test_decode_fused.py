@@ -48,12 +48,15 @@ def test_interpreter_subprocess():
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
 
 
-def _case(B, H, Hkv, D, S, C, P0, padding, budget, seed=0):
-    """Query, page bounds of random keys, the static rows of ``Sinks(3) | Window(2S)``, the valid mask of a
-    left-padded batch whose query is at slot ``P0`` of a capacity-``C`` cache."""
+def _case(B, H, Hkv, D, S, C, P0, padding, budget, seed=0, ties=False):
+    """Query, page bounds of random keys (``ties``: one key repeated, so every full page scores the same), the
+    static rows of ``Sinks(3) | Window(2S)``, the valid mask of a left-padded batch whose query is at slot ``P0``
+    of a capacity-``C`` cache."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, H, 1, D, generator=g)
     keys = torch.randn(B, Hkv, C, D, generator=g)
+    if ties:
+        keys = keys[:, :, :1].expand(B, Hkv, C, D).clone()
     keys[:, :, P0 + 1:] = 0  # the unfilled cache (its stale page bounds are masked by valid)
     valid = torch.zeros(B, C, dtype=torch.bool)
     valid[:, : P0 + 1] = True
@@ -66,18 +69,22 @@ def _case(B, H, Hkv, D, S, C, P0, padding, budget, seed=0):
 
 
 CASES = [
-    # B, H, Hkv, D, S, C, P0 (query slot), left padding, budget
+    # B, H, Hkv, D, S, C, P0 (query slot), left padding, budget[, ties]
     pytest.param(3, 6, 2, 64, 16, 16 * 13, 170, (0, 37, 100), 3, id="B3-G3-D64-ragged"),
     pytest.param(2, 4, 4, 80, 16, 16 * 9, 120, (0, 5), 2, id="B2-mha-D80-tail"),
     pytest.param(1, 6, 2, 64, 32, 32 * 5, 140, (0,), 0, id="B1-budget0"),
     pytest.param(2, 6, 2, 64, 16, 16 * 8, 95, (0, 17), 50, id="B2-budget-covers-all"),
+    # 70 pages: three programs of the page-parallel launch (the last one ragged), 45 slots: two mask chunks
+    pytest.param(2, 6, 2, 64, 16, 16 * 70, 1000, (0, 300), 40, id="B2-70pages-3chunks-W45"),
+    pytest.param(1, 3, 1, 64, 16, 16 * 40, 600, (0,), 4, True, id="B1-G3-ties-to-lower-page"),
 ]
 
 
 @needs_interp
-@pytest.mark.parametrize("B, H, Hkv, D, S, C, P0, padding, budget", CASES)
-def test_fused_selection_equals_torch_selection(B, H, Hkv, D, S, C, P0, padding, budget):
-    q, keys, valid, plan, rows, pages = _case(B, H, Hkv, D, S, C, P0, padding, budget)
+@pytest.mark.parametrize("B, H, Hkv, D, S, C, P0, padding, budget, ties",
+                         [pytest.param(*c.values, *((False,) if len(c.values) == 9 else ()), id=c.id) for c in CASES])
+def test_fused_selection_equals_torch_selection(B, H, Hkv, D, S, C, P0, padding, budget, ties):
+    q, keys, valid, plan, rows, pages = _case(B, H, Hkv, D, S, C, P0, padding, budget, ties=ties)
     kmin, kmax = pool(keys, S, "amin"), pool(keys, S, "amax")
     NP = C // S
     slot = torch.tensor([P0])
@@ -159,9 +166,9 @@ def test_dense_tables_equal_the_dense_oracle():
 
 @needs_interp
 def test_static_step_fused_and_kernel_dense_equal_torch_paths():
-    """``Runtime(cuda_graph=True, decode_selection="fused", dense_decode="kernel")`` (the static step eagerly on
-    CPU) generates the tokens and logits of the torch selection with SDPA, for a left-padded batch with a dense
-    layer, with no fallback."""
+    """``Runtime(cuda_graph=True, decode_selection="fused", dense_decode="kernel")`` with the fused static cache
+    append (the static step eagerly on CPU) generates the tokens and logits of the torch selection with SDPA and
+    the torch cache ops, for a left-padded batch with a dense layer, with no fallback."""
     model = tiny_llama(seed=2)
     g = torch.Generator().manual_seed(6)
     ids = torch.randint(3, 97, (2, 45), generator=g)
@@ -173,8 +180,12 @@ def test_static_step_fused_and_kernel_dense_equal_torch_paths():
     for name, opts in (("torch", dict(decode_selection="torch", dense_decode="sdpa")),
                        ("fused", dict(decode_selection="fused", dense_decode="kernel"))):
         runtime = Runtime(model, plan, block_size=16, min_sparse_tokens=0, monitor_level=1, cuda_graph=True, **opts)
+        cache = runtime.new_cache()
+        for layer in cache.layers:  # the fused variant also writes the cache with the one-launch static append
+            layer.fused_append = name == "fused"
         try:
-            seq = runtime.generate(ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0, output_logits=True)
+            seq = runtime.generate(ids, attention_mask=mask, max_new_tokens=3, pad_token_id=0, output_logits=True,
+                                   past_key_values=cache)
             outs[name] = (seq, runtime.decoder.logits, runtime.decoder.paths)
             assert not runtime.controller.counts
         finally:
@@ -219,3 +230,112 @@ def test_selection_options_are_validated():
         Runtime(tiny_llama(), spattn.Plan(), decode_selection="gpu")
     with pytest.raises(ValueError, match="dense_decode"):
         Runtime(tiny_llama(), spattn.Plan(), dense_decode="flash")
+
+
+@needs_interp
+def test_flag_nonfinite_equals_the_torch_check():
+    """One launch computes ``flags[i] |= ~isfinite(out).all() & isfinite(query).all()``: NaN or inf anywhere in
+    a multi-block output sets the flag, a non-finite query (an earlier layer's fault) does not, a set flag stays
+    set and the other flags are untouched."""
+    from spattn.ops.decode import flag_nonfinite
+
+    g = torch.Generator().manual_seed(3)
+    query = torch.randn(2, 3, 1, 16, generator=g)
+    for fault, in_query, before in (("none", False, False), ("nan", False, False), ("inf", False, False),
+                                    ("-inf", False, False), ("nan", True, False), ("none", False, True)):
+        out = torch.randn(3, 5, 1, 100, generator=g)  # 1500 elements: two blocks of the kernel
+        q = query.clone()
+        if fault != "none":
+            out.view(-1)[1400] = float(fault)
+        if in_query:
+            q.view(-1)[7] = float("nan")
+        flags = torch.zeros(4, dtype=torch.bool)
+        flags[2] = before
+        expected = flags.clone()
+        expected[2:3].logical_or_((~torch.isfinite(out).all() & torch.isfinite(q).all()).view(1))
+        flag_nonfinite(out, q, flags, 2)
+        assert torch.equal(flags, expected), (fault, in_query, before, flags)
+    with pytest.raises(ValueError, match="index"):
+        flag_nonfinite(out, q, flags, 4)
+    with pytest.raises(ValueError, match="flags"):
+        flag_nonfinite(out, q, flags.int(), 0)
+
+
+@needs_interp
+def test_a_nan_from_the_fused_path_is_flagged_and_rerun_dense(monkeypatch):
+    """The fused path's one-launch check flags a NaN output of layer 0 at every static step: each step is rerun
+    with layer 0 dense (counted per step), layer 1 stays on the fused selection, and the tokens are dense
+    attention's (the window covers every token, so the sparse plan computes dense attention)."""
+    from spattn.runtime import engine
+
+    model = tiny_llama(seed=3)
+    ids = torch.randint(3, 97, (1, 40), generator=torch.Generator().manual_seed(9))
+    pattern = spattn.Sinks(4) | spattn.Window(64) | spattn.TopK("bounds", 1)
+    new = 3
+    reference = Runtime(model, spattn.Plan(), block_size=16, min_sparse_tokens=0, monitor_level=0,
+                        cuda_graph=True, decode_selection="torch", dense_decode="sdpa")
+    try:
+        expected = reference.generate(ids, max_new_tokens=new, pad_token_id=0)
+    finally:
+        reference.detach()
+    original = engine.tables_attention
+    layer = {"index": -1}
+
+    def nan_on_layer_0(query, key, value, tables, **kwargs):
+        out = original(query, key, value, tables, **kwargs)
+        return out * float("nan") if layer["index"] == 0 and kwargs.get("grouped") else out
+
+    monkeypatch.setattr(engine, "tables_attention", nan_on_layer_0)
+    runtime = Runtime(model, spattn.Plan.uniform(pattern), block_size=16, min_sparse_tokens=0, monitor_level=0,
+                      cuda_graph=True, decode_selection="fused", dense_decode="sdpa")
+    attend = runtime.attend
+
+    def which_layer(module, *args, **kwargs):
+        layer["index"] = module.layer_idx
+        return attend(module, *args, **kwargs)
+
+    runtime.attend = which_layer
+    try:
+        out = runtime.generate(ids, max_new_tokens=new, pad_token_id=0)
+    finally:
+        runtime.detach()
+    counts = runtime.controller.counts
+    assert counts[("fallback", 0, "nonfinite")] == new - 1 and counts.get(("fallback", 1, "nonfinite"), 0) == 0
+    assert runtime.decoder.paths[1] == "fused" and runtime.fused_off is None
+    assert torch.equal(out, expected)
+
+
+@needs_interp
+@pytest.mark.parametrize("Hkv, D, Dv", [(3, 64, 64), (2, 80, 48)], ids=["gqa-D64", "D80-Dv48"])
+def test_fused_static_append_equals_the_torch_ops(Hkv, D, Dv):
+    """``append_static`` (one launch) writes what ``PagedLayer``'s torch ops write in static decode, bit for bit:
+    keys, values and page min / max over steps that fill a page, start the next one (its bounds reset to the
+    key) and continue it; a wrong dtype is refused."""
+    from spattn.runtime.cache import PagedLayer
+
+    g = torch.Generator().manual_seed(5)
+    S, P0, B = 16, 29, 2
+    k0, v0 = torch.randn(B, Hkv, P0, D, generator=g), torch.randn(B, Hkv, P0, Dv, generator=g)
+    layers = {}
+    for name in ("torch", "fused"):
+        layer = PagedLayer(S, reserve=4 * S)
+        layer.fused_append = name == "fused"
+        layer.update(k0.clone(), v0.clone())
+        slot = torch.tensor([P0])
+        layer.start_static(slot)
+        layers[name] = (layer, slot)
+    for _ in range(6):  # slots 29..34: page 1 filled at 31, page 2 started at 32
+        k1, v1 = torch.randn(B, Hkv, 1, D, generator=g), torch.randn(B, Hkv, 1, Dv, generator=g)
+        for layer, slot in layers.values():
+            layer.update(k1, v1)
+            slot += 1
+    (a, _), (b, _) = layers["torch"], layers["fused"]
+    for name in ("_keys", "_values"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    for name in ("_min", "_max"):  # pages 0..2 hold tokens (page 3 is unwritten memory in both)
+        assert torch.equal(getattr(a, name)[:, :, :3], getattr(b, name)[:, :, :3]), name
+    assert torch.equal(b._min[:, :, 2], b._keys[:, :, 32:35].amin(2))  # the new page's bounds: its keys only
+    from spattn.ops.decode import append_static
+
+    with pytest.raises(ValueError, match="dtype"):
+        append_static(k1.double(), v1, b._keys, b._values, b._min, b._max, layers["fused"][1], page_size=S)

@@ -13,12 +13,30 @@ included: padding is excluded by the attention mask, not here.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from spattn._optional import require
+from spattn.runtime.decode import has_triton
+from spattn.runtime.monitor import log_event
 
 require("transformers", extra="hf")
 from transformers.cache_utils import Cache, DynamicLayer  # noqa: E402 - after the extra check
+
+_APPEND_OFF: list[str] = []  # why the fused static append failed (then the torch ops write, for every layer)
+
+
+def disable_fused_append(reason: str) -> None:
+    """From now on every :class:`PagedLayer` left on auto writes static decode tokens with the torch ops (logged)."""
+    _APPEND_OFF.append(reason)
+    log_event(logging.WARNING, "fused_append_off", reason=reason)
+
+
+def _fused_append(forced: bool | None, keys: torch.Tensor) -> bool:
+    if forced is not None:
+        return forced
+    return keys.is_cuda and not _APPEND_OFF and has_triton()
 
 
 class PagedLayer(DynamicLayer):
@@ -45,6 +63,9 @@ class PagedLayer(DynamicLayer):
         self.track_means = bool(track_means)
         self._mean: torch.Tensor | None = None    # [B, Hkv, capacity // page_size, D] float32
         self.slot: torch.Tensor | None = None     # int64 [1] on the device: static decode writes here
+        # static decode's write in one triton launch (spattn.ops.decode.append_static) instead of about a dozen
+        # torch kernels: None = on CUDA when triton is installed (and it has not failed), True / False = forced
+        self.fused_append: bool | None = None
 
     # ------------------------------------------------------------------ storage
     def _ensure(self, key_states: torch.Tensor, value_states: torch.Tensor, needed: int) -> None:
@@ -134,6 +155,17 @@ class PagedLayer(DynamicLayer):
         if key_states.shape[2] != 1:
             raise ValueError(f"a static cache takes one token per update, got {key_states.shape[2]}")
         slot = self.slot
+        if self._mean is None and _fused_append(self.fused_append, self._keys):
+            from spattn.ops.decode import append_static
+
+            try:
+                append_static(key_states, value_states, self._keys, self._values, self._min, self._max, slot,
+                              page_size=self.page_size)
+                return self._keys, self._values
+            except Exception as exc:  # noqa: BLE001 - the torch ops below do the same write
+                if self.fused_append:
+                    raise
+                disable_fused_append(f"{type(exc).__name__}: {exc}")
         self._keys.index_copy_(2, slot, key_states)
         self._values.index_copy_(2, slot, value_states)
         S = self.page_size

@@ -47,7 +47,7 @@ from spattn.runtime.decode import (
     select_from_row,
     triton_paged_attention,
 )
-from spattn.runtime.fused import fused_applies, fused_tables, selection_of, tables_attention
+from spattn.runtime.fused import flag_nonfinite, fused_applies, fused_tables, selection_of, tables_attention
 from spattn.runtime.monitor import LEVEL, Metrics, instrument, log_event
 from spattn.selectors.common import pool
 
@@ -583,7 +583,10 @@ class Runtime:
             tables, page_tables = fused_tables(query, key_min, key_max, rows, st.step, st.valid, st.slot,
                                                st.budget[layer:layer + 1], width=st.widths[layer],
                                                page_size=self.block_size, scale=scale)
-            return tables_attention(query, key, value, tables, scale=scale, grouped=True), page_tables
+            out = tables_attention(query, key, value, tables, scale=scale, grouped=True)
+            if self.check_finite:  # one launch (the torch path's check is seven)
+                flag_nonfinite(out, query, st.flags, layer)
+            return out, page_tables
 
         if st.eager:
             try:
@@ -594,9 +597,6 @@ class Runtime:
                 return self._decode_static(module, layer, query, key, value, None, kwargs)
         else:
             out, page_tables = sparse()
-        if self.check_finite:
-            bad = ~torch.isfinite(out).all() & torch.isfinite(query).all()
-            st.flags[layer:layer + 1].logical_or_(bad.view(1))
         if self.level >= 1:
             counts = st.valid.sum(-1).clamp_min(1)
             st.density[layer:layer + 1].copy_((page_tables.stats[..., 0].float() / counts[:, None]).mean().view(1))

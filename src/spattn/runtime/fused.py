@@ -1,6 +1,7 @@
-"""The static decode step's fast paths on CUDA: the fused page selection (one triton launch per layer, see
-:func:`spattn.ops.decode.select_pages`) and the *fair* dense decode (spattn's split-K decode kernel over exactly
-each sequence's valid keys, instead of torch's masked SDPA over the whole capacity).
+"""The static decode step's fast paths on CUDA: the fused page selection (two triton launches per layer, see
+:func:`spattn.ops.decode.select_pages`, plus one for the non-finite check, :func:`flag_nonfinite`) and the
+*fair* dense decode (spattn's split-K decode kernel over exactly each sequence's valid keys, instead of torch's
+masked SDPA over the whole capacity).
 
 Both write the block tables of the split-K decode kernel on the device, with no host read, so a CUDA graph
 records them. The torch selection (:func:`~spattn.runtime.decode.select_from_row`) stays the reference and the
@@ -28,6 +29,13 @@ def fused_applies(plan: DecodePlan, rows: torch.Tensor, mixed: bool, page_size: 
     dense inside a sparse batch, and a power-of-two page size >= 16 (the decode kernel's)."""
     return (plan.rule == "top_k" and plan.selector == "bounds" and rows.shape[2] == 1 and not mixed
             and page_size >= 16 and not page_size & (page_size - 1))
+
+
+def flag_nonfinite(output: torch.Tensor, query: torch.Tensor, flags: torch.Tensor, index: int) -> None:
+    """:func:`spattn.ops.decode.flag_nonfinite` (imported when called: triton is an optional extra)."""
+    from spattn.ops.decode import flag_nonfinite as check
+
+    check(output, query, flags, index)
 
 
 def fused_tables(query: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor, rows: torch.Tensor,

@@ -1,7 +1,8 @@
-"""``select_pages``: the fused decode page selection (one triton launch per layer and step), its checks and
-its launch. The reference is the torch selection of :mod:`spattn.runtime.decode`
-(:func:`~spattn.runtime.decode.select_from_row` + :func:`~spattn.runtime.decode.block_tables`), which the
-tests use as the oracle; the kernel is in ``_kernel.py``."""
+"""``select_pages``: the fused decode page selection (two triton launches per layer and step: page-parallel
+logits, then the per-row top-k and tables), its checks and its launches. The reference is the torch selection
+of :mod:`spattn.runtime.decode` (:func:`~spattn.runtime.decode.select_from_row` +
+:func:`~spattn.runtime.decode.block_tables`), which the tests use as the oracle; the kernels are in
+``_kernel.py``."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from spattn._optional import require
 
-_SCRATCH: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+_SCRATCH: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 @dataclasses.dataclass
@@ -25,6 +26,9 @@ class PageTables:
     kv_idx: torch.Tensor
     masks: torch.Tensor
     stats: torch.Tensor
+
+
+_BLOCK_P = 32  # pages per program of the logit launch (Note [why two launches] in _kernel.py)
 
 
 def _pow2(n: int) -> int:
@@ -59,7 +63,9 @@ def select_pages(query: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tens
         :class:`PageTables`.
     """
     require("triton", extra="gpu")
-    from spattn.ops.decode._kernel import page_select_kernel
+    import triton
+
+    from spattn.ops.decode._kernel import page_choose_kernel, page_logit_kernel
 
     if query.dim() != 4 or query.shape[2] != 1:
         raise ValueError(f"query must be [B, H, 1, D], got shape {tuple(query.shape)}")
@@ -96,24 +102,102 @@ def select_pages(query: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tens
     dev = query.device
     skey = (B, H, Hkv, NP, str(dev))
     scratch = _SCRATCH.get(skey)
-    if scratch is None:
+    if scratch is None:  # per-head page logits, per-page visible / kept codes (rewritten by every call)
         scratch = (torch.empty(B * H * NP, dtype=torch.float32, device=dev),
-                   torch.empty(B * Hkv * NP, dtype=torch.float32, device=dev),
                    torch.empty(B * Hkv * NP, dtype=torch.int32, device=dev))
         if len(_SCRATCH) >= 8:
             _SCRATCH.pop(next(iter(_SCRATCH)))
         _SCRATCH[skey] = scratch
+    logits, code = scratch
+    slots = torch.empty(B * Hkv * width, dtype=torch.int32, device=dev)
     kv_num = torch.empty(B, H, 1, dtype=torch.int32, device=dev)
     kv_idx = torch.empty(B, H, 1, width, dtype=torch.int32, device=dev)
     stats = torch.empty(B, Hkv, 3, dtype=torch.int32, device=dev)
     G = H // Hkv
     sr_b = rows.stride(1) if rows.shape[1] > 1 else 0
-    page_select_kernel[(B * Hkv,)](
-        query, key_min, key_max, rows.view(torch.uint8), valid.view(torch.uint8), slot, step, budget,
-        *scratch, kv_num, kv_idx, masks, stats,
-        float(scale), NP, width, rows.shape[0], rows.stride(0), sr_b, valid.stride(0),
+    rows_u8, valid_u8 = rows.view(torch.uint8), valid.view(torch.uint8)
+    page_logit_kernel[(B * Hkv, triton.cdiv(NP, _BLOCK_P))](
+        query, key_min, key_max, rows_u8, valid_u8, slot, step, logits, code,
+        float(scale), NP, rows.shape[0], rows.stride(0), sr_b, valid.stride(0),
         (query.stride(0), query.stride(1)), (key_min.stride(1), key_min.stride(2)),
-        Hkv=Hkv, G=G, GP=max(16, _pow2(G)), D=D, DP=max(16, _pow2(D)), S=S, BLOCK_P=64, NPP=max(16, _pow2(NP)),
-        WP=max(16, _pow2(width)), num_warps=8,
+        Hkv=Hkv, G=G, GP=max(16, _pow2(G)), D=D, DP=max(16, _pow2(D)), S=S, BLOCK_P=_BLOCK_P, num_warps=4,
+    )
+    NPP = max(16, _pow2(NP))
+    page_choose_kernel[(B * Hkv,)](
+        rows_u8, valid_u8, step, budget, logits, code, slots, kv_num, kv_idx, masks, stats,
+        NP, width, rows.shape[0], rows.stride(0), sr_b, valid.stride(0),
+        Hkv=Hkv, G=G, S=S, NPP=NPP, BLOCK_W=min(32, max(16, _pow2(width))),
+        num_warps=8 if NPP <= 2048 else 16,
     )
     return PageTables(kv_num=kv_num, kv_idx=kv_idx, masks=masks, stats=stats)
+
+
+def flag_nonfinite(output: torch.Tensor, query: torch.Tensor, flags: torch.Tensor, index: int) -> None:
+    """``flags[index] |= (output has a NaN or inf) & (query is all finite)``, in one triton launch with no host
+    read (the static decode step's per-layer check: a non-finite output from a finite query; a layer fed an
+    earlier layer's NaN is not to blame). Same as
+    ``flags[index] |= ~torch.isfinite(output).all() & torch.isfinite(query).all()`` (seven kernels).
+
+    Args:
+        output: any shape, floating (e.g. the attention output ``[B, H, 1, D]``).
+        query: any shape, floating.
+        flags: bool ``[N]`` contiguous, on the same device.
+        index: ``0 <= index < N``.
+    """
+    require("triton", extra="gpu")
+    from spattn.ops.decode._kernel import nonfinite_flag_kernel
+
+    if flags.dtype != torch.bool or flags.dim() != 1 or not flags.is_contiguous():
+        raise ValueError(f"flags must be a contiguous bool [N] tensor, got {flags.dtype} {tuple(flags.shape)}")
+    if not 0 <= int(index) < flags.shape[0]:
+        raise ValueError(f"index must be in [0, {flags.shape[0]}), got {index!r}")
+    for name, t in (("output", output), ("query", query)):
+        if not t.is_floating_point() or t.device != flags.device:
+            raise ValueError(f"{name} must be a floating tensor on {flags.device}, got {t.dtype} on {t.device}")
+    out, q = output.contiguous().view(-1), query.contiguous().view(-1)
+    nonfinite_flag_kernel[(1,)](out, q, flags.view(torch.uint8), out.numel(), q.numel(), int(index), BLOCK=1024,
+                                num_warps=4)
+
+
+def append_static(key: torch.Tensor, value: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                  key_min: torch.Tensor, key_max: torch.Tensor, slot: torch.Tensor, *, page_size: int) -> None:
+    """One decode token into a static paged cache, in one triton launch with no host read: ``keys[:, :, slot] =
+    key``, ``values[:, :, slot] = value``, and the page ``slot // page_size``'s minimum / maximum keys updated
+    (set to the key on the page's first slot). Same as the torch ops of
+    :meth:`spattn.runtime.cache.PagedLayer.update` in static decode (about a dozen kernels), bit for bit.
+
+    Args:
+        key: ``[B, Hkv, 1, D]``; value: ``[B, Hkv, 1, Dv]`` (the token's, same dtype as the cache).
+        keys: ``[B, Hkv, C, D]``; values: ``[B, Hkv, C, Dv]``; key_min / key_max: ``[B, Hkv, C / page_size, D]``
+            (the cache's buffers; the last dim contiguous).
+        slot: int64 ``[1]`` on the device, ``0 <= slot < C``.
+        page_size: tokens per page.
+    """
+    require("triton", extra="gpu")
+    from spattn.ops.decode._kernel import append_static_kernel
+
+    B, Hkv, C, D = keys.shape
+    Dv = values.shape[-1]
+    if key.shape != (B, Hkv, 1, D) or value.shape != (B, Hkv, 1, Dv):
+        raise ValueError(f"key / value must be [B={B}, Hkv={Hkv}, 1, D] matching the cache, got "
+                         f"{tuple(key.shape)} / {tuple(value.shape)}")
+    if key.dtype != keys.dtype or value.dtype != values.dtype or key_min.dtype != keys.dtype:
+        raise ValueError(f"key / value / bounds must have the cache's dtype {keys.dtype}, got {key.dtype} / "
+                         f"{value.dtype} / {key_min.dtype}")
+    if key_min.shape != (B, Hkv, C // page_size, D) or key_max.shape != key_min.shape:
+        raise ValueError(f"key_min / key_max must be [{B}, {Hkv}, {C // page_size}, {D}], got "
+                         f"{tuple(key_min.shape)} / {tuple(key_max.shape)}")
+    if key_min.stride() != key_max.stride():
+        raise ValueError("key_min and key_max must have the same strides")
+    for name, t in (("key", key), ("value", value), ("keys", keys), ("values", values), ("key_min", key_min)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dim")
+    if slot.numel() != 1 or slot.dtype != torch.long:
+        raise ValueError(f"slot must be an int64 tensor of one element, got {slot.dtype} {tuple(slot.shape)}")
+    append_static_kernel[(B * Hkv,)](
+        key, value, keys, values, key_min, key_max, slot,
+        (key.stride(0), key.stride(1)), (value.stride(0), value.stride(1)),
+        (keys.stride(0), keys.stride(1), keys.stride(2)), (values.stride(0), values.stride(1), values.stride(2)),
+        (key_min.stride(0), key_min.stride(1), key_min.stride(2)),
+        Hkv=Hkv, S=page_size, D=D, DP=max(16, _pow2(D)), DV=Dv, DVP=max(16, _pow2(Dv)), num_warps=1,
+    )
