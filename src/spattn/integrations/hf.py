@@ -31,6 +31,8 @@ import torch
 
 from spattn._optional import require
 from spattn.integrations.plan import Plan, as_plan
+from spattn.layout.layout import Layout
+from spattn.ops.attention import api as _api
 from spattn.ops.attention.api import BACKENDS
 from spattn.patterns import Document, Full, Pattern, Window
 
@@ -74,6 +76,11 @@ _LAYOUT_CACHE_SIZE = 32
 # runs on every input, with no host synchronisation); one the builder cannot take (per-head dynamic heads) is
 # compiled per call. A static per-head plan's second forward at a length compiles nothing and reads no tensor on
 # the host.
+# Note [layer lookup]: finding a layer's Layout by its pattern hashes the pattern on every call (a PerHead of 9
+# heads is a tuple of 9 dataclasses hashed field by field) and walks it again for ``contains_dynamic``. Each shape's
+# entry also keeps, per (layer, model window), the plan pattern it was found for and what was found; a later call
+# whose plan still gives that same pattern object (an identity test: patterns are immutable, a Plan edited in place
+# gives new objects) takes it without hashing, composing or compiling anything.
 _PLAN_LAYOUTS: dict[int, tuple[weakref.ref, OrderedDict]] = {}  # id(plan) -> (plan, {shape: {pattern: layout}})
 _SHAPES_KEPT = 4
 _NO_BUILDER = object()
@@ -86,54 +93,85 @@ def _document(segments: torch.Tensor) -> Document:
     return _MEMO.document[1]
 
 
-def _layout(pattern: Pattern, query: torch.Tensor, key: torch.Tensor, causal: bool, block_size: int,
-            plan: Plan | None = None) -> Any:
-    """The Layout ``pattern`` runs on for these shapes (Note [plan layout cache]): compiled once per plan, shape
-    and pattern (layers with equal patterns share it); dynamic patterns rebuilt from the input every call."""
+class _Kept(dict):
+    """A plan's layouts at one shape: ``{pattern: Layout or builder}`` (layers with equal patterns share one), and
+    ``by_layer``: ``{(layer, window): (plan pattern, Layout or builder, pattern run)}`` (Note [layer lookup])."""
+
+    __slots__ = ("by_layer",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_layer: dict[tuple, tuple] = {}
+
+
+def _kept(plan: Plan, query: torch.Tensor, key: torch.Tensor, causal: bool, block_size: int) -> _Kept:
+    """What ``plan`` keeps for these shapes (Note [plan layout cache]), made on first use."""
+    B, H, Lq, _ = query.shape
+    shape = (Lq, key.shape[2], causal, block_size, B, H, query.device)
+    kept_by_shape = _plan_layouts(plan)
+    kept = kept_by_shape.get(shape)
+    if kept is None:
+        kept = kept_by_shape[shape] = _Kept()
+        while len(kept_by_shape) > _SHAPES_KEPT:
+            kept_by_shape.popitem(last=False)
+    else:
+        kept_by_shape.move_to_end(shape)
+    return kept
+
+
+def _find(pattern: Pattern, query: torch.Tensor, key: torch.Tensor, causal: bool, block_size: int,
+          kept: _Kept | None) -> Any:
+    """The compiled Layout of a static pattern, the builder of a dynamic one, or ``_NO_BUILDER`` (compile per
+    call), kept in ``kept`` (one plan's, these shapes) or the process-wide LRU; None for an unhashable pattern."""
     from spattn.patterns import compile as compile_pattern
 
     B, H, Lq, _ = query.shape
     args = (Lq, key.shape[2])
     kwargs = dict(causal=causal, block_size=block_size, batch=B, heads=H, device=query.device)
-    shape = (*args, causal, block_size, B, H, str(query.device))
     try:
         hash(pattern)
     except TypeError:  # a pattern holding unhashable values: nothing can be kept for it
-        return compile_pattern(pattern, *args, **kwargs, query=query, key=key)
-    kept = _plan_layouts(plan) if plan is not None else None
-    if kept is not None:
-        layouts = kept.get(shape)
-        if layouts is None:
-            layouts = kept[shape] = {}
-            while len(kept) > _SHAPES_KEPT:
-                kept.popitem(last=False)
-        else:
-            kept.move_to_end(shape)
-        hit = layouts.get(pattern)
-    else:
-        layouts, hit = None, None
-    if pattern.contains_dynamic():
-        if hit is None:
-            hit = _builder(pattern, args, kwargs)
-            if layouts is not None:
-                layouts[pattern] = hit
-        if hit is _NO_BUILDER:  # compile's general path selects (and synchronises with the host) every call
-            return compile_pattern(pattern, *args, **kwargs, query=query, key=key)
-        return hit.build(query, key)
+        return None
+    hit = kept.get(pattern) if kept is not None else None
     if hit is not None:
         return hit
-    cache_key = (pattern, *shape)
-    layout = _LAYOUTS.get(cache_key)
-    if layout is None:
-        layout = compile_pattern(pattern, *args, **kwargs)
-        _LAYOUTS[cache_key] = layout
-        while len(_LAYOUTS) > _LAYOUT_CACHE_SIZE:
-            _LAYOUTS.popitem(last=False)
+    if pattern.contains_dynamic():
+        hit = _builder(pattern, args, kwargs)
     else:
-        _LAYOUTS.move_to_end(cache_key)
-    if layouts is not None:
-        layouts[pattern] = layout
-    return layout
+        cache_key = (pattern, *args, causal, block_size, B, H, str(query.device))
+        hit = _LAYOUTS.get(cache_key)
+        if hit is None:
+            hit = compile_pattern(pattern, *args, **kwargs)
+            _LAYOUTS[cache_key] = hit
+            while len(_LAYOUTS) > _LAYOUT_CACHE_SIZE:
+                _LAYOUTS.popitem(last=False)
+        else:
+            _LAYOUTS.move_to_end(cache_key)
+    if kept is not None:
+        kept[pattern] = hit
+    return hit
+
+
+def _realise(found: Any, pattern: Pattern, query: torch.Tensor, key: torch.Tensor, causal: bool,
+             block_size: int) -> Any:
+    """The Layout to run from what :func:`_find` gave (a dynamic pattern's builder runs on this input)."""
+    if found is None or found is _NO_BUILDER:  # compile's general path (selects and synchronises every call)
+        from spattn.patterns import compile as compile_pattern
+
+        B, H, Lq, _ = query.shape
+        return compile_pattern(pattern, Lq, key.shape[2], causal=causal, block_size=block_size, batch=B, heads=H,
+                               device=query.device, query=query, key=key)
+    if isinstance(found, Layout):
+        return found
+    return found.build(query, key)
+
+
+def _layout(pattern: Pattern, query: torch.Tensor, key: torch.Tensor, causal: bool, block_size: int,
+            plan: Plan | None = None) -> Any:
+    """The Layout ``pattern`` runs on for these shapes (Note [plan layout cache]): compiled once per plan, shape
+    and pattern (layers with equal patterns share it); dynamic patterns rebuilt from the input every call."""
+    kept = _kept(plan, query, key, causal, block_size) if plan is not None else None
+    return _realise(_find(pattern, query, key, causal, block_size, kept), pattern, query, key, causal, block_size)
 
 
 def _plan_layouts(plan: Plan) -> OrderedDict:
@@ -233,9 +271,6 @@ def spattn_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """The transformers attention function: query ``[B, H, Lq, D]``, key/value ``[B, Hkv, Lk, D]`` (after
     rotary embeddings, GQA heads not repeated); returns ``([B, Lq, H, D], None)`` like the SDPA function."""
-    from spattn.hierarchical.attention import frozen_model_attention
-    from spattn.ops.attention.api import attention
-
     if dropout and module.training:
         raise NotImplementedError("spattn: attention dropout is not supported; call model.eval() or set dropout=0")
     if kwargs.get("softcap") is not None:
@@ -253,26 +288,35 @@ def spattn_attention_forward(
     for hook in _HOOKS:
         hook(module, layer, query, key)
     plan: Plan | None = getattr(module, "_spattn_plan", None)
-    pattern: Pattern | None = plan.pattern_for(layer) if plan is not None else None
+    source: Pattern | None = plan.pattern_for(layer) if plan is not None else None
     segments = padding_segments(attention_mask, q_len, kv_len, causal, window)
-    if pattern is not None and pattern.kind == "hierarchical":  # three branches, not one layout (spattn.hierarchical)
-        out = frozen_model_attention(query, key, value, pattern, causal=causal, scale=scaling,
-                                     padded=segments is not None or window is not None,
-                                     backend=getattr(module, "_spattn_backend", "auto"))
-        return out.transpose(1, 2).contiguous(), None
-    if pattern is None:
-        pattern = Full()
-    if window is not None:
-        pattern = pattern & Window(window)
-    if segments is not None:
-        pattern = pattern & _document(segments)
     backend = getattr(module, "_spattn_backend", "auto")
+    if source is not None and source.kind == "hierarchical":  # three branches, not one layout (spattn.hierarchical)
+        from spattn.hierarchical.attention import frozen_model_attention
+
+        out = frozen_model_attention(query, key, value, source, causal=causal, scale=scaling,
+                                     padded=segments is not None or window is not None, backend=backend)
+        return out.transpose(1, 2).contiguous(), None
+    block_size = getattr(module, "_spattn_block_size", 128)
     # a padded batch's pattern holds this forward's padding (a new Document each forward): not kept on the plan
-    layout = _layout(pattern, query, key, causal, getattr(module, "_spattn_block_size", 128),
-                     plan if segments is None else None)
+    kept = _kept(plan, query, key, causal, block_size) if plan is not None and segments is None else None
+    slot = (layer, window)
+    hit = kept.by_layer.get(slot) if kept is not None else None
+    if hit is not None and hit[0] is source:  # Note [layer lookup]
+        found, pattern = hit[1], hit[2]
+    else:
+        pattern = Full() if source is None else source
+        if window is not None:
+            pattern = pattern & Window(window)
+        if segments is not None:
+            pattern = pattern & _document(segments)
+        found = _find(pattern, query, key, causal, block_size, kept)
+        if kept is not None and found is not None:
+            kept.by_layer[slot] = (source, found, pattern)
+    layout = _realise(found, pattern, query, key, causal, block_size)
     for layout_hook_fn in _LAYOUT_HOOKS:
         layout_hook_fn(module, layer, layout)
-    out = attention(query, key, value, layout, causal=causal, scale=scaling, backend=backend)
+    out = _api.attention(query, key, value, layout, causal=causal, scale=scaling, backend=backend)
     return out.transpose(1, 2).contiguous(), None
 
 

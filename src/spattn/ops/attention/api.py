@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -61,6 +62,63 @@ def _cached_layout(pattern: Pattern, Lq: int, Lk: int, causal: bool, block_size:
         while len(_layouts) > _LAYOUTS_KEPT:
             _layouts.popitem(last=False)
     return layout
+
+
+# Note [checked calls]: every call used to validate its inputs (``_check_inputs``, ``_check_layout``), ask the
+# backend whether it can run them (``choose_backend``; the triton check again inside the backend) and import the
+# backend, ~25-40 us of host time per call on the 2-core CPU with the kernel launch stubbed out
+# (``benchmarks/host_overhead.py``), paid by every layer of every forward. Every one of those checks reads only
+# the inputs' types, shapes, dtypes and devices, the Layout's (immutable) attributes, ``causal`` and the backend
+# name, so the outcome is kept per Layout (a weak key: it goes with the Layout) and input signature: a repeated
+# call with a Layout skips straight to the backend. Only plain ``torch.Tensor`` inputs take the shortcut
+# (subclasses and non-tensors are checked every time), and never under ``torch.compile``, which traces the
+# checks. A pattern argument still validates its inputs before compiling (or finding) its Layout.
+_CHECKED_PER_LAYOUT = 8
+_checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Layout -> {signature: (backend, run)}
+
+
+def _signature(query, key, value, causal: bool, backend: str) -> tuple | None:
+    """What the checks of a call read, or None when the inputs are not plain tensors (Note [checked calls])."""
+    if type(query) is not torch.Tensor or type(key) is not torch.Tensor or type(value) is not torch.Tensor:
+        return None
+    return (query.shape, key.shape, value.shape, query.dtype, key.dtype, value.dtype, query.device, key.device,
+            value.device, bool(causal), backend)
+
+
+def _backend_function(backend: str, query, key, value, layout: Layout) -> Callable[..., Any]:
+    """The implementation of a named backend, after checking that it can run these inputs."""
+    Lq, Lk = query.shape[2], key.shape[2]
+    if backend == "reference":
+        from spattn.ops.attention.impl.reference import attention_reference
+
+        return attention_reference
+    if backend == "dense":
+        if Lq * Lk > 1 << 26:
+            raise ValueError(f"backend='dense' would materialise {Lq}x{Lk} scores; use 'reference' or 'triton'")
+        from spattn.ops.attention.impl.dense import attention_dense
+
+        return attention_dense
+    if backend == "flex":
+        from spattn.ops.attention.impl import flex
+
+        reason = flex.available()
+        if reason:
+            raise RuntimeError(f"backend='flex' cannot run: {reason}")
+        return flex.attention_flex
+    from spattn.ops.attention.impl import triton as triton_impl
+
+    reason = triton_impl.supports(query, key, value, layout)
+    if reason is not None:
+        raise RuntimeError(f"backend='triton' cannot run: {reason}")
+    return triton_impl.attention_triton
+
+
+def _check_scale(scale: float | None, D: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(D)
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    return float(scale)
 
 
 def register_layout_builder(factory: Callable[..., Any]) -> None:
@@ -195,16 +253,27 @@ def attention(
         >>> q = torch.randn(1, 4, 1000, 64); k = v = torch.randn(1, 2, 1000, 64)
         >>> out = attention(q, k, v, Sinks(64) | Window(256), causal=True)
     """
+    compiling = torch.compiler.is_compiling()
+    if isinstance(layout_or_pattern, Layout) and not compiling:  # Note [checked calls]
+        signature = _signature(query, key, value, causal, backend)
+        known = _checked.get(layout_or_pattern) if signature is not None else None
+        hit = known.get(signature) if known is not None else None
+        if hit is not None:
+            out, lse = hit[1](query, key, value, layout_or_pattern, scale=_check_scale(scale, query.shape[3]),
+                              return_lse=return_lse)
+            return (out, lse) if return_lse else out
     _check_inputs(query, key, value)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     B, H, Lq, D = query.shape
+    keep = not compiling  # the Layout outlives this call (given, or cached for a static pattern)
     if isinstance(layout_or_pattern, Pattern):
         if key.shape[2] < Lq:  # a Layout may have any lengths (a cross-attention BlockMask); patterns may not
             raise ValueError(f"key length ({key.shape[2]}) must be >= query length ({Lq}) to compile a pattern: "
                              "queries are aligned bottom-right")
         builder = None
         if layout_or_pattern.contains_dynamic():
+            keep = False  # a fresh Layout per call
             builder = _cached_builder(layout_or_pattern, Lq, key.shape[2], causal, block_size, B, H, query.device)
         if builder is not None:
             layout = builder.build(query, key)
@@ -220,33 +289,20 @@ def attention(
     else:
         raise TypeError(f"layout_or_pattern must be a spattn Layout or Pattern, got {type(layout_or_pattern).__name__}")
     _check_layout(layout, query, key, causal)
-    if scale is None:
-        scale = 1.0 / math.sqrt(D)
-    elif not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    scale = _check_scale(scale, D)
 
+    requested = backend
     if backend == "auto":
         backend, reason = choose_backend(query, key, value, layout)
         logger.debug("spattn.attention: backend=%s (%s)", backend, reason)
-    if backend == "reference":
-        from spattn.ops.attention.impl.reference import attention_reference as run
-    elif backend == "dense":
-        if Lq * key.shape[2] > 1 << 26:
-            raise ValueError(f"backend='dense' would materialise {Lq}x{key.shape[2]} scores; use 'reference' or 'triton'")
-        from spattn.ops.attention.impl.dense import attention_dense as run
-    elif backend == "flex":
-        from spattn.ops.attention.impl import flex
-
-        reason = flex.available()
-        if reason:
-            raise RuntimeError(f"backend='flex' cannot run: {reason}")
-        run = flex.attention_flex
-    else:  # triton
-        from spattn.ops.attention.impl import triton as triton_impl
-
-        reason = triton_impl.supports(query, key, value, layout)
-        if reason is not None:
-            raise RuntimeError(f"backend='triton' cannot run: {reason}")
-        run = triton_impl.attention_triton
-    out, lse = run(query, key, value, layout, scale=float(scale), return_lse=return_lse)
+    run = _backend_function(backend, query, key, value, layout)
+    signature = _signature(query, key, value, causal, requested) if keep else None
+    if signature is not None:
+        known = _checked.get(layout)
+        if known is None:
+            known = _checked[layout] = {}
+        if len(known) >= _CHECKED_PER_LAYOUT:  # one Layout seen with many input signatures: keep the newest
+            known.pop(next(iter(known)))
+        known[signature] = (backend, run)
+    out, lse = run(query, key, value, layout, scale=scale, return_lse=return_lse)
     return (out, lse) if return_lse else out

@@ -89,12 +89,12 @@ def attention_triton(
     use_decode = query.shape[2] <= DECODE_MAX_QUERIES and query.shape[2] <= layout.block_size
     needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
     eager_inference = not needs_grad and not torch.compiler.is_compiling()
-    if eager_inference and use_decode:
-        # a decode step: the launch plan cached for this layout and input signature (Note [decode host cost]
-        # in _launch.py) skips the checks below, which ran when it was made
+    if eager_inference:
+        # the launch plan cached for this layout and input signature (Note [decode host cost], Note [forward
+        # host cost] in _launch.py) skips the checks below, which ran when it was made
         from . import _launch
 
-        done = _launch.cached_decode(query, key, value, layout, scale)
+        done = (_launch.cached_decode if use_decode else _launch.cached_forward)(query, key, value, layout, scale)
         if done is not None:
             return done[0], (done[1] if return_lse else None)
     reason = _check(query, key, value, layout)
@@ -110,10 +110,7 @@ def attention_triton(
         if use_decode:
             out, lse = _launch.decode_layout(query, key, value, layout, float(scale), _band(layout))
         else:
-            out, lse = _launch.forward(
-                query, key, value, layout.kv_num_blocks, layout.kv_indices, layout.kv_mask_ids,
-                layout.full_kv_num_blocks, layout.full_kv_indices, layout.masks, float(scale), _band(layout),
-            )
+            out, lse = _launch.forward_layout(query, key, value, layout, float(scale), _band(layout))
         return out, (lse if return_lse else None)
     from ._op import TABLES, EagerAttention, attention_forward_op
 

@@ -10,6 +10,16 @@ call validates nothing twice, allocates only ``out`` and ``lse`` and calls the k
 plain Python (``_cdiv``): ``triton.cdiv`` is a decorated function in recent triton releases and costs a
 dispatch per call. The scratch buffers are reused like the combine counter: launches on one stream run in
 order; under CUDA-graph capture fresh ones are made, owned by the graph.
+
+Note [forward host cost]: the prefill forward is the same story at model shapes. On the H200 (session 7, commit
+ded742c, ``benchmarks/results/h200/planner/``) a patched SmolLM2 forward at 8192 tokens ran 28 ms of device work
+in 48 ms of host time, and the one-layer kernel table put spattn at ~0.7x Flex on short shapes: host work per
+call. ``forward_layout`` makes a :class:`ForwardPlan` per Layout and input signature (int32 tables, the uint8
+mask view, stride tuples, the band's scalars, the config and the grid) and keeps it; ``cached_forward`` finds it,
+so a repeated call (every layer of every later forward) allocates ``out`` and ``lse`` and launches. A cache hit
+skips ``_check`` too: the signature (shapes, strides, dtypes, devices, scale) is everything it reads, and the
+Layout is immutable by contract. ``forward`` (no Layout: the custom op, the autograd path) builds the same plan
+and drops it, so both paths launch with the same arguments (``tests/test_host_overhead.py``).
 """
 
 from __future__ import annotations
@@ -103,40 +113,77 @@ def _num_sms(device: torch.device) -> int:
     return _plan.sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def forward(q, k, v, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx, masks, scale: float, band=()):
-    """out [B, H, Lq, D] (q's dtype), lse fp32 [B, H, Lq] (natural log) through the tiled kernel."""
-    q, k, v = _lastdim(q), _lastdim(k), _lastdim(v)
-    B, H, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
-    bs = masks.shape[-1]
-    kv_num, kv_idx, kv_mid, fkv_num, fkv_idx = _tables(kv_num, kv_idx, kv_mid, fkv_num, fkv_idx)
-    m8 = _masks(masks)
-    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
-    scalars, BAND, FULL_RUN = _band_args(band, Lk, Lq)
+class ForwardPlan:
+    """What a tiled forward launch needs besides q, k, v, out and lse (Note [forward host cost])."""
 
-    def launch(cfg: _tuning.Config) -> None:
+    __slots__ = ("shape", "lse_shape", "tables", "dims", "offsets", "strides", "meta", "persistent_sms", "cfg",
+                 "geometry", "tried")
+
+    def __init__(self, q, k, v, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx, masks, scale: float, band=()):
+        B, H, Lq, D = q.shape
+        Hkv, Lk = k.shape[1], k.shape[2]
+        bs = masks.shape[-1]
+        kv_num, kv_idx, kv_mid, fkv_num, fkv_idx = _tables(kv_num, kv_idx, kv_mid, fkv_num, fkv_idx)
+        self.tables = (kv_num, kv_idx, kv_mid, fkv_num, fkv_idx, _masks(masks))
+        self.shape, self.lse_shape = q.shape, (B, H, Lq)
+        offsets, BAND, FULL_RUN = _band_args(band, Lk, Lq)
+        self.dims, self.offsets = (B, H, Lq, bs, scale * LOG2E, Lk, H // Hkv), offsets
+        o_strides = (H * Lq * D if B > 1 else 0, Lq * D if H > 1 else 0, D)  # out: a fresh contiguous q.shape
+        self.strides = (_s3(q), _s3(k), _s3(v), o_strides, *_table_strides(kv_num, kv_idx, fkv_idx))
+        self.meta = dict(D=D, DP=_dp(D), BS=bs, EVEN=Lk % bs == 0, BAND=BAND, FULL_RUN=FULL_RUN)
+        self.persistent_sms = PERSISTENT_WAVES * _num_sms(q.device)
+        self.geometry = None
+        key = _plan.facts(kv_idx, fkv_idx, _cdiv(Lk, bs), bs, H // Hkv) + ("|band" if BAND else "")
+        self.cfg = _tuning.choose("fwd", D, q.dtype, key, q.device, bs, pairs=Lq * Lk, even=Lk % bs == 0,
+                                  banded=BAND, bench=lambda c: _bench(lambda: self._launch(c, q, k, v, *self._outputs(q))))
+        self.tried = False
+
+    def _outputs(self, q) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.empty(self.shape, dtype=q.dtype, device=q.device),
+                torch.empty(self.lse_shape, dtype=torch.float32, device=q.device))
+
+    def _geometry(self, cfg: _tuning.Config) -> tuple:
+        """(cfg, grid, NM, total, work order) of a launch with ``cfg``, kept for the plan's current config."""
+        if self.geometry is not None and self.geometry[0] is cfg:
+            return self.geometry
+        B, H, Lq, bs = self.dims[:4]
+        kv_num, fkv_num = self.tables[0], self.tables[3]
         NM = _cdiv(Lq, cfg.block_m)
         total = B * H * NM
         if cfg.persistent:
             work = _plan.order(kv_num, fkv_num, B, H, cfg.block_m, bs, Lq)
-            grid = (min(total, PERSISTENT_WAVES * _num_sms(q.device)),)
+            grid = (min(total, self.persistent_sms),)
         else:
             work, grid = kv_num, (total,)  # ORDER is unused
+        geometry = (cfg, grid, NM, total, work)
+        if not _plan.capturing(kv_num.device):
+            self.geometry = geometry
+        return geometry
+
+    def _launch(self, cfg: _tuning.Config, q, k, v, o, lse) -> None:
+        _, grid, NM, total, work = self._geometry(cfg)
+        B, H, Lq, bs, scale2, Lk, G = self.dims
         attn_fwd_kernel[grid](
-            q, k, v, o, lse, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx, m8, work,
-            scale * LOG2E, Lq, Lk, H, H // Hkv, NM, total, *scalars,
-            _s3(q), _s3(k), _s3(v), _s3(o), *_table_strides(kv_num, kv_idx, fkv_idx),
-            D=D, DP=_dp(D), BS=bs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EVEN=Lk % bs == 0,
-            BAND=BAND, FULL_RUN=FULL_RUN, PERSISTENT=cfg.persistent,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            q, k, v, o, lse, *self.tables, work, scale2, Lq, Lk, H, G, NM, total, *self.offsets, *self.strides,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PERSISTENT=cfg.persistent,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **self.meta,
         )
 
-    key = _plan.facts(kv_idx, fkv_idx, _cdiv(Lk, bs), bs, H // Hkv) + ("|band" if BAND else "")
-    cfg = _tuning.choose("fwd", D, q.dtype, key, q.device, bs, bench=lambda c: _bench(lambda: launch(c)),
-                         pairs=Lq * Lk, even=Lk % bs == 0, banded=BAND)
-    _tuning.run_with_fallback(launch, cfg)
-    return o, lse
+    def run(self, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out, lse) for inputs of the shapes and strides this plan was made for (last dims contiguous)."""
+        o, lse = self._outputs(q)
+        if self.tried:
+            self._launch(self.cfg, q, k, v, o, lse)
+        else:  # first run: fewer stages / smaller tiles if the chosen config does not fit
+            self.cfg = _tuning.run_with_fallback(lambda c: self._launch(c, q, k, v, o, lse), self.cfg)
+            self.tried = True
+        return o, lse
+
+
+def forward(q, k, v, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx, masks, scale: float, band=()):
+    """out [B, H, Lq, D] (q's dtype), lse fp32 [B, H, Lq] (natural log) through the tiled kernel."""
+    q, k, v = _lastdim(q), _lastdim(k), _lastdim(v)
+    return ForwardPlan(q, k, v, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx, masks, scale, band).run(q, k, v)
 
 
 _counters: dict[torch.device, torch.Tensor] = {}
@@ -256,23 +303,43 @@ def decode_tables(q, k, v, kv_num, kv_idx, kv_mid, fkv_num, fkv_idx, masks, scal
 
 
 _decode_plans = _plan.PerObject()
+_forward_plans = _plan.PerObject()
 _PLANS_PER_LAYOUT = 8
 
 
 def _decode_key(q, k, v, scale: float) -> tuple:
-    return (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, q.device, scale)
+    """The input signature a cached launch plan is valid for (a cache hit skips every check)."""
+    return (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype, q.device,
+            k.device, v.device, scale)
 
 
-def cached_decode(q, k, v, layout, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """:func:`decode` through the plan cached for this layout and input signature; None when there is none yet
-    (then :func:`decode_layout` makes it). The inputs were validated when the plan was made."""
-    plans = _decode_plans.get(layout)
+def _cached(store: _plan.PerObject, q, k, v, layout, scale: float):
+    plans = store.get(layout)
     if plans is None:
         return None
     plan = plans.get(_decode_key(q, k, v, scale))
     if plan is None:
         return None
     return plan.run(_lastdim(q), _lastdim(k), _lastdim(v))
+
+
+def _keep(store: _plan.PerObject, layout, key: tuple, plan, device: torch.device) -> None:
+    """Keep ``plan`` for ``layout`` and input signature ``key`` (not while a CUDA graph is captured or traced)."""
+    if _plan.capturing(device) or torch.compiler.is_compiling():
+        return
+    plans = store.get(layout)
+    if plans is None:
+        plans = {}
+        store[layout] = plans
+    if len(plans) >= _PLANS_PER_LAYOUT:  # one layout seen with many input signatures: keep the newest
+        plans.pop(next(iter(plans)))
+    plans[key] = plan
+
+
+def cached_decode(q, k, v, layout, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`decode` through the plan cached for this layout and input signature; None when there is none yet
+    (then :func:`decode_layout` makes it). The inputs were validated when the plan was made."""
+    return _cached(_decode_plans, q, k, v, layout, scale)
 
 
 def decode_layout(q, k, v, layout, scale: float, band=()) -> tuple[torch.Tensor, torch.Tensor]:
@@ -282,14 +349,23 @@ def decode_layout(q, k, v, layout, scale: float, band=()) -> tuple[torch.Tensor,
     q, k, v = _lastdim(q), _lastdim(k), _lastdim(v)
     plan = DecodePlan(q, k, v, layout.kv_num_blocks, layout.kv_indices, layout.kv_mask_ids,
                       layout.full_kv_num_blocks, layout.full_kv_indices, layout.masks, scale, band)
-    if not _plan.capturing(q.device) and not torch.compiler.is_compiling():
-        plans = _decode_plans.get(layout)
-        if plans is None:
-            plans = {}
-            _decode_plans[layout] = plans
-        if len(plans) >= _PLANS_PER_LAYOUT:  # one layout seen with many input signatures: keep the newest
-            plans.pop(next(iter(plans)))
-        plans[key] = plan
+    _keep(_decode_plans, layout, key, plan, q.device)
+    return plan.run(q, k, v)
+
+
+def cached_forward(q, k, v, layout, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`forward` through the plan cached for this layout and input signature (Note [forward host cost]);
+    None when there is none yet (then :func:`forward_layout` makes it)."""
+    return _cached(_forward_plans, q, k, v, layout, scale)
+
+
+def forward_layout(q, k, v, layout, scale: float, band=()) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`forward` on a Layout's tables; the launch plan is kept for :func:`cached_forward`."""
+    key = _decode_key(q, k, v, scale)
+    q, k, v = _lastdim(q), _lastdim(k), _lastdim(v)
+    plan = ForwardPlan(q, k, v, layout.kv_num_blocks, layout.kv_indices, layout.kv_mask_ids,
+                       layout.full_kv_num_blocks, layout.full_kv_indices, layout.masks, scale, band)
+    _keep(_forward_plans, layout, key, plan, q.device)
     return plan.run(q, k, v)
 
 
