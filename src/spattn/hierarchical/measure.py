@@ -19,15 +19,17 @@ from spattn.patterns import BlockLayout, Hierarchical, compile
 
 def fine_layout_and_chosen(query: torch.Tensor, key: torch.Tensor, config: Hierarchical, *,
                            scale: float | None = None,
-                           pool_logits: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[Layout, torch.Tensor]:
-    """:func:`fine_layout` and the selection it holds (``chosen`` bool ``[B, Hkv, NQ, NQ]``)."""
+                           pool_logits: tuple[torch.Tensor, torch.Tensor] | None = None,
+                           block_size: int | None = None) -> tuple[Layout, torch.Tensor]:
+    """:func:`fine_layout` and the selection it holds (``chosen`` bool ``[B, Hkv, NQ, NQ]``); ``block_size``
+    (default ``select_block``): the block size the Layout is compiled at (the same token pairs at any size)."""
     B, H, L, _ = query.shape
     chosen = branch_layouts(query, key, config, scale=scale, pool_logits=pool_logits)["chosen"]
     pattern = BlockLayout(chosen.repeat_interleave(H // key.shape[1], 1), block=config.select_block) | \
         config.window_pattern()
     if config.safeguard is not None:
         pattern = config.safeguard | pattern
-    layout = compile(pattern, L, L, causal=True, block_size=config.select_block, batch=B, heads=H,
+    layout = compile(pattern, L, L, causal=True, block_size=block_size or config.select_block, batch=B, heads=H,
                      device=query.device)
     return layout, chosen
 

@@ -20,6 +20,7 @@ from typing import Any
 from spattn.patterns import (
     Budgeted,
     Dilated,
+    Hierarchical,
     Intersection,
     Pattern,
     PerHead,
@@ -109,6 +110,11 @@ def scale_pattern(pattern: Pattern, ratio: float, kind: str) -> Pattern:
     kept (their share of the keys is already length-free). ``"keys"`` / ``"ms"``: absolute sizes are kept and
     ``Strided.stride`` grows with the length, so that strided reach costs the same keys per query.
     Dynamic ``TopP`` keeps its mass target under every rule (its cost follows the input, not the rule).
+    ``Hierarchical`` (Note [hierarchical at another length]): under ``"fraction"`` its chosen blocks
+    (``select_count - 1``, the own block kept) and its window grow with the length and its safeguard is rescaled;
+    the compressed tokens (``L / compress_stride``) already grow with it. Under ``"keys"`` / ``"ms"`` the
+    selection and window are kept and ``compress_stride`` (and ``compress_block``, in proportion) grows with the
+    length, so that the compressed tokens per query stay the same.
     """
     if kind not in BUDGET_KINDS:
         raise ValueError(f"kind must be one of {BUDGET_KINDS}, got {kind!r}")
@@ -118,6 +124,15 @@ def scale_pattern(pattern: Pattern, ratio: float, kind: str) -> Pattern:
         return type(pattern)(tuple(scale_pattern(p, ratio, kind) for p in pattern.parts))
     if isinstance(pattern, PerHead):
         return PerHead(tuple(scale_pattern(p, ratio, kind) for p in pattern.patterns))
+    if isinstance(pattern, Hierarchical):  # Note [hierarchical at another length]
+        guard = None if pattern.safeguard is None else scale_pattern(pattern.safeguard, ratio, kind)
+        if kind == "fraction":
+            return dataclasses.replace(pattern, select_count=1 + _scaled(pattern.select_count - 1, ratio),
+                                       window=pattern.window if pattern.window <= 1 else _scaled(pattern.window, ratio, 1),
+                                       safeguard=guard)
+        stride = max(1, math.ceil(pattern.compress_stride * ratio))
+        block = max(stride, math.ceil(pattern.compress_block * stride / pattern.compress_stride))
+        return dataclasses.replace(pattern, compress_stride=stride, compress_block=block, safeguard=guard)
     if kind == "fraction":
         if isinstance(pattern, Window):
             return Window(_scaled(pattern.left, ratio), _scaled(pattern.right, ratio))

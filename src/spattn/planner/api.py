@@ -295,8 +295,9 @@ def make_plan(
         costs[:, ~allowed] = np.inf
     for layer in _resolve_layers(constraints.dense_layers, layers):
         costs[layer * heads:(layer + 1) * heads, ~dense_flags[0]] = np.inf
+    linked, skipped = _link_layer_wide(cands, costs, layers, heads, solver)
     solution = solve(costs, values, capacity, flagged=dense_flags, min_flagged=constraints.min_dense_heads,
-                     method=solver)
+                     method=solver, linked=linked)
     # the best uniform pattern at the same budget (same candidate in every head, constraints ignored)
     uniform = None
     totals = unit_cost.reshape(layers * heads, C).sum(0)
@@ -309,7 +310,7 @@ def make_plan(
     if rule.kind == "fraction":
         scale = float(dense_cost.sum())
         for sol in sweep(costs, values, [b * scale for b in sweep_budgets], flagged=dense_flags,
-                         min_flagged=constraints.min_dense_heads, method=solver):
+                         min_flagged=constraints.min_dense_heads, method=solver, linked=linked):
             pick = np.array(sol.choice)
             rows = np.arange(layers * heads)
             front.append({"budget": sol.capacity / scale, "cost": sol.cost / scale, "value": sol.value,
@@ -328,9 +329,39 @@ def make_plan(
         "mean_tile_fraction": float(np.mean([h["tile_fraction"] for h in per_head])),
         "constraints": constraints.to_dict(), "seconds": seconds, "uniform": uniform,
     }
+    if skipped:
+        plan_obj.meta["planner"]["skipped_candidates"] = skipped
     return PlanResult(plan=plan_obj, table=table, solution=solution, per_head=per_head, costs=costs, values=values,
                       capacity=capacity, uniform=uniform, front=front,
                       layer_weights=None if weights is None else weights.tolist(), seconds=seconds)
+
+
+def _link_layer_wide(cands: list[Candidate], costs: np.ndarray, layers: int, heads: int,
+                     solver: str) -> tuple[list[list[tuple[int, int]]] | None, dict[str, str]]:
+    """Note [layer-wide candidates]: a candidate that covers a whole layer (``Candidate.layer_wide``:
+    ``Hierarchical``, one selection per key/value group run by its own attention) is offered to each head with
+    its per-head score and cost, and linked across the layer's heads: the solver gives it to every head of the
+    layer or to none (milp equalities). The dp solver cannot link heads; with it (or with ``"auto"`` and no
+    scipy) those candidates are left out, and the plan's meta says so (``skipped_candidates``).
+    Returns the linked sets for :func:`solve` (None when there are none) and the skipped candidates."""
+    wide = [n for n, c in enumerate(cands) if c.layer_wide]
+    if not wide:
+        return None, {}
+    milp = solver == "milp"
+    if solver == "auto":
+        try:
+            import scipy.optimize  # noqa: F401
+            milp = True
+        except ImportError:
+            milp = False
+    if not milp:
+        costs[:, wide] = np.inf
+        why = "a layer-wide candidate needs the milp solver (scipy: pip install 'spattn[planner]'); the dp solver " \
+              "cannot link a layer's heads"
+        return None, {cands[n].name: why for n in wide}
+    if heads < 2:
+        return None, {}
+    return [[(layer * heads + h, n) for h in range(heads)] for layer in range(layers) for n in wide], {}
 
 
 def _to_plan(table: CandidateTable, solution: Solution, costs: np.ndarray, values: np.ndarray, rule: BudgetRule,

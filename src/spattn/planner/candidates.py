@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from spattn.patterns import Budgeted, Full, Pattern, RandomBlocks, Sinks, Strided, Window
+from spattn.patterns import Budgeted, Full, Hierarchical, Pattern, RandomBlocks, Sinks, Strided, Window
 from spattn.selectors import TopK
 
-FAMILIES = ("window", "sinks_window", "strided", "random", "budgeted", "dynamic", "dense")
+FAMILIES = ("window", "sinks_window", "strided", "random", "budgeted", "dynamic", "hierarchical", "dense")
 DEFAULT_SELECTORS = ("pooled", "vertical_slash")
 SINKS = 4  # attention-sink tokens kept by the families that add reach (StreamingLLM keeps 4)
 
@@ -23,7 +23,7 @@ class Candidate:
     Attributes:
         name: a short unique label (``"sinks_window:128"``), used in the plan's JSON and the heat map.
         family: ``"window"``, ``"sinks_window"``, ``"strided"``, ``"random"``, ``"budgeted"``,
-            ``"dynamic:<selector>"``, ``"dense"`` or any name you give your own.
+            ``"dynamic:<selector>"``, ``"hierarchical"``, ``"dense"`` or any name you give your own.
         pattern: the spattn pattern (``Full()`` for dense).
     """
 
@@ -39,6 +39,12 @@ class Candidate:
     @property
     def dense(self) -> bool:
         return isinstance(self.pattern, Full)
+
+    @property
+    def layer_wide(self) -> bool:
+        """True for a pattern that covers a whole layer (``Hierarchical``: one selection per key/value group, run
+        by its own attention): every head of a layer takes it, or none does (Note [layer-wide candidates])."""
+        return isinstance(self.pattern, Hierarchical)
 
 
 def _sizes(block_size: int, length: int) -> list[int]:
@@ -59,7 +65,8 @@ def default_candidates(
 ) -> list[Candidate]:
     """The default options at ``length`` tokens: windows and sinks + windows from ``block_size / 2`` to
     ``length / 2`` keys (doubling), window + block-strided reach, window + random blocks, ``Budgeted`` key
-    budgets, ``Sinks | Window | TopK(selector, blocks)`` for each selector, and dense.
+    budgets, ``Sinks | Window | TopK(selector, blocks)`` for each selector, ``Hierarchical`` in its frozen-model
+    form at the ``Budgeted`` key counts (:func:`spattn.hierarchical.fit_budget`; a layer-wide option), and dense.
 
     Args:
         length: the calibration length (tokens). block_size: the cost model's block size.
@@ -106,6 +113,16 @@ def default_candidates(
                 if blocks < nk:
                     out.append(Candidate(f"{sel}:{bs}+{blocks}", f"dynamic:{sel}",
                                          Sinks(SINKS) | Window(bs) | TopK(sel, blocks)))
+    if "hierarchical" in families and bs >= 16:
+        from spattn.hierarchical import fit_budget
+
+        select_block = 1 << (bs.bit_length() - 1)  # a power of two (its triton blocks), at most block_size
+        seen = set()
+        for k in (bs, 2 * bs, 4 * bs, 8 * bs):
+            config = fit_budget(k, length, block_size=select_block, sinks=SINKS) if k < length else None
+            if config is not None and config not in seen:
+                seen.add(config)
+                out.append(Candidate(f"hierarchical:{k}", "hierarchical", config))
     if "dense" in families:
         out.append(Candidate("dense", "dense", Full()))
     return out

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from spattn.ops.attention import attention
-from spattn.patterns import Pattern
+from spattn.patterns import Hierarchical, Pattern
 from spattn.patterns import compile as compile_pattern
 
 
@@ -149,7 +149,11 @@ class LatencyTable:
     def _runner(self, pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int,
                 block_size: int, causal: bool) -> Callable[[], Any]:
         """One layer's attention call with ``pattern`` (static layouts compiled here, outside the timing;
-        dynamic selection inside it, as a deployed model runs it)."""
+        dynamic selection inside it, as a deployed model runs it; ``Hierarchical``: its whole attention)."""
+        if isinstance(pattern, Hierarchical):
+            from spattn.hierarchical import hierarchical_attention
+
+            return lambda: hierarchical_attention(q, k, v, pattern, backend=self.backend)
         if pattern.contains_dynamic():
             return lambda: attention(q, k, v, pattern, causal=causal, backend=self.backend, block_size=block_size)
         layout = compile_pattern(pattern, length, length, causal=causal, block_size=block_size, device=self.device)

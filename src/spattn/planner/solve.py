@@ -11,6 +11,10 @@ Two exact solvers:
   tolerances (zero relative gap asked). Needs ``pip install 'spattn[planner]'``.
 
 ``"auto"`` picks milp when scipy is installed, else dp.
+
+Linked options (``linked=``): sets of (group, option) pairs taken all together or not at all, e.g. a pattern that
+covers a whole layer (``Hierarchical``: one selection per key/value group) offered to each of the layer's heads.
+Only milp carries them (equalities between the set's variables); the dp's state cannot, so it refuses them.
 """
 
 from __future__ import annotations
@@ -88,6 +92,7 @@ def solve(
     min_flagged: int = 0,
     method: str = "auto",
     resolution: int = 20000,
+    linked: Sequence[Sequence[tuple[int, int]]] | None = None,
 ) -> Solution:
     """Pick one option per group maximising the total value with total cost <= ``capacity``.
 
@@ -99,6 +104,8 @@ def solve(
             option (e.g. "at least M dense heads").
         method: ``"auto"``, ``"dp"`` or ``"milp"``.
         resolution: grid steps of the capacity for the dp solver when costs are not integers.
+        linked: sets of ``(group, option)`` pairs that are picked all together or not at all (milp only; a set
+            holding a forbidden option, cost ``inf``, is never picked).
 
     Returns:
         :class:`Solution`. Raises :class:`InfeasibleBudget` (a ``ValueError``) when no choice fits.
@@ -122,16 +129,52 @@ def solve(
             raise ValueError(f"flagged must have the shape of costs {c.shape}, got {f.shape}")
     elif min_flagged:
         raise ValueError("min_flagged needs flagged= (which options count)")
+    sets = _check_linked(linked, c)
+    if sets:
+        c = c.copy()
+        for members in sets:  # a set with a forbidden member can never be taken: forbid all of it
+            if not all(np.isfinite(c[g, o]) for g, o in members):
+                for g, o in members:
+                    c[g, o] = np.inf
+        if not np.isfinite(c).any(axis=1).all():
+            bad = int(np.flatnonzero(~np.isfinite(c).any(axis=1))[0])
+            raise ValueError(f"group {bad} has no allowed option once the linked sets are applied")
     _check_infeasible(c, float(capacity), f, min_flagged)
     if method == "auto":
         try:
             import scipy.optimize  # noqa: F401
             method = "milp"
         except ImportError:
+            if sets:
+                raise ImportError("linked options need the milp solver, i.e. scipy: pip install 'spattn[planner]'") \
+                    from None
             method = "dp"
     if method == "milp":
-        return _milp(c, v, float(capacity), f, min_flagged)
+        return _milp(c, v, float(capacity), f, min_flagged, sets)
+    if sets:
+        raise ValueError("linked options need method='milp' (the dp solver cannot link groups)")
     return _dp(c, v, float(capacity), f, min_flagged, resolution)
+
+
+def _check_linked(linked, c: np.ndarray) -> list[list[tuple[int, int]]]:
+    if linked is None:
+        return []
+    G, O = c.shape
+    out, seen = [], set()
+    for n, members in enumerate(linked):
+        pairs = [(int(g), int(o)) for g, o in members]
+        if len(pairs) < 2:
+            raise ValueError(f"linked[{n}] must hold at least two (group, option) pairs, got {pairs}")
+        for g, o in pairs:
+            if not (0 <= g < G and 0 <= o < O):
+                raise ValueError(f"linked[{n}] names ({g}, {o}), outside the [{G}, {O}] costs")
+            if (g, o) in seen:
+                raise ValueError(f"({g}, {o}) appears in more than one linked set")
+            seen.add((g, o))
+        if len({g for g, _ in pairs}) != len(pairs):
+            raise ValueError(f"linked[{n}] names one group twice (a group takes exactly one option)")
+        out.append(pairs)
+    return out
 
 
 def _totals(c: np.ndarray, v: np.ndarray, choice: list[int]) -> tuple[float, float]:
@@ -198,7 +241,8 @@ def _dp(c: np.ndarray, v: np.ndarray, capacity: float, f: np.ndarray | None, min
     return Solution(choice, cost, value, capacity, "dp", exact)
 
 
-def _milp(c: np.ndarray, v: np.ndarray, capacity: float, f: np.ndarray | None, min_flagged: int) -> Solution:
+def _milp(c: np.ndarray, v: np.ndarray, capacity: float, f: np.ndarray | None, min_flagged: int,
+          linked: list[list[tuple[int, int]]] | None = None) -> Solution:
     try:
         from scipy.optimize import Bounds, LinearConstraint, milp
         from scipy.sparse import csr_matrix
@@ -220,6 +264,16 @@ def _milp(c: np.ndarray, v: np.ndarray, capacity: float, f: np.ndarray | None, m
         rows.append(csr_matrix(f.ravel()[cols].astype(np.float64)[None]))
         lo.append(np.array([float(min_flagged)]))
         hi.append(np.array([np.inf]))
+    var_of = {int(col): n for n, col in enumerate(cols)}
+    for members in linked or ():  # x[first] - x[other] = 0 for each other member
+        allowed = [var_of[g * O + o] for g, o in members if g * O + o in var_of]
+        if len(allowed) < len(members):
+            continue  # a forbidden member: the set's costs were set to inf before, so none is a variable
+        first = allowed[0]
+        for other in allowed[1:]:
+            rows.append(csr_matrix(([1.0, -1.0], ([0, 0], [first, other])), shape=(1, n)))
+            lo.append(np.array([0.0]))
+            hi.append(np.array([0.0]))
     from scipy.sparse import vstack
 
     A = vstack(rows).tocsr()

@@ -4,6 +4,14 @@ Layers outer, candidates batched: for each chunk and layer the dense attention i
 candidate is scored against it (:func:`spattn.planner.score.score_layouts`). Static candidates compile once per
 length; dynamic ones are built per layer and chunk (``LayoutBuilder`` where it applies), so their cost and
 recall are per head and averaged over the chunks.
+
+Note [hierarchical candidates]: a ``Hierarchical`` candidate (its frozen-model form, where the compressed
+tokens choose the blocks and the fine keys share one softmax) is scored on the Layout of the keys it reads at
+full resolution on this input (:func:`spattn.hierarchical.measure.fine_layout_and_chosen`: the chosen blocks,
+the safeguard and the window, compiled at the table's block size), and costed by
+:func:`spattn.hierarchical.cost_at` (exact keys per query with the compressed tokens, and the branches' tile
+fraction; input-free). It covers a whole layer (one selection per key/value group), so the planner links it
+across the layer's heads (Note [layer-wide candidates] in ``api.py``).
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import torch
 
 from spattn._optional import require
 from spattn.integrations.plan import scale_pattern
-from spattn.patterns import Full, Layout, Pattern
+from spattn.patterns import Full, Hierarchical, Layout, Pattern
 from spattn.patterns import compile as compile_pattern
 from spattn.planner.calibrate import capture_batches
 from spattn.planner.candidates import Candidate
@@ -117,7 +125,7 @@ def _visited(layout: Layout) -> torch.Tensor:
 
 class _Builder:
     """Layouts of one candidate at one length: compiled once (static) or per input (dynamic; one
-    ``LayoutBuilder`` per batch size)."""
+    ``LayoutBuilder`` per batch size; ``Hierarchical``: its frozen form's fine layout per input)."""
 
     def __init__(self, pattern: Pattern, length: int, block_size: int, causal: bool, heads: int,
                  device: torch.device) -> None:
@@ -127,7 +135,16 @@ class _Builder:
         self.args = dict(causal=causal, block_size=block_size, heads=heads, device=device)
         self.length = length
         self._static_counts: tuple[torch.Tensor, torch.Tensor] | None = None
-        if not pattern.contains_dynamic():
+        self._fixed_counts: tuple[float, float] | None = None
+        if isinstance(pattern, Hierarchical):  # Note [hierarchical candidates]
+            if not causal:
+                raise ValueError("a Hierarchical candidate needs causal self-attention (its compressed branch is "
+                                 "causal)")
+            from spattn.hierarchical import cost_at
+
+            cost = cost_at(pattern, length, block_size=block_size)
+            self._fixed_counts = (float(cost["keys_per_query"]["total"]), float(cost["block_fraction"]))
+        elif not pattern.contains_dynamic():
             self.static = compile_pattern(pattern, length, length, causal=causal, block_size=block_size,
                                           device=device)
 
@@ -136,6 +153,10 @@ class _Builder:
         its block scores."""
         if self.static is not None:
             return self.static
+        if self._fixed_counts is not None:
+            from spattn.hierarchical.measure import fine_layout_and_chosen
+
+            return fine_layout_and_chosen(query, key, self.pattern, block_size=self.args["block_size"])[0]
         batch = int(query.shape[0])
         if batch not in self.builders:
             try:
@@ -151,6 +172,9 @@ class _Builder:
 
     def counts(self, layout: Layout, dense: float) -> tuple[torch.Tensor, torch.Tensor]:
         """float64 ``[Bl, Hl]``: keys per query and visited-tile fraction of ``layout`` (computed once when static)."""
+        if self._fixed_counts is not None:  # the compressed tokens count too: exact, input-free (cost_at)
+            keys, fraction = self._fixed_counts
+            return (torch.full((1, 1), keys, dtype=torch.float64), torch.full((1, 1), fraction, dtype=torch.float64))
         if layout is self.static and self._static_counts is not None:
             return self._static_counts
         out = (layout.allowed_pairs() / self.length, _visited(layout) / dense)
