@@ -576,6 +576,21 @@ def test_retrieval_at_every_length(tiny):
         ReportConfig(retrieval_at_every_length="yes")
 
 
+def test_a_pick_not_measured_for_time_is_unknown_there_not_failing():
+    from spattn.report.frontier import holds
+
+    pick = {"id": "a", "within_budget": True}
+    recs = [{"candidate": "a", "runner_up": None}, {"candidate": "b", "runner_up": None}]
+    main = {"length": 128}
+    other = {"length": 256, "candidates": [],
+             "skipped": [{"id": "a", "out_of_time": True, "note": "not measured"}, {"id": "b", "note": "too big"}]}
+    holds(recs, main, [other, {"length": 512, "candidates": [pick], "skipped": []}])
+    a, b = recs
+    assert a["lengths"][1]["holds"] is None and "time-budget" in a["lengths"][1]["note"]
+    assert a["holds_at"] == [128, 512]
+    assert b["lengths"][1]["holds"] is False and "cannot be fitted" in b["lengths"][1]["note"]
+
+
 def test_per_task_profile_names_one_pattern_per_profile():
     from spattn.report.frontier import task_profiles
 

@@ -114,7 +114,8 @@ def carry_over(candidates: list[dict[str, Any]], recommendations: list[dict[str,
 
 def holds(recommendations: list[dict[str, Any]], main: dict[str, Any], others: list[dict[str, Any]]) -> None:
     """Say, for each recommendation, at which lengths it holds: its family, fitted to the same budget rule at that
-    length, stays within the budget and is not beaten beyond the interval by the runner-up (report split)."""
+    length, stays within the budget and is not beaten beyond the interval by the runner-up (report split).
+    A pick not measured at a length for lack of time gets ``holds: None`` there (unknown, not "does not hold")."""
     from spattn.report.intervals import paired_difference
 
     for rec in recommendations:
@@ -127,7 +128,10 @@ def holds(recommendations: list[dict[str, Any]], main: dict[str, Any], others: l
             by_id = {c["id"]: c for c in other["candidates"]}
             pick, runner = by_id.get(rec["candidate"]), by_id.get(rec.get("runner_up"))
             entry: dict[str, Any] = {"length": other["length"]}
-            if pick is None:
+            timed_out = any(s["id"] == rec["candidate"] and s.get("out_of_time") for s in other.get("skipped", []))
+            if pick is None and timed_out:  # not measured: says nothing about whether it holds
+                entry |= {"holds": None, "note": "not measured here: the run's --time-budget was spent"}
+            elif pick is None:
                 entry |= {"holds": False, "note": "the family cannot be fitted to this budget at this length"}
             elif not pick["within_budget"]:
                 entry |= {"holds": False, "note": "its measured cost exceeds the budget at this length"}

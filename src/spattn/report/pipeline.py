@@ -213,8 +213,9 @@ def run_report(config: ReportConfig, output: str | os.PathLike, *, overwrite: bo
             more = [(c["id"], c["family"], c["budget"], c["selector"]) for c in carried]
             others.append(_measure_length(run, length, data["lengths"][str(length)], more, select=False))
             references = _kernel_references(run, others[-1:], recs, first_pass=True, done=references)
+            _retrieval_further(run, others[-1:], recs, tokenizer)  # before the next, longer length
         holds(recs, main, others)
-        _retrieval_further(run, others, recs, tokenizer)
+        _attach_retrieval(others, recs)
         references = _kernel_references(run, [main, *others], recs, first_pass=False, done=references)
 
     t = _clock()
@@ -618,16 +619,25 @@ def _retrieval(run: _Run, main: dict[str, Any], recs: list[dict[str, Any]], toke
 
 def _retrieval_further(run: _Run, others: list[dict[str, Any]], recs: list[dict[str, Any]], tokenizer: Any) -> None:
     """Note [retrieval at every length]: the pass keys at each further length, for dense and the picks and
-    runners-up re-fitted there; the length's part gets ``retrieval`` (the same record as the first length's) and
-    each recommendation's entry for that length gets the pick's and dense's accuracy."""
+    runners-up re-fitted there, right after that length is measured (so that a --time-budget spent on a longer
+    length does not take the evidence of a shorter one); the length's part gets ``retrieval`` (the same record
+    as the first length's)."""
     if run.cfg.retrieval_samples == 0 or not run.cfg.retrieval_at_every_length:
         return
     for part in others:
         length = part["length"]
         got = _retrieval_at(run, part, recs, tokenizer, length, f"retrieval@{length}")
+        if got is not None:
+            part["retrieval"] = got
+
+
+def _attach_retrieval(others: list[dict[str, Any]], recs: list[dict[str, Any]]) -> None:
+    """Each recommendation's entry for a further length gets the pick's and dense's pass-key accuracy there
+    (after :func:`holds` has made the entries)."""
+    for part in others:
+        got, length = part.get("retrieval"), part["length"]
         if got is None:
             continue
-        part["retrieval"] = got
         res = got["results"]
         for rec in recs:
             # the pick keeps its id at every length (carry_over re-fits the same family and budget)
