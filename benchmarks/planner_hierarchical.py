@@ -68,6 +68,15 @@ def main() -> None:
                       samples=args.samples)  # the calibration split (never the held-out tail)
     record["calibration_s"] = first.seconds.get("calibration")
     table = first.table
+    # per candidate: keys per query and mean calibration recall, overall and per layer (why the solver picks it)
+    record["table"] = [{"name": c.name, "family": c.family,
+                        "keys_per_query": float(table.keys[..., n].mean()),
+                        "tile_fraction": float(table.block_fraction[..., n].mean()),
+                        "recall": float(table.recall[..., n].mean()),
+                        "recall_per_layer": [round(float(x), 4) for x in table.recall[..., n].mean(1)]}
+                       for n, c in enumerate(table.candidates)]
+    for row in record["table"]:
+        print(row["name"], round(row["keys_per_query"], 1), round(row["recall"], 4), flush=True)
     no_hier = Constraints(families=("sinks_window", "budgeted"))
     dense_logp: dict = {}
     for budget in args.budgets.split(";"):
