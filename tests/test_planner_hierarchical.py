@@ -149,6 +149,13 @@ def test_make_plan_gives_a_whole_layer_or_no_head_and_says_when_it_cannot():
     assert again.pattern_for(1) == config
     longer = res.plan.at_length(4 * L)
     assert isinstance(longer.pattern_for(1), spattn.Hierarchical)
+    # validation measures a Hierarchical layer on its fine keys, like the table did
+    from spattn.planner.validate import plan_layouts
+
+    sample = _sample(L, S=1)
+    q, k = sample.queries[1], sample.keys[1]
+    got = plan_layouts(res.plan, 1, q, k, causal=True, block_size=32)
+    assert torch.equal(got.to_dense(), fine_layout(q, k, config).to_dense())
 
 
 def test_scale_pattern_rescales_hierarchical_by_the_budget_rule():

@@ -13,7 +13,7 @@ import torch
 
 from spattn._optional import require
 from spattn.integrations.plan import Plan
-from spattn.patterns import Full
+from spattn.patterns import Full, Hierarchical
 from spattn.patterns import compile as compile_pattern
 from spattn.planner.calibrate import calibration_chunks, capture_sample
 from spattn.planner.score import score_layouts
@@ -27,6 +27,10 @@ def plan_layouts(plan: Plan, layer: int, query: torch.Tensor, key: torch.Tensor,
     """The layout layer ``layer`` of ``plan`` runs on ``query [1, H, L, D]`` / ``key [1, Hkv, L, D]``."""
     pattern = plan.pattern_for(layer) or Full()
     L, H = query.shape[2], query.shape[1]
+    if isinstance(pattern, Hierarchical):  # Note [hierarchical candidates] in planner/table.py: its fine keys
+        from spattn.hierarchical.measure import fine_layout_and_chosen
+
+        return fine_layout_and_chosen(query, key, pattern, block_size=block_size)[0]
     return compile_pattern(pattern, L, L, causal=causal, block_size=block_size, batch=1, heads=H,
                            device=query.device, query=query if pattern.contains_dynamic() else None,
                            key=key if pattern.contains_dynamic() else None)
