@@ -56,9 +56,6 @@ from spattn.hierarchical.plan import branch_plan
 from spattn.hierarchical.scores import token_scores_torch
 from spattn.testing import assert_within, max_err, poison_empty
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernels_v5 import Compiles  # noqa: E402 - the triton compile counter of the kernel benchmarks
-
 REPEATS = {"repeats": 20, "warmup": 3}  # --quick: fewer
 
 
@@ -515,6 +512,9 @@ def main(argv=None) -> int:
     def phase(name: str, t0: float) -> None:
         record["phases"][name] = round(time.perf_counter() - t0, 2)
         print(f"[{name}] {record['phases'][name]:.1f} s (total {time.perf_counter() - started:.1f} s)", flush=True)
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from kernels_v5 import Compiles  # the triton compile counter of the kernel benchmarks
 
     compiles = Compiles()  # triton compiles per step (CUDA; the interpreter compiles nothing)
     if device.type == "cuda":
