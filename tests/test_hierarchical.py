@@ -139,10 +139,10 @@ def test_static_branches_block_size_follows_their_reach():
     mqar = Hierarchical(compress_block=16, compress_stride=16, select_block=32, select_count=2, window=32)
     plan = branch_plan(mqar, 256, 2, 1, 1, "cpu")
     assert (plan.compressed.block_size, plan.window.block_size) == (32, 32)  # 16 compressed tokens, window 32
-    plan = branch_plan(mqar, 2048, 1, 1, 1, "cpu")
-    assert (plan.compressed.block_size, plan.window.block_size) == (128, 32)  # 128 compressed tokens
+    plan = branch_plan(mqar, 1040, 1, 1, 1, "cpu")
+    assert (plan.compressed.block_size, plan.window.block_size) == (128, 32)  # 65 compressed tokens
     long = Hierarchical(compress_block=32, compress_stride=16, select_block=64, select_count=4, window=512)
-    plan = branch_plan(long, 1024, 1, 2, 1, "cpu")
+    plan = branch_plan(long, 640, 1, 2, 1, "cpu")
     assert (plan.compressed.block_size, plan.window.block_size) == (128, 128)
     assert [static_block(r, 32) for r in (63, 64)] == [32, 128] and static_block(0, 256) == 256
 
