@@ -372,6 +372,25 @@ def kernel_table(prof, top: int = 12) -> dict:
             "top": [{"name": name, "count": n, "ms": round(ms, 4)} for name, (n, ms) in ranked[:top]]}
 
 
+def branch_flops(config: spattn.Hierarchical, batch: int, length: int, head_dim: int) -> dict:
+    """Forward GFLOP per layer and head of each branch at one shape: what the kernels compute (every visited
+    block in full) and the exact allowed pairs, from the layouts of one CPU call (``batch`` rows cost the same:
+    the selection takes ``select_count`` blocks per row)."""
+    q = torch.randn(1, 1, length, head_dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        layouts = hierarchical_attention(q, q, q, config, return_info=True)[1]["layouts"]
+    out = {}
+    for name in ("compressed", "selected", "window"):
+        lay = layouts[name]
+        out[name] = {"block_size": lay.block_size,
+                     "computed_gflop": batch * lay.flops(head_dim, batch=1, heads=1, level="block") / 1e9,
+                     "exact_gflop": batch * lay.flops(head_dim, batch=1, heads=1) / 1e9}
+    dense = spattn.compile(spattn.Full(), length, length, causal=True, block_size=config.select_block)
+    out["dense_causal_computed_gflop"] = batch * dense.flops(head_dim, batch=1, heads=1, level="block") / 1e9
+    out["shape"] = {"batch": batch, "length": length, "head_dim": head_dim, "heads": 1}
+    return out
+
+
 def mqar_step(device, quick: bool, plan_name: str, steps: int, compiles=None) -> dict:
     """One MQAR training step of ``benchmarks/eval_synthetic.py``'s H200 run (d_model 64, 2 layers, one head,
     batch 256 x 256 tokens, backend ``auto``, bfloat16 autocast, TF32 matmuls, fused AdamW), timed eagerly and
@@ -544,7 +563,10 @@ def main(argv=None) -> int:
                                       window=32, pooling="learned") | spattn.Sinks(16)
     run_gate("gate float32", torch.float32, None if args.quick else (1000, 8, 2, 64),
              None if args.quick else fp32_config)
-    # 2. the MQAR training step (eval_synthetic's hierarchical plan and its window reference)
+    # 2. the MQAR training step (eval_synthetic's hierarchical plan and its window reference), with what its
+    # branches compute at that shape (CPU, layouts only)
+    record["mqar_branch_flops"] = branch_flops(MQAR_PLANS["hierarchical"], 256, 256, 64)
+    save()
     for plan_name in MQAR_PLANS:
         if budget.fits(f"MQAR step {plan_name}", 8 if plan_name == "window64" else 20):
             t0 = time.perf_counter()
