@@ -56,9 +56,6 @@ from spattn.hierarchical.plan import branch_plan
 from spattn.hierarchical.scores import token_scores_torch
 from spattn.testing import assert_within, max_err, poison_empty
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernels_v5 import Compiles  # noqa: E402 - the triton compile counter of the kernel benchmarks
-
 REPEATS = {"repeats": 20, "warmup": 3}  # --quick: fewer
 
 
@@ -136,9 +133,14 @@ def gate(device, dtype, quick: bool, *, shape: tuple[int, int, int, int] | None 
         else:  # recorded: the house rule; fatal: LOW_PRECISION_K and one bf16 step of the result's size
             within[name] = errors[name] <= 2.0 * base_errors[name] + 2e-3
             assert_within(f, gd, bl, k=LOW_PRECISION_K, eps=scales[name] / 256, what=f"{name} ({dtype})")
-    # the cost model's pairs against the layouts of one call
-    plain = spattn.Hierarchical(select_count=4, window=128)
-    layouts = hierarchical_attention(q.to(device), k.to(device), v.to(device), plain, return_info=True)[1]["layouts"]
+    # the cost model's pairs against the layouts of one call: the gate's branches without the safeguard, in the
+    # gate's dtype (the kernels just compiled; session 7's final call compiled fp32 kernels of another config here)
+    plain = spattn.Hierarchical(compress_block=config.compress_block, compress_stride=config.compress_stride,
+                                select_block=config.select_block, select_count=config.select_count,
+                                window=config.window)
+    with torch.no_grad():
+        layouts = hierarchical_attention(q.to(device, dtype), k.to(device, dtype), v.to(device, dtype), plain,
+                                         return_info=True)[1]["layouts"]
     pairs = prefill_pairs(plain, L)
     for name in ("compressed", "selected", "window"):
         got = layouts[name].allowed_pairs().flatten().tolist()
@@ -370,6 +372,25 @@ def kernel_table(prof, top: int = 12) -> dict:
             "top": [{"name": name, "count": n, "ms": round(ms, 4)} for name, (n, ms) in ranked[:top]]}
 
 
+def branch_flops(config: spattn.Hierarchical, batch: int, length: int, head_dim: int) -> dict:
+    """Forward GFLOP per layer and head of each branch at one shape: what the kernels compute (every visited
+    block in full) and the exact allowed pairs, from the layouts of one CPU call (``batch`` rows cost the same:
+    the selection takes ``select_count`` blocks per row)."""
+    q = torch.randn(1, 1, length, head_dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        layouts = hierarchical_attention(q, q, q, config, return_info=True)[1]["layouts"]
+    out = {}
+    for name in ("compressed", "selected", "window"):
+        lay = layouts[name]
+        out[name] = {"block_size": lay.block_size,
+                     "computed_gflop": batch * lay.flops(head_dim, batch=1, heads=1, level="block") / 1e9,
+                     "exact_gflop": batch * lay.flops(head_dim, batch=1, heads=1) / 1e9}
+    dense = spattn.compile(spattn.Full(), length, length, causal=True, block_size=config.select_block)
+    out["dense_causal_computed_gflop"] = batch * dense.flops(head_dim, batch=1, heads=1, level="block") / 1e9
+    out["shape"] = {"batch": batch, "length": length, "head_dim": head_dim, "heads": 1}
+    return out
+
+
 def mqar_step(device, quick: bool, plan_name: str, steps: int, compiles=None) -> dict:
     """One MQAR training step of ``benchmarks/eval_synthetic.py``'s H200 run (d_model 64, 2 layers, one head,
     batch 256 x 256 tokens, backend ``auto``, bfloat16 autocast, TF32 matmuls, fused AdamW), timed eagerly and
@@ -516,6 +537,9 @@ def main(argv=None) -> int:
         record["phases"][name] = round(time.perf_counter() - t0, 2)
         print(f"[{name}] {record['phases'][name]:.1f} s (total {time.perf_counter() - started:.1f} s)", flush=True)
 
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from kernels_v5 import Compiles  # the triton compile counter of the kernel benchmarks
+
     compiles = Compiles()  # triton compiles per step (CUDA; the interpreter compiles nothing)
     if device.type == "cuda":
         compiles.install()
@@ -530,12 +554,19 @@ def main(argv=None) -> int:
         save()
 
     # 1. the fatal gate: float32 (TF32 off) at the MQAR training kernels' head dim and block sizes, with GQA and
-    # sinks (Note [gate precision] in gate())
+    # sinks (Note [gate precision] in gate()). Note [float32 gate JIT]: 1000 tokens give 62 compressed tokens, so
+    # every branch stays at block 32 (Note [static block size]) and the fp32 kernels are 32 x 32 tiles. Session
+    # 7's final call ran it at 1024 tokens: 64 compressed tokens put the compressed branch at block 128, whose
+    # fp32 64 x 64 backward kernels (123 KB of shared memory) took 24 s and 45 s to compile (95 s of JIT for the
+    # gate, which left no budget for the rest).
     fp32_config = spattn.Hierarchical(compress_block=16, compress_stride=16, select_block=32, select_count=4,
                                       window=32, pooling="learned") | spattn.Sinks(16)
-    run_gate("gate float32", torch.float32, None if args.quick else (1024, 8, 2, 64),
+    run_gate("gate float32", torch.float32, None if args.quick else (1000, 8, 2, 64),
              None if args.quick else fp32_config)
-    # 2. the MQAR training step (eval_synthetic's hierarchical plan and its window reference)
+    # 2. the MQAR training step (eval_synthetic's hierarchical plan and its window reference), with what its
+    # branches compute at that shape (CPU, layouts only)
+    record["mqar_branch_flops"] = branch_flops(MQAR_PLANS["hierarchical"], 256, 256, 64)
+    save()
     for plan_name in MQAR_PLANS:
         if budget.fits(f"MQAR step {plan_name}", 8 if plan_name == "window64" else 20):
             t0 = time.perf_counter()

@@ -21,6 +21,7 @@ from spattn.hierarchical import (
     prefill_pairs,
     reference,
 )
+from spattn.hierarchical.common import compress
 from spattn.hierarchical.plan import branch_plan, static_block
 from spattn.patterns import CompressedCausal, Hierarchical, Sinks, Window
 from spattn.testing import assert_within, brute_force_mask, poison_empty
@@ -138,10 +139,10 @@ def test_static_branches_block_size_follows_their_reach():
     mqar = Hierarchical(compress_block=16, compress_stride=16, select_block=32, select_count=2, window=32)
     plan = branch_plan(mqar, 256, 2, 1, 1, "cpu")
     assert (plan.compressed.block_size, plan.window.block_size) == (32, 32)  # 16 compressed tokens, window 32
-    plan = branch_plan(mqar, 2048, 1, 1, 1, "cpu")
-    assert (plan.compressed.block_size, plan.window.block_size) == (128, 32)  # 128 compressed tokens
+    plan = branch_plan(mqar, 1040, 1, 1, 1, "cpu")
+    assert (plan.compressed.block_size, plan.window.block_size) == (128, 32)  # 65 compressed tokens
     long = Hierarchical(compress_block=32, compress_stride=16, select_block=64, select_count=4, window=512)
-    plan = branch_plan(long, 1024, 1, 2, 1, "cpu")
+    plan = branch_plan(long, 640, 1, 2, 1, "cpu")
     assert (plan.compressed.block_size, plan.window.block_size) == (128, 128)
     assert [static_block(r, 32) for r in (63, 64)] == [32, 128] and static_block(0, 256) == 256
 
@@ -325,13 +326,7 @@ def test_decode_tokens_against_the_kernels_block_loads(length):
     block visits in the tables the kernels iterate (``benchmarks/hierarchical.py::decode_loads``, keys past the
     end not counted). Compressed and selected load exactly the model's tokens; the window loads whole blocks of
     the query block's band: at most two blocks more than the model (and never more than the sequence)."""
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "hierarchical.py"
-    spec = importlib.util.spec_from_file_location("spattn_bench_hierarchical", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _benchmark_module()
     config = Hierarchical(compress_block=16, compress_stride=8, select_block=16, select_count=3, window=24)
     row = bench.decode_loads(torch.device("cpu"), length, 2, 1, 8, config)
     model, loads = row["decode_tokens_model"], row["decode_tokens_kernel_loads"]
@@ -340,3 +335,53 @@ def test_decode_tokens_against_the_kernels_block_loads(length):
     block = row["block_sizes"]["window"]  # the window layout's blocks: a band of whole blocks per query block
     assert model["window"] <= loads["window"] <= min(length, model["window"] + 2 * block)
     assert loads["total"] == sum(loads[n] for n in ("compressed", "selected", "window"))
+
+
+def _benchmark_module():
+    """``benchmarks/hierarchical.py`` as a module (it is a script, not part of the package)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "hierarchical.py"
+    spec = importlib.util.spec_from_file_location("spattn_bench_hierarchical", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_benchmark_gate_passes_and_catches_a_wrong_result(monkeypatch):
+    """The H200 benchmark's gate (Note [gate precision]): float32 passes the strict rule on every result, bf16
+    passes its fatal bound; an output 2% off fails the float32 gate, 10% off the bf16 one."""
+    bench = _benchmark_module()
+    small = {"shape": (96, 4, 2, 16), "config": Hierarchical(compress_block=16, compress_stride=8, select_block=16,
+                                                             select_count=2, window=16, pooling="learned") | Sinks(4)}
+    cpu = torch.device("cpu")
+    strict = bench.gate(cpu, torch.float32, True, **small)
+    assert strict["ok"] and all(strict["within_rule"].values()) and strict["fatal_rule_k"] == 2.0
+    assert bench.gate(cpu, torch.bfloat16, True, **small)["ok"]
+    right = bench.hierarchical_attention
+    for dtype, factor in ((torch.float32, 1.02), (torch.bfloat16, 1.1)):
+        monkeypatch.setattr(bench, "hierarchical_attention", lambda *a, factor=factor, **kw: (
+            right(*a, **kw) if kw.get("return_info") else right(*a, **kw) * factor))
+        with pytest.raises(AssertionError, match="out"):
+            bench.gate(cpu, dtype, True, **small)
+
+
+def test_learned_pooling_accumulates_in_float32():
+    """Note [pooling gradient in float32]: bf16 keys, float32 pool logits: the pooled tokens are bf16 and the
+    logits' gradient is the float32 computation's (not one rounded to bf16 before the softmax's backward)."""
+    config = Hierarchical(compress_block=16, compress_stride=8, select_block=16, select_count=2, window=8,
+                          pooling="learned")
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(2, 2, 96, 32, generator=g).bfloat16()
+    logit = torch.randn(2, 16, generator=g)
+    upstream = torch.randn(2, 2, config.num_compressed(96), 32, generator=g).bfloat16()
+    grads = []
+    for x in (k, k.float()):
+        leaf = logit.clone().requires_grad_()
+        out = compress(x, config, leaf)
+        assert out.dtype == x.dtype
+        (out.float() * upstream.float()).sum().backward()
+        grads.append(leaf.grad)
+    assert grads[0].dtype == torch.float32
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)

@@ -57,10 +57,11 @@ def compress(x: torch.Tensor, config: Hierarchical, pool_logit: torch.Tensor | N
     span = x.unfold(2, config.compress_block, config.compress_stride)[:, :, :nc]  # [B, Hkv, Nc, D, cb]
     if pool_logit is None:
         return torch.einsum("bhndc,hc->bhnd", span, pool_weights(None, config, Hkv, x.device, x.dtype))
-    # Note [pooling gradient in float32]: the learned weights' gradient sums B * Nc * D products per position;
-    # rounded to bf16 before the softmax's backward (which cancels most of it) it lost ~1% of its size on the
-    # H200 gate (dpool_value 0.21 against the reference's 0.087 at L=1024, G=8, D=128). So the pooling of
-    # learned weights runs in float32 and only its output is cast back.
+    # Note [pooling gradient in float32]: with bf16 weights, the learned weights' gradient (a sum of B * Nc * D
+    # products per position) is rounded to bf16 before the softmax's backward, which cancels much of it. The
+    # weights and the sum run in float32 and only the pooled tokens are cast back: one rounding fewer on that
+    # gradient. (Session 7's bf16 H200 gate failure on it was bf16 noise either way: docs/hierarchical.md,
+    # "The bf16 gate".)
     acc = torch.promote_types(x.dtype, torch.float32)
     w = pool_weights(pool_logit, config, Hkv, x.device, acc)
     return torch.einsum("bhndc,hc->bhnd", span.to(acc), w).to(x.dtype)
