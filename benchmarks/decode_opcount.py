@@ -1,6 +1,7 @@
 """Operations in one static decode step, counted on the CPU: torch ops dispatched (TorchDispatchMode) and triton
 launches (kernels under ``TRITON_INTERPRET=1``, each launch counted once, its interpreter work not counted), for
-the torch selection against the fused one, and SDPA against the split-K dense decode. On a GPU each op is at
+the torch selection against the fused one, and SDPA against the split-K dense decode; the last two rows also write
+the cache with the one-launch static append (``PagedLayer.fused_append``, the default on CUDA). On a GPU each op is at
 least one kernel launch of a few microseconds even replayed from a CUDA graph, so the count is what the fused
 selection removes; it is not a timing.
 
@@ -54,7 +55,7 @@ class Counter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count_step(model, plan, ids, page: int, **options) -> dict:
+def count_step(model, plan, ids, page: int, fused_append: bool = False, **options) -> dict:
     counter = Counter()
     original = interpreter.GridExecutor.__call__
 
@@ -75,10 +76,13 @@ def count_step(model, plan, ids, page: int, **options) -> dict:
         return scores
 
     rt = Runtime(model, plan, min_sparse_tokens=0, block_size=page, monitor_level=0, cuda_graph=True, **options)
+    cache = rt.new_cache()
+    for layer in cache.layers:  # the one-launch static append (on CUDA by default), else the torch ops
+        layer.fused_append = fused_append
     interpreter.GridExecutor.__call__ = launch
     try:
         with counter:
-            rt.generate(ids, max_new_tokens=4, pad_token_id=2, logits_processor=[toggle])
+            rt.generate(ids, max_new_tokens=4, pad_token_id=2, logits_processor=[toggle], past_key_values=cache)
         paths = dict(rt.decoder.paths)
     finally:
         interpreter.GridExecutor.__call__ = original
@@ -103,6 +107,9 @@ def main() -> None:
         "sparse-16, fused selection": (sparse, dict(decode_selection="fused", dense_decode="sdpa")),
         "dense, masked SDPA": (spattn.Plan(), dict(dense_decode="sdpa")),
         "dense, split-K kernel": (spattn.Plan(), dict(dense_decode="kernel")),
+        "sparse-16, fused selection + fused append": (sparse, dict(decode_selection="fused", dense_decode="sdpa",
+                                                                  fused_append=True)),
+        "dense, split-K kernel + fused append": (spattn.Plan(), dict(dense_decode="kernel", fused_append=True)),
     }
     report = {"machine": machine_info("cpu"), "command": " ".join([sys.executable, *sys.argv]),
               "model": f"SmolLM2-135M's shape, {layers} layers, random weights", "batch": B, "prompt": args.prompt,
