@@ -16,7 +16,8 @@ the steps already timed, JIT included) and records it:
    kernel queued first, so the host never waits), ``device_us`` (the same calls back to back on the device, with
    ``gap_free`` saying the host stayed ahead of them), ``wall_us`` (one call, synchronised before and after), for
    ``spattn`` (a Layout, the integration's call), ``spattn_cold`` (every cache of this change cleared before each
-   call: the work each call did before it), ``spattn_pattern`` (a static pattern: its Layout from the cache),
+   call: the work each call did before it, plus forgetting and re-keeping it; ``clear_only`` is the forgetting
+   alone), ``spattn_pattern`` (a static pattern: its Layout from the cache),
    ``python_only`` (the launch replaced by a no-op: spattn's own Python), ``launch_only`` (the triton kernel
    launch alone, outputs preallocated: triton's launcher), and ``sdpa`` (dense causal, key/value expanded once).
 3. a 30-layer loop per length (a model-free stand-in for the forward's attention): the plan's 30 layer layouts,
@@ -261,6 +262,7 @@ def per_call_rows(name, pattern, L, bs, device, dtype, backend, repeats, cycles,
             "block_fraction": round(float(layout.density("block")), 4)}
     rows["spattn"] = measure([call], device, repeats, cycles)
     rows["spattn_cold"] = measure([cold(call)], device, repeats, cycles)
+    rows["clear_only"] = measure([clear_call_caches], device, repeats, cycles)  # subtract from the *_cold rows
     rows["spattn_pattern"] = measure(
         [lambda: spattn.attention(q, k, v, pattern, causal=True, backend=backend, block_size=bs)],
         device, repeats, cycles)
