@@ -16,7 +16,8 @@ the steps already timed, JIT included) and records it:
    kernel queued first, so the host never waits), ``device_us`` (the same calls back to back on the device, with
    ``gap_free`` saying the host stayed ahead of them), ``wall_us`` (one call, synchronised before and after), for
    ``spattn`` (a Layout, the integration's call), ``spattn_cold`` (every cache of this change cleared before each
-   call: the work each call did before it), ``spattn_pattern`` (a static pattern: its Layout from the cache),
+   call: the work each call did before it, plus forgetting and re-keeping it; ``clear_only`` is the forgetting
+   alone), ``spattn_pattern`` (a static pattern: its Layout from the cache),
    ``python_only`` (the launch replaced by a no-op: spattn's own Python), ``launch_only`` (the triton kernel
    launch alone, outputs preallocated: triton's launcher), and ``sdpa`` (dense causal, key/value expanded once).
 3. a 30-layer loop per length (a model-free stand-in for the forward's attention): the plan's 30 layer layouts,
@@ -47,11 +48,13 @@ import time
 import traceback
 from pathlib import Path
 
-import torch
+STARTED = time.perf_counter()  # --time-budget counts from here: the imports are device time too
 
-import spattn
-from spattn.bench.env import machine_info
-from spattn.patterns import Full, Sinks, Window
+import torch  # noqa: E402
+
+import spattn  # noqa: E402
+from spattn.bench.env import machine_info  # noqa: E402
+from spattn.patterns import Full, Sinks, Window  # noqa: E402
 
 PLAN = "benchmarks/results/h200/planner/s5/planner_latency_latency_latency_0.5.json"
 B, H, HKV, D = 1, 9, 3, 64
@@ -62,8 +65,8 @@ LAYERS = 30
 class Budget:
     """Seconds left of ``--time-budget`` and estimates of steps from the ones already timed."""
 
-    def __init__(self, seconds: float | None) -> None:
-        self.start, self.seconds, self.timed = time.perf_counter(), seconds, {}
+    def __init__(self, seconds: float | None, start: float) -> None:
+        self.start, self.seconds, self.timed = start, seconds, {}
 
     def left(self) -> float:
         return float("inf") if self.seconds is None else self.seconds - (time.perf_counter() - self.start)
@@ -259,6 +262,7 @@ def per_call_rows(name, pattern, L, bs, device, dtype, backend, repeats, cycles,
             "block_fraction": round(float(layout.density("block")), 4)}
     rows["spattn"] = measure([call], device, repeats, cycles)
     rows["spattn_cold"] = measure([cold(call)], device, repeats, cycles)
+    rows["clear_only"] = measure([clear_call_caches], device, repeats, cycles)  # subtract from the *_cold rows
     rows["spattn_pattern"] = measure(
         [lambda: spattn.attention(q, k, v, pattern, causal=True, backend=backend, block_size=bs)],
         device, repeats, cycles)
@@ -334,23 +338,32 @@ def flex_rows(patterns, L, bs, device, dtype, repeats, cycles, budget: Budget, o
     options = {"kernel_options": {"BLOCK_M": min(bs, 128), "BLOCK_N": min(bs, 128)}} if device.type == "cuda" else {}
     q, k, v = inputs(L, device, dtype)
     for name, pattern in patterns.items():
-        if not budget.fits("flex", 4.0, out, f"flex {name} L={L}"):
+        if not budget.fits("flex", 6.0, out, f"flex {name} L={L}"):  # the first compile also starts inductor
             continue
         t0 = time.perf_counter()
-        layout = compile_at(pattern, L, bs, device)
-        block_mask = layout.to_block_mask()
-        call = lambda bm=block_mask: flex(q, k, v, block_mask=bm, scale=D ** -0.5, enable_gqa=True,  # noqa: E731
-                                          **options)
-        ours = spattn.attention(q, k, v, layout, causal=True,
-                                backend="triton" if device.type == "cuda" else "reference")
-        row = measure([call], device, repeats, cycles)
-        row["max_abs_difference_vs_spattn"] = float((call().float() - ours.float()).abs().max())
-        if name == "sinks_window":
-            row["loop"] = measure([call] * LAYERS, device, repeats, cycles)
+        try:
+            row = _flex_row(flex, options, name, pattern, q, k, v, L, bs, device, repeats, cycles)
+        except Exception as err:  # e.g. a Flex compile error: recorded, the other rows still run
+            row = {"error": f"{type(err).__name__}: {err}"[:500], "trace": traceback.format_exc()[-1500:]}
         row["seconds"] = round(time.perf_counter() - t0, 2)
         where.setdefault(str(L), {})[name] = row
         budget.record("flex", time.perf_counter() - t0)
-        print(f"flex {name} L={L}", json.dumps({k2: row[k2] for k2 in ('host_us', 'wall_us')}), flush=True)
+        save(out, Path(out["args"]["out"]))
+        print(f"flex {name} L={L}", json.dumps({k2: row.get(k2) for k2 in ('host_us', 'wall_us', 'error')}),
+              flush=True)
+
+
+def _flex_row(flex, options, name, pattern, q, k, v, L, bs, device, repeats, cycles) -> dict:
+    """Flex on the layout's BlockMask: per call, its largest difference from spattn, and (sinks_window) 30 calls."""
+    layout = compile_at(pattern, L, bs, device)
+    block_mask = layout.to_block_mask()
+    call = lambda: flex(q, k, v, block_mask=block_mask, scale=D ** -0.5, enable_gqa=True, **options)  # noqa: E731
+    ours = spattn.attention(q, k, v, layout, causal=True, backend="triton" if device.type == "cuda" else "reference")
+    row = measure([call], device, repeats, cycles)
+    row["max_abs_difference_vs_spattn"] = float((call().float() - ours.float()).abs().max())
+    if name == "sinks_window":
+        row["loop"] = measure([call] * LAYERS, device, repeats, cycles)
+    return row
 
 
 def main() -> None:
@@ -360,13 +373,14 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--plan", default=PLAN, help="the plan whose layers make the per_head pattern and the loop")
     ap.add_argument("--repeats", type=int, default=None, help="timed passes per row (default 15 CUDA, 5 CPU)")
-    ap.add_argument("--time-budget", type=float, default=None, help="seconds for the whole run (JIT included); "
+    ap.add_argument("--time-budget", type=float, default=None, help="seconds for the whole run (imports and JIT "
+                    "included); "
                     "steps that would not fit are skipped and recorded")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--quick", action="store_true", help="tiny dry run: lengths 256,512, 2 repeats")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    budget = Budget(args.time_budget)
+    budget = Budget(args.time_budget, STARTED)
     device = torch.device(args.device)
     if args.quick:
         args.lengths, args.repeats = "256,512", args.repeats or 2
@@ -385,6 +399,7 @@ def main() -> None:
                     "launch a no-op; the gate runs the reference backend; a shared 2-core machine, one torch thread")
            if device.type == "cpu" else None,
            "gate": {}, "per_call": {}, "loop": {}, "flex": {}}
+    out["import_s"] = round(time.perf_counter() - STARTED, 2)
     save(out, path)
     status = "complete"
     try:
@@ -412,9 +427,12 @@ def main() -> None:
                 if not budget.fits(f"per_call{L}", 3.0, out, f"per_call {name} L={L}"):
                     continue
                 t0 = time.perf_counter()
-                with timing():
-                    row = per_call_rows(name, pattern, L, args.block_size, device, dtype, timed_backend, repeats,
-                                        cycles, sdpa_too=baselines and name == "dense")
+                try:
+                    with timing():
+                        row = per_call_rows(name, pattern, L, args.block_size, device, dtype, timed_backend,
+                                            repeats, cycles, sdpa_too=baselines and name == "dense")
+                except Exception as err:  # one row's failure is recorded; the others still run
+                    row = {"error": f"{type(err).__name__}: {err}"[:500], "trace": traceback.format_exc()[-1500:]}
                 row["seconds"] = round(time.perf_counter() - t0, 2)
                 budget.record(f"per_call{L}", time.perf_counter() - t0)
                 out["per_call"].setdefault(str(L), {})[name] = row
@@ -426,10 +444,14 @@ def main() -> None:
                 continue
             t0 = time.perf_counter()
             plan = load_plan(args.plan, L)
-            with timing():
-                out["loop"][str(L)] = loop_rows(plan, patterns_at(plan, L), L, args.block_size, device, dtype,
-                                                timed_backend, repeats, cycles, sdpa_too=baselines,
-                                                plan_path=args.plan)
+            try:
+                with timing():
+                    out["loop"][str(L)] = loop_rows(plan, patterns_at(plan, L), L, args.block_size, device, dtype,
+                                                    timed_backend, repeats, cycles, sdpa_too=baselines,
+                                                    plan_path=args.plan)
+            except Exception as err:
+                out["loop"][str(L)] = {"error": f"{type(err).__name__}: {err}"[:500],
+                                       "trace": traceback.format_exc()[-1500:]}
             out["loop"][str(L)]["seconds"] = round(time.perf_counter() - t0, 2)
             budget.record(f"loop{L}", time.perf_counter() - t0)
             save(out, path)

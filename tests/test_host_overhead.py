@@ -119,6 +119,20 @@ def test_kept_checks_still_reject_bad_inputs(monkeypatch):
         spattn.attention(q, k, v, layout, causal=True, backend="triton")
 
 
+def test_static_pattern_shortcut_still_checks_new_signatures():
+    q, k, v = torch.randn(1, 4, 128, 32), torch.randn(1, 2, 128, 32), torch.randn(1, 2, 128, 32)
+    pattern = spattn.Sinks(4) | spattn.Window(16)
+    first = spattn.attention(q, k, v, pattern, causal=True, backend="reference", block_size=32)
+    layout = api._known_layout(pattern, q, k, True, 32)
+    assert layout is not None and layout in api._checked  # the second call takes the shortcut
+    torch.testing.assert_close(spattn.attention(q, k, v, pattern, causal=True, backend="reference", block_size=32),
+                               first, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="share a dtype"):
+        spattn.attention(q, k, v.double(), pattern, causal=True, backend="reference", block_size=32)
+    with pytest.raises(ValueError, match="must be >= query length"):
+        spattn.attention(q, k[:, :, :64], v[:, :, :64], pattern, causal=True, backend="reference", block_size=32)
+
+
 def test_kept_checks_go_with_the_layout():
     q, k, v = torch.randn(1, 2, 64, 16), torch.randn(1, 2, 64, 16), torch.randn(1, 2, 64, 16)
     layout = spattn.compile(spattn.Window(8), 64, causal=True, block_size=16)

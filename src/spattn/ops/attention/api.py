@@ -72,7 +72,8 @@ def _cached_layout(pattern: Pattern, Lq: int, Lk: int, causal: bool, block_size:
 # name, so the outcome is kept per Layout (a weak key: it goes with the Layout) and input signature: a repeated
 # call with a Layout skips straight to the backend. Only plain ``torch.Tensor`` inputs take the shortcut
 # (subclasses and non-tensors are checked every time), and never under ``torch.compile``, which traces the
-# checks. A pattern argument still validates its inputs before compiling (or finding) its Layout.
+# checks. A static pattern whose Layout is in the static layout cache takes the same shortcut (the signature was
+# checked with that Layout); any other pattern validates its inputs before compiling (or finding) its Layout.
 _CHECKED_PER_LAYOUT = 8
 _checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Layout -> {signature: (backend, run)}
 
@@ -83,6 +84,25 @@ def _signature(query, key, value, causal: bool, backend: str) -> tuple | None:
         return None
     return (query.shape, key.shape, value.shape, query.dtype, key.dtype, value.dtype, query.device, key.device,
             value.device, bool(causal), backend)
+
+
+def _known_layout(layout_or_pattern, query: torch.Tensor, key: torch.Tensor, causal: bool,
+                  block_size: int) -> Layout | None:
+    """The Layout a call would run on when it is already known: the Layout given, or a static pattern's cached one
+    (Note [static layout cache]); None otherwise (then the call takes the checked path)."""
+    if isinstance(layout_or_pattern, Layout):
+        return layout_or_pattern
+    if not isinstance(layout_or_pattern, Pattern) or query.dim() != 4 or key.dim() != 4:
+        return None
+    B, H, Lq, _ = query.shape
+    cache_key = (layout_or_pattern, Lq, key.shape[2], causal, block_size, B, H, query.device)
+    try:
+        layout = _layouts.get(cache_key)
+    except (TypeError, RuntimeError):  # an unhashable pattern (or one whose equality is elementwise)
+        return None
+    if layout is not None:
+        _layouts.move_to_end(cache_key)
+    return layout
 
 
 def _backend_function(backend: str, query, key, value, layout: Layout) -> Callable[..., Any]:
@@ -254,12 +274,13 @@ def attention(
         >>> out = attention(q, k, v, Sinks(64) | Window(256), causal=True)
     """
     compiling = torch.compiler.is_compiling()
-    if isinstance(layout_or_pattern, Layout) and not compiling:  # Note [checked calls]
+    if not compiling:  # Note [checked calls]
         signature = _signature(query, key, value, causal, backend)
-        known = _checked.get(layout_or_pattern) if signature is not None else None
-        hit = known.get(signature) if known is not None else None
+        known = _known_layout(layout_or_pattern, query, key, causal, block_size) if signature is not None else None
+        hit = _checked.get(known) if known is not None else None
+        hit = hit.get(signature) if hit is not None else None
         if hit is not None:
-            out, lse = hit[1](query, key, value, layout_or_pattern, scale=_check_scale(scale, query.shape[3]),
+            out, lse = hit[1](query, key, value, known, scale=_check_scale(scale, query.shape[3]),
                               return_lse=return_lse)
             return (out, lse) if return_lse else out
     _check_inputs(query, key, value)
