@@ -5,10 +5,10 @@ steps, and with them what the runs learn in their budget: run them alone):
 
     PYTHONPATH=src python benchmarks/eval_synthetic.py mqar --time-budget 460 --out $OUT/eval_mqar.json
     # the focused MQAR run of session 7 (d64, one rate, one seed, the plans in order of importance):
+    PLANS=dense,window64,window32+topk_pooled1,window32+learned1,sinks32+window32@prefix32,dense@prefix32,hierarchical
     PYTHONPATH=src python benchmarks/eval_synthetic.py mqar --widths 64 --learning-rates d64:0.003 --seeds 0 \
-        --plans dense,window64,window32+topk_pooled1,window32+learned1,sinks32+window32@prefix32,\
-        dense@prefix32,hierarchical --steps 6000 --min-steps 4000 --graph-checks window32+learned1 \
-        --time-budget 315 --out $OUT/eval_mqar.json
+        --plans $PLANS --steps 6000 --min-steps 4000 --graph-checks window32+learned1 --time-budget 315 \
+        --out $OUT/eval_mqar.json
     PYTHONPATH=src python benchmarks/eval_synthetic.py listops --time-budget 430 --out $OUT/eval_listops.json
     PYTHONPATH=src python benchmarks/eval_synthetic.py mqar --quick --device cpu --out /tmp/q.json   # CPU smoke
 
