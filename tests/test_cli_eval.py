@@ -52,3 +52,15 @@ def test_passkey_command_on_a_tiny_model(tmp_path):
     assert (out / "heatmap.png").stat().st_size > 1000
     bad = runner.invoke(app, ["eval", "passkey", "--model", str(folder), "--depths", "1.5", "--output", str(out)])
     assert bad.exit_code != 0 and "depths" in bad.output
+
+
+def test_mqar_filler_prefix_reaches_the_generator(tmp_path):
+    out = tmp_path / "mqar-prefix"
+    result = runner.invoke(app, ["eval", "mqar", "--size", "tiny", "--steps", "2", "--plan", "sinks=6,window=4",
+                                 "--seeds", "1", "--prefix-length", "6", "--no-figures", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "results.json").read_text())
+    assert record["config"]["task_options"]["prefix_length"] == 6
+    bad = runner.invoke(app, ["eval", "mqar", "--size", "tiny", "--steps", "2", "--prefix-length", "3",
+                              "--output", str(tmp_path / "bad")])
+    assert bad.exit_code != 0 and "prefix_length" in bad.output

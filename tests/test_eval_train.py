@@ -100,6 +100,12 @@ def test_learned_attention_trains_its_router_and_holds_padding():
     result = train(config, spec)
     assert result.plan["learned"]["safeguard"] == spattn.Window(8).to_dict()
     assert all(torch.isfinite(torch.tensor(result.losses)))
+    # the routers' collapse metrics after training, on the first test batch: at block 8 with Window(4) only the
+    # last of the 3 query blocks has a block to route (block 0), so 1/3 of a block per query block
+    routed = train(config.replace(block_size=8), Learned(1, safeguard=spattn.Window(4))).selection
+    assert set(routed) >= {"distinct_blocks", "usage_entropy", "gate_entropy", "selected_per_row"}
+    assert routed["selected_per_row"] == pytest.approx(1 / 3) and 0 <= routed["gate_entropy"] <= 1
+    assert result.to_dict()["selection"] == result.selection and train(config, spattn.Window(8)).selection == {}
     model = TinyTransformer(32, 24, d_model=16, layers=1, plan=Learned(1, local=1), block_size=8)  # 2 choices
     ids = torch.randint(1, 32, (2, 24))
     model(ids).square().mean().backward()  # straight-through: the task loss reaches the gate

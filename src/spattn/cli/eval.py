@@ -256,22 +256,28 @@ def multi_needle_command(
                batch_size, figures, {"noise": noise})
 
 
-def _task_config(task: str, size: str, d_model: int | None, length: int | None, changes: dict[str, Any]):
+def _task_config(task: str, size: str, d_model: int | None, length: int | None, changes: dict[str, Any],
+                 task_options: dict[str, Any] | None = None):
     """The preset of ``task`` at ``size`` with ``changes``; ``length``: MQAR's ``seq_len`` / ListOps'
-    ``max_length`` (ListOps' ``min_length`` lowered to half of it when the preset's is larger)."""
+    ``max_length`` (ListOps' ``min_length`` lowered to half of it when the preset's is larger);
+    ``task_options``: further generator arguments (MQAR's ``prefix_length``)."""
     from spattn.eval.train import listops_config, mqar_config
 
     try:
         make = mqar_config if task == "mqar" else listops_config
         config = make(size, **({"d_model": d_model} if d_model else {}), **changes)
+        options = {**config.task_options, **(task_options or {})}
         if length is not None:
-            options = dict(config.task_options)
             if task == "mqar":
                 options["seq_len"] = length
             else:
                 options["max_length"] = length
                 options["min_length"] = min(int(options.get("min_length", 500)), length // 2)
-            config = config.replace(task_options=options)
+        config = config.replace(task_options=options)
+        if task == "mqar":  # the generator's own checks, before any training
+            from spattn.eval.tasks import mqar
+
+            mqar(1, **config.task_options)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     return config
@@ -279,8 +285,8 @@ def _task_config(task: str, size: str, d_model: int | None, length: int | None, 
 
 def _trained(task: str, plans: list[str] | None, size: str, d_model: int | None, learning_rates: str, seeds: str,
              steps: int | None, device: str, backend: str | None, block_size: int | None, output: str | None,
-             figures: bool, lengths: str | None = None, learned_blocks: int = 0, learned_window: int = 0
-             ) -> dict[str, Any]:
+             figures: bool, lengths: str | None = None, learned_blocks: int = 0, learned_window: int = 0,
+             task_options: dict[str, Any] | None = None) -> dict[str, Any]:
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -297,7 +303,7 @@ def _trained(task: str, plans: list[str] | None, size: str, d_model: int | None,
     if block_size is not None:
         changes["block_size"] = block_size
     length_list: list[int | None] = [None] if lengths is None else list(_ints(lengths, "--lengths"))
-    configs = [_task_config(task, size, d_model, length, changes) for length in length_list]
+    configs = [_task_config(task, size, d_model, length, changes, task_options) for length in length_list]
     chosen = _plans(plans)
     if learned_blocks < 0 or learned_window < 0:
         raise typer.BadParameter("--learned-blocks and --learned-window must be >= 0")
@@ -395,10 +401,14 @@ def mqar_command(
     lengths: LengthsOption = None,
     learned_blocks: LearnedBlocksOption = 0,
     learned_window: LearnedWindowOption = 0,
+    prefix_length: Annotated[int, typer.Option(help="Random filler tokens before the key-value pairs (default 0: "
+                                               "Zoology's layout, where sinks over the first tokens see every pair).")]
+    = 0,
 ) -> None:
     """Multi-query associative recall, a small model trained from scratch per plan: test accuracy."""
     _trained("mqar", plan, size, d_model, learning_rates, seeds, steps, device, backend, block_size, output, figures,
-             lengths, learned_blocks, learned_window)
+             lengths, learned_blocks, learned_window,
+             task_options={"prefix_length": prefix_length} if prefix_length else None)
 
 
 @eval_app.command("listops")

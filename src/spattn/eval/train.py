@@ -36,7 +36,7 @@ from spattn.layout import tables
 from spattn.layout.layout import Layout
 from spattn.learned.router import LearnedTopK
 from spattn.learned.schedule import Schedule
-from spattn.learned.train import Regularisers, regulariser_losses, routers
+from spattn.learned.train import Regularisers, regulariser_losses, routers, selection_metrics
 from spattn.ops.attention.api import attention
 from spattn.patterns import Full, Hierarchical, Pattern, compile
 from spattn.selectors import LayoutBuilder
@@ -527,7 +527,10 @@ class TrainResult:
     ``seconds``: the whole run (data, model, training, test); ``train_seconds``: the step loop alone (the
     device waited for); ``graph``: whether the step was recorded in a CUDA graph (``captured``, at which step,
     ``replays``, ``replay_ms``: milliseconds per replay after the first, no warm-up or JIT in it) or, if not,
-    why (``reason``)."""
+    why (``reason``). ``selection``: with a :class:`Learned` plan, the routers' collapse metrics
+    (:func:`spattn.learned.selection_metrics`: ``distinct_blocks``, ``usage_entropy``, ``gate_entropy``,
+    ``selected_per_row``, ``expected_density``, averaged over layers) on the first test batch after training;
+    empty otherwise."""
 
     accuracy: stats.Estimate
     per_example: list[float]
@@ -537,6 +540,7 @@ class TrainResult:
     plan: dict[str, Any]
     train_seconds: float | None = None
     graph: dict[str, Any] = field(default_factory=dict)
+    selection: dict[str, float] = field(default_factory=dict)
 
     @property
     def ms_per_step(self) -> float | None:
@@ -548,7 +552,7 @@ class TrainResult:
     def to_dict(self, *, per_example: bool = False) -> dict[str, Any]:
         out = {"accuracy": self.accuracy.to_dict(), "losses": self.losses, "seconds": self.seconds,
                "train_seconds": self.train_seconds, "ms_per_step": self.ms_per_step, "graph": self.graph,
-               "config": self.config, "plan": self.plan}
+               "selection": self.selection, "config": self.config, "plan": self.plan}
         if per_example:
             out["per_example"] = self.per_example
         return out
@@ -916,11 +920,27 @@ def train(config: TrainConfig, plan: Plan | Pattern | Learned | None = None, *, 
     stepper.release()
     losses = torch.stack(recorded).tolist() if recorded else []
     per_example = evaluate_model(model, config, test_x, test_y)
+    selection = _selection(model, config, test_x, test_y) if layer_routers else {}
     return TrainResult(
         accuracy=stats.estimate(per_example), per_example=per_example, losses=losses,
         seconds=time.perf_counter() - started, config=config.to_dict(), plan=plan.to_dict(),
-        train_seconds=train_seconds, graph=graph.to_dict(),
+        train_seconds=train_seconds, graph=graph.to_dict(), selection=selection,
     )
+
+
+@torch.no_grad()
+def _selection(model: TinyTransformer, config: TrainConfig, inputs: torch.Tensor, labels: torch.Tensor
+               ) -> dict[str, float]:
+    """The routers' collapse metrics on the first test batch (its longest row's width for ListOps)."""
+    model.eval()
+    data = _Data(config, inputs[: config.batch_size], labels[: config.batch_size])
+    rows = list(range(len(data)))
+    x, positions, _ = data.batch(torch.arange(len(data), device=config.device),
+                                 None if data.lengths is None else data.width(rows))
+    with config.autocast():
+        model(x, positions)
+    model.train()
+    return {name: round(value, 6) for name, value in selection_metrics(model).items()}
 
 
 @dataclass
