@@ -388,12 +388,14 @@ def controller_spike(model, ids, cache, length, args, page, device) -> dict:
 
     original_end_step = rt.end_step
 
-    def end_step(seconds, prefill):
-        original_end_step(seconds, prefill)
+    def end_step(seconds, prefill, instrumented=None):
+        original_end_step(seconds, prefill, instrumented)
         if not prefill:
             c = rt.controller
-            trace.append({"step": state["step"], "ms": round(seconds * 1e3, 3), "p95_ms": round(c.p95 * 1e3, 3),
-                          "budget": c.budget, "dense_layers": len(c.dense_until)})
+            trace.append({"step": state["step"], "ms": round(seconds * 1e3, 3),
+                          "p95_ms": None if c.p95 is None else round(c.p95 * 1e3, 3),  # None: no steady step yet
+                          "instrumented": bool(instrumented), "budget": c.budget,
+                          "dense_layers": len(c.dense_until)})
             state["step"] += 1
 
     rt.end_step = end_step
@@ -402,10 +404,10 @@ def controller_spike(model, ids, cache, length, args, page, device) -> dict:
         captures, replays = rt.decoder.captures, rt.decoder.replays
     finally:
         rt.detach()
-    over = [t["step"] for t in trace if t["p95_ms"] > target_ms]
+    over = [t["step"] for t in trace if t["p95_ms"] is not None and t["p95_ms"] > target_ms]
     first_over = next((s for s in over if s >= spike[0]), None)
     recovered = next((t["step"] for t in trace if first_over is not None and t["step"] > first_over
-                      and t["p95_ms"] <= target_ms), None)
+                      and t["p95_ms"] is not None and t["p95_ms"] <= target_ms), None)
     between = lambda a, b: sum(t["ms"] for t in trace if a <= t["step"] < b) / 1e3  # noqa: E731
     return {
         "context": length, "batch": int(ids.shape[0]), "base_step_ms": base * 1e3, "target_ms": target_ms,

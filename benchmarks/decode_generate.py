@@ -702,12 +702,12 @@ def controller_spike(model, length, args, device, page) -> dict:
 
     original_end_step = rt.end_step
 
-    def end_step(seconds, prefill):
-        original_end_step(seconds, prefill)
+    def end_step(seconds, prefill, instrumented=None):
+        original_end_step(seconds, prefill, instrumented)
         if not prefill:
             c = rt.controller
-            trace.append({"step": state["step"], "ms": seconds * 1e3, "p95_ms": c.p95 * 1e3, "budget": c.budget,
-                          "dense_layers": len(c.dense_until)})
+            trace.append({"step": state["step"], "ms": seconds * 1e3, "p95_ms": None if c.p95 is None else c.p95 * 1e3,
+                          "instrumented": bool(instrumented), "budget": c.budget, "dense_layers": len(c.dense_until)})
             state["step"] += 1
 
     rt.end_step = end_step
@@ -726,10 +726,10 @@ def controller_spike(model, length, args, device, page) -> dict:
         AttentionInterface.register(NAME, runtime_attention_forward)
     recall, worst = metric_mean(rt, "spattn_decode_recall")
     rt.detach()
-    over = [t["step"] for t in trace if t["p95_ms"] > target_ms]
+    over = [t["step"] for t in trace if t["p95_ms"] is not None and t["p95_ms"] > target_ms]
     first_over = next((s for s in over if s >= spike[0]), None)
     recovered = next((t["step"] for t in trace if first_over is not None and t["step"] > first_over
-                      and t["p95_ms"] <= target_ms), None)
+                      and t["p95_ms"] is not None and t["p95_ms"] <= target_ms), None)
     seconds_between = lambda a, b: sum(t["ms"] for t in trace if a <= t["step"] < b) / 1e3  # noqa: E731
     return {
         "context": length, "batch": B, "plan": plan.to_dict(), "base_step_ms": base * 1e3, "target_ms": target_ms,

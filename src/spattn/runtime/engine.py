@@ -314,12 +314,16 @@ class Runtime:
         self.metrics.count_tokens(int((sequences.shape[1] - input_ids.shape[1]) * sequences.shape[0]))
         return out
 
-    def end_step(self, seconds: float, prefill: bool) -> None:
-        """Called once per generation step (after its forward) with its wall time."""
+    def end_step(self, seconds: float, prefill: bool, instrumented: bool | None = None) -> None:
+        """Called once per generation step (after its forward) with its wall time. ``instrumented`` (default:
+        whether this step sampled the recall): the step did work the budget does not control, so the controller
+        leaves it out of its latency window (Note [instrumented steps] in ``controller.py``)."""
         self.step_seconds.append(seconds)
         self.metrics.observe_step(seconds, prefill)
         if not prefill:
-            self.controller.observe_step(seconds, [i for i in self.sparse_layers if not self.controller.is_dense(i)])
+            extra = self._sample if instrumented is None else instrumented  # _sample: this step's draw
+            self.controller.observe_step(seconds, [i for i in self.sparse_layers if not self.controller.is_dense(i)],
+                                         instrumented=bool(extra))
         self._sample = self.level >= 1 and self.recall_sample > 0 and self._rng.random() < self.recall_sample
 
     # ------------------------------------------------------------------ attention

@@ -286,6 +286,7 @@ class StaticDecoder:
                 st.sample = rt._sample
                 replay = self.use_graph and self.recording is not None and self.recording.key == key \
                     and not st.sample
+                instrumented = st.sample  # Note [instrumented steps] in controller.py
                 if replay:
                     self.recording.graph.replay()
                     logits = self.recording.logits
@@ -296,6 +297,7 @@ class StaticDecoder:
                     key = self._configure(st, heads, kv_heads)  # a kernel that raised made its layer dense
                     if self.use_graph and not st.sample and (self.recording is None or self.recording.key != key):
                         self._record(st, tokens, position, cache, key)
+                        instrumented = True
                 if bool(st.flags.any()):  # the one host read of the step's checks
                     logits = self._rerun(st, tokens, position, cache, heads, kv_heads)
                 if self.logits is not None:
@@ -309,7 +311,7 @@ class StaticDecoder:
                     self._observe(st)
                 stop = stopping and bool(finished.all())
                 now = time.perf_counter()
-                rt.end_step(now - last, prefill=False)
+                rt.end_step(now - last, prefill=False, instrumented=instrumented)
                 last = now
                 if stop:
                     break
