@@ -43,7 +43,6 @@ import contextlib
 import json
 import os
 import statistics
-import sys
 import time
 import traceback
 from pathlib import Path
@@ -54,6 +53,7 @@ import torch  # noqa: E402
 
 import spattn  # noqa: E402
 from spattn.bench.env import machine_info  # noqa: E402
+from spattn.bench.record import finish, record_error  # noqa: E402
 from spattn.patterns import Full, Sinks, Window  # noqa: E402
 
 PLAN = "benchmarks/results/h200/planner/s5/planner_latency_latency_latency_0.5.json"
@@ -464,15 +464,8 @@ def main() -> None:
                           out["flex"])
                 save(out, path)
     except Exception as err:  # keep the partial JSON, say what broke
-        status = "failed"
-        out["error"] = {"type": type(err).__name__, "message": str(err)[:2000], "traceback": traceback.format_exc()}
-        print(traceback.format_exc(), flush=True)
-    out["status"] = status
-    out["seconds"] = round(time.perf_counter() - budget.start, 2)
-    save(out, path)
-    print("wrote", path, f"({out['seconds']:.0f} s, {status})")
-    if status != "complete":
-        sys.exit(1)
+        status = record_error(out, err)
+    finish(out, path, status, time.perf_counter() - budget.start, save)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,6 @@ import json
 import statistics
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -51,6 +50,7 @@ from planner_heldout import Clock, phase, save  # noqa: E402
 import spattn  # noqa: E402
 import spattn.patterns  # noqa: E402
 from spattn.bench.env import machine_info  # noqa: E402
+from spattn.bench.record import finish, record_error
 from spattn.data import text_chunks  # noqa: E402
 from spattn.integrations.models import load_smollm2  # noqa: E402
 from spattn.patterns import Full  # noqa: E402
@@ -341,15 +341,8 @@ def main() -> None:
         if latency is not None:
             latency.save()
     except Exception as err:  # keep the partial JSON, say what broke
-        status = "failed"
-        out["error"] = {"type": type(err).__name__, "message": str(err), "traceback": traceback.format_exc()}
-        print(traceback.format_exc(), flush=True)
-    out["status"] = status
-    out["seconds"] = time.perf_counter() - clock.start
-    save(out, path)
-    print("wrote", path, f"({out['seconds']:.0f} s, {status})")
-    if status != "complete":
-        sys.exit(1)
+        status = record_error(out, err)
+    finish(out, path, status, time.perf_counter() - clock.start, save)
 
 
 if __name__ == "__main__":

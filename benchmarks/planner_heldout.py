@@ -41,7 +41,6 @@ import math
 import os
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -53,6 +52,7 @@ from planner_h200 import attention_ms, flop_plan_within_ms, forward_ms, gate  # 
 
 import spattn  # noqa: E402
 from spattn.bench.env import machine_info  # noqa: E402
+from spattn.bench.record import finish, record_error
 from spattn.data import text_chunks  # noqa: E402
 from spattn.eval.retrieval import make_samples, retrieval_accuracy  # noqa: E402
 from spattn.eval.stats import compare  # noqa: E402
@@ -533,15 +533,8 @@ def main() -> None:
                 calibrate(latency_length, args, ctx, out, clock)
             latency_section(latency_length, args, ctx, out, clock)
     except Exception as err:  # keep the partial JSON, say what broke
-        status = "failed"
-        out["error"] = {"type": type(err).__name__, "message": str(err), "traceback": traceback.format_exc()}
-        print(traceback.format_exc(), flush=True)
-    out["status"] = status
-    out["seconds"] = time.perf_counter() - clock.start
-    save(out, path)
-    print("wrote", path, f"({out['seconds']:.0f} s, {status})")
-    if status != "complete":
-        sys.exit(1)
+        status = record_error(out, err)
+    finish(out, path, status, time.perf_counter() - clock.start, save)
 
 
 if __name__ == "__main__":

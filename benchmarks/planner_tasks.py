@@ -32,7 +32,6 @@ import math
 import os
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -40,6 +39,7 @@ import torch.nn.functional as F
 
 import spattn
 from spattn.bench.env import machine_info
+from spattn.bench.record import finish, record_error
 from spattn.cli.plan import RetrievalScorer
 from spattn.data import text_chunks
 from spattn.eval.stats import compare
@@ -194,15 +194,8 @@ def main() -> None:
                     "passkey_correct": compare(ea["correct"], eb["correct"]).to_dict()}
         out["comparisons"] = comparisons
     except Exception as err:  # keep the partial JSON, say what broke
-        status = "failed"
-        out["error"] = {"type": type(err).__name__, "message": str(err), "traceback": traceback.format_exc()}
-        print(traceback.format_exc(), flush=True)
-    out["status"] = status
-    out["seconds"] = time.perf_counter() - start
-    save(out, path)
-    print("wrote", path, f"({out['seconds']:.0f} s, {status})")
-    if status != "complete":
-        sys.exit(1)
+        status = record_error(out, err)
+    finish(out, path, status, time.perf_counter() - start, save)
 
 
 if __name__ == "__main__":

@@ -94,3 +94,21 @@ def test_driver_writes_one_record(tmp_path, monkeypatch):
     assert driver.main(["coverage", "--out", str(out), "--", "--lengths", "1024"]) == 0
     assert seen[-1] == ("coverage", ["--lengths", "1024"])
     assert json.loads(out.read_text())["suite"] == "coverage"
+
+
+def test_benchmark_scripts_end_by_saving_the_partial_record_and_failing_loudly(tmp_path, capsys):
+    from spattn.bench.record import finish, record_error
+
+    saved = []
+    out = {"rows": [1]}
+    try:
+        raise RuntimeError("kernel broke")
+    except RuntimeError as err:
+        status = record_error(out, err)
+    assert status == "failed" and out["error"]["type"] == "RuntimeError" and "kernel broke" in out["error"]["message"]
+    assert "Traceback" in out["error"]["traceback"]
+    with pytest.raises(SystemExit) as stop:
+        finish(out, tmp_path / "r.json", status, 1.234, lambda rec, path: saved.append((dict(rec), path)))
+    assert stop.value.code == 1 and saved and saved[0][0]["status"] == "failed" and saved[0][0]["seconds"] == 1.23
+    finish({"rows": []}, tmp_path / "ok.json", "complete", 2.0, lambda rec, path: saved.append((dict(rec), path)))
+    assert saved[-1][0]["status"] == "complete" and "wrote" in capsys.readouterr().out

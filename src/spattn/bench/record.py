@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import pathlib
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 from spattn.bench.env import machine_info
@@ -35,3 +36,23 @@ def write(record: dict, path: str | pathlib.Path, *, overwrite: bool = False) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1, default=str))
     return path
+
+
+def record_error(record: dict, error: BaseException) -> str:
+    """A benchmark script's run broke: put ``error`` (type, message, traceback) into ``record["error"]``, print
+    the traceback, and return the status ``"failed"`` (the partial record is still saved by :func:`finish`)."""
+    record["error"] = {"type": type(error).__name__, "message": str(error), "traceback": traceback.format_exc()}
+    print(traceback.format_exc(), flush=True)
+    return "failed"
+
+
+def finish(record: dict, path: str | pathlib.Path, status: str, seconds: float,
+           save: Callable[[dict, Any], Any]) -> None:
+    """The end of a benchmark script: ``status`` and ``seconds`` into ``record``, ``save(record, path)``, one
+    line saying so; exit 1 (``SystemExit``) unless the status is ``"complete"``."""
+    record["status"] = status
+    record["seconds"] = round(seconds, 2)
+    save(record, path)
+    print("wrote", path, f"({record['seconds']:.0f} s, {status})")
+    if status != "complete":
+        raise SystemExit(1)
