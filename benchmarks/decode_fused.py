@@ -59,7 +59,7 @@ sys.path.insert(0, os.path.join(_HERE, "..", "src"))
 sys.path.insert(0, _HERE)
 
 import torch
-from decode_generate import build_cache, decode, percentile, smollm2_shape, sync
+from decode_generate import build_cache, decode, percentile, recovery, smollm2_shape, sync
 
 import spattn
 from spattn.bench.env import git_commit, machine_info
@@ -404,18 +404,9 @@ def controller_spike(model, ids, cache, length, args, page, device) -> dict:
         captures, replays = rt.decoder.captures, rt.decoder.replays
     finally:
         rt.detach()
-    over = [t["step"] for t in trace if t["p95_ms"] is not None and t["p95_ms"] > target_ms]
-    first_over = next((s for s in over if s >= spike[0]), None)
-    recovered = next((t["step"] for t in trace if first_over is not None and t["step"] > first_over
-                      and t["p95_ms"] is not None and t["p95_ms"] <= target_ms), None)
-    between = lambda a, b: sum(t["ms"] for t in trace if a <= t["step"] < b) / 1e3  # noqa: E731
     return {
         "context": length, "batch": int(ids.shape[0]), "base_step_ms": base * 1e3, "target_ms": target_ms,
-        "spike_steps": list(spike), "stall_ms_per_budget_page": per_page * 1e3,
-        "first_step_over_target": first_over, "first_step_back_under_target": recovered,
-        "recover_steps_from_spike_start": None if recovered is None else recovered - spike[0],
-        "recover_seconds_from_spike_start": None if recovered is None else between(spike[0], recovered),
-        "recover_steps_from_spike_end": None if recovered is None else recovered - spike[1],
+        "spike_steps": list(spike), "stall_ms_per_budget_page": per_page * 1e3, **recovery(trace, spike, target_ms),
         "recall_before_spike": recall_before, "recall_floor": floor,
         "recall_sampled_mean": statistics.fmean(sampled) if sampled else None,
         "recall_sampled_min": min(sampled) if sampled else None,

@@ -672,6 +672,21 @@ def run_rows(model, args, device, page, report, budget: Budget) -> None:
     caches.clear()
 
 
+def recovery(trace: list[dict], spike: tuple[int, int], target_ms: float) -> dict:
+    """From a controller trace (per decode step: ``step``, ``ms``, ``p95_ms`` or None before the first steady
+    step): the first step at or after the spike with p95 over the target, the first later one back under it, and
+    the steps / seconds that took from the spike's start and end (None when it never came back)."""
+    over = [t["step"] for t in trace if t["p95_ms"] is not None and t["p95_ms"] > target_ms]
+    first_over = next((s for s in over if s >= spike[0]), None)
+    recovered = next((t["step"] for t in trace if first_over is not None and t["step"] > first_over
+                      and t["p95_ms"] is not None and t["p95_ms"] <= target_ms), None)
+    seconds = sum(t["ms"] for t in trace if recovered is not None and spike[0] <= t["step"] < recovered) / 1e3
+    return {"first_step_over_target": first_over, "first_step_back_under_target": recovered,
+            "recover_steps_from_spike_start": None if recovered is None else recovered - spike[0],
+            "recover_seconds_from_spike_start": None if recovered is None else seconds,
+            "recover_steps_from_spike_end": None if recovered is None else recovered - spike[1]}
+
+
 def controller_spike(model, length, args, device, page) -> dict:
     B = args.batch
     ids = torch.randint(3, 49152, (B, length + 1), generator=torch.Generator().manual_seed(7)).to(device)
@@ -726,18 +741,9 @@ def controller_spike(model, length, args, device, page) -> dict:
         AttentionInterface.register(NAME, runtime_attention_forward)
     recall, worst = metric_mean(rt, "spattn_decode_recall")
     rt.detach()
-    over = [t["step"] for t in trace if t["p95_ms"] is not None and t["p95_ms"] > target_ms]
-    first_over = next((s for s in over if s >= spike[0]), None)
-    recovered = next((t["step"] for t in trace if first_over is not None and t["step"] > first_over
-                      and t["p95_ms"] is not None and t["p95_ms"] <= target_ms), None)
-    seconds_between = lambda a, b: sum(t["ms"] for t in trace if a <= t["step"] < b) / 1e3  # noqa: E731
     return {
         "context": length, "batch": B, "plan": plan.to_dict(), "base_step_ms": base * 1e3, "target_ms": target_ms,
-        "spike_steps": list(spike), "stall_ms_per_call": 2 * base * 1e3, "first_step_over_target": first_over,
-        "first_step_back_under_target": recovered,
-        "recover_steps_from_spike_start": None if recovered is None else recovered - spike[0],
-        "recover_seconds_from_spike_start": None if recovered is None else seconds_between(spike[0], recovered),
-        "recover_steps_from_spike_end": None if recovered is None else recovered - spike[1],
+        "spike_steps": list(spike), "stall_ms_per_call": 2 * base * 1e3, **recovery(trace, spike, target_ms),
         "recall_floor": floor, "recall_mean": recall, "recall_worst_layer_mean": worst,
         "counts": rt.controller.summary()["counts"], "trace": trace,
     }
