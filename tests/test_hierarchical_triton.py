@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import functools
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -30,15 +28,9 @@ from spattn.hierarchical import hierarchical_attention, reference, selection_sco
 from spattn.hierarchical.scores import compressed_lse, token_scores_torch  # noqa: E402
 from spattn.ops.attention.impl import triton as tri  # noqa: E402
 from spattn.testing import assert_within, poison_empty  # noqa: E402
-from tests.test_triton_kernels import DEVICE, IN_PROCESS  # noqa: E402 - the interpreter setup, in one place
+from tests.test_triton_kernels import DEVICE, IN_PROCESS, interpreter_subprocess  # noqa: E402 - the interpreter setup, in one place
 
-
-@pytest.mark.skipif(IN_PROCESS, reason="the case runs in this process")
-def test_interpreter_subprocess():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+test_interpreter_subprocess = interpreter_subprocess(__file__, timeout=600)
 
 
 @pytest.mark.skipif(not IN_PROCESS, reason="triton imported without the interpreter; see the subprocess test")

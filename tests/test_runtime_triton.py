@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -31,19 +29,14 @@ from spattn.runtime import Runtime, decode_plan, paged_attention, select  # noqa
 from spattn.runtime.decode import block_tables, triton_paged_attention  # noqa: E402
 from spattn.selectors.common import pool  # noqa: E402
 from spattn.testing import assert_within, dense_attention, plain_attention, poison_empty  # noqa: E402
-from tests.test_triton_kernels import DEVICE, IN_PROCESS  # noqa: E402 - the interpreter setup, in one place
+from tests.test_triton_kernels import DEVICE, IN_PROCESS, interpreter_subprocess  # noqa: E402 - the interpreter setup, in one place
 
 from .hf_support import tiny_llama  # noqa: E402
 
 needs_interp = pytest.mark.skipif(not IN_PROCESS, reason="triton imported without the interpreter; see subprocess")
 
 
-@pytest.mark.skipif(IN_PROCESS, reason="the cases run in this process")
-def test_interpreter_subprocess():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+test_interpreter_subprocess = interpreter_subprocess(__file__, timeout=600)
 
 
 def _allowed(selection, length: int, heads: int, page: int) -> torch.Tensor:

@@ -7,9 +7,6 @@ outputs NaN-poisoned. Same interpreter set-up as ``test_triton_kernels.py`` (Not
 from __future__ import annotations  # noqa: I001 - tests.test_triton_kernels must be imported before spattn
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -27,12 +24,7 @@ needs_interp = kernel_tests.needs_interp
 DEVICE = kernel_tests.DEVICE
 
 
-@pytest.mark.skipif(kernel_tests.IN_PROCESS, reason="cases run in this process")
-def test_coverage_interpreter_subprocess():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
-                          env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+test_coverage_interpreter_subprocess = kernel_tests.interpreter_subprocess(__file__, timeout=900)
 
 
 CASES = [  # pattern, B, H, Hkv, Lq, Lk, D, block_size, causal, dtype, with value

@@ -71,14 +71,22 @@ if IN_PROCESS and not CUDA:
     _patch_interpreter_index()
 
 
-@pytest.mark.skipif(IN_PROCESS, reason="cases run in this process")
-def test_interpreter_subprocess():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
-        env=env, capture_output=True, text=True, timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+def interpreter_subprocess(path: str, timeout: int = 900):
+    """A test that re-runs the test module at ``path`` in a child pytest under ``TRITON_INTERPRET=1``, skipped
+    when this process already runs its cases (Note [interpreter in one process]); each interpreter test module
+    binds it as ``test_interpreter_subprocess = interpreter_subprocess(__file__)``."""
+
+    @pytest.mark.skipif(IN_PROCESS, reason="cases run in this process")
+    def test_interpreter_subprocess():
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", path],
+                              env=env, capture_output=True, text=True, timeout=timeout)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+    return test_interpreter_subprocess
+
+
+test_interpreter_subprocess = interpreter_subprocess(__file__)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
